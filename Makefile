@@ -1,0 +1,57 @@
+# PTG-RM pipeline: `make features TASK=deblur && make train`, `make test`. See README.md.
+# Each variable maps 1:1 to a CLI flag of `python -m pipeline` / `python -m training`;
+# empty ones fall back to the CLI's defaults.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+TASK ?= deblur
+DATA ?= demo
+TARGET ?=
+ENCODER ?= clip-vit-b32
+STORE_ROOT ?= data/stores
+RUN ?= $(TASK)
+STEPS ?=
+SHARDS ?=
+CLIP_WEIGHTS ?=
+SEED ?=
+RESUME ?=
+
+flag = $(if $(strip $(2)),$(1) $(2))
+COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
+	$(call flag,--target,$(TARGET))
+FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS))
+TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(if $(strip $(RESUME)),--resume)
+
+.PHONY: features train eval test install clean-runs help
+
+help:
+	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=]"
+	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1]"
+	@echo "make eval     TASK=deblur RUN=deblur"
+	@echo "make test"
+
+# The project virtualenv, created on first use. torch/torchvision are pinned exactly
+# (pyproject.toml): a range would let pip download several GB of other CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+features: $(VENV)/.installed
+	$(PY) -m pipeline features $(FEATURES_FLAGS)
+
+train: $(VENV)/.installed
+	$(PY) -m training train $(TRAIN_FLAGS)
+
+eval: $(VENV)/.installed
+	$(PY) -m training eval $(COMMON) --run $(RUN)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean-runs:
+	rm -rf runs

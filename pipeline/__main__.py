@@ -1,0 +1,56 @@
+"""Stage 1 command line: `python -m pipeline features --task deblur --data demo`."""
+import argparse
+import logging
+import sys
+import warnings
+
+from .extract import FeaturesConfig, build_features
+
+D = FeaturesConfig()
+
+
+def features_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("features", help="build or complete a task's train and test stores",
+                       description="Degrade (or load) image pairs, run the frozen target and encoder, "
+                       "and cache lq/gt, base and OSF in one Zarr store per split. Complete members "
+                       "with the same key are reused; an interrupted run resumes where it stopped.")
+    p.add_argument("--task", default=D.task, help="restoration task (default: %(default)s)")
+    p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image) or a dataset "
+                   "folder with train/ and test/ (each lq/+gt/, gt/ or plain images)")
+    p.add_argument("--target", default=None, help="frozen target restorer (default: the task's)")
+    p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'openclip:<model>[:<tag>]' or "
+                   "'openclip:<folder with open_clip_config.json>'")
+    p.add_argument("--store-root", default=D.store_root, help="where stores live (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=None, help="extraction tasks per split (default: one per shard)")
+    p.add_argument("--shard-len", type=int, default=D.shard_len, help="samples per shard (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=D.tile, help="spatial chunk edge in px (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=D.seed, help="degradation seed (default: %(default)s)")
+    p.add_argument("--clip-weights", default=None, help="OpenCLIP checkpoint file; default: the Hugging "
+                   "Face cache (offline), else random weights for the demo only")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="allow a random encoder on real data (recorded as weights: random)")
+    p.add_argument("--splits", default=",".join(D.splits), help="comma-separated (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=D.batch, help="images per encoder call (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    features_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    warnings.simplefilter("always", UserWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
+    cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
+                         splits=tuple(args.splits.split(",")))
+    try:
+        build_features(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

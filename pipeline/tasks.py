@@ -1,0 +1,28 @@
+"""Restoration tasks: each names its synthetic degradation, default target and default encoder.
+
+Registry: TASKS at the bottom; `get_task(name)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    degradation: str  # key of pipeline.degrade.DEGRADATIONS (used when the data has no lq)
+    target: str  # default frozen target (pipeline.targets.TARGETS)
+    encoder: str = "clip-vit-b32"
+    metric_space: str = "rgb"  # "rgb", or "y" for deraining as in the paper's tables
+    demo_patch: int = 192  # demo training photos are cut into tiles of this size
+
+
+TASKS = {
+    "deblur": Task("deblur", degradation="deblur", target="wiener"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny random OpenCLIP model saved as a real OpenCLIP folder."""
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A folder with open_clip_config.json + open_clip_model.safetensors (random weights, seed 0),
+    loaded by the pipeline through OpenCLIP's own `local-dir:` loader."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                    "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    return folder

@@ -1,0 +1,124 @@
+"""The demo job through the Makefile's entry points: features, then train, on tiny random CLIP."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stores import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def features_args(tiny_clip, root):
+    return ["pipeline", "features", "--task", "deblur", "--data", "demo", "--encoder",
+            f"openclip:{tiny_clip}", "--store-root", root]
+
+
+def stores_under(root):
+    return {p.parent.name.split("-")[1]: Store(p.parent) for p in Path(root).glob("*/manifest.json")}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_clip, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    first = run(*features_args(tiny_clip, root))
+    return root, first
+
+
+def test_features_build_complete_stores(built):
+    root, first = built
+    stores = stores_under(root)
+    assert set(stores) == {"train", "test"}
+    for split, store in stores.items():
+        members = store.manifest()["members"]
+        assert len(members) == 3 and all(m["status"] == "complete" for m in members.values())
+        assert any(k.startswith("targets/wiener-") for k in members)
+        osf = next(v for k, v in members.items() if k.startswith("osf/"))
+        assert osf["weights"] == "pretrained" and osf["dim"] == 32
+        n = store.manifest()["n"]
+        assert store.array(next(k for k in members if k.startswith("osf/")), "g").shape == (n, 4, 32)
+        assert store.array(next(k for k in members if k.startswith("targets/")), "base").dtype == np.float16
+    assert "img" in first.stderr  # the progress bar ran
+
+
+def test_second_run_computes_nothing(built, tiny_clip):
+    root, _ = built
+    manifests = {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")}
+    again = run(*features_args(tiny_clip, root))
+    assert again.stdout.count("nothing to compute") == 2
+    assert {p: p.stat().st_mtime_ns for p in manifests} == manifests
+
+
+def test_killed_run_leaves_nothing_complete_and_resumes_to_identical_arrays(built, tiny_clip, tmp_path):
+    root, _ = built
+    proc = subprocess.Popen([sys.executable, "-m", *features_args(tiny_clip, tmp_path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*-train-*/_done/*/*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train = stores_under(tmp_path)["train"]
+    statuses = [m["status"] for m in train.manifest()["members"].values()]
+    assert statuses and "complete" not in statuses
+    info = json.loads(run("stores", "info", train.path, "--json").stdout)
+    assert all(m["status"] != "complete" for m in info["members"].values())
+
+    run(*features_args(tiny_clip, tmp_path))
+    ref, resumed = stores_under(root)["train"], stores_under(tmp_path)["train"]
+    assert ref.path.name == resumed.path.name  # same key: same content asked for
+    for member in ref.manifest()["members"]:
+        for name in ref.manifest()["members"][member]["arrays"]:
+            assert np.array_equal(ref.array(member, name)[:], resumed.array(member, name)[:]), (member, name)
+
+
+def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
+    root, _ = built
+    def args(name):
+        return ["training", "train", "--task", "deblur", "--data", "demo", "--store-root", root,
+                "--encoder", f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", name,
+                "--steps", "12", "--batch", "2", "--crop", "64", "--log-every", "4", "--ckpt-every", "8"]
+
+    run(*args("e2e"))
+    run_dir = tmp_path / "e2e"
+    result = json.loads((run_dir / "eval.json").read_text())
+    for key in ("task", "store", "target", "encoder", "weights", "n_images", "psnr_input", "psnr_base",
+                "psnr_refined", "ssim_base", "ssim_refined", "params", "steps"):
+        assert key in result, key
+    assert result["n_images"] == 3 and result["steps"] == 12 and result["weights"] == "pretrained"
+    assert result["psnr_base"] > result["psnr_input"]
+    sidecar = json.loads((run_dir / "model.json").read_text())
+    assert sidecar["train_store"]["pairs_key"] == Store(next(root.glob("*-train-*"))).manifest()["pairs_key"]
+    assert sidecar["params"] == result["params"]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8, 12] and all(np.isfinite(x["loss"]) for x in lines)
+
+    # the same seed and store give the same weights, bit for bit
+    first = (run_dir / "model.safetensors").read_bytes()
+    run(*args("e2e-again"))
+    assert (tmp_path / "e2e-again" / "model.safetensors").read_bytes() == first
+
+    again = run("training", "eval", "--task", "deblur", "--data", "demo", "--store-root", root,
+                "--encoder", f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", "e2e")
+    assert "refined" in again.stdout
+    assert json.loads((run_dir / "eval.json").read_text())["psnr_refined"] == result["psnr_refined"]
+
+
+def test_training_imports_no_frozen_network_code():
+    code = ("import sys, training, training.train, training.data, training.evaluate, training.__main__;"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'pipeline', 'open_clip', 'diffusers'});"
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,77 @@
+"""Stage 1 pieces: degradation, classical target, encoders and sources."""
+import numpy as np
+import pytest
+
+from pipeline.degrade import deblur, motion_kernel, sample_rng
+from pipeline.encoders import WeightsNotFound, build_encoder
+from pipeline.sources import SourceError, _demo_image, open_source, read_image
+from pipeline.targets import Wiener
+from training.metrics import psnr, to_uint8
+
+
+def test_degradation_is_seeded_per_sample():
+    img = _demo_image("chelsea")[:96, :96].astype(np.float32) / 255
+    a, pa = deblur(img, sample_rng(0, 5))
+    b, pb = deblur(img, sample_rng(0, 5))
+    c, _ = deblur(img, sample_rng(0, 6))
+    assert np.array_equal(a, b) and pa == pb
+    assert not np.array_equal(a, c)
+    k = np.asarray(pa["kernel"])
+    assert k.shape == (19, 19) and abs(k.sum() - 1) < 1e-9 and (k >= 0).all()
+    assert 0.5 / 255 <= pa["noise_sigma"] <= 2 / 255
+
+
+def test_motion_kernels_are_spread_along_a_path():
+    for i in range(20):
+        k = motion_kernel(sample_rng(1, i))
+        assert (k > 1e-3).sum() >= 4  # a blur, not a delta
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket"])
+def test_wiener_target_restores_the_blurred_photo(name):
+    gt = _demo_image(name)
+    lq, drawn = deblur(gt.astype(np.float32) / 255, sample_rng(0, 0))
+    lq8 = to_uint8(lq)
+    base = Wiener()(lq8.astype(np.float32) / 255, drawn)
+    assert psnr(to_uint8(base), gt) > psnr(lq8, gt) + 1.0
+
+
+def test_wiener_needs_the_recorded_kernel():
+    with pytest.raises(ValueError, match="non-blind"):
+        Wiener()(np.zeros((8, 8, 3), np.float32), {})
+
+
+def test_demo_splits_are_disjoint_by_photo():
+    train, test = open_source("demo", "train"), open_source("demo", "test")
+    photos = lambda src: {s.name.split("@")[0] for s in src.samples}  # noqa: E731
+    assert len(test.samples) >= 3 and not photos(train) & photos(test)
+    assert all(s.hw == (192, 192) for s in train.samples)
+    assert set(train.fingerprint["images"]) == photos(train)
+
+
+def test_tiny_clip_folder_loads_and_gives_normalised_flip_features(tiny_clip):
+    enc = build_encoder(f"openclip:{tiny_clip}")
+    img = _demo_image("coffee")
+    g = enc([img, img[:100, :150]])
+    assert g.shape == (2, 4, 32) and np.allclose(np.linalg.norm(g, axis=-1), 1, atol=1e-5)
+    assert not np.allclose(g[0, 0], g[0, 1])  # a flipped image has its own g
+    g_flip = enc([np.ascontiguousarray(img[:, ::-1])])
+    assert np.allclose(g_flip[0, 0], g[0, 1], atol=1e-5)  # variant 1 is the width flip
+    spec = enc.spec()
+    assert spec["weights"] == "pretrained" and len(spec["weights_sha256"]) == 64
+    assert str(tiny_clip) not in str(spec)  # the key holds content, not the folder's location
+
+
+def test_missing_weights_fall_back_to_random_only_when_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsNotFound, match="allow-random-weights"):
+        build_encoder("clip-vit-b32", allow_random=False)
+    with pytest.raises(WeightsNotFound, match="no such file"):
+        build_encoder("clip-vit-b32", weights=str(tmp_path / "nope.pt"))
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(SourceError, match="broken.png"):
+        read_image(bad)

@@ -1,0 +1,114 @@
+"""The store contract: round trip, keys, completion, damage detection, CLI output."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stores import ArraySpec, Store, StoreError, key_of, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTRS = {"dataset": "toy", "split": "train", "task": "deblur", "pairs_key": "0" * 64}
+
+
+def toy_store(path, n=10, shard_len=4, complete=True):
+    store = Store.open_or_create(path, ATTRS)
+    plan = make_plan(n, shard_len)
+    arrays = [ArraySpec("lq", (n, 20, 30, 3), "uint8", tile=8), ArraySpec("hw", (n, 2), "int32"),
+              ArraySpec("names", (n,), "str")]
+    store.begin_member("pairs", "k" * 64, {"what": "toy"}, arrays, shard_len, plan)
+    rng = np.random.default_rng(0)
+    lq = rng.integers(0, 256, (n, 20, 30, 3), dtype=np.uint8)
+    names = np.array([f"img{i:03d}.png" for i in range(n)])
+    for t, (a, b) in enumerate(plan):
+        store.write_task("pairs", t, {"lq": lq[a:b], "hw": np.full((b - a, 2), (20, 30), np.int32),
+                                      "names": names[a:b]}, {})
+    if complete:
+        store.finalize("pairs")
+    return store, lq, names
+
+
+def test_round_trip_reads_back_exactly(tmp_path):
+    store, lq, names = toy_store(tmp_path / "s")
+    reopened = Store(tmp_path / "s")  # read-only
+    assert np.array_equal(reopened.array("pairs", "lq")[:], lq)
+    assert list(reopened.array("pairs", "names")[:]) == list(names)
+    assert reopened.array("pairs", "lq")[3, 5:13, 7:20].shape == (8, 13, 3)
+    info = reopened.member_info("pairs")
+    assert info["status"] == "complete" and info["bytes"] > 0
+
+
+def test_plan_owns_whole_shards_and_covers_every_sample():
+    for n, shard_len, tasks in [(10, 4, None), (89, 16, 4), (3, 16, 8), (64, 16, 3)]:
+        plan = make_plan(n, shard_len, tasks)
+        assert plan[0][0] == 0 and plan[-1][1] == n
+        assert all(a % shard_len == 0 for a, _ in plan)
+        assert all(b == c for (_, b), (c, _) in zip(plan, plan[1:]))
+
+
+def test_key_changes_with_any_setting_and_is_order_free():
+    spec = {"target": "wiener", "lam": 0.02, "pairs": "abc"}
+    assert key_of(spec) == key_of(dict(reversed(list(spec.items()))))
+    assert key_of(spec) != key_of({**spec, "lam": 0.021})
+    assert key_of(spec) != key_of({**spec, "pairs": "abd"})
+
+
+def test_member_with_other_key_is_refused(tmp_path):
+    store, _, _ = toy_store(tmp_path / "s")
+    with pytest.raises(StoreError, match="other settings"):
+        store.array("pairs", "lq", key="x" * 64)
+    with pytest.raises(StoreError, match="pairs key"):
+        Store.open_or_create(tmp_path / "s", {**ATTRS, "pairs_key": "1" * 64})
+
+
+def test_incomplete_member_is_refused_by_readers(tmp_path):
+    store, _, _ = toy_store(tmp_path / "s", complete=False)
+    assert store.status("pairs") == "incomplete"
+    with pytest.raises(StoreError, match="incomplete"):
+        Store(tmp_path / "s").array("pairs", "lq")
+
+
+def test_finalize_refuses_missing_tasks(tmp_path):
+    store, _, _ = toy_store(tmp_path / "s", complete=False)
+    (tmp_path / "s" / "_done" / "pairs" / "00001.json").unlink()
+    with pytest.raises(StoreError, match=r"missing tasks \[1\]"):
+        store.finalize("pairs")
+
+
+def test_damaged_shard_is_named_by_verify(tmp_path):
+    toy_store(tmp_path / "s")
+    shard = next(p for p in (tmp_path / "s" / "pairs" / "lq").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = subprocess.run([sys.executable, "-m", "stores", "verify", str(tmp_path / "s")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1
+    assert "pairs/lq shard" in out.stderr and "samples" in out.stderr
+
+
+def test_cli_ls_and_info_json(tmp_path):
+    toy_store(tmp_path / "root" / "toy-train-deblur-000000000000")
+    ls = subprocess.run([sys.executable, "-m", "stores", "ls", str(tmp_path / "root"), "--json"],
+                        capture_output=True, text=True, cwd=ROOT, check=True)
+    rows = json.loads(ls.stdout)
+    assert rows[0]["store"] == "toy-train-deblur-000000000000"
+    assert rows[0]["members"] == {"pairs": "complete"}
+    info = subprocess.run([sys.executable, "-m", "stores", "info", rows[0]["path"], "--json"],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    member = json.loads(info.stdout)["members"]["pairs"]
+    assert member["key"] == "k" * 64 and member["status"] == "complete" and member["bytes"] > 0
+
+
+def test_store_holds_no_pickle(tmp_path):
+    toy_store(tmp_path / "s")
+    for p in (tmp_path / "s").rglob("*"):
+        if p.is_file():
+            head = p.read_bytes()[:2]
+            assert head != b"\x80\x04" and head != b"\x80\x05", f"{p} looks like a pickle"
+        if p.name.endswith(".json"):
+            json.loads(p.read_text())  # every metadata file is plain JSON
+    codecs = json.dumps(json.loads((tmp_path / "s" / "pairs" / "lq" / "zarr.json").read_text()))
+    assert "crc32c" in codecs and "sharding_indexed" in codecs and "pickle" not in codecs

@@ -1,0 +1,144 @@
+"""Stage 2 data: find a task's stores, then read aligned lq/base/gt crops and the matching g.
+
+Batch `step` is a pure function of (seed, step), so runs repeat exactly, resume mid-way, and give
+the same batches with any number of loader workers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stores import Store, StoreError, dataset_name, encoder_id
+
+MANIFEST = "manifest.json"
+
+
+def find_store(root: str, data: str, task: str, split: str) -> Path:
+    """The one store under `root` for (dataset, task, split) with complete pairs."""
+    name = dataset_name(data)
+    found = []
+    for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
+        store = Store(manifest.parent)
+        m = store.manifest()
+        if (m.get("dataset"), m.get("task"), m.get("split")) == (name, task, split) \
+                and store.status("pairs") == "complete":
+            found.append(manifest.parent)
+    if not found:
+        raise StoreError(f"no complete {split} store for dataset {name!r}, task {task!r} under {root}; "
+                         f"run `make features TASK={task} DATA={data}` first")
+    if len(found) > 1:
+        raise StoreError(f"several {split} stores for {name!r}/{task} under {root} (other degradation "
+                         f"settings): {', '.join(p.name for p in found)}; choose one with "
+                         f"--{split}-store PATH")
+    return found[0]
+
+
+def pick_member(store: Store, kind: str, name: str | None) -> str:
+    """The complete member `kind/<name>-<key12>` (or `kind/<name>` given in full)."""
+    members = store.members(kind)
+    matches = [m for m in members if name is None or m == f"{kind}/{name}"
+               or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
+    if len(matches) == 1:
+        return matches[0]
+    what = f"{kind} member" + (f" {name!r}" if name else "")
+    if not matches:
+        raise StoreError(f"{store.path}: no complete {what}; complete: {members or 'none'}")
+    raise StoreError(f"{store.path}: several complete {kind} members match: {matches}; "
+                     f"name one in full (e.g. {matches[0].split('/', 1)[1]})")
+
+
+@dataclass
+class Split:
+    """One store with the chosen target and encoder members, opened read-only."""
+
+    path: Path
+    target: str  # member path, e.g. targets/wiener-580694c1c6e8
+    encoders: list  # member paths under osf/
+
+    @classmethod
+    def open(cls, path, target: str | None, encoders: list | None) -> "Split":
+        store = Store(path)
+        tgt = pick_member(store, "targets", target)
+        encs = [pick_member(store, "osf", e and encoder_id(e)) for e in (encoders or [None])]
+        return cls(Path(path), tgt, encs)
+
+    def __post_init__(self):
+        self._arrays, self._pid = None, None
+
+    def arrays(self) -> dict:
+        """Zarr arrays, opened once per process (loader workers open their own)."""
+        if self._pid != os.getpid():
+            store = Store(self.path)
+            self._arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
+                            "base": store.array(self.target, "base"),
+                            "g": [store.array(e, "g") for e in self.encoders]}
+            self._hw = store.array("pairs", "hw")[:]
+            self._pid = os.getpid()
+        return self._arrays
+
+    @property
+    def hw(self) -> np.ndarray:
+        self.arrays()
+        return self._hw
+
+    def info(self) -> dict:
+        """Names and keys of what this split reads, for checkpoints and reports."""
+        m = Store(self.path).manifest()["members"]
+        weights = sorted({m[e]["weights"] for e in self.encoders})
+        return {"store": self.path.name, "pairs_key": m["pairs"]["key"], "target": self.target,
+                "target_key": m[self.target]["key"], "encoders": self.encoders,
+                "encoder_keys": [m[e]["key"] for e in self.encoders],
+                "weights": "random" if "random" in weights else weights[0],
+                "osf_dim": sum(m[e]["dim"] for e in self.encoders)}
+
+    def g(self, i: int, variant: int = 0) -> np.ndarray:
+        return np.concatenate([g[i, variant] for g in self.arrays()["g"]])
+
+    def image(self, i: int) -> dict:
+        """Full valid-size sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,)."""
+        a = self.arrays()
+        h, w = self.hw[i]
+        return {"lq": a["lq"][i, :h, :w], "gt": a["gt"][i, :h, :w],
+                "base": a["base"][i, :h, :w].astype(np.float32), "g": self.g(i)}
+
+
+class CropBatches(torch.utils.data.Dataset):
+    """Item `step`: a batch of aligned random crops with random flips and the flip's own g."""
+
+    def __init__(self, split: Split, crop: int, batch: int, seed: int, steps: int):
+        if crop % 4:
+            raise ValueError(f"crop must be a multiple of 4, got {crop}")
+        small = [i for i, (h, w) in enumerate(split.hw) if h < crop or w < crop]
+        if small:
+            raise ValueError(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px "
+                             f"crop (e.g. sample {small[0]}, {tuple(split.hw[small[0]])}); lower --crop")
+        self.split, self.crop, self.batch, self.seed, self.steps = split, crop, batch, seed, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        a, c = self.split.arrays(), self.crop
+        out = {"lq": [], "base": [], "gt": [], "g": []}
+        for i in rng.integers(0, len(self.split.hw), self.batch):
+            h, w = self.split.hw[i]
+            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
+            fh, fv = rng.integers(0, 2, 2)
+            for k in ("lq", "base", "gt"):
+                patch = a[k][i, y:y + c, x:x + c]
+                patch = patch[:, ::-1] if fh else patch
+                out[k].append(patch[::-1] if fv else patch)
+            out["g"].append(self.split.g(i, fh + 2 * fv))  # g of the flipped image
+        return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
+                "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"]))}
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """(B,H,W,3) uint8 or float -> (B,3,H,W) float32 in [0,1] for uint8."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    return t / 255 if x.dtype == np.uint8 else t
