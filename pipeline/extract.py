@@ -129,7 +129,7 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
 
 def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=print) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped."""
-    source = open_source(cfg.data, split, task.demo_patch)
+    source = open_source(cfg.data, split, *task.demo_tiles)
     pairs_key, members = plan_members(source, task, target, encoder, cfg)
     path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, pairs_key)
     hw_max = tuple(members[0].arrays[0].shape[1:3])
@@ -140,8 +140,8 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
     if not todo:
         log(f"{path.name}: complete ({', '.join(m.path for m in members)}); nothing to compute")
         return path
-    for m in todo:
-        plan = make_plan(len(source.samples), cfg.shard_len, cfg.shards)
+    plan = make_plan(len(source.samples), cfg.shard_len, cfg.shards)
+    for m in todo:  # a member that exists keeps the plan it was started with
         store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shard_len, plan,
                            {**m.info, "config": asdict(cfg)})
     work: dict[tuple, list] = {}  # (start, stop) -> [(member, task index)] still to do
@@ -172,7 +172,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
                 nxt = loader.submit(load, ranges[i + 1])
             outputs, stats = compute(work[r], data, target, encoder, cfg.batch)
             bar.update(r[1] - r[0])
-            pending.append(writer.submit(write_outputs, store, work[r], data, outputs, stats))
+            pending.append(writer.submit(write_outputs, store, work[r], outputs, stats))
             while len(pending) > 1:  # at most one write in flight: bounded memory
                 pending.popleft().result()
         for p in pending:
@@ -202,7 +202,7 @@ def compute(jobs, data, target, encoder, batch) -> tuple[dict, dict]:
     return outputs, stats
 
 
-def write_outputs(store: Store, jobs, data, outputs, stats) -> None:
+def write_outputs(store: Store, jobs, outputs, stats) -> None:
     for m, t in jobs:
         store.write_task(m.path, t, outputs[m.path.split("/")[0]], stats)
 

@@ -49,10 +49,12 @@ class Source:
         return self.dataset == "demo"
 
 
-def open_source(data: str, split: str, patch: int = 192) -> Source:
-    """`data` is `demo` or a folder; `patch` cuts demo training photos into patch x patch tiles."""
+def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48) -> Source:
+    """`data` is `demo` or a folder. Demo training photos are cut into patch x patch tiles every
+    `stride` px (overlapping: more samples, each with its own degradation), at most `cap` evenly
+    spread tiles per photo so that the large, mostly dark ones do not dominate."""
     if data == "demo":
-        return _demo(split, patch)
+        return _demo(split, patch, stride, cap)
     return _folder(Path(data), split)
 
 
@@ -68,7 +70,7 @@ def _demo_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
-def _demo(split: str, patch: int) -> Source:
+def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
     if split not in DEMO_SPLITS:
         raise SourceError(f"demo has splits {sorted(DEMO_SPLITS)}, not {split!r}")
     samples, prints = [], {}
@@ -79,12 +81,13 @@ def _demo(split: str, patch: int) -> Source:
         if split == "test":  # evaluation uses the full photos
             samples.append(Sample(name, _const(img), (h, w)))
             continue
-        for y in range(0, h - patch + 1, patch):  # training: non-overlapping tiles
-            for x in range(0, w - patch + 1, patch):
-                tile = img[y:y + patch, x:x + patch]
-                samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (patch, patch)))
+        corners = [(y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)]
+        keep = np.unique(np.linspace(0, len(corners) - 1, min(cap, len(corners))).round().astype(int))
+        for y, x in (corners[k] for k in keep):
+            tile = img[y:y + patch, x:x + patch]
+            samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (patch, patch)))
     fingerprint = {"dataset": "demo", "images": prints, "split": split,
-                   "patch": patch if split == "train" else None}
+                   "tiles": [patch, stride, cap] if split == "train" else None}
     return Source("demo", split, samples, fingerprint, paired=False)
 
 

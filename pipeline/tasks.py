@@ -14,7 +14,7 @@ class Task:
     target: str  # default frozen target (pipeline.targets.TARGETS)
     encoder: str = "clip-vit-b32"
     metric_space: str = "rgb"  # "rgb", or "y" for deraining as in the paper's tables
-    demo_patch: int = 192  # demo training photos are cut into tiles of this size
+    demo_tiles: tuple = (192, 64, 48)  # demo training tiles: size, stride, most per photo
 
 
 TASKS = {

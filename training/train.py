@@ -34,7 +34,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     steps: int = 1500
     batch: int = 8
-    crop: int = 128
+    crop: int = 96
     lr: float = 1e-4
     lr_min: float = 1e-7
     seed: int = 0
