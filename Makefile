@@ -17,6 +17,9 @@ SHARDS ?=
 CLIP_WEIGHTS ?=
 SEED ?=
 RESUME ?=
+IN ?=
+OUT ?=
+OSF ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
 COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
@@ -24,12 +27,15 @@ COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STOR
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS))
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(if $(strip $(RESUME)),--resume)
 
-.PHONY: features train eval test install clean-runs help
+.PHONY: features train eval restore distill ablate test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=]"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1]"
 	@echo "make eval     TASK=deblur RUN=deblur"
+	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
+	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
+	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
 	@echo "make test"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
@@ -49,6 +55,17 @@ train: $(VENV)/.installed
 
 eval: $(VENV)/.installed
 	$(PY) -m training eval $(COMMON) --run $(RUN)
+
+restore: $(VENV)/.installed
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make restore IN=folder OUT=folder RUN=run"; exit 2; }
+	$(PY) -m pipeline restore --in $(IN) --out $(OUT) --run $(RUN) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
+		$(call flag,--osf,$(OSF))
+
+distill: $(VENV)/.installed
+	$(PY) -m training distill $(COMMON) --run $(RUN)
+
+ablate: $(VENV)/.installed
+	$(PY) -m training ablate $(TRAIN_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -1,8 +1,9 @@
-"""Stage 1 command line: `python -m pipeline features --task deblur --data demo`."""
+"""Stage 1 command line: `python -m pipeline features --task deblur --data demo`, `restore ...`."""
 import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from .extract import FeaturesConfig, build_features
 
@@ -34,17 +35,40 @@ def features_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def restore_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("restore", help="restore a folder of degraded images with a trained run",
+                       description="Run the run's frozen target and encoder(s), then its PTG-RM, on every "
+                       "image of --in; write PNGs of the same names to --out. A non-blind target reads "
+                       "<stem>.json beside each image (the blur kernel).")
+    p.add_argument("--in", dest="src", required=True, help="folder of degraded images")
+    p.add_argument("--out", dest="dst", required=True, help="output folder (created)")
+    p.add_argument("--run", required=True, help="trained run name (runs/<run>/)")
+    p.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
+    p.add_argument("--clip-weights", default=None, help="the CLIP checkpoint the run's store was made with "
+                   "(default: the path recorded in the store)")
+    p.add_argument("--osf", choices=("encoder", "distilled"), default="encoder", help="g from the pre-trained "
+                   "encoder, or from the run's distilled predictor (`make distill`) (default: %(default)s)")
+    return p
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     features_parser(sub)
+    restore_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     warnings.simplefilter("always", UserWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
-    cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
-                         splits=tuple(args.splits.split(",")))
     try:
+        if args.cmd == "restore":
+            from .restore import restore_folder
+
+            restore_folder(Path(args.src), Path(args.dst), Path(args.runs_dir) / args.run, args.clip_weights,
+                           args.osf)
+            return 0
+        cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
+                             splits=tuple(args.splits.split(",")))
         build_features(cfg)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

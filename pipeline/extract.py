@@ -135,6 +135,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
     hw_max = tuple(members[0].arrays[0].shape[1:3])
     store = Store.open_or_create(path, {"dataset": source.dataset, "split": split, "task": task.name,
                                         "pairs_key": pairs_key, "n": len(source.samples),
+                                        "metric_space": task.metric_space,
                                         "max_hw": list(hw_max)})
     todo = [m for m in members if store.status(m.path, m.key) != "complete"]
     if not todo:

@@ -68,7 +68,8 @@ def _otf(kernel: np.ndarray, h: int, w: int) -> np.ndarray:
 TARGETS = {"identity": Identity, "wiener": Wiener}
 
 
-def build_target(name: str):
+def build_target(name: str, **params):
+    """A target by registry name; `params` (e.g. from a stored spec) override its defaults."""
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
-    return TARGETS[name]()
+    return TARGETS[name](**params)

@@ -28,3 +28,9 @@ def tiny_clip(tmp_path_factory):
         {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
                                                     "std": [0.26862954, 0.26130258, 0.27577711]}}))
     return folder
+
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/toys.py

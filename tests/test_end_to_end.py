@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from stores import Store
 
@@ -102,7 +103,7 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
     sidecar = json.loads((run_dir / "model.json").read_text())
     assert sidecar["train_store"]["pairs_key"] == Store(next(root.glob("*-train-*"))).manifest()["pairs_key"]
     assert sidecar["params"] == result["params"]
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [x["step"] for x in lines] == [4, 8, 12] and all(np.isfinite(x["loss"]) for x in lines)
 
     # the same seed and store give the same weights, bit for bit
@@ -111,9 +112,23 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
     assert (tmp_path / "e2e-again" / "model.safetensors").read_bytes() == first
 
     again = run("training", "eval", "--task", "deblur", "--data", "demo", "--store-root", root,
-                "--encoder", f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", "e2e")
+                "--encoder", f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", "e2e", "--save-images")
     assert "refined" in again.stdout
     assert json.loads((run_dir / "eval.json").read_text())["psnr_refined"] == result["psnr_refined"]
+
+    # inference on the test inputs (with their recorded kernels) gives the evaluated images
+    test = stores_under(root)["test"]
+    src = tmp_path / "degraded"
+    src.mkdir()
+    for name, lq, hw, meta in zip(test.array("pairs", "names")[:], test.array("pairs", "lq")[:],
+                                  test.array("pairs", "hw")[:], test.array("pairs", "meta")[:]):
+        Image.fromarray(lq[:hw[0], :hw[1]]).save(src / f"{name}.png")
+        (src / f"{name}.json").write_text(str(meta))
+    run("pipeline", "restore", "--in", src, "--out", tmp_path / "restored", "--run", "e2e", "--runs-dir", tmp_path)
+    for name in test.array("pairs", "names")[:]:
+        restored = np.asarray(Image.open(tmp_path / "restored" / f"{name}.png"))
+        evaluated = np.asarray(Image.open(run_dir / "images" / f"{name}.png"))
+        assert np.array_equal(restored, evaluated), name
 
 
 def test_training_imports_no_frozen_network_code():

@@ -86,14 +86,27 @@ class Split:
         return self._hw
 
     def info(self) -> dict:
-        """Names and keys of what this split reads, for checkpoints and reports."""
+        """Names, keys and specs of what this split reads, for checkpoints, reports and for
+        rebuilding the same target and encoders at inference (`make restore`)."""
         m = Store(self.path).manifest()["members"]
         weights = sorted({m[e]["weights"] for e in self.encoders})
+        build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
+                  "clip_weights": m[e].get("config", {}).get("clip_weights"),
+                  "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in self.encoders]
         return {"store": self.path.name, "pairs_key": m["pairs"]["key"], "target": self.target,
-                "target_key": m[self.target]["key"], "encoders": self.encoders,
-                "encoder_keys": [m[e]["key"] for e in self.encoders],
-                "weights": "random" if "random" in weights else weights[0],
+                "target_key": m[self.target]["key"], "target_spec": m[self.target].get("spec", {}),
+                "encoders": self.encoders, "encoder_keys": [m[e]["key"] for e in self.encoders],
+                "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
                 "osf_dim": sum(m[e]["dim"] for e in self.encoders)}
+
+    @property
+    def names(self) -> list[str]:
+        return [str(n) for n in Store(self.path).array("pairs", "names")[:]]
+
+    @property
+    def metric_space(self) -> str:
+        """'rgb', or 'y' for tasks evaluated on luma (deraining), as recorded by the pipeline."""
+        return Store(self.path).manifest().get("metric_space", "rgb")
 
     def g(self, i: int, variant: int = 0) -> np.ndarray:
         return np.concatenate([g[i, variant] for g in self.arrays()["g"]])
@@ -107,28 +120,43 @@ class Split:
 
 
 class CropBatches(torch.utils.data.Dataset):
-    """Item `step`: a batch of aligned random crops with random flips and the flip's own g."""
+    """Item `step`: a batch of aligned random crops with random flips and the flip's own g.
 
-    def __init__(self, split: Split, crop: int, batch: int, seed: int, steps: int):
+    The global batch of a step is drawn from (seed, step) alone; with `world` > 1 processes,
+    rank r reads its contiguous slice of it, so DDP sees exactly the single-process batches.
+    """
+
+    def __init__(self, split, crop: int, batch: int, seed: int, steps: int, rank: int = 0, world: int = 1):
         if crop % 4:
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
+        if batch % world:
+            raise ValueError(f"batch {batch} must be divisible by the {world} processes")
         small = [i for i, (h, w) in enumerate(split.hw) if h < crop or w < crop]
         if small:
             raise ValueError(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px "
                              f"crop (e.g. sample {small[0]}, {tuple(split.hw[small[0]])}); lower --crop")
         self.split, self.crop, self.batch, self.seed, self.steps = split, crop, batch, seed, steps
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> dict:
+    def draw(self, step: int) -> list[tuple]:
+        """(sample, y, x, flip_h, flip_v) for every crop of the global batch of `step`."""
         rng = np.random.default_rng([self.seed, step])
-        a, c = self.split.arrays(), self.crop
-        out = {"lq": [], "base": [], "gt": [], "g": []}
+        out = []
         for i in rng.integers(0, len(self.split.hw), self.batch):
             h, w = self.split.hw[i]
-            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
+            y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
             fh, fv = rng.integers(0, 2, 2)
+            out.append((int(i), int(y), int(x), int(fh), int(fv)))
+        return out
+
+    def __getitem__(self, step: int) -> dict:
+        a, c = self.split.arrays(), self.crop
+        per_rank = self.batch // self.world
+        out = {"lq": [], "base": [], "gt": [], "g": []}
+        for i, y, x, fh, fv in self.draw(step)[self.rank * per_rank:(self.rank + 1) * per_rank]:
             for k in ("lq", "base", "gt"):
                 patch = a[k][i, y:y + c, x:x + c]
                 patch = patch[:, ::-1] if fh else patch

@@ -1,24 +1,31 @@
 """Stage 2: fit PTG-RM on a train store, evaluate it on the test store, write `runs/<run>/`.
 
-Run: `python -m training train --task deblur --data demo` (what `make train` calls). Reads only
-the stores: no frozen network is loaded here.
+Run: `python -m training train --task deblur --data demo` (what `make train` calls);
+several processes: `torchrun --nproc_per_node N -m training train ...` (DDP; gloo on CPU).
+Reads only the stores: no frozen network is loaded here.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stores import atomic_path, write_json_atomic
 
 from .data import CropBatches, Split, find_store
-from .evaluate import evaluate
+from .evaluate import evaluate, write_eval
+from .losses import VGGPerceptual, charbonnier
 from .model import PTGRM, PTGRMConfig, count_parameters
+
+SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
 
 
 @dataclass(frozen=True)
@@ -30,31 +37,48 @@ class TrainConfig:
     test_store: str | None = None
     target: str | None = None  # target member name (default: the store's only one)
     encoder: str = "clip-vit-b32"  # comma-separated to concatenate several OSF vectors
+    format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
     run: str | None = None  # default: the task name
     runs_dir: str = "runs"
     steps: int = 1500
-    batch: int = 8
+    batch: int = 8  # global batch (split across DDP processes)
     crop: int = 96
     lr: float = 1e-4
     lr_min: float = 1e-7
     seed: int = 0
+    ablate: str = ""  # comma-separated model switches to turn off (paper's Table 3)
+    output: str = "code"  # "code": clamp(base) + I_r; "eq1": the paper's Eq. 1
+    perceptual: float = 0.0  # weight of the VGG19 perceptual term (paper: 0.1)
+    vgg_weights: str | None = None
+    device: str = "auto"  # auto: cuda when available
+    compile: bool = False  # torch.compile the model
     workers: int = 1  # loader processes (0: load in the training process)
-    threads: int = 0  # torch threads (0: torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default)
     log_every: int = 25
     ckpt_every: int = 250
+    eval_every: int = 0  # steps between test evaluations for the PSNR curve (0: at the end only)
+    stop_at: int = 0  # stop with a checkpoint after this step (resume later with --resume)
     resume: bool = False
+    save_images: bool = False  # save the refined test images to runs/<run>/images/
 
 
-def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """sum(sqrt((pred - target)^2 + eps)): the official code's Charbonnier loss (summed)."""
-    diff = pred - target
-    return torch.sqrt(diff * diff + eps).sum()
+# settings that may differ between a run and its resumption without changing the result
+RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", "log_every", "eval_every",
+                "save_images")
+
+
+def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
+    off = [s for s in cfg.ablate.split(",") if s]
+    unknown = sorted(set(off) - set(SWITCHES))
+    if unknown:
+        raise ValueError(f"unknown --ablate switch(es) {unknown}; known: {', '.join(SWITCHES)}")
+    return PTGRMConfig(osf_dim=osf_dim, output=cfg.output, **{s: False for s in off})
 
 
 def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict) -> None:
     """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_path(run_dir / "state.pt") as tmp:
         torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
@@ -62,78 +86,37 @@ def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict) 
 
 def load_model(run_dir: Path) -> tuple[PTGRM, dict]:
     """A trained PTG-RM and its sidecar from `runs/<run>/`."""
-    sidecar = json.loads((run_dir / "model.json").read_text())
+    sidecar = json.loads((Path(run_dir) / "model.json").read_text())
     model = PTGRM(PTGRMConfig.from_dict(sidecar["model"]))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
     return model.eval(), sidecar
 
 
-def open_splits(cfg: TrainConfig) -> tuple[Split, Split]:
+def open_splits(cfg: TrainConfig, rank: int = 0, world: int = 1) -> tuple:
     encoders = cfg.encoder.split(",") if cfg.encoder else None
     paths = [getattr(cfg, f"{s}_store") or find_store(cfg.store_root, cfg.data, cfg.task, s)
              for s in ("train", "test")]
+    if cfg.format == "wds":
+        from .wds_data import WdsSplit
+
+        return WdsSplit.open(paths[0], cfg.target, encoders, rank=rank, world=world), \
+            Split.open(paths[1], cfg.target, encoders)
+    if cfg.format != "zarr":
+        raise ValueError(f"--format must be 'zarr' or 'wds', got {cfg.format!r}")
     return tuple(Split.open(p, cfg.target, encoders) for p in paths)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_split, test_split = open_splits(cfg)
-    info = train_split.info()
-    torch.manual_seed(cfg.seed)
-    model = PTGRM(PTGRMConfig(osf_dim=info["osf_dim"]))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
-    sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
-               "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
-    start = resume_state(run_dir, model, opt, sched, cfg) if cfg.resume else 0
-    if start == 0:
-        (run_dir / "metrics.jsonl").write_text("")
-    log(f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
-        f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
-        f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px" + (f", resuming at {start}" if start else ""))
-
-    batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps)
-    loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.workers,
-        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", dynamic_ncols=True)
-    wait = compute = 0.0
-    t_last = time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
-        for step, batch in enumerate(loader, start):
-            t0 = time.perf_counter()
-            wait += t0 - t_last
-            refined = model(batch["base"], batch["lq"], batch["g"])
-            loss = charbonnier(refined, batch["gt"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            t_last = time.perf_counter()
-            compute += t_last - t0
-            bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                per_px = loss.item() / batch["gt"].numel()
-                bar.set_postfix(loss=f"{per_px:.4f}")
-                metrics.write(json.dumps({"step": step + 1, "loss": per_px, "loss_sum": loss.item(),
-                                          "lr": sched.get_last_lr()[0],
-                                          "data_wait_frac": wait / max(wait + compute, 1e-9)}) + "\n")
-                metrics.flush()
-            if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(run_dir, model, opt, sched, step + 1, sidecar)
-    bar.close()
-    save_checkpoint(run_dir, model, opt, sched, cfg.steps, sidecar)
-    result = evaluate(model.eval(), test_split, space="rgb")
-    result.update({"task": cfg.task, "run": run_dir.name, "train_store": info["store"],
-                   "params": sidecar["params"], "steps": cfg.steps,
-                   "data_wait_frac": wait / max(wait + compute, 1e-9)})
-    write_eval(run_dir, result)
-    log(summary(result))
-    return result
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig) -> int:
@@ -141,9 +124,8 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig) -> int:
     if not (run_dir / "state.pt").is_file():
         return 0
     sidecar = json.loads((run_dir / "model.json").read_text())
-    same = {k: v for k, v in sidecar["train"].items() if k not in ("resume", "workers", "threads")} == \
-        {k: v for k, v in asdict(cfg).items() if k not in ("resume", "workers", "threads")}
-    if not same:
+    if {k: v for k, v in sidecar["train"].items() if k not in RUNTIME_ONLY} != \
+            {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     state = torch.load(run_dir / "state.pt", weights_only=True)
@@ -152,12 +134,135 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig) -> int:
     return int(state["step"])
 
 
-def write_eval(run_dir: Path, result: dict) -> None:
-    write_json_atomic(run_dir / "eval.json", result)
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines after `step` (a resumed run rewrites them as an uninterrupted run would)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    path.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_distributed(cfg)
+    main = rank == 0
+    run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_split, test_split = open_splits(cfg, rank, world)
+    info = train_split.info()
+    torch.manual_seed(cfg.seed)
+    model = PTGRM(model_config(cfg, info["osf_dim"]))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
+    sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
+               "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
+    start = resume_state(run_dir, model, opt, sched, cfg) if cfg.resume else 0
+    if main:
+        keep_metrics_until(run_dir / "metrics.jsonl", start)
+        log(f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
+            f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
+            f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device}"
+            + (f" x{world} processes" if world > 1 else "") + (f", resuming at {start}" if start else ""))
+    if cfg.perceptual and not cfg.vgg_weights:
+        raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
+    perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    stop = min(cfg.stop_at or cfg.steps, cfg.steps)
+    batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
+                                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    tb = _tensorboard(run_dir, start) if main else None
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
+    wait = compute = 0.0
+    model.train()
+    t_last = time.perf_counter()
+    metrics = run_dir / "metrics.jsonl"
+    for step, batch in enumerate(loader, start):
+        t0 = time.perf_counter()
+        wait += t0 - t_last
+        loss = train_step(net, batch, device, perceptual, cfg.perceptual, world)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        t_last = time.perf_counter()
+        compute += t_last - t0
+        bar.update(1)
+        done = step + 1
+        if main and (done % cfg.log_every == 0 or done == cfg.steps):
+            row = {"step": done, "loss": loss.item() / (batch["gt"].numel() * world),
+                   "loss_sum": loss.item(), "lr": sched.get_last_lr()[0],
+                   "data_wait_frac": wait / max(wait + compute, 1e-9)}
+            _log(metrics, tb, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            r = evaluate(model, test_split)
+            _log(metrics, tb, {"step": done, "eval_psnr_refined": r["psnr_refined"],
+                               "eval_psnr_base": r["psnr_base"]})
+            model.train()
+        if main and ((done % cfg.ckpt_every == 0 and done < cfg.steps) or done == stop):
+            save_checkpoint(run_dir, model, opt, sched, done, sidecar)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if not main or stop < cfg.steps:
+        if main:
+            log(f"stopped at step {stop} of {cfg.steps}; continue with --resume (make train RESUME=1)")
+        return {"stopped_at": stop}
+    result = evaluate(model, test_split, save_dir=run_dir / "images" if cfg.save_images else None)
+    result.update({"task": cfg.task, "run": run_dir.name, "train_store": info["store"],
+                   "params": sidecar["params"], "steps": cfg.steps, "model": model.cfg.to_dict(),
+                   "data_wait_frac": wait / max(wait + compute, 1e-9)})
+    _log(metrics, tb, {"step": cfg.steps, "eval_psnr_refined": result["psnr_refined"],
+                                     "eval_psnr_base": result["psnr_base"]})
+    write_eval(run_dir, result)
+    from .report import write_report
+
+    write_report(run_dir, model, test_split)
+    if tb:
+        tb.close()
+    log(summary(result))
+    return result
+
+
+def train_step(net, batch: dict, device, perceptual, weight: float, world: int) -> torch.Tensor:
+    """Loss of one (local) batch. Scaled by the world size so DDP's gradient average equals the
+    gradient of the single-process summed loss."""
+    cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    lq, base, gt, g = (batch[k].to(device, non_blocking=True) for k in ("lq", "base", "gt", "g"))
+    lq, base = lq.contiguous(memory_format=cl), base.contiguous(memory_format=cl)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with amp:
+        refined = net(base, lq, g)
+    refined = refined.float()
+    loss = charbonnier(refined, gt)
+    if perceptual is not None:
+        loss = loss + weight * perceptual(refined, gt)
+    return loss * world
+
+
+def _log(path: Path, tb, row: dict) -> None:
+    """One line of metrics.jsonl, and the same scalars to TensorBoard."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+        if tb is not None and k != "step":
+            tb.add_scalar(k, v, row["step"])
+
+
+def _tensorboard(run_dir: Path, start: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start if start else None)
 
 
 def summary(r: dict) -> str:
+    lo, hi = r["gain_psnr_ci95"]
     return (f"{r['store']} ({r['n_images']} images, {r['space'].upper()}, weights: {r['weights']}): "
             f"input {r['psnr_input']:.2f} dB / {r['ssim_input']:.4f} | base {r['psnr_base']:.2f} / "
             f"{r['ssim_base']:.4f} -> refined {r['psnr_refined']:.2f} / {r['ssim_refined']:.4f} "
-            f"(gain {r['psnr_refined'] - r['psnr_base']:+.2f} dB)")
+            f"(gain {r['gain_psnr']:+.2f} dB, 95% CI {lo:+.2f}..{hi:+.2f})")

@@ -1,0 +1,91 @@
+"""Inference: restore a folder of degraded images with target + encoder + a trained PTG-RM.
+
+Run: `python -m pipeline restore --in DIR --out DIR --run deblur` (what `make restore` calls).
+The target and encoder are rebuilt from the specs recorded in the run, and checked against the
+weights hashes the run was trained with. A non-blind target (the demo's `wiener`) reads the
+blur kernel from `<image stem>.json` beside each image (`{"kernel": [[...]]}`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from training.evaluate import refine, save_png
+from training.metrics import to_uint8
+from training.train import load_model
+
+from .encoders import build_encoder
+from .sources import IMAGE_SUFFIXES, SourceError, read_image
+from .targets import TARGETS, build_target
+
+
+def target_from_spec(spec: dict):
+    """The frozen target a store member was made with, from the spec recorded in its key."""
+    name = spec.get("target")
+    if name not in TARGETS:
+        raise ValueError(f"the run's target {name!r} cannot be rebuilt here; known: {', '.join(sorted(TARGETS))}")
+    accepted = inspect.signature(TARGETS[name]).parameters
+    return build_target(name, **{k: v for k, v in spec.items() if k in accepted})
+
+
+def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> list:
+    """The encoders a run was trained with; weights must hash to what the store recorded."""
+    out = []
+    for b in build:
+        spec = b["spec"]
+        random = spec.get("weights") == "random"
+        enc = build_encoder(b["name"], None if random else (clip_weights or b["clip_weights"]),
+                            allow_random=random, init_seed=b.get("init_seed") or 0)
+        if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights["weights"] != spec.get("weights"):
+            raise ValueError(f"encoder {b['name']}: weights {enc.weights['weights']} "
+                             f"(sha256 {str(enc.weights.get('sha256'))[:12]}) differ from the run's "
+                             f"({spec.get('weights')}, sha256 {str(spec.get('weights_sha256'))[:12]}); "
+                             f"pass the same --clip-weights")
+        out.append(enc)
+    return out
+
+
+def predicted_g(predictor, images: list[np.ndarray]) -> np.ndarray:
+    """(N, 1, D): the predictor's g for each unflipped image."""
+    import torch
+
+    with torch.no_grad():
+        x = [torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1)[None].float() / 255 for i in images]
+        return np.stack([predictor(t)[0].numpy() for t in x])[:, None]
+
+
+def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None = None,
+                   osf: str = "encoder", log=print) -> list[Path]:
+    """`osf='encoder'` runs the pre-trained encoder(s); `'distilled'` predicts g with the run's
+    distilled predictor instead (no pre-trained model at inference)."""
+    model, sidecar = load_model(run_dir)
+    info = sidecar["train_store"]
+    target = target_from_spec(info["target_spec"])
+    if osf == "distilled":
+        from training.distill import load_predictor
+
+        predictor = load_predictor(run_dir)
+        encoders = [lambda imgs: predicted_g(predictor, imgs)]
+    else:
+        encoders = encoders_from_run(info["encoder_build"], clip_weights)
+    images = sorted(p for p in Path(src).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+    log(f"restoring {len(images)} images from {src} with target {target.id}, g from "
+        f"{'the distilled predictor' if osf == 'distilled' else ', '.join(e.name for e in encoders)} "
+        f"(weights: {sidecar['weights']}) and run {run_dir}")
+    written = []
+    for path in tqdm(images, unit="img", desc="restore", dynamic_ncols=True):
+        lq = read_image(path)
+        meta_file = path.with_suffix(".json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        # the store keeps base as float16; the module was trained on exactly that
+        base = target(lq.astype(np.float32) / 255, meta).astype(np.float16).astype(np.float32)
+        g = np.concatenate([e([lq])[0, 0] for e in encoders])  # unflipped variant
+        out = to_uint8(refine(model, lq, base, g))
+        written.append(save_png(Path(dst) / f"{path.stem}.png", out))
+    return written

@@ -1,0 +1,149 @@
+"""The trainer researchers trust: repeatable, resumable, DDP, paper-style evaluation, reports."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from toys import make_task_stores
+from training.__main__ import main
+from training.metrics import rgb_to_y, ssim
+from training.train import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy-stores")
+    make_task_stores(root)
+    return root
+
+
+def train_args(stores, runs, run, *extra):
+    return ["train", "--task", "deblur", "--data", "toy", "--store-root", str(stores), "--runs-dir", str(runs),
+            "--run", run, "--steps", "10", "--batch", "4", "--crop", "32", "--log-every", "2",
+            "--ckpt-every", "100", "--workers", "0", *extra]
+
+
+def weights(run_dir):
+    return (run_dir / "model.safetensors").read_bytes()
+
+
+def test_stopped_and_resumed_run_ends_where_the_uninterrupted_run_ends(stores, tmp_path):
+    assert main(train_args(stores, tmp_path, "full")) == 0
+    assert main(train_args(stores, tmp_path, "parts", "--stop-at", "6")) == 0
+    assert not (tmp_path / "parts" / "eval.json").exists()
+    assert json.loads((tmp_path / "parts" / "model.json").read_text())["step"] == 6
+    assert main(train_args(stores, tmp_path, "parts", "--resume")) == 0
+    assert weights(tmp_path / "parts") == weights(tmp_path / "full")
+    full, parts = ((tmp_path / r / "metrics.jsonl").read_text() for r in ("full", "parts"))
+    strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
+                          for x in text.splitlines()]
+    assert strip(parts) == strip(full)
+
+
+def test_resume_refuses_other_settings(stores, tmp_path):
+    assert main(train_args(stores, tmp_path, "r", "--stop-at", "4")) == 0
+    assert main(train_args(stores, tmp_path, "r", "--resume", "--lr", "0.001")) == 1
+
+
+def test_eval_files_and_report(stores, tmp_path):
+    assert main(train_args(stores, tmp_path, "rep", "--eval-every", "4")) == 0
+    run = tmp_path / "rep"
+    result = json.loads((run / "eval.json").read_text())
+    lo, hi = result["gain_psnr_ci95"]
+    assert lo <= result["gain_psnr"] <= hi
+    rows = (run / "eval.csv").read_text().splitlines()
+    assert len(rows) == 1 + result["n_images"] and rows[0].startswith("name,")
+    page = (run / "report.html").read_text()
+    refs = re.findall(r'src="([^"]+)"', page)
+    assert {"loss.png", "psnr.png"} <= set(refs) and any(r.startswith("crops/") for r in refs)
+    assert all((run / r).is_file() for r in refs)
+    assert f"{result['psnr_base']:.2f} -&gt; {result['psnr_refined']:.2f}" in page
+    assert (run / "report.md").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_psnr" in x]
+    assert [e["step"] for e in evals] == [4, 8, 10]
+
+
+def test_ablation_switch_and_bad_switch(stores, tmp_path):
+    assert main(train_args(stores, tmp_path, "abl", "--ablate", "sve,channel_attention", "--steps", "2")) == 0
+    model, sidecar = load_model(tmp_path / "abl")
+    assert sidecar["model"]["sve"] is False and sidecar["model"]["channel_attention"] is False
+    assert main(train_args(stores, tmp_path, "bad", "--ablate", "no_such_part")) == 1
+
+
+def test_perceptual_loss_without_weights_is_a_clear_error(stores, tmp_path, capsys):
+    assert main(train_args(stores, tmp_path, "p", "--perceptual", "0.1")) == 1
+    assert "--vgg-weights" in capsys.readouterr().err
+    assert main(train_args(stores, tmp_path, "p", "--perceptual", "0.1", "--vgg-weights", "/no/vgg.pth")) == 1
+    assert "/no/vgg.pth" in capsys.readouterr().err
+
+
+def test_two_process_gloo_ddp_trains_and_rank0_checkpoint_loads(stores, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "training", *train_args(stores, tmp_path, "ddp", "--device", "cpu", "--nproc", "2")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    model, sidecar = load_model(tmp_path / "ddp")
+    assert sidecar["step"] == 10 and (tmp_path / "ddp" / "eval.json").is_file()
+    # the same global batches as one process: the weights agree up to float summation order
+    assert main(train_args(stores, tmp_path, "single")) == 0
+    single, _ = load_model(tmp_path / "single")
+    for (name, a), b in zip(model.state_dict().items(), single.state_dict().values()):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-4), name
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee", "astronaut"])
+def test_ssim_matches_scikit_image(name):
+    import skimage.data as skd
+
+    gt = getattr(skd, name)()
+    noisy = np.clip(gt + np.random.default_rng(0).normal(0, 12, gt.shape), 0, 255).astype(np.uint8)
+    ref = structural_similarity(gt, noisy, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                data_range=255, channel_axis=-1)
+    assert abs(ssim(gt, noisy) - ref) < 1e-4
+    y_ref = structural_similarity(rgb_to_y(gt), rgb_to_y(noisy), gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=255)
+    assert abs(ssim(rgb_to_y(gt), rgb_to_y(noisy)) - y_ref) < 1e-4
+
+
+def test_deraining_style_store_is_evaluated_on_y(tmp_path):
+    root = tmp_path / "y-stores"
+    make_task_stores(root, space="y")
+    assert main(train_args(root, tmp_path, "y", "--steps", "2")) == 0
+    assert json.loads((tmp_path / "y" / "eval.json").read_text())["space"] == "y"
+    shutil.rmtree(root)
+
+
+def test_ablate_writes_one_table_with_every_row(stores, tmp_path):
+    from training.ablate import ROWS
+
+    args = ["ablate", *train_args(stores, tmp_path, "abl", "--steps", "2")[1:]]
+    assert main(args) == 0
+    table = json.loads((tmp_path / "abl-ablation" / "ablation.json").read_text())
+    assert [r["row"] for r in table["rows"]] == [row for row, _ in ROWS]
+    params = {r["row"]: r["params"] for r in table["rows"]}
+    assert params["w/o SVE"] < params["full PTG-RM"] and params["w/o g (no pre-trained prior)"] < params["full PTG-RM"]
+    md = (tmp_path / "abl-ablation" / "ablation.md").read_text()
+    assert all(row in md for row, _ in ROWS)
+    mtime = (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0  # a second call reuses the finished rows
+    assert (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_distill_reports_true_and_predicted_g(stores, tmp_path):
+    assert main(train_args(stores, tmp_path, "d", "--steps", "4")) == 0
+    assert main(["distill", *train_args(stores, tmp_path, "d")[1:], "--distill-steps", "30"]) == 0
+    result = json.loads((tmp_path / "d" / "eval.json").read_text())
+    for key in ("psnr_refined_true_g", "psnr_refined_predicted_g", "distill_test_cosine"):
+        assert np.isfinite(result[key]), key
+    assert result["psnr_refined_true_g"] == pytest.approx(result["psnr_refined"])
+    assert (tmp_path / "d" / "distill" / "predictor.safetensors").is_file()
