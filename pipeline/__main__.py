@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from .extract import FeaturesConfig, build_features
+from .layouts import LAYOUTS
 
 D = FeaturesConfig()
 
@@ -16,8 +17,8 @@ def features_parser(sub) -> argparse.ArgumentParser:
                        "and cache lq/gt, base and OSF in one Zarr store per split. Complete members "
                        "with the same key are reused; an interrupted run resumes where it stopped.")
     p.add_argument("--task", default=D.task, help="restoration task (default: %(default)s)")
-    p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image) or a dataset "
-                   "folder with train/ and test/ (each lq/+gt/, gt/ or plain images)")
+    p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image), a dataset "
+                   "folder (layout detected), or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
     p.add_argument("--target", default=None, help="frozen target restorer (default: the task's)")
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'openclip:<model>[:<tag>]' or "
                    "'openclip:<folder with open_clip_config.json>'")
@@ -32,6 +33,8 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    help="allow a random encoder on real data (recorded as weights: random)")
     p.add_argument("--splits", default=",".join(D.splits), help="comma-separated (default: %(default)s)")
     p.add_argument("--batch", type=int, default=D.batch, help="images per encoder call (default: %(default)s)")
+    p.add_argument("--max-bad", type=float, default=D.max_bad, help="fraction of samples that may be excluded "
+                   "(unreadable, mismatched, non-finite target output) before the run stops (default: %(default)s)")
     return p
 
 

@@ -6,6 +6,7 @@ uint8); `drawn` is a JSON-able dict of what the generator drew, stored in `pairs
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 
@@ -56,6 +57,62 @@ def deblur(img: np.ndarray, rng: np.random.Generator, kernel_size: int = 19, len
     return np.clip(lq, 0, 1).astype(np.float32), {"kernel": k.tolist(), "noise_sigma": sigma}
 
 
-DEGRADATIONS = {
+def defocus(img: np.ndarray, rng: np.random.Generator, radius=(2.0, 5.0), noise=(0.5, 2.0)) -> tuple[np.ndarray, dict]:
+    """Defocus blur: a uniform disk of random radius (px, anti-aliased edge) plus mild noise."""
+    r = rng.uniform(*radius)
+    size = 2 * int(np.ceil(r)) + 3
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    k = np.clip(r + 0.5 - np.hypot(yy, xx), 0, 1)
+    k = np.round(k / k.sum(), 5)
+    k /= k.sum()
+    sigma = rng.uniform(*noise) / 255.0
+    lq = convolve(img, k) + rng.normal(0.0, sigma, img.shape)
+    return np.clip(lq, 0, 1).astype(np.float32), {"kernel": k.tolist(), "radius": r, "noise_sigma": sigma}
+
+
+def lowlight(img: np.ndarray, rng: np.random.Generator, exposure=(0.08, 0.25), gamma=(1.2, 1.8),
+             shot=(0.002, 0.01), read=(1.0, 3.0)) -> tuple[np.ndarray, dict]:
+    """Under-exposure: scale by `exposure`, raise to `gamma`, then signal-dependent (shot) and
+    constant (read, /255) Gaussian noise, as a dark sensor image rendered to sRGB."""
+    a, g = rng.uniform(*exposure), rng.uniform(*gamma)
+    k, r = rng.uniform(*shot), rng.uniform(*read) / 255.0
+    x = (img * a) ** g
+    lq = x + rng.normal(0.0, 1.0, img.shape) * np.sqrt(k * x + r * r)
+    return np.clip(lq, 0, 1).astype(np.float32), {"exposure": a, "gamma": g, "shot": k, "read_sigma": r}
+
+
+def rain(img: np.ndarray, rng: np.random.Generator, density=(0.004, 0.01), length=(8, 20),
+         angle=(-25.0, 25.0), strength=(0.5, 0.8)) -> tuple[np.ndarray, dict]:
+    """Synthetic rain: sparse drops smeared into streaks along one direction near vertical,
+    softened, and screen-blended onto the image (bright, achromatic)."""
+    h, w = img.shape[:2]
+    d, n = rng.uniform(*density), int(rng.integers(length[0], length[1] + 1))
+    theta, amount = np.deg2rad(rng.uniform(*angle)), rng.uniform(*strength)
+    drops = (rng.random((h, w)) < d) * rng.uniform(0.4, 1.0, (h, w))
+    k = np.zeros((2 * n + 1, 2 * n + 1))
+    for t in np.linspace(-n, n, 4 * n + 1):  # a line through the centre at angle theta from vertical
+        k[int(round(n + t * np.cos(theta))), int(round(n + t * np.sin(theta)))] = 1
+    streaks = gaussian_filter(np.clip(fftconvolve(drops, k, mode="same"), 0, None), 0.7)
+    s = np.clip(streaks * amount, 0, 1)[..., None]
+    lq = img + s * (1 - img)
+    return np.clip(lq, 0, 1).astype(np.float32), {"density": d, "length": n, "angle_deg": float(np.rad2deg(theta)),
+                                                  "strength": amount}
+
+
+def gaussian_noise(img: np.ndarray, rng: np.random.Generator, sigma: float = 25.0) -> tuple[np.ndarray, dict]:
+    """Additive white Gaussian noise of `sigma` (on the 0-255 scale), as in the paper's tables."""
+    lq = img + rng.normal(0.0, sigma / 255.0, img.shape)
+    return np.clip(lq, 0, 1).astype(np.float32), {"sigma": sigma}
+
+
+DEGRADATIONS = {  # name -> (function, default parameters recorded in the pairs key)
     "deblur": (deblur, {"kernel_size": 19, "length": [5.0, 15.0], "noise": [0.5, 2.0]}),
+    "defocus": (defocus, {"radius": [2.0, 5.0], "noise": [0.5, 2.0]}),
+    "lowlight": (lowlight, {"exposure": [0.08, 0.25], "gamma": [1.2, 1.8], "shot": [0.002, 0.01],
+                            "read": [1.0, 3.0]}),
+    "derain": (rain, {"density": [0.004, 0.01], "length": [8, 20], "angle": [-25.0, 25.0],
+                      "strength": [0.5, 0.8]}),
+    "denoise15": (gaussian_noise, {"sigma": 15.0}),
+    "denoise25": (gaussian_noise, {"sigma": 25.0}),
+    "denoise50": (gaussian_noise, {"sigma": 50.0}),
 }

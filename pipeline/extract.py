@@ -11,6 +11,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ class FeaturesConfig:
     init_seed: int = 0  # seed of a random encoder initialisation
     splits: tuple = ("train", "test")
     batch: int = 8  # images per encoder call (x4 flips)
+    max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
 
 
 @dataclass
@@ -50,10 +52,12 @@ class Member:
     spec: dict
     arrays: list
     info: dict = field(default_factory=dict)
+    run: Callable | None = None  # (range data, excluded list) -> {array name: values}; None: pairs
 
 
-def plan_members(source: Source, task, target, encoder, cfg: FeaturesConfig):
-    """The three members of a split's store, each with the key of what determines it."""
+def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConfig):
+    """The members of a split's store (pairs, the target, one per encoder), each keyed by what
+    determines it."""
     deg = None if source.paired else task.degradation
     degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
     pairs_spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
@@ -62,75 +66,108 @@ def plan_members(source: Source, task, target, encoder, cfg: FeaturesConfig):
     h = max(s.hw[0] for s in source.samples)
     w = max(s.hw[1] for s in source.samples)
     img = lambda name, dtype: ArraySpec(name, (n, h, w, 3), dtype, cfg.tile)  # noqa: E731
-    pairs = Member("pairs", pairs_key, pairs_spec,
-                   [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", (n, 2), "int32"),
-                    ArraySpec("names", (n,), "str"), ArraySpec("meta", (n,), "str")])
+    members = [Member("pairs", pairs_key, pairs_spec,
+                      [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", (n, 2), "int32"),
+                       ArraySpec("names", (n,), "str"), ArraySpec("meta", (n,), "str")])]
     tspec = {"pairs": pairs_key, **target.spec()}
     tkey = key_of(tspec)
-    tgt = Member(f"targets/{target.id}-{tkey[:12]}", tkey, tspec, [img("base", "float16")],
-                 {"target": target.id, "weights": target.weights})
-    espec = {"pairs": pairs_key, **encoder.spec()}
-    ekey = key_of(espec)
-    enc = Member(f"osf/{encoder_id(encoder.name)}-{ekey[:12]}", ekey, espec,
-                 [ArraySpec("g", (n, 4, encoder.dim), "float32")],
-                 {"encoder": encoder.name, "weights": encoder.weights["weights"], "dim": encoder.dim})
-    return pairs_key, [pairs, tgt, enc]
+    members.append(Member(f"targets/{target.id}-{tkey[:12]}", tkey, tspec, [img("base", "float16")],
+                          {"target": target.id, "weights": target.weights},
+                          lambda data, excluded: {"base": run_target(target, data, excluded)}))
+    for enc in encoders:
+        espec = {"pairs": pairs_key, **enc.spec()}
+        ekey = key_of(espec)
+        members.append(Member(f"osf/{encoder_id(enc.name)}-{ekey[:12]}", ekey, espec,
+                              [ArraySpec("g", (n, 4, enc.dim), "float32")],
+                              {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim},
+                              lambda data, excluded, enc=enc: {"g": run_encoder(enc, data, cfg.batch)}))
+    return pairs_key, members
 
 
 def load_range(source: Source, start: int, stop: int, degradation, seed: int, hw_max) -> dict:
-    """Samples [start, stop) as padded uint8 canvases plus their valid sizes, names and meta."""
+    """Samples [start, stop) as padded uint8 canvases plus valid sizes, names and meta.
+
+    A sample that cannot be used (unreadable, truncated, lq/gt sizes differ) is excluded: its
+    slot stays empty with size (0, 0) and the reason goes to `excluded`; conversions
+    (grayscale, alpha, 16-bit) go to `notes`. The rest of the range is unaffected.
+    """
     t0 = time.perf_counter()
     n, (H, W) = stop - start, hw_max
     out = {"lq": np.zeros((n, H, W, 3), np.uint8), "gt": np.zeros((n, H, W, 3), np.uint8),
-           "hw": np.zeros((n, 2), np.int32), "names": [], "meta": []}
+           "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [], "excluded": [], "notes": []}
     for j, i in enumerate(range(start, stop)):
         sample = source.samples[i]
-        gt, lq = sample.load()
-        drawn = {}
-        if lq is None:
-            fn, params = degradation
-            lq_f, drawn = fn(gt.astype(np.float32) / 255, sample_rng(seed, i), **params)
-            lq = np.round(lq_f * 255).astype(np.uint8)
-        if lq.shape != gt.shape:
-            raise SourceError(f"sample {sample.name}: lq {lq.shape} and gt {gt.shape} differ in size")
+        out["names"].append(sample.name)
+        try:
+            gt, lq, drawn, notes = _load_sample(sample, i, degradation, seed)
+        except SourceError as e:
+            out["excluded"].append({"index": i, "name": sample.name, "reason": str(e)})
+            out["meta"].append(json.dumps({"excluded": str(e)}))
+            continue
         h, w = gt.shape[:2]
         out["lq"][j, :h, :w], out["gt"][j, :h, :w], out["hw"][j] = lq, gt, (h, w)
-        out["names"].append(sample.name)
         out["meta"].append(json.dumps(drawn))
+        out["notes"] += [{"index": i, "name": sample.name, "note": x} for x in notes]
     out["names"], out["meta"] = np.array(out["names"]), np.array(out["meta"])
+    out["index"] = np.arange(start, stop)
     out["seconds_load"] = time.perf_counter() - t0
     return out
+
+
+def _load_sample(sample, i: int, degradation, seed: int):
+    gt, lq, notes = sample.load()
+    drawn = {}
+    if lq is None:
+        fn, params = degradation
+        lq_f, drawn = fn(gt.astype(np.float32) / 255, sample_rng(seed, i), **params)
+        lq = np.round(lq_f * 255).astype(np.uint8)
+    if lq.shape != gt.shape:
+        raise SourceError(f"sample {sample.name}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size")
+    if gt.shape[:2] != tuple(sample.hw):
+        raise SourceError(f"sample {sample.name}: decoded size {gt.shape[:2]} differs from its header {sample.hw}")
+    return gt, lq, drawn, notes
 
 
 def read_range(store: Store, start: int, stop: int) -> dict:
     """The same dict as load_range, read back from a complete pairs member."""
     t0 = time.perf_counter()
     out = {k: store.array("pairs", k)[start:stop] for k in ("lq", "gt", "hw", "names", "meta")}
+    out["index"] = np.arange(start, stop)
     out["seconds_load"] = time.perf_counter() - t0
     return out
 
 
-def run_target(target, data: dict, names) -> np.ndarray:
+def run_target(target, data: dict, excluded: list) -> np.ndarray:
+    """base for every usable sample; a non-finite or misshapen output excludes that sample."""
     base = np.zeros(data["lq"].shape, np.float16)
     for j, (h, w) in enumerate(data["hw"]):
+        if h == 0:  # excluded when loading
+            continue
         lq = data["lq"][j, :h, :w].astype(np.float32) / 255
         out = target(lq, json.loads(str(data["meta"][j])))
         if out.shape != lq.shape or not np.isfinite(out).all():
-            raise ValueError(f"target {target.id} gave a bad output for sample {names[j]}: "
-                             f"shape {out.shape} (expected {lq.shape}), finite={np.isfinite(out).all()}")
+            problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
+                       f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)")
+            excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
+                             "reason": f"target {target.id} gave a bad output: {problem}"})
+            continue
         base[j, :h, :w] = out
     return base
 
 
 def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
-    views = [data["lq"][j, :h, :w] for j, (h, w) in enumerate(data["hw"])]
-    return np.concatenate([encoder(views[i:i + batch]) for i in range(0, len(views), batch)])
+    usable = [j for j, (h, w) in enumerate(data["hw"]) if h > 0]
+    g = np.zeros((len(data["hw"]), 4, encoder.dim), np.float32)
+    views = [data["lq"][j, :data["hw"][j][0], :data["hw"][j][1]] for j in usable]
+    for k in range(0, len(views), batch):
+        g[usable[k:k + batch]] = encoder(views[k:k + batch])
+    return g
 
 
-def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=print) -> Path:
+def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped."""
     source = open_source(cfg.data, split, *task.demo_tiles)
-    pairs_key, members = plan_members(source, task, target, encoder, cfg)
+    pairs_key, members = plan_members(source, task, target, encoders, cfg)
     path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, pairs_key)
     hw_max = tuple(members[0].arrays[0].shape[1:3])
     store = Store.open_or_create(path, {"dataset": source.dataset, "split": split, "task": task.name,
@@ -171,7 +208,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
             data = nxt.result()
             if i + 1 < len(ranges):
                 nxt = loader.submit(load, ranges[i + 1])
-            outputs, stats = compute(work[r], data, target, encoder, cfg.batch)
+            outputs, stats = compute(work[r], data)
             bar.update(r[1] - r[0])
             pending.append(writer.submit(write_outputs, store, work[r], outputs, stats))
             while len(pending) > 1:  # at most one write in flight: bounded memory
@@ -179,6 +216,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
         for p in pending:
             p.result()
     bar.close()
+    check_exclusions(store, [m.path for m in todo], len(source.samples), cfg.max_bad, log)
     for m in todo:
         info = store.finalize(m.path)
         log(f"  {m.path}: complete, {info['bytes'] / 1e6:.1f} MB" +
@@ -186,34 +224,55 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoder, log=prin
     return path
 
 
-def compute(jobs, data, target, encoder, batch) -> tuple[dict, dict]:
-    """Run the frozen networks a range needs; returns outputs per member kind and timings."""
-    kinds = {m.path.split("/")[0] for m, _ in jobs}
-    outputs, stats = {}, {"seconds_load": data["seconds_load"], "samples": len(data["hw"])}
-    names = data["names"]
-    if "targets" in kinds:
+def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=print) -> None:
+    """Report excluded samples and conversions; stop when too many samples were lost."""
+    excluded = {e["name"]: e["reason"] for m in members for e in store.task_records(m, "excluded")}
+    for note in store.task_records("pairs", "notes") if "pairs" in members else []:
+        log(f"  note: {note['name']}: {note['note']}")
+    for name, reason in excluded.items():
+        log(f"  excluded: {name}: {reason}")
+    if len(excluded) > max_bad * n:
+        raise SourceError(f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
+                          f"--max-bad {max_bad:.0%}); first: {next(iter(excluded.items()))}. Fix them or "
+                          f"raise --max-bad; the members stay incomplete")
+
+
+def compute(jobs, data) -> tuple[dict, dict]:
+    """Run the frozen networks the members of a range need; outputs and timings per member."""
+    outputs = {}
+    stats = {"seconds_load": data["seconds_load"], "samples": len(data["hw"]), "notes": data.get("notes", []),
+             "excluded": {"pairs": data.get("excluded", [])}}
+    for m, _ in jobs:
+        if m.run is None:
+            outputs[m.path] = {k: data[k] for k in ("lq", "gt", "hw", "names", "meta")}
+            continue
         t0 = time.perf_counter()
-        outputs["targets"] = {"base": run_target(target, data, names)}
-        stats["seconds_target"] = time.perf_counter() - t0
-    if "osf" in kinds:
-        t0 = time.perf_counter()
-        outputs["osf"] = {"g": run_encoder(encoder, data, batch)}
-        stats["seconds_encoder"] = time.perf_counter() - t0
-    outputs["pairs"] = {k: data[k] for k in ("lq", "gt", "hw", "names", "meta")}
+        stats["excluded"][m.path] = []
+        outputs[m.path] = m.run(data, stats["excluded"][m.path])
+        stats[f"seconds_{m.path.split('/')[0]}"] = stats.get(f"seconds_{m.path.split('/')[0]}", 0) + \
+            time.perf_counter() - t0
     return outputs, stats
 
 
 def write_outputs(store: Store, jobs, outputs, stats) -> None:
+    """Each member's shards, then its done marker with the samples it excluded."""
     for m, t in jobs:
-        store.write_task(m.path, t, outputs[m.path.split("/")[0]], stats)
+        own = {**stats, "excluded": stats["excluded"].get(m.path, []),
+               "notes": stats["notes"] if m.path == "pairs" else []}
+        store.write_task(m.path, t, outputs[m.path], own)
 
 
 def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
-    """`make features`: every split of the task, with the target and encoder built once."""
+    """`make features`: every split of the task, with the target and encoders built once.
+
+    `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
+    one added to a complete store computes only itself.
+    """
     task = get_task(cfg.task)
     target = build_target(cfg.target or task.target)
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    encoder = build_encoder(cfg.encoder or task.encoder, cfg.clip_weights, allow_random, cfg.init_seed)
-    log(f"task {task.name}: target {target.id}, encoder {encoder.name} "
-        f"({encoder.arch}, weights: {encoder.weights['weights']}, dim {encoder.dim})")
-    return [build_split(cfg, task, split, target, encoder, log) for split in cfg.splits]
+    names = (cfg.encoder or task.encoder).split(",")
+    encoders = [build_encoder(n, cfg.clip_weights, allow_random, cfg.init_seed) for n in names]
+    log(f"task {task.name}: target {target.id}; " + "; ".join(
+        f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
+    return [build_split(cfg, task, split, target, encoders, log) for split in cfg.splits]

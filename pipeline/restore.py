@@ -80,7 +80,7 @@ def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None
         f"(weights: {sidecar['weights']}) and run {run_dir}")
     written = []
     for path in tqdm(images, unit="img", desc="restore", dynamic_ncols=True):
-        lq = read_image(path)
+        lq, _ = read_image(path)
         meta_file = path.with_suffix(".json")
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         # the store keeps base as float16; the module was trained on exactly that

@@ -12,9 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from stores import dataset_name
+from stores import dataset_name, sha256_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from .layouts import IMAGE_SUFFIXES, LayoutError, list_pairs, parse_data
+
 
 # Demo: real colour photos shipped inside the scikit-image wheel, split by image (the stereo
 # pair stays together so no scene is in both splits).
@@ -32,7 +33,7 @@ class SourceError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     name: str
-    load: Callable[[], tuple]  # () -> (gt uint8 (H,W,3), lq uint8 (H,W,3) or None)
+    load: Callable[[], tuple]  # () -> (gt uint8 (H,W,3), lq uint8 (H,W,3) or None, notes)
     hw: tuple  # (H, W) of the valid image
 
 
@@ -55,7 +56,10 @@ def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: 
     spread tiles per photo so that the large, mostly dark ones do not dominate."""
     if data == "demo":
         return _demo(split, patch, stride, cap)
-    return _folder(Path(data), split)
+    try:
+        return _folder(data, split)
+    except LayoutError as e:
+        raise SourceError(str(e)) from e
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -92,72 +96,73 @@ def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
 
 
 def _const(img):
-    return lambda: (img, None)
+    return lambda: (img, None, [])
 
 
-# -- folders --------------------------------------------------------------------------------
-def _folder(root: Path, split: str) -> Source:
-    """Layouts: `<root>/<split>/{lq,gt}/` (real pairs) or `<root>/<split>/gt/` or images in
-    `<root>/<split>/` (clean images that the task degrades)."""
-    base = root / split
-    tried = [f"{base}/lq + {base}/gt (pairs)", f"{base}/gt (clean)", f"{base}/*.png|jpg (clean)"]
-    if not root.is_dir():
-        raise SourceError(f"dataset folder {root} does not exist")
-    if (base / "lq").is_dir() and (base / "gt").is_dir():
-        gts = _images(base / "gt")
-        lqs = {p.name: p for p in _images(base / "lq")}
-        missing = [p.name for p in gts if p.name not in lqs]
-        if missing:
-            raise SourceError(f"{base}/lq lacks the inputs for {len(missing)} gt images, e.g. {missing[:3]}")
-        pairs = [(g, lqs[g.name]) for g in gts]
-        paired = True
-    else:
-        folder = base / "gt" if (base / "gt").is_dir() else base
-        pairs = [(g, None) for g in _images(folder)] if folder.is_dir() else []
-        paired = False
-    if not pairs:
-        raise SourceError(f"no images for split {split!r} in {root}; layouts tried: " + "; ".join(tried))
-    samples = [Sample(g.name, _file_loader(g, q), _image_size(g)) for g, q in pairs]
-    for g, q in pairs:
-        if q is not None and _image_size(q) != _image_size(g):
-            raise SourceError(f"{q}: size {_image_size(q)} differs from its gt {g} {_image_size(g)}")
-    files = {str(p.relative_to(root)): _sha256(p) for pair in pairs for p in pair if p is not None}
-    return Source(dataset_name(str(root)), split, samples, {"dataset": dataset_name(str(root)), "files": files,
-                                                        "split": split}, paired=paired)
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# -- folders ---------------------------------------------------------------------------------
+def _folder(data: str, split: str) -> Source:
+    """A dataset folder in one of the layouts of pipeline.layouts (named or detected)."""
+    layout, pairs = list_pairs(data, split)
+    root = parse_data(data)[1]
+    samples = [Sample(str(g.relative_to(root)), _file_loader(g, q), _image_size(g)) for g, q in pairs]
+    files = {str(p.relative_to(root)): sha256_file(p) for pair in pairs for p in pair if p is not None}
+    name = dataset_name(str(root))
+    return Source(name, split, samples, {"dataset": name, "layout": layout, "files": files, "split": split},
+                  paired=pairs[0][1] is not None)
 
 
 def _image_size(path: Path) -> tuple:
+    """(H, W) from the header; (0, 0) when unreadable (the sample is excluded when loaded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
-    except Exception as e:
-        raise SourceError(f"cannot read image {path}: {e}; expected an RGB image file "
-                          f"({', '.join(IMAGE_SUFFIXES)})") from e
+    except Exception:
+        return 0, 0
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 (H, W, 3); any failure names the file."""
+def read_image(path: Path) -> tuple[np.ndarray, list[str]]:
+    """An image file as uint8 (H, W, 3) plus notes on conversions (grayscale, alpha, 16-bit).
+
+    Any failure (unreadable, truncated, unknown format) raises SourceError naming the file.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here with their name
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(im)
     except Exception as e:
         raise SourceError(f"cannot read image {path}: {e}; expected an RGB image file "
                           f"({', '.join(IMAGE_SUFFIXES)})") from e
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    notes = []
+    if path.suffix.lower() in (".png", ".tif", ".tiff"):  # Pillow drops 16-bit RGB to 8 bits silently
+        import cv2
+
+        full = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if full is not None and full.dtype == np.uint16:
+            arr = full[..., ::-1] if full.ndim == 3 else full  # BGR(A) -> RGB(A)
+            arr = arr[..., [2, 1, 0, 3]] if arr.ndim == 3 and arr.shape[2] == 4 else arr
+    if arr.dtype != np.uint8:
+        if arr.dtype.kind not in "ui" or arr.max() > 65535:
+            raise SourceError(f"cannot read image {path}: unsupported pixel type {arr.dtype}")
+        notes.append(f"{arr.dtype} converted to 8 bit")
+        arr = np.round(arr.astype(np.float64) / (65535 if arr.max() > 255 else 255) * 255).astype(np.uint8)
+    if arr.ndim == 2 or arr.shape[2] in (1, 2):
+        notes.append("grayscale converted to RGB")
+        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], -1)[..., :1], 3, axis=2)
+    elif arr.shape[2] == 4:
+        notes.append("alpha channel dropped")
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr, dtype=np.uint8), notes
 
 
 def _file_loader(gt: Path, lq: Path | None):
-    return lambda: (read_image(gt), read_image(lq) if lq is not None else None)
+    def load():
+        g, notes = read_image(gt)
+        if lq is None:
+            return g, None, notes
+        q, lq_notes = read_image(lq)
+        return g, q, notes + [f"lq: {n}" for n in lq_notes]
+    return load

@@ -6,6 +6,7 @@ member key. Registry: TARGETS at the bottom; `build_target(name)`.
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter, median_filter
 
 
 
@@ -65,7 +66,79 @@ def _otf(kernel: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.fft.rfft2(pad)
 
 
-TARGETS = {"identity": Identity, "wiener": Wiener}
+class GammaCorrection:
+    """Blind exposure correction for low light: the gamma that lifts the mean luminance to
+    `level`, then a light Gaussian smoothing of the amplified noise. Classical, no weights."""
+
+    id = "gamma"
+    weights = "none"
+
+    def __init__(self, level: float = 0.45, smooth: float = 0.7):
+        self.level, self.smooth = level, smooth
+
+    def spec(self) -> dict:
+        return {"target": self.id, "level": self.level, "smooth": self.smooth}
+
+    def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
+        mean = float(np.clip(lq.mean(), 1e-4, 0.99))
+        out = np.clip(lq, 0, 1) ** (np.log(self.level) / np.log(mean))
+        return gaussian_filter(out, (self.smooth, self.smooth, 0)).astype(np.float32)
+
+
+class StreakFilter:
+    """Rain-streak removal: pixels brighter than their `size` x `size` median in every channel
+    (bright, achromatic: streaks) are blended towards that median, softly above `thr`."""
+
+    id = "streaks"
+    weights = "none"
+
+    def __init__(self, size: int = 7, thr: float = 0.03):
+        self.size, self.thr = size, thr
+
+    def spec(self) -> dict:
+        return {"target": self.id, "size": self.size, "thr": self.thr}
+
+    def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
+        med = np.stack([median_filter(lq[..., c], size=self.size) for c in range(lq.shape[2])], -1)
+        w = np.clip(((lq - med).min(-1) - self.thr) / self.thr, 0, 1)[..., None]
+        return (lq * (1 - w) + med * w).astype(np.float32)
+
+
+class NonLocalMeans:
+    """Blind non-local means denoising (noise sigma estimated from the image). No weights."""
+
+    id = "nlmeans"
+    weights = "none"
+
+    def __init__(self, strength: float = 0.8, patch: int = 5, window: int = 6):
+        self.strength, self.patch, self.window = strength, patch, window
+
+    def spec(self) -> dict:
+        return {"target": self.id, "strength": self.strength, "patch": self.patch, "window": self.window,
+                "sigma": "estimated"}
+
+    def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
+        from skimage.restoration import denoise_nl_means
+
+        sigma = noise_sigma(lq)
+        out = denoise_nl_means(lq, h=self.strength * sigma, sigma=sigma, fast_mode=True, patch_size=self.patch,
+                               patch_distance=self.window, channel_axis=-1)
+        return out.astype(np.float32)
+
+
+def noise_sigma(img: np.ndarray) -> float:
+    """Immerkaer's (1996) fast estimate of white-noise sigma, averaged over channels."""
+    from scipy.signal import convolve2d
+
+    m = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
+    h, w = img.shape[:2]
+    per = [np.abs(convolve2d(img[..., c], m, mode="valid")).sum() * np.sqrt(np.pi / 2) / (6 * (w - 2) * (h - 2))
+           for c in range(img.shape[2])]
+    return float(np.mean(per))
+
+
+TARGETS = {"identity": Identity, "wiener": Wiener, "gamma": GammaCorrection, "streaks": StreakFilter,
+           "nlmeans": NonLocalMeans}
 
 
 def build_target(name: str, **params):

@@ -19,6 +19,12 @@ class Task:
 
 TASKS = {
     "deblur": Task("deblur", degradation="deblur", target="wiener"),
+    "defocus": Task("defocus", degradation="defocus", target="wiener"),
+    "lowlight": Task("lowlight", degradation="lowlight", target="gamma"),
+    "derain": Task("derain", degradation="derain", target="streaks", metric_space="y"),
+    "denoise": Task("denoise", degradation="denoise25", target="nlmeans"),
+    "denoise15": Task("denoise15", degradation="denoise15", target="nlmeans"),
+    "denoise50": Task("denoise50", degradation="denoise50", target="nlmeans"),
 }
 
 

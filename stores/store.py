@@ -219,8 +219,17 @@ class Store:
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
-        self._update_member(member, status="complete", bytes=nbytes, completed=_now())
+        self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
+                            excluded=self.task_records(member, "excluded"),
+                            notes=self.task_records(member, "notes"))
         return self.member_info(member)
+
+    def task_records(self, member: str, field: str) -> list:
+        """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
+        out = []
+        for task in sorted(self.done_tasks(member)):
+            out += read_json(self.path / DONE_DIR / member / f"{task:05d}.json")["stats"].get(field, [])
+        return out
 
     def verify(self, member: str) -> list[str]:
         """Re-read every shard (decoding checks each chunk's crc32c) and compare its sha256."""

@@ -15,12 +15,21 @@ TINY_CLIP = {"embed_dim": 32,
 def tiny_clip(tmp_path_factory):
     """A folder with open_clip_config.json + open_clip_model.safetensors (random weights, seed 0),
     loaded by the pipeline through OpenCLIP's own `local-dir:` loader."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_b(tmp_path_factory):
+    """A second tiny OpenCLIP folder (seed 1): another encoder."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip_b"), seed=1)
+
+
+def make_tiny_clip(folder, seed):
     import open_clip
     import torch
     from safetensors.torch import save_file
 
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = open_clip.model.CLIP(**TINY_CLIP)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "open_clip_model.safetensors"))

@@ -62,6 +62,19 @@ def test_second_run_computes_nothing(built, tiny_clip):
     assert {p: p.stat().st_mtime_ns for p in manifests} == manifests
 
 
+def test_second_encoder_is_added_without_recomputing_anything_else(built, tiny_clip, tiny_clip_b):
+    root, _ = built
+    before = {p: p.stat().st_mtime_ns for p in Path(root).glob("*/_done/**/*.json")}
+    out = run("pipeline", "features", "--task", "deblur", "--data", "demo", "--store-root", root,
+              "--encoder", f"openclip:{tiny_clip},openclip:{tiny_clip_b}")
+    assert out.stdout.count("computing osf/openclip-tiny_clip_b") == 2  # train and test
+    assert "computing pairs" not in out.stdout and "targets/" not in out.stdout.split("computing")[1]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing else rewritten
+    for store in stores_under(root).values():
+        osf = [m for m in store.manifest()["members"] if m.startswith("osf/")]
+        assert len(osf) == 2 and all(store.status(m) == "complete" for m in osf)
+
+
 def test_killed_run_leaves_nothing_complete_and_resumes_to_identical_arrays(built, tiny_clip, tmp_path):
     root, _ = built
     proc = subprocess.Popen([sys.executable, "-m", *features_args(tiny_clip, tmp_path)], cwd=ROOT,
@@ -80,8 +93,9 @@ def test_killed_run_leaves_nothing_complete_and_resumes_to_identical_arrays(buil
     run(*features_args(tiny_clip, tmp_path))
     ref, resumed = stores_under(root)["train"], stores_under(tmp_path)["train"]
     assert ref.path.name == resumed.path.name  # same key: same content asked for
-    for member in ref.manifest()["members"]:
-        for name in ref.manifest()["members"][member]["arrays"]:
+    assert len(resumed.manifest()["members"]) == 3
+    for member in resumed.manifest()["members"]:  # (the reference may hold more encoders)
+        for name in resumed.manifest()["members"][member]["arrays"]:
             assert np.array_equal(ref.array(member, name)[:], resumed.array(member, name)[:]), (member, name)
 
 

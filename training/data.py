@@ -6,6 +6,7 @@ the same batches with any number of loader workers.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class Split:
             self._arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
                             "base": store.array(self.target, "base"),
                             "g": [store.array(e, "g") for e in self.encoders]}
-            self._hw = store.array("pairs", "hw")[:]
+            self._hw = excluding(store.array("pairs", "hw")[:], store, [self.target, *self.encoders])
             self._pid = os.getpid()
         return self._arrays
 
@@ -119,6 +120,17 @@ class Split:
                 "base": a["base"][i, :h, :w].astype(np.float32), "g": self.g(i)}
 
 
+def excluding(hw: np.ndarray, store: Store, members: list) -> np.ndarray:
+    """Valid sizes with (0, 0) for samples a member excluded (e.g. a non-finite target output);
+    samples excluded when loading already have size (0, 0)."""
+    hw = hw.copy()
+    for m in members:
+        for e in store.member_info(m).get("excluded", []):
+            if "index" in e:
+                hw[e["index"]] = 0
+    return hw
+
+
 class CropBatches(torch.utils.data.Dataset):
     """Item `step`: a batch of aligned random crops with random flips and the flip's own g.
 
@@ -131,10 +143,14 @@ class CropBatches(torch.utils.data.Dataset):
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         if batch % world:
             raise ValueError(f"batch {batch} must be divisible by the {world} processes")
-        small = [i for i, (h, w) in enumerate(split.hw) if h < crop or w < crop]
+        usable = [i for i, (h, w) in enumerate(split.hw) if h > 0]
+        self.pool = np.array([i for i in usable if min(split.hw[i]) >= crop])
+        small = sorted(set(usable) - set(self.pool.tolist()))
         if small:
-            raise ValueError(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px "
-                             f"crop (e.g. sample {small[0]}, {tuple(split.hw[small[0]])}); lower --crop")
+            warnings.warn(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px crop and are "
+                          f"not trained on (e.g. sample {small[0]}, {tuple(split.hw[small[0]])})", stacklevel=2)
+        if not len(self.pool):
+            raise ValueError(f"{split.path.name}: no sample is at least {crop}px on both sides; lower --crop")
         self.split, self.crop, self.batch, self.seed, self.steps = split, crop, batch, seed, steps
         self.rank, self.world = rank, world
 
@@ -145,7 +161,7 @@ class CropBatches(torch.utils.data.Dataset):
         """(sample, y, x, flip_h, flip_v) for every crop of the global batch of `step`."""
         rng = np.random.default_rng([self.seed, step])
         out = []
-        for i in rng.integers(0, len(self.split.hw), self.batch):
+        for i in self.pool[rng.integers(0, len(self.pool), self.batch)]:
             h, w = self.split.hw[i]
             y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
             fh, fv = rng.integers(0, 2, 2)

@@ -73,6 +73,8 @@ def evaluate(model, split, space: str | None = None, save_dir: Path | None = Non
     model.eval()
     rows = []
     for i, name in enumerate(split.names):
+        if split.hw[i][0] == 0:  # excluded by the pipeline (listed in the store's manifest)
+            continue
         s = split.image(i)
         refined = to_uint8(refine(model, s["lq"], s["base"], s["g"]))
         if save_dir is not None:

@@ -1,0 +1,181 @@
+"""Dataset folder layouts of the paper's benchmarks: detect one and list its (gt, lq) files per split.
+
+`DATA=gopro:/data/GoPro` names the layout; `DATA=/data/GoPro` detects it (the error lists the
+layouts tried and what each expected). Layouts are functions `(root, split) -> [(gt, lq|None)]`
+in the LAYOUTS registry at the bottom; lq None means clean images that the task degrades.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def by_name(gt_dir: Path, lq_dir: Path) -> list[tuple]:
+    """Pairs with matching file names; a gt without its lq is an error naming it."""
+    lqs = {p.name: p for p in images(lq_dir)}
+    gts = images(gt_dir)
+    missing = [g.name for g in gts if g.name not in lqs]
+    if missing:
+        raise LayoutError(f"{lq_dir} lacks the inputs of {len(missing)} images of {gt_dir}, e.g. {missing[:3]}")
+    return [(g, lqs[g.name]) for g in gts]
+
+
+def _split_dir(root: Path, split: str, names: dict) -> Path:
+    return root / names.get(split, split)
+
+
+# -- layouts -------------------------------------------------------------------------------------
+def generic(root: Path, split: str) -> list[tuple]:
+    """<split>/lq + <split>/gt (matching names), or clean images in <split>/gt or <split>/."""
+    base = root / split
+    if (base / "lq").is_dir():
+        return by_name(base / "gt", base / "lq")
+    return [(p, None) for p in images(base / "gt") or images(base)]
+
+
+def gopro(root: Path, split: str) -> list[tuple]:
+    """GoPro / HIDE-style: <split>/<sequence>/{blur,sharp}/*.png."""
+    out = []
+    for seq in sorted(p for p in (root / split).glob("*") if (p / "blur").is_dir()):
+        out += by_name(seq / "sharp", seq / "blur")
+    return out
+
+
+def realblur(root: Path, split: str) -> list[tuple]:
+    """RealBlur-J/R: <scene>/{blur,gt}/*, split by the official lists RealBlur_*_{train,test}_list.txt."""
+    lists = sorted(root.glob(f"RealBlur_*_{split}_list.txt"))
+    if not lists:
+        return []
+    out = []
+    for line in lists[0].read_text().split("\n"):
+        if line.strip():
+            gt, lq = line.split()[:2]
+            out.append((root / gt, root / lq))
+    return out
+
+
+def restormer(root: Path, split: str) -> list[tuple]:
+    """Restormer's dataset folders: <split>/<Set>/{input,target}/ (deraining: train/Rain13K,
+    test/Rain100H, Rain100L, Test100, Test1200, Test2800; deblurring test sets: test/GoPro,
+    HIDE, RealBlur_J, RealBlur_R)."""
+    sets = sorted(p for p in (root / split).glob("*") if (p / "input").is_dir() and (p / "target").is_dir())
+    out = []
+    for s in sets:
+        out += by_name(s / "target", s / "input")
+    return out
+
+
+def lol_v1(root: Path, split: str) -> list[tuple]:
+    """LOL v1: our485/{low,high} (train), eval15/{low,high} (test)."""
+    base = _split_dir(root, split, {"train": "our485", "test": "eval15"})
+    return by_name(base / "high", base / "low") if (base / "low").is_dir() else []
+
+
+def lol_v2_real(root: Path, split: str) -> list[tuple]:
+    """LOL-v2 real: Real_captured/{Train,Test}/{Low,Normal} (low 'lowNNNNN.png', normal 'normalNNNNN.png')."""
+    base = root / "Real_captured" / split.capitalize()
+    if not (base / "Low").is_dir():
+        return []
+    normals = {p.name.replace("normal", "", 1): p for p in images(base / "Normal")}
+    out = []
+    for lq in images(base / "Low"):
+        key = lq.name.replace("low", "", 1)
+        if key not in normals:
+            raise LayoutError(f"{lq}: no matching Normal image ({'normal' + key}) in {base / 'Normal'}")
+        out.append((normals[key], lq))
+    return out
+
+
+def sidd(root: Path, split: str) -> list[tuple]:
+    """SIDD medium sRGB: Data/<scene>/{*_NOISY_SRGB_*, *_GT_SRGB_*} (train); test: the validation
+    pairs exported as images under val/{input,target} (the .mat blocks need no pickle but are
+    converted once with `scipy.io.loadmat`)."""
+    if split == "test":
+        return by_name(root / "val" / "target", root / "val" / "input") if (root / "val" / "input").is_dir() else []
+    out = []
+    for scene in sorted((root / "Data").glob("*")):
+        for noisy in sorted(scene.glob("*NOISY_SRGB*")):
+            gt = noisy.with_name(noisy.name.replace("NOISY", "GT"))
+            if not gt.is_file():
+                raise LayoutError(f"{noisy}: its ground truth {gt.name} is missing")
+            out.append((gt, noisy))
+    return out
+
+
+def sid_srgb(root: Path, split: str) -> list[tuple]:
+    """SID sRGB as SNR-Aware prepared it: short_sid2/<scene>/*, long_sid2/<scene>/* (one long
+    exposure per scene); scenes whose id starts with 1 are the test split."""
+    out = []
+    for scene in sorted((root / "short_sid2").glob("*")):
+        if (scene.name.startswith("1")) != (split == "test"):
+            continue
+        longs = images(root / "long_sid2" / scene.name)
+        if not longs:
+            raise LayoutError(f"{scene}: no long exposure in {root / 'long_sid2' / scene.name}")
+        out += [(longs[0], short) for short in images(scene)]
+    return out
+
+
+def dpdd(root: Path, split: str) -> list[tuple]:
+    """DPDD (defocus): {train,val,test}_c/{source,target}."""
+    base = root / f"{split}_c"
+    return by_name(base / "target", base / "source") if (base / "source").is_dir() else []
+
+
+def clean(root: Path, split: str) -> list[tuple]:
+    """Gaussian-denoising sets (CBSD68, Kodak24, McMaster, Set12, Urban100): clean images only,
+    in <split>/ or, for a test-only set, in the folder itself; noise is added with a seed."""
+    found = images(root / split)
+    if not found and split == "test" and not (root / "train").is_dir():
+        found = images(root)
+    return [(p, None) for p in found]
+
+
+LAYOUTS = {  # detection tries them in this order; the first that finds test images wins
+    "gopro": gopro, "realblur": realblur, "restormer": restormer, "lol": lol_v1,
+    "lolv2": lol_v2_real, "sidd": sidd, "sid": sid_srgb, "dpdd": dpdd, "generic": generic, "clean": clean,
+}
+
+
+def parse_data(data: str) -> tuple[str | None, Path]:
+    """'gopro:/data/GoPro' -> ('gopro', path); '/data/GoPro' -> (None, path)."""
+    name, sep, rest = data.partition(":")
+    if sep and name in LAYOUTS:
+        return name, Path(rest)
+    return None, Path(data)
+
+
+def detect(root: Path) -> str:
+    """The first layout that finds test (or train) images under `root`."""
+    tried = []
+    for name, fn in LAYOUTS.items():
+        try:
+            if fn(root, "test") or fn(root, "train"):
+                return name
+        except LayoutError:
+            return name  # it matched far enough to find a real problem: report that problem
+        tried.append(f"{name} ({fn.__doc__.splitlines()[0].strip()})")
+    raise LayoutError(f"{root}: no known dataset layout found; tried: " + "; ".join(tried))
+
+
+def list_pairs(data: str, split: str) -> tuple[str, list[tuple]]:
+    """(layout name, [(gt, lq or None)]) of one split of a dataset folder."""
+    name, root = parse_data(data)
+    if not root.is_dir():
+        raise LayoutError(f"dataset folder {root} does not exist")
+    name = name or detect(root)
+    pairs = LAYOUTS[name](root, split)
+    if not pairs:
+        raise LayoutError(f"{root} ({name} layout): no {split} images; expected: {LAYOUTS[name].__doc__.strip()}")
+    return name, pairs
