@@ -20,14 +20,21 @@ RESUME ?=
 IN ?=
 OUT ?=
 OSF ?=
+FORMAT ?=
+TARGET_WEIGHTS ?=
+STORE ?=
+SRC ?=
+DST ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
 COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
 	$(call flag,--target,$(TARGET))
-FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS))
-TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(if $(strip $(RESUME)),--resume)
+FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
+	$(call flag,--target-weights,$(TARGET_WEIGHTS))
+TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
+	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
-.PHONY: features train eval restore distill ablate test install clean-runs help
+.PHONY: features train eval restore distill ablate push pull export-wds test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=]"
@@ -36,6 +43,7 @@ help:
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
+	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
 	@echo "make test"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
@@ -59,13 +67,25 @@ eval: $(VENV)/.installed
 restore: $(VENV)/.installed
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make restore IN=folder OUT=folder RUN=run"; exit 2; }
 	$(PY) -m pipeline restore --in $(IN) --out $(OUT) --run $(RUN) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
-		$(call flag,--osf,$(OSF))
+		$(call flag,--osf,$(OSF)) $(call flag,--target-weights,$(TARGET_WEIGHTS))
 
 distill: $(VENV)/.installed
 	$(PY) -m training distill $(COMMON) --run $(RUN)
 
 ablate: $(VENV)/.installed
 	$(PY) -m training ablate $(TRAIN_FLAGS)
+
+push: $(VENV)/.installed
+	@test -n "$(STORE)" -a -n "$(DST)" || { echo "usage: make push STORE=data/stores/<store> DST=s3://bucket/prefix"; exit 2; }
+	$(PY) -m stores push $(STORE) $(DST)
+
+pull: $(VENV)/.installed
+	@test -n "$(SRC)" || { echo "usage: make pull SRC=s3://bucket/prefix/<store> [STORE_ROOT=data/stores]"; exit 2; }
+	$(PY) -m stores pull $(SRC) $(STORE_ROOT)
+
+export-wds: $(VENV)/.installed
+	@test -n "$(STORE)" || { echo "usage: make export-wds STORE=data/stores/<store>"; exit 2; }
+	$(PY) -m stores export-wds $(STORE)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

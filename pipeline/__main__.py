@@ -19,7 +19,13 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--task", default=D.task, help="restoration task (default: %(default)s)")
     p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image), a dataset "
                    "folder (layout detected), or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
-    p.add_argument("--target", default=None, help="frozen target restorer (default: the task's)")
+    p.add_argument("--target", default=None, help="frozen target: classical (wiener, gamma, streaks, nlmeans, "
+                   "identity), restormer-<deblur|derain|denoise|denoise-gaussian|defocus>, or module.path:factory "
+                   "(default: the task's classical one)")
+    p.add_argument("--target-weights", default=None, help="checkpoint of a network target (.safetensors or a "
+                   ".pth of tensors; read with weights_only=True)")
+    p.add_argument("--target-tile", type=int, default=None, help="run the target in overlapping tiles of this size")
+    p.add_argument("--target-overlap", type=int, default=D.target_overlap, help="tile overlap (default: %(default)s)")
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'openclip:<model>[:<tag>]' or "
                    "'openclip:<folder with open_clip_config.json>'")
     p.add_argument("--store-root", default=D.store_root, help="where stores live (default: %(default)s)")
@@ -49,6 +55,8 @@ def restore_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
     p.add_argument("--clip-weights", default=None, help="the CLIP checkpoint the run's store was made with "
                    "(default: the path recorded in the store)")
+    p.add_argument("--target-weights", default=None, help="the network target's checkpoint (default: the path "
+                   "recorded in the store; its sha256 must match)")
     p.add_argument("--osf", choices=("encoder", "distilled"), default="encoder", help="g from the pre-trained "
                    "encoder, or from the run's distilled predictor (`make distill`) (default: %(default)s)")
     return p
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
             from .restore import restore_folder
 
             restore_folder(Path(args.src), Path(args.dst), Path(args.runs_dir) / args.run, args.clip_weights,
-                           args.osf)
+                           args.osf, args.target_weights)
             return 0
         cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
                              splits=tuple(args.splits.split(",")))

@@ -31,6 +31,9 @@ class FeaturesConfig:
     task: str = "deblur"
     data: str = "demo"
     target: str | None = None  # None: the task's default
+    target_weights: str | None = None  # checkpoint of a network target
+    target_tile: int | None = None  # run the target in overlapping tiles of this size
+    target_overlap: int = 32
     encoder: str | None = None  # None: the task's default (clip-vit-b32)
     store_root: str = "data/stores"
     shards: int | None = None  # extraction tasks per split; None: one per shard
@@ -269,7 +272,8 @@ def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     one added to a complete store computes only itself.
     """
     task = get_task(cfg.task)
-    target = build_target(cfg.target or task.target)
+    tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
+    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
     names = (cfg.encoder or task.encoder).split(",")
     encoders = [build_encoder(n, cfg.clip_weights, allow_random, cfg.init_seed) for n in names]

@@ -23,8 +23,15 @@ from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
 
 
-def target_from_spec(spec: dict):
+def target_from_spec(spec: dict, target_weights: str | None = None):
     """The frozen target a store member was made with, from the spec recorded in its key."""
+    if spec.get("network"):  # a network: rebuilt from its checkpoint, which must hash to the spec's sha256
+        from .networks import target_from_spec as network_from_spec
+
+        if not target_weights:
+            raise ValueError(f"the run's target {spec.get('target')} is a network: pass --target-weights FILE "
+                             f"(sha256 {str(spec.get('checkpoint_sha256'))[:12]}...)")
+        return network_from_spec(spec, target_weights)
     name = spec.get("target")
     if name not in TARGETS:
         raise ValueError(f"the run's target {name!r} cannot be rebuilt here; known: {', '.join(sorted(TARGETS))}")
@@ -59,12 +66,12 @@ def predicted_g(predictor, images: list[np.ndarray]) -> np.ndarray:
 
 
 def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None = None,
-                   osf: str = "encoder", log=print) -> list[Path]:
+                   osf: str = "encoder", target_weights: str | None = None, log=print) -> list[Path]:
     """`osf='encoder'` runs the pre-trained encoder(s); `'distilled'` predicts g with the run's
     distilled predictor instead (no pre-trained model at inference)."""
     model, sidecar = load_model(run_dir)
     info = sidecar["train_store"]
-    target = target_from_spec(info["target_spec"])
+    target = target_from_spec(info["target_spec"], target_weights or info.get("target_weights"))
     if osf == "distilled":
         from training.distill import load_predictor
 

@@ -141,8 +141,16 @@ TARGETS = {"identity": Identity, "wiener": Wiener, "gamma": GammaCorrection, "st
            "nlmeans": NonLocalMeans}
 
 
-def build_target(name: str, **params):
-    """A target by registry name; `params` (e.g. from a stored spec) override its defaults."""
+def build_target(name: str, checkpoint=None, **params):
+    """A target by registry name, `restormer-<task>` or `module.path:factory`; networks need
+    `checkpoint` and take `tile`, `overlap`, `device`; `params` override defaults."""
+    from .networks import NETWORK_TARGETS, build_network_target, is_network_target
+
+    if is_network_target(name):
+        return build_network_target(name, checkpoint, **params)
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS) + list(NETWORK_TARGETS))}, "
+                         f"or module.path:factory")
+    if checkpoint is not None:
+        raise ValueError(f"target {name!r} is classical and takes no checkpoint")
     return TARGETS[name](**params)

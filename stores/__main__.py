@@ -1,9 +1,12 @@
-"""Inspect feature stores: `python -m stores ls [ROOT]`, `info STORE`, `verify STORE`."""
+"""Inspect and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
+`verify STORE`, `push|pull SRC DST` (local, shared path or s3://), `export-wds STORE` (WebDataset).
+"""
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from .stats import member_stats
 from .store import MANIFEST, Store, StoreError
 
 
@@ -41,6 +44,11 @@ def cmd_ls(args) -> int:
 
 def cmd_info(args) -> int:
     m = describe(Store(args.store))
+    if args.stats:
+        store = Store(args.store)
+        for k, v in m["members"].items():
+            if v["status"] == "complete":
+                v["stats"] = member_stats(store, k, v, args.jobs)
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
         return 0
@@ -49,21 +57,58 @@ def cmd_info(args) -> int:
         weights = f" weights={v['weights']}" if "weights" in v else ""
         print(f"  {k:48s} {v['status']:10s} tasks {v['tasks_done']:>7s}  "
               f"{v.get('bytes', 0) / 1e6:8.2f} MB  key {v['key'][:12]}{weights}")
+        for field, st in v.get("stats", {}).items():
+            if isinstance(st, dict) and "per_sample" in st:
+                print(f"      {field:14s} " + "  ".join(f"{k} {st[k]:.4g}" for k in ("mean", "min", "max")
+                                                           if st[k] is not None))
+        if "stats" in v:
+            print(f"      {'bytes/sample':14s} {v['stats']['bytes_per_sample']:.0f}")
     return 0
 
 
 def cmd_verify(args) -> int:
+    """Every member's markers and shards (read by a thread pool); exit 1 naming what is damaged."""
     store = Store(args.store)
     problems = []
     for member, info in store.manifest()["members"].items():
         missing = sorted(set(range(len(info["plan"]))) - store.done_tasks(member))
         if missing:
             problems.append(f"{member}: tasks {missing} not done (incomplete)")
-        problems += store.verify(member)
+        problems += store.verify(member, jobs=args.jobs)
     for p in problems:
         print(f"DAMAGED {args.store}: {p}", file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def cmd_export_wds(args) -> int:
+    from .wds import export_wds
+
+    export_wds(args.store, args.out, args.target, args.encoder, args.samples_per_shard, args.shard_mb,
+               args.min_shards, args.jobs)
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from .remote import copy_store
+
+    copy_store(args.src, args.dst, endpoint_url=args.endpoint_url,
+               include_incomplete=args.include_incomplete, jobs=args.jobs)
+    return 0
+
+
+def add_copy_parser(sub, name: str, help: str) -> None:
+    s = sub.add_parser(name, help=help, description=help + ". DST is the folder the store goes "
+                       "into (or the store's own path). Verified by size and sha256 per file; "
+                       "resumable; manifest.json written last. Credentials: AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY or ~/.aws; endpoint: --endpoint-url, S3_ENDPOINT_URL or "
+                       "AWS_ENDPOINT_URL.")
+    s.add_argument("src", help="store path or URL")
+    s.add_argument("dst", help="destination folder or URL (s3://bucket/prefix)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
+    s.add_argument("--include-incomplete", action="store_true", help="copy incomplete members too")
+    s.add_argument("--jobs", type=int, default=8, help="files copied at once (default: 8)")
+    s.set_defaults(fn=cmd_copy)
 
 
 def main(argv=None) -> int:
@@ -76,10 +121,27 @@ def main(argv=None) -> int:
     s = sub.add_parser("info", help="print a store's manifest: members, keys, status, bytes")
     s.add_argument("store", type=Path)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--stats", action="store_true", help="per-member statistics (input and base PSNR per "
+                   "sample, g norms, bytes per array and sample), computed over shards with dask")
+    s.add_argument("--jobs", type=int, default=8, help="parallel shard reads (default: 8)")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("verify", help="re-read every shard; exit 1 naming member, shard and samples on damage")
     s.add_argument("store", type=Path)
+    s.add_argument("--jobs", type=int, default=8, help="shards checked at once (default: 8)")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("export-wds", help="write a store as WebDataset tar shards + index.json for streaming")
+    s.add_argument("store", type=Path)
+    s.add_argument("--out", type=Path, default=None, help="folder for <store>-wds/ (default: beside the store)")
+    s.add_argument("--target", default=None, help="target member (default: the store's only complete one)")
+    s.add_argument("--encoder", action="append", default=None, help="osf member, repeatable (default: all)")
+    s.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many samples per shard")
+    s.add_argument("--shard-mb", type=float, default=256, help="about at most this many MB per shard")
+    s.add_argument("--min-shards", type=int, default=8, help="at least this many shards, so nodes x "
+                   "workers can each get whole shards (default: 8)")
+    s.add_argument("--jobs", type=int, default=4, help="shards written at once (default: 4)")
+    s.set_defaults(fn=cmd_export_wds)
+    add_copy_parser(sub, "push", "copy a local store to a shared location (path or s3://bucket/prefix)")
+    add_copy_parser(sub, "pull", "copy a store from a shared location (path or s3://) to local disk")
     args = p.parse_args(argv)
     try:
         return args.fn(args)

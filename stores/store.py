@@ -18,6 +18,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,26 +232,34 @@ class Store:
             out += read_json(self.path / DONE_DIR / member / f"{task:05d}.json")["stats"].get(field, [])
         return out
 
-    def verify(self, member: str) -> list[str]:
-        """Re-read every shard (decoding checks each chunk's crc32c) and compare its sha256."""
-        problems = []
+    def shard_checks(self, member: str) -> list[tuple]:
+        """(array, shard, recorded sha256, first, last+1) of every shard the done markers list."""
         info = self.member_info(member)
-        shard_len = info["shard_len"]
+        out = []
         for task in sorted(self.done_tasks(member)):
             marker = read_json(self.path / DONE_DIR / member / f"{task:05d}.json")
             for name, shards in marker["shards"].items():
-                arr = self.group[f"{member}/{name}"]
-                for s, want in shards.items():
-                    lo = int(s) * shard_len
-                    hi = min(lo + shard_len, arr.shape[0])
-                    try:
-                        got = digest(arr[lo:hi])
-                    except Exception as e:  # a damaged chunk fails its checksum on decode
-                        got = f"unreadable ({type(e).__name__}: {e})"
-                    if got != want:
-                        problems.append(f"{member}/{name} shard {s} (samples {lo}-{hi - 1}) does not "
-                                        f"match its recorded hash")
-        return problems
+                n = info["arrays"][name]["shape"][0]
+                out += [(name, s, want, int(s) * info["shard_len"], min((int(s) + 1) * info["shard_len"], n))
+                        for s, want in shards.items()]
+        return out
+
+    def check_shard(self, member: str, job: tuple) -> str | None:
+        """Re-read one shard (decoding checks each chunk's crc32c); a problem line or None."""
+        name, s, want, lo, hi = job
+        try:
+            got = digest(self.group[f"{member}/{name}"][lo:hi])
+        except Exception as e:  # a damaged chunk fails its checksum on decode
+            got = f"unreadable ({type(e).__name__}: {e})"
+        if got != want:
+            return f"{member}/{name} shard {s} (samples {lo}-{hi - 1}) does not match its recorded hash"
+        return None
+
+    def verify(self, member: str, jobs: int = 4) -> list[str]:
+        """Re-read every shard of `member` against its recorded sha256, `jobs` at a time."""
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            found = pool.map(lambda job: self.check_shard(member, job), self.shard_checks(member))
+            return [p for p in found if p]
 
     # -- reading -------------------------------------------------------------------------------
     def array(self, member: str, name: str, key: str | None = None):

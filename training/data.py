@@ -52,6 +52,21 @@ def pick_member(store: Store, kind: str, name: str | None) -> str:
                      f"name one in full (e.g. {matches[0].split('/', 1)[1]})")
 
 
+def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
+    """Names, keys and specs of the members a split reads, from a manifest's `members`: for
+    checkpoints, reports and for rebuilding the same target and encoders at inference."""
+    weights = sorted({m[e]["weights"] for e in encoders})
+    build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
+              "clip_weights": m[e].get("config", {}).get("clip_weights"),
+              "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in encoders]
+    return {"store": store, "pairs_key": m["pairs"]["key"], "target": target,
+            "target_key": m[target]["key"], "target_spec": m[target].get("spec", {}),
+            "target_weights": m[target].get("config", {}).get("target_weights"),
+            "encoders": encoders, "encoder_keys": [m[e]["key"] for e in encoders],
+            "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
+            "osf_dim": sum(m[e]["dim"] for e in encoders)}
+
+
 @dataclass
 class Split:
     """One store with the chosen target and encoder members, opened read-only."""
@@ -87,18 +102,8 @@ class Split:
         return self._hw
 
     def info(self) -> dict:
-        """Names, keys and specs of what this split reads, for checkpoints, reports and for
-        rebuilding the same target and encoders at inference (`make restore`)."""
-        m = Store(self.path).manifest()["members"]
-        weights = sorted({m[e]["weights"] for e in self.encoders})
-        build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
-                  "clip_weights": m[e].get("config", {}).get("clip_weights"),
-                  "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in self.encoders]
-        return {"store": self.path.name, "pairs_key": m["pairs"]["key"], "target": self.target,
-                "target_key": m[self.target]["key"], "target_spec": m[self.target].get("spec", {}),
-                "encoders": self.encoders, "encoder_keys": [m[e]["key"] for e in self.encoders],
-                "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
-                "osf_dim": sum(m[e]["dim"] for e in self.encoders)}
+        """Names, keys and specs of what this split reads (see `members_info`)."""
+        return members_info(Store(self.path).manifest()["members"], self.path.name, self.target, self.encoders)
 
     @property
     def names(self) -> list[str]:

@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
+    train_split.arrays()  # load once before the loader forks (WebDataset shards are read into memory)
     batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                          num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)

@@ -11,7 +11,7 @@ of any rank, so every rank holds the same number of samples (shards are balanced
 samples per rank are dropped). Sample index i then means the rank's own i-th sample: CropBatches
 draws the same global (index, crop, flip) list on every rank and each rank fills its slice of the
 batch from its own shards. Shards need at least `world` of them (export with --min-shards).
-Imports only numpy and the standard library: no zarr, no pipeline, no frozen network.
+Reads tar shards with the standard library; imports no pipeline code and no frozen network.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .data import members_info
 
 INDEX = "index.json"
 
@@ -178,18 +180,18 @@ class WdsSplit:
         self.n = min(sum(s["samples"] for s in shards[r::self.world]) for r in range(self.world))
         self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32)[:self.n]
         self._names = [x for s in self.shards for x in s["names"]][:self.n]
-        self._arrays, self._pid = None, None
+        self._arrays = None
 
-    def __getstate__(self):  # loader workers read their own copy instead of receiving one
-        return {**self.__dict__, "_arrays": None, "_pid": None}
+    def __getstate__(self):  # spawned loader workers read the shards themselves instead of a pickle
+        return {**self.__dict__, "_arrays": None}
 
     def arrays(self) -> dict:
-        """lq, gt, base (Ragged, valid size) and g ([(n, 4, D)] per encoder), read once per process."""
-        if self._pid != os.getpid():
+        """lq, gt, base (Ragged, valid size) and g ([(n, 4, D)] per encoder), read on first use.
+        Call it before starting forked loader workers and they share this one copy."""
+        if self._arrays is None:
             samples = [x for s in self.shards for x in read_shard(self.path, s, self.encoders)][:self.n]
             self._arrays = {k: Ragged([x[k] for x in samples]) for k in ("lq", "gt", "base")}
             self._arrays["g"] = [np.stack([x["g"][j] for x in samples]) for j in range(len(self.encoders))]
-            self._pid = os.getpid()
         return self._arrays
 
     @property
@@ -206,16 +208,8 @@ class WdsSplit:
 
     def info(self) -> dict:
         """What training.data.Split.info gives for the source store, plus `format: wds`."""
-        m = self.index["members"]
-        weights = sorted({m[e]["weights"] for e in self.encoders})
-        build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
-                  "clip_weights": m[e].get("config", {}).get("clip_weights"),
-                  "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in self.encoders]
-        return {"store": self.index["store"], "pairs_key": m["pairs"]["key"], "target": self.target,
-                "target_key": m[self.target]["key"], "target_spec": m[self.target].get("spec", {}),
-                "encoders": self.encoders, "encoder_keys": [m[e]["key"] for e in self.encoders],
-                "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
-                "osf_dim": sum(m[e]["dim"] for e in self.encoders), "format": "wds"}
+        return {**members_info(self.index["members"], self.index["store"], self.target, self.encoders),
+                "format": "wds"}
 
     def g(self, i: int, variant: int = 0) -> np.ndarray:
         return np.concatenate([g[i, variant] for g in self.arrays()["g"]])

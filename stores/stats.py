@@ -1,0 +1,65 @@
+"""Store-wide numbers computed in parallel over shards with dask: `python -m stores info STORE --stats`.
+
+Per sample: input PSNR (pairs), base PSNR (targets), g norms (osf); per array: stored bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .store import Store, dir_bytes
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """As training.metrics.to_uint8: scale [0, 1] to 255, round, clamp."""
+    return np.clip(np.round(np.asarray(x, np.float64) * 255), 0, 255).astype(np.uint8)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def shard_stats(store: Store, member: str, lo: int, hi: int) -> dict:
+    """Per-sample statistics of samples [lo, hi) of one member (one dask task)."""
+    if member.startswith("osf/"):
+        norms = np.linalg.norm(store.array(member, "g")[lo:hi].astype(np.float64), axis=-1)  # (n, 4)
+        return {"g_norm_mean": norms.mean(1).tolist(), "g_norm_min": norms.min(1).tolist(),
+                "g_norm_max": norms.max(1).tolist()}
+    gt, hw = store.array("pairs", "gt")[lo:hi], store.array("pairs", "hw")[lo:hi]
+    if member == "pairs":
+        x, field, conv = store.array("pairs", "lq")[lo:hi], "psnr_input", np.asarray
+    else:
+        x, field, conv = store.array(member, "base")[lo:hi], "psnr_base", to_uint8
+    return {field: [psnr_uint8(conv(x[j, :h, :w]), gt[j, :h, :w]) for j, (h, w) in enumerate(hw)]}
+
+
+def summarise(values: list) -> dict:
+    """mean/min/max of the finite values (PSNR is infinite for identical images), and how many are not."""
+    finite = [v for v in values if np.isfinite(v)]
+    return {"mean": float(np.mean(finite)) if finite else None, "min": min(finite, default=None),
+            "max": max(finite, default=None), "infinite": len(values) - len(finite)}
+
+
+def member_stats(store: Store, member: str, info: dict, jobs: int) -> dict:
+    """Per-sample statistics of a complete member computed over its shards in parallel with dask,
+    plus stored bytes per array and per sample."""
+    import dask
+
+    n = next(iter(info["arrays"].values()))["shape"][0]
+    arrays = {}
+    for name, a in info["arrays"].items():
+        stored = dir_bytes(store.path / member / name)
+        raw = None if a["dtype"] == "str" else int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize
+        arrays[name] = {"bytes": stored, "bytes_per_sample": stored / max(n, 1), "raw_bytes": raw}
+    out = {"arrays": arrays, "bytes_per_sample": sum(a["bytes_per_sample"] for a in arrays.values())}
+    pairs = store.member_info("pairs") or {}
+    if not member.startswith("osf/") and (pairs.get("status") != "complete"
+                                          or not {"lq", "gt", "hw"} <= set(pairs.get("arrays", {}))):
+        return out  # PSNR needs complete pairs with lq, gt and hw
+    step = info["shard_len"]
+    parts = dask.compute(*[dask.delayed(shard_stats)(store, member, lo, min(lo + step, n))
+                           for lo in range(0, n, step)], scheduler="threads", num_workers=jobs)
+    for field in parts[0]:
+        values = [v for p in parts for v in p[field]]
+        out[field] = {"per_sample": [v if np.isfinite(v) else None for v in values], **summarise(values)}
+    return out

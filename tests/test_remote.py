@@ -1,0 +1,168 @@
+"""Sharing stores: push/pull through a real S3 server (SeaweedFS on 127.0.0.1) and between folders."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services import SeaweedS3
+from stores import ArraySpec, Store, StoreError, make_plan
+from stores.remote import FAULT_ENV, storage_options
+from toys import make_store
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "team"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server for the session, stopped by PID at the end; bucket `team` exists."""
+    try:
+        server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    except RuntimeError as e:
+        pytest.fail(f"cannot start the S3 test server: {e}")
+    try:
+        server.filesystem().mkdir(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A complete toy store (pairs, target, osf) plus one incomplete osf member."""
+    path = make_store(tmp_path / "local", "train", n=10, hw=(24, 28), dim=8)
+    s = Store(path, mode="a")
+    s.begin_member("osf/half-000000000000", "h" * 64, {"half": 1}, [ArraySpec("g", (10, 4, 8), "float32")],
+                   4, make_plan(10, 4))
+    s.write_task("osf/half-000000000000", 0, {"g": np.ones((4, 4, 8), np.float32)}, {})
+    return path
+
+
+def stores_cli(*args, env=None, check=True):
+    out = subprocess.run([sys.executable, "-m", "stores", *map(str, args)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"stores {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def skipped(out) -> tuple[int, int]:
+    m = re.search(r"(\d+) files copied .*?, (\d+) already present and skipped", out.stdout)
+    assert m, out.stdout + out.stderr
+    return int(m[1]), int(m[2])
+
+
+def assert_same_arrays(a, b):
+    sa, sb = Store(a), Store(b)
+    members = sa.members("targets") + sa.members("osf") + ["pairs"]
+    assert sorted(sb.manifest()["members"]) == sorted(members)
+    for m in members:
+        for name in sa.manifest()["members"][m]["arrays"]:
+            x, y = sa.array(m, name)[:], sb.array(m, name)[:]
+            assert x.dtype == y.dtype and np.array_equal(x, y), f"{m}/{name}"
+
+
+def test_push_then_pull_through_s3_gives_identical_verified_store(s3, store, tmp_path):
+    env = s3.env()
+    push = stores_cli("push", store, f"s3://{BUCKET}/stores", env=env)
+    assert "leaving out member osf/half-000000000000 (incomplete)" in push.stdout
+    fs = s3.filesystem()
+    remote = f"{BUCKET}/stores/{store.name}"
+    assert fs.exists(f"{remote}/manifest.json")
+    assert not fs.exists(f"{remote}/osf/half-000000000000")
+    pull = stores_cli("pull", f"s3://{remote}", tmp_path / "pulled", env=env)
+    assert skipped(pull) == (skipped(push)[0], 0)
+    pulled = tmp_path / "pulled" / store.name
+    assert_same_arrays(store, pulled)
+    assert stores_cli("verify", pulled).stdout.strip() == "ok"
+    again = stores_cli("pull", f"s3://{remote}", tmp_path / "pulled", env=env)
+    assert skipped(again) == (0, skipped(push)[0])
+    texts = [p.read_text() for p in pulled.rglob("*.json")] + [fs.cat(p).decode() for p in fs.find(remote)
+                                                                if p.endswith(".json")]
+    for secret in (s3.access_key, s3.secret_key):
+        assert not any(secret in t for t in texts)
+        assert secret not in push.stdout + push.stderr + pull.stdout + pull.stderr
+
+
+def test_interrupted_push_publishes_no_store_and_rerun_skips_copied_files(s3, store, tmp_path):
+    env = s3.env()
+    url = f"s3://{BUCKET}/cut"
+    cut = stores_cli("push", store, url, env={**env, FAULT_ENV: "5"}, check=False)
+    assert cut.returncode == 2 and "test fault" in cut.stderr
+    fs = s3.filesystem()
+    remote = f"{BUCKET}/cut/{store.name}"
+    assert len(fs.find(remote)) >= 5 and not fs.exists(f"{remote}/manifest.json")
+    refused = stores_cli("pull", f"s3://{remote}", tmp_path / "p", env=env, check=False)
+    assert refused.returncode == 2 and "not a feature store" in refused.stderr
+    assert not (tmp_path / "p" / store.name).exists()
+    copied, skipped_files = skipped(stores_cli("push", store, url, env=env))
+    assert skipped_files >= 5 and copied > 0
+    fs.invalidate_cache()
+    assert fs.exists(f"{remote}/manifest.json")
+
+
+def test_interrupted_local_pull_leaves_no_store_and_resumes(store, tmp_path):
+    shared = tmp_path / "shared"
+    stores_cli("push", store, shared)  # local to local
+    dst = tmp_path / "mine"
+    cut = stores_cli("pull", shared / store.name, dst, "--jobs", 1, env={**os.environ, FAULT_ENV: "4"},
+                     check=False)
+    assert cut.returncode == 2
+    with pytest.raises(StoreError, match="not a feature store"):
+        Store(dst / store.name)
+    assert not (dst / store.name).exists() and len(list(dst.glob(f".partial-{store.name}-*"))) == 1
+    copied, skipped_files = skipped(stores_cli("pull", shared / store.name, dst))
+    assert skipped_files == 4 and copied > 0
+    assert not list(dst.glob(".partial-*"))
+    assert_same_arrays(store, dst / store.name)
+    assert stores_cli("verify", dst / store.name).returncode == 0
+
+
+def test_include_incomplete_copies_the_incomplete_member(store, tmp_path):
+    stores_cli("pull", store, tmp_path / "all", "--include-incomplete")
+    copy = Store(tmp_path / "all" / store.name)
+    assert copy.status("osf/half-000000000000") == "incomplete"
+    assert copy.done_tasks("osf/half-000000000000") == {0}
+
+
+def test_pull_onto_an_existing_copy_adds_the_newly_completed_member(store, tmp_path):
+    first = stores_cli("pull", store, tmp_path / "mine")
+    copied = skipped(first)[0]
+    src = Store(store, mode="a")
+    for t in (1, 2):
+        src.write_task("osf/half-000000000000", t, {"g": np.ones((4 if t == 1 else 2, 4, 8), np.float32)}, {})
+    src.finalize("osf/half-000000000000")
+    again = skipped(stores_cli("pull", store, tmp_path / "mine"))
+    assert again[1] == copied and again[0] > 0
+    assert Store(tmp_path / "mine" / store.name).status("osf/half-000000000000") == "complete"
+    other = make_store(tmp_path / "other", "train", n=4, hw=(24, 28), dim=8, seed=1)
+    (tmp_path / "mine" / other.name).mkdir()
+    (tmp_path / "mine" / other.name / "manifest.json").write_text(json.dumps({"pairs_key": "f" * 64,
+                                                                              "members": {}}))
+    refused = stores_cli("pull", other, tmp_path / "mine", check=False)
+    assert refused.returncode == 2 and "holds another store" in refused.stderr
+
+
+def test_wrong_credentials_fail_clearly_without_leaking_them(s3, store):
+    bad_key, bad_secret = "WRONGACCESSKEY0000001", "wrong-secret-3f9aK2pQ7zT1"
+    for env in (s3.env(bad_key, bad_secret), s3.env(s3.access_key, bad_secret)):
+        out = stores_cli("push", store, f"s3://{BUCKET}/denied", env=env, check=False)
+        assert out.returncode == 2 and "access denied" in out.stderr, out.stderr
+        text = out.stdout + out.stderr
+        assert bad_secret not in text and env["AWS_ACCESS_KEY_ID"] not in text
+        assert "Traceback" not in text
+    assert not s3.filesystem().exists(f"{BUCKET}/denied/{store.name}/manifest.json")
+
+
+def test_endpoint_comes_from_flag_or_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://a:1")
+    assert storage_options("s3://b/p") == {"client_kwargs": {"endpoint_url": "http://a:1"}}
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://b:2")
+    assert storage_options("s3://b/p")["client_kwargs"]["endpoint_url"] == "http://b:2"
+    assert storage_options("s3://b/p", "http://c:3")["client_kwargs"]["endpoint_url"] == "http://c:3"
+    assert storage_options("/local/path") == {}
