@@ -11,6 +11,7 @@ DATA ?= demo
 TARGET ?=
 ENCODER ?= clip-vit-b32
 STORE_ROOT ?= data/stores
+STORE_SHARED ?=
 RUN ?= $(TASK)
 STEPS ?=
 SHARDS ?=
@@ -22,6 +23,7 @@ OUT ?=
 OSF ?=
 FORMAT ?=
 TARGET_WEIGHTS ?=
+SD_WEIGHTS ?=
 STORE ?=
 SRC ?=
 DST ?=
@@ -30,7 +32,8 @@ flag = $(if $(strip $(2)),$(1) $(2))
 COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
 	$(call flag,--target,$(TARGET))
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
-	$(call flag,--target-weights,$(TARGET_WEIGHTS))
+	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
+	$(call flag,--store-shared,$(STORE_SHARED))
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 

@@ -29,12 +29,19 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'openclip:<model>[:<tag>]' or "
                    "'openclip:<folder with open_clip_config.json>'")
     p.add_argument("--store-root", default=D.store_root, help="where stores live (default: %(default)s)")
+    p.add_argument("--store-shared", default=None, help="a teammates' root (path or s3://...), only read: complete "
+                   "members with the same key are copied from it instead of computed")
     p.add_argument("--shards", type=int, default=None, help="extraction tasks per split (default: one per shard)")
     p.add_argument("--shard-len", type=int, default=D.shard_len, help="samples per shard (default: %(default)s)")
     p.add_argument("--tile", type=int, default=D.tile, help="spatial chunk edge in px (default: %(default)s)")
     p.add_argument("--seed", type=int, default=D.seed, help="degradation seed (default: %(default)s)")
     p.add_argument("--clip-weights", default=None, help="OpenCLIP checkpoint file; default: the Hugging "
                    "Face cache (offline), else random weights for the demo only")
+    p.add_argument("--sd-weights", default=None, help="diffusers folder with vae/ and unet/ (save_pretrained "
+                   "layout) or a VAE folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
+                   "random weights for the demo only")
+    p.add_argument("--init-seed", type=int, default=D.init_seed, help="seed of a random encoder initialisation "
+                   "(default: %(default)s)")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="allow a random encoder on real data (recorded as weights: random)")
     p.add_argument("--splits", default=",".join(D.splits), help="comma-separated (default: %(default)s)")

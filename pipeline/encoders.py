@@ -83,15 +83,29 @@ def _open_clip_version() -> str:
     return open_clip.__version__
 
 
+SD_ENCODERS = ("sd-vae", "sd-unet")  # pipeline/sd_encoders.py; options after ':' (sd-unet:t=100:size=512)
+
+
+def is_sd(name: str) -> bool:
+    return name.split(":")[0] in SD_ENCODERS
+
+
 def parse_encoder(name: str) -> tuple[str, str | None]:
-    """`clip-vit-b32` or `openclip:<arch or local folder>[:<pretrained tag>]` -> (arch, tag)."""
+    """`clip-vit-b32`, `openclip:<arch or local folder>[:<pretrained tag>]` -> (arch, tag);
+    `sd-vae[:k=v...]`, `sd-unet[:k=v...]` -> (name, None) once its options are checked."""
+    if is_sd(name):
+        from .sd_encoders import parse_sd_encoder
+
+        parse_sd_encoder(name)  # ValueError naming the bad option and the valid ones
+        return name, None
     if name in ALIASES:
         return ALIASES[name]
     if name.startswith("openclip:"):
         rest = name[len("openclip:"):]
         arch, _, tag = rest.partition(":") if not Path(rest).is_dir() else (rest, "", "")
         return arch, tag or None
-    known = ", ".join(sorted(ALIASES)) + ", openclip:<model>[:<tag>], openclip:<folder>"
+    known = (", ".join(sorted(ALIASES)) + ", openclip:<model>[:<tag>], openclip:<folder>, "
+             "sd-vae[:k=v...], sd-unet[:k=v...]")
     raise ValueError(f"unknown encoder {name!r}; known: {known}")
 
 
@@ -152,7 +166,13 @@ def _hf_home() -> str:
 
 
 def build_encoder(name: str, weights: str | None = None, allow_random: bool = False,
-                  init_seed: int = 0, device: str = "cpu") -> ClipEncoder:
+                  init_seed: int = 0, device: str = "cpu"):
+    """An encoder by name; `weights` is an OpenCLIP checkpoint, or for `sd-vae`/`sd-unet` a
+    diffusers folder."""
+    if is_sd(name):
+        from .sd_encoders import build_sd_encoder  # diffusers is imported only when asked for
+
+        return build_sd_encoder(name, weights, allow_random, init_seed, device)
     arch, tag = parse_encoder(name)
     model, info = _load_openclip(arch, tag, weights, allow_random, init_seed)
     if Path(arch).is_dir():  # the key holds the folder's content, not where it lies

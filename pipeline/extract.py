@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stores import ArraySpec, Store, encoder_id, key_of, make_plan, store_name
+from stores import ArraySpec, Leases, Store, encoder_id, key_of, make_plan, store_name
 
 from .degrade import DEGRADATIONS, sample_rng
-from .encoders import build_encoder
+from .encoders import build_encoder, is_sd
 from .sources import Source, SourceError, open_source
 from .targets import build_target
 from .tasks import get_task
@@ -36,16 +36,19 @@ class FeaturesConfig:
     target_overlap: int = 32
     encoder: str | None = None  # None: the task's default (clip-vit-b32)
     store_root: str = "data/stores"
+    store_shared: str | None = None  # read-only root (path or s3://) searched for complete members first
     shards: int | None = None  # extraction tasks per split; None: one per shard
     shard_len: int = 16  # samples per shard
     tile: int = 64  # spatial chunk edge of image arrays
     seed: int = 0  # degradation seed (per sample: (seed, index))
     clip_weights: str | None = None
+    sd_weights: str | None = None  # diffusers folder for sd-vae / sd-unet
     allow_random_weights: bool = False
     init_seed: int = 0  # seed of a random encoder initialisation
     splits: tuple = ("train", "test")
     batch: int = 8  # images per encoder call (x4 flips)
     max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
+    lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
 
 
 @dataclass
@@ -167,64 +170,126 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
     return g
 
 
+class SplitJob:
+    """One split's extraction: its store and members (planned on creation), the task ranges
+    still to do, running some of them, and finalising. `make features` runs all of them;
+    SLURM array tasks run one range each (`slurm/`), then one job finalises."""
+
+    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list):
+        self.cfg, self.split = cfg, split
+        self.source = open_source(cfg.data, split, *task.demo_tiles)
+        pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
+        self.path = Path(cfg.store_root) / store_name(self.source.dataset, split, task.name, pairs_key)
+        if cfg.store_shared:
+            fetch_shared(cfg.store_shared, self.path, {m.path: m.key for m in self.members})
+        self.hw_max = tuple(self.members[0].arrays[0].shape[1:3])
+        self.store = Store.open_or_create(self.path, {
+            "dataset": self.source.dataset, "split": split, "task": task.name, "pairs_key": pairs_key,
+            "n": len(self.source.samples), "metric_space": task.metric_space, "max_hw": list(self.hw_max)})
+        self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
+        plan = make_plan(len(self.source.samples), cfg.shard_len, cfg.shards)
+        for m in self.todo:  # a member that exists keeps the plan it was started with
+            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shard_len, plan,
+                                    {**m.info, "config": asdict(cfg)})
+        self.degradation = DEGRADATIONS[task.degradation] if not self.source.paired else None
+
+    def work(self) -> dict[tuple, list]:
+        """(start, stop) -> [(member, task index)] of the tasks without a done marker."""
+        out: dict[tuple, list] = {}
+        for m in self.todo:
+            done = self.store.done_tasks(m.path)
+            for t, (a, b) in enumerate(self.store.member_info(m.path)["plan"]):
+                if t not in done:
+                    out.setdefault((a, b), []).append((m, t))
+        return out
+
+    def _load(self, r: tuple) -> dict:
+        if self.store.status("pairs") == "complete":
+            return read_range(self.store, *r)
+        return load_range(self.source, r[0], r[1], self.degradation, self.cfg.seed, self.hw_max)
+
+    def run(self, ranges: list | None = None, bar=None) -> int:
+        """Compute and write the given (default: all unfinished) ranges this process can lease;
+        returns the number of samples computed here. Loading the next range and writing the
+        previous one overlap with the frozen networks."""
+        work = self.work()
+        ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
+        done = 0
+        with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
+                Leases(self.store.path, self.cfg.lease_seconds) as leases:
+            pending: deque = deque()
+            mine = (r for r in ranges if leases.claim(r))
+            r = next(mine, None)
+            nxt = loader.submit(self._load, r) if r else None
+            while r is not None:
+                data = nxt.result()
+                r_next = next(mine, None)
+                nxt = loader.submit(self._load, r_next) if r_next else None
+                outputs, stats = compute(work[r], data)
+                if bar is not None:
+                    bar.update(r[1] - r[0])
+                done += r[1] - r[0]
+                pending.append(writer.submit(self._write, work[r], outputs, stats, leases, r))
+                while len(pending) > 1:  # at most one write in flight: bounded memory
+                    pending.popleft().result()
+                r = r_next
+            for p in pending:
+                p.result()
+        return done
+
+    def _write(self, jobs, outputs, stats, leases, r) -> None:
+        write_outputs(self.store, jobs, outputs, stats)
+        leases.release(r)
+
+    def finalize(self, log=print) -> None:
+        """Check exclusions, verify every member's shards and mark them complete."""
+        check_exclusions(self.store, [m.path for m in self.todo], len(self.source.samples), self.cfg.max_bad, log)
+        for m in self.todo:
+            if self.store.status(m.path) == "complete":  # another writer finished it
+                continue
+            info = self.store.finalize(m.path)
+            log(f"  {m.path}: complete, {info['bytes'] / 1e6:.1f} MB" +
+                (f", weights: {m.info['weights']}" if "weights" in m.info else ""))
+
+
+def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
+    """Copy the members we need that a shared root already holds complete, with the same keys,
+    into the local store (verified, file by file); the shared root is only read."""
+    from stores.remote import RemoteError, copy_store, open_location, read_manifest
+
+    src = shared_root.rstrip("/") + "/" + local.name
+    try:
+        shared = json.loads(read_manifest(open_location(src)))["members"]
+    except (RemoteError, FileNotFoundError, ValueError, KeyError):
+        return  # not there (or not a store): compute locally
+    have = Store(local).manifest()["members"] if (local / "manifest.json").is_file() else {}
+    hits = [p for p, k in wanted.items() if shared.get(p, {}).get("key") == k
+            and shared[p].get("status") == "complete" and have.get(p, {}).get("status") != "complete"]
+    if hits:
+        log(f"{local.name}: {', '.join(hits)} found complete in {shared_root}; copying instead of computing")
+        copy_store(src, str(local.parent))
+
+
 def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print) -> Path:
-    """Build or complete one split's store; returns its path. Finished tasks are skipped."""
-    source = open_source(cfg.data, split, *task.demo_tiles)
-    pairs_key, members = plan_members(source, task, target, encoders, cfg)
-    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, pairs_key)
-    hw_max = tuple(members[0].arrays[0].shape[1:3])
-    store = Store.open_or_create(path, {"dataset": source.dataset, "split": split, "task": task.name,
-                                        "pairs_key": pairs_key, "n": len(source.samples),
-                                        "metric_space": task.metric_space,
-                                        "max_hw": list(hw_max)})
-    todo = [m for m in members if store.status(m.path, m.key) != "complete"]
-    if not todo:
-        log(f"{path.name}: complete ({', '.join(m.path for m in members)}); nothing to compute")
-        return path
-    plan = make_plan(len(source.samples), cfg.shard_len, cfg.shards)
-    for m in todo:  # a member that exists keeps the plan it was started with
-        store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shard_len, plan,
-                           {**m.info, "config": asdict(cfg)})
-    work: dict[tuple, list] = {}  # (start, stop) -> [(member, task index)] still to do
-    for m in todo:
-        done = store.done_tasks(m.path)
-        for t, (a, b) in enumerate(store.member_info(m.path)["plan"]):
-            if t not in done:
-                work.setdefault((a, b), []).append((m, t))
-    ranges = sorted(work)
-    degradation = DEGRADATIONS[task.degradation] if not source.paired else None
-    pairs_ready = store.status("pairs") == "complete"
-
-    def load(r):
-        if pairs_ready:
-            return read_range(store, *r)
-        return load_range(source, r[0], r[1], degradation, cfg.seed, hw_max)
-
-    total = sum(b - a for a, b in ranges)
-    log(f"{path.name}: computing {', '.join(m.path for m in todo)} "
-        f"({total} samples, {len(ranges)} tasks)")
+    """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
+    another writer holds a live lease on are waited for (or taken over when the lease expires)."""
+    job = SplitJob(cfg, task, split, target, encoders)
+    if not job.todo:
+        log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
+        return job.path
+    work = job.work()
+    total = sum(b - a for a, b in work)
+    log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} tasks)")
     bar = tqdm(total=total, unit="img", desc=f"{split}", dynamic_ncols=True)
-    with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
-        pending: deque = deque()
-        nxt = loader.submit(load, ranges[0])
-        for i, r in enumerate(ranges):
-            data = nxt.result()
-            if i + 1 < len(ranges):
-                nxt = loader.submit(load, ranges[i + 1])
-            outputs, stats = compute(work[r], data)
-            bar.update(r[1] - r[0])
-            pending.append(writer.submit(write_outputs, store, work[r], outputs, stats))
-            while len(pending) > 1:  # at most one write in flight: bounded memory
-                pending.popleft().result()
-        for p in pending:
-            p.result()
+    while work:
+        if not job.run(sorted(work), bar):  # everything left is leased by another writer
+            time.sleep(1.0)
+        work = job.work()
+        bar.n = total - sum(b - a for a, b in work)
+        bar.refresh()
     bar.close()
-    check_exclusions(store, [m.path for m in todo], len(source.samples), cfg.max_bad, log)
-    for m in todo:
-        info = store.finalize(m.path)
-        log(f"  {m.path}: complete, {info['bytes'] / 1e6:.1f} MB" +
-            (f", weights: {m.info['weights']}" if "weights" in m.info else ""))
-    return path
+    job.finalize(log)
+    return job.path
 
 
 def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=print) -> None:
@@ -276,7 +341,8 @@ def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
     names = (cfg.encoder or task.encoder).split(",")
-    encoders = [build_encoder(n, cfg.clip_weights, allow_random, cfg.init_seed) for n in names]
+    encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
+                for n in names]
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
     return [build_split(cfg, task, split, target, encoders, log) for split in cfg.splits]

@@ -18,7 +18,7 @@ from training.evaluate import refine, save_png
 from training.metrics import to_uint8
 from training.train import load_model
 
-from .encoders import build_encoder
+from .encoders import build_encoder, is_sd
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
 
@@ -45,8 +45,9 @@ def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> lis
     for b in build:
         spec = b["spec"]
         random = spec.get("weights") == "random"
-        enc = build_encoder(b["name"], None if random else (clip_weights or b["clip_weights"]),
-                            allow_random=random, init_seed=b.get("init_seed") or 0)
+        recorded = b.get("sd_weights") if is_sd(b["name"]) else (clip_weights or b["clip_weights"])
+        enc = build_encoder(b["name"], None if random else recorded, allow_random=random,
+                            init_seed=b.get("init_seed") or 0)
         if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights["weights"] != spec.get("weights"):
             raise ValueError(f"encoder {b['name']}: weights {enc.weights['weights']} "
                              f"(sha256 {str(enc.weights.get('sha256'))[:12]}) differ from the run's "

@@ -1,5 +1,6 @@
-"""Inspect and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
-`verify STORE`, `push|pull SRC DST` (local, shared path or s3://), `export-wds STORE` (WebDataset).
+"""Inspect, maintain and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
+`verify STORE`, `repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://),
+`export-wds STORE` (WebDataset).
 """
 import argparse
 import json
@@ -111,6 +112,20 @@ def add_copy_parser(sub, name: str, help: str) -> None:
     s.set_defaults(fn=cmd_copy)
 
 
+def cmd_repair(args) -> int:
+    from .maintain import repair
+
+    repair(args.store, recompute=not args.no_recompute)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .maintain import gc
+
+    gc(args.store, dry_run=args.dry_run)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -140,6 +155,16 @@ def main(argv=None) -> int:
                    "workers can each get whole shards (default: 8)")
     s.add_argument("--jobs", type=int, default=4, help="shards written at once (default: 4)")
     s.set_defaults(fn=cmd_export_wds)
+    s = sub.add_parser("repair", help="recompute only the damaged tasks of a store (withdraws their done "
+                       "markers, then reruns the recorded `python -m pipeline features`)")
+    s.add_argument("store", type=Path)
+    s.add_argument("--no-recompute", action="store_true", help="only withdraw the damaged tasks")
+    s.set_defaults(fn=cmd_repair)
+    s = sub.add_parser("gc", help="remove leftovers of killed runs (expired leases, stale locks, old "
+                       "temporary files) and nothing else")
+    s.add_argument("store", type=Path)
+    s.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    s.set_defaults(fn=cmd_gc)
     add_copy_parser(sub, "push", "copy a local store to a shared location (path or s3://bucket/prefix)")
     add_copy_parser(sub, "pull", "copy a store from a shared location (path or s3://) to local disk")
     args = p.parse_args(argv)

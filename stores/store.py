@@ -28,6 +28,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .keys import SCHEMA_VERSION, sha256_bytes
+from .leases import store_lock
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
@@ -106,7 +107,10 @@ def dataset_name(data: str) -> str:
 
 
 def encoder_id(name: str) -> str:
-    """The member id of an encoder name: `clip-vit-b32`, or `openclip-<model or folder name>`."""
+    """The member id of an encoder name: `clip-vit-b32`, `openclip-<model or folder name>`, or
+    `sd-vae` / `sd-unet` (their options are in the spec; the key suffix tells settings apart)."""
+    if name.split(":")[0] in ("sd-vae", "sd-unet"):
+        return name.split(":")[0]
     if name.startswith("openclip:"):
         return "openclip-" + Path(name.split(":")[1]).name.replace("/", "_")
     return name
@@ -135,17 +139,18 @@ class Store:
     def open_or_create(cls, path, attrs: dict) -> "Store":
         """Open the store at `path` for writing, creating it with root `attrs` if absent."""
         path = Path(path)
-        if (path / MANIFEST).is_file():
-            store = cls(path, mode="a")
-            if store.manifest()["pairs_key"] != attrs["pairs_key"]:
-                raise StoreError(f"{path}: holds pairs key {store.manifest()['pairs_key'][:12]}, "
-                                 f"asked for {attrs['pairs_key'][:12]}")
-            return store
-        group = zarr.open_group(str(path), mode="a", zarr_format=3)
-        group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
-        write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
-                                            "members": {}})
-        return cls(path, mode="a")
+        path.mkdir(parents=True, exist_ok=True)
+        with store_lock(path):
+            if not (path / MANIFEST).is_file():
+                group = zarr.open_group(str(path), mode="a", zarr_format=3)
+                group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
+                write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
+                                                    "members": {}})
+        store = cls(path, mode="a")
+        if store.manifest()["pairs_key"] != attrs["pairs_key"]:
+            raise StoreError(f"{path}: holds pairs key {store.manifest()['pairs_key'][:12]}, "
+                             f"asked for {attrs['pairs_key'][:12]}")
+        return store
 
     # -- manifest ------------------------------------------------------------------------------
     def manifest(self) -> dict:
@@ -154,9 +159,10 @@ class Store:
     def _update_member(self, member: str, **fields) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only")
-        m = self.manifest()
-        m["members"].setdefault(member, {}).update(fields)
-        write_json_atomic(self.path / MANIFEST, m)
+        with store_lock(self.path):  # another writer may update the manifest at the same time
+            m = self.manifest()
+            m["members"].setdefault(member, {}).update(fields)
+            write_json_atomic(self.path / MANIFEST, m)
 
     def member_info(self, member: str) -> dict | None:
         return self.manifest()["members"].get(member)
@@ -174,9 +180,13 @@ class Store:
     # -- writing -------------------------------------------------------------------------------
     def begin_member(self, member: str, key: str, spec: dict, arrays: list[ArraySpec],
                      shard_len: int, plan: list[list[int]], info: dict | None = None) -> None:
-        """Create a member's arrays and record its key and plan (idempotent for the same key)."""
-        if self.status(member, key) != "missing":
-            return
+        """Create a member's arrays and record its key and plan (idempotent for the same key; a
+        second writer finds the member begun and keeps its plan)."""
+        with store_lock(self.path):
+            if self.status(member, key) == "missing":
+                self._create_member(member, key, spec, arrays, shard_len, plan, info)
+
+    def _create_member(self, member, key, spec, arrays, shard_len, plan, info) -> None:
         for a in arrays:
             chunks, shards = a.chunks_and_shards(shard_len)
             compressors = None if a.dtype == "str" else [ZstdCodec(level=3), Crc32cCodec()]

@@ -1,5 +1,6 @@
 """The demo job through the Makefile's entry points: features, then train, on tiny random CLIP."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,3 +152,56 @@ def test_training_imports_no_frozen_network_code():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def arrays_equal(a: Store, b: Store) -> None:
+    for member, info in a.manifest()["members"].items():
+        for name in info["arrays"]:
+            assert np.array_equal(a.array(member, name)[:], b.array(member, name)[:]), (member, name)
+
+
+def test_two_writers_at_once_finish_one_verified_member(built, tiny_clip, tmp_path):
+    root, _ = built
+    args = [sys.executable, "-m", *features_args(tiny_clip, tmp_path), "--splits", "train"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    mine = stores_under(tmp_path)["train"]
+    assert run("stores", "verify", mine.path).returncode == 0
+    assert all(m["status"] == "complete" for m in mine.manifest()["members"].values())
+    ref = stores_under(root)["train"]
+    for member in mine.manifest()["members"]:
+        for name in mine.manifest()["members"][member]["arrays"]:
+            assert np.array_equal(ref.array(member, name)[:], mine.array(member, name)[:]), (member, name)
+    assert not list((mine.path / "_leases").glob("*.json"))  # every lease released
+
+
+def test_repair_recomputes_only_the_damaged_task(built, tiny_clip, tmp_path):
+    root, _ = built
+    src = stores_under(root)["test"].path
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    member = next(m for m in Store(copy).manifest()["members"] if m.startswith("targets/"))
+    shard = next(p for p in (copy / member / "base").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    assert run("stores", "verify", copy, check=False).returncode == 1
+    markers = {p: p.stat().st_mtime_ns for p in copy.glob("_done/**/*.json")}
+    out = run("stores", "repair", copy)
+    assert "withdrawn" in out.stdout
+    assert run("stores", "verify", copy).returncode == 0
+    changed = [p for p, t in markers.items() if not p.exists() or p.stat().st_mtime_ns != t]
+    assert changed and all(member in str(p) for p in changed)  # only the damaged member's task
+    for name in ("base",):
+        assert np.array_equal(Store(copy).array(member, name)[:], Store(src).array(member, name)[:])
+
+
+def test_complete_members_are_copied_from_a_shared_root(built, tiny_clip, tmp_path):
+    root, _ = built
+    out = run(*features_args(tiny_clip, tmp_path / "mine"), "--store-shared", root)
+    assert "copying instead of computing" in out.stdout and "nothing to compute" in out.stdout
+    for split, store in stores_under(tmp_path / "mine").items():
+        assert all(m["status"] == "complete" for m in store.manifest()["members"].values())
+        assert run("stores", "verify", store.path).returncode == 0

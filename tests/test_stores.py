@@ -112,3 +112,31 @@ def test_store_holds_no_pickle(tmp_path):
             json.loads(p.read_text())  # every metadata file is plain JSON
     codecs = json.dumps(json.loads((tmp_path / "s" / "pairs" / "lq" / "zarr.json").read_text()))
     assert "crc32c" in codecs and "sharding_indexed" in codecs and "pickle" not in codecs
+
+
+def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
+    import os
+    import time
+
+    from stores.maintain import gc
+
+    toy_store(tmp_path / "s")
+    s = tmp_path / "s"
+    old = time.time() - 3600
+    (s / "_leases").mkdir(exist_ok=True)
+    expired, live = s / "_leases" / "0-4.json", s / "_leases" / "4-8.json"
+    expired.write_text('{"owner": "dead:1", "ttl": 120}')
+    live.write_text('{"owner": "alive:2", "ttl": 120}')
+    (s / "_locks").mkdir(exist_ok=True)
+    lock = s / "_locks" / "manifest.lock"
+    lock.write_text("{}")
+    tmp_old, tmp_new = s / "pairs" / ".zarr.json.tmp-1-abc", s / ".manifest.json.tmp-2-def"
+    tmp_old.write_text("x")
+    tmp_new.write_text("y")
+    for p in (expired, lock, tmp_old):
+        os.utime(p, (old, old))
+    before = {p for p in s.rglob("*") if p.is_file()}
+    removed = set(gc(s, log=lambda *a: None))
+    assert removed == {expired, lock, tmp_old}
+    assert {p for p in s.rglob("*") if p.is_file()} == before - removed
+    Store(s).array("pairs", "lq")  # the store itself is untouched and still complete

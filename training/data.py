@@ -38,18 +38,22 @@ def find_store(root: str, data: str, task: str, split: str) -> Path:
     return found[0]
 
 
-def pick_member(store: Store, kind: str, name: str | None) -> str:
-    """The complete member `kind/<name>-<key12>` (or `kind/<name>` given in full)."""
-    members = store.members(kind)
+def match_member(members: list, kind: str, name: str | None, where) -> str:
+    """The one of `members` that is `kind/<name>-<key12>` (or `kind/<name>` in full; None: the only one)."""
     matches = [m for m in members if name is None or m == f"{kind}/{name}"
                or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
     if len(matches) == 1:
         return matches[0]
     what = f"{kind} member" + (f" {name!r}" if name else "")
     if not matches:
-        raise StoreError(f"{store.path}: no complete {what}; complete: {members or 'none'}")
-    raise StoreError(f"{store.path}: several complete {kind} members match: {matches}; "
+        raise StoreError(f"{where}: no complete {what}; complete: {members or 'none'}")
+    raise StoreError(f"{where}: several complete {kind} members match: {matches}; "
                      f"name one in full (e.g. {matches[0].split('/', 1)[1]})")
+
+
+def pick_member(store: Store, kind: str, name: str | None) -> str:
+    """The complete member `kind/<name>-<key12>` of a store."""
+    return match_member(store.members(kind), kind, name, store.path)
 
 
 def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
@@ -58,6 +62,7 @@ def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
     weights = sorted({m[e]["weights"] for e in encoders})
     build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
               "clip_weights": m[e].get("config", {}).get("clip_weights"),
+              "sd_weights": m[e].get("config", {}).get("sd_weights"),
               "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in encoders]
     return {"store": store, "pairs_key": m["pairs"]["key"], "target": target,
             "target_key": m[target]["key"], "target_spec": m[target].get("spec", {}),

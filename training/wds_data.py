@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import members_info
+from stores import encoder_id
+
+from .data import match_member, members_info
 
 INDEX = "index.json"
 
@@ -135,17 +137,7 @@ def read_shard(folder: Path, shard: dict, encoders: list) -> list[dict]:
 def choose(index: dict, kind: str, name: str | None) -> str:
     """The exported member `kind/<name>-<key12>` (or given in full; None: the only one)."""
     have = [index["target"]] if kind == "targets" else index["encoders"]
-    found = [m for m in have if name is None or m in (f"{kind}/{name}", name)
-             or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
-    if len(found) != 1:
-        raise WdsError(f"{index['store']}-wds: {'no' if not found else 'several'} exported {kind} member(s) "
-                       f"match {name or 'any'}: exported are {have}; export the one you need")
-    return found[0]
-
-
-def encoder_id(name: str) -> str:
-    """As stores.encoder_id: `openclip:<folder>` -> `openclip-<folder name>`."""
-    return "openclip-" + Path(name.split(":")[1]).name.replace("/", "_") if name.startswith("openclip:") else name
+    return match_member(have, kind, name, f"{index['store']}-wds (exported members)")
 
 
 @dataclass

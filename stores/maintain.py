@@ -1,0 +1,102 @@
+"""Store upkeep: `python -m stores repair STORE` (recompute only damaged tasks) and `gc STORE`.
+
+`repair` finds the shards that fail verification, withdraws the done markers of the tasks that
+own them (the member becomes incomplete, so readers refuse it), then reruns the recorded
+extraction command, which recomputes exactly those tasks (it is deterministic) and verifies
+again. `stores` never imports the pipeline: the rerun is a `python -m pipeline features`
+subprocess built from the configuration the member recorded.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .leases import LEASE_DIR, LOCK_DIR, STALE_LOCK_SECONDS, _age
+from .store import DONE_DIR, Store, read_json
+
+TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
+
+
+def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
+    """member -> tasks owning a shard that fails verification."""
+    out = {}
+    for member, info in store.manifest()["members"].items():
+        bad = set()
+        for job in store.shard_checks(member):
+            if store.check_shard(member, job):
+                lo = job[3]
+                bad |= {t for t, (a, b) in enumerate(info["plan"]) if a <= lo < b}
+        if bad:
+            out[member] = sorted(bad)
+    return out
+
+
+def features_command(config: dict, store_root: Path, split: str) -> list[str]:
+    """The `python -m pipeline features` call that made a member, from its recorded config."""
+    flags = {"task": config["task"], "data": config["data"], "target": config.get("target"),
+             "target-weights": config.get("target_weights"), "encoder": config.get("encoder"),
+             "store-root": str(store_root), "shards": config.get("shards"), "shard-len": config["shard_len"],
+             "tile": config["tile"], "seed": config["seed"], "clip-weights": config.get("clip_weights"),
+             "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split}
+    argv = [sys.executable, "-m", "pipeline", "features"]
+    for k, v in flags.items():
+        argv += [f"--{k}", str(v)] if v is not None else []
+    return argv + (["--allow-random-weights"] if config.get("allow_random_weights") else [])
+
+
+def repair(path: Path, recompute: bool = True, log=print) -> int:
+    """Withdraw damaged tasks and recompute them; returns the number of tasks withdrawn."""
+    store = Store(path, mode="a")
+    damaged = damaged_tasks(store)
+    if not damaged:
+        log(f"{path}: nothing damaged")
+        return 0
+    configs = []
+    for member, tasks in damaged.items():
+        for t in tasks:
+            (store.path / DONE_DIR / member / f"{t:05d}.json").unlink(missing_ok=True)
+        store._update_member(member, status="incomplete")
+        configs.append(store.member_info(member).get("config"))
+        log(f"{path}: {member}: tasks {tasks} withdrawn for recomputation")
+    n = sum(map(len, damaged.values()))
+    if not recompute:
+        return n
+    if not all(configs):
+        raise RuntimeError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
+    for config in {str(c): c for c in configs}.values():
+        argv = features_command(config, store.path.parent, store.manifest()["split"])
+        log("recomputing: " + " ".join(argv[1:]))
+        subprocess.run(argv, check=True)
+    return n
+
+
+def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
+    """Remove what killed runs leave behind, and nothing else: expired leases, stale manifest
+    locks, retired lease files and temporary files older than TMP_GRACE_SECONDS."""
+    path = Path(path)
+    found = []
+    for lease in (path / LEASE_DIR).glob("*.json"):
+        ttl = float(_read_ttl(lease))
+        if _age(lease) > ttl:
+            found.append(lease)
+    lock = path / LOCK_DIR / "manifest.lock"
+    if lock.is_file() and _age(lock) > STALE_LOCK_SECONDS:
+        found.append(lock)
+    for p in path.rglob(".*"):
+        if p.is_file() and (".tmp-" in p.name or ".expired-" in p.name) and _age(p) > TMP_GRACE_SECONDS:
+            found.append(p)
+    for p in found:
+        log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
+        if not dry_run:
+            p.unlink(missing_ok=True)
+    if not found:
+        log(f"{path}: nothing to collect")
+    return found
+
+
+def _read_ttl(lease: Path) -> float:
+    try:
+        return read_json(lease).get("ttl", 120.0)
+    except (ValueError, OSError):  # a lease file cut short by a kill
+        return 120.0
