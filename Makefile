@@ -37,7 +37,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
-.PHONY: features train eval restore distill ablate push pull export-wds test install clean-runs help
+.PHONY: features train eval restore distill ablate push pull export-wds bench test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=]"
@@ -47,6 +47,7 @@ help:
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
 	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
+	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
 	@echo "make test"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
@@ -89,6 +90,9 @@ pull: $(VENV)/.installed
 export-wds: $(VENV)/.installed
 	@test -n "$(STORE)" || { echo "usage: make export-wds STORE=data/stores/<store>"; exit 2; }
 	$(PY) -m stores export-wds $(STORE)
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -147,3 +147,20 @@ def test_distill_reports_true_and_predicted_g(stores, tmp_path):
         assert np.isfinite(result[key]), key
     assert result["psnr_refined_true_g"] == pytest.approx(result["psnr_refined"])
     assert (tmp_path / "d" / "distill" / "predictor.safetensors").is_file()
+
+
+def test_training_never_writes_to_its_stores(stores, tmp_path):
+    def snapshot():
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(stores).rglob("*")}
+
+    before = snapshot()
+    for p in Path(stores).rglob("*"):  # a read-only directory (root ignores it; the snapshot does not)
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        assert main(train_args(stores, tmp_path, "ro", "--steps", "3", "--workers", "1")) == 0
+    finally:
+        for p in Path(stores).rglob("*"):
+            p.chmod(p.stat().st_mode | 0o200)
+    after = snapshot()
+    assert after.keys() == before.keys() and all(after[p][0] == before[p][0] for p in before)
+    assert all(after[p][1] == before[p][1] for p in before if p.is_file())

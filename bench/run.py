@@ -1,0 +1,284 @@
+"""Benchmarks of the pipeline against its limits: `make bench` (writes bench/results.json).
+
+Every row is a ratio measured side by side in this one process (absolute times drift on shared
+machines), with medians over repeats, its target and the settings used. Rows:
+extraction efficiency, loader headroom (Zarr and WebDataset) and stall, cached vs online
+training, store size, demo wall time, and the demo's PSNR gain over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.encoders import build_encoder  # noqa: E402
+from pipeline.extract import FeaturesConfig, build_features  # noqa: E402
+from pipeline.sources import _demo_image  # noqa: E402
+from pipeline.targets import build_target  # noqa: E402
+from stores import Store  # noqa: E402
+from training.data import CropBatches, Split  # noqa: E402
+from training.losses import charbonnier  # noqa: E402
+from training.model import PTGRM, PTGRMConfig  # noqa: E402
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def row(name, value, target, unit, settings, **extra) -> dict:
+    ok = None if target is None else (value >= target[1] if target[0] == ">=" else value <= target[1])
+    return {"row": name, "value": value, "unit": unit, "target": None if target is None else f"{target[0]} {target[1]}",
+            "meets_target": ok, "settings": settings, **extra}
+
+
+# -- 1. extraction efficiency -------------------------------------------------------------------
+def make_folder(root: Path, n: int, size: int) -> Path:
+    """A clean-image dataset (test split) of n size x size tiles cut from the demo photos."""
+    from PIL import Image
+
+    folder = root / "benchdata" / "test"
+    folder.mkdir(parents=True)
+    photos = [_demo_image(p) for p in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")]
+    for i in range(n):
+        img = photos[i % len(photos)]
+        y = (i * 37) % (img.shape[0] - size)
+        x = (i * 53) % (img.shape[1] - size)
+        Image.fromarray(img[y:y + size, x:x + size]).save(folder / f"{i:04d}.png")
+    return root / "benchdata"
+
+
+def random_restormer(path: Path) -> Path:
+    """A Restormer-size (26 M parameters) deblurring network with random weights, saved."""
+    from pipeline.networks import restormer_config
+    from pipeline.restormer import Restormer
+
+    torch.manual_seed(0)
+    torch.save({"params": Restormer(**restormer_config("deblur")).state_dict()}, path)
+    return path
+
+
+def bench_extraction(tmp: Path, n: int, size: int) -> dict:
+    data = make_folder(tmp, n, size)
+    ckpt = random_restormer(tmp / "restormer.pth")
+    cfg = dict(task="denoise", data=str(data), target="restormer-deblur", target_weights=str(ckpt),
+               encoder="clip-vit-b32", splits=("test",), allow_random_weights=True, shard_len=8)
+    target = build_target("restormer-deblur", str(ckpt))
+    encoder = build_encoder("clip-vit-b32", allow_random=True)
+    images = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"))
+              for p in sorted((data / "test").glob("*.png"))]
+
+    def bare():  # the frozen forward passes alone: target per image, encoder in batches of 8
+        for img in images:
+            target(img.astype(np.float32) / 255, {})
+        for k in range(0, len(images), 8):
+            encoder(images[k:k + 8])
+
+    def end_to_end():
+        root = tmp / f"stores-{time.monotonic_ns()}"
+        build_features(FeaturesConfig(store_root=str(root), **cfg), log=QUIET)
+        shutil.rmtree(root)
+
+    end_to_end()  # warm-up (model loading, caches)
+    t_bare, t_e2e = median_time(bare, 2), median_time(end_to_end, 2)
+    return row("extraction_efficiency", t_bare / t_e2e, (">=", 0.90), "ratio",
+               {"images": n, "size": size, "target": "restormer-deblur (26 M, random weights)",
+                "encoder": "clip-vit-b32 (random weights)", "threads": torch.get_num_threads()},
+               images_per_s_end_to_end=n / t_e2e, images_per_s_bare=n / t_bare)
+
+
+# -- 2. loader headroom and stall ---------------------------------------------------------------
+def train_step_time(split, crop: int, batch: int, steps: int = 8) -> float:
+    torch.manual_seed(0)
+    model = PTGRM(PTGRMConfig(osf_dim=split.info()["osf_dim"]))
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    batches = CropBatches(split, crop, batch, 0, steps)
+    data = [batches[s] for s in range(steps)]
+
+    def step(b):
+        loss = charbonnier(model(b["base"], b["lq"], b["g"]), b["gt"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(data[0])
+    return median_time(lambda: [step(b) for b in data[1:]], 1) / (steps - 1)
+
+
+def loader_time(split, crop: int, batch: int, steps: int = 30) -> float:
+    batches = CropBatches(split, crop, batch, 1, steps)
+    batches[0]
+    return median_time(lambda: [batches[s] for s in range(steps)], 3) / steps
+
+
+def bench_loader(train_store: Path, tmp: Path, crop: int, batch: int) -> list[dict]:
+    from stores.wds import export_wds
+    from training.wds_data import WdsSplit
+
+    zarr_split = Split.open(train_store, None, None)
+    wds_split = WdsSplit.open(export_wds(train_store, out=tmp, min_shards=4, log=QUIET), None, None)
+    wds_split.arrays()
+    t_step = train_step_time(zarr_split, crop, batch)
+    rows = []
+    for name, split in (("zarr", zarr_split), ("wds", wds_split)):
+        t_load = loader_time(split, crop, batch)
+        rows.append(row(f"loader_headroom_{name}", t_step / t_load, (">=", 3.0), "ratio",
+                        {"crop": crop, "batch": batch, "workers": 0}, samples_per_s_loader=batch / t_load,
+                        samples_per_s_training=batch / t_step))
+    return rows
+
+
+def bench_stall(run_dir: Path) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return row("data_stall_fraction", rows[-1]["data_wait_frac"], ("<=", 0.05), "fraction of training wall time",
+               {"run": str(run_dir), "steps": rows[-1]["step"], "workers": 1})
+
+
+# -- 3. cached vs online training ---------------------------------------------------------------
+def bench_online(split, tmp: Path, crop: int, batch: int) -> list[dict]:
+    """Online = what the paper's code does: the target and CLIP run on every batch."""
+    encoder = build_encoder("clip-vit-b32", allow_random=True)
+    store = Store(split.path)
+    meta = [json.loads(str(m)) for m in store.array("pairs", "meta")[:]]
+    batches = CropBatches(split, crop, batch, 0, 8)
+    data = [batches[s] for s in range(8)]
+    draws = [batches.draw(s) for s in range(8)]
+    t_cached = train_step_time(split, crop, batch)
+    out = []
+    targets = {"classical (wiener)": build_target("wiener"),
+               "restormer-size (26 M)": build_target("restormer-deblur", str(random_restormer(tmp / "r.pth")))}
+    for name, target in targets.items():
+        n = 3 if "classical" in name else 1  # the 26 M network takes seconds per batch on a CPU
+
+        def online():
+            for b, draw in zip(data[:n], draws[:n]):
+                lq = (b["lq"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+                for img, (i, *_rest) in zip(lq, draw):
+                    target(img.astype(np.float32) / 255, meta[i])
+                encoder(list(lq))
+        t_frozen = median_time(online, 1) / n
+        out.append(row(f"online_over_cached_step_time[{name}]", (t_frozen + t_cached) / t_cached, None, "ratio",
+                       {"crop": crop, "batch": batch, "encoder": "clip-vit-b32 (random)"},
+                       seconds_per_step_cached=t_cached, seconds_per_step_online=t_frozen + t_cached))
+    return out
+
+
+# -- 4. store size ------------------------------------------------------------------------------
+def bench_size(store_path: Path) -> dict:
+    import io
+
+    from PIL import Image
+
+    store = Store(store_path)
+    m = store.manifest()["members"]
+    n = store.manifest()["n"]
+    tgt, osf = store.members("targets")[0], store.members("osf")[0]
+    per = {name: sum(p.stat().st_size for p in (store.path / member / name).rglob("*") if p.is_file()) / n
+           for member, name in (("pairs", "lq"), ("pairs", "gt"), (tgt, "base"), (osf, "g"))}
+    hw = store.array("pairs", "hw")[:]
+    png = {}
+    for field in ("lq", "gt"):
+        total = 0
+        for i, (h, w) in enumerate(hw):
+            buf = io.BytesIO()
+            Image.fromarray(store.array("pairs", field)[i, :h, :w]).save(buf, format="PNG")
+            total += buf.tell()
+        png[field] = total / n
+    raw_base = float(np.mean([h * w * 3 * 2 for h, w in hw]))
+    return row("store_bytes_per_sample", sum(per.values()), None, "bytes",
+               {"store": store_path.name, "samples": n},
+               per_field=per, png_lq=png["lq"], png_gt=png["gt"], raw_float16_base=raw_base,
+               lq_vs_png=per["lq"] / png["lq"], gt_vs_png=per["gt"] / png["gt"], base_vs_raw=per["base"] / raw_base,
+               osf_bytes_per_sample=per["g"], members={k: v.get("bytes") for k, v in m.items()})
+
+
+# -- 5/6. demo wall time and quality ------------------------------------------------------------
+def make(target: str, env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["make", "-s", target, *[f"{k}={v}" for k, v in env.items()]], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bench_demo(tmp: Path, seeds: list[int], steps: int | None) -> tuple[list[dict], Path, Path]:
+    env = {"TASK": "deblur", "STORE_ROOT": str(tmp / "demo-stores")}
+    t_features = make("features", env)
+    gains, t_train, runs = [], None, tmp / "runs"
+    for seed in seeds:
+        run_env = {**env, "SEED": seed, "RUN": f"bench-seed{seed}"} | ({"STEPS": steps} if steps else {})
+        t = make("train", run_env)
+        t_train = t_train or t
+        result = json.loads((ROOT / "runs" / f"bench-seed{seed}" / "eval.json").read_text())
+        gains.append(result["psnr_refined"] - result["psnr_base"])
+        shutil.copytree(ROOT / "runs" / f"bench-seed{seed}", runs / f"seed{seed}")
+        shutil.rmtree(ROOT / "runs" / f"bench-seed{seed}")
+    train_store = next((tmp / "demo-stores").glob("demo-train-deblur-*"))
+    rows = [row("demo_wall_time_features", t_features, None, "s", {"command": "make features TASK=deblur"}),
+            row("demo_wall_time_train", t_train, None, "s", {"command": "make train TASK=deblur", "steps": steps}),
+            row("demo_psnr_gain", float(np.mean(gains)), (">=", 0.2), "dB",
+                {"seeds": seeds, "steps": steps or "default"}, per_seed=gains,
+                spread=float(np.std(gains)) if len(gains) > 1 else 0.0)]
+    return rows, train_store, runs / f"seed{seeds[0]}"
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    p.add_argument("--seeds", default="0,1,2", help="demo seeds for the quality row")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the demo runs (default: the demo's)")
+    p.add_argument("--extract-images", type=int, default=16)
+    p.add_argument("--extract-size", type=int, default=128)
+    args = p.parse_args(argv)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-") as d:
+        tmp = Path(d)
+        demo_rows, train_store, first_run = bench_demo(tmp, [int(s) for s in args.seeds.split(",")], args.steps)
+        rows = [bench_extraction(tmp / "x", args.extract_images, args.extract_size)]
+        rows += bench_loader(train_store, tmp / "wds", 96, 8)
+        rows.append(bench_stall(first_run))
+        rows += bench_online(Split.open(train_store, None, None), tmp, 96, 8)
+        rows.append(bench_size(train_store))
+        rows += demo_rows
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "seconds": time.time() - started, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = [f"bench {result['date']} on {result['machine']} ({result['seconds'] / 60:.1f} min)",
+             f"{'row':44s} {'value':>12s}  {'target':>8s}  ok", "-" * 74]
+    for r in result["rows"]:
+        ok = {True: "yes", False: "NO", None: ""}[r["meets_target"]]
+        lines.append(f"{r['row']:44s} {r['value']:12.3f}  {r['target'] or '':>8s}  {ok}  {r['unit']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
