@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import pickle
 import re
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from torch import nn
 
 from stores import sha256_file
 
+from training.checkpoints import CheckpointError, load_checkpoint
+
 from .restormer import PAD_FACTOR, Restormer
 
-WRAPPERS = ("params", "params_ema", "state_dict", "model")
 RESTORMER_BASE = {"inp_channels": 3, "out_channels": 3, "dim": 48, "num_blocks": [4, 6, 6, 8],
                   "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "ffn_expansion_factor": 2.66,
                   "bias": False, "LayerNorm_type": "WithBias", "dual_pixel_task": False}
@@ -35,48 +35,6 @@ RESTORMER_TASKS = {"deblur": ("WithBias", "motion_deblurring.pth"),
                    "denoise": ("BiasFree", "real_denoising.pth"),
                    "denoise-gaussian": ("BiasFree", "gaussian_color_denoising_{sigma15,sigma25,sigma50,blind}.pth")}
 NETWORK_TARGETS = tuple(f"restormer-{t}" for t in RESTORMER_TASKS)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, refused, or does not fit the network."""
-
-
-def load_checkpoint(path) -> dict:
-    """The state dict of a checkpoint file, unwrapped (`params`, `params_ema`, `state_dict`,
-    `model`, in that order) and without a leading `module.` (DataParallel)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    obj = _read(path)
-    for _ in range(4):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return {k.removeprefix("module."): v for k, v in obj.items()}
-        inner = [obj[k] for k in WRAPPERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
-        if not inner:
-            break
-        obj = inner[0]
-    top = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"{path}: no state dict of tensors found (top level: {top})")
-
-
-def _read(path: Path):
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only allows tensors and plain containers only
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: it holds pickled Python objects{what}, not only tensors, and "
-                              f"a checkpoint never runs code here. Save the state dict instead: "
-                              f"torch.save({{'params': model.state_dict()}}, ...) or safetensors") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
 
 
 def load_into(net: nn.Module, path) -> str:

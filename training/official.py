@@ -9,7 +9,6 @@ A checkpoint is read with `torch.load(weights_only=True)`, so loading one never 
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,11 +16,11 @@ from safetensors.torch import save_file
 
 from stores import atomic_path, sha256_file, write_json_atomic
 
+from .checkpoints import CheckpointError, load_checkpoint
 from .model import PTGRM, PTGRMConfig, count_parameters
 
 PREFIX = "refinement11."
 N_BLOCKS = 4  # the official module has num_blocks[0] = 4 Restormer blocks
-WRAPPERS = ("state_dict", "params", "params_ema", "model", "net", "netG", "network")
 
 # The one table: (official name, project name), in the order of the project's state dict.
 MAPPING = [
@@ -156,19 +155,9 @@ def export_official(project_state_dict: dict, prefix: str = PREFIX) -> dict:
 def load_official(path) -> dict:
     """A state dict from a .pth file: plain, or wrapped under a common key such as 'state_dict'."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
-        raise OfficialMismatch(f"{path}: refused, not a plain tensor checkpoint. {why}") from None
-    for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-        inner = [obj[k] for k in WRAPPERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
-        if not inner:
-            break
-        obj = inner[0]
-    keys = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-    raise OfficialMismatch(f"{path}: no state dict of tensors found (top level: {keys})")
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise OfficialMismatch(str(e)) from None
 
 
 def import_run(ckpt, run: str, runs_dir: str = "runs", log=print) -> Path:
