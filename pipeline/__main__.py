@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .extract import FeaturesConfig, build_features
 from .layouts import LAYOUTS
+from .tasks import TASKS
 
 D = FeaturesConfig()
 
@@ -16,7 +17,7 @@ def features_parser(sub) -> argparse.ArgumentParser:
                        description="Degrade (or load) image pairs, run the frozen target and encoder, "
                        "and cache lq/gt, base and OSF in one Zarr store per split. Complete members "
                        "with the same key are reused; an interrupted run resumes where it stopped.")
-    p.add_argument("--task", default=D.task, help="restoration task (default: %(default)s)")
+    p.add_argument("--task", default=D.task, help="restoration task: " + ", ".join(TASKS) + " (default: %(default)s)")
     p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image), a dataset "
                    "folder (layout detected), or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
     p.add_argument("--target", default=None, help="frozen target: classical (wiener, gamma, streaks, nlmeans, "
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     restore_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # our own warning about random encoder weights says more than open_clip's
+    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
     warnings.simplefilter("always", UserWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
     try:
