@@ -47,6 +47,8 @@ help:
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
 	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
+	@echo "make slurm-features TASK=deblur SHARDS=64 [PARTITION= ACCOUNT= GPUS= TIME=] | make slurm-train TASK=deblur"
+	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
 	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
 	@echo "make test"
 
@@ -94,8 +96,42 @@ export-wds: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed slurm-up-if-possible
 	$(PY) -m pytest -q tests
+
+# SLURM (slurm/): a local single-node cluster for tests and demos, and the cluster launchers.
+# PARTITION, ACCOUNT, GPUS, TIME (minutes), MAX_PARALLEL, LOGS map to `python -m slurm` flags.
+PARTITION ?=
+ACCOUNT ?=
+GPUS ?=
+TIME ?=
+MAX_PARALLEL ?=
+LOGS ?=
+SLURM_FLAGS := $(call flag,--partition,$(PARTITION)) $(call flag,--account,$(ACCOUNT)) \
+	$(call flag,--gpus,$(GPUS)) $(call flag,--time,$(TIME)) $(call flag,--max-parallel,$(MAX_PARALLEL)) \
+	$(call flag,--logs,$(LOGS))
+
+.PHONY: slurm-up slurm-down slurm-up-if-possible slurm-features slurm-train
+
+slurm-up:
+	bash slurm/cluster.sh up
+
+slurm-down:
+	bash slurm/cluster.sh down
+
+# `make test` starts the local cluster when it can (root with apt, or SLURM already installed);
+# otherwise the SLURM tests skip and say why.
+slurm-up-if-possible:
+	@if [ "$$(id -u)" != 0 ]; then echo "slurm: not root, not starting the local cluster (SLURM tests will skip)"; \
+	elif ! command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+		echo "slurm: no apt-get and no SLURM installed, not starting the local cluster (SLURM tests will skip)"; \
+	else bash slurm/cluster.sh up || echo "slurm: the local cluster did not start (SLURM tests will skip)"; fi
+
+slurm-features: $(VENV)/.installed
+	$(PY) -m slurm features $(FEATURES_FLAGS) $(SLURM_FLAGS)
+
+slurm-train: $(VENV)/.installed
+	$(PY) -m slurm train $(TRAIN_FLAGS) $(SLURM_FLAGS)
 
 clean-runs:
 	rm -rf runs

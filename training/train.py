@@ -79,8 +79,9 @@ def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict) 
     """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    with atomic_path(run_dir / "state.pt") as tmp:
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
+    with atomic_path(run_dir / "state.pt") as tmp:  # one file holds everything a resume needs
+        torch.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
 
 
@@ -127,8 +128,8 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig) -> int:
     if {k: v for k, v in sidecar["train"].items() if k not in RUNTIME_ONLY} != \
             {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     state = torch.load(run_dir / "state.pt", weights_only=True)
+    model.load_state_dict(state["model"])  # weights, optimizer and scheduler of one and the same step
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return int(state["step"])
