@@ -255,18 +255,24 @@ def main(argv=None) -> int:
     p.add_argument("--extract-size", type=int, default=128)
     args = p.parse_args(argv)
     started = time.time()
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "complete": False, "rows": []}
+
+    def record(rows: list) -> None:  # written after every section: an interrupted run keeps its rows
+        result["rows"] += rows
+        result["seconds"] = time.time() - started
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="bench-") as d:
         tmp = Path(d)
         demo_rows, train_store, first_run = bench_demo(tmp, [int(s) for s in args.seeds.split(",")], args.steps)
-        rows = [bench_extraction(tmp / "x", args.extract_images, args.extract_size)]
-        rows += bench_loader(train_store, tmp / "wds", 96, 8)
-        rows.append(bench_stall(first_run))
-        rows += bench_online(Split.open(train_store, None, None), tmp, 96, 8)
-        rows.append(bench_size(train_store))
-        rows += demo_rows
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "seconds": time.time() - started, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+        record(demo_rows)
+        record(bench_loader(train_store, tmp / "wds", 96, 8) + [bench_stall(first_run)])
+        record([bench_size(train_store)])
+        record(bench_online(Split.open(train_store, None, None), tmp, 96, 8))
+        record([bench_extraction(tmp / "x", args.extract_images, args.extract_size)])
+    result["complete"] = True
+    record([])
     print(table(result))
     return 0
 
