@@ -274,7 +274,20 @@ def main(argv=None) -> int:
     result["complete"] = True
     record([])
     print(table(result))
+    print()
+    print(markdown(result))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The README's benchmark table."""
+    lines = [f"Measured {result['date']} on {result['machine']} (torch {result['torch']}, "
+             f"{result['threads']} threads), `make bench`, {result['seconds'] / 60:.1f} min:", "",
+             "| row | value | target | met |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        ok = {True: "yes", False: "no", None: ""}[r["meets_target"]]
+        lines.append(f"| {r['row']} | {r['value']:.3g} {r['unit']} | {r['target'] or ''} | {ok} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
