@@ -45,10 +45,6 @@ class Source:
     fingerprint: dict = field(repr=False)  # everything that determines the pixels
     paired: bool  # True: lq comes from the data; False: the task's degradation makes it
 
-    @property
-    def is_demo(self) -> bool:
-        return self.dataset == "demo"
-
 
 def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48) -> Source:
     """`data` is `demo` or a folder. Demo training photos are cut into patch x patch tiles every

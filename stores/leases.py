@@ -134,7 +134,3 @@ class Leases:
                 except FileNotFoundError:
                     pass
 
-
-def expired_leases(store_path, ttl: float) -> list[Path]:
-    d = Path(store_path) / LEASE_DIR
-    return [p for p in d.glob("*.json") if _age(p) > ttl] if d.is_dir() else []
