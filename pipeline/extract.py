@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stores import ArraySpec, Leases, Store, encoder_id, key_of, make_plan, store_name
+from stores.runtime import tune_allocator
 
 from .degrade import DEGRADATIONS, sample_rng
 from .encoders import build_encoder, is_sd
@@ -176,6 +177,7 @@ class SplitJob:
     SLURM array tasks run one range each (`slurm/`), then one job finalises."""
 
     def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list):
+        tune_allocator()
         self.cfg, self.split = cfg, split
         self.source = open_source(cfg.data, split, *task.demo_tiles)
         pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
@@ -336,6 +338,7 @@ def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
     one added to a complete store computes only itself.
     """
+    tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
     target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from stores import Store, StoreError, dataset_name, encoder_id
+from stores.tiles import TileReader
 
 MANIFEST = "manifest.json"
+G_IN_MEMORY = 1 << 30  # OSF of all samples is held in memory below this many bytes
 
 
 def find_store(root: str, data: str, task: str, split: str) -> Path:
@@ -91,12 +93,17 @@ class Split:
         self._arrays, self._pid = None, None
 
     def arrays(self) -> dict:
-        """Zarr arrays, opened once per process (loader workers open their own)."""
+        """The arrays, opened once per process (loader workers open their own): image arrays
+        through the fast tile reader, and g read into memory when it is small (it usually is:
+        8 KB per sample for one CLIP encoder)."""
         if self._pid != os.getpid():
             store = Store(self.path)
-            self._arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
-                            "base": store.array(self.target, "base"),
+            self._arrays = {"lq": TileReader.wrap(store.array("pairs", "lq")),
+                            "gt": TileReader.wrap(store.array("pairs", "gt")),
+                            "base": TileReader.wrap(store.array(self.target, "base")),
                             "g": [store.array(e, "g") for e in self.encoders]}
+            g_bytes = sum(g.nbytes for g in self._arrays["g"])
+            self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1) if g_bytes <= G_IN_MEMORY else None
             self._hw = excluding(store.array("pairs", "hw")[:], store, [self.target, *self.encoders])
             self._pid = os.getpid()
         return self._arrays
@@ -120,7 +127,11 @@ class Split:
         return Store(self.path).manifest().get("metric_space", "rgb")
 
     def g(self, i: int, variant: int = 0) -> np.ndarray:
-        return np.concatenate([g[i, variant] for g in self.arrays()["g"]])
+        """OSF of sample i seen in flip `variant` (0 none, 1 horizontal, 2 vertical, 3 both)."""
+        arrays = self.arrays()
+        if self._g is not None:
+            return self._g[i, variant]
+        return np.concatenate([g[i, variant] for g in arrays["g"]])
 
     def image(self, i: int) -> dict:
         """Full valid-size sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,)."""

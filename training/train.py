@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stores import atomic_path, write_json_atomic
+from stores.runtime import tune_allocator
 
 from .data import CropBatches, Split, find_store
 from .evaluate import evaluate, write_eval
@@ -143,6 +144,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
+    tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed(cfg)

@@ -1,0 +1,79 @@
+"""The training loader's fast tile reader returns exactly what zarr returns, and names damage."""
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from stores import Store
+from stores.tiles import DamagedShard, TileReader
+from tests.toys import make_store
+from training.data import CropBatches, Split
+
+
+def test_crops_equal_zarr_for_uint8_and_float16(tmp_path):
+    path = make_store(tmp_path, "train", 9, (50, 70))  # 16 px tiles, 4 samples per shard, ragged edges
+    store = Store(path)
+    arrays = [store.array("pairs", "lq"), store.array(store.members("targets")[0], "base")]
+    rng = np.random.default_rng(0)
+    for a in arrays:
+        reader = TileReader.wrap(a)
+        assert isinstance(reader, TileReader)
+        for _ in range(200):
+            i, y, x = int(rng.integers(0, 9)), int(rng.integers(0, 50)), int(rng.integers(0, 70))
+            h, w = int(rng.integers(1, 51)), int(rng.integers(1, 71))
+            want, got = a[i, y:y + h, x:x + w], reader[i, y:y + h, x:x + w]
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert np.array_equal(reader[8], a[8])  # other selections go through zarr
+        assert np.array_equal(reader[-1, :, 3:], a[-1, :, 3:])  # negative index and open slices
+        with pytest.raises(IndexError):
+            reader[9, 0:4, 0:4]
+
+
+def test_unwritten_tiles_read_as_fill_value(tmp_path):
+    path = tmp_path / "z"
+    a = zarr.create_array(path, shape=(4, 40, 40, 3), dtype="uint8", chunks=(1, 16, 16, 3),
+                          shards=(2, 48, 48, 3), compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)
+    a[1, 20:30, 5:9] = 7  # one written tile region; shard 1 (samples 2, 3) is never written
+    a = zarr.open_array(path, mode="r")
+    reader = TileReader.wrap(a)
+    assert isinstance(reader, TileReader)
+    for i in range(4):
+        assert np.array_equal(reader[i, 0:40, 0:40], a[i])
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path):
+    a = zarr.create_array(tmp_path / "plain", shape=(2, 8, 8, 3), dtype="uint8", chunks=(1, 8, 8, 3))
+    assert TileReader.wrap(a) is a
+
+
+def test_damaged_tile_names_the_shard(tmp_path):
+    path = make_store(tmp_path, "train", 4, (32, 32))
+    shard = next(p for p in (path / "pairs" / "gt" / "c").rglob("*") if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first tile's bytes
+    shard.write_bytes(bytes(data))
+    reader = TileReader.wrap(Store(path).array("pairs", "gt"))
+    with pytest.raises(DamagedShard, match=str(shard)):
+        for i in range(4):
+            reader[i, 0:32, 0:32]
+
+
+def test_loader_batches_unchanged_by_fast_reads(tmp_path):
+    path = make_store(tmp_path, "train", 12, (48, 48))
+    split = Split.open(path, None, None)
+    batches = CropBatches(split, 16, 6, seed=3, steps=4)
+    batch, draw = batches[2], batches.draw(2)
+    store = Store(path)
+    lq, base = store.array("pairs", "lq"), store.array(split.target, "base")
+    g = store.array(split.encoders[0], "g")
+    for k, (i, y, x, fh, fv) in enumerate(draw):
+        want = lq[i, y:y + 16, x:x + 16]
+        want = want[:, ::-1] if fh else want
+        want = want[::-1] if fv else want
+        assert np.allclose(batch["lq"][k].permute(1, 2, 0).numpy() * 255, want)
+        wb = base[i, y:y + 16, x:x + 16].astype(np.float32)
+        wb = wb[:, ::-1] if fh else wb
+        wb = wb[::-1] if fv else wb
+        assert np.array_equal(batch["base"][k].permute(1, 2, 0).numpy(), wb)
+        assert np.array_equal(batch["g"][k].numpy(), g[i, fh + 2 * fv])
+    assert len(draw) == 6
