@@ -2,10 +2,13 @@
 
 `DATA=gopro:/data/GoPro` names the layout; `DATA=/data/GoPro` detects it (the error lists the
 layouts tried and what each expected). Layouts are functions `(root, split) -> [(gt, lq|None)]`
-in the LAYOUTS registry at the bottom; lq None means clean images that the task degrades.
+in the LAYOUTS registry at the bottom; lq None means clean images that the task degrades. gt and
+lq are image files, or MatBlock: one block of an array of image blocks in a MATLAB file.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -13,6 +16,59 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class LayoutError(ValueError):
     pass
+
+
+BLOCKS_EXPECTED = "uint8 image blocks of shape (B1, B2, H, W, 3) or (B, H, W, 3)"
+
+
+@dataclass(frozen=True)
+class MatBlock:
+    """Block `index` (row-major over the leading axes) of the array `variable` in the MATLAB file
+    `path`; hw is its (H, W), read from the file's header."""
+    path: Path
+    variable: str
+    index: int
+    hw: tuple
+
+
+def mat_shape(path: Path, variable: str) -> tuple:
+    """The shape of `variable` in a MATLAB file, from its header (no pixels read); it must hold
+    BLOCKS_EXPECTED, else LayoutError naming the file."""
+    from scipy.io import whosmat
+
+    try:
+        found = {name: (tuple(shape), kind) for name, shape, kind in whosmat(str(path))}
+    except Exception as e:
+        raise LayoutError(f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected a MATLAB "
+                          f"(v5) .mat file with the variable {variable}") from e
+    if variable not in found:
+        raise LayoutError(f"{path}: no variable {variable!r} (it has {sorted(found)}); expected {variable} "
+                          f"holding {BLOCKS_EXPECTED}")
+    shape, kind = found[variable]
+    if kind != "uint8" or len(shape) not in (4, 5) or shape[-1] != 3:
+        raise LayoutError(f"{path}: {variable} is {kind} of shape {shape}; expected {BLOCKS_EXPECTED}")
+    return shape
+
+
+def mat_pairs(folders: list[Path], gt_var: str, lq_var: str) -> list[tuple]:
+    """(gt, lq) MatBlocks of `<gt_var>.mat` and `<lq_var>.mat` in the first folder holding both;
+    [] when none holds either, LayoutError when only one is found or their shapes differ."""
+    names = (f"{gt_var}.mat", f"{lq_var}.mat")
+    both = [d for d in folders if all((d / n).is_file() for n in names)]
+    if not both:
+        one = [d / n for d in folders for n in names if (d / n).is_file()]
+        if one:
+            other = names[1 - names.index(one[0].name)]
+            raise LayoutError(f"{one[0]}: {other} is missing next to it; expected both {names[0]} and "
+                              f"{names[1]} in one of {', '.join(str(d) for d in folders)}")
+        return []
+    gt, lq = both[0] / names[0], both[0] / names[1]
+    shape, lq_shape = mat_shape(gt, gt_var), mat_shape(lq, lq_var)
+    if lq_shape != shape:
+        raise LayoutError(f"{lq}: {lq_var} has shape {lq_shape} but {gt_var} in {gt} has {shape}; "
+                          f"expected the same blocks in both")
+    hw = shape[-3:-1]
+    return [(MatBlock(gt, gt_var, k, hw), MatBlock(lq, lq_var, k, hw)) for k in range(math.prod(shape[:-3]))]
 
 
 def images(folder: Path) -> list[Path]:
@@ -99,10 +155,14 @@ def lol_v2_real(root: Path, split: str) -> list[tuple]:
 
 def sidd(root: Path, split: str) -> list[tuple]:
     """SIDD medium sRGB: Data/<scene>/{*_NOISY_SRGB_*, *_GT_SRGB_*} (train); test: the validation
-    pairs exported as images under val/{input,target} (the .mat blocks need no pickle but are
-    converted once with `scipy.io.loadmat`)."""
+    pairs as images in val/{input,target}, or the published ValidationNoisyBlocksSrgb.mat and
+    ValidationGtBlocksSrgb.mat (1280 blocks of 256x256, read with scipy.io.loadmat, which runs no
+    code) in the folder itself, val/ or test/SIDD/ (Restormer's place)."""
     if split == "test":
-        return by_name(root / "val" / "target", root / "val" / "input") if (root / "val" / "input").is_dir() else []
+        if (root / "val" / "input").is_dir():
+            return by_name(root / "val" / "target", root / "val" / "input")
+        return mat_pairs([root, root / "val", root / "test" / "SIDD"],
+                         "ValidationGtBlocksSrgb", "ValidationNoisyBlocksSrgb")
     out = []
     for scene in sorted((root / "Data").glob("*")):
         for noisy in sorted(scene.glob("*NOISY_SRGB*")):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from stores import dataset_name, sha256_file
 
-from .layouts import IMAGE_SUFFIXES, LayoutError, list_pairs, parse_data
+from .layouts import BLOCKS_EXPECTED, IMAGE_SUFFIXES, LayoutError, MatBlock, list_pairs, parse_data
 
 
 # Demo: real colour photos shipped inside the scikit-image wheel, split by image (the stereo
@@ -100,11 +101,25 @@ def _folder(data: str, split: str) -> Source:
     """A dataset folder in one of the layouts of pipeline.layouts (named or detected)."""
     layout, pairs = list_pairs(data, split)
     root = parse_data(data)[1]
-    samples = [Sample(str(g.relative_to(root)), _file_loader(g, q), _image_size(g)) for g, q in pairs]
-    files = {str(p.relative_to(root)): sha256_file(p) for pair in pairs for p in pair if p is not None}
+    samples = [_sample(root, g, q) for g, q in pairs]
+    files, blocks = {}, {}
+    for p in (p for pair in pairs for p in pair if p is not None):
+        path = p.path if isinstance(p, MatBlock) else p
+        if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
+            files[key] = sha256_file(path)
+        if isinstance(p, MatBlock):
+            blocks.setdefault(f"{key}#{p.variable}", []).append(p.index)
     name = dataset_name(str(root))
-    return Source(name, split, samples, {"dataset": name, "layout": layout, "files": files, "split": split},
-                  paired=pairs[0][1] is not None)
+    fingerprint = {"dataset": name, "layout": layout, "files": files, "split": split}
+    if blocks:  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
+        fingerprint["blocks"] = blocks
+    return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None)
+
+
+def _sample(root: Path, gt, lq) -> Sample:
+    if isinstance(gt, MatBlock):  # named e.g. test/SIDD/ValidationGtBlocksSrgb.mat#0007
+        return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw))
+    return Sample(str(gt.relative_to(root)), _file_loader(gt, lq), _image_size(gt))
 
 
 def _image_size(path: Path) -> tuple:
@@ -161,4 +176,44 @@ def _file_loader(gt: Path, lq: Path | None):
             return g, None, notes
         q, lq_notes = read_image(lq)
         return g, q, notes + [f"lq: {n}" for n in lq_notes]
+    return load
+
+
+# -- image blocks in MATLAB files (SIDD validation) -------------------------------------------
+@lru_cache(maxsize=2)  # SIDD's noisy and GT arrays (250 MB each): read once per process, not per block
+def _mat_blocks(path: Path, variable: str, stamp: tuple) -> np.ndarray | str:
+    """All blocks of `variable` as one C-ordered (N, H, W, 3) uint8 array, or the reason it cannot
+    be read (cached too, so that a broken file is read once and each of its blocks is excluded).
+    `stamp` (mtime, size) makes a changed file a new entry."""
+    from scipy.io import loadmat
+
+    try:
+        arr = loadmat(str(path), variable_names=[variable]).get(variable)
+    except Exception as e:
+        return (f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected {variable} holding "
+                f"{BLOCKS_EXPECTED}")
+    if arr is None:
+        return f"{path}: no variable {variable!r}; expected {variable} holding {BLOCKS_EXPECTED}"
+    if arr.dtype != np.uint8 or arr.ndim not in (4, 5) or arr.shape[-1] != 3:
+        return f"{path}: {variable} is {arr.dtype} of shape {arr.shape}; expected {BLOCKS_EXPECTED}"
+    return np.ascontiguousarray(arr).reshape(-1, *arr.shape[-3:])  # MATLAB order: one copy here, not per block
+
+
+def _read_block(block: MatBlock) -> np.ndarray:
+    """One block as uint8 (H, W, 3); SourceError naming the file when it cannot be read."""
+    try:
+        st = block.path.stat()
+    except OSError as e:
+        raise SourceError(f"cannot read MATLAB file {block.path}: {e}") from e
+    blocks = _mat_blocks(block.path, block.variable, (st.st_mtime_ns, st.st_size))
+    if isinstance(blocks, str):
+        raise SourceError(blocks)
+    if block.index >= len(blocks):
+        raise SourceError(f"{block.path}: {block.variable} has {len(blocks)} blocks; expected block {block.index}")
+    return blocks[block.index].copy()  # the cached array stays untouched
+
+
+def _block_loader(gt: MatBlock, lq: MatBlock | None):
+    def load():
+        return _read_block(gt), None if lq is None else _read_block(lq), []
     return load

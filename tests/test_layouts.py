@@ -4,9 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.io import savemat
 
-from pipeline.layouts import LAYOUTS, LayoutError, detect, list_pairs
-from pipeline.sources import open_source
+from pipeline.extract import FeaturesConfig, build_features, load_range
+from pipeline.layouts import LAYOUTS, LayoutError, MatBlock, detect, list_pairs
+from pipeline.sources import SourceError, open_source
+from stores import Store
 
 
 def img(path: Path, hw=(24, 32), value=0):
@@ -150,3 +153,129 @@ def test_source_from_a_folder_fingerprints_its_files(tmp_path):
     before = dict(src.fingerprint["files"])
     img(tmp_path / "test" / "GOPR0384_11_00" / "sharp" / "000000.png", value=9)
     assert open_source(str(tmp_path), "test").fingerprint["files"] != before
+
+
+# -- SIDD validation as the published .mat files ---------------------------------------------------
+GT_MAT, NOISY_MAT = "ValidationGtBlocksSrgb", "ValidationNoisyBlocksSrgb"
+
+
+def blocks(seed, shape=(2, 3, 32, 32, 3)):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def make_sidd_mat(folder: Path, gt=None, noisy=None):
+    """Both validation files in `folder` (tiny: 2 x 3 blocks of 32 x 32); returns (gt, noisy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gt, noisy = blocks(0) if gt is None else gt, blocks(1) if noisy is None else noisy
+    savemat(folder / f"{GT_MAT}.mat", {GT_MAT: gt})
+    savemat(folder / f"{NOISY_MAT}.mat", {NOISY_MAT: noisy})
+    return gt, noisy
+
+
+@pytest.mark.parametrize("place", ["", "val", "test/SIDD"])
+def test_sidd_validation_mat_files_give_one_sample_per_block(place, tmp_path):
+    gt, noisy = make_sidd_mat(tmp_path / place)
+    assert detect(tmp_path) == "sidd"
+    name, pairs = list_pairs(str(tmp_path), "test")
+    assert name == "sidd" and len(pairs) == 6 and all(isinstance(b, MatBlock) for pair in pairs for b in pair)
+    src = open_source(str(tmp_path), "test")
+    prefix = f"{place}/" if place else ""
+    assert [s.name for s in src.samples] == [f"{prefix}{GT_MAT}.mat#{k:04d}" for k in range(6)]
+    assert src.paired and all(s.hw == (32, 32) for s in src.samples)
+    for k, (i, j) in ((0, (0, 0)), (2, (0, 2)), (4, (1, 1)), (5, (1, 2))):  # row-major over (i, j)
+        g, q, notes = src.samples[k].load()
+        assert g.dtype == q.dtype == np.uint8 and g.shape == q.shape == (32, 32, 3) and notes == []
+        assert np.array_equal(g, gt[i, j]) and np.array_equal(q, noisy[i, j])
+    assert sorted(src.fingerprint["files"]) == [f"{prefix}{GT_MAT}.mat", f"{prefix}{NOISY_MAT}.mat"]
+    assert src.fingerprint["blocks"][f"{prefix}{GT_MAT}.mat#{GT_MAT}"] == list(range(6))
+
+
+def test_sidd_val_images_come_before_mat_files_and_the_first_place_with_both_wins(tmp_path):
+    make_sidd_mat(tmp_path / "test" / "SIDD")
+    make_sidd_mat(tmp_path / "val", blocks(2, (4, 32, 32, 3)), blocks(3, (4, 32, 32, 3)))  # (B, H, W, 3)
+    src = open_source(str(tmp_path), "test")
+    assert len(src.samples) == 4 and src.samples[3].name == f"val/{GT_MAT}.mat#0003"
+    assert np.array_equal(src.samples[3].load()[0], blocks(2, (4, 32, 32, 3))[3])
+    make_sidd(tmp_path)
+    assert len(list_pairs(str(tmp_path), "test")[1]) == 1  # val/{input,target} images
+
+
+def test_sidd_mat_fingerprint_changes_with_a_file(tmp_path):
+    make_sidd_mat(tmp_path / "test" / "SIDD")
+    before = open_source(str(tmp_path), "test").fingerprint
+    make_sidd_mat(tmp_path / "test" / "SIDD", noisy=blocks(9))
+    after = open_source(str(tmp_path), "test").fingerprint
+    assert after["files"] != before["files"] and after["blocks"] == before["blocks"]
+
+
+def write_mat(path: Path, **variables):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, variables)
+
+
+def only_gt(root):
+    write_mat(root / "test" / "SIDD" / f"{GT_MAT}.mat", **{GT_MAT: blocks(0)})
+
+
+def variable_missing(root):
+    make_sidd_mat(root)
+    write_mat(root / f"{GT_MAT}.mat", gt=blocks(0))
+
+
+def shapes_differ(root):
+    make_sidd_mat(root / "val", noisy=blocks(1, (2, 2, 32, 32, 3)))
+
+
+def not_uint8(root):
+    make_sidd_mat(root, gt=blocks(0).astype(np.float64))
+
+
+def not_rgb(root):
+    make_sidd_mat(root, gt=blocks(0, (6, 32, 32)), noisy=blocks(1, (6, 32, 32)))
+
+
+def unreadable(root):
+    make_sidd_mat(root)
+    (root / f"{NOISY_MAT}.mat").write_bytes(b"not a MATLAB file" * 20)
+
+
+@pytest.mark.parametrize("make, message", [
+    (only_gt, f"{GT_MAT}.mat: {NOISY_MAT}.mat is missing next to it; expected both"),
+    (variable_missing, f"{GT_MAT}.mat: no variable '{GT_MAT}'"),
+    (shapes_differ, rf"{NOISY_MAT}.mat: {NOISY_MAT} has shape \(2, 2, 32, 32, 3\) but {GT_MAT} in .* has \(2, 3,"),
+    (not_uint8, rf"{GT_MAT}.mat: {GT_MAT} is double of shape .*; expected uint8 image blocks"),
+    (not_rgb, rf"{GT_MAT}.mat: {GT_MAT} is uint8 of shape \(6, 32, 32\); expected uint8 image blocks"),
+    (unreadable, f"cannot read MATLAB file .*{NOISY_MAT}.mat"),
+])
+def test_bad_sidd_mat_files_are_named_with_what_was_expected(make, message, tmp_path):
+    make(tmp_path)
+    assert detect(tmp_path) == "sidd"  # it matched far enough to report the problem
+    with pytest.raises(LayoutError, match=message):
+        list_pairs(str(tmp_path), "test")
+    with pytest.raises(SourceError, match=message):
+        open_source(str(tmp_path), "test")
+
+
+def test_truncated_sidd_mat_excludes_its_blocks_with_its_name(tmp_path):
+    make_sidd_mat(tmp_path)
+    path = tmp_path / f"{NOISY_MAT}.mat"
+    path.write_bytes(path.read_bytes()[:10000])  # the header is intact, the pixels are not
+    src = open_source(str(tmp_path), "test")  # listed from the header
+    with pytest.raises(SourceError, match=f"cannot read MATLAB file {path}"):
+        src.samples[0].load()
+    out = load_range(src, 0, 6, None, 0, (32, 32))
+    assert [e["name"] for e in out["excluded"]] == [s.name for s in src.samples]
+    assert all(str(path) in e["reason"] for e in out["excluded"]) and not out["hw"].any()
+
+
+def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
+    gt, noisy = make_sidd_mat(tmp_path / "SIDD" / "test" / "SIDD")
+    cfg = FeaturesConfig(task="denoise", data=str(tmp_path / "SIDD"), target="identity",
+                         encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path / "stores"), shard_len=4,
+                         splits=("test",))
+    store = Store(build_features(cfg, log=lambda *a: None)[0])
+    assert store.manifest()["members"]["pairs"]["status"] == "complete"
+    assert list(store.array("pairs", "names")[:]) == [f"test/SIDD/{GT_MAT}.mat#{k:04d}" for k in range(6)]
+    assert (store.array("pairs", "hw")[:] == 32).all()
+    assert np.array_equal(store.array("pairs", "gt")[:, :32, :32], gt.reshape(6, 32, 32, 3))
+    assert np.array_equal(store.array("pairs", "lq")[:, :32, :32], noisy.reshape(6, 32, 32, 3))
