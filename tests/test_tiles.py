@@ -6,7 +6,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from stores import Store
 from stores.tiles import DamagedShard, TileReader
-from tests.toys import make_store
+from toys import make_store
 from training.data import CropBatches, Split
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from skimage.metrics import structural_similarity
 
 from toys import make_task_stores
@@ -85,6 +86,28 @@ def test_perceptual_loss_without_weights_is_a_clear_error(stores, tmp_path, caps
     assert "--vgg-weights" in capsys.readouterr().err
     assert main(train_args(stores, tmp_path, "p", "--perceptual", "0.1", "--vgg-weights", "/no/vgg.pth")) == 1
     assert "/no/vgg.pth" in capsys.readouterr().err
+
+
+def test_perceptual_loss_with_vgg19_weights_trains(stores, tmp_path):
+    """Random weights in torchvision's VGG19 layout, saved as a features-only safetensors file
+    (what the real vgg19-dcbb9e9d.pth holds beside the classifier), through the real loader."""
+    from safetensors.torch import save_file
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from training.losses import VGGPerceptual
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}
+    save_file(state, tmp_path / "vgg19.safetensors")
+    loss = VGGPerceptual(str(tmp_path / "vgg19.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    assert loss(x, x).item() == 0 and loss(x, x.flip(-1)).item() > 0
+    assert main(train_args(stores, tmp_path, "vgg", "--steps", "3", "--perceptual", "0.1",
+                           "--vgg-weights", str(tmp_path / "vgg19.safetensors"))) == 0
+    assert load_model(tmp_path / "vgg")[1]["step"] == 3
+    save_file({"conv.weight": torch.zeros(1)}, tmp_path / "other.safetensors")  # not VGG19
+    with pytest.raises(ValueError, match="not a torchvision VGG19 state dict"):
+        VGGPerceptual(str(tmp_path / "other.safetensors"))
 
 
 def test_two_process_gloo_ddp_trains_and_rank0_checkpoint_loads(stores, tmp_path):

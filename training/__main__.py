@@ -31,7 +31,7 @@ HELP = {
     "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
               "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",
-    "vgg_weights": "torchvision VGG19 ImageNet weights file", "device": "'auto', 'cpu' or 'cuda[:i]'",
+    "vgg_weights": "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a .safetensors of its features.* tensors)", "device": "'auto', 'cpu' or 'cuda[:i]'",
     "compile": "torch.compile the model", "eval_every": "steps between test evaluations (PSNR curve)",
     "stop_at": "stop with a checkpoint after this step; continue later with --resume",
     "save_images": "save the refined test images as PNG in runs/<run>/images/",

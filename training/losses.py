@@ -22,23 +22,35 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
 
 
 class VGGPerceptual(nn.Module):
-    """L1 between VGG19 features (relu1_1..relu5_1, weights 1/32 .. 1) of ImageNet-normalised inputs."""
+    """L1 between VGG19 features (relu1_1..relu5_1, weights 1/32 .. 1) of ImageNet-normalised inputs.
+
+    `weights_path`: torchvision's VGG19 ImageNet state dict (vgg19-dcbb9e9d.pth) or any checkpoint
+    holding its `features.*` tensors (the classifier is not used), read with the safe reader.
+    """
 
     def __init__(self, weights_path: str):
         super().__init__()
-        from torchvision.models import vgg19
+        from torchvision.models.vgg import cfgs, make_layers
+
+        from .checkpoints import CheckpointError, load_checkpoint
 
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(f"--vgg-weights {path}: no such file; the perceptual loss needs "
                                     f"torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth) given by path")
-        state = _load_state(path)
-        net = vgg19()
+        features = make_layers(cfgs["E"])[:max(VGG_LAYERS) + 1]  # VGG19's conv part up to relu5_1
         try:
-            net.load_state_dict(state)
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            raise ValueError(f"--vgg-weights: {e}") from e
+        wanted = {k: v for k, v in state.items() if k.startswith("features.")
+                  and int(k.split(".")[1]) <= max(VGG_LAYERS)}
+        try:
+            features.load_state_dict({k.removeprefix("features."): v for k, v in wanted.items()})
         except RuntimeError as e:
-            raise ValueError(f"{path}: not a torchvision VGG19 state dict ({str(e)[:200]})") from e
-        self.features = net.features[:max(VGG_LAYERS) + 1].eval().requires_grad_(False)
+            raise ValueError(f"--vgg-weights {path}: not a torchvision VGG19 state dict "
+                             f"({str(e)[:200]})") from e
+        self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -51,10 +63,3 @@ class VGGPerceptual(nn.Module):
                 loss = loss + VGG_LAYERS[i] * F.l1_loss(x, y)
         return loss
 
-
-def _load_state(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
