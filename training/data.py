@@ -169,7 +169,7 @@ class CropBatches(torch.utils.data.Dataset):
         small = sorted(set(usable) - set(self.pool.tolist()))
         if small:
             warnings.warn(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px crop and are "
-                          f"not trained on (e.g. sample {small[0]}, {tuple(split.hw[small[0]])})", stacklevel=2)
+                          f"not trained on (e.g. sample {small[0]}, {tuple(int(v) for v in split.hw[small[0]])})", stacklevel=2)
         if not len(self.pool):
             raise ValueError(f"{split.path.name}: no sample is at least {crop}px on both sides; lower --crop")
         self.split, self.crop, self.batch, self.seed, self.steps = split, crop, batch, seed, steps
