@@ -23,15 +23,17 @@ _tuned: bool | None = None
 def tune_allocator() -> bool:
     """Make glibc keep freed large buffers for reuse (idempotent; returns whether it applied).
 
-    Skipped on other C libraries (macOS, musl), when the user set any MALLOC_* variable (their
-    settings win), and with PTGRM_MALLOC_TUNE=0.
+    Skipped on other C libraries (macOS, musl), when the user set any MALLOC_* variable or
+    glibc.malloc tunable (their settings win), and with PTGRM_MALLOC_TUNE=0. The price: each
+    process (and each malloc arena) may keep up to 1 GiB of freed memory for reuse.
     """
     global _tuned
     if _tuned is not None:
         return _tuned
     _tuned = False
     if not sys.platform.startswith("linux") or os.environ.get("PTGRM_MALLOC_TUNE", "1") == "0" \
-            or any(k.startswith("MALLOC_") for k in os.environ):
+            or any(k.startswith("MALLOC_") for k in os.environ) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -39,6 +41,7 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _tuned = all(mallopt(opt, value) == 1 for opt, value in
-                 ((M_MMAP_THRESHOLD, _MMAP_MAX), (M_TRIM_THRESHOLD, _TRIM), (M_TOP_PAD, _TOP_PAD)))
+    applied = [mallopt(opt, value) == 1 for opt, value in
+               ((M_MMAP_THRESHOLD, _MMAP_MAX), (M_TRIM_THRESHOLD, _TRIM), (M_TOP_PAD, _TOP_PAD))]
+    _tuned = all(applied)
     return _tuned

@@ -72,6 +72,8 @@ class TileReader:
         return cls(array, path, layout)
 
     def __getattr__(self, name):  # shape-like attributes the callers use come from zarr
+        if name.startswith("__") or name == "array":  # pickling and copying look these up first
+            raise AttributeError(name)
         return getattr(self.array, name)
 
     def __getitem__(self, key):

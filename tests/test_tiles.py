@@ -77,3 +77,21 @@ def test_loader_batches_unchanged_by_fast_reads(tmp_path):
         assert np.array_equal(batch["base"][k].permute(1, 2, 0).numpy(), wb)
         assert np.array_equal(batch["g"][k].numpy(), g[i, fh + 2 * fv])
     assert len(draw) == 6
+
+
+def test_spawned_loader_workers_open_their_own_readers(tmp_path):
+    """A split whose arrays are open pickles without them (spawn and forkserver start methods)."""
+    import pickle
+
+    import torch
+
+    path = make_store(tmp_path, "train", 12, (48, 48))
+    split = Split.open(path, None, None)
+    split.arrays()
+    assert pickle.loads(pickle.dumps(split))._arrays is None
+    batches = CropBatches(split, 16, 4, seed=0, steps=2)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    for step, batch in enumerate(loader):
+        assert torch.equal(batch["lq"], batches[step]["lq"]) and torch.equal(batch["g"], batches[step]["g"])
+    with pytest.raises(ValueError):  # g handed out by the split is a read-only view of the shared copy
+        split.g(0)[0] = 1

@@ -90,23 +90,27 @@ class Split:
         return cls(Path(path), tgt, encs)
 
     def __post_init__(self):
-        self._arrays, self._pid = None, None
+        self._arrays, self._pid, self._g = None, None, None
 
     def arrays(self) -> dict:
         """The arrays, opened once per process (loader workers open their own): image arrays
         through the fast tile reader, and g read into memory when it is small (it usually is:
-        8 KB per sample for one CLIP encoder)."""
+        8 KB per sample for one CLIP encoder; forked workers share the parent's copy)."""
         if self._pid != os.getpid():
             store = Store(self.path)
             self._arrays = {"lq": TileReader.wrap(store.array("pairs", "lq")),
                             "gt": TileReader.wrap(store.array("pairs", "gt")),
                             "base": TileReader.wrap(store.array(self.target, "base")),
                             "g": [store.array(e, "g") for e in self.encoders]}
-            g_bytes = sum(g.nbytes for g in self._arrays["g"])
-            self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1) if g_bytes <= G_IN_MEMORY else None
+            if self._g is None and sum(g.nbytes for g in self._arrays["g"]) <= G_IN_MEMORY:
+                self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1)
+                self._g.flags.writeable = False  # Split.g hands out views of it
             self._hw = excluding(store.array("pairs", "hw")[:], store, [self.target, *self.encoders])
             self._pid = os.getpid()
         return self._arrays
+
+    def __getstate__(self) -> dict:  # a spawned loader worker opens its own arrays
+        return {**self.__dict__, "_arrays": None, "_pid": None, "_g": None}
 
     @property
     def hw(self) -> np.ndarray:

@@ -36,7 +36,7 @@ def refine(model, lq: np.ndarray, base: np.ndarray, g: np.ndarray, max_pixels: i
     device = next(model.parameters()).device
     lq_t = torch.from_numpy(np.ascontiguousarray(lq)).permute(2, 0, 1)[None].float().to(device) / 255
     base_t = torch.from_numpy(np.ascontiguousarray(base)).permute(2, 0, 1)[None].float().to(device)
-    g_t = torch.from_numpy(np.asarray(g))[None].float().to(device)
+    g_t = torch.tensor(np.asarray(g), dtype=torch.float32, device=device)[None]  # a copy: g may be read-only
     h, w = lq.shape[:2]
     if h * w <= max_pixels:
         out = model(_pad4(base_t), _pad4(lq_t), g_t)[..., :h, :w]
