@@ -82,14 +82,21 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     q = args.quick
-    rows = {"extraction_restormer_clip_bf16": extraction(device, 2 if q else 16, 64 if q else 512, 1 if q else 10)}
+    result = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "complete": False,
+              "rows": {}}
+
+    def record(key: str, value: dict) -> None:  # written after every row: a run stopped by its time limit keeps them
+        result["rows"][key] = value
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(key, json.dumps(value), flush=True)
+
+    record("extraction_restormer_clip_bf16", extraction(device, 2 if q else 16, 64 if q else 512, 1 if q else 10))
     for batch, crop in ([(2, 64)] if q else [(16, 256), (32, 256), (8, 512)]):
-        rows[f"training_bf16_b{batch}_c{crop}"] = training(device, batch, crop, 1 if q else 30, False)
+        record(f"training_bf16_b{batch}_c{crop}", training(device, batch, crop, 1 if q else 30, False))
     if not q and device.type == "cuda":
-        rows["training_bf16_compiled_b32_c256"] = training(device, 32, 256, 30, True)
-    result = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "rows": rows}
+        record("training_bf16_compiled_b32_c256", training(device, 32, 256, 30, True))
+    result["complete"] = True
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
     return 0
 
 
