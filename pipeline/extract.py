@@ -22,7 +22,7 @@ from stores.runtime import tune_allocator
 
 from .degrade import DEGRADATIONS, sample_rng
 from .encoders import build_encoder, is_sd
-from .sources import Source, SourceError, open_source
+from .sources import Source, SourceError, open_source, release_caches
 from .targets import build_target
 from .tasks import get_task
 
@@ -290,6 +290,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
         bar.n = total - sum(b - a for a, b in work)
         bar.refresh()
     bar.close()
+    release_caches()
     job.finalize(log)
     return job.path
 

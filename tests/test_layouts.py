@@ -279,3 +279,6 @@ def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
     assert (store.array("pairs", "hw")[:] == 32).all()
     assert np.array_equal(store.array("pairs", "gt")[:, :32, :32], gt.reshape(6, 32, 32, 3))
     assert np.array_equal(store.array("pairs", "lq")[:, :32, :32], noisy.reshape(6, 32, 32, 3))
+    from pipeline.sources import _mat_blocks
+
+    assert _mat_blocks.cache_info().currsize == 0  # the arrays (500 MB for SIDD) are released after the split
