@@ -153,4 +153,7 @@ def build_target(name: str, checkpoint=None, **params):
                          f"or module.path:factory")
     if checkpoint is not None:
         raise ValueError(f"target {name!r} is classical and takes no checkpoint")
+    if params.keys() & {"tile", "overlap", "device"}:
+        raise ValueError(f"target {name!r} is classical: --target-tile, --target-overlap and --device apply to "
+                         f"network targets only (it runs on whole images on the CPU)")
     return TARGETS[name](**params)

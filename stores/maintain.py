@@ -38,7 +38,9 @@ def features_command(config: dict, store_root: Path, split: str) -> list[str]:
              "target-weights": config.get("target_weights"), "encoder": config.get("encoder"),
              "store-root": str(store_root), "shards": config.get("shards"), "shard-len": config["shard_len"],
              "tile": config["tile"], "seed": config["seed"], "clip-weights": config.get("clip_weights"),
-             "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split}
+             "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split,
+             "target-tile": config.get("target_tile"), "target-overlap": config.get("target_overlap"),
+             "max-bad": config.get("max_bad")}
     argv = [sys.executable, "-m", "pipeline", "features"]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)] if v is not None else []

@@ -5,7 +5,8 @@ import pytest
 from pipeline.degrade import deblur, motion_kernel, sample_rng
 from pipeline.encoders import WeightsNotFound, build_encoder
 from pipeline.sources import SourceError, _demo_image, open_source, read_image
-from pipeline.targets import Wiener
+from pipeline.targets import Wiener, build_target
+from stores.maintain import features_command
 from training.metrics import psnr, to_uint8
 
 
@@ -39,6 +40,22 @@ def test_wiener_target_restores_the_blurred_photo(name):
 def test_wiener_needs_the_recorded_kernel():
     with pytest.raises(ValueError, match="non-blind"):
         Wiener()(np.zeros((8, 8, 3), np.float32), {})
+
+
+def test_classical_targets_refuse_network_options():
+    with pytest.raises(ValueError, match="network targets only"):
+        build_target("wiener", tile=256, overlap=32)
+    with pytest.raises(ValueError, match="takes no checkpoint"):
+        build_target("gamma", "weights.pth")
+
+
+def test_repair_replays_every_setting_that_shapes_a_member(tmp_path):
+    config = {"task": "deblur", "data": "demo", "target": "restormer-deblur", "target_weights": "w.pth",
+              "shard_len": 16, "tile": 64, "seed": 0, "target_tile": 256, "target_overlap": 48, "max_bad": 0.2}
+    argv = features_command(config, tmp_path, "train")
+    for flag, value in (("--target-tile", "256"), ("--target-overlap", "48"), ("--max-bad", "0.2"),
+                        ("--target-weights", "w.pth"), ("--splits", "train")):
+        assert argv[argv.index(flag) + 1] == value
 
 
 def test_demo_splits_are_disjoint_by_photo():
