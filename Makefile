@@ -24,6 +24,8 @@ OSF ?=
 FORMAT ?=
 TARGET_WEIGHTS ?=
 SD_WEIGHTS ?=
+ALLOW_RANDOM_WEIGHTS ?=
+SPLITS ?=
 STORE ?=
 SRC ?=
 DST ?=
@@ -33,14 +35,15 @@ COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STOR
 	$(call flag,--target,$(TARGET))
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
 	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
-	$(call flag,--store-shared,$(STORE_SHARED))
+	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
+	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights)
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
 .PHONY: features train eval restore distill ablate push pull export-wds bench test install clean-runs help
 
 help:
-	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=]"
+	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [ALLOW_RANDOM_WEIGHTS=1]"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1]"
 	@echo "make eval     TASK=deblur RUN=deblur"
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"

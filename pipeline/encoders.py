@@ -149,7 +149,7 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
     where = f"--clip-weights (not given), the Hugging Face cache ({_hf_home()}) for {arch}:{tag}"
     if not allow_random:
         raise WeightsNotFound(f"no weights for {arch}: looked in {where}. Pass --clip-weights PATH "
-                              f"(CLIP_WEIGHTS=PATH), or --allow-random-weights to use a random "
+                              f"(CLIP_WEIGHTS=PATH), or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random "
                               f"initialisation (recorded as weights: random)")
     warnings.warn(f"no pre-trained weights for {arch} (looked in {where}); using a RANDOM "
                   f"initialisation (seed {init_seed}). The features are not CLIP's; the store key "

@@ -276,6 +276,10 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
     """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
     job = SplitJob(cfg, task, split, target, encoders)
+    layout = job.source.fingerprint.get("layout")
+    if layout:  # detected or named: say which, so a wrong guess shows at once
+        log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
+            f"{'pairs' if job.source.paired else 'clean images'}")
     if not job.todo:
         log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
         return job.path

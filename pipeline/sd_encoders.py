@@ -365,7 +365,7 @@ def build_sd_encoder(name: str, weights: str | None = None, allow_random: bool =
     elif not allow_random:
         raise WeightsNotFound(f"no Stable Diffusion weights for {base}: looked in {where}. Pass --sd-weights DIR "
                               f"(a diffusers folder with vae/{' and unet/' if base == 'sd-unet' else ''}), "
-                              f"or --allow-random-weights to use a random initialisation (weights: random)")
+                              f"or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random initialisation (weights: random)")
     else:
         warnings.warn(f"no pre-trained weights for {base} (looked in {where}); using a RANDOM initialisation "
                       f"(seed {init_seed}). The features are not Stable Diffusion's; the store key and every "

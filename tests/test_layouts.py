@@ -273,7 +273,9 @@ def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
     cfg = FeaturesConfig(task="denoise", data=str(tmp_path / "SIDD"), target="identity",
                          encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path / "stores"), shard_len=4,
                          splits=("test",))
-    store = Store(build_features(cfg, log=lambda *a: None)[0])
+    lines = []
+    store = Store(build_features(cfg, log=lines.append)[0])
+    assert f"{tmp_path / 'SIDD'} (test): sidd layout, 6 pairs" in lines  # the detected layout is reported
     assert store.manifest()["members"]["pairs"]["status"] == "complete"
     assert list(store.array("pairs", "names")[:]) == [f"test/SIDD/{GT_MAT}.mat#{k:04d}" for k in range(6)]
     assert (store.array("pairs", "hw")[:] == 32).all()
