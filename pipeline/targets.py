@@ -5,25 +5,38 @@ member key. Registry: TARGETS at the bottom; `build_target(name)`.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
 import numpy as np
 from scipy.ndimage import gaussian_filter, median_filter
 
 
+@dataclass(frozen=True)
+class Classical:
+    """A classical target: no weights; its parameters are its fields and, with `fixed`
+    (settings that are not parameters), make its spec."""
 
-class Identity:
+    id: ClassVar[str]
+    weights: ClassVar[str] = "none"
+    fixed: ClassVar[dict] = {}
+
+    def spec(self) -> dict:
+        return {"target": self.id, **asdict(self), **self.fixed}
+
+
+@dataclass(frozen=True)
+class Identity(Classical):
     """base = lq: the refinement module alone, a baseline."""
 
     id = "identity"
-    weights = "none"
-
-    def spec(self) -> dict:
-        return {"target": self.id}
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         return lq.astype(np.float32)
 
 
-class Wiener:
+@dataclass(frozen=True)
+class Wiener(Classical):
     """Non-blind Wiener deconvolution with a Laplacian prior: classical, needs no weights.
 
     It is given the blur kernel that the degradation drew (recorded in `pairs/meta`), as in
@@ -34,13 +47,9 @@ class Wiener:
     """
 
     id = "wiener"
-    weights = "none"
-
-    def __init__(self, lam: float = 0.02, pad: int = 24):
-        self.lam, self.pad = lam, pad
-
-    def spec(self) -> dict:
-        return {"target": self.id, "lam": self.lam, "pad": self.pad, "prior": "laplacian"}
+    fixed = {"prior": "laplacian"}
+    lam: float = 0.02
+    pad: int = 24
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         if "kernel" not in meta:
@@ -66,18 +75,14 @@ def _otf(kernel: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.fft.rfft2(pad)
 
 
-class GammaCorrection:
+@dataclass(frozen=True)
+class GammaCorrection(Classical):
     """Blind exposure correction for low light: the gamma that lifts the mean luminance to
     `level`, then a light Gaussian smoothing of the amplified noise. Classical, no weights."""
 
     id = "gamma"
-    weights = "none"
-
-    def __init__(self, level: float = 0.45, smooth: float = 0.7):
-        self.level, self.smooth = level, smooth
-
-    def spec(self) -> dict:
-        return {"target": self.id, "level": self.level, "smooth": self.smooth}
+    level: float = 0.45
+    smooth: float = 0.7
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         mean = float(np.clip(lq.mean(), 1e-4, 0.99))
@@ -85,18 +90,14 @@ class GammaCorrection:
         return gaussian_filter(out, (self.smooth, self.smooth, 0)).astype(np.float32)
 
 
-class StreakFilter:
+@dataclass(frozen=True)
+class StreakFilter(Classical):
     """Rain-streak removal: pixels brighter than their `size` x `size` median in every channel
     (bright, achromatic: streaks) are blended towards that median, softly above `thr`."""
 
     id = "streaks"
-    weights = "none"
-
-    def __init__(self, size: int = 7, thr: float = 0.03):
-        self.size, self.thr = size, thr
-
-    def spec(self) -> dict:
-        return {"target": self.id, "size": self.size, "thr": self.thr}
+    size: int = 7
+    thr: float = 0.03
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         med = np.stack([median_filter(lq[..., c], size=self.size) for c in range(lq.shape[2])], -1)
@@ -104,18 +105,15 @@ class StreakFilter:
         return (lq * (1 - w) + med * w).astype(np.float32)
 
 
-class NonLocalMeans:
+@dataclass(frozen=True)
+class NonLocalMeans(Classical):
     """Blind non-local means denoising (noise sigma estimated from the image). No weights."""
 
     id = "nlmeans"
-    weights = "none"
-
-    def __init__(self, strength: float = 0.8, patch: int = 5, window: int = 6):
-        self.strength, self.patch, self.window = strength, patch, window
-
-    def spec(self) -> dict:
-        return {"target": self.id, "strength": self.strength, "patch": self.patch, "window": self.window,
-                "sigma": "estimated"}
+    fixed = {"sigma": "estimated"}
+    strength: float = 0.8
+    patch: int = 5
+    window: int = 6
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         from skimage.restoration import denoise_nl_means
