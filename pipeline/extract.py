@@ -177,7 +177,6 @@ class SplitJob:
     SLURM array tasks run one range each (`slurm/`), then one job finalises."""
 
     def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list):
-        tune_allocator()
         self.cfg, self.split = cfg, split
         self.source = open_source(cfg.data, split, *task.demo_tiles)
         pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
@@ -337,20 +336,26 @@ def write_outputs(store: Store, jobs, outputs, stats) -> None:
         store.write_task(m.path, t, outputs[m.path], own)
 
 
+def build_models(cfg: FeaturesConfig):
+    """(task, target, encoders) of a features config: `make features` and SLURM tasks build them
+    here, once per process."""
+    tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
+    task = get_task(cfg.task)
+    tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
+    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
+    allow_random = cfg.allow_random_weights or cfg.data == "demo"
+    encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
+                for n in (cfg.encoder or task.encoder).split(",")]
+    return task, target, encoders
+
+
 def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
     one added to a complete store computes only itself.
     """
-    tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
-    task = get_task(cfg.task)
-    tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
-    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
-    allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    names = (cfg.encoder or task.encoder).split(",")
-    encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
-                for n in names]
+    task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
     return [build_split(cfg, task, split, target, encoders, log) for split in cfg.splits]

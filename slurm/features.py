@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import fields, replace
 
-from pipeline.extract import FeaturesConfig, SplitJob
+from pipeline.extract import FeaturesConfig, SplitJob, build_models
 
 from . import submit
 
@@ -23,21 +23,6 @@ def config_from_args(args) -> FeaturesConfig:
     names = {f.name for f in fields(FeaturesConfig)} - {"splits"}
     return FeaturesConfig(**{k: v for k, v in vars(args).items() if k in names},
                           splits=tuple(args.splits.split(",")))
-
-
-def build_models(cfg: FeaturesConfig):
-    """(task, target, encoders) exactly as `python -m pipeline features` builds them."""
-    from pipeline.encoders import build_encoder, is_sd
-    from pipeline.targets import build_target
-    from pipeline.tasks import get_task
-
-    task = get_task(cfg.task)
-    tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
-    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
-    allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
-                for n in (cfg.encoder or task.encoder).split(",")]
-    return task, target, encoders
 
 
 def plan(cfg: FeaturesConfig) -> dict[str, SplitJob]:
