@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.encoders import build_encoder  # noqa: E402
 from pipeline.extract import FeaturesConfig, build_features  # noqa: E402
-from pipeline.sources import _demo_image  # noqa: E402
+from pipeline.sources import _demo_image, read_image  # noqa: E402
 from pipeline.targets import build_target  # noqa: E402
 from stores import Store  # noqa: E402
 from stores.runtime import tune_allocator  # noqa: E402
@@ -95,8 +95,7 @@ def bench_extraction(tmp: Path, n: int, size: int) -> dict:
                encoder="clip-vit-b32", splits=("test",), allow_random_weights=True, shard_len=8)
     target = build_target("restormer-deblur", str(ckpt))
     encoder = build_encoder("clip-vit-b32", allow_random=True)
-    images = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"))
-              for p in sorted((data / "test").glob("*.png"))]
+    images = [read_image(p)[0] for p in sorted((data / "test").glob("*.png"))]  # as extraction reads them
 
     def bare():  # the frozen forward passes alone: target per image, encoder in batches of 8
         for img in images:
