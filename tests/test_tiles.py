@@ -67,14 +67,12 @@ def test_loader_batches_unchanged_by_fast_reads(tmp_path):
     lq, base = store.array("pairs", "lq"), store.array(split.target, "base")
     g = store.array(split.encoders[0], "g")
     for k, (i, y, x, fh, fv) in enumerate(draw):
-        want = lq[i, y:y + 16, x:x + 16]
-        want = want[:, ::-1] if fh else want
-        want = want[::-1] if fv else want
-        assert np.allclose(batch["lq"][k].permute(1, 2, 0).numpy() * 255, want)
-        wb = base[i, y:y + 16, x:x + 16].astype(np.float32)
-        wb = wb[:, ::-1] if fh else wb
-        wb = wb[::-1] if fv else wb
-        assert np.array_equal(batch["base"][k].permute(1, 2, 0).numpy(), wb)
+        def flipped(a):  # the crop at (y, x), flipped as the batch's sample k
+            a = a[i, y:y + 16, x:x + 16]
+            a = a[:, ::-1] if fh else a
+            return a[::-1] if fv else a
+        assert np.allclose(batch["lq"][k].permute(1, 2, 0).numpy() * 255, flipped(lq))
+        assert np.array_equal(batch["base"][k].permute(1, 2, 0).numpy(), flipped(base).astype(np.float32))
         assert np.array_equal(batch["g"][k].numpy(), g[i, fh + 2 * fv])
     assert len(draw) == 6
 
