@@ -26,6 +26,11 @@ class DamagedShard(RuntimeError):
     """A shard's index or tile failed its checksum: run `python -m stores verify` / `repair`."""
 
 
+def _crc_ok(raw: bytes) -> bool:
+    """Whether bytes end with the little-endian crc32c of what precedes them (zarr's crc32c codec)."""
+    return np.uint32(google_crc32c.value(raw[:-4])).tobytes() == raw[-4:]
+
+
 def _codec_layout(meta: dict) -> dict | None:
     """The sharding settings of an array's zarr.json when they are the ones we write, else None."""
     codecs = meta.get("codecs", [])
@@ -122,7 +127,7 @@ class TileReader:
                 return None
             except OSError as e:
                 raise DamagedShard(f"{path}: cannot read its shard index ({e})") from e
-            if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
+            if not _crc_ok(raw):
                 raise DamagedShard(f"{path}: shard index checksum mismatch; run `python -m stores verify`")
             self._index[where] = np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,))
         return self._index[where]
@@ -134,6 +139,6 @@ class TileReader:
             return np.broadcast_to(self.fill, shape)
         offset, nbytes = int(entry[0]), int(entry[1])
         raw = os.pread(fd, nbytes, offset)
-        if len(raw) != nbytes or np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
+        if len(raw) != nbytes or not _crc_ok(raw):
             raise DamagedShard(f"{path}: tile ({n}, {ty}, {tx}) checksum mismatch; run `python -m stores verify`")
         return np.frombuffer(self._zstd.decode(raw[:-4]), self.dtype).reshape(shape)
