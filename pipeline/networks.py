@@ -153,7 +153,7 @@ def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap
     """`module.path:factory`: the module is imported (from the PYTHONPATH), `factory()` must
     return an nn.Module, and the checkpoint is loaded into it (strict). The pad factor is
     `factor`, else the module's `pad_factor` attribute, else 1."""
-    net, code_sha = _call_factory(factory)
+    net, code_sha = call_factory(factory)
     sha = load_into(net, checkpoint)
     factor = int(factor or getattr(net, "pad_factor", 1))
     mod, fn = factory.split(":")
@@ -162,24 +162,27 @@ def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap
     return NetworkTarget(net, tid, spec, sha, factor, tile, overlap, device, checkpoint)
 
 
-def _call_factory(factory: str) -> tuple[nn.Module, str | None]:
+def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False) -> tuple:
+    """Import `module.path:factory` and call it: (its nn.Module, or with `allow_tuple` a
+    (module, extra) pair; the module file's sha256)."""
     mod_name, sep, fn_name = factory.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ValueError(f"user target {factory!r} must be 'module.path:factory'")
+        raise ValueError(f"user {kind} {factory!r} must be 'module.path:factory'")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"user target {factory!r}: cannot import module {mod_name!r} ({e}); "
+        raise ValueError(f"user {kind} {factory!r}: cannot import module {mod_name!r} ({e}); "
                          f"is its folder on the PYTHONPATH?") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"user target {factory!r}: module {mod_name!r} has no callable {fn_name!r}")
-    net = fn()
+        raise ValueError(f"user {kind} {factory!r}: module {mod_name!r} has no callable {fn_name!r}")
+    out = fn()
+    net = out[0] if allow_tuple and isinstance(out, tuple) and len(out) == 2 else out
     if not isinstance(net, nn.Module):
-        raise ValueError(f"user target {factory!r}: {fn_name}() returned {type(net).__name__}, not a "
-                         f"torch.nn.Module")
+        expected = "a torch.nn.Module or (nn.Module, preprocess dict)" if allow_tuple else "a torch.nn.Module"
+        raise ValueError(f"user {kind} {factory!r}: {fn_name}() returned {type(out).__name__}, not {expected}")
     source = inspect.getsourcefile(module)
-    return net, (hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None)
+    return out, (hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None)
 
 
 def is_network_target(name: str) -> bool:

@@ -18,7 +18,7 @@ from training.evaluate import refine, save_png
 from training.metrics import to_uint8
 from training.train import load_model
 
-from .encoders import build_encoder, is_sd
+from .encoders import build_encoder, weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
 
@@ -45,7 +45,7 @@ def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> lis
     for b in build:
         spec = b["spec"]
         random = spec.get("weights") == "random"
-        recorded = b.get("sd_weights") if is_sd(b["name"]) else (clip_weights or b["clip_weights"])
+        recorded = weights_arg(b["name"], clip_weights or b.get("clip_weights"), b.get("sd_weights"))
         enc = build_encoder(b["name"], None if random else recorded, allow_random=random,
                             init_seed=b.get("init_seed") or 0)
         if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights["weights"] != spec.get("weights"):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from stores import canonical_json, sha256_file
 
-from .encoders import FLIPS, WeightsNotFound, _hf_home
+from .encoders import FLIPS, WeightsNotFound, _hf_home, flip_views
 
 SD_NAMES = ("sd-vae", "sd-unet")
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -176,11 +176,7 @@ class SDVaeEncoder:
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 
     def _views(self, img: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1)[None].float() / 255
-        size = (self.opts["size"],) * 2
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        # flipping after the resize equals resizing the flipped image (the resize is symmetric)
-        return torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
+        return flip_views(img, (self.opts["size"],) * 2, self.device)
 
     def spec(self) -> dict:
         w, size = self.weights, self.opts["size"]

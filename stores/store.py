@@ -15,6 +15,7 @@ refuse anything else. Inspect with `python -m stores info STORE`.
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 import uuid
@@ -108,11 +109,15 @@ def dataset_name(data: str) -> str:
 
 def encoder_id(name: str) -> str:
     """The member id of an encoder name: `clip-vit-b32`, `openclip-<model or folder name>`, or
+    `user-<module>-<factory>`, or
     `sd-vae` / `sd-unet` (their options are in the spec; the key suffix tells settings apart)."""
     if name.split(":")[0] in ("sd-vae", "sd-unet"):
         return name.split(":")[0]
     if name.startswith("openclip:"):
         return "openclip-" + Path(name.split(":")[1]).name.replace("/", "_")
+    if ":" in name:  # a user's backbone, module.path:factory
+        mod, _, fn = name.partition(":")
+        return "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + re.sub(r"[^A-Za-z0-9_]", "_", fn)
     return name
 
 
