@@ -25,6 +25,9 @@ DEMO_SPLITS = {
               "immunohistochemistry", "retina"],
     "test": ["chelsea", "coffee", "rocket"],
 }
+# The test photos are cut into 33 non-overlapping tiles of this size (6 + 12 + 15), so that the
+# bootstrap interval of a gain rests on more than 3 samples.
+DEMO_TEST_TILE = 128
 
 
 class SourceError(ValueError):
@@ -50,7 +53,8 @@ class Source:
 def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48) -> Source:
     """`data` is `demo` or a folder. Demo training photos are cut into patch x patch tiles every
     `stride` px (overlapping: more samples, each with its own degradation), at most `cap` evenly
-    spread tiles per photo so that the large, mostly dark ones do not dominate."""
+    spread tiles per photo so that the large, mostly dark ones do not dominate. Demo test photos
+    are cut into non-overlapping DEMO_TEST_TILE tiles (33 samples)."""
     if data == "demo":
         return _demo(split, patch, stride, cap)
     try:
@@ -79,8 +83,11 @@ def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
         img = _demo_image(name)
         prints[name] = hashlib.sha256(img.tobytes()).hexdigest()
         h, w = img.shape[:2]
-        if split == "test":  # evaluation uses the full photos
-            samples.append(Sample(name, _const(img), (h, w)))
+        if split == "test":  # non-overlapping tiles of the held-out photos: enough samples for an interval
+            for y in range(0, h - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
+                for x in range(0, w - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
+                    tile = img[y:y + DEMO_TEST_TILE, x:x + DEMO_TEST_TILE]
+                    samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (DEMO_TEST_TILE, DEMO_TEST_TILE)))
             continue
         corners = [(y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)]
         keep = np.unique(np.linspace(0, len(corners) - 1, min(cap, len(corners))).round().astype(int))
@@ -88,7 +95,7 @@ def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
             tile = img[y:y + patch, x:x + patch]
             samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (patch, patch)))
     fingerprint = {"dataset": "demo", "images": prints, "split": split,
-                   "tiles": [patch, stride, cap] if split == "train" else None}
+                   "tiles": [patch, stride, cap] if split == "train" else [DEMO_TEST_TILE, DEMO_TEST_TILE, None]}
     return Source("demo", split, samples, fingerprint, paired=False)
 
 

@@ -113,7 +113,7 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
     for key in ("task", "store", "target", "encoder", "weights", "n_images", "psnr_input", "psnr_base",
                 "psnr_refined", "ssim_base", "ssim_refined", "params", "steps"):
         assert key in result, key
-    assert result["n_images"] == 3 and result["steps"] == 12 and result["weights"] == "pretrained"
+    assert result["n_images"] == 33 and result["steps"] == 12 and result["weights"] == "pretrained"
     assert result["psnr_base"] > result["psnr_input"]
     sidecar = json.loads((run_dir / "model.json").read_text())
     assert sidecar["train_store"]["pairs_key"] == Store(next(root.glob("*-train-*"))).manifest()["pairs_key"]

@@ -61,8 +61,12 @@ def test_repair_replays_every_setting_that_shapes_a_member(tmp_path):
 def test_demo_splits_are_disjoint_by_photo():
     train, test = open_source("demo", "train"), open_source("demo", "test")
     photos = lambda src: {s.name.split("@")[0] for s in src.samples}  # noqa: E731
-    assert len(test.samples) >= 3 and not photos(train) & photos(test)
-    assert all(s.hw == (192, 192) for s in train.samples)
+    assert len(test.samples) >= 24 and not photos(train) & photos(test)
+    assert photos(test) == {"chelsea", "coffee", "rocket"}
+    assert all(s.hw == (192, 192) for s in train.samples) and all(s.hw == (128, 128) for s in test.samples)
+    tiles = {s.name: s.load()[0] for s in test.samples}  # non-overlapping: every tile is its own crop
+    coffee = _demo_image("coffee")
+    assert np.array_equal(tiles["coffee@128_256"], coffee[128:256, 256:384])
     assert set(train.fingerprint["images"]) == photos(train)
 
 

@@ -16,35 +16,65 @@ from .evaluate import refine, save_png
 from .metrics import to_uint8
 
 CROP = 160
+SMOOTHING = 0.6  # EMA factor of the loss curve, per logged point (25 steps by default)
+
+
+def smooth(values: list[float], alpha: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased at the start (TensorBoard's smoothing)."""
+    out, acc = [], 0.0
+    for k, v in enumerate(values, 1):
+        acc = alpha * acc + (1 - alpha) * v
+        out.append(acc / (1 - alpha ** k))
+    return out
 
 
 def plot_curves(run_dir: Path) -> list[str]:
-    """loss.png and psnr.png from metrics.jsonl; returns the file names written."""
+    """loss.png (raw per-batch loss, its smoothed mean, and the unrefined base's loss on the same
+    crops as the reference) and psnr.png (test PSNR of refined and base at each evaluation) from
+    metrics.jsonl; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    col = lambda k: [(r["step"], r[k]) for r in rows if k in r]  # noqa: E731
     written = []
-    for name, keys, ylabel in (("loss.png", ["loss"], "Charbonnier loss per pixel"),
-                               ("psnr.png", ["eval_psnr_refined", "eval_psnr_base"], "test PSNR (dB)")):
-        series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
-        if not any(series.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-        for k, pts in series.items():
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=k.replace("eval_", ""))
+
+    def figure(name: str, ylabel: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+        draw(ax)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         with atomic_path(run_dir / name) as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
         written.append(name)
+
+    def loss(ax) -> None:
+        raw, mean, base = col("loss"), col("loss_mean"), col("loss_base_mean")
+        ax.plot(*zip(*raw), color="tab:blue", alpha=0.3, lw=0.8, label="loss of one batch (raw)")
+        if mean:
+            steps, vals = zip(*mean)
+            ax.plot(steps, smooth(list(vals)), color="tab:blue", lw=2, label="refined, smoothed mean")
+        if base:
+            steps, vals = zip(*base)
+            ax.plot(steps, smooth(list(vals)), color="0.35", ls="--", lw=1.5,
+                    label="unrefined base on the same crops (reference)")
+
+    def psnr(ax) -> None:
+        for k, style in (("eval_psnr_refined", "-o"), ("eval_psnr_base", "--")):
+            pts = col(k)
+            if pts:
+                ax.plot(*zip(*pts), style, label=k.removeprefix("eval_psnr_"))
+
+    if col("loss"):
+        figure("loss.png", "Charbonnier loss per pixel", loss)
+    if col("eval_psnr_refined"):
+        figure("psnr.png", "test PSNR (dB)", psnr)
     return written
 
 

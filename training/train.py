@@ -26,6 +26,7 @@ from .evaluate import evaluate, write_eval
 from .losses import VGGPerceptual, charbonnier
 from .model import PTGRM, PTGRMConfig, count_parameters
 
+AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
 
 
@@ -57,7 +58,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     log_every: int = 25
     ckpt_every: int = 250
-    eval_every: int = 0  # steps between test evaluations for the PSNR curve (0: at the end only)
+    eval_every: int = -1  # steps between test evaluations for the PSNR curve (-1: 5 over the run; 0: at the end only)
     stop_at: int = 0  # stop with a checkpoint after this step (resume later with --resume)
     resume: bool = False
     save_images: bool = False  # save the refined test images to runs/<run>/images/
@@ -182,13 +183,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     tb = _tensorboard(run_dir, start) if main else None
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
     wait = compute = 0.0
+    eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(cfg.steps // AUTO_EVALS, 1)
+    loss_sum = torch.zeros(2, device=device)  # (refined, base) Charbonnier per pixel, summed since the last log
     model.train()
     t_last = time.perf_counter()
     metrics = run_dir / "metrics.jsonl"
+    last_log = start
     for step, batch in enumerate(loader, start):
         t0 = time.perf_counter()
         wait += t0 - t_last
-        loss = train_step(net, batch, device, perceptual, cfg.perceptual, world)
+        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world)
+        loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -197,13 +202,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
         compute += t_last - t0
         bar.update(1)
         done = step + 1
-        if main and (done % cfg.log_every == 0 or done == cfg.steps):
-            row = {"step": done, "loss": loss.item() / (batch["gt"].numel() * world),
-                   "loss_sum": loss.item(), "lr": sched.get_last_lr()[0],
-                   "data_wait_frac": wait / max(wait + compute, 1e-9)}
-            _log(metrics, tb, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            n = done - max(last_log, start)
+            mean_loss, mean_base = (loss_sum / max(n, 1)).tolist()
+            loss_sum.zero_()
+            last_log = done
+            if main:
+                row = {"step": done, "loss": loss.item() / (batch["gt"].numel() * world),
+                       "loss_sum": loss.item(), "loss_mean": mean_loss, "loss_base_mean": mean_base,
+                       "lr": sched.get_last_lr()[0], "data_wait_frac": wait / max(wait + compute, 1e-9)}
+                _log(metrics, tb, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if main and eval_every and done % eval_every == 0 and done < cfg.steps:
             r = evaluate(model, test_split)
             _log(metrics, tb, {"step": done, "eval_psnr_refined": r["psnr_refined"],
                                "eval_psnr_base": r["psnr_base"]})
@@ -234,7 +244,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def train_step(net, batch: dict, device, perceptual, weight: float, world: int) -> torch.Tensor:
-    """Loss of one (local) batch. Scaled by the world size so DDP's gradient average equals the
+    """(loss, base's loss) of one (local) batch, summed over pixels. Scaled by the world size so DDP's gradient average equals the
     gradient of the single-process summed loss."""
     cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     lq, base, gt, g = (batch[k].to(device, non_blocking=True) for k in ("lq", "base", "gt", "g"))
@@ -246,7 +256,9 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int) 
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)
-    return loss * world
+    with torch.no_grad():  # the unrefined base's loss on the same crops: the reference a run must beat
+        base_loss = charbonnier(base.float().clamp(0, 1), gt)
+    return loss * world, base_loss * world
 
 
 def _log(path: Path, tb, row: dict) -> None:
