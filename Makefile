@@ -40,7 +40,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
-.PHONY: features train eval restore distill ablate push pull export-wds bench test install clean-runs help
+.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [ALLOW_RANDOM_WEIGHTS=1]"
@@ -49,6 +49,7 @@ help:
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
+	@echo "make prior-study TASK=deblur [SEEDS=0,1,2] [STEPS=]  (no OSF / random CLIP / pre-trained EfficientNet-Lite0 / both)"
 	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
 	@echo "make slurm-features TASK=deblur SHARDS=64 [PARTITION= ACCOUNT= GPUS= TIME=] | make slurm-train TASK=deblur"
 	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
@@ -83,6 +84,12 @@ distill: $(VENV)/.installed
 
 ablate: $(VENV)/.installed
 	$(PY) -m training ablate $(TRAIN_FLAGS)
+
+# Does the pre-trained prior matter? Both OSF members first (each computed once), then 4 rows x SEEDS runs.
+SEEDS ?= 0,1,2
+prior-study: $(VENV)/.installed
+	$(PY) -m pipeline features $(FEATURES_FLAGS) --encoder clip-vit-b32,effnet-lite0
+	$(PY) -m training prior-study $(TRAIN_FLAGS) --seeds $(SEEDS)
 
 push: $(VENV)/.installed
 	@test -n "$(STORE)" -a -n "$(DST)" || { echo "usage: make push STORE=data/stores/<store> DST=s3://bucket/prefix"; exit 2; }

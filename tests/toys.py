@@ -55,3 +55,22 @@ def make_task_stores(root, n_train=12, n_test=3, dim=32, space="rgb"):
     """Train and test stores of the toy dataset under `root`; returns (train path, test path)."""
     return (make_store(root, "train", n_train, (48, 48), dim, space=space),
             make_store(root, "test", n_test, (44, 52), dim, space=space))
+
+
+def add_osf_member(path, encoder: str, dim: int, seed: int = 1, weights: str = "pretrained"):
+    """Another complete OSF member (random unit vectors) on a toy store: a second encoder."""
+    store = Store(path, mode="a")
+    m = store.manifest()
+    n, pairs_key = m["n"], m["pairs_key"]
+    rng = np.random.default_rng([seed, n])
+    g = rng.normal(size=(n, 4, dim)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    member = f"osf/{encoder}-{pairs_key[:12]}"
+    plan = make_plan(n, 4)
+    store.begin_member(member, key_of({"member": member, "pairs": pairs_key}), {"member": member},
+                       [ArraySpec("g", (n, 4, dim), "float32")], 4, plan,
+                       {"encoder": encoder, "weights": weights, "dim": dim})
+    for t, (a, b) in enumerate(plan):
+        store.write_task(member, t, {"g": g[a:b]}, {})
+    store.finalize(member)
+    return member

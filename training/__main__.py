@@ -66,6 +66,14 @@ def main(argv=None) -> int:
                                    "spatial attention, w/o position embeddings, g by concatenation, "
                                    "w/o g, Eq. 1 output), then runs/<run>-ablation/ablation.{md,json}. "
                                    "Finished rows are reused."))
+    study_parser = sub.add_parser("prior-study", help="does the pre-trained prior matter? no OSF, random CLIP, "
+                                  "pre-trained EfficientNet-Lite0 and both, over seeds; one table",
+                                  description="Needs the task's stores with the clip-vit-b32 and effnet-lite0 "
+                                  "members (`make prior-study` builds them). Writes runs/<run>-prior/prior.{md,json}: "
+                                  "mean PSNR/SSIM per row and paired differences with 95%% bootstrap intervals "
+                                  "over test samples and seeds. Finished runs are reused.")
+    add_config_args(study_parser)
+    study_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     distill_parser = sub.add_parser("distill", help="train a small OSF predictor so inference needs no "
                                     "pre-trained model; adds predicted-g results to eval.json")
     add_config_args(distill_parser)
@@ -80,13 +88,18 @@ def main(argv=None) -> int:
         else:
             if args.cmd == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
                 return launch_ddp(args.nproc, sys.argv[1:] if argv is None else list(argv))
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("cmd", "nproc", "distill_steps")})
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items()
+                                 if k not in ("cmd", "nproc", "distill_steps", "seeds")})
             if args.cmd == "train":
                 train(cfg)
             elif args.cmd == "ablate":
                 from .ablate import ablate
 
                 ablate(cfg)
+            elif args.cmd == "prior-study":
+                from .prior_study import prior_study
+
+                prior_study(cfg, [int(x) for x in args.seeds.split(",") if x.strip()])
             elif args.cmd == "distill":
                 run_distill(cfg, args.distill_steps)
             else:

@@ -1,0 +1,43 @@
+"""`make prior-study`: four OSF rows over seeds, paired differences with bootstrap intervals."""
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from training.prior_study import ROWS, paired_bootstrap, prior_study
+from training.train import TrainConfig
+
+from toys import add_osf_member, make_task_stores
+
+
+def test_paired_bootstrap_brackets_the_mean_and_narrows_with_samples():
+    rng = np.random.default_rng(0)
+    small = rng.normal(0.3, 1.0, (3, 8))
+    large = rng.normal(0.3, 1.0, (3, 200))
+    lo, hi = paired_bootstrap(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = paired_bootstrap(large)
+    assert hi2 - lo2 < hi - lo and lo2 > 0  # more samples: a tighter interval that excludes 0
+    assert paired_bootstrap(np.zeros((3, 5))) == [0.0, 0.0]
+
+
+def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
+    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=32)
+    for path in (train_store, test_store):
+        add_osf_member(path, "effnet-lite0", 24)
+    cfg = TrainConfig(train_store=str(train_store), test_store=str(test_store), runs_dir=str(tmp_path / "runs"),
+                      run="toy", steps=3, batch=2, crop=32, workers=0, log_every=1, eval_every=0)
+    out = prior_study(cfg, [0, 1], log=lambda *a: None)
+    report = json.loads((out / "prior.json").read_text())
+    assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report["n_samples"] == 3
+    dims = {r: json.loads((tmp_path / "runs" / f"toy-prior-{slug}-s0" / "model.json").read_text())["model"]["osf_dim"]
+            for r, slug in (("clip", "random-clip-vit-b-32"), ("effnet", "pre-trained-efficientnet-lite0"),
+                            ("both", "both-concatenated"))}
+    assert dims == {"clip": 32, "effnet": 24, "both": 56}
+    assert all(len(r["psnr_refined_per_seed"]) == 2 for r in report["rows"])
+    for d in report["differences"]:
+        assert d["ci95"][0] <= d["psnr_diff"] <= d["ci95"][1]
+    assert "pre-trained EfficientNet-Lite0 - random CLIP ViT-B/32" in (out / "prior.md").read_text()
+    logs = []
+    prior_study(cfg, [0, 1], log=logs.append)  # all finished: nothing trains again
+    assert sum("reused" in x for x in logs) == 8
