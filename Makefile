@@ -49,7 +49,7 @@ help:
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
-	@echo "make prior-study TASK=deblur [SEEDS=0,1,2] [STEPS=]  (no OSF / random CLIP / pre-trained EfficientNet-Lite0 / both)"
+	@echo "make prior-study TASK=deblur [SEEDS=0,1,2] [STEPS=] [JOBS=1]  (no OSF / random CLIP / pre-trained EfficientNet-Lite0 / both)"
 	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
 	@echo "make slurm-features TASK=deblur SHARDS=64 [PARTITION= ACCOUNT= GPUS= TIME=] | make slurm-train TASK=deblur"
 	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
@@ -87,9 +87,10 @@ ablate: $(VENV)/.installed
 
 # Does the pre-trained prior matter? Both OSF members first (each computed once), then 4 rows x SEEDS runs.
 SEEDS ?= 0,1,2
+JOBS ?= 1
 prior-study: $(VENV)/.installed
 	$(PY) -m pipeline features $(FEATURES_FLAGS) --encoder clip-vit-b32,effnet-lite0
-	$(PY) -m training prior-study $(TRAIN_FLAGS) --seeds $(SEEDS)
+	$(PY) -m training prior-study $(TRAIN_FLAGS) --seeds $(SEEDS) --jobs $(JOBS)
 
 push: $(VENV)/.installed
 	@test -n "$(STORE)" -a -n "$(DST)" || { echo "usage: make push STORE=data/stores/<store> DST=s3://bucket/prefix"; exit 2; }

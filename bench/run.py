@@ -116,6 +116,19 @@ def bench_extraction(tmp: Path, n: int, size: int) -> dict:
                images_per_s_end_to_end=n / t_e2e, images_per_s_bare=n / t_bare)
 
 
+def bench_encoders(size: int, batch: int = 8) -> list[dict]:
+    """images/s of each built-in encoder alone (g for 4 flips per image), as extraction calls it."""
+    from bench.gpu import encoder_rate
+
+    out = []
+    for name in ("clip-vit-b32", "effnet-lite0"):
+        r = encoder_rate(name, torch.device("cpu"), batch, size, 3)
+        out.append(row(f"extraction_encoder[{name}]", r["images_per_s"], None, "images/s",
+                       {"batch": batch, "size": size, "weights": r["weights"], "dim": r["dim"],
+                        "threads": torch.get_num_threads()}))
+    return out
+
+
 # -- 2. loader headroom and stall ---------------------------------------------------------------
 def train_step_time(split, crop: int, batch: int, steps: int = 8) -> float:
     torch.manual_seed(0)
@@ -285,6 +298,7 @@ def main(argv=None) -> int:
         record([bench_size(train_store)])
         record(bench_online(Split.open(train_store, None, None), tmp, 96, 8))
         record([bench_extraction(tmp / "x", args.extract_images, args.extract_size)])
+        record(bench_encoders(args.extract_size))
     result["complete"] = True
     record([])
     print(table(result))

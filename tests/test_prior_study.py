@@ -40,4 +40,16 @@ def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
     assert "pre-trained EfficientNet-Lite0 - random CLIP ViT-B/32" in (out / "prior.md").read_text()
     logs = []
     prior_study(cfg, [0, 1], log=logs.append)  # all finished: nothing trains again
-    assert sum("reused" in x for x in logs) == 8
+    assert "8 finished before and reused" in logs[0] and not any(x.startswith("==") for x in logs)
+
+
+def test_prior_study_in_parallel_processes_gives_the_same_table(tmp_path):
+    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=16)
+    for path in (train_store, test_store):
+        add_osf_member(path, "effnet-lite0", 8)
+    cfg = TrainConfig(train_store=str(train_store), test_store=str(test_store), runs_dir=str(tmp_path / "a"),
+                      run="toy", steps=2, batch=2, crop=32, workers=0, threads=1, eval_every=0)
+    serial = json.loads((prior_study(cfg, [0], log=lambda *a: None) / "prior.json").read_text())
+    parallel = json.loads((prior_study(replace(cfg, runs_dir=str(tmp_path / "b")), [0], log=lambda *a: None,
+                                       jobs=2) / "prior.json").read_text())
+    assert parallel["rows"] == serial["rows"]  # same seed, same settings: CPU runs are bit-identical

@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                                   "over test samples and seeds. Finished runs are reused.")
     add_config_args(study_parser)
     study_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    study_parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process "
+                              "(several small runs share one GPU well) (default: %(default)s)")
     distill_parser = sub.add_parser("distill", help="train a small OSF predictor so inference needs no "
                                     "pre-trained model; adds predicted-g results to eval.json")
     add_config_args(distill_parser)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
             if args.cmd == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
                 return launch_ddp(args.nproc, sys.argv[1:] if argv is None else list(argv))
             cfg = TrainConfig(**{k: v for k, v in vars(args).items()
-                                 if k not in ("cmd", "nproc", "distill_steps", "seeds")})
+                                 if k not in ("cmd", "nproc", "distill_steps", "seeds", "jobs")})
             if args.cmd == "train":
                 train(cfg)
             elif args.cmd == "ablate":
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
             elif args.cmd == "prior-study":
                 from .prior_study import prior_study
 
-                prior_study(cfg, [int(x) for x in args.seeds.split(",") if x.strip()])
+                prior_study(cfg, [int(x) for x in args.seeds.split(",") if x.strip()], jobs=args.jobs)
             elif args.cmd == "distill":
                 run_distill(cfg, args.distill_steps)
             else:

@@ -10,7 +10,10 @@ test samples and the seeds (paired: the same sample and seed on both sides).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import subprocess
+import sys
+import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +42,61 @@ def paired_bootstrap(diff: np.ndarray, n: int = 4000, seed: int = 0) -> list[flo
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def prior_study(cfg: TrainConfig, seeds: list[int], log=print) -> Path:
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The `python -m training train` flags that give this config."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
+    """Train configs in `jobs` processes at a time (several small runs share one GPU well);
+    each run's output goes to runs/<run>/train.log. Raises naming the runs that failed."""
+    pending, running, failed = list(configs), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            c = pending.pop(0)
+            (Path(c.runs_dir) / c.run).mkdir(parents=True, exist_ok=True)
+            out = open(Path(c.runs_dir) / c.run / "train.log", "w")
+            running.append((c, out, subprocess.Popen([sys.executable, "-m", "training", "train", *cli_args(c)],
+                                                     stdout=out, stderr=subprocess.STDOUT)))
+            log(f"== started {c.run}")
+        for item in list(running):
+            c, out, proc = item
+            if proc.poll() is not None:
+                out.close()
+                running.remove(item)
+                (failed.append(c.run) if proc.returncode else log(f"== finished {c.run}"))
+        time.sleep(0.5)
+    if failed:
+        raise RuntimeError(f"prior study: {len(failed)} run(s) failed: " + ", ".join(
+            f"{r} (see {Path(configs[0].runs_dir) / r / 'train.log'})" for r in failed))
+
+
+def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) -> Path:
     name = cfg.run or cfg.task
-    results: dict[str, list[dict]] = {}
-    for row, changes in ROWS:
-        results[row] = []
-        for seed in seeds:
-            run_cfg = replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes)
-            result = finished(Path(cfg.runs_dir) / run_cfg.run, run_cfg)
-            if result is None:
-                log(f"== {row}, seed {seed}")
-                result = train(run_cfg, log=log)
-            else:
-                log(f"== {row}, seed {seed}: finished before, reused")
-            results[row].append(result)
+    plan = [(row, replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes))
+            for row, changes in ROWS for seed in seeds]
+    todo = [c for _, c in plan if finished(Path(cfg.runs_dir) / c.run, c) is None]
+    log(f"prior study: {len(plan)} runs, {len(plan) - len(todo)} finished before and reused")
+    if jobs > 1:
+        run_parallel(todo, jobs, log)
+    else:
+        for c in todo:
+            log(f"== {c.run}")
+            train(c, log=log)
+    results: dict[str, list[dict]] = {row: [] for row, _ in ROWS}
+    for row, c in plan:
+        result = finished(Path(cfg.runs_dir) / c.run, c)
+        if result is None:
+            raise RuntimeError(f"prior study: run {c.run} did not finish")
+        results[row].append(result)
     names = [r["name"] for r in results[ROWS[0][0]][0]["images"]]
 
     def per_sample(row: str, key: str = "psnr_refined") -> np.ndarray:  # (seeds, samples)
