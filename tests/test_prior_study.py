@@ -31,13 +31,14 @@ def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
     report = json.loads((out / "prior.json").read_text())
     assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report["n_samples"] == 3
     dims = {r: json.loads((tmp_path / "runs" / f"toy-prior-{slug}-s0" / "model.json").read_text())["model"]["osf_dim"]
-            for r, slug in (("clip", "random-clip-vit-b-32"), ("effnet", "pre-trained-efficientnet-lite0"),
+            for r, slug in (("clip", "clip-vit-b-32"), ("effnet", "efficientnet-lite0"),
                             ("both", "both-concatenated"))}
     assert dims == {"clip": 32, "effnet": 24, "both": 56}
     assert all(len(r["psnr_refined_per_seed"]) == 2 for r in report["rows"])
     for d in report["differences"]:
         assert d["ci95"][0] <= d["psnr_diff"] <= d["ci95"][1]
-    assert "pre-trained EfficientNet-Lite0 - random CLIP ViT-B/32" in (out / "prior.md").read_text()
+    md = (out / "prior.md").read_text()
+    assert "EfficientNet-Lite0 - CLIP ViT-B/32" in md and "| CLIP ViT-B/32 | random |" in md
     logs = []
     prior_study(cfg, [0, 1], log=logs.append)  # all finished: nothing trains again
     assert "8 finished before and reused" in logs[0] and not any(x.startswith("==") for x in logs)
