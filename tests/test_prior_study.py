@@ -21,12 +21,17 @@ def test_paired_bootstrap_brackets_the_mean_and_narrows_with_samples():
     assert paired_bootstrap(np.zeros((3, 5))) == [0.0, 0.0]
 
 
-def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
-    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=32)
+def study_config(tmp_path, clip_dim: int, effnet_dim: int, **kw) -> TrainConfig:
+    """Toy train/test stores with a 'clip-vit-b32' and an 'effnet-lite0' member, and a small run config."""
+    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=clip_dim)
     for path in (train_store, test_store):
-        add_osf_member(path, "effnet-lite0", 24)
-    cfg = TrainConfig(train_store=str(train_store), test_store=str(test_store), runs_dir=str(tmp_path / "runs"),
-                      run="toy", steps=3, batch=2, crop=32, workers=0, log_every=1, eval_every=0)
+        add_osf_member(path, "effnet-lite0", effnet_dim)
+    return TrainConfig(train_store=str(train_store), test_store=str(test_store), run="toy", batch=2, crop=32,
+                       workers=0, eval_every=0, **kw)
+
+
+def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
+    cfg = study_config(tmp_path, 32, 24, runs_dir=str(tmp_path / "runs"), steps=3, log_every=1)
     out = prior_study(cfg, [0, 1], log=lambda *a: None)
     report = json.loads((out / "prior.json").read_text())
     assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report["n_samples"] == 3
@@ -45,11 +50,7 @@ def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
 
 
 def test_prior_study_in_parallel_processes_gives_the_same_table(tmp_path):
-    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=16)
-    for path in (train_store, test_store):
-        add_osf_member(path, "effnet-lite0", 8)
-    cfg = TrainConfig(train_store=str(train_store), test_store=str(test_store), runs_dir=str(tmp_path / "a"),
-                      run="toy", steps=2, batch=2, crop=32, workers=0, threads=1, eval_every=0)
+    cfg = study_config(tmp_path, 16, 8, runs_dir=str(tmp_path / "a"), steps=2, threads=1)
     serial = json.loads((prior_study(cfg, [0], log=lambda *a: None) / "prior.json").read_text())
     parallel = json.loads((prior_study(replace(cfg, runs_dir=str(tmp_path / "b")), [0], log=lambda *a: None,
                                        jobs=2) / "prior.json").read_text())
