@@ -342,8 +342,8 @@ def build_models(cfg: FeaturesConfig):
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
-    target = build_target(cfg.target or task.target, cfg.target_weights, **tiling)
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
+    target = build_target(cfg.target or task.target, cfg.target_weights, allow_random, cfg.init_seed, **tiling)
     encoders = [build_encoder(n, cfg.sd_weights if is_sd(n) else cfg.clip_weights, allow_random, cfg.init_seed)
                 for n in (cfg.encoder or task.encoder).split(",")]
     return task, target, encoders
