@@ -112,7 +112,13 @@ def load_into(net: nn.Module, path, ignore_prefix: str | None = None) -> str:
     """Load a checkpoint into `net` (strict); returns its sha256. Keys under `ignore_prefix`
     belong to another network and are skipped. A checkpoint that does not fit raises
     CheckpointError naming every missing, unexpected and mis-shaped key."""
-    state = load_checkpoint(path)
+    load_state(net, load_checkpoint(path), path, ignore_prefix)
+    return sha256_file(path)
+
+
+def load_state(net: nn.Module, state: dict, source, ignore_prefix: str | None = None) -> None:
+    """`net.load_state_dict(state, strict=True)`, after checking every name and shape so that a
+    mismatch is reported as CheckpointError naming `source` and the keys."""
     if ignore_prefix:
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
     expected = net.state_dict()
@@ -123,9 +129,8 @@ def load_into(net: nn.Module, path, ignore_prefix: str | None = None) -> str:
         parts = [f"{len(rows)} {title} {_listing(rows)}" for title, rows in (
             ("missing key(s)", missing), ("unexpected key(s)", unexpected),
             ("mis-shaped key(s) (size mismatch)", misshaped)) if rows]
-        raise CheckpointError(f"{path} does not fit {type(net).__name__}: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(parts))
     net.load_state_dict(state, strict=True)
-    return sha256_file(path)
 
 
 def _mismatch(expected: dict, got: dict) -> tuple[list, list]:

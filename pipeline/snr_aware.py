@@ -30,14 +30,19 @@ PAD_FACTOR = 4  # two stride-2 convolutions, undone by two pixel shuffles
 LUMA = (0.299, 0.587, 0.114)
 
 
-def snr_map(img: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) SNR map, as the authors compute it (blur with OpenCV
-    on the CPU in float32, like their data loader, so the map matches theirs bit for bit)."""
+def blurred_frame(frame: np.ndarray) -> np.ndarray:
+    """The authors' blurred frame: `cv2.blur(frame * 255, (5, 5)) / 255` of a float32 (H, W, 3)
+    frame in [0, 1] (5x5 mean, OpenCV's default reflect-101 border)."""
     import cv2
 
+    return cv2.blur(np.ascontiguousarray(frame, np.float32) * 255.0, (5, 5)) / 255.0
+
+
+def snr_map(img: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) SNR map, as the authors compute it (the blur with
+    OpenCV on the CPU in float32, like their data loader, so the map matches theirs bit for bit)."""
     frames = img.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-    blurred = np.stack([cv2.blur(f * 255.0, (5, 5)) / 255.0 for f in frames])  # (B, H, W, 3) float32
-    light = torch.from_numpy(blurred).permute(0, 3, 1, 2).to(img.device)
+    light = torch.from_numpy(np.stack([blurred_frame(f) for f in frames])).permute(0, 3, 1, 2).to(img.device)
     luma = lambda t: t[:, 0:1] * LUMA[0] + t[:, 1:2] * LUMA[1] + t[:, 2:3] * LUMA[2]  # noqa: E731
     dark, light = luma(img.float()), luma(light)
     ratio = light / (torch.abs(dark - light) + 0.0001)
