@@ -9,6 +9,7 @@ pretrain_model_boost_restoration's low_light_transformer2), whose outputs on ran
 equal (docs/networks.md gives the measured differences). The official code is not in this project.
 """
 import json
+import sys
 import subprocess
 from pathlib import Path
 
@@ -226,3 +227,40 @@ def test_make_features_on_the_demo_with_a_tiny_checkpoint(tmp_path, tiny_clip):
     [store] = tmp_path.glob("demo-test-lowlight-*")
     members = Store(store).manifest()["members"]
     assert [m["weights"] for p, m in members.items() if p.startswith("targets/snr-aware-")] == ["pretrained"]
+
+
+def test_sid_row_end_to_end_features_import_official_eval(tmp_path, tiny_clip):
+    """SID.pth holds the SNR-Aware restorer and PTG-RM (`refinement11.`): the target takes the first,
+    import-official the second, and eval scores PTG-RM on the target's output (960x512 frames)."""
+    from test_official import official_shapes
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        short = tmp_path / "SID" / "short_sid2" / "10003" / f"10003_0{k}_0.1s.npy"
+        short.parent.mkdir(parents=True, exist_ok=True)
+        np.save(short, (rng.random((64, 96, 3)) * 40).astype(np.uint8))  # resized to 960x512 when read
+    (tmp_path / "SID" / "long_sid2" / "10003").mkdir(parents=True)
+    np.save(tmp_path / "SID" / "long_sid2" / "10003" / "10003_00_10s.npy", (rng.random((64, 96, 3)) * 255).astype(np.uint8))
+    g = torch.Generator().manual_seed(0)
+    clip_dim = 32  # the tiny CLIP's width (the published SID.pth has 512)
+    ptgrm = {"refinement11." + k: torch.randn((s[0], clip_dim) if s[1:] == (512,) else s, generator=g) * 0.05
+             for k, s in official_shapes().items()}
+    ckpt = save(tmp_path / "SID.pth", {**tiny_state("snr-aware"), **ptgrm}, wrapper=None)
+
+    [store] = build_features(FeaturesConfig(task="lowlight", data=f"sid:{tmp_path / 'SID'}", splits=("test",),
+                                            target=tiny_name("snr-aware"), target_weights=str(ckpt),
+                                            encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path / "stores")),
+                             log=lambda *_: None)
+    manifest = Store(store).manifest()
+    assert manifest["members"]["pairs"]["spec"]["source"]["protocol"]["resize"] == [960, 512]
+    assert Store(store).array("pairs", "lq").shape == (2, 512, 960, 3)
+    runs = tmp_path / "runs"
+    for args in (["import-official", ckpt, "--run", "sid", "--runs-dir", runs],
+                 ["eval", "--task", "lowlight", "--test-store", store, "--run", "sid", "--runs-dir", runs,
+                  "--encoder", f"openclip:{tiny_clip}"]):
+        out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((runs / "sid" / "eval.json").read_text())
+    assert result["n_images"] == 2 and result["weights"] == "pretrained" and np.isfinite(result["psnr_refined"])
+    assert result["psnr_base"] != result["psnr_refined"]  # PTG-RM changed the target's output
