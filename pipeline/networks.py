@@ -96,7 +96,8 @@ BUILTINS: dict[str, Builtin] = {
                               f"{ckpt} (github.com/swz30/MPRNet, {d}/pretrained_models/README.md)", 8)
        for (t, (_, ckpt)), d in zip(MPRNET_TASKS.items(), ("Deblurring", "Deraining", "Denoising"))},
     "uformer-b": Builtin("uformer", "denoise", Uformer, _fixed_config("Uformer", UFORMER_B),
-                         "Uformer_B.pth, SIDD (github.com/ZhendongWang6/Uformer, README 'Pretrained models')",
+                         "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
+                         "'Pretrained model', SIDD link)",
                          lambda cfg: 16 * cfg["win_size"]),
     "snr-aware": Builtin("snr-aware", "lowlight", SNRAware, _fixed_config("SNR-Aware", SNR_AWARE),
                          "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "

@@ -1,7 +1,7 @@
 """Uformer (Wang et al., CVPR 2022) in plain PyTorch: `--target uformer-b` (its SIDD denoising model).
 
 Parameter names are those of the official implementation (github.com/ZhendongWang6/Uformer,
-model.py), so the published Uformer-B SIDD checkpoint (`Uformer_B.pth`, state dict under
+model.py), so the published Uformer-B SIDD checkpoint (README 'Pretrained model', state dict under
 `state_dict`) loads with `strict=True`, including the stored `relative_position_index` buffers.
 Uformer-B: embed_dim 32, depths [1, 2, 8, 8, 2, 8, 8, 2, 1], heads [1, 2, 4, 8, 16, 16, 8, 4, 2],
 8x8 windows, MLP ratio 4, LeFF feed-forward, linear token projection, learnable modulators in the
