@@ -21,10 +21,14 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default=D.data, help="'demo' (photos shipped with scikit-image), a dataset "
                    "folder (layout detected), or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
     p.add_argument("--target", default=None, help="frozen target: classical (wiener, gamma, streaks, nlmeans, "
-                   "identity), restormer-<deblur|derain|denoise|denoise-gaussian|defocus>, or module.path:factory "
-                   "(default: the task's classical one)")
+                   "identity), a built-in network with the official parameter names (snr-aware, mprnet-<deblur|derain|"
+                   "denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|defocus>; configuration "
+                   "overrides as NAME:key=value[:key=value], e.g. mprnet-deblur:n_feat=8), or module.path:factory "
+                   "(default: the task's classical one; see docs/networks.md)")
     p.add_argument("--target-weights", default=None, help="checkpoint of a network target (.safetensors or a "
-                   ".pth of tensors; read with weights_only=True)")
+                   ".pth of tensors; read with weights_only=True). Without it a built-in network gets random "
+                   "weights (seed --init-seed, recorded as weights: random) on the demo or with "
+                   "--allow-random-weights only")
     p.add_argument("--target-tile", type=int, default=None, help="run the target in overlapping tiles of this size")
     p.add_argument("--target-overlap", type=int, default=D.target_overlap, help="tile overlap (default: %(default)s)")
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'effnet-lite0' (ImageNet "
@@ -43,10 +47,10 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sd-weights", default=None, help="diffusers folder with vae/ and unet/ (save_pretrained "
                    "layout) or a VAE folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
                    "random weights for the demo only")
-    p.add_argument("--init-seed", type=int, default=D.init_seed, help="seed of a random encoder initialisation "
-                   "(default: %(default)s)")
+    p.add_argument("--init-seed", type=int, default=D.init_seed, help="seed of a random encoder or network "
+                   "target initialisation (default: %(default)s)")
     p.add_argument("--allow-random-weights", action="store_true",
-                   help="allow a random encoder on real data (recorded as weights: random)")
+                   help="allow a random encoder or built-in network target on real data (recorded as weights: random)")
     p.add_argument("--splits", default=",".join(D.splits), help="comma-separated (default: %(default)s)")
     p.add_argument("--batch", type=int, default=D.batch, help="images per encoder call (default: %(default)s)")
     p.add_argument("--device", default=D.device, help="where network targets and encoders run: 'auto' (a CUDA GPU "

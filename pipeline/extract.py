@@ -358,8 +358,9 @@ def build_models(cfg: FeaturesConfig):
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
     device = resolve_device(cfg.device)
     name = cfg.target or task.target
-    target = build_target(name, cfg.target_weights, **tiling, **({"device": device} if is_network_target(name) else {}))
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
+    target = build_target(name, cfg.target_weights, allow_random, cfg.init_seed, **tiling,
+                          **({"device": device} if is_network_target(name) else {}))
     encoders = [build_encoder(n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed,
                               device) for n in (cfg.encoder or task.encoder).split(",")]
     return task, target, encoders

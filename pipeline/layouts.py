@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# SNR-Aware's SID data path (their data/util.py read_img_seq2; see docs/networks.md): each frame,
+# low-light input and ground truth alike, as the network, CLIP and PTG-RM were trained on it.
+SID_PROTOCOL = {"read": "np.load(allow_pickle=False) of .npy (uint8 H x W x 3, RGB as rawpy wrote it), "
+                        "or an image file (RGB)",
+                "resize": [960, 512], "interpolation": "cv2.resize, INTER_LINEAR (bilinear), on uint8",
+                "channels": "reversed ([..., [2, 1, 0]]): RGB files become BGR, the order the authors' "
+                            "networks saw in training", "scale": "uint8; / 255 into [0, 1] downstream"}
 
 
 class LayoutError(ValueError):
@@ -29,6 +36,19 @@ class MatBlock:
     variable: str
     index: int
     hw: tuple
+
+
+@dataclass(frozen=True)
+class ProtocolFrame:
+    """An image or .npy frame read by a layout's protocol (SID_PROTOCOL): resized to `size`
+    (W, H), channels reversed when `reverse`."""
+    path: Path
+    size: tuple
+    reverse: bool
+
+    @property
+    def hw(self) -> tuple:
+        return self.size[1], self.size[0]
 
 
 def mat_shape(path: Path, variable: str) -> tuple:
@@ -174,17 +194,31 @@ def sidd(root: Path, split: str) -> list[tuple]:
 
 
 def sid_srgb(root: Path, split: str) -> list[tuple]:
-    """SID sRGB as SNR-Aware prepared it: short_sid2/<scene>/*, long_sid2/<scene>/* (one long
-    exposure per scene); scenes whose id starts with 1 are the test split."""
+    """SID sRGB as SNR-Aware prepared it: short_sid2/<scene>/*.npy, long_sid2/<scene>/*.npy (or
+    images; the first long exposure of a scene is its ground truth); scenes whose id starts with
+    1 are the test split, 0 or 2 the training split. Frames are read by SID_PROTOCOL."""
     out = []
-    for scene in sorted((root / "short_sid2").glob("*")):
-        if (scene.name.startswith("1")) != (split == "test"):
+    first = "1" if split == "test" else "02"
+    for scene in sorted(p for p in (root / "short_sid2").glob("*") if p.is_dir()):
+        if scene.name[:1] not in first:
             continue
-        longs = images(root / "long_sid2" / scene.name)
+        longs = frames(root / "long_sid2" / scene.name)
         if not longs:
-            raise LayoutError(f"{scene}: no long exposure in {root / 'long_sid2' / scene.name}")
-        out += [(longs[0], short) for short in images(scene)]
+            raise LayoutError(f"{scene}: no long exposure (.npy or image) in {root / 'long_sid2' / scene.name}")
+        gt = sid_frame(longs[0])
+        out += [(gt, sid_frame(short)) for short in frames(scene)]
     return out
+
+
+def frames(folder: Path) -> list[Path]:
+    """The .npy and image files of a folder, sorted by name (as the authors' glob)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
+
+
+def sid_frame(path: Path) -> ProtocolFrame:
+    return ProtocolFrame(path, tuple(SID_PROTOCOL["resize"]), reverse=True)
 
 
 def dpdd(root: Path, split: str) -> list[tuple]:
@@ -206,6 +240,9 @@ LAYOUTS = {  # detection tries them in this order; the first that finds test ima
     "gopro": gopro, "realblur": realblur, "restormer": restormer, "lol": lol_v1,
     "lolv2": lol_v2_real, "sidd": sidd, "sid": sid_srgb, "dpdd": dpdd, "generic": generic, "clean": clean,
 }
+
+
+PROTOCOLS = {"sid": SID_PROTOCOL}  # layouts that read frames by a protocol, recorded in the pairs key
 
 
 def parse_data(data: str) -> tuple[str | None, Path]:

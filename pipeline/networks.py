@@ -1,18 +1,27 @@
-"""Frozen networks as targets (Restormer, user modules): `python -m pipeline features --target restormer-deblur`.
+"""Frozen networks as targets: the paper's target networks with their official parameter names
+(Restormer, MPRNet, Uformer-B, SNR-Aware), or user modules: `python -m pipeline features --target mprnet-deblur`.
 
 A checkpoint never runs code: `.safetensors`, or `torch.load(weights_only=True)`; a file that
-needs pickled Python objects is refused. Network code does run: Restormer is ours
-(`pipeline/restormer.py`); `module.path:factory` imports the user's module, which is code the
-user chose to run. The spec (member key) holds the network, its configuration, the pad factor,
-the tiling and the checkpoint's sha256, so another checkpoint gives another member.
+needs pickled Python objects is refused. Network code does run: the built-in networks are ours
+(`pipeline/restormer.py`, `mprnet.py`, `uformer.py`, `snr_aware.py`); `module.path:factory`
+imports the user's module, which is code the user chose to run. The spec (member key) holds the
+network, its configuration, the pad factor, the tiling and the checkpoint's sha256 (or, for
+random weights, the init seed), so another checkpoint gives another member.
+
+Built-in names take configuration overrides after colons (`mprnet-deblur:n_feat=8:num_cab=1`,
+lists comma-separated: `uformer-b:depths=1,1,1,1,1,1,1,1,1`); the member keeps the plain name
+and the key holds the configuration. See docs/networks.md.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import inspect
+import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +32,10 @@ from stores import sha256_file
 
 from training.checkpoints import CheckpointError, load_checkpoint
 
+from .mprnet import MPRNET_TASKS, MPRNet, mprnet_config
 from .restormer import PAD_FACTOR, Restormer
+from .snr_aware import SNRAware, with_snr_map
+from .uformer import UFORMER_B, Uformer
 
 RESTORMER_BASE = {"inp_channels": 3, "out_channels": 3, "dim": 48, "num_blocks": [4, 6, 6, 8],
                   "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "ffn_expansion_factor": 2.66,
@@ -34,28 +46,100 @@ RESTORMER_TASKS = {"deblur": ("WithBias", "motion_deblurring.pth"),
                    "derain": ("WithBias", "deraining.pth"),
                    "denoise": ("BiasFree", "real_denoising.pth"),
                    "denoise-gaussian": ("BiasFree", "gaussian_color_denoising_{sigma15,sigma25,sigma50,blind}.pth")}
-NETWORK_TARGETS = tuple(f"restormer-{t}" for t in RESTORMER_TASKS)
+SNR_AWARE = {"nf": 64, "front_RBs": 1, "back_RBs": 1, "light_RBs": 6, "n_layers": 6, "heads": 8, "d_head": 64,
+             "patch": 4}
+SID_REFINEMENT_PREFIX = "refinement11."  # PTG-RM inside the authors' joint SNR-Aware network (SID.pth)
 
 
-def load_into(net: nn.Module, path) -> str:
-    """Load a checkpoint into `net` (strict); returns its sha256. Mismatches list the names."""
-    state = load_checkpoint(path)
-    missing, unexpected = _mismatch(net.state_dict(), state)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit {type(net).__name__}: {len(missing)} missing key(s) "
-            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected key(s) "
-            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # same names, other shapes (another configuration)
-        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise CheckpointError(f"{path} does not fit {type(net).__name__}: {'; '.join(sizes[:3]) or e}") from None
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in target network: its class, published configuration and checkpoints."""
+
+    network: str  # spec "network": the architecture family
+    task: str | None
+    make: Callable[..., nn.Module]
+    config: Callable[..., dict]  # (**overrides) -> configuration; unknown names raise ValueError
+    checkpoints: str  # the published files it loads and where they are published
+    factor: int | Callable[[dict], int]  # pad factor, or a function of the configuration
+    prepare: Callable | None = None  # (1, 3, H, W) -> network input, on the whole image before padding/tiling
+    ignore_prefix: str | None = None  # checkpoint keys under it belong to another network and are skipped
+    extra_spec: dict = field(default_factory=dict)
+
+    def pad_factor(self, cfg: dict) -> int:
+        return self.factor(cfg) if callable(self.factor) else self.factor
+
+
+def _fixed_config(what: str, base: dict) -> Callable[..., dict]:
+    def config(**overrides) -> dict:
+        unknown = set(overrides) - set(base)
+        if unknown:
+            raise ValueError(f"unknown {what} argument(s) {sorted(unknown)}; known: {sorted(base)}")
+        return {**base, **overrides}
+    return config
+
+
+def _mprnet_config(task: str) -> Callable[..., dict]:
+    def config(**overrides) -> dict:
+        return _fixed_config("MPRNet", mprnet_config(task))(**overrides)
+    return config
+
+
+def _restormer_config(task: str) -> Callable[..., dict]:
+    return lambda **overrides: restormer_config(task, **overrides)
+
+
+BUILTINS: dict[str, Builtin] = {
+    **{f"restormer-{t}": Builtin("restormer", t, Restormer, _restormer_config(t),
+                                 f"{ckpt} (github.com/swz30/Restormer, release page)", PAD_FACTOR)
+       for t, (_, ckpt) in RESTORMER_TASKS.items()},
+    **{f"mprnet-{t}": Builtin("mprnet", t, MPRNet, _mprnet_config(t),
+                              f"{ckpt} (github.com/swz30/MPRNet, {d}/pretrained_models/README.md)", 8)
+       for (t, (_, ckpt)), d in zip(MPRNET_TASKS.items(), ("Deblurring", "Deraining", "Denoising"))},
+    "uformer-b": Builtin("uformer", "denoise", Uformer, _fixed_config("Uformer", UFORMER_B),
+                         "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
+                         "'Pretrained model', SIDD link)",
+                         lambda cfg: 16 * cfg["win_size"]),
+    "snr-aware": Builtin("snr-aware", "lowlight", SNRAware, _fixed_config("SNR-Aware", SNR_AWARE),
+                         "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "
+                         "LOLv1.pth, LOLv2_real.pth, sid_G.pth (github.com/dvlab-research/SNR-Aware)", 4,
+                         prepare=with_snr_map, ignore_prefix=SID_REFINEMENT_PREFIX,
+                         extra_spec={"snr_map": "cv2.blur(lq * 255, (5, 5)) / 255 of the whole input; "
+                                                "luma 0.299/0.587/0.114 of channels 0/1/2"}),
+}
+NETWORK_TARGETS = tuple(BUILTINS)
+
+
+def load_into(net: nn.Module, path, ignore_prefix: str | None = None) -> str:
+    """Load a checkpoint into `net` (strict); returns its sha256. Keys under `ignore_prefix`
+    belong to another network and are skipped. A checkpoint that does not fit raises
+    CheckpointError naming every missing, unexpected and mis-shaped key."""
+    load_state(net, load_checkpoint(path), path, ignore_prefix)
     return sha256_file(path)
+
+
+def load_state(net: nn.Module, state: dict, source, ignore_prefix: str | None = None) -> None:
+    """`net.load_state_dict(state, strict=True)`, after checking every name and shape so that a
+    mismatch is reported as CheckpointError naming `source` and the keys."""
+    if ignore_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
+    expected = net.state_dict()
+    missing, unexpected = _mismatch(expected, state)
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(expected[k].shape)}"
+                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        parts = [f"{len(rows)} {title} {_listing(rows)}" for title, rows in (
+            ("missing key(s)", missing), ("unexpected key(s)", unexpected),
+            ("mis-shaped key(s) (size mismatch)", misshaped)) if rows]
+        raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(parts))
+    net.load_state_dict(state, strict=True)
 
 
 def _mismatch(expected: dict, got: dict) -> tuple[list, list]:
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+def _listing(rows: list, n: int = 5) -> str:
+    return f"{rows[:n]}{' ...' if len(rows) > n else ''}"
 
 
 class NetworkTarget:
@@ -64,7 +148,8 @@ class NetworkTarget:
     tile where it lies furthest from a cut), crop back. float32, unclamped, batch of one."""
 
     def __init__(self, net: nn.Module, target_id: str, spec: dict, sha256: str | None = None, factor: int = 1,
-                 tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None):
+                 tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None,
+                 prepare: Callable | None = None, init_seed: int | None = None):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
             raise ValueError(f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
                              f"by at least {factor}")
@@ -73,8 +158,11 @@ class NetworkTarget:
         self.id, self.factor, self.tile, self.overlap = target_id, factor, tile, overlap
         self.sha256, self.checkpoint = sha256, None if checkpoint is None else str(checkpoint)
         self.weights = "pretrained" if sha256 else "random"
+        self.prepare = prepare
         self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
                       "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
+        if sha256 is None and init_seed is not None:  # random weights: how to draw them again
+            self._spec["init"] = {"seed": init_seed, "torch": torch.__version__.split("+")[0]}
 
     def spec(self) -> dict:
         return dict(self._spec)
@@ -82,6 +170,8 @@ class NetworkTarget:
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(lq, np.float32)).permute(2, 0, 1)[None].to(self.device)
         h, w = x.shape[-2:]
+        if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
+            x = self.prepare(x)
         x = _pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
         with torch.no_grad():
             y = self.net(x) if self.tile is None else self._tiled(x)
@@ -131,23 +221,63 @@ def restormer_config(task: str, **overrides) -> dict:
     return {**RESTORMER_BASE, "LayerNorm_type": RESTORMER_TASKS[task][0], **overrides}
 
 
+def parse_options(name: str) -> tuple[str, dict]:
+    """'mprnet-deblur:n_feat=8:depths=1,1' -> ('mprnet-deblur', {'n_feat': 8, 'depths': [1, 1]})."""
+    base, *opts = name.split(":")
+    out = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise ValueError(f"target {name!r}: option {opt!r} must be name=value")
+        items = [_value(v) for v in value.split(",")]
+        out[key] = items if "," in value else items[0]
+    return base, out
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)  # numbers, true/false
+    except json.JSONDecodeError:
+        return text
+
+
+def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, overlap: int = 32,
+                         device: str | None = None, config: dict | None = None, allow_random: bool = False,
+                         init_seed: int = 0) -> NetworkTarget:
+    """A built-in network (`BUILTINS`) with its published configuration (`config` overrides it)
+    and the checkpoint; without one, seeded random weights when `allow_random` (the demo), which
+    the spec and manifest record as `weights: random`."""
+    spec = BUILTINS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}")
+    cfg = spec.config(**(config or {}))
+    if checkpoint is None and not allow_random:
+        raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
+                         f"{spec.checkpoints}), or --allow-random-weights for a test with random weights")
+    with torch.random.fork_rng(devices=[]):  # random weights are drawn from init_seed alone
+        torch.manual_seed(init_seed)
+        net = spec.make(**cfg)
+    sha = None
+    if checkpoint is not None:
+        try:
+            sha = load_into(net, checkpoint, spec.ignore_prefix)
+        except CheckpointError as e:
+            if spec.network == "restormer" and "body.bias" in str(e):
+                raise CheckpointError(f"{e}. Only LayerNorm biases differ: a checkpoint of another task? The "
+                                      f"denoising models are BiasFree, deblur/defocus/derain WithBias") from None
+            raise
+    extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
+    return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
+                         spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,
+                         None if sha else init_seed)
+
+
 def build_restormer_target(task: str, checkpoint, tile: int | None = None, overlap: int = 32,
                            device: str | None = None, config: dict | None = None) -> NetworkTarget:
     """`restormer-<task>` with the published configuration (`config` overrides it) and the
     checkpoint (e.g. `motion_deblurring.pth` for `deblur`; see RESTORMER_TASKS)."""
-    cfg = restormer_config(task, **(config or {}))
-    net = Restormer(**cfg)
-    try:
-        sha = load_into(net, checkpoint)
-    except CheckpointError as e:
-        if "body.bias" not in str(e):
-            raise
-        raise CheckpointError(f"{e}. Only LayerNorm biases differ: a checkpoint of another task? The denoising "
-                              f"models are BiasFree, deblur/defocus/derain WithBias") from None
-    return NetworkTarget(net, f"restormer-{task}", {"network": "restormer", "task": task, "config": cfg}, sha,
-                         PAD_FACTOR, tile, overlap, device, checkpoint)
-
-
+    restormer_config(task)  # unknown task: ValueError
+    return build_builtin_target(f"restormer-{task}", checkpoint, tile, overlap, device, config)
 def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap: int = 32,
                       device: str | None = None, factor: int | None = None) -> NetworkTarget:
     """`module.path:factory`: the module is imported (from the PYTHONPATH), `factory()` must
@@ -186,25 +316,36 @@ def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False) 
 
 
 def is_network_target(name: str) -> bool:
-    return name in NETWORK_TARGETS or ":" in name
+    return name.split(":")[0] in BUILTINS or ":" in name
 
 
-def build_network_target(name: str, checkpoint=None, **kw) -> NetworkTarget:
-    """`restormer-<task>` or `module.path:factory`, with its checkpoint (required)."""
+def build_network_target(name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0,
+                         **kw) -> NetworkTarget:
+    """A built-in network (`mprnet-deblur`, with optional `:name=value` configuration overrides)
+    or `module.path:factory`, with its checkpoint (random weights only for a built-in network
+    with `allow_random`)."""
+    if name.split(":")[0] in BUILTINS:
+        base, options = parse_options(name)
+        return build_builtin_target(base, checkpoint, config=options, allow_random=allow_random,
+                                    init_seed=init_seed, **kw)
     if checkpoint is None:
         raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE)")
-    if name.startswith("restormer-") and name in NETWORK_TARGETS:
-        return build_restormer_target(name.removeprefix("restormer-"), checkpoint, **kw)
     if ":" in name:
         return build_user_target(name, checkpoint, **kw)
     raise ValueError(f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}, module.path:factory")
 
 
 def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> NetworkTarget:
-    """Rebuild the target a member was made with; the checkpoint must hash to the spec's sha256."""
+    """Rebuild the target a member was made with; the checkpoint must hash to the spec's sha256
+    (random weights: drawn again from the recorded seed; `checkpoint` is then None)."""
     tiling = {"tile": spec.get("tile"), "overlap": spec.get("overlap") or 32, "device": device}
-    if spec.get("network") == "restormer":
-        target = build_restormer_target(spec["task"], checkpoint, config=spec["config"], **tiling)
+    if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
+        random = spec.get("weights") == "random"
+        target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
+                                      allow_random=random, init_seed=(spec.get("init") or {}).get("seed", 0),
+                                      **tiling)
+        if random:
+            return target
     elif spec.get("network") == "user":
         target = build_user_target(spec["factory"], checkpoint, factor=spec.get("factor"), **tiling)
         if spec.get("module_sha256") not in (None, target.spec()["module_sha256"]):

@@ -28,7 +28,7 @@ def target_from_spec(spec: dict, target_weights: str | None = None):
     if spec.get("network"):  # a network: rebuilt from its checkpoint, which must hash to the spec's sha256
         from .networks import target_from_spec as network_from_spec
 
-        if not target_weights:
+        if not target_weights and spec.get("checkpoint_sha256"):  # random weights are drawn again from their seed
             raise ValueError(f"the run's target {spec.get('target')} is a network: pass --target-weights FILE "
                              f"(sha256 {str(spec.get('checkpoint_sha256'))[:12]}...)")
         return network_from_spec(spec, target_weights)

@@ -15,7 +15,8 @@ import numpy as np
 
 from stores import dataset_name, sha256_file
 
-from .layouts import BLOCKS_EXPECTED, IMAGE_SUFFIXES, LayoutError, MatBlock, list_pairs, parse_data
+from .layouts import (BLOCKS_EXPECTED, IMAGE_SUFFIXES, PROTOCOLS, LayoutError, MatBlock, ProtocolFrame, list_pairs,
+                      parse_data)
 
 
 # Demo: real colour photos shipped inside the scikit-image wheel, split by image (the stereo
@@ -111,7 +112,7 @@ def _folder(data: str, split: str) -> Source:
     samples = [_sample(root, g, q) for g, q in pairs]
     files, blocks = {}, {}
     for p in (p for pair in pairs for p in pair if p is not None):
-        path = p.path if isinstance(p, MatBlock) else p
+        path = p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p
         if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
             files[key] = sha256_file(path)
         if isinstance(p, MatBlock):
@@ -120,12 +121,16 @@ def _folder(data: str, split: str) -> Source:
     fingerprint = {"dataset": name, "layout": layout, "files": files, "split": split}
     if blocks:  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
         fingerprint["blocks"] = blocks
+    if layout in PROTOCOLS:  # how frames are read (resize, channel order): part of the pairs key
+        fingerprint["protocol"] = PROTOCOLS[layout]
     return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None)
 
 
 def _sample(root: Path, gt, lq) -> Sample:
     if isinstance(gt, MatBlock):  # named e.g. test/SIDD/ValidationGtBlocksSrgb.mat#0007
         return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw))
+    if isinstance(gt, ProtocolFrame):
+        return Sample(str(gt.path.relative_to(root)), _frame_loader(gt, lq), gt.hw)
     return Sample(str(gt.relative_to(root)), _file_loader(gt, lq), _image_size(gt))
 
 
@@ -183,6 +188,32 @@ def _file_loader(gt: Path, lq: Path | None):
             return g, None, notes
         q, lq_notes = read_image(lq)
         return g, q, notes + [f"lq: {n}" for n in lq_notes]
+    return load
+
+
+def read_frame(frame: ProtocolFrame) -> np.ndarray:
+    """A frame by its layout's protocol (SID: np.load or image, cv2 bilinear resize of the uint8
+    array, channels reversed) as uint8 (H, W, 3); SourceError naming the file when unusable."""
+    import cv2
+
+    if frame.path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(frame.path, allow_pickle=False)  # never unpickles: no code runs
+        except Exception as e:
+            raise SourceError(f"cannot read {frame.path}: {type(e).__name__}: {e}; expected a .npy array of "
+                              f"uint8 (H, W, 3)") from e
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise SourceError(f"{frame.path}: array of {arr.dtype} {arr.shape}; expected uint8 (H, W, 3), as "
+                              f"SNR-Aware's SID files hold")
+    else:
+        arr, _ = read_image(frame.path)
+    arr = cv2.resize(np.ascontiguousarray(arr[..., :3]), tuple(frame.size))  # (W, H); bilinear by default
+    return np.ascontiguousarray(arr[..., ::-1] if frame.reverse else arr)
+
+
+def _frame_loader(gt: ProtocolFrame, lq: ProtocolFrame):
+    def load():
+        return read_frame(gt), read_frame(lq), []
     return load
 
 

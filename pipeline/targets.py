@@ -139,13 +139,15 @@ TARGETS = {"identity": Identity, "wiener": Wiener, "gamma": GammaCorrection, "st
            "nlmeans": NonLocalMeans}
 
 
-def build_target(name: str, checkpoint=None, **params):
-    """A target by registry name, `restormer-<task>` or `module.path:factory`; networks need
-    `checkpoint` and take `tile`, `overlap`, `device`; `params` override defaults."""
+def build_target(name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0, **params):
+    """A target by registry name, a built-in network (`restormer-<task>`, `mprnet-<task>`,
+    `uformer-b`, `snr-aware`) or `module.path:factory`; networks need `checkpoint` (built-in ones
+    take seeded random weights instead when `allow_random`) and take `tile`, `overlap`, `device`;
+    `params` override defaults."""
     from .networks import NETWORK_TARGETS, build_network_target, is_network_target
 
     if is_network_target(name):
-        return build_network_target(name, checkpoint, **params)
+        return build_network_target(name, checkpoint, allow_random=allow_random, init_seed=init_seed, **params)
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS) + list(NETWORK_TARGETS))}, "
                          f"or module.path:factory")

@@ -85,7 +85,7 @@ SIZE = {size}
 
 def make():
     torch.manual_seed({seed})
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 12, 3))  # (B, 12, h, w)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3))  # (B, 12, h, w)
     return net, {{"size": SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
 
 

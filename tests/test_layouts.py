@@ -121,6 +121,7 @@ def test_layout_is_detected_paired_and_counted(layout, tmp_path):
         name, pairs = list_pairs(str(tmp_path), split)
         assert name == layout and len(pairs) == n
         for gt, lq in pairs:
+            gt, lq = getattr(gt, "path", gt), getattr(lq, "path", lq)  # a ProtocolFrame (sid) names its file
             assert gt.is_file() and (lq is None or lq.is_file())
             assert lq is None or lq != gt
     named, _ = list_pairs(f"{layout}:{tmp_path}", next(iter(counts)))
@@ -130,7 +131,8 @@ def test_layout_is_detected_paired_and_counted(layout, tmp_path):
 def test_sid_pairs_every_short_exposure_with_its_scene_long_one(tmp_path):
     make_sid(tmp_path)
     _, pairs = list_pairs(str(tmp_path), "test")
-    assert {gt.parent.name for gt, _ in pairs} == {"10003"} and all(lq.parent.name == "10003" for _, lq in pairs)
+    assert {gt.path.parent.name for gt, _ in pairs} == {"10003"}
+    assert all(lq.path.parent.name == "10003" for _, lq in pairs)
 
 
 def test_unknown_layout_lists_what_was_tried(tmp_path):
@@ -284,3 +286,33 @@ def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
     from pipeline.sources import _mat_blocks
 
     assert _mat_blocks.cache_info().currsize == 0  # the arrays (500 MB for SIDD) are released after the split
+
+
+def test_sid_frames_follow_the_authors_protocol(tmp_path):
+    """np.load, cv2 bilinear resize to 960x512 on uint8, channels reversed; values by hand."""
+    from pipeline.layouts import SID_PROTOCOL
+    from pipeline.sources import read_frame
+
+    frame = np.array([[[0, 100, 200], [240, 100, 0]]] * 2, np.uint8)  # 2x2 RGB: left and right columns
+    for scene, name in (("10003", "10003_00_0.1s.npy"), ("00001", "00001_00_0.1s.npy")):
+        (tmp_path / "short_sid2" / scene).mkdir(parents=True)
+        (tmp_path / "long_sid2" / scene).mkdir(parents=True)
+        np.save(tmp_path / "short_sid2" / scene / name, frame)
+        np.save(tmp_path / "long_sid2" / scene / f"{scene}_00_10s.npy", frame[:, ::-1])
+    assert detect(tmp_path) == "sid"
+    source = open_source(str(tmp_path), "test")
+    assert source.fingerprint["protocol"] == SID_PROTOCOL and [s.name for s in source.samples] == \
+        ["long_sid2/10003/10003_00_10s.npy"] and source.samples[0].hw == (512, 960)
+    gt, lq, _ = source.samples[0].load()
+    assert lq.shape == gt.shape == (512, 960, 3) and lq.dtype == np.uint8
+    # x = 0 and 959 clamp to the source columns; x = 480 samples source x = 480.5 / 480 - 0.5 = 0.501:
+    # R 0 + 0.501 * 240 = 120.2, B 200 - 0.501 * 200 = 99.8; reversed: channel 0 is B
+    for x, bgr in ((0, (200, 100, 0)), (480, (100, 100, 120)), (959, (0, 100, 240))):
+        assert tuple(lq[0, x]) == tuple(lq[511, x]) == bgr
+    assert tuple(gt[0, 0]) == (0, 100, 240)  # the scene's long exposure, mirrored above
+    np.save(tmp_path / "short_sid2" / "10003" / "bad.npy", np.zeros((4, 4), np.float32))
+    with pytest.raises(SourceError, match=r"bad.npy: array of float32 \(4, 4\); expected uint8 \(H, W, 3\)"):
+        read_frame(list_pairs(str(tmp_path), "test")[1][1][1])  # (layout, pairs): 2nd pair, lq
+    other = open_source(str(tmp_path), "train")
+    assert [s.name for s in other.samples] == ["long_sid2/00001/00001_00_10s.npy"]
+    assert other.fingerprint["files"] != source.fingerprint["files"]
