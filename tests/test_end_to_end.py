@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from stores import Store
+from toys import same
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,13 +27,6 @@ def run(*args, check=True):
 def features_args(tiny_clip, root):
     return ["pipeline", "features", "--task", "deblur", "--data", "demo", "--encoder",
             f"openclip:{tiny_clip}", "--store-root", root]
-
-
-def same(a, b) -> bool:
-    """Equal arrays, or equal lists of per-sample arrays (images of several size buckets)."""
-    if isinstance(a, list):
-        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-    return np.array_equal(a, b)
 
 
 def stores_under(root):

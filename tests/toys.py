@@ -40,6 +40,15 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
     return path
 
 
+def same(a, b) -> bool:
+    """Equal arrays, or equal lists of per-sample arrays (images of several size buckets), dtype included."""
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str):
+        return a == b
+    return a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def pipeline_members(pairs_key, lq, gt, hw, base, g, names, meta) -> dict:
     """member -> (arrays, info) of the members the pipeline writes; images may be lists of
     arrays of different sizes."""
