@@ -139,3 +139,35 @@ def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
     assert removed == {expired, lock, tmp_old}
     assert {p for p in s.rglob("*") if p.is_file()} == before - removed
     Store(s).array("pairs", "lq")  # the store itself is untouched and still complete
+
+
+def test_store_of_an_older_schema_is_refused_with_how_to_rebuild(tmp_path):
+    from training.data import find_store
+
+    toy_store(tmp_path / "root" / "toy-train-deblur-000000000000")
+    manifest = tmp_path / "root" / "toy-train-deblur-000000000000" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "schema": 1}))
+    for attempt in (lambda: Store(manifest.parent), lambda: find_store(tmp_path / "root", "toy", "deblur", "train")):
+        with pytest.raises(StoreError, match=r"schema 1.*reads schema 2.*make features"):
+            attempt()
+
+
+def test_text_is_stored_as_core_uint8_and_read_back(tmp_path):
+    store, _, names = toy_store(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "pairs" / "h24w32" / "names" / "zarr.json").read_text())
+    assert meta["data_type"] == "uint8" and meta["attributes"]["encoding"].startswith("utf-8")
+    for p in (tmp_path / "s").rglob("zarr.json"):  # every array uses a Zarr v3 core data type
+        dtype = json.loads(p.read_text()).get("data_type")
+        assert dtype is None or dtype in {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                          "uint64", "float16", "float32", "float64"}, (p, dtype)
+    assert Store(tmp_path / "s").array("pairs", "names")[:] == names
+    assert Store(tmp_path / "s").array("pairs", "names")[3] == names[3]
+
+
+def test_manifest_does_not_grow_with_the_samples(tmp_path):
+    sizes = []
+    for n in (8, 64):
+        store, _, _ = toy_store(tmp_path / f"s{n}", n=n)
+        sizes.append((tmp_path / f"s{n}" / "manifest.json").stat().st_size)
+    assert abs(sizes[1] - sizes[0]) < 64, sizes  # a bucket table and task counts, no per-task or per-sample list
