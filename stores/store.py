@@ -348,7 +348,7 @@ class Store:
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """(bucket number, start, stop) of the shards inside [start, stop)."""
-        return [s for s in self.layout.shards() if start <= s[1] and s[2] <= stop]
+        return self.layout.shards_of(start, stop)
 
     def finalize(self, member: str) -> dict:
         """Verify every shard against the done markers, then mark the member complete."""
