@@ -371,6 +371,16 @@ class Store:
         path = self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json"
         return read_json(path) if path.is_file() else {"excluded": [], "notes": []}
 
+    def usable_hw(self, members: list) -> np.ndarray:
+        """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
+        output; samples excluded when loading already have size (0, 0)): readers draw from these."""
+        hw = self.array("pairs", "hw")[:].copy()
+        for m in members:
+            for e in self.records(m)["excluded"]:
+                if "index" in e:
+                    hw[e["index"]] = 0
+        return hw
+
     def task_records(self, member: str, field: str) -> list:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
         out = []
