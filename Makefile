@@ -40,7 +40,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
-.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench test install clean-runs help
+.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [ALLOW_RANDOM_WEIGHTS=1]"
@@ -54,6 +54,7 @@ help:
 	@echo "make slurm-features TASK=deblur SHARDS=64 [PARTITION= ACCOUNT= GPUS= TIME=] | make slurm-train TASK=deblur"
 	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
 	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
+	@echo "make bench-scale   (stores and loaders at dataset sizes, CPU sharing: bench/results-scale.json)"
 	@echo "make test"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
@@ -106,6 +107,12 @@ export-wds: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+# Stores and loaders at real dataset sizes (synthetic GoPro-, Rain13K- and SIDD-like sets at N, 2N,
+# 4N) and two trainings sharing the CPUs: bench/results-scale.json. The sharing rows need the demo
+# stores (make features TASK=deblur) under STORE_ROOT.
+bench-scale: $(VENV)/.installed
+	$(PY) bench/scale.py --store-root $(STORE_ROOT)
 
 test: $(VENV)/.installed slurm-up-if-possible
 	$(PY) -m pytest -q tests

@@ -40,7 +40,11 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    "members with the same key are copied from it instead of computed")
     p.add_argument("--shards", type=int, default=None, help="extraction tasks per split (default: one per shard)")
     p.add_argument("--shard-len", type=int, default=D.shard_len, help="samples per shard (default: %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=D.shard_mb, help="at most about this many MB of float16 "
+                   "pixels per shard; large images get shards of their own (default: %(default)s)")
     p.add_argument("--tile", type=int, default=D.tile, help="spatial chunk edge in px (default: %(default)s)")
+    p.add_argument("--rehash", action="store_true", help="hash every source file again, even those whose "
+                   "(size, mtime) the last run recorded (by default a re-run costs a stat per file)")
     p.add_argument("--seed", type=int, default=D.seed, help="degradation seed (default: %(default)s)")
     p.add_argument("--clip-weights", default=None, help="OpenCLIP checkpoint file; default: the Hugging "
                    "Face cache (offline), else random weights for the demo only")

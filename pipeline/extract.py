@@ -1,8 +1,10 @@
 """Stage 1: build or complete a task's stores: read -> degrade -> target -> encoder -> write.
 
 Run: `python -m pipeline features --task deblur --data demo` (what `make features` calls).
-Loading (and degrading) the next task's samples and writing the previous task's shards run in
-background threads, so the frozen networks in the main thread do not wait on I/O.
+Work goes shard by shard (a shard holds at most about `--shard-mb` of pixels; stores/layout.py):
+loading (and degrading) the next shard and writing the previous one run in background threads, so
+the frozen networks in the main thread do not wait on I/O, and memory follows the shard's bytes, not
+the split's size or its largest image.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stores import ArraySpec, Leases, Store, encoder_id, key_of, make_plan, store_name
-from stores.runtime import tune_allocator
+from stores import (TEXT, ArraySpec, Leases, Store, dataset_name, encoder_id, key_of, make_layout, store_name,
+                    write_json_atomic)
+from stores.store import SOURCES_DIR
+from stores.runtime import set_torch_threads, tune_allocator
 
 from .degrade import DEGRADATIONS, sample_rng
 from .encoders import build_encoder, weights_arg
@@ -41,7 +45,8 @@ class FeaturesConfig:
     store_root: str = "data/stores"
     store_shared: str | None = None  # read-only root (path or s3://) searched for complete members first
     shards: int | None = None  # extraction tasks per split; None: one per shard
-    shard_len: int = 16  # samples per shard
+    shard_len: int = 16  # samples per shard (fewer for large images: see shard_mb)
+    shard_mb: float = 64.0  # a shard holds at most about this many MB of float16 pixels (at least one sample)
     tile: int = 64  # spatial chunk edge of image arrays
     seed: int = 0  # degradation seed (per sample: (seed, index))
     clip_weights: str | None = None
@@ -53,6 +58,7 @@ class FeaturesConfig:
     max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
     lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
     device: str = "auto"  # where network targets and encoders run: auto (cuda when available), cpu, cuda[:i]
+    rehash: bool = False  # hash every source file even when its (size, mtime) is unchanged
 
 
 @dataclass
@@ -65,6 +71,14 @@ class Member:
     run: Callable | None = None  # (range data, excluded list) -> {array name: values}; None: pairs
 
 
+META_BYTES = 16384  # per-sample JSON of what the degradation drew (a 19x19 kernel is about 8 KB)
+
+
+def text_width(values) -> int:
+    """Bytes per row for these strings: the longest UTF-8, rounded up to 64."""
+    return max(64, -(-max((len(str(v).encode()) for v in values), default=1) // 64) * 64)
+
+
 def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConfig):
     """The members of a split's store (pairs, the target, one per encoder), each keyed by what
     determines it."""
@@ -72,13 +86,11 @@ def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConf
     degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
     pairs_spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
     pairs_key = key_of(pairs_spec)
-    n = len(source.samples)
-    h = max(s.hw[0] for s in source.samples)
-    w = max(s.hw[1] for s in source.samples)
-    img = lambda name, dtype: ArraySpec(name, (n, h, w, 3), dtype, cfg.tile)  # noqa: E731
+    img = lambda name, dtype: ArraySpec(name, dtype, (3,), image=True)  # noqa: E731
     members = [Member("pairs", pairs_key, pairs_spec,
-                      [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", (n, 2), "int32"),
-                       ArraySpec("names", (n,), "str"), ArraySpec("meta", (n,), "str")])]
+                      [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", "int32", (2,)),
+                       ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
+                       ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])]
     tspec = {"pairs": pairs_key, **target.spec()}
     tkey = key_of(tspec)
     members.append(Member(f"targets/{target.id}-{tkey[:12]}", tkey, tspec, [img("base", "float16")],
@@ -88,37 +100,37 @@ def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConf
         espec = {"pairs": pairs_key, **enc.spec()}
         ekey = key_of(espec)
         members.append(Member(f"osf/{encoder_id(enc.name)}-{ekey[:12]}", ekey, espec,
-                              [ArraySpec("g", (n, 4, enc.dim), "float32")],
+                              [ArraySpec("g", "float32", (4, enc.dim))],
                               {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim},
                               lambda data, excluded, enc=enc: {"g": run_encoder(enc, data, cfg.batch)}))
     return pairs_key, members
 
 
-def load_range(source: Source, start: int, stop: int, degradation, seed: int, hw_max) -> dict:
-    """Samples [start, stop) as padded uint8 canvases plus valid sizes, names and meta.
+def load_range(source: Source, order, start: int, stop: int, degradation, seed: int) -> dict:
+    """Samples [start, stop) (storage order; `order[i]` is sample i's source index) at their own
+    sizes, plus valid sizes, names, meta and source indices.
 
     A sample that cannot be used (unreadable, truncated, lq/gt sizes differ) is excluded: its
     slot stays empty with size (0, 0) and the reason goes to `excluded`; conversions
     (grayscale, alpha, 16-bit) go to `notes`. The rest of the range is unaffected.
     """
     t0 = time.perf_counter()
-    n, (H, W) = stop - start, hw_max
-    out = {"lq": np.zeros((n, H, W, 3), np.uint8), "gt": np.zeros((n, H, W, 3), np.uint8),
-           "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [], "excluded": [], "notes": []}
+    n = stop - start
+    out = {"lq": [None] * n, "gt": [None] * n, "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [],
+           "source_index": np.asarray(order[start:stop], np.int64), "excluded": [], "notes": []}
     for j, i in enumerate(range(start, stop)):
-        sample = source.samples[i]
+        src = int(order[i])
+        sample = source.samples[src]
         out["names"].append(sample.name)
         try:
-            gt, lq, drawn, notes = _load_sample(sample, i, degradation, seed)
+            gt, lq, drawn, notes = _load_sample(sample, src, degradation, seed)
         except SourceError as e:
             out["excluded"].append({"index": i, "name": sample.name, "reason": str(e)})
             out["meta"].append(json.dumps({"excluded": str(e)}))
             continue
-        h, w = gt.shape[:2]
-        out["lq"][j, :h, :w], out["gt"][j, :h, :w], out["hw"][j] = lq, gt, (h, w)
+        out["lq"][j], out["gt"][j], out["hw"][j] = lq, gt, gt.shape[:2]
         out["meta"].append(json.dumps(drawn))
         out["notes"] += [{"index": i, "name": sample.name, "note": x} for x in notes]
-    out["names"], out["meta"] = np.array(out["names"]), np.array(out["meta"])
     out["index"] = np.arange(start, stop)
     out["seconds_load"] = time.perf_counter() - t0
     return out
@@ -138,22 +150,28 @@ def _load_sample(sample, i: int, degradation, seed: int):
     return gt, lq, drawn, notes
 
 
+PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
+
+
 def read_range(store: Store, start: int, stop: int) -> dict:
     """The same dict as load_range, read back from a complete pairs member."""
     t0 = time.perf_counter()
-    out = {k: store.array("pairs", k)[start:stop] for k in ("lq", "gt", "hw", "names", "meta")}
+    out = {k: store.array("pairs", k)[start:stop] for k in PAIRS_ARRAYS}
+    for k in ("lq", "gt"):  # canvases -> valid size
+        out[k] = [x[:h, :w] if h else None for x, (h, w) in zip(out[k], out["hw"])]
     out["index"] = np.arange(start, stop)
     out["seconds_load"] = time.perf_counter() - t0
     return out
 
 
-def run_target(target, data: dict, excluded: list) -> np.ndarray:
-    """base for every usable sample; a non-finite or misshapen output excludes that sample."""
-    base = np.zeros(data["lq"].shape, np.float16)
+def run_target(target, data: dict, excluded: list) -> list:
+    """base (float16, valid size) for every usable sample, None for the others; a non-finite or
+    misshapen output excludes that sample."""
+    base = [None] * len(data["hw"])
     for j, (h, w) in enumerate(data["hw"]):
         if h == 0:  # excluded when loading
             continue
-        lq = data["lq"][j, :h, :w].astype(np.float32) / 255
+        lq = data["lq"][j].astype(np.float32) / 255
         out = target(lq, json.loads(str(data["meta"][j])))
         if out.shape != lq.shape or not np.isfinite(out).all():
             problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
@@ -161,14 +179,14 @@ def run_target(target, data: dict, excluded: list) -> np.ndarray:
             excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
                              "reason": f"target {target.id} gave a bad output: {problem}"})
             continue
-        base[j, :h, :w] = out
+        base[j] = out.astype(np.float16)
     return base
 
 
 def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
     usable = [j for j, (h, w) in enumerate(data["hw"]) if h > 0]
     g = np.zeros((len(data["hw"]), 4, encoder.dim), np.float32)
-    views = [data["lq"][j, :data["hw"][j][0], :data["hw"][j][1]] for j in usable]
+    views = [data["lq"][j] for j in usable]
     for k in range(0, len(views), batch):
         g[usable[k:k + batch]] = encoder(views[k:k + batch])
     return g
@@ -181,72 +199,101 @@ class SplitJob:
 
     def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list):
         self.cfg, self.split = cfg, split
-        self.source = open_source(cfg.data, split, *task.demo_tiles)
+        known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+        self.source = open_source(cfg.data, split, *task.demo_tiles, known=known)
         pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
         self.path = Path(cfg.store_root) / store_name(self.source.dataset, split, task.name, pairs_key)
         if cfg.store_shared:
             fetch_shared(cfg.store_shared, self.path, {m.path: m.key for m in self.members})
-        self.hw_max = tuple(self.members[0].arrays[0].shape[1:3])
+        hws = [s.hw for s in self.source.samples]
+        layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
         self.store = Store.open_or_create(self.path, {
             "dataset": self.source.dataset, "split": split, "task": task.name, "pairs_key": pairs_key,
-            "n": len(self.source.samples), "metric_space": task.metric_space, "max_hw": list(self.hw_max)})
+            "metric_space": task.metric_space}, layout, self._save_records)
+        self._save_records(self.path)
+        self.order = make_layout(hws, self.store.layout.tile)[1]  # a store keeps the layout it was made with
         self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
-        plan = make_plan(len(self.source.samples), cfg.shard_len, cfg.shards)
         for m in self.todo:  # a member that exists keeps the plan it was started with
-            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shard_len, plan,
-                                    {**m.info, "config": asdict(cfg)})
+            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards, {**m.info, "config": asdict(cfg)})
         self.degradation = DEGRADATIONS[task.degradation] if not self.source.paired else None
+
+    def _save_records(self, path: Path) -> None:
+        """The source records (the stat cache of the next run), when they changed; written by
+        the writer of a store only (readers never modify it)."""
+        rec = self.source.records
+        if rec is None:
+            return
+        target = Path(path) / SOURCES_DIR / SOURCES_FILE
+        keep = {k: v for k, v in rec.items() if k not in ("changed", "touched")}
+        if not target.is_file() or json.loads(target.read_text()) != keep:
+            write_json_atomic(target, keep)
 
     def work(self) -> dict[tuple, list]:
         """(start, stop) -> [(member, task index)] of the tasks without a done marker."""
         out: dict[tuple, list] = {}
         for m in self.todo:
             done = self.store.done_tasks(m.path)
-            for t, (a, b) in enumerate(self.store.member_info(m.path)["plan"]):
+            for t, (a, b) in enumerate(self.store.plan(m.path)):
                 if t not in done:
                     out.setdefault((a, b), []).append((m, t))
         return out
 
-    def _load(self, r: tuple) -> dict:
+    def _load(self, lo: int, hi: int) -> dict:
         if self.store.status("pairs") == "complete":
-            return read_range(self.store, *r)
-        return load_range(self.source, r[0], r[1], self.degradation, self.cfg.seed, self.hw_max)
+            return read_range(self.store, lo, hi)
+        return load_range(self.source, self.order, lo, hi, self.degradation, self.cfg.seed)
 
     def run(self, ranges: list | None = None, bar=None) -> int:
-        """Compute and write the given (default: all unfinished) ranges this process can lease;
-        returns the number of samples computed here. Loading the next range and writing the
-        previous one overlap with the frozen networks."""
+        """Compute and write the given (default: all unfinished) ranges this process can lease,
+        shard by shard; returns the number of samples computed here. Loading the next shard and
+        writing the previous one overlap with the frozen networks; at most three shards are in
+        memory at once."""
         work = self.work()
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
         done = 0
         with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
                 Leases(self.store.path, self.cfg.lease_seconds) as leases:
             pending: deque = deque()
-            mine = (r for r in ranges if leases.claim(r))
-            r = next(mine, None)
-            nxt = loader.submit(self._load, r) if r else None
-            while r is not None:
+            units = ((r, lo, hi, hi == r[1]) for r in ranges if leases.claim(r)
+                     for _, lo, hi in self.store.shards_of(*r))
+            u = next(units, None)
+            nxt = loader.submit(self._load, u[1], u[2]) if u else None
+            progress: dict = {}
+            while u is not None:
                 data = nxt.result()
-                r_next = next(mine, None)
-                nxt = loader.submit(self._load, r_next) if r_next else None
+                u_next = next(units, None)
+                nxt = loader.submit(self._load, u_next[1], u_next[2]) if u_next else None
+                r, lo, hi, last = u
                 outputs, stats = compute(work[r], data)
                 if bar is not None:
-                    bar.update(r[1] - r[0])
-                done += r[1] - r[0]
-                pending.append(writer.submit(self._write, work[r], outputs, stats, leases, r))
+                    bar.update(hi - lo)
+                done += hi - lo
+                pending.append(writer.submit(self._write, work[r], outputs, stats, progress, leases, u))
                 while len(pending) > 1:  # at most one write in flight: bounded memory
                     pending.popleft().result()
-                r = r_next
+                u = u_next
             for p in pending:
                 p.result()
         return done
 
-    def _write(self, jobs, outputs, stats, leases, r) -> None:
-        write_outputs(self.store, jobs, outputs, stats)
-        leases.release(r)
+    def _write(self, jobs, outputs, stats, progress: dict, leases, unit) -> None:
+        """Write one shard of every member; after a range's last shard, its done markers."""
+        r, lo, hi, last = unit
+        for m, t in jobs:
+            t0 = time.perf_counter()
+            acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
+            acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, outputs[m.path])
+            merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
+                                       "notes": stats["notes"] if m.path == "pairs" else [],
+                                       "seconds_write": time.perf_counter() - t0})
+            if last:
+                self.store.mark_done(m.path, t, progress.pop((m.path, t))["hashes"], acc["stats"])
+        if last:
+            leases.release(r)
 
     def finalize(self, log=print) -> None:
         """Check exclusions, verify every member's shards and mark them complete."""
+        self.store.refresh()
         check_exclusions(self.store, [m.path for m in self.todo], len(self.source.samples), self.cfg.max_bad, log)
         for m in self.todo:
             if self.store.status(m.path) == "complete":  # another writer finished it
@@ -254,6 +301,27 @@ class SplitJob:
             info = self.store.finalize(m.path)
             log(f"  {m.path}: complete, {info['bytes'] / 1e6:.1f} MB" +
                 (f", weights: {m.info['weights']}" if "weights" in m.info else ""))
+
+
+SOURCES_FILE = "files.json"
+
+
+def known_sources(store_root: str, data: str, split: str) -> dict | None:
+    """The newest source records of an earlier run on the same dataset folder and split (any
+    task), or None: files whose (size, mtime) they list unchanged are not hashed again."""
+    from .layouts import parse_data
+
+    root = parse_data(data)[1].resolve()
+    found = sorted(Path(store_root).glob(f"{dataset_name(str(root))}-{split}-*/{SOURCES_DIR}/{SOURCES_FILE}"),
+                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in found:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("root") == str(root) and rec.get("split") == split:
+            return rec
+    return None
 
 
 def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
@@ -282,6 +350,12 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
     if layout:  # detected or named: say which, so a wrong guess shows at once
         log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
             f"{'pairs' if job.source.paired else 'clean images'}")
+    rec = job.source.records or {}
+    if rec.get("changed"):
+        log(f"source files changed since the last run (content differs, so this is a new store): "
+            f"{', '.join(rec['changed'][:10])}" + (f" and {len(rec['changed']) - 10} more" if len(rec["changed"]) > 10 else ""))
+    if rec.get("touched"):
+        log(f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}")
     if not job.todo:
         log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
         return job.path
@@ -321,7 +395,7 @@ def compute(jobs, data) -> tuple[dict, dict]:
              "excluded": {"pairs": data.get("excluded", [])}}
     for m, _ in jobs:
         if m.run is None:
-            outputs[m.path] = {k: data[k] for k in ("lq", "gt", "hw", "names", "meta")}
+            outputs[m.path] = {k: data[k] for k in PAIRS_ARRAYS}
             continue
         t0 = time.perf_counter()
         stats["excluded"][m.path] = []
@@ -331,12 +405,10 @@ def compute(jobs, data) -> tuple[dict, dict]:
     return outputs, stats
 
 
-def write_outputs(store: Store, jobs, outputs, stats) -> None:
-    """Each member's shards, then its done marker with the samples it excluded."""
-    for m, t in jobs:
-        own = {**stats, "excluded": stats["excluded"].get(m.path, []),
-               "notes": stats["notes"] if m.path == "pairs" else []}
-        store.write_task(m.path, t, outputs[m.path], own)
+def merge_stats(total: dict, part: dict) -> None:
+    """Add one shard's stats to its task's: numbers summed, lists concatenated."""
+    for k, v in part.items():
+        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
 
 
 def resolve_device(device: str) -> str:
@@ -354,6 +426,7 @@ def build_models(cfg: FeaturesConfig):
     """(task, target, encoders) of a features config: `make features` and SLURM tasks build them
     here, once per process."""
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
+    set_torch_threads()  # the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
     device = resolve_device(cfg.device)

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from stores import dataset_name, sha256_file
+from stores import canonical_json, dataset_name, sha256_file
+from stores.keys import sha256_bytes
 
 from .layouts import (BLOCKS_EXPECTED, IMAGE_SUFFIXES, PROTOCOLS, LayoutError, MatBlock, ProtocolFrame, list_pairs,
                       parse_data)
@@ -49,17 +50,21 @@ class Source:
     samples: list
     fingerprint: dict = field(repr=False)  # everything that determines the pixels
     paired: bool  # True: lq comes from the data; False: the task's degradation makes it
+    records: dict | None = field(default=None, repr=False)  # folders: the stat cache (see _folder)
 
 
-def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48) -> Source:
+def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48,
+                known: dict | None = None) -> Source:
     """`data` is `demo` or a folder. Demo training photos are cut into patch x patch tiles every
     `stride` px (overlapping: more samples, each with its own degradation), at most `cap` evenly
     spread tiles per photo so that the large, mostly dark ones do not dominate. Demo test photos
-    are cut into non-overlapping DEMO_TEST_TILE tiles (33 samples)."""
+    are cut into non-overlapping DEMO_TEST_TILE tiles (33 samples). `known`: the records of an
+    earlier run (`Source.records`) whose hashes and sizes are trusted for files of unchanged
+    (size, mtime)."""
     if data == "demo":
         return _demo(split, patch, stride, cap)
     try:
-        return _folder(data, split)
+        return _folder(data, split, known)
     except LayoutError as e:
         raise SourceError(str(e)) from e
 
@@ -105,33 +110,59 @@ def _const(img):
 
 
 # -- folders ---------------------------------------------------------------------------------
-def _folder(data: str, split: str) -> Source:
-    """A dataset folder in one of the layouts of pipeline.layouts (named or detected)."""
+def _folder(data: str, split: str, known: dict | None = None) -> Source:
+    """A dataset folder in one of the layouts of pipeline.layouts (named or detected).
+
+    Each file is hashed (sha256) unless `known` has it with the same (size, mtime): a re-run costs a
+    stat per file, not a read. `records` holds what the next run needs to trust: per file (size,
+    mtime_ns, sha256), per sample its size, and which files changed (content differs) or were only
+    touched since `known`."""
     layout, pairs = list_pairs(data, split)
     root = parse_data(data)[1]
-    samples = [_sample(root, g, q) for g, q in pairs]
-    files, blocks = {}, {}
+    old = (known or {}).get("files", {})
+    files, blocks, changed, touched = {}, {}, [], []
     for p in (p for pair in pairs for p in pair if p is not None):
         path = p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p
         if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
-            files[key] = sha256_file(path)
+            st = path.stat()
+            was = old.get(key)
+            if was is not None and was[:2] == [st.st_size, st.st_mtime_ns]:
+                files[key] = was
+            else:
+                files[key] = [st.st_size, st.st_mtime_ns, sha256_file(path)]
+                if was is not None:
+                    (changed if was[2] != files[key][2] else touched).append(key)
         if isinstance(p, MatBlock):
             blocks.setdefault(f"{key}#{p.variable}", []).append(p.index)
+    trusted = {k for k, v in files.items() if old.get(k) == v}
+    old_hw = (known or {}).get("hw", {})
+    samples = [_sample(root, g, q, old_hw if all(str(f.relative_to(root)) in trusted for f in _files(g, q)) else {})
+               for g, q in pairs]
     name = dataset_name(str(root))
-    fingerprint = {"dataset": name, "layout": layout, "files": files, "split": split}
+    fingerprint = {"dataset": name, "layout": layout, "split": split, "files": len(files),
+                   "sha256": sha256_bytes(canonical_json(sorted([k, v[2]] for k, v in files.items())).encode())}
     if blocks:  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
-        fingerprint["blocks"] = blocks
+        fingerprint["blocks"] = sha256_bytes(canonical_json(blocks).encode())
     if layout in PROTOCOLS:  # how frames are read (resize, channel order): part of the pairs key
         fingerprint["protocol"] = PROTOCOLS[layout]
-    return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None)
+    records = {"root": str(root.resolve()), "split": split, "files": files,
+               "hw": {s.name: list(s.hw) for s in samples}, "changed": changed, "touched": touched}
+    return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None, records=records)
 
 
-def _sample(root: Path, gt, lq) -> Sample:
+def _files(gt, lq) -> list[Path]:
+    return [p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p for p in (gt, lq) if p is not None]
+
+
+def _sample(root: Path, gt, lq, known_hw: dict) -> Sample:
+    """A sample; its size from `known_hw` (by name) when its files are unchanged, else the header."""
     if isinstance(gt, MatBlock):  # named e.g. test/SIDD/ValidationGtBlocksSrgb.mat#0007
         return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw))
     if isinstance(gt, ProtocolFrame):
         return Sample(str(gt.path.relative_to(root)), _frame_loader(gt, lq), gt.hw)
-    return Sample(str(gt.relative_to(root)), _file_loader(gt, lq), _image_size(gt))
+    name = str(gt.relative_to(root))
+    hw = known_hw.get(name)
+    return Sample(name, _file_loader(gt, lq), tuple(hw) if hw else _image_size(gt))
 
 
 def _image_size(path: Path) -> tuple:

@@ -21,7 +21,7 @@ def task_done(store_path: str, members: list[str], r: list[int]) -> bool:
         info = store.member_info(m) or {}
         if info.get("status") == "complete":
             continue
-        plan = [list(x) for x in info.get("plan", [])]
+        plan = store.plan(m)
         if r in plan and plan.index(r) not in store.done_tasks(m):
             return False
     return True

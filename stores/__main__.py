@@ -20,8 +20,8 @@ def describe(store: Store) -> dict:
     m = store.manifest()
     for name, info in m["members"].items():
         done = len(store.done_tasks(name))
-        info["tasks_done"] = f"{done}/{len(info.get('plan', []))}"
-        if info.get("status") == "complete" and done != len(info.get("plan", [])):
+        info["tasks_done"] = f"{done}/{info.get('tasks', 0)}"
+        if info.get("status") == "complete" and done != info.get("tasks", 0):
             info["status"] = "damaged"
     return m
 
@@ -72,7 +72,7 @@ def cmd_verify(args) -> int:
     store = Store(args.store)
     problems = []
     for member, info in store.manifest()["members"].items():
-        missing = sorted(set(range(len(info["plan"]))) - store.done_tasks(member))
+        missing = sorted(set(range(info["tasks"])) - store.done_tasks(member))
         if missing:
             problems.append(f"{member}: tasks {missing} not done (incomplete)")
         problems += store.verify(member, jobs=args.jobs)

@@ -5,7 +5,7 @@ Used by `pipeline` to name what it asks for and by `stores` to refuse a member t
 import hashlib
 import json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def canonical_json(obj) -> str:

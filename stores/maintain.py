@@ -25,8 +25,8 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
         bad = set()
         for job in store.shard_checks(member):
             if store.check_shard(member, job):
-                lo = job[3]
-                bad |= {t for t, (a, b) in enumerate(info["plan"]) if a <= lo < b}
+                lo = job[2]
+                bad |= {t for t, (a, b) in enumerate(store.plan(member)) if a <= lo < b}
         if bad:
             out[member] = sorted(bad)
     return out
@@ -37,6 +37,7 @@ def features_command(config: dict, store_root: Path, split: str) -> list[str]:
     flags = {"task": config["task"], "data": config["data"], "target": config.get("target"),
              "target-weights": config.get("target_weights"), "encoder": config.get("encoder"),
              "store-root": str(store_root), "shards": config.get("shards"), "shard-len": config["shard_len"],
+             "shard-mb": config.get("shard_mb"),
              "tile": config["tile"], "seed": config["seed"], "clip-weights": config.get("clip_weights"),
              "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split,
              "target-tile": config.get("target_tile"), "target-overlap": config.get("target_overlap"),

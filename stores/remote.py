@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .store import DONE_DIR, MANIFEST, StoreError
+from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError
 
 BLOCK = 8 << 20
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -202,15 +202,16 @@ class Copier:
 
 def select(manifest: dict, files: dict[str, int], include_incomplete: bool) -> tuple[list, dict, dict]:
     """(members to copy, {left-out member: status}, {file: size} to copy). The copied files are the
-    Zarr group metadata above the members, the members' arrays and their done markers; manifest.json
-    is written separately, last."""
+    Zarr group metadata above the members, the members' arrays, done markers and records, and the
+    source records (`_sources/`); manifest.json is written separately, last."""
     members = manifest.get("members", {})
     keep = [m for m, i in members.items() if include_incomplete or i.get("status") == "complete"]
     left_out = {m: i.get("status", "incomplete") for m, i in members.items() if m not in keep}
     groups = {"zarr.json"} | {f"{posixpath.dirname(m)}/zarr.json" for m in keep if "/" in m}
-    prefixes = tuple(f"{m}/" for m in keep) + tuple(f"{DONE_DIR}/{m}/" for m in keep)
+    prefixes = tuple(f"{m}/" for m in keep) + tuple(f"{DONE_DIR}/{m}/" for m in keep) + (f"{SOURCES_DIR}/",)
+    records = {f"{RECORDS_DIR}/{m.replace('/', '__')}.json" for m in keep}
     chosen = {rel: size for rel, size in files.items()
-              if rel in groups or (rel.startswith(prefixes) and rel != MANIFEST)}
+              if rel in groups or rel in records or (rel.startswith(prefixes) and rel != MANIFEST)}
     return keep, left_out, chosen
 
 
@@ -222,7 +223,7 @@ def check_done_markers(src_files, dst_files, manifest: dict, keep: list, where: 
         prefix = f"{DONE_DIR}/{m}/"
         want = {r for r in src_files if r.startswith(prefix)}
         if manifest["members"][m].get("status") == "complete":
-            want |= {f"{prefix}{t:05d}.json" for t in range(len(manifest["members"][m].get("plan", [])))}
+            want |= {f"{prefix}{t:05d}.json" for t in range(manifest["members"][m].get("tasks", 0))}
         missing = sorted(want - set(dst_files))
         if missing:
             problems.append(f"{m}: {len(missing)} done marker(s) missing, e.g. {missing[0]}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import Store, dir_bytes
+from .store import TEXT, Store, dir_bytes
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def shard_stats(store: Store, member: str, lo: int, hi: int) -> dict:
         x, field, conv = store.array("pairs", "lq")[lo:hi], "psnr_input", np.asarray
     else:
         x, field, conv = store.array(member, "base")[lo:hi], "psnr_base", to_uint8
-    return {field: [psnr_uint8(conv(x[j, :h, :w]), gt[j, :h, :w]) for j, (h, w) in enumerate(hw)]}
+    return {field: [psnr_uint8(conv(x[j][:h, :w]), gt[j][:h, :w]) for j, (h, w) in enumerate(hw)]}
 
 
 def summarise(values: list) -> dict:
@@ -45,20 +45,21 @@ def member_stats(store: Store, member: str, info: dict, jobs: int) -> dict:
     plus stored bytes per array and per sample."""
     import dask
 
-    n = next(iter(info["arrays"].values()))["shape"][0]
+    n, buckets = store.layout.n, store.layout.buckets
     arrays = {}
     for name, a in info["arrays"].items():
-        stored = dir_bytes(store.path / member / name)
-        raw = None if a["dtype"] == "str" else int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize
-        arrays[name] = {"bytes": stored, "bytes_per_sample": stored / max(n, 1), "raw_bytes": raw}
+        stored = sum(dir_bytes(store.path / member / b.name / name) for b in buckets)
+        itemsize = 1 if a["dtype"] == TEXT else np.dtype(a["dtype"]).itemsize
+        per_row = [b.hw[0] * b.hw[1] if a["image"] else 1 for b in buckets]
+        raw = sum(b.count * r for b, r in zip(buckets, per_row)) * int(np.prod(a["row"], dtype=np.int64)) * itemsize
+        arrays[name] = {"bytes": stored, "bytes_per_sample": stored / max(n, 1), "raw_bytes": int(raw)}
     out = {"arrays": arrays, "bytes_per_sample": sum(a["bytes_per_sample"] for a in arrays.values())}
     pairs = store.member_info("pairs") or {}
     if not member.startswith("osf/") and (pairs.get("status") != "complete"
                                           or not {"lq", "gt", "hw"} <= set(pairs.get("arrays", {}))):
         return out  # PSNR needs complete pairs with lq, gt and hw
-    step = info["shard_len"]
-    parts = dask.compute(*[dask.delayed(shard_stats)(store, member, lo, min(lo + step, n))
-                           for lo in range(0, n, step)], scheduler="threads", num_workers=jobs)
+    parts = dask.compute(*[dask.delayed(shard_stats)(store, member, lo, hi) for _, lo, hi in store.layout.shards()],
+                         scheduler="threads", num_workers=jobs)
     for field in parts[0]:
         values = [v for p in parts for v in p[field]]
         out[field] = {"per_sample": [v if np.isfinite(v) else None for v in values], **summarise(values)}

@@ -1,16 +1,19 @@
 """The feature store: one Zarr v3 group per degraded dataset split, with members added over time.
 
-Layout of a store directory `<root>/<dataset>-<split>-<task>-<key12>/`:
-    zarr.json                 Zarr group (root attributes: schema, dataset, split, task, pairs key)
-    manifest.json             every member: key, spec, plan, status, arrays, bytes (JSON, never pickle)
-    pairs/{lq,gt,hw,names,meta}
-    targets/<id>/base         float16, unclamped target output
-    osf/<id>/g                float32, (N, 4 flips, D)
-    _done/<member>/<task>.json  written last by each extraction task, with per-shard sha256
+Layout of a store directory `<root>/<dataset>-<split>-<task>-<key12>/` (schema 2, docs/design.md):
+    zarr.json                       Zarr group (root attributes: schema, dataset, split, task, pairs key)
+    manifest.json                   store settings, the bucket table, every member's key, spec, status,
+                                    arrays and bytes; constant in size as N grows (JSON, never pickle)
+    _sources/...                    per-file and per-sample source records (stat fast path, array tasks)
+    pairs/<bucket>/{lq,gt,hw,names,meta,source_index}
+    targets/<id>/<bucket>/base      float16, unclamped target output
+    osf/<id>/<bucket>/g             float32, (n, 4 flips, D)
+    _done/<member>/<task>.json      written last by each extraction task, with per-shard sha256
+    _records/<member>.json          excluded samples and conversion notes, written on completion
 
-A member is complete when every planned task has its done marker and the finaliser has re-read
-every shard against those hashes; only then does the manifest say `complete`, and readers
-refuse anything else. Inspect with `python -m stores info STORE`.
+Buckets, shards and tasks: stores/layout.py. A member is complete when every planned task has its
+done marker and the finaliser has re-read every shard against those hashes; only then does the
+manifest say `complete`, and readers refuse anything else. Inspect with `python -m stores info STORE`.
 """
 from __future__ import annotations
 
@@ -29,10 +32,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .keys import SCHEMA_VERSION, sha256_bytes
+from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
+RECORDS_DIR = "_records"
+SOURCES_DIR = "_sources"
+TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
 
 
 class StoreError(RuntimeError):
@@ -41,22 +48,29 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of a member. Image arrays are (N, H, W, C) with spatial `tile` chunks."""
+    """One per-sample array of a member, stored per bucket as (rows, *row).
+
+    `image`: (rows, H, W, channels) with H, W the bucket's canvas, chunked in spatial tiles;
+    `row` is then (channels,). dtype `text`: `row` is (width,) bytes of UTF-8 per sample."""
 
     name: str
-    shape: tuple
     dtype: str
-    tile: int | None = None  # spatial chunk edge for (N,H,W,C) arrays; None = whole rows
+    row: tuple = ()
+    image: bool = False
 
-    def chunks_and_shards(self, shard_len: int):
-        if self.dtype == "str":
-            return (shard_len,), None
-        if self.tile is None:
-            return (shard_len,) + tuple(self.shape[1:]), None
-        n, h, w, c = self.shape
-        t = self.tile
-        shards = (shard_len, -(-h // t) * t, -(-w // t) * t, c)
-        return (1, t, t, c), shards
+    def zarr_dtype(self) -> str:
+        return "uint8" if self.dtype == TEXT else self.dtype
+
+    def geometry(self, bucket, tile: int) -> dict:
+        """shape, chunks and shards of this array in one bucket."""
+        if self.image:
+            (h, w), c = bucket.hw, self.row[0]
+            return {"shape": (bucket.count, h, w, c), "chunks": (1, tile, tile, c),
+                    "shards": (bucket.shard_len, h, w, c)}
+        return {"shape": (bucket.count, *self.row), "chunks": (bucket.shard_len, *self.row), "shards": None}
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "row": list(self.row), "image": self.image}
 
 
 @contextmanager
@@ -87,18 +101,8 @@ def read_json(path: Path):
         return json.load(f)
 
 
-def make_plan(n: int, shard_len: int, n_tasks: int | None = None) -> list[list[int]]:
-    """Split samples [0, n) into tasks of whole shards: [[start, stop], ...], fixed for a member."""
-    n_shards = max(1, -(-n // shard_len))
-    n_tasks = n_shards if not n_tasks else max(1, min(n_tasks, n_shards))
-    bounds = np.linspace(0, n_shards, n_tasks + 1).round().astype(int)
-    return [[int(a * shard_len), int(min(b * shard_len, n))] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def digest(values: np.ndarray) -> str:
-    """sha256 of an array slice's content (strings joined by NUL)."""
-    if values.dtype.kind in "OUT":
-        return sha256_bytes("\0".join(str(v) for v in values.ravel()).encode())
+    """sha256 of an array slice's content."""
     return sha256_bytes(np.ascontiguousarray(values).tobytes())
 
 
@@ -129,28 +133,103 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def rebuild_hint(path: Path) -> str:
+    return (f"remove it (rm -r {path}) and run `make features` with the same TASK/DATA (or "
+            f"`python -m pipeline features ...`) to rebuild it in the current layout")
+
+
+def check_schema(path: Path, manifest: dict) -> None:
+    """Refuse a store of another schema with what to do about it."""
+    schema = manifest.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema {schema}, this version reads schema {SCHEMA_VERSION} "
+                         f"(size buckets, no padding to the split's largest image, text as bytes; see "
+                         f"docs/design.md); {rebuild_hint(path)}")
+
+
+class Samples:
+    """One array of a member over all its buckets, indexed by sample like a single array:
+    `a[i]` (a row; text decoded), `a[i, ys, xs]` (a crop of an image), `a[lo:hi]` (rows of flat
+    arrays as one ndarray, or a list of canvases for images, or a list of strings for text)."""
+
+    def __init__(self, layout: Layout, spec: dict, parts: list):
+        self.layout, self.parts = layout, parts
+        self.text, self.image = spec["dtype"] == TEXT, spec["image"]
+        first = parts[0]
+        self.dtype = first.dtype
+        self.shape = (layout.n, *first.shape[1:]) if not self.image else (layout.n, None, None, first.shape[3])
+        self.nbytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in parts)
+
+    def __len__(self) -> int:
+        return self.layout.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.layout.n)
+            if step != 1:
+                raise IndexError("only contiguous sample ranges are supported")
+            return self.rows(lo, hi)
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        i = int(key) + (self.layout.n if key < 0 else 0)
+        k, r = self.layout.locate(i)
+        out = self.parts[k][(r, *rest)]
+        return decode_text(out)[0] if self.text and not rest else out
+
+    def rows(self, lo: int, hi: int):
+        got = [self.parts[k][a:b] for k, a, b in self.layout.pieces(lo, hi)]
+        if self.text:
+            return [s for g in got for s in decode_text(g)]
+        if self.image:
+            return [x for g in got for x in g]
+        return np.concatenate(got) if got else np.zeros((0, *self.shape[1:]), self.dtype)
+
+    def wrap(self, fn) -> "Samples":
+        """The same view with every bucket's array passed through `fn` (e.g. a fast reader)."""
+        out = object.__new__(Samples)
+        out.__dict__.update(self.__dict__, parts=[fn(p) for p in self.parts])
+        return out
+
+
 class Store:
-    """A feature store on local disk (or a shared filesystem). `mode='r'` never writes."""
+    """A feature store on local disk (or a shared filesystem). `mode='r'` never writes.
+
+    The manifest is read once per Store object (writers re-read it under the lock to update it)."""
 
     def __init__(self, path, mode: str = "r"):
         self.path = Path(path)
         self.mode = mode
         if not (self.path / MANIFEST).is_file():
             raise StoreError(f"{self.path}: not a feature store (no {MANIFEST})")
-        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+", zarr_format=3)
+        self._manifest = read_json(self.path / MANIFEST)
+        check_schema(self.path, self._manifest)
+        self.layout = Layout.from_json(self._manifest["layout"])
+        self._group = None
+
+    @property
+    def group(self):
+        if self._group is None:
+            self._group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3)
+        return self._group
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, path, attrs: dict) -> "Store":
-        """Open the store at `path` for writing, creating it with root `attrs` if absent."""
+    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, before_manifest=None) -> "Store":
+        """Open the store at `path` for writing, creating it with root `attrs` and `layout` if
+        absent; `before_manifest(path)` writes side files of a new store before its manifest."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with store_lock(path):
             if not (path / MANIFEST).is_file():
+                if layout is None:
+                    raise StoreError(f"{path}: no store here, and no layout given to create one")
                 group = zarr.open_group(str(path), mode="a", zarr_format=3)
                 group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
+                if before_manifest is not None:
+                    before_manifest(path)
                 write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
-                                                    "members": {}})
+                                                    "n": layout.n, "layout": layout.to_json(), "members": {}})
         store = cls(path, mode="a")
         if store.manifest()["pairs_key"] != attrs["pairs_key"]:
             raise StoreError(f"{path}: holds pairs key {store.manifest()['pairs_key'][:12]}, "
@@ -159,13 +238,18 @@ class Store:
 
     # -- manifest ------------------------------------------------------------------------------
     def manifest(self) -> dict:
-        return read_json(self.path / MANIFEST)
+        return self._manifest
+
+    def refresh(self) -> dict:
+        """Read the manifest again (another writer may have changed it)."""
+        self._manifest = read_json(self.path / MANIFEST)
+        return self._manifest
 
     def _update_member(self, member: str, **fields) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only")
         with store_lock(self.path):  # another writer may update the manifest at the same time
-            m = self.manifest()
+            m = self.refresh()
             m["members"].setdefault(member, {}).update(fields)
             write_json_atomic(self.path / MANIFEST, m)
 
@@ -182,63 +266,125 @@ class Store:
                              f"{key[:12]}; it was made with other settings")
         return info.get("status", "incomplete")
 
+    def plan(self, member: str) -> list[list[int]]:
+        """The member's tasks, `[[start, stop], ...]` (a pure function of the layout)."""
+        return self.layout.plan(self.member_info(member).get("n_tasks"))
+
     # -- writing -------------------------------------------------------------------------------
     def begin_member(self, member: str, key: str, spec: dict, arrays: list[ArraySpec],
-                     shard_len: int, plan: list[list[int]], info: dict | None = None) -> None:
-        """Create a member's arrays and record its key and plan (idempotent for the same key; a
-        second writer finds the member begun and keeps its plan)."""
+                     n_tasks: int | None = None, info: dict | None = None) -> None:
+        """Create a member's arrays in every bucket and record its key and task count (idempotent
+        for the same key; a second writer finds the member begun and keeps its plan)."""
         with store_lock(self.path):
+            self.refresh()
             if self.status(member, key) == "missing":
-                self._create_member(member, key, spec, arrays, shard_len, plan, info)
+                self._create_member(member, key, spec, arrays, n_tasks, info)
 
-    def _create_member(self, member, key, spec, arrays, shard_len, plan, info) -> None:
-        for a in arrays:
-            chunks, shards = a.chunks_and_shards(shard_len)
-            compressors = None if a.dtype == "str" else [ZstdCodec(level=3), Crc32cCodec()]
-            self.group.create_array(f"{member}/{a.name}", shape=a.shape, dtype=a.dtype, chunks=chunks,
-                                    shards=shards, compressors=compressors, overwrite=True,
-                                    fill_value="" if a.dtype == "str" else 0)
-        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update(
-            {"key": key, "spec": spec})
-        self._update_member(member, key=key, spec=spec, status="incomplete", shard_len=shard_len,
-                            plan=plan, arrays={a.name: {"shape": list(a.shape), "dtype": a.dtype}
-                                               for a in arrays}, **(info or {}))
+    def _create_member(self, member, key, spec, arrays, n_tasks, info) -> None:
+        for b in self.layout.buckets:
+            for a in arrays:
+                g = a.geometry(b, self.layout.tile)
+                self.group.create_array(f"{member}/{b.name}/{a.name}", shape=g["shape"], dtype=a.zarr_dtype(),
+                                        chunks=g["chunks"], shards=g["shards"], overwrite=True, fill_value=0,
+                                        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                                        attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None)
+        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update({"key": key, "spec": spec})
+        plan = self.layout.plan(n_tasks)
+        self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_tasks, tasks=len(plan),
+                            arrays={a.name: a.to_json() for a in arrays}, **(info or {}))
 
     def done_tasks(self, member: str) -> set[int]:
         d = self.path / DONE_DIR / member
         return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
 
-    def write_task(self, member: str, task: int, data: dict[str, np.ndarray], stats: dict) -> None:
-        """Write one task's whole shards of every array of `member`, then its done marker last."""
-        info = self.member_info(member)
-        start, stop = info["plan"][task]
-        shard_len = info["shard_len"]
-        hashes, t0 = {}, time.perf_counter()
+    def _bucket_array(self, member: str, k: int, name: str):
+        return self.group[f"{member}/{self.layout.buckets[k].name}/{name}"]
+
+    def write_shard(self, member: str, start: int, stop: int, data: dict) -> dict[str, str]:
+        """Write one whole shard [start, stop) of every array in `data`; returns their sha256.
+
+        Image arrays take a list of (h, w, C) arrays at each sample's valid size (None or an
+        empty array for an excluded sample), pasted on the bucket's canvas; the others take
+        (stop - start, *row) arrays."""
+        pieces = self.layout.pieces(start, stop)
+        if len(pieces) != 1 or pieces[0][1] % self.layout.buckets[pieces[0][0]].shard_len:
+            raise StoreError(f"{self.path}: [{start}, {stop}) is not one whole shard of {member}")
+        k, r0, r1 = pieces[0]
+        bucket, specs = self.layout.buckets[k], self.member_info(member)["arrays"]
+        if r1 - r0 != min(bucket.shard_len, bucket.count - r0):
+            raise StoreError(f"{self.path}: [{start}, {stop}) is not one whole shard of {member}")
+        hashes = {}
         for name, values in data.items():
             if len(values) != stop - start:
-                raise StoreError(f"{member}/{name}: task {task} got {len(values)} samples, "
-                                 f"expected {stop - start}")
-            self.group[f"{member}/{name}"][start:stop] = values
-            hashes[name] = {str(s // shard_len): digest(values[s - start:min(s + shard_len, stop) - start])
-                            for s in range(start, stop, shard_len)}
+                raise StoreError(f"{member}/{name}: shard [{start}, {stop}) got {len(values)} samples")
+            spec = specs[name]
+            if spec["dtype"] == TEXT:
+                values = encode_text(values, spec["row"][0], f"{self.path.name}: {member}/{name}")
+            elif spec["image"]:
+                canvas = np.zeros((r1 - r0, *bucket.hw, spec["row"][0]), spec["dtype"])
+                for j, v in enumerate(values):
+                    if v is not None and v.size:
+                        canvas[j, :v.shape[0], :v.shape[1]] = v
+                values = canvas
+            values = np.ascontiguousarray(values)
+            self._bucket_array(member, k, name)[r0:r1] = values
+            hashes[name] = digest(values)
+        return hashes
+
+    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> None:
+        """The done marker of a task, written last: `hashes` {shard start: {array: sha256}}."""
+        by_array: dict[str, dict] = {}
+        for lo, h in hashes.items():
+            for name, sha in h.items():
+                by_array.setdefault(name, {})[str(lo)] = sha
+        start, stop = self.plan(member)[task]
         write_json_atomic(self.path / DONE_DIR / member / f"{task:05d}.json",
-                          {"task": task, "samples": [start, stop], "shards": hashes, "finished": _now(),
-                           "stats": {**stats, "seconds_write": time.perf_counter() - t0}})
+                          {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
+                           "stats": stats})
+
+    def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
+        """Write one task's whole shards of every array of `member` (values of all its samples,
+        as write_shard takes them), then its done marker last."""
+        start, stop = self.plan(member)[task]
+        t0, hashes = time.perf_counter(), {}
+        for _, lo, hi in self.shards_of(start, stop):
+            hashes[lo] = self.write_shard(member, lo, hi, {k: v[lo - start:hi - start] for k, v in data.items()})
+        self.mark_done(member, task, hashes, {**stats, "seconds_write": time.perf_counter() - t0})
+
+    def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(bucket number, start, stop) of the shards inside [start, stop)."""
+        return self.layout.shards_of(start, stop)
 
     def finalize(self, member: str) -> dict:
         """Verify every shard against the done markers, then mark the member complete."""
-        info = self.member_info(member)
-        missing = sorted(set(range(len(info["plan"]))) - self.done_tasks(member))
+        self.refresh()
+        missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
         if missing:
             raise StoreError(f"{self.path}: member {member} is missing tasks {missing}")
         problems = self.verify(member)
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
+        records = {f: self.task_records(member, f) for f in ("excluded", "notes")}
+        write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
         self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
-                            excluded=self.task_records(member, "excluded"),
-                            notes=self.task_records(member, "notes"))
+                            **{f"n_{f}": len(v) for f, v in records.items()})
         return self.member_info(member)
+
+    def records(self, member: str) -> dict:
+        """A complete member's excluded samples and conversion notes: {"excluded": [...], "notes": [...]}."""
+        path = self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json"
+        return read_json(path) if path.is_file() else {"excluded": [], "notes": []}
+
+    def usable_hw(self, members: list) -> np.ndarray:
+        """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
+        output; samples excluded when loading already have size (0, 0)): readers draw from these."""
+        hw = self.array("pairs", "hw")[:].copy()
+        for m in members:
+            for e in self.records(m)["excluded"]:
+                if "index" in e:
+                    hw[e["index"]] = 0
+        return hw
 
     def task_records(self, member: str, field: str) -> list:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
@@ -248,26 +394,25 @@ class Store:
         return out
 
     def shard_checks(self, member: str) -> list[tuple]:
-        """(array, shard, recorded sha256, first, last+1) of every shard the done markers list."""
-        info = self.member_info(member)
+        """(array, recorded sha256, start, stop) of every shard the done markers list."""
         out = []
         for task in sorted(self.done_tasks(member)):
             marker = read_json(self.path / DONE_DIR / member / f"{task:05d}.json")
+            stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
-                n = info["arrays"][name]["shape"][0]
-                out += [(name, s, want, int(s) * info["shard_len"], min((int(s) + 1) * info["shard_len"], n))
-                        for s, want in shards.items()]
+                out += [(name, want, int(lo), stops.get(int(lo), int(lo))) for lo, want in shards.items()]
         return out
 
     def check_shard(self, member: str, job: tuple) -> str | None:
         """Re-read one shard (decoding checks each chunk's crc32c); a problem line or None."""
-        name, s, want, lo, hi = job
+        name, want, lo, hi = job
         try:
-            got = digest(self.group[f"{member}/{name}"][lo:hi])
+            k, r0 = self.layout.locate(lo)
+            got = digest(self._bucket_array(member, k, name)[r0:r0 + hi - lo])
         except Exception as e:  # a damaged chunk fails its checksum on decode
             got = f"unreadable ({type(e).__name__}: {e})"
         if got != want:
-            return f"{member}/{name} shard {s} (samples {lo}-{hi - 1}) does not match its recorded hash"
+            return f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash"
         return None
 
     def verify(self, member: str, jobs: int = 4) -> list[str]:
@@ -277,13 +422,20 @@ class Store:
             return [p for p in found if p]
 
     # -- reading -------------------------------------------------------------------------------
-    def array(self, member: str, name: str, key: str | None = None):
-        """A complete member's array; refuses incomplete members and, given `key`, other settings."""
+    def array(self, member: str, name: str, key: str | None = None) -> Samples:
+        """A complete member's array over all buckets; refuses incomplete members and, given
+        `key`, other settings."""
         status = self.status(member, key)
         if status != "complete":
             raise StoreError(f"{self.path}: member {member} is {status}; run `make features` "
                              f"to build or complete it")
-        return self.group[f"{member}/{name}"]
+        return self._samples(member, name)
+
+    def _samples(self, member: str, name: str) -> Samples:
+        spec = self.member_info(member)["arrays"].get(name)
+        if spec is None:
+            raise StoreError(f"{self.path}: member {member} has no array {name!r}")
+        return Samples(self.layout, spec, [self._bucket_array(member, k, name) for k in range(len(self.layout.buckets))])
 
     def members(self, prefix: str) -> list[str]:
         """Complete members under `targets` or `osf`, sorted."""

@@ -13,6 +13,7 @@ Reads are byte-identical to zarr's (tests/test_tiles.py). Nothing is ever writte
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import google_crc32c
@@ -20,6 +21,7 @@ import numpy as np
 from numcodecs.zstd import Zstd
 
 EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written (fill value)
+INDEX_CACHE_BYTES = 32 << 20  # shard indexes kept per reader (least recently used dropped first)
 
 
 class DamagedShard(RuntimeError):
@@ -60,7 +62,8 @@ class TileReader:
         self.inner, self.shard = layout["inner"], layout["shard"]
         self.per_shard = tuple(s // c for s, c in zip(self.shard, self.inner))
         self.n_inner = int(np.prod(self.per_shard))
-        self._index: dict[tuple, np.ndarray] = {}
+        self._index: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
+        self._index_bytes = 0
         self._zstd = Zstd()
 
     @classmethod
@@ -115,22 +118,32 @@ class TileReader:
         return out
 
     def _shard_index(self, path: Path, where: tuple) -> np.ndarray | None:
-        """(offset, nbytes) per inner chunk, read once per shard; None for a shard never written."""
-        if where not in self._index:
+        """(offset, nbytes) per inner chunk, read once per shard while it stays in the bounded
+        cache; None for a shard never written."""
+        if where in self._index:
+            self._index.move_to_end(where)
+        else:
             try:
                 with open(path, "rb") as f:
                     size = self.n_inner * 16 + 4
                     f.seek(-size, os.SEEK_END)
                     raw = f.read(size)
             except FileNotFoundError:
-                self._index[where] = None
+                self._remember(where, None)
                 return None
             except OSError as e:
                 raise DamagedShard(f"{path}: cannot read its shard index ({e})") from e
             if not _crc_ok(raw):
                 raise DamagedShard(f"{path}: shard index checksum mismatch; run `python -m stores verify`")
-            self._index[where] = np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,))
+            self._remember(where, np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,)))
         return self._index[where]
+
+    def _remember(self, where: tuple, index) -> None:
+        self._index[where] = index
+        self._index_bytes += 0 if index is None else index.nbytes
+        while self._index_bytes > INDEX_CACHE_BYTES and len(self._index) > 1:
+            _, old = self._index.popitem(last=False)
+            self._index_bytes -= 0 if old is None else old.nbytes
 
     def _tile(self, fd, path: Path, index, n: int, ty: int, tx: int) -> np.ndarray:
         shape = self.inner[1:]

@@ -91,7 +91,7 @@ class Exporter:
         m = store.manifest()
         self.pairs_key, self.task = m["pairs_key"], m.get("task")
         self.keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
-        self.hw = store.array("pairs", "hw")[:]
+        self.hw = store.usable_hw([target, *encoders])  # excluded samples: (0, 0), no entries
         self.names = [str(x) for x in store.array("pairs", "names")[:]]
         self.arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
                        "meta": store.array("pairs", "meta"), "base": store.array(target, "base"),
@@ -112,10 +112,12 @@ class Exporter:
         a = {k: v[lo:hi] for k, v in self.arrays.items()}
         for j, i in enumerate(range(lo, hi)):
             h, w = (int(v) for v in self.hw[i])
+            if h == 0:  # excluded at extraction: never written, so it can never reach a batch
+                continue
             key = f"{i:08d}"
-            yield f"{key}.lq.png", png_bytes(a["lq"][j, :h, :w])
-            yield f"{key}.gt.png", png_bytes(a["gt"][j, :h, :w])
-            yield f"{key}.base.npy", npy_bytes(a["base"][j, :h, :w])
+            yield f"{key}.lq.png", png_bytes(a["lq"][j][:h, :w])
+            yield f"{key}.gt.png", png_bytes(a["gt"][j][:h, :w])
+            yield f"{key}.base.npy", npy_bytes(a["base"][j][:h, :w])
             for e in self.encoders:
                 yield f"{key}.osf.{e.split('/', 1)[1]}.npy", npy_bytes(a[e][j].astype(np.float32))
             yield f"{key}.meta.json", json.dumps(self.sample_meta(i, str(a["meta"][j])), sort_keys=True).encode()
@@ -140,8 +142,8 @@ class Exporter:
     def index(self, shards: list[dict], settings: dict) -> dict:
         m = self.store.manifest()
         source = {k: m.get(k) for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space",
-                                          "max_hw", "schema")}
-        members = {k: {f: v for f, v in m["members"][k].items() if f != "plan"} for k in self.keys}
+                                          "schema")}
+        members = {k: dict(m["members"][k]) for k in self.keys}
         return {"format": FORMAT, "version": VERSION, "store": self.store.path.name, "source": source,
                 "target": self.target, "encoders": self.encoders, "keys": self.keys, "members": members,
                 "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
@@ -166,7 +168,7 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
         raise StoreError(f"{store.path}: no complete osf member to export")
     folder = Path(out or store.path.parent) / f"{store.path.name}-wds"
     ex = Exporter(store, tgt, encs, folder)
-    d = sum(store.member_info(e)["arrays"]["g"]["shape"][-1] for e in encs)
+    d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
     ranges = shard_ranges(ex.hw, d, samples_per_shard, shard_mb, min_shards)
     settings = {"ranges": ranges, "keys": ex.keys}
     old = folder / INDEX

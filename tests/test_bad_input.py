@@ -52,11 +52,13 @@ def test_bad_samples_are_excluded_and_named_and_the_rest_is_kept(dataset, tiny_c
     store = Store(features(dataset, tiny_clip, tmp_path / "stores", max_bad=0.5))
     pairs = store.manifest()["members"]["pairs"]
     assert pairs["status"] == "complete"
-    reasons = {e["name"]: e["reason"] for e in pairs["excluded"]}
+    records = store.records("pairs")  # per-sample records live beside the manifest, not in it
+    assert pairs["n_excluded"] == 2 and "excluded" not in pairs
+    reasons = {e["name"]: e["reason"] for e in records["excluded"]}
     assert set(reasons) == {"test/gt/mismatch.png", "test/gt/truncated.png"}
     assert "differ in size" in reasons["test/gt/mismatch.png"]
     assert "truncated.png" in reasons["test/gt/truncated.png"]
-    notes = {(n["name"], n["note"]) for n in pairs["notes"]}
+    notes = {(n["name"], n["note"]) for n in records["notes"]}
     assert ("test/gt/gray.png", "lq: grayscale converted to RGB") in notes
     assert ("test/gt/rgba.png", "lq: alpha channel dropped") in notes
     assert ("test/gt/deep.png", "uint16 converted to 8 bit") in notes
@@ -99,8 +101,9 @@ def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, 
     member = next(m for m in store.manifest()["members"] if m.startswith("targets/"))
     info = store.member_info(member)
     assert info["status"] == "complete"
-    assert [e["name"] for e in info["excluded"]] == ["train/gt/good1.png"]
-    assert "non-finite" in info["excluded"][0]["reason"]
+    excluded = store.records(member)["excluded"]
+    assert [e["name"] for e in excluded] == ["train/gt/good1.png"]
+    assert "non-finite" in excluded[0]["reason"]
 
     from training.data import Split
 

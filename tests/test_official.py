@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stores import ArraySpec, Store, make_plan
+from stores import Store, make_layout
+from toys import fill_member
 from training.model import PTGRM
 from training.official import OfficialMismatch, export_official, import_official, import_run, load_official
 from training.train import load_model
@@ -159,31 +160,22 @@ def test_imported_run_loads_and_matches_a_ptgrm_with_the_mapped_weights(tmp_path
 def tiny_test_store(root: Path, n=2, h=20, w=28) -> Path:
     """A complete test store: pairs, one target and one 512-d CLIP member (random content)."""
     key = "ab" * 32
+    hws = [(h, w), (h - 4, w - 2)][:n]
     path = root / f"sid-test-lowlight-{key[:12]}"
-    store = Store.open_or_create(path, {"dataset": "sid", "split": "test", "task": "lowlight",
-                                        "pairs_key": key})
+    store = Store.open_or_create(path, {"dataset": "sid", "split": "test", "task": "lowlight", "pairs_key": key},
+                                 make_layout(hws, 8, shard_len=4)[0])
     rng = np.random.default_rng(0)
-    plan = make_plan(n, 4)
-    img = lambda name, dtype: ArraySpec(name, (n, h, w, 3), dtype, tile=8)  # noqa: E731
+    img = lambda dtype, draw: [draw((hh, ww, 3)).astype(dtype) for hh, ww in hws]  # noqa: E731
     members = [
-        ("pairs", [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", (n, 2), "int32"),
-                   ArraySpec("names", (n,), "str"), ArraySpec("meta", (n,), "str")], {},
-         {"lq": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-          "gt": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-          "hw": np.array([[h, w], [h - 4, w - 2]][:n], np.int32),
-          "names": np.array([f"img{i}.png" for i in range(n)]), "meta": np.array(["{}"] * n)}),
-        (f"targets/wiener-{'c' * 12}", [img("base", "float16")], {"target": "wiener", "weights": None},
-         {"base": rng.random((n, h, w, 3)).astype(np.float16)}),
-        (f"osf/clip-vit-b32-{'d' * 12}", [ArraySpec("g", (n, 4, 512), "float32")],
-         {"encoder": "clip-vit-b32", "weights": "pretrained", "dim": 512},
+        ("pairs", {}, {"lq": img(np.uint8, lambda s: rng.integers(0, 256, s)),
+                       "gt": img(np.uint8, lambda s: rng.integers(0, 256, s)),
+                       "hw": np.array(hws, np.int32), "names": [f"img{i}.png" for i in range(n)], "meta": ["{}"] * n}),
+        (f"targets/wiener-{'c' * 12}", {"target": "wiener", "weights": None}, {"base": img(np.float16, rng.random)}),
+        (f"osf/clip-vit-b32-{'d' * 12}", {"encoder": "clip-vit-b32", "weights": "pretrained", "dim": 512},
          {"g": rng.standard_normal((n, 4, 512)).astype(np.float32)}),
     ]
-    for name, arrays, info, data in members:
-        member_key = (key if name == "pairs" else name[-12:] * 6)[:64]
-        store.begin_member(name, member_key, {"what": name}, arrays, 4, plan, info)
-        for t, (a, b) in enumerate(plan):
-            store.write_task(name, t, {k: v[a:b] for k, v in data.items()}, {})
-        store.finalize(name)
+    for name, info, data in members:
+        fill_member(store, name, (key if name == "pairs" else name[-12:] * 6)[:64], data, info)
     return path
 
 

@@ -7,33 +7,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stores import ArraySpec, Store, StoreError, key_of, make_plan
+from stores import Store, StoreError, key_of, make_layout
+from toys import fill_member
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRS = {"dataset": "toy", "split": "train", "task": "deblur", "pairs_key": "0" * 64}
 
 
 def toy_store(path, n=10, shard_len=4, complete=True):
-    store = Store.open_or_create(path, ATTRS)
-    plan = make_plan(n, shard_len)
-    arrays = [ArraySpec("lq", (n, 20, 30, 3), "uint8", tile=8), ArraySpec("hw", (n, 2), "int32"),
-              ArraySpec("names", (n,), "str")]
-    store.begin_member("pairs", "k" * 64, {"what": "toy"}, arrays, shard_len, plan)
+    store = Store.open_or_create(path, ATTRS, make_layout([(20, 30)] * n, 8, shard_len)[0])
     rng = np.random.default_rng(0)
     lq = rng.integers(0, 256, (n, 20, 30, 3), dtype=np.uint8)
-    names = np.array([f"img{i:03d}.png" for i in range(n)])
-    for t, (a, b) in enumerate(plan):
-        store.write_task("pairs", t, {"lq": lq[a:b], "hw": np.full((b - a, 2), (20, 30), np.int32),
-                                      "names": names[a:b]}, {})
-    if complete:
-        store.finalize("pairs")
+    names = [f"img{i:03d}.png" for i in range(n)]
+    fill_member(store, "pairs", "k" * 64, {"lq": lq, "hw": np.full((n, 2), (20, 30), np.int32), "names": names},
+                complete=complete)
     return store, lq, names
 
 
 def test_round_trip_reads_back_exactly(tmp_path):
     store, lq, names = toy_store(tmp_path / "s")
     reopened = Store(tmp_path / "s")  # read-only
-    assert np.array_equal(reopened.array("pairs", "lq")[:], lq)
+    assert np.array_equal(np.stack(reopened.array("pairs", "lq")[:])[:, :20, :30], lq)
     assert list(reopened.array("pairs", "names")[:]) == list(names)
     assert reopened.array("pairs", "lq")[3, 5:13, 7:20].shape == (8, 13, 3)
     info = reopened.member_info("pairs")
@@ -41,11 +35,16 @@ def test_round_trip_reads_back_exactly(tmp_path):
 
 
 def test_plan_owns_whole_shards_and_covers_every_sample():
-    for n, shard_len, tasks in [(10, 4, None), (89, 16, 4), (3, 16, 8), (64, 16, 3)]:
-        plan = make_plan(n, shard_len, tasks)
-        assert plan[0][0] == 0 and plan[-1][1] == n
-        assert all(a % shard_len == 0 for a, _ in plan)
+    mixed = [(20, 30), (300, 200), (20, 30), (200, 300), (64, 64)] * 9 + [(4000, 3000)]
+    for hws, shard_len, tasks in [([(8, 8)] * 10, 4, None), ([(8, 8)] * 89, 16, 4), ([(8, 8)] * 3, 16, 8),
+                                  ([(8, 8)] * 64, 16, 3), (mixed, 4, None), (mixed, 4, 5)]:
+        layout, order = make_layout(hws, 64, shard_len, shard_bytes=2e6)
+        plan = layout.plan(tasks)
+        assert plan[0][0] == 0 and plan[-1][1] == len(hws) and sorted(order) == list(range(len(hws)))
+        starts = {a for _, a, _ in layout.shards()} | {len(hws)}
+        assert all(a in starts and b in starts for a, b in plan)  # whole shards only
         assert all(b == c for (_, b), (c, _) in zip(plan, plan[1:]))
+        assert len(plan) == (tasks or len(layout.shards())) or tasks > len(layout.shards())
 
 
 def test_key_changes_with_any_setting_and_is_order_free():
@@ -79,7 +78,7 @@ def test_finalize_refuses_missing_tasks(tmp_path):
 
 def test_damaged_shard_is_named_by_verify(tmp_path):
     toy_store(tmp_path / "s")
-    shard = next(p for p in (tmp_path / "s" / "pairs" / "lq").rglob("*") if p.is_file() and p.name != "zarr.json")
+    shard = next(p for p in (tmp_path / "s" / "pairs" / "h24w32" / "lq").rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -110,7 +109,7 @@ def test_store_holds_no_pickle(tmp_path):
             assert head != b"\x80\x04" and head != b"\x80\x05", f"{p} looks like a pickle"
         if p.name.endswith(".json"):
             json.loads(p.read_text())  # every metadata file is plain JSON
-    codecs = json.dumps(json.loads((tmp_path / "s" / "pairs" / "lq" / "zarr.json").read_text()))
+    codecs = json.dumps(json.loads((tmp_path / "s" / "pairs" / "h24w32" / "lq" / "zarr.json").read_text()))
     assert "crc32c" in codecs and "sharding_indexed" in codecs and "pickle" not in codecs
 
 
@@ -140,3 +139,35 @@ def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
     assert removed == {expired, lock, tmp_old}
     assert {p for p in s.rglob("*") if p.is_file()} == before - removed
     Store(s).array("pairs", "lq")  # the store itself is untouched and still complete
+
+
+def test_store_of_an_older_schema_is_refused_with_how_to_rebuild(tmp_path):
+    from training.data import find_store
+
+    toy_store(tmp_path / "root" / "toy-train-deblur-000000000000")
+    manifest = tmp_path / "root" / "toy-train-deblur-000000000000" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "schema": 1}))
+    for attempt in (lambda: Store(manifest.parent), lambda: find_store(tmp_path / "root", "toy", "deblur", "train")):
+        with pytest.raises(StoreError, match=r"schema 1.*reads schema 2.*make features"):
+            attempt()
+
+
+def test_text_is_stored_as_core_uint8_and_read_back(tmp_path):
+    store, _, names = toy_store(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "pairs" / "h24w32" / "names" / "zarr.json").read_text())
+    assert meta["data_type"] == "uint8" and meta["attributes"]["encoding"].startswith("utf-8")
+    for p in (tmp_path / "s").rglob("zarr.json"):  # every array uses a Zarr v3 core data type
+        dtype = json.loads(p.read_text()).get("data_type")
+        assert dtype is None or dtype in {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                                          "uint64", "float16", "float32", "float64"}, (p, dtype)
+    assert Store(tmp_path / "s").array("pairs", "names")[:] == names
+    assert Store(tmp_path / "s").array("pairs", "names")[3] == names[3]
+
+
+def test_manifest_does_not_grow_with_the_samples(tmp_path):
+    sizes = []
+    for n in (8, 64):
+        store, _, _ = toy_store(tmp_path / f"s{n}", n=n)
+        sizes.append((tmp_path / f"s{n}" / "manifest.json").stat().st_size)
+    assert abs(sizes[1] - sizes[0]) < 64, sizes  # a bucket table and task counts, no per-task or per-sample list

@@ -10,23 +10,48 @@ from toys import make_store
 from training.data import CropBatches, Split
 
 
+MIXED = [(50, 70), (70, 50), (30, 30), (50, 70), (16, 16), (70, 50), (50, 70), (33, 17), (50, 70)]
+
+
 def test_crops_equal_zarr_for_uint8_and_float16(tmp_path):
-    path = make_store(tmp_path, "train", 9, (50, 70))  # 16 px tiles, 4 samples per shard, ragged edges
+    """Mixed sizes and orientations (5 buckets; 16 px tiles, 4 samples per shard, ragged edges):
+    crops across tile, shard and bucket edges equal a direct zarr read of the bucket array."""
+    path = make_store(tmp_path, "train", len(MIXED), MIXED)
     store = Store(path)
-    arrays = [store.array("pairs", "lq"), store.array(store.members("targets")[0], "base")]
+    assert len(store.layout.buckets) == 5 and {b.hw for b in store.layout.buckets} >= {(64, 80), (80, 64)}
+    hw = store.array("pairs", "hw")[:]
+    assert sorted(map(tuple, hw.tolist())) == sorted(MIXED)
     rng = np.random.default_rng(0)
-    for a in arrays:
-        reader = TileReader.wrap(a)
-        assert isinstance(reader, TileReader)
-        for _ in range(200):
-            i, y, x = int(rng.integers(0, 9)), int(rng.integers(0, 50)), int(rng.integers(0, 70))
-            h, w = int(rng.integers(1, 51)), int(rng.integers(1, 71))
-            want, got = a[i, y:y + h, x:x + w], reader[i, y:y + h, x:x + w]
+    for member, name in (("pairs", "lq"), (store.members("targets")[0], "base")):
+        samples = store.array(member, name)
+        reader = samples.wrap(TileReader.wrap)
+        assert all(isinstance(p, TileReader) for p in reader.parts)
+        for _ in range(300):
+            i = int(rng.integers(0, len(MIXED)))
+            k, row = store.layout.locate(i)
+            direct = zarr.open_array(path / member / store.layout.buckets[k].name / name, mode="r")
+            (H, W), (h, w) = store.layout.buckets[k].hw, hw[i]
+            y, x = int(rng.integers(0, H)), int(rng.integers(0, W))
+            dy, dx = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
+            want, got = direct[row, y:y + dy, x:x + dx], reader[i, y:y + dy, x:x + dx]
             assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
-        assert np.array_equal(reader[8], a[8])  # other selections go through zarr
-        assert np.array_equal(reader[-1, :, 3:], a[-1, :, 3:])  # negative index and open slices
+            assert not got[h - y:].any() and not got[:, w - x:].any()  # only the rounding to the tile pads
+        last = reader.parts[-1]
+        assert np.array_equal(last[0], last.array[0])  # other selections go through zarr
+        assert np.array_equal(last[-1, :, 3:], last.array[-1, :, 3:])  # negative index and open slices
         with pytest.raises(IndexError):
-            reader[9, 0:4, 0:4]
+            reader[len(MIXED), 0:4, 0:4]
+
+
+def test_stored_bytes_follow_each_samples_own_size(tmp_path):
+    """One large portrait among small crops: the small ones cost what they cost alone."""
+    small = make_store(tmp_path / "a", "train", 8, (32, 32))
+    mixed = make_store(tmp_path / "b", "train", 9, [(32, 32)] * 4 + [(640, 480)] + [(32, 32)] * 4)
+    b = Store(mixed).layout.buckets
+    assert [(x.hw, x.count, x.shard_len) for x in b] == [((32, 32), 8, 4), ((640, 480), 1, 4)]
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    small_bytes = size(small / "pairs" / "h32w32" / "lq")
+    assert size(mixed / "pairs" / "h32w32" / "lq") <= small_bytes * 1.05
 
 
 def test_unwritten_tiles_read_as_fill_value(tmp_path):
@@ -48,11 +73,11 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
 
 def test_damaged_tile_names_the_shard(tmp_path):
     path = make_store(tmp_path, "train", 4, (32, 32))
-    shard = next(p for p in (path / "pairs" / "gt" / "c").rglob("*") if p.is_file())
+    shard = next(p for p in (path / "pairs" / "h32w32" / "gt" / "c").rglob("*") if p.is_file())
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF  # inside the first tile's bytes
     shard.write_bytes(bytes(data))
-    reader = TileReader.wrap(Store(path).array("pairs", "gt"))
+    reader = Store(path).array("pairs", "gt").wrap(TileReader.wrap)
     with pytest.raises(DamagedShard, match=str(shard)):
         for i in range(4):
             reader[i, 0:32, 0:32]

@@ -12,18 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
-from stores import ArraySpec, Store, key_of, make_plan, store_name
+from stores import Store, key_of, make_layout, store_name
 from stores.wds import export_wds, png_bytes
 from training.data import CropBatches, Split
+from toys import fill_member, pipeline_members
 from training.wds_data import WdsError, WdsSplit, decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 N, H, W, D = 11, 44, 52, 8
-HW = [(44 - 4 * (i % 3), 52 - 4 * (i % 4)) for i in range(N)]  # valid sizes differ per sample
+SOURCE_HW = [(44 - 4 * (i % 3), 52 - 4 * (i % 4)) for i in range(N)]  # valid sizes differ per sample
+LAYOUT, ORDER = make_layout(SOURCE_HW, 16, shard_len=4)  # two size buckets
+HW = [SOURCE_HW[j] for j in ORDER]  # in storage order, which is the sample index
 
 
 def build_store(root) -> Path:
-    """A complete store with the pipeline's members (pairs, targets/<id>, osf/<id>), padded samples."""
+    """A complete store with the pipeline's members (pairs, targets/<id>, osf/<id>), samples of
+    several sizes in two buckets."""
     rng = np.random.default_rng(0)
     gt, lq = np.zeros((2, N, H, W, 3), np.uint8)
     base = np.zeros((N, H, W, 3), np.float16)
@@ -35,21 +39,12 @@ def build_store(root) -> Path:
     pairs_key = key_of({"wds": "toy"})
     path = Path(root) / store_name("toy", "train", "deblur", pairs_key)
     store = Store.open_or_create(path, {"dataset": "toy", "split": "train", "task": "deblur",
-                                        "pairs_key": pairs_key, "n": N, "max_hw": [H, W]})
-    data = {"pairs": ({"lq": lq, "gt": gt, "hw": np.array(HW, np.int32),
-                       "names": np.array([f"im{i}.png" for i in range(N)]),
-                       "meta": np.array([json.dumps({"sigma": i / 10}) for i in range(N)])}, {}),
-            f"targets/toy-{pairs_key[:12]}": ({"base": base}, {"target": "toy", "weights": "none"}),
-            f"osf/clip-vit-b32-{pairs_key[:12]}": ({"g": g}, {"encoder": "clip-vit-b32", "weights": "random",
-                                                            "dim": D})}
-    plan = make_plan(N, 4)
-    for member, (arrays, info) in data.items():
-        specs = [ArraySpec(k, v.shape, "str" if v.dtype.kind == "U" else str(v.dtype), 16 if v.ndim == 4 else None)
-                 for k, v in arrays.items()]
-        store.begin_member(member, key_of({"m": member}), {"m": member}, specs, 4, plan, info)
-        for t, (a, b) in enumerate(plan):
-            store.write_task(member, t, {k: v[a:b] for k, v in arrays.items()}, {})
-        store.finalize(member)
+                                        "pairs_key": pairs_key}, LAYOUT)
+    crop = lambda a: [x[:h, :w] for x, (h, w) in zip(a, HW)]  # noqa: E731  each sample at its own size
+    members = pipeline_members(pairs_key, crop(lq), crop(gt), HW, crop(base), g, [f"im{i}.png" for i in range(N)],
+                               [json.dumps({"sigma": i / 10}) for i in range(N)])
+    for member, (arrays, info) in members.items():
+        fill_member(store, member, key_of({"m": member}), arrays, info)
     return path
 
 
@@ -185,3 +180,22 @@ def test_info_stats_json_gives_psnr_and_norms_per_sample(exported):
     assert np.allclose(members[osf]["stats"]["g_norm_mean"]["per_sample"], norms.mean(1))
     assert np.isclose(members[osf]["stats"]["g_norm_max"]["max"], norms.max())
     assert members[target]["stats"]["arrays"]["base"]["bytes_per_sample"] > 0
+
+
+def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp_path):
+    from stores.store import RECORDS_DIR, write_json_atomic
+
+    path = build_store(tmp_path)
+    target = Store(path).members("targets")[0]
+    write_json_atomic(path / RECORDS_DIR / f"{target.replace('/', '__')}.json",  # as a non-finite output leaves it
+                      {"excluded": [{"index": 2, "name": "im2.png", "reason": "non-finite"}], "notes": []})
+    folder = export_wds(path, out=tmp_path / "wds", min_shards=2, log=lambda *_: None)
+    index = json.loads((folder / "index.json").read_text())
+    assert [hw for s in index["shards"] for hw in s["hw"]][2] == [0, 0]
+    for split in (Split.open(path, None, None), WdsSplit.open(folder, rank=0, world=1)):
+        assert tuple(split.hw[2]) == (0, 0)
+        batches = CropBatches(split, 32, 8, seed=0, steps=200)
+        assert all(i != 2 for s in range(200) for i, *_ in batches.draw(s))
+        batches[5]  # reads fine around the excluded sample
+    with tarfile.open(folder / index["shards"][0]["name"]) as tar:
+        assert not any(m.name.startswith("00000002.") for m in tar)

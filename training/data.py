@@ -5,6 +5,7 @@ the same batches with any number of loader workers.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from stores import Store, StoreError, dataset_name, encoder_id
+from stores.store import check_schema
 from stores.tiles import TileReader
 
 MANIFEST = "manifest.json"
@@ -23,13 +25,20 @@ G_IN_MEMORY = 1 << 30  # OSF of all samples is held in memory below this many by
 def find_store(root: str, data: str, task: str, split: str) -> Path:
     """The one store under `root` for (dataset, task, split) with complete pairs."""
     name = dataset_name(data)
-    found = []
+    found, old = [], []
     for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
-        store = Store(manifest.parent)
-        m = store.manifest()
-        if (m.get("dataset"), m.get("task"), m.get("split")) == (name, task, split) \
-                and store.status("pairs") == "complete":
+        m = json.loads(manifest.read_text())
+        if (m.get("dataset"), m.get("task"), m.get("split")) != (name, task, split):
+            continue
+        try:
+            check_schema(manifest.parent, m)
+        except StoreError as e:
+            old.append(str(e))
+            continue
+        if Store(manifest.parent).status("pairs") == "complete":
             found.append(manifest.parent)
+    if not found and old:
+        raise StoreError(old[0])
     if not found:
         raise StoreError(f"no complete {split} store for dataset {name!r}, task {task!r} under {root}; "
                          f"run `make features TASK={task} DATA={data}` first")
@@ -98,14 +107,14 @@ class Split:
         8 KB per sample for one CLIP encoder; forked workers share the parent's copy)."""
         if self._pid != os.getpid():
             store = Store(self.path)
-            self._arrays = {"lq": TileReader.wrap(store.array("pairs", "lq")),
-                            "gt": TileReader.wrap(store.array("pairs", "gt")),
-                            "base": TileReader.wrap(store.array(self.target, "base")),
+            self._arrays = {"lq": store.array("pairs", "lq").wrap(TileReader.wrap),
+                            "gt": store.array("pairs", "gt").wrap(TileReader.wrap),
+                            "base": store.array(self.target, "base").wrap(TileReader.wrap),
                             "g": [store.array(e, "g") for e in self.encoders]}
             if self._g is None and sum(g.nbytes for g in self._arrays["g"]) <= G_IN_MEMORY:
                 self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1)
                 self._g.flags.writeable = False  # Split.g hands out views of it
-            self._hw = excluding(store.array("pairs", "hw")[:], store, [self.target, *self.encoders])
+            self._hw = store.usable_hw([self.target, *self.encoders])
             self._pid = os.getpid()
         return self._arrays
 
@@ -143,17 +152,6 @@ class Split:
         h, w = self.hw[i]
         return {"lq": a["lq"][i, :h, :w], "gt": a["gt"][i, :h, :w],
                 "base": a["base"][i, :h, :w].astype(np.float32), "g": self.g(i)}
-
-
-def excluding(hw: np.ndarray, store: Store, members: list) -> np.ndarray:
-    """Valid sizes with (0, 0) for samples a member excluded (e.g. a non-finite target output);
-    samples excluded when loading already have size (0, 0)."""
-    hw = hw.copy()
-    for m in members:
-        for e in store.member_info(m).get("excluded", []):
-            if "index" in e:
-                hw[e["index"]] = 0
-    return hw
 
 
 class CropBatches(torch.utils.data.Dataset):

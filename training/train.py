@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stores import atomic_path, write_json_atomic
-from stores.runtime import tune_allocator
+from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, find_store
 from .evaluate import evaluate, write_eval
@@ -146,8 +146,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
     tune_allocator()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)  # the CPUs this process may use, not the machine's cores
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)

@@ -1,0 +1,198 @@
+"""Stores and loaders at real dataset sizes: `make bench-scale` (writes bench/results-scale.json).
+
+Synthetic datasets written here (generic layout: `test/{lq,gt}/*.png`, lq = gt + noise):
+    gopro     uniform 1280x720
+    rain13k   mixed small sizes (320-640 px sides), both orientations
+    sidd      12 MP photos in two sizes (4000x3000, 4608x2592), both orientations
+each at N, 2N and 4N samples. Per row: extraction wall time and images/s, the extraction's peak RSS,
+store bytes (lq + gt) over the PNG bytes of the same pixels, no-op re-run time, `stores verify` time,
+and the Zarr loader's samples/s and RSS. Extraction uses the `identity` target and a random
+ViT-B/32 (the frozen networks are not what is measured). Then CPU sharing: one demo-sized training
+alone, then two at once (steps/s), with sleeping OpenMP waits (the default) and, for comparison,
+with spinning ones (OMP_WAIT_POLICY=ACTIVE).
+Each measurement runs in its own process; peak RSS is that process's (os.wait4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stores.runtime import cpu_count  # noqa: E402
+
+SETS = {  # name: (sizes drawn from, N)
+    "gopro": ([(720, 1280)], 8),
+    "rain13k": ([(h, w) for h in (320, 400, 481, 512, 640) for w in (360, 480, 500, 640)], 32),
+    "sidd": ([(3000, 4000), (4000, 3000), (2592, 4608), (4608, 2592)], 2),
+}
+
+
+def write_set(folder: Path, sizes: list, n: int, seed: int = 0) -> int:
+    """n pairs of natural-ish PNGs (smooth gradients plus texture, so PNG compresses as photos do);
+    returns their PNG bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    total = 0
+    for kind in ("gt", "lq"):
+        (folder / "test" / kind).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = 127 + 60 * np.sin(x / (17 + i % 7)) * np.cos(y / (23 + i % 5))
+        gt = np.clip(base[..., None] + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+        lq = np.clip(gt + rng.normal(0, 12, gt.shape), 0, 255).astype(np.uint8)
+        for kind, img in (("gt", gt), ("lq", lq)):
+            path = folder / "test" / kind / f"{i:05d}.png"
+            Image.fromarray(img).save(path, compress_level=6)
+            total += path.stat().st_size
+    return total
+
+
+def timed(argv: list, env: dict | None = None) -> tuple[float, float, str]:
+    """(wall s, peak RSS GB, stdout) of a subprocess."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status:
+        raise RuntimeError(f"{argv} failed (status {status}):\n{out[-2000:]}")
+    return wall, usage.ru_maxrss / 1e6, out
+
+
+LOADER = """
+import resource, sys, time
+from training.data import CropBatches, Split
+split = Split.open(sys.argv[1], None, None)
+b = CropBatches(split, 96, 8, 0, 10 ** 6)
+b[0]
+t0 = time.perf_counter(); k = 0
+while time.perf_counter() - t0 < 3:
+    b[k]; k += 1
+print(8 * k / (time.perf_counter() - t0))
+"""
+
+
+def bench_set(tmp: Path, name: str, sizes: list, n: int) -> dict:
+    data = tmp / f"{name}-{n}"
+    png = write_set(data, sizes, n)
+    stores = tmp / f"stores-{name}-{n}"
+    args = [sys.executable, "-m", "pipeline", "features", "--task", "denoise", "--data", f"generic:{data}",
+            "--target", "identity", "--encoder", "clip-vit-b32", "--allow-random-weights", "--splits", "test",
+            "--store-root", str(stores)]
+    wall, rss, _ = timed(args)
+    store = next(stores.glob("*/manifest.json")).parent
+    noop, _, out = timed(args)
+    assert "nothing to compute" in out, out
+    verify, _, _ = timed([sys.executable, "-m", "stores", "verify", str(store)])
+    stored = sum(p.stat().st_size for k in ("lq", "gt") for p in (store / "pairs").glob(f"*/{k}/**/*") if p.is_file())
+    load_s = 0.0
+    loader_rss = None
+    if min(min(s) for s in sizes) >= 96:
+        load_t, loader_rss, out = timed([sys.executable, "-c", LOADER, str(store)])
+        load_s = float(out.split()[-1])
+    shutil.rmtree(data)
+    shutil.rmtree(stores)
+    return {"set": name, "n": n, "extract_s": wall, "images_per_s": n / wall, "peak_rss_gb": rss,
+            "store_over_png": stored / png, "noop_rerun_s": noop, "verify_s": verify,
+            "zarr_loader_samples_per_s": load_s, "zarr_loader_rss_gb": loader_rss}
+
+
+def bench_sharing(store_root: str, steps: int, out: dict, save) -> dict:
+    """Steps/s of one demo training alone and of two at once, with sleeping and spinning waits."""
+    def train(run: str, env: dict):
+        return subprocess.Popen([sys.executable, "-m", "training", "train", "--task", "deblur", "--data", "demo",
+                                 "--store-root", store_root, "--runs-dir", str(Path(tempfile.gettempdir()) / "bench-share"),
+                                 "--run", run, "--steps", "1500", "--stop-at", str(steps)], cwd=ROOT,
+                                env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def rate(count: int, env: dict) -> list[float]:
+        t0 = time.perf_counter()
+        procs = [train(f"share{k}-{time.monotonic_ns()}", env) for k in range(count)]
+        ends = []
+        for p in procs:
+            p.wait()
+            ends.append(time.perf_counter() - t0)
+        return [steps / e for e in ends]
+
+    out.update(steps=steps, note="steps/s include process start and store opening")
+    for policy, env in (("sleeping", {}), ("spinning", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"})):
+        alone = rate(1, env)[0]
+        pair = rate(2, env)
+        out[policy] = {"alone_steps_per_s": alone, "pair_steps_per_s": pair, "pair_over_alone": sum(pair) / alone}
+        save()  # an interrupted run keeps what it measured
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/scale.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results-scale.json"))
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every set's N by this")
+    p.add_argument("--sets", default=",".join(SETS))
+    p.add_argument("--share-steps", type=int, default=150, help="training steps of the CPU-sharing runs (0: skip)")
+    p.add_argument("--store-root", default="data/stores", help="where the demo stores are (make features TASK=deblur)")
+    p.add_argument("--table", action="store_true", help="only print the README table of --out")
+    args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {cpu_count()} usable CPUs",
+              "load_before": os.getloadavg(), "rows": [], "complete": False}
+
+    def save():
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
+        for name in filter(None, args.sets.split(",")):
+            sizes, n = SETS[name]
+            n = max(1, round(n * args.scale))
+            for k in (1, 2, 4):
+                result["rows"].append(bench_set(Path(d), name, sizes, n * k))
+                save()
+    if args.share_steps:
+        result["sharing"] = {}
+        bench_sharing(args.store_root, args.share_steps, result["sharing"], save)
+    result["load_after"] = os.getloadavg()
+    result["complete"] = True
+    save()
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Measured {result['date']} on {result['machine']} (load average before/after: "
+             f"{result['load_before'][0]:.1f}/{result.get('load_after', [float('nan')])[0]:.1f}), `make bench-scale`:", "",
+             "| set | N | extract s | img/s | peak RSS GB | store/PNG | no-op s | verify s | Zarr loader samples/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['set']} | {r['n']} | {r['extract_s']:.1f} | {r['images_per_s']:.2f} | {r['peak_rss_gb']:.2f} "
+                     f"| {r['store_over_png']:.2f} | {r['noop_rerun_s']:.1f} | {r['verify_s']:.1f} "
+                     f"| {r['zarr_loader_samples_per_s']:.0f} |")
+    s = result.get("sharing")
+    if s:
+        lines += ["", "| CPU sharing (demo training) | alone steps/s | two at once, steps/s each | together / alone |",
+                  "|---|---|---|---|"]
+        for policy in (p for p in ("sleeping", "spinning") if p in s):
+            r = s[policy]
+            lines.append(f"| {policy} OpenMP waits | {r['alone_steps_per_s']:.2f} | "
+                         f"{', '.join(f'{v:.2f}' for v in r['pair_steps_per_s'])} | {r['pair_over_alone']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

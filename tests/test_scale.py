@@ -1,0 +1,75 @@
+"""Stores at real sizes: mixed sizes and orientations extracted without padding, and re-runs that
+cost a stat per source file instead of a read."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline.sources as sources
+from pipeline.extract import FeaturesConfig, build_features
+from stores import Store
+
+SIZES = [(40, 48), (96, 64), (40, 48), (64, 96), (300, 200), (40, 48), (17, 33)]  # both orientations
+
+
+def write_dataset(root, sizes=SIZES):
+    for k, (h, w) in enumerate(sizes):
+        rng = np.random.default_rng(k)
+        for kind in ("gt", "lq"):
+            (root / "test" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / kind / f"im{k}.png")
+    return root
+
+
+def features(data, stores, tiny_clip, **kw):
+    lines = []
+    cfg = FeaturesConfig(task="deblur", data=f"generic:{data}", target="identity", encoder=f"openclip:{tiny_clip}",
+                         store_root=str(stores), shard_len=2, tile=32, splits=("test",), **kw)
+    return build_features(cfg, log=lines.append)[0], "\n".join(lines)
+
+
+def test_mixed_sizes_are_stored_at_their_own_size_and_read_back(tmp_path, tiny_clip):
+    data = write_dataset(tmp_path / "data")
+    store = Store(features(data, tmp_path / "stores", tiny_clip)[0])
+    assert {b.hw for b in store.layout.buckets} == {(64, 64), (96, 64), (64, 96), (320, 224), (32, 64)}
+    names, hw = store.array("pairs", "names")[:], store.array("pairs", "hw")[:]
+    lq = store.array("pairs", "lq")
+    for i, name in enumerate(names):
+        want = np.asarray(Image.open(data / name.replace("/gt/", "/lq/")))
+        k, row = store.layout.locate(i)
+        canvas = lq[i, :, :]
+        assert tuple(hw[i]) == want.shape[:2] and canvas.shape[:2] == store.layout.buckets[k].hw
+        assert np.array_equal(canvas[:hw[i][0], :hw[i][1]], want) and not canvas[hw[i][0]:].any()
+    assert sorted(store.array("pairs", "source_index")[:].tolist()) == list(range(len(SIZES)))
+
+
+def test_rerun_costs_a_stat_and_names_touched_and_changed_files(tmp_path, tiny_clip, monkeypatch):
+    data = write_dataset(tmp_path / "data")
+    first, _ = features(data, tmp_path / "stores", tiny_clip)
+    hashed, headers, decoded = [], [], []
+    real_hash, real_size, real_read = sources.sha256_file, sources._image_size, sources.read_image
+    monkeypatch.setattr(sources, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(sources, "_image_size", lambda p: headers.append(p) or real_size(p))
+    monkeypatch.setattr(sources, "read_image", lambda p: decoded.append(p) or real_read(p))
+
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert again == first and "nothing to compute" in log and hashed == headers == decoded == []
+
+    touched = data / "test" / "lq" / "im3.png"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert again == first and "nothing to compute" in log and hashed == [touched]
+    assert "touched" in log and "test/lq/im3.png" in log
+    hashed.clear()
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert hashed == [] and "touched" not in log and decoded == []  # the new mtime was recorded
+    changed = data / "test" / "gt" / "im1.png"
+    Image.fromarray(np.zeros((96, 64, 3), np.uint8)).save(changed)
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert again != first and "changed" in log and "test/gt/im1.png" in log
+    assert hashed == [changed]
+
+    hashed.clear()
+    features(data, tmp_path / "stores", tiny_clip, rehash=True)
+    assert len(hashed) == 2 * len(SIZES)  # --rehash: every file read again
