@@ -115,20 +115,20 @@ def test_local_executor_builds_the_same_store_without_slurm(tmp_path, tiny_clip,
 
 
 def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_path, tiny_clip, reference):
-    rc, out = features(tmp_path, tiny_clip, "--wait", env={"PTGRM_SLURM_FAIL_RANGE": "test:1"})
+    rc, out = features(tmp_path, tiny_clip, "--wait", env={"PTGRM_SLURM_FAIL_RANGE": "test:11"})
     assert rc == 1 and "failed" in out, out[-3000:]
     (first,) = records(tmp_path)
-    assert [t["range"] for t in first["tasks"]] == [[0, 1], [1, 2], [2, 3]]
+    assert [t["range"] for t in first["tasks"]] == [[0, 11], [11, 22], [22, 33]]  # the demo's 33 test tiles
     store = Store(the_store(tmp_path / "st"))
     for member in first["members"]["test"]:  # the other tasks' shards are kept
         assert store.done_tasks(member) == {0, 2} and store.status(member) == "incomplete"
     rc, status = run(tmp_path, "-m", "slurm", "status")
-    assert rc == 0 and re.search(r"\[1, 2\)\s+failed", status) and "2 done" in status, status
+    assert rc == 0 and re.search(r"\[11, 22\)\s+failed", status) and "2 done" in status, status
 
     rc, out = features(tmp_path, tiny_clip, "--wait")
     assert rc == 0, out[-3000:]
     second = records(tmp_path)[-1]
-    assert [t["range"] for t in second["tasks"]] == [[1, 2]]  # exactly the failed task
+    assert [t["range"] for t in second["tasks"]] == [[11, 22]]  # exactly the failed task
     verify(store.path)
     assert_same_arrays(store.path, reference)
 
