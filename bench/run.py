@@ -155,15 +155,19 @@ def loader_time(split, crop: int, batch: int, steps: int = 30) -> float:
 
 def bench_loader(train_store: Path, tmp: Path, crop: int, batch: int) -> list[dict]:
     from stores.wds import export_wds
-    from training.wds_data import WdsSplit
+    from training.wds_data import WdsBatches, WdsSplit
 
     zarr_split = Split.open(train_store, None, None)
     wds_split = WdsSplit.open(export_wds(train_store, out=tmp, min_shards=4, log=QUIET), None, None)
-    wds_split.arrays()
     t_step = train_step_time(zarr_split, crop, batch)
     rows = []
     for name, split in (("zarr", zarr_split), ("wds", wds_split)):
-        t_load = loader_time(split, crop, batch)
+        if name == "wds":  # streamed: the time per batch of a running stream
+            stream = iter(WdsBatches(split, crop, batch, 1, 0, 10 ** 6, streams=4, buffer=64))
+            next(stream)
+            t_load = median_time(lambda: [next(stream) for _ in range(30)], 3) / 30
+        else:
+            t_load = loader_time(split, crop, batch)
         rows.append(row(f"loader_headroom_{name}", t_step / t_load, (">=", 3.0), "ratio",
                         {"crop": crop, "batch": batch, "workers": 0}, samples_per_s_loader=batch / t_load,
                         samples_per_s_training=batch / t_step))

@@ -6,7 +6,8 @@ Synthetic datasets written here (generic layout: `test/{lq,gt}/*.png`, lq = gt +
     sidd      12 MP photos in two sizes (4000x3000, 4608x2592), both orientations
 each at N, 2N and 4N samples. Per row: extraction wall time and images/s, the extraction's peak RSS,
 store bytes (lq + gt) over the PNG bytes of the same pixels, no-op re-run time, `stores verify` time,
-and the Zarr loader's samples/s and RSS. Extraction uses the `identity` target and a random
+and the loaders' samples/s and RSS: Zarr, and streaming WDS from a local export and from S3 (the
+tests' SeaweedFS server, when its binary is here). Extraction uses the `identity` target and a random
 ViT-B/32 (the frozen networks are not what is measured). Then CPU sharing: one demo-sized training
 alone, then two at once (steps/s), with sleeping OpenMP waits (the default) and, for comparison,
 with spinning ones (OMP_WAIT_POLICY=ACTIVE).
@@ -87,7 +88,51 @@ print(8 * k / (time.perf_counter() - t0))
 """
 
 
-def bench_set(tmp: Path, name: str, sizes: list, n: int) -> dict:
+WDS_LOADER = """
+import sys, time
+from training.wds_data import WdsBatches, WdsSplit
+split = WdsSplit.open(sys.argv[1])  # fewer shards than 4 streams only at tiny N
+it = iter(WdsBatches(split, 96, 8, 0, 0, 10 ** 6, streams=min(4, len(split.shards)), buffer=64))
+next(it)
+t0 = time.perf_counter(); k = 0
+while time.perf_counter() - t0 < 3:
+    next(it); k += 1
+print(8 * k / (time.perf_counter() - t0))
+"""
+
+
+def bench_wds(tmp: Path, store: Path, s3) -> dict:
+    """Streaming WebDataset loader samples/s and peak RSS, from a local export and from S3."""
+    out = {}
+    subprocess.run([sys.executable, "-m", "stores", "export-wds", str(store), "--out", str(tmp), "--min-shards", "4"],
+                   cwd=ROOT, check=True, capture_output=True)
+    folder = tmp / f"{store.name}-wds"
+    places = [("local", str(folder), None)]
+    if s3 is not None:
+        s3.filesystem().put(str(folder), f"bench/{folder.name}", recursive=True)
+        places.append(("s3", f"s3://bench/{folder.name}", s3.env()))
+    for where, url, env in places:
+        _, rss, text = timed([sys.executable, "-c", WDS_LOADER, url], env)
+        out[f"wds_{where}_samples_per_s"], out[f"wds_{where}_rss_gb"] = float(text.split()[-1]), rss
+    shutil.rmtree(folder)
+    return out
+
+
+def start_s3(tmp: Path):
+    """The SeaweedFS S3 server of the tests (tests/services.py) with a bucket `bench`, or None."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from services import SeaweedS3
+
+    try:
+        server = SeaweedS3(tmp / "seaweedfs").start()
+    except Exception as e:  # no weed binary here: the S3 rows are left out
+        print(f"no S3 server ({e}); WDS-from-S3 rows left out", file=sys.stderr)
+        return None
+    server.filesystem().mkdir("bench")
+    return server
+
+
+def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None) -> dict:
     data = tmp / f"{name}-{n}"
     png = write_set(data, sizes, n)
     stores = tmp / f"stores-{name}-{n}"
@@ -105,11 +150,12 @@ def bench_set(tmp: Path, name: str, sizes: list, n: int) -> dict:
     if min(min(s) for s in sizes) >= 96:
         load_t, loader_rss, out = timed([sys.executable, "-c", LOADER, str(store)])
         load_s = float(out.split()[-1])
+    wds = bench_wds(tmp, store, s3) if loader_rss is not None else {}
     shutil.rmtree(data)
     shutil.rmtree(stores)
     return {"set": name, "n": n, "extract_s": wall, "images_per_s": n / wall, "peak_rss_gb": rss,
             "store_over_png": stored / png, "noop_rerun_s": noop, "verify_s": verify,
-            "zarr_loader_samples_per_s": load_s, "zarr_loader_rss_gb": loader_rss}
+            "zarr_loader_samples_per_s": load_s, "zarr_loader_rss_gb": loader_rss, **wds}
 
 
 def bench_sharing(store_root: str, steps: int, out: dict, save) -> dict:
@@ -158,12 +204,17 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
-        for name in filter(None, args.sets.split(",")):
-            sizes, n = SETS[name]
-            n = max(1, round(n * args.scale))
-            for k in (1, 2, 4):
-                result["rows"].append(bench_set(Path(d), name, sizes, n * k))
-                save()
+        s3 = start_s3(Path(d))
+        try:
+            for name in filter(None, args.sets.split(",")):
+                sizes, n = SETS[name]
+                n = max(1, round(n * args.scale))
+                for k in (1, 2, 4):
+                    result["rows"].append(bench_set(Path(d), name, sizes, n * k, s3))
+                    save()
+        finally:
+            if s3 is not None:
+                s3.stop()
     if args.share_steps:
         result["sharing"] = {}
         bench_sharing(args.store_root, args.share_steps, result["sharing"], save)
@@ -174,15 +225,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def wds_cell(r: dict, where: str) -> str:
+    rate = r.get(f"wds_{where}_samples_per_s")
+    return "-" if rate is None else f"{rate:.0f} ({r[f'wds_{where}_rss_gb']:.2f})"
+
+
 def markdown(result: dict) -> str:
     lines = [f"Measured {result['date']} on {result['machine']} (load average before/after: "
              f"{result['load_before'][0]:.1f}/{result.get('load_after', [float('nan')])[0]:.1f}), `make bench-scale`:", "",
-             "| set | N | extract s | img/s | peak RSS GB | store/PNG | no-op s | verify s | Zarr loader samples/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| set | N | extract s | img/s | peak RSS GB | store/PNG | no-op s | verify s | Zarr loader samples/s "
+             "| WDS local samples/s (RSS GB) | WDS S3 samples/s (RSS GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['set']} | {r['n']} | {r['extract_s']:.1f} | {r['images_per_s']:.2f} | {r['peak_rss_gb']:.2f} "
                      f"| {r['store_over_png']:.2f} | {r['noop_rerun_s']:.1f} | {r['verify_s']:.1f} "
-                     f"| {r['zarr_loader_samples_per_s']:.0f} |")
+                     f"| {r['zarr_loader_samples_per_s']:.0f} | {wds_cell(r, 'local')} | {wds_cell(r, 's3')} |")
     s = result.get("sharing")
     if s:
         lines += ["", "| CPU sharing (demo training) | alone steps/s | two at once, steps/s each | together / alone |",

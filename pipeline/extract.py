@@ -9,6 +9,7 @@ the split's size or its largest image.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +23,12 @@ from tqdm import tqdm
 
 from stores import (TEXT, ArraySpec, Leases, Store, dataset_name, encoder_id, key_of, make_layout, store_name,
                     write_json_atomic)
-from stores.store import SOURCES_DIR
+from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
 
 from .degrade import DEGRADATIONS, sample_rng
-from .encoders import build_encoder, weights_arg
-from .networks import is_network_target
+from .encoders import build_encoder, is_user_encoder, weights_arg
+from .networks import BUILTINS, is_network_target
 from .sources import Source, SourceError, open_source, release_caches
 from .targets import build_target
 from .tasks import get_task
@@ -79,13 +80,18 @@ def text_width(values) -> int:
     return max(64, -(-max((len(str(v).encode()) for v in values), default=1) // 64) * 64)
 
 
+def plan_pairs(source: Source, task, cfg: FeaturesConfig) -> tuple[str, dict]:
+    """(key, spec) of a split's pairs member: needs the source, not the frozen networks."""
+    deg = None if source.paired else task.degradation
+    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
+    spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
+    return key_of(spec), spec
+
+
 def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConfig):
     """The members of a split's store (pairs, the target, one per encoder), each keyed by what
     determines it."""
-    deg = None if source.paired else task.degradation
-    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
-    pairs_spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
-    pairs_key = key_of(pairs_spec)
+    pairs_key, pairs_spec = plan_pairs(source, task, cfg)
     img = lambda name, dtype: ArraySpec(name, dtype, (3,), image=True)  # noqa: E731
     members = [Member("pairs", pairs_key, pairs_spec,
                       [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", "int32", (2,)),
@@ -94,14 +100,16 @@ def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConf
     tspec = {"pairs": pairs_key, **target.spec()}
     tkey = key_of(tspec)
     members.append(Member(f"targets/{target.id}-{tkey[:12]}", tkey, tspec, [img("base", "float16")],
-                          {"target": target.id, "weights": target.weights},
+                          {"target": target.id, "weights": target.weights,
+                           "inputs": file_stats([getattr(target, "checkpoint", None)])},
                           lambda data, excluded: {"base": run_target(target, data, excluded)}))
     for enc in encoders:
         espec = {"pairs": pairs_key, **enc.spec()}
         ekey = key_of(espec)
         members.append(Member(f"osf/{encoder_id(enc.name)}-{ekey[:12]}", ekey, espec,
                               [ArraySpec("g", "float32", (4, enc.dim))],
-                              {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim},
+                              {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim,
+                               "inputs": file_stats(encoder_inputs(enc))},
                               lambda data, excluded, enc=enc: {"g": run_encoder(enc, data, cfg.batch)}))
     return pairs_key, members
 
@@ -197,10 +205,12 @@ class SplitJob:
     still to do, running some of them, and finalising. `make features` runs all of them;
     SLURM array tasks run one range each (`slurm/`), then one job finalises."""
 
-    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list):
+    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None):
         self.cfg, self.split = cfg, split
-        known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-        self.source = open_source(cfg.data, split, *task.demo_tiles, known=known)
+        if source is None:  # else opened already (by complete_store: the stat cache is not read twice)
+            known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+            source = open_source(cfg.data, split, *task.demo_tiles, known=known)
+        self.source = source
         pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
         self.path = Path(cfg.store_root) / store_name(self.source.dataset, split, task.name, pairs_key)
         if cfg.store_shared:
@@ -213,6 +223,9 @@ class SplitJob:
         self._save_records(self.path)
         self.order = make_layout(hws, self.store.layout.tile)[1]  # a store keeps the layout it was made with
         self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
+        for m in self.members:  # complete by key: keep its weight files' stats for the next re-run's fast path
+            if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != m.info["inputs"]:
+                self.store._update_member(m.path, inputs=m.info["inputs"])
         for m in self.todo:  # a member that exists keeps the plan it was started with
             self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards, {**m.info, "config": asdict(cfg)})
         self.degradation = DEGRADATIONS[task.degradation] if not self.source.paired else None
@@ -324,6 +337,78 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
     return None
 
 
+# -- "nothing to compute" without building a network --------------------------------------------
+TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "init_seed", "allow_random_weights")
+ENCODER_RECIPE = ("init_seed", "allow_random_weights")
+
+
+def file_stats(paths) -> list:
+    """[path, size, mtime_ns] of each file a frozen network was read from (a folder: its files)."""
+    out = []
+    for p in (Path(p) for p in paths if p):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+    return out
+
+
+def encoder_inputs(enc) -> list:
+    """The weight files (or folders) an encoder was built from."""
+    arch = enc.name[len("openclip:"):] if enc.name.startswith("openclip:") else ""
+    return [enc.weights.get("path"), arch if arch and Path(arch).is_dir() else None]
+
+
+def _unchanged(info: dict) -> bool:
+    """A member's weight files still have the (size, mtime) they had when it was computed; a member
+    with pre-trained weights recorded before inputs were kept is not trusted."""
+    inputs = info.get("inputs")
+    if inputs is None:
+        return info.get("weights") == "random"
+    try:
+        return all((st := os.stat(p)).st_size == size and st.st_mtime_ns == mtime for p, size, mtime in inputs)
+    except OSError:
+        return False
+
+
+def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, Source | None]:
+    """(the split's store, its source) when every member `cfg` asks for is already complete, found from the stat
+    cache of the sources and the manifest alone (no image decoded or hashed, no network built); None
+    when something may have to be computed (the caller then builds the networks and checks by key).
+
+    A member counts when its recorded settings match `cfg` and its weight files keep their (size,
+    mtime); (None, the source opened if any) when not. User factories (`module.path:factory`) are always built (their code may have changed);
+    `--rehash` always builds and checks by key."""
+    names = [cfg.target or task.target, *(cfg.encoder or task.encoder).split(",")]
+    user_target = ":" in names[0] and names[0].split(":")[0] not in BUILTINS  # module.path:factory
+    if cfg.rehash or user_target or any(is_user_encoder(n) for n in names[1:]):
+        return None, None
+    known = None if cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+    if cfg.data != "demo" and known is None:
+        return None, None
+    source = open_source(cfg.data, split, *task.demo_tiles, known=known)
+    if (source.records or {}).get("changed") or (source.records or {}).get("touched"):
+        return None, source  # the full path names them and records the new stats
+    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, plan_pairs(source, task, cfg)[0])
+    try:
+        members = Store(path).manifest()["members"]
+    except (StoreError, OSError, ValueError, KeyError):
+        return None, source
+    want = {f: getattr(cfg, f) for f in TARGET_RECIPE}
+    done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
+    if members.get("pairs", {}).get("status") != "complete" or not any(
+            "target" in i and (i["config"].get("target") or task.target) == names[0]
+            and {f: i["config"].get(f) for f in TARGET_RECIPE} == want for i in done):
+        return None, source
+    for name in names[1:]:
+        want = {f: getattr(cfg, f) for f in ENCODER_RECIPE}
+        want["weights"] = weights_arg(name, cfg.clip_weights, cfg.sd_weights)
+        if not any(i.get("encoder") == name and want == {
+                **{f: i["config"].get(f) for f in ENCODER_RECIPE},
+                "weights": weights_arg(name, i["config"].get("clip_weights"), i["config"].get("sd_weights"))}
+                for i in done):
+            return None, source
+    return path, source
+
+
 def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
     """Copy the members we need that a shared root already holds complete, with the same keys,
     into the local store (verified, file by file); the shared root is only read."""
@@ -342,10 +427,11 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
         copy_store(src, str(local.parent))
 
 
-def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print) -> Path:
+def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print,
+                source: Source | None = None) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
-    job = SplitJob(cfg, task, split, target, encoders)
+    job = SplitJob(cfg, task, split, target, encoders, source)
     layout = job.source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
         log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
@@ -445,7 +531,13 @@ def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
     one added to a complete store computes only itself.
     """
+    task = get_task(cfg.task)
+    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
+    if all(path for path, _ in found.values()):  # a re-run of a complete store: no network is built
+        for path, _ in found.values():
+            log(f"{path.name}: complete; nothing to compute")
+        return [path for path, _ in found.values()]
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
-    return [build_split(cfg, task, split, target, encoders, log) for split in cfg.splits]
+    return [build_split(cfg, task, split, target, encoders, log, found[split][1]) for split in cfg.splits]

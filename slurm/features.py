@@ -12,7 +12,8 @@ import os
 import time
 from dataclasses import fields, replace
 
-from pipeline.extract import FeaturesConfig, SplitJob, build_models
+from pipeline.extract import FeaturesConfig, SplitJob, build_models, complete_store
+from pipeline.tasks import get_task
 
 from . import submit
 
@@ -65,6 +66,13 @@ def finalize(cfg: FeaturesConfig, cwd: str) -> list[str]:
 def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
     cfg = config_from_args(args)
+    task = get_task(cfg.task)
+    found = [complete_store(cfg, task, split)[0] for split in cfg.splits]
+    if all(found):  # from the stat cache and the manifests: no network built, nothing listed but the sources
+        for path in found:
+            log(f"{path.name}: complete; nothing to submit")
+        log("every member is complete: no job submitted")
+        return 0
     jobs = plan(cfg)
     for j in jobs.values():
         if not j.todo:

@@ -7,22 +7,19 @@ Writes `<out>/<store name>-wds/` (default out: the store's folder's parent):
                            members and keys, the degradation's `meta` parsed)
     index.json             shards (samples, first index, names, hw, bytes, sha256), the source's
                            keys and member records, `complete: true`; written last
-Each tar is written to a temporary name and renamed; index.json is removed first and written last,
+Tars are written with webdataset's TarWriter, each to a temporary name and renamed; index.json is removed first and written last,
 so readers never take a half-made export for a finished one. Shards hold contiguous, balanced
 sample ranges; there are at least `min_shards` of them (so nodes x workers can each get whole
 shards) and none above `samples_per_shard` samples or about `shard_mb` MB. Tar entries carry fixed
-owners and times: the same store gives the same bytes. Read back by `training/wds_data.py`.
+owners and times: the same store gives the same bytes. Streamed back by `training/wds_data.py`.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
 import struct
-import tarfile
 import time
-import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .keys import sha256_file
-from .store import Store, StoreError, encoder_id, write_json_atomic
+from .store import Store, StoreError, atomic_path, encoder_id, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
@@ -107,34 +104,29 @@ class Exporter:
                 "target": {"member": self.target, "key": self.keys[self.target]},
                 "encoders": [{"member": e, "key": self.keys[e]} for e in self.encoders], "meta": drawn}
 
-    def files(self, lo: int, hi: int):
-        """(entry name, bytes) of every sample in [lo, hi), in order."""
+    def samples(self, lo: int, hi: int):
+        """The WebDataset samples ({"__key__": "<index:08d>", entry: bytes}) of [lo, hi), in order."""
         a = {k: v[lo:hi] for k, v in self.arrays.items()}
         for j, i in enumerate(range(lo, hi)):
             h, w = (int(v) for v in self.hw[i])
             if h == 0:  # excluded at extraction: never written, so it can never reach a batch
                 continue
-            key = f"{i:08d}"
-            yield f"{key}.lq.png", png_bytes(a["lq"][j][:h, :w])
-            yield f"{key}.gt.png", png_bytes(a["gt"][j][:h, :w])
-            yield f"{key}.base.npy", npy_bytes(a["base"][j][:h, :w])
-            for e in self.encoders:
-                yield f"{key}.osf.{e.split('/', 1)[1]}.npy", npy_bytes(a[e][j].astype(np.float32))
-            yield f"{key}.meta.json", json.dumps(self.sample_meta(i, str(a["meta"][j])), sort_keys=True).encode()
+            meta = json.dumps(self.sample_meta(i, str(a["meta"][j])), sort_keys=True).encode()
+            yield {"__key__": f"{i:08d}", "lq.png": png_bytes(a["lq"][j][:h, :w]),
+                   "gt.png": png_bytes(a["gt"][j][:h, :w]), "base.npy": npy_bytes(a["base"][j][:h, :w]),
+                   **{f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(a[e][j].astype(np.float32)) for e in self.encoders},
+                   "meta.json": meta}
 
     def write_shard(self, k: int, lo: int, hi: int) -> dict:
-        """Write shard k (samples [lo, hi)) to a temporary name, then rename it into place."""
+        """Write shard k (samples [lo, hi)) with webdataset's TarWriter to a temporary name, then
+        rename it into place (fixed owner, mode and time: the same store gives the same bytes)."""
+        from webdataset.writer import TarWriter  # imports torch: only when exporting
+
         name = f"shard-{k:06d}.tar"
-        tmp = self.out / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for entry, data in self.files(lo, hi):
-                    info = tarfile.TarInfo(entry)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-            os.replace(tmp, self.out / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f, \
+                TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar:
+            for sample in self.samples(lo, hi):
+                tar.write(sample)
         return {"name": name, "first": lo, "samples": hi - lo, "names": self.names[lo:hi],
                 "hw": self.hw[lo:hi].tolist(), "bytes": (self.out / name).stat().st_size,
                 "sha256": sha256_file(self.out / name)}

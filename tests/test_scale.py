@@ -1,6 +1,7 @@
 """Stores at real sizes: mixed sizes and orientations extracted without padding, and re-runs that
 cost a stat per source file instead of a read."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ def write_dataset(root, sizes=SIZES):
 
 def features(data, stores, tiny_clip, **kw):
     lines = []
-    cfg = FeaturesConfig(task="deblur", data=f"generic:{data}", target="identity", encoder=f"openclip:{tiny_clip}",
+    kw = {"target": "identity", **kw}
+    cfg = FeaturesConfig(task="deblur", data=f"generic:{data}", encoder=f"openclip:{tiny_clip}",
                          store_root=str(stores), shard_len=2, tile=32, splits=("test",), **kw)
     return build_features(cfg, log=lines.append)[0], "\n".join(lines)
 
@@ -73,3 +75,27 @@ def test_rerun_costs_a_stat_and_names_touched_and_changed_files(tmp_path, tiny_c
     hashed.clear()
     features(data, tmp_path / "stores", tiny_clip, rehash=True)
     assert len(hashed) == 2 * len(SIZES)  # --rehash: every file read again
+
+
+def test_a_complete_store_is_answered_without_building_a_network(tmp_path, tiny_clip, monkeypatch):
+    import pipeline.extract as extract
+
+    data = write_dataset(tmp_path / "data")
+    first, _ = features(data, tmp_path / "stores", tiny_clip)
+    built = []
+    real_build = extract.build_models
+    monkeypatch.setattr(extract, "build_models", lambda cfg: built.append(cfg) or real_build(cfg))
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert again == first and "nothing to compute" in log and built == []
+    # another target is a new member: the networks are built and it is computed
+    again, log = features(data, tmp_path / "stores", tiny_clip, target="gamma")
+    assert len(built) == 1 and "computing targets/gamma" in log
+    # changed weights: the encoder's checkpoint file is newer than the member -> built, checked by key
+    weights = next(p for p in Path(tiny_clip).iterdir() if p.is_file())
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    again, log = features(data, tmp_path / "stores", tiny_clip)
+    assert again == first and len(built) == 2 and "nothing to compute" in log
+    features(data, tmp_path / "stores", tiny_clip, rehash=True)
+    assert len(built) == 3
+    features(data, tmp_path / "stores", tiny_clip)  # the new stats were recorded: fast again
+    assert len(built) == 3

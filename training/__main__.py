@@ -27,7 +27,10 @@ HELP = {
     "seed": "seed of initialisation and data order", "workers": "loader processes",
     "threads": "torch CPU threads (0: default)", "log_every": "steps between metrics.jsonl lines",
     "ckpt_every": "steps between checkpoints", "resume": "continue an interrupted run from its checkpoint",
-    "format": "read the train store as 'zarr' or as its 'wds' (WebDataset) export",
+    "format": "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; --train-store may "
+              "then be an export folder or URL (s3://bucket/prefix/<store>-wds)",
+    "wds_streams": "wds: shuffled shard streams per process; batches depend on it; --workers must divide it",
+    "wds_buffer": "wds: shuffle buffer per stream, in samples (bounds the loader's memory)",
     "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
               "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",

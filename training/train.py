@@ -40,6 +40,8 @@ class TrainConfig:
     target: str | None = None  # target member name (default: the store's only one)
     encoder: str = "clip-vit-b32"  # comma-separated to concatenate several OSF vectors
     format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
+    wds_streams: int = 4  # wds: shuffled shard streams per process (batches depend on it; workers must divide it)
+    wds_buffer: int = 256  # wds: shuffle buffer per stream, in samples (memory: streams x buffer x sample)
     run: str | None = None  # default: the task name
     runs_dir: str = "runs"
     steps: int = 1500
@@ -102,11 +104,26 @@ def open_splits(cfg: TrainConfig, rank: int = 0, world: int = 1) -> tuple:
     if cfg.format == "wds":
         from .wds_data import WdsSplit
 
-        return WdsSplit.open(paths[0], cfg.target, encoders, rank=rank, world=world), \
+        return WdsSplit.open(paths[0], cfg.target, encoders), \
             Split.open(paths[1], cfg.target, encoders)
     if cfg.format != "zarr":
         raise ValueError(f"--format must be 'zarr' or 'wds', got {cfg.format!r}")
     return tuple(Split.open(p, cfg.target, encoders) for p in paths)
+
+
+def make_loader(cfg: TrainConfig, train_split, start: int, stop: int, rank: int, world: int):
+    """The batches of steps [start, stop): read by index from a Zarr store, or streamed from a
+    WebDataset export (training/wds_data.py)."""
+    prefetch = {"num_workers": cfg.workers, "prefetch_factor": 4 if cfg.workers else None}
+    if cfg.format == "wds":
+        from .wds_data import WdsBatches
+
+        batches = WdsBatches(train_split, cfg.crop, cfg.batch, cfg.seed, start, stop, rank, world,
+                             cfg.wds_streams, cfg.wds_buffer)
+        return torch.utils.data.DataLoader(batches, batch_size=None, **prefetch)
+    train_split.arrays()  # load once before the loader forks
+    batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop), **prefetch)
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -175,10 +192,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
-    train_split.arrays()  # load once before the loader forks (WebDataset shards are read into memory)
-    batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
-                                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    loader = make_loader(cfg, train_split, start, stop, rank, world)
     tb = _tensorboard(run_dir, start) if main else None
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
     wait = compute = 0.0

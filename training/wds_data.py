@@ -1,90 +1,88 @@
-"""Stage 2 data from a store's WebDataset export (`python -m stores export-wds STORE`), read by
+"""Stage 2 data streamed from a store's WebDataset export (`python -m stores export-wds STORE`), read by
 `python -m training train --format wds`.
 
-`WdsSplit` has the interface of `training.data.Split` (open, info, hw, names, metric_space, image,
-g, arrays), so `training.data.CropBatches` works on it unchanged; with one process its batches
-equal those read from the Zarr store for the same seed and step.
+Streaming: nothing is read up front but `index.json`; tar shards are read sequentially with the
+`webdataset` library (from a local path, a shared filesystem or `s3://`, through fsspec), samples go
+through a bounded shuffle buffer, and only the samples of a batch are decoded. Memory is the shuffle
+buffers plus one batch, whatever the size of the export.
 
-Several processes (torchrun: RANK, WORLD_SIZE): rank r of w takes whole shards r, r+w, r+2w, ...
-(disjoint), reads them into memory and keeps its first m samples, m being the smallest sample count
-of any rank, so every rank holds the same number of samples (shards are balanced: at most a few
-samples per rank are dropped). Sample index i then means the rank's own i-th sample: CropBatches
-draws the same global (index, crop, flip) list on every rank and each rank fills its slice of the
-batch from its own shards. Shards need at least `world` of them (export with --min-shards).
-Reads tar shards with the standard library; imports no pipeline code and no frozen network.
+Determinism. Each rank reads `streams` (--wds-streams, default 4) independent streams. In epoch e of
+stream k on rank r, the shards are a permutation of all shards drawn from (seed, e), of which the
+stream takes every (world x streams)-th starting at r x streams + k: ranks and streams read disjoint
+shards. Its samples pass a shuffle buffer of `buffer` samples seeded by (seed, e, r, k). The batch of
+step s on rank r is the next `batch / world` samples of stream s mod streams (its (s // streams)-th
+batch), with crop offsets and flips drawn from (seed, s, r). So batches depend on the seed, the step,
+the rank and these two settings only, not on the number of loader workers: worker w of W (W must
+divide `streams`) produces the steps start + w, start + w + W, ... from the streams it owns, in the
+order the DataLoader hands them out. A resumed run skips, without decoding, the samples its streams
+used before the resume step, and gets the batches of an uninterrupted run.
+
+Samples excluded at extraction have no entries in the export and never reach a batch; samples smaller
+than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
+`numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Each shard's sha256
+is checked as it streams; a mismatch or a damaged tar raises WdsError naming the shard.
+Imports no pipeline code and no frozen network.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
-import struct
-import tarfile
-import zlib
+import random
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import torch
+from webdataset.filters import _shuffle
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from stores import encoder_id
+from stores.remote import open_location
 
-from .data import match_member, members_info
+from .data import match_member, members_info, to_tensor
 
 INDEX = "index.json"
+READ_BLOCK = 4 << 20
 
 
 class WdsError(RuntimeError):
     """An export is missing, unfinished, damaged or does not hold what was asked for."""
 
 
-def find_export(path) -> Path:
-    """The export folder: `path` itself if it holds index.json, else `<path>-wds` beside a store."""
-    path = Path(path)
-    for folder in (path, path.parent / f"{path.name}-wds"):
-        if (folder / INDEX).is_file():
-            return folder
-    raise WdsError(f"{path}: no WebDataset export (no {INDEX} in it or in {path.name}-wds beside it); "
-                   f"run `python -m stores export-wds {path}`")
+def find_export(path):
+    """(Location, url) of the export: `path` itself if it holds index.json, else `<path>-wds` beside
+    a store. `path` may be a local folder or a URL (s3://bucket/prefix/<store>-wds)."""
+    path = str(path).rstrip("/")
+    for url in (path, f"{path}-wds"):
+        loc = open_location(url)
+        if loc.fs.exists(loc.path(INDEX)):
+            return loc
+    raise WdsError(f"{path}: no WebDataset export (no {INDEX} in it or in {path.rsplit('/', 1)[-1]}-wds beside "
+                   f"it); run `python -m stores export-wds STORE`")
 
 
-def read_index(folder: Path) -> dict:
-    index = json.loads((folder / INDEX).read_text())
+def read_index(loc) -> dict:
+    with loc.fs.open(loc.path(INDEX), "rb") as f:
+        index = json.loads(f.read())
     if index.get("format") != "ptgrm-wds" or not index.get("complete"):
-        raise WdsError(f"{folder / INDEX}: not a complete ptgrm-wds export; run export-wds again")
+        raise WdsError(f"{loc.url}/{INDEX}: not a complete ptgrm-wds export; run export-wds again")
     return index
 
 
 def decode_png(data: bytes, where: str) -> np.ndarray:
-    """(H, W, 3) uint8 from an 8-bit RGB PNG whose rows use filters None, Sub or Up."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise WdsError(f"{where}: not a PNG")
-    pos, idat, head = 8, [], None
-    while pos < len(data):
-        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
-        if tag == b"IHDR":
-            head = struct.unpack(">IIBBBBB", data[pos + 8:pos + 21])
-        elif tag == b"IDAT":
-            idat.append(data[pos + 8:pos + 8 + n])
-        pos += 12 + n
-    if head is None or head[2:] != (8, 2, 0, 0, 0):
-        raise WdsError(f"{where}: expected an 8-bit RGB, non-interlaced PNG, got header {head}")
-    w, h = head[:2]
-    rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, 1 + 3 * w)
-    filters, px = rows[:, 0], rows[:, 1:]
-    if (filters == 2).all():  # what export-wds writes: each row is the difference to the row above
-        return np.cumsum(px, axis=0, dtype=np.uint8).reshape(h, w, 3)
-    out = np.zeros((h, 3 * w), np.uint8)
-    for r, f in enumerate(filters):
-        if f == 0:
-            out[r] = px[r]
-        elif f == 1:
-            out[r] = np.cumsum(px[r].reshape(w, 3), axis=0, dtype=np.uint8).ravel()
-        elif f == 2:
-            out[r] = px[r] + (out[r - 1] if r else 0)
-        else:
-            raise WdsError(f"{where}: PNG row filter {f} is not supported (export-wds writes filter 2)")
-    return out.reshape(h, w, 3)
+    """(H, W, 3) uint8 from an 8-bit RGB PNG (PIL: no code runs)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB" or im.format != "PNG":
+                raise WdsError(f"{where}: expected an 8-bit RGB PNG, got {im.format} {im.mode}")
+            return np.asarray(im)
+    except WdsError:
+        raise
+    except Exception as e:
+        raise WdsError(f"{where}: not a readable PNG: {e}") from None
 
 
 def decode_npy(data: bytes, where: str) -> np.ndarray:
@@ -94,49 +92,21 @@ def decode_npy(data: bytes, where: str) -> np.ndarray:
         raise WdsError(f"{where}: not a plain .npy array: {e}") from None
 
 
-class Ragged:
-    """Samples of different sizes indexed like one array: `r[i, ys, xs]` is `items[i][ys, xs]`."""
+class HashingReader:
+    """A file object that hashes what is read through it (the shard's sha256, checked at its end)."""
 
-    def __init__(self, items: list):
-        self.items = items
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
 
-    def __getitem__(self, idx):
-        if isinstance(idx, tuple):
-            return self.items[idx[0]][idx[1:]]
-        return self.items[idx]
-
-
-def read_shard(folder: Path, shard: dict, encoders: list) -> list[dict]:
-    """The decoded samples of one shard, checked against the index (sha256, sample keys, entries)."""
-    path = folder / shard["name"]
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-        raise WdsError(f"{path}: sha256 differs from {INDEX}; the shard is damaged or was replaced")
-    entries: dict[str, dict] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for info in tar:
-            key, ext = info.name.split(".", 1)
-            entries.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    out = []
-    for i, hw in zip(range(shard["first"], shard["first"] + shard["samples"]), shard["hw"]):
-        if hw[0] == 0:  # excluded at extraction (not in the tar); size (0, 0): never drawn
-            empty = np.zeros((0, 0, 3), np.uint8)
-            out.append({"lq": empty, "gt": empty, "base": empty.astype(np.float16),
-                        "g": None})
-            continue
-        e, where = entries.get(f"{i:08d}", {}), f"{path} sample {i}"
-        want = ["lq.png", "gt.png", "base.npy", "meta.json"] + [f"osf.{x.split('/', 1)[1]}.npy" for x in encoders]
-        missing = [w for w in want if w not in e]
-        if missing:
-            raise WdsError(f"{where}: missing {', '.join(missing)}")
-        out.append({"lq": decode_png(e["lq.png"], f"{where} lq.png"),
-                    "gt": decode_png(e["gt.png"], f"{where} gt.png"),
-                    "base": decode_npy(e["base.npy"], f"{where} base.npy"),
-                    "g": [decode_npy(e[w], f"{where} {w}") for w in want[4:]]})
-    return out
+    def drain(self) -> str:
+        while self.read(READ_BLOCK):
+            pass
+        return self.sha.hexdigest()
 
 
 def choose(index: dict, kind: str, name: str | None) -> str:
@@ -147,52 +117,33 @@ def choose(index: dict, kind: str, name: str | None) -> str:
 
 @dataclass
 class WdsSplit:
-    """The samples of this rank's shards of one export, in memory, with the chosen members."""
+    """An export's index and the chosen members; samples are streamed by `WdsBatches`."""
 
-    path: Path  # the export folder, <store name>-wds
+    loc: object  # stores.remote.Location of the export folder
     target: str
     encoders: list
-    rank: int = 0
-    world: int = 1
     index: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path, target: str | None = None, encoders: list | None = None,
-             rank: int | None = None, world: int | None = None) -> "WdsSplit":
-        folder = find_export(path)
-        index = read_index(folder)
-        rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-        world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    def open(cls, path, target: str | None = None, encoders: list | None = None) -> "WdsSplit":
+        loc = find_export(path)
+        index = read_index(loc)
         tgt = choose(index, "targets", target)
         encs = [choose(index, "osf", e and encoder_id(e)) for e in (encoders or [None])]
-        return cls(folder, tgt, encs, rank, world, index)
+        return cls(loc, tgt, encs, index)
 
     def __post_init__(self):
-        self.index = self.index or read_index(self.path)
-        shards = self.index["shards"]
-        if len(shards) < self.world:
-            raise WdsError(f"{self.path}: {len(shards)} shards for {self.world} processes; export with "
-                           f"--min-shards {self.world} or more")
-        self.shards = shards[self.rank::self.world]
-        self.n = min(sum(s["samples"] for s in shards[r::self.world]) for r in range(self.world))
-        self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32)[:self.n]
-        self._names = [x for s in self.shards for x in s["names"]][:self.n]
-        self._arrays = None
+        self.shards = self.index["shards"]
+        self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32).reshape(-1, 2)
+        self._names = [x for s in self.shards for x in s["names"]]
+        self.entries = ["lq.png", "gt.png", "base.npy", "meta.json",
+                        *(f"osf.{e.split('/', 1)[1]}.npy".lower() for e in self.encoders)]
 
-    def __getstate__(self):  # spawned loader workers read the shards themselves instead of a pickle
-        return {**self.__dict__, "_arrays": None}
+    @property
+    def path(self):  # for messages (a folder or URL)
+        from pathlib import PurePosixPath
 
-    def arrays(self) -> dict:
-        """lq, gt, base (Ragged, valid size) and g ([(n, 4, D)] per encoder), read on first use.
-        Call it before starting forked loader workers and they share this one copy."""
-        if self._arrays is None:
-            samples = [x for s in self.shards for x in read_shard(self.path, s, self.encoders)][:self.n]
-            self._arrays = {k: Ragged([x[k] for x in samples]) for k in ("lq", "gt", "base")}
-            shapes = [next((x["g"][j].shape for x in samples if x["g"] is not None), (4, 0))
-                      for j in range(len(self.encoders))]  # excluded samples get zeros, never drawn
-            self._arrays["g"] = [np.stack([x["g"][j] if x["g"] is not None else np.zeros(shapes[j], np.float32)
-                                           for x in samples]) for j in range(len(self.encoders))]
-        return self._arrays
+        return PurePosixPath(self.loc.url)
 
     @property
     def hw(self) -> np.ndarray:
@@ -211,10 +162,125 @@ class WdsSplit:
         return {**members_info(self.index["members"], self.index["store"], self.target, self.encoders),
                 "format": "wds"}
 
-    def g(self, i: int, variant: int = 0) -> np.ndarray:
-        return np.concatenate([g[i, variant] for g in self.arrays()["g"]])
+    def samples(self, shard: dict, usable: set):
+        """The raw (undecoded) samples of one shard whose index is in `usable`, streamed; the shard's
+        sha256 and each sample's entries are checked."""
+        name = f"{self.loc.url}/{shard['name']}"
+        try:
+            with self.loc.fs.open(self.loc.path(shard["name"]), "rb", block_size=READ_BLOCK) as f:
+                reader = HashingReader(f)
+                files = tar_file_expander([{"url": name, "stream": reader}], eof_value=None)
+                for sample in group_by_keys(files):
+                    i = int(sample["__key__"])
+                    missing = [e for e in self.entries if e not in sample]
+                    if missing:
+                        raise WdsError(f"{name}: sample {sample['__key__']} lacks {', '.join(missing)}; "
+                                       f"expected {', '.join(self.entries)}")
+                    if i in usable:
+                        yield {"index": i, **{e: sample[e] for e in self.entries}}
+                if reader.drain() != shard["sha256"]:
+                    raise WdsError(f"{name}: sha256 differs from {INDEX}; the shard is damaged or was replaced")
+        except WdsError:
+            raise
+        except Exception as e:  # a damaged tar, a lost connection
+            raise WdsError(f"{name}: cannot read the shard ({type(e).__name__}: {e}); expected a tar written "
+                           f"by export-wds") from None
 
-    def image(self, i: int) -> dict:
-        """Full valid-size sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,)."""
-        a = self.arrays()
-        return {"lq": a["lq"][i], "gt": a["gt"][i], "base": a["base"][i].astype(np.float32), "g": self.g(i)}
+    def decode(self, raw: dict) -> dict:
+        where = f"{self.loc.url} sample {raw['index']:08d}"
+        return {"lq": decode_png(raw["lq.png"], f"{where} lq.png"), "gt": decode_png(raw["gt.png"], f"{where} gt.png"),
+                "base": decode_npy(raw["base.npy"], f"{where} base.npy"),
+                "g": [decode_npy(raw[e], f"{where} {e}") for e in self.entries[4:]]}
+
+    def image(self, raw: dict) -> dict:
+        """A whole decoded sample: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,) unflipped."""
+        d = self.decode(raw)
+        return {"lq": d["lq"], "gt": d["gt"], "base": d["base"].astype(np.float32),
+                "g": np.concatenate([g[0] for g in d["g"]])}
+
+
+class WdsBatches(torch.utils.data.IterableDataset):
+    """The batches of steps [start, stop) of one rank, streamed (see the module doc)."""
+
+    def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256):
+        if crop % 4:
+            raise ValueError(f"crop must be a multiple of 4, got {crop}")
+        if batch % world:
+            raise ValueError(f"batch {batch} must be divisible by the {world} processes")
+        if len(split.shards) < world * streams:
+            raise WdsError(f"{split.loc.url}: {len(split.shards)} shards for {world} processes x {streams} streams; "
+                           f"export with --min-shards {world * streams} or more (or lower --wds-streams)")
+        hw = split.hw
+        self.usable = {i for i, (h, w) in enumerate(hw) if h > 0 and min(h, w) >= crop}
+        small = [i for i, (h, w) in enumerate(hw) if h > 0 and i not in self.usable]
+        if small:
+            warnings.warn(f"{split.loc.url}: {len(small)} samples are smaller than the {crop}px crop and are not "
+                          f"trained on (e.g. sample {small[0]}, {tuple(int(v) for v in hw[small[0]])})", stacklevel=2)
+        if not self.usable:
+            raise ValueError(f"{split.loc.url}: no sample is at least {crop}px on both sides; lower --crop")
+        self.split, self.crop, self.per_rank, self.seed = split, crop, batch // world, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.streams, self.buffer = streams, buffer
+        self.peak_held = 0  # most raw samples read but not yet used, over this process's streams (tests)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def shards_of(self, stream: int, epoch: int) -> list[dict]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.split.shards))
+        return [self.split.shards[k] for k in perm[self.rank * self.streams + stream::self.world * self.streams]]
+
+    def _stream(self, k: int, held: list):
+        """Raw samples of stream k, epoch after epoch, through its shuffle buffer."""
+        for epoch in range(1 << 62):
+            def read():
+                for shard in self.shards_of(k, epoch):
+                    for raw in self.split.samples(shard, self.usable):
+                        held[0] += 1
+                        self.peak_held = max(self.peak_held, sum(v[0] for v in self._held.values()))
+                        yield raw
+            rng = random.Random(int(np.random.default_rng([self.seed, epoch, self.rank, k]).integers(1 << 62)))
+            n = 0
+            for raw in _shuffle(read(), bufsize=self.buffer, initial=self.buffer, rng=rng):
+                held[0] -= 1
+                n += 1
+                yield raw
+            if not n:
+                raise WdsError(f"{self.split.loc.url}: stream {k} of rank {self.rank} got no usable sample in "
+                               f"epoch {epoch}; export with fewer samples per shard")
+
+    def batch_of(self, step: int, raws: list) -> dict:
+        """Crops and flips of one step's samples, drawn from (seed, step, rank)."""
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        c, out = self.crop, {"lq": [], "base": [], "gt": [], "g": []}
+        for raw in raws:
+            d = self.split.decode(raw)
+            h, w = d["gt"].shape[:2]
+            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
+            fh, fv = (int(v) for v in rng.integers(0, 2, 2))
+            for k in ("lq", "base", "gt"):
+                patch = d[k][y:y + c, x:x + c]
+                patch = patch[:, ::-1] if fh else patch
+                out[k].append(patch[::-1] if fv else patch)
+            out["g"].append(np.concatenate([g[fh + 2 * fv] for g in d["g"]]))  # g of the flipped image
+        return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
+                "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"])),
+                "index": torch.tensor([r["index"] for r in raws])}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.streams % workers:
+            raise ValueError(f"{workers} loader workers must divide --wds-streams {self.streams}")
+        self._held: dict = {}
+        iters, used = {}, {}
+        for step in range(self.start + worker, self.stop, workers):
+            k, j = step % self.streams, step // self.streams  # stream k's j-th batch
+            if k not in iters:
+                self._held[k] = [0]
+                iters[k], used[k] = self._stream(k, self._held[k]), 0
+            for _ in range((j - used[k]) * self.per_rank):  # resuming: skip, without decoding, what was used
+                next(iters[k])
+            yield self.batch_of(step, [next(iters[k]) for _ in range(self.per_rank)])
+            used[k] = j + 1
