@@ -74,7 +74,7 @@ class ImageEncoder:
 def flip_views(img: np.ndarray, size: tuple[int, int], device, interpolation: str = "bicubic") -> torch.Tensor:
     """uint8 (H, W, 3) -> (4, 3, *size) float in [0, 1]: the whole image resized (antialiased, no
     crop), then its flips in FLIPS order."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False).clamp(0, 1)
     # flipping after the resize equals resizing the flipped image (the resize is symmetric)
     return torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
