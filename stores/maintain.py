@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from .leases import LEASE_DIR, LOCK_DIR, STALE_LOCK_SECONDS, _age
+from .leases import lease_folders
 from .store import DONE_DIR, Store, read_json
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
@@ -58,7 +59,7 @@ def repair(path: Path, recompute: bool = True, log=print) -> int:
     configs = []
     for member, tasks in damaged.items():
         for t in tasks:
-            (store.path / DONE_DIR / member / f"{t:05d}.json").unlink(missing_ok=True)
+            store.done_path(member, t).unlink(missing_ok=True)
         store._update_member(member, status="incomplete")
         configs.append(store.member_info(member).get("config"))
         log(f"{path}: {member}: tasks {tasks} withdrawn for recomputation")
@@ -75,19 +76,16 @@ def repair(path: Path, recompute: bool = True, log=print) -> int:
 
 
 def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
-    """Remove what killed runs leave behind, and nothing else: expired leases, stale manifest
-    locks, retired lease files and temporary files older than TMP_GRACE_SECONDS."""
+    """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
+    newest of each task is kept: it fences late writers) and temporary files older than
+    TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released when its holder dies)."""
     path = Path(path)
     found = []
-    for lease in (path / LEASE_DIR).glob("*.json"):
-        ttl = float(_read_ttl(lease))
-        if _age(lease) > ttl:
-            found.append(lease)
-    lock = path / LOCK_DIR / "manifest.lock"
-    if lock.is_file() and _age(lock) > STALE_LOCK_SECONDS:
-        found.append(lock)
+    for folder in lease_folders(path):
+        gens = sorted(folder.glob("[0-9]*.json"))
+        found += gens[:-1]
     for p in path.rglob(".*"):
-        if p.is_file() and (".tmp-" in p.name or ".expired-" in p.name) and _age(p) > TMP_GRACE_SECONDS:
+        if p.is_file() and ".tmp-" in p.name and _age(p) > TMP_GRACE_SECONDS:
             found.append(p)
     for p in found:
         log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
@@ -98,8 +96,8 @@ def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     return found
 
 
-def _read_ttl(lease: Path) -> float:
+def _age(path: Path) -> float:
     try:
-        return read_json(lease).get("ttl", 120.0)
-    except (ValueError, OSError):  # a lease file cut short by a kill
-        return 120.0
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -88,11 +88,32 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def _dump(tmp: Path, obj) -> None:
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        _dump(tmp, obj)
+
+
+def write_json_once(path: Path, obj) -> bool:
+    """Publish `path` complete (written beside it, then hard-linked into place) unless it exists;
+    False if another writer published it first. Never overwrites."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _dump(tmp, obj)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path):
@@ -326,16 +347,20 @@ class Store:
             hashes[name] = digest(values)
         return hashes
 
-    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> None:
-        """The done marker of a task, written last: `hashes` {shard start: {array: sha256}}."""
+    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> bool:
+        """The done marker of a task, written last and only once: `hashes` {shard start: {array:
+        sha256}}. False if the task already had one (another writer finished it first)."""
         by_array: dict[str, dict] = {}
         for lo, h in hashes.items():
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
-        write_json_atomic(self.path / DONE_DIR / member / f"{task:05d}.json",
-                          {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
-                           "stats": stats})
+        return write_json_once(self.done_path(member, task),
+                               {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
+                                "stats": stats})
+
+    def done_path(self, member: str, task: int) -> Path:
+        return self.path / DONE_DIR / member / f"{task:05d}.json"
 
     def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
         """Write one task's whole shards of every array of `member` (values of all its samples,
@@ -361,9 +386,12 @@ class Store:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
         records = {f: self.task_records(member, f) for f in ("excluded", "notes")}
-        write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
-        self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
-                            **{f"n_{f}": len(v) for f, v in records.items()})
+        with store_lock(self.path):
+            if self.refresh()["members"][member].get("status") == "complete":
+                return self.member_info(member)  # another writer finalised it: never written again
+            write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
+            self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
+                                **{f"n_{f}": len(v) for f, v in records.items()})
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
@@ -375,14 +403,14 @@ class Store:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
         out = []
         for task in sorted(self.done_tasks(member)):
-            out += read_json(self.path / DONE_DIR / member / f"{task:05d}.json")["stats"].get(field, [])
+            out += read_json(self.done_path(member, task))["stats"].get(field, [])
         return out
 
     def shard_checks(self, member: str) -> list[tuple]:
         """(array, recorded sha256, start, stop) of every shard the done markers list."""
         out = []
         for task in sorted(self.done_tasks(member)):
-            marker = read_json(self.path / DONE_DIR / member / f"{task:05d}.json")
+            marker = read_json(self.done_path(member, task))
             stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
                 out += [(name, want, int(lo), stops.get(int(lo), int(lo))) for lo, want in shards.items()]

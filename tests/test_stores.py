@@ -122,21 +122,22 @@ def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
     toy_store(tmp_path / "s")
     s = tmp_path / "s"
     old = time.time() - 3600
-    (s / "_leases").mkdir(exist_ok=True)
-    expired, live = s / "_leases" / "0-4.json", s / "_leases" / "4-8.json"
-    expired.write_text('{"owner": "dead:1", "ttl": 120}')
-    live.write_text('{"owner": "alive:2", "ttl": 120}')
+    leases = s / "_leases" / "0-4"
+    leases.mkdir(parents=True)
+    superseded, newest = leases / "00000000.json", leases / "00000001.json"
+    superseded.write_text('{"owner": "dead:1", "gen": 0}')
+    newest.write_text('{"owner": "alive:2", "gen": 1}')
     (s / "_locks").mkdir(exist_ok=True)
     lock = s / "_locks" / "manifest.lock"
-    lock.write_text("{}")
+    lock.write_text("")
     tmp_old, tmp_new = s / "pairs" / ".zarr.json.tmp-1-abc", s / ".manifest.json.tmp-2-def"
     tmp_old.write_text("x")
     tmp_new.write_text("y")
-    for p in (expired, lock, tmp_old):
+    for p in (superseded, newest, lock, tmp_old):
         os.utime(p, (old, old))
     before = {p for p in s.rglob("*") if p.is_file()}
     removed = set(gc(s, log=lambda *a: None))
-    assert removed == {expired, lock, tmp_old}
+    assert removed == {superseded, tmp_old}  # the newest generation fences late writers; the lock is an OS lock
     assert {p for p in s.rglob("*") if p.is_file()} == before - removed
     Store(s).array("pairs", "lq")  # the store itself is untouched and still complete
 
