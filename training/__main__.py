@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stores import StoreError
 
-from .data import Split, find_store
+from .data import Split, check_same_members, find_store
 from .official import PREFIX, import_run, export_run
 from .train import TrainConfig, summary, train, write_eval
 
@@ -143,6 +143,7 @@ def run_eval(cfg: TrainConfig) -> None:
     encoders = cfg.encoder.split(",") if cfg.encoder else None  # only the test store is read
     test_split = Split.open(cfg.test_store or find_store(cfg.store_root, cfg.data, cfg.task, "test"),
                             cfg.target, encoders)
+    check_same_members(run_dir, "test", sidecar.get("test_store"), test_split.info())
     result = evaluate(model, test_split, save_dir=run_dir / "images" if cfg.save_images else None)
     previous = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     fallback = {"task": cfg.task, "run": run_dir.name}  # an imported run has no training record
