@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
-        for name in args.sets.split(","):
+        for name in filter(None, args.sets.split(",")):
             sizes, n = SETS[name]
             n = max(1, round(n * args.scale))
             for k in (1, 2, 4):

@@ -61,9 +61,22 @@ class Layout:
     def from_json(cls, d: dict) -> "Layout":
         return cls(d["tile"], tuple(Bucket((h, w), s, c, k) for h, w, s, c, k in d["buckets"]))
 
+    def _cached(self, name: str, make):
+        """A derived value computed once per layout (the layout itself never changes)."""
+        if name not in self.__dict__:
+            object.__setattr__(self, name, make())
+        return self.__dict__[name]
+
     def shards(self) -> list[tuple[int, int, int]]:
         """(bucket number, start, stop) of every shard, in storage order."""
-        return [(k, a, b) for k, bk in enumerate(self.buckets) for a, b in bk.shards()]
+        return self._cached("_shards", lambda: [(k, a, b) for k, bk in enumerate(self.buckets) for a, b in bk.shards()])
+
+    def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """The shards inside [start, stop) (a binary search: tasks cost O(log shards) each)."""
+        shards = self.shards()
+        firsts = self._cached("_shard_starts", lambda: np.array([a for _, a, _ in shards], np.int64))
+        lo, hi = np.searchsorted(firsts, [start, stop], side="left")
+        return [s for s in shards[lo:hi] if s[2] <= stop]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(bucket number, row in the bucket) of sample i."""
@@ -74,11 +87,7 @@ class Layout:
         return k, i - self.buckets[k].start
 
     def _starts(self) -> np.ndarray:
-        s = self.__dict__.get("_starts_cache")
-        if s is None:
-            s = np.array([b.start for b in self.buckets], np.int64)
-            object.__setattr__(self, "_starts_cache", s)
-        return s
+        return self._cached("_starts_cache", lambda: np.array([b.start for b in self.buckets], np.int64))
 
     def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """[start, stop) cut at bucket edges: (bucket number, first row, last row + 1)."""
@@ -92,6 +101,9 @@ class Layout:
     def plan(self, n_tasks: int | None = None) -> list[list[int]]:
         """Tasks of whole shards, `[[start, stop], ...]` in storage order: one per shard, or
         exactly `n_tasks` runs of shards, balanced by pixel bytes (greedily)."""
+        return self._cached(f"_plan_{n_tasks or 0}", lambda: self._plan(n_tasks))
+
+    def _plan(self, n_tasks: int | None) -> list[list[int]]:
         shards = self.shards()
         if not n_tasks or n_tasks >= len(shards):
             return [[a, b] for _, a, b in shards]

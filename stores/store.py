@@ -373,7 +373,7 @@ class Store:
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """(bucket number, start, stop) of the shards inside [start, stop)."""
-        return [s for s in self.layout.shards() if start <= s[1] and s[2] <= stop]
+        return self.layout.shards_of(start, stop)
 
     def finalize(self, member: str) -> dict:
         """Verify every shard against the done markers, then mark the member complete."""
@@ -398,6 +398,16 @@ class Store:
         """A complete member's excluded samples and conversion notes: {"excluded": [...], "notes": [...]}."""
         path = self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json"
         return read_json(path) if path.is_file() else {"excluded": [], "notes": []}
+
+    def usable_hw(self, members: list) -> np.ndarray:
+        """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
+        output; samples excluded when loading already have size (0, 0)): readers draw from these."""
+        hw = self.array("pairs", "hw")[:].copy()
+        for m in members:
+            for e in self.records(m)["excluded"]:
+                if "index" in e:
+                    hw[e["index"]] = 0
+        return hw
 
     def task_records(self, member: str, field: str) -> list:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""

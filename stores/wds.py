@@ -91,7 +91,7 @@ class Exporter:
         m = store.manifest()
         self.pairs_key, self.task = m["pairs_key"], m.get("task")
         self.keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
-        self.hw = store.array("pairs", "hw")[:]
+        self.hw = store.usable_hw([target, *encoders])  # excluded samples: (0, 0), no entries
         self.names = [str(x) for x in store.array("pairs", "names")[:]]
         self.arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
                        "meta": store.array("pairs", "meta"), "base": store.array(target, "base"),
@@ -112,6 +112,8 @@ class Exporter:
         a = {k: v[lo:hi] for k, v in self.arrays.items()}
         for j, i in enumerate(range(lo, hi)):
             h, w = (int(v) for v in self.hw[i])
+            if h == 0:  # excluded at extraction: never written, so it can never reach a batch
+                continue
             key = f"{i:08d}"
             yield f"{key}.lq.png", png_bytes(a["lq"][j][:h, :w])
             yield f"{key}.gt.png", png_bytes(a["gt"][j][:h, :w])

@@ -180,3 +180,22 @@ def test_info_stats_json_gives_psnr_and_norms_per_sample(exported):
     assert np.allclose(members[osf]["stats"]["g_norm_mean"]["per_sample"], norms.mean(1))
     assert np.isclose(members[osf]["stats"]["g_norm_max"]["max"], norms.max())
     assert members[target]["stats"]["arrays"]["base"]["bytes_per_sample"] > 0
+
+
+def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp_path):
+    from stores.store import RECORDS_DIR, write_json_atomic
+
+    path = build_store(tmp_path)
+    target = Store(path).members("targets")[0]
+    write_json_atomic(path / RECORDS_DIR / f"{target.replace('/', '__')}.json",  # as a non-finite output leaves it
+                      {"excluded": [{"index": 2, "name": "im2.png", "reason": "non-finite"}], "notes": []})
+    folder = export_wds(path, out=tmp_path / "wds", min_shards=2, log=lambda *_: None)
+    index = json.loads((folder / "index.json").read_text())
+    assert [hw for s in index["shards"] for hw in s["hw"]][2] == [0, 0]
+    for split in (Split.open(path, None, None), WdsSplit.open(folder, rank=0, world=1)):
+        assert tuple(split.hw[2]) == (0, 0)
+        batches = CropBatches(split, 32, 8, seed=0, steps=200)
+        assert all(i != 2 for s in range(200) for i, *_ in batches.draw(s))
+        batches[5]  # reads fine around the excluded sample
+    with tarfile.open(folder / index["shards"][0]["name"]) as tar:
+        assert not any(m.name.startswith("00000002.") for m in tar)

@@ -136,7 +136,7 @@ class Split:
             if self._g is None and sum(g.nbytes for g in self._arrays["g"]) <= G_IN_MEMORY:
                 self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1)
                 self._g.flags.writeable = False  # Split.g hands out views of it
-            self._hw = excluding(store.array("pairs", "hw")[:], store, [self.target, *self.encoders])
+            self._hw = store.usable_hw([self.target, *self.encoders])
             self._pid = os.getpid()
         return self._arrays
 
@@ -174,17 +174,6 @@ class Split:
         h, w = self.hw[i]
         return {"lq": a["lq"][i, :h, :w], "gt": a["gt"][i, :h, :w],
                 "base": a["base"][i, :h, :w].astype(np.float32), "g": self.g(i)}
-
-
-def excluding(hw: np.ndarray, store: Store, members: list) -> np.ndarray:
-    """Valid sizes with (0, 0) for samples a member excluded (e.g. a non-finite target output);
-    samples excluded when loading already have size (0, 0)."""
-    hw = hw.copy()
-    for m in members:
-        for e in store.records(m)["excluded"]:
-            if "index" in e:
-                hw[e["index"]] = 0
-    return hw
 
 
 class CropBatches(torch.utils.data.Dataset):

@@ -121,7 +121,12 @@ def read_shard(folder: Path, shard: dict, encoders: list) -> list[dict]:
             key, ext = info.name.split(".", 1)
             entries.setdefault(key, {})[ext] = tar.extractfile(info).read()
     out = []
-    for i in range(shard["first"], shard["first"] + shard["samples"]):
+    for i, hw in zip(range(shard["first"], shard["first"] + shard["samples"]), shard["hw"]):
+        if hw[0] == 0:  # excluded at extraction (not in the tar); size (0, 0): never drawn
+            empty = np.zeros((0, 0, 3), np.uint8)
+            out.append({"lq": empty, "gt": empty, "base": empty.astype(np.float16),
+                        "g": None})
+            continue
         e, where = entries.get(f"{i:08d}", {}), f"{path} sample {i}"
         want = ["lq.png", "gt.png", "base.npy", "meta.json"] + [f"osf.{x.split('/', 1)[1]}.npy" for x in encoders]
         missing = [w for w in want if w not in e]
@@ -183,7 +188,10 @@ class WdsSplit:
         if self._arrays is None:
             samples = [x for s in self.shards for x in read_shard(self.path, s, self.encoders)][:self.n]
             self._arrays = {k: Ragged([x[k] for x in samples]) for k in ("lq", "gt", "base")}
-            self._arrays["g"] = [np.stack([x["g"][j] for x in samples]) for j in range(len(self.encoders))]
+            shapes = [next((x["g"][j].shape for x in samples if x["g"] is not None), (4, 0))
+                      for j in range(len(self.encoders))]  # excluded samples get zeros, never drawn
+            self._arrays["g"] = [np.stack([x["g"][j] if x["g"] is not None else np.zeros(shapes[j], np.float32)
+                                           for x in samples]) for j in range(len(self.encoders))]
         return self._arrays
 
     @property
