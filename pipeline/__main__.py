@@ -5,6 +5,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from stores.privacy import scrub
+
 from .extract import FeaturesConfig, build_features
 from .layouts import LAYOUTS
 from .tasks import TASKS
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                              splits=tuple(args.splits.split(",")))
         build_features(cfg)
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from stores import (TEXT, ArraySpec, Leases, Store, dataset_name, encoder_id, key_of, make_layout, store_name,
                     write_json_atomic)
 from stores.leases import LeaseLost
+from stores.privacy import local_path, shareable
 from stores.store import SOURCES_DIR
 from stores.runtime import set_torch_threads, tune_allocator
 
@@ -222,7 +223,7 @@ class SplitJob:
         if rec is None:
             return
         target = Path(path) / SOURCES_DIR / SOURCES_FILE
-        keep = {k: v for k, v in rec.items() if k not in ("changed", "touched")}
+        keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
         if not target.is_file() or json.loads(target.read_text()) != keep:
             write_json_atomic(target, keep)
 
@@ -340,7 +341,7 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("root") == str(root) and rec.get("split") == split:
+        if local_path(rec.get("root")) == str(root) and rec.get("split") == split:
             return rec
     return None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
+from .privacy import shareable
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
@@ -43,6 +45,18 @@ TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
 
 class StoreError(RuntimeError):
     """A store or member is missing, incomplete, damaged or was made with other settings."""
+
+
+MEMBER_NAME = re.compile(r"pairs|(targets|osf)/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_member_name(path, member: str) -> str:
+    """A member name as the pipeline makes them (`pairs`, `targets/<id>`, `osf/<id>`); anything
+    else (`..`, absolute paths, other folders) is refused before it goes into a path."""
+    if not isinstance(member, str) or not MEMBER_NAME.fullmatch(member) or ".." in member:
+        raise StoreError(f"{path}: {MANIFEST} names a member {member!r}; expected 'pairs', 'targets/<id>' or "
+                         f"'osf/<id>' (letters, digits, . _ + -): the manifest is damaged or not from this tool")
+    return member
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,25 @@ def rebuild_hint(path: Path) -> str:
             f"`python -m pipeline features ...`) to rebuild it in the current layout")
 
 
+def read_manifest(path: Path) -> dict:
+    """A store's manifest.json, checked: JSON, this schema, valid member names. A truncated or
+    garbled one is named, with the recovery (docs/design.md: "A damaged manifest")."""
+    file = Path(path) / MANIFEST
+    try:
+        m = read_json(file)
+        if not isinstance(m, dict) or not isinstance(m.get("members"), dict) or "layout" not in m:
+            raise ValueError("not a manifest object with 'members' and 'layout'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file}: damaged ({type(e).__name__}: {e}); it is only ever replaced whole, so this "
+                         f"is damage from outside (disk, copy, editor): restore it with `python -m stores pull` "
+                         f"from a shared copy, or remove the whole store (rm -r {path}; not only this file) and "
+                         f"rerun `make features`") from None
+    check_schema(path, m)
+    for member in m["members"]:
+        check_member_name(path, member)
+    return m
+
+
 def check_schema(path: Path, manifest: dict) -> None:
     """Refuse a store of another schema with what to do about it."""
     schema = manifest.get("schema")
@@ -218,8 +251,7 @@ class Store:
         self.mode = mode
         if not (self.path / MANIFEST).is_file():
             raise StoreError(f"{self.path}: not a feature store (no {MANIFEST})")
-        self._manifest = read_json(self.path / MANIFEST)
-        check_schema(self.path, self._manifest)
+        self._manifest = read_manifest(self.path)
         self.layout = Layout.from_json(self._manifest["layout"])
         self._group = None
 
@@ -244,6 +276,7 @@ class Store:
                 group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
                 if before_manifest is not None:
                     before_manifest(path)
+                attrs = shareable(attrs)
                 write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
                                                     "n": layout.n, "layout": layout.to_json(), "members": {}})
         store = cls(path, mode="a")
@@ -258,7 +291,7 @@ class Store:
 
     def refresh(self) -> dict:
         """Read the manifest again (another writer may have changed it)."""
-        self._manifest = read_json(self.path / MANIFEST)
+        self._manifest = read_manifest(self.path)
         return self._manifest
 
     def _update_member(self, member: str, **fields) -> None:
@@ -266,7 +299,7 @@ class Store:
             raise StoreError(f"{self.path}: opened read-only")
         with store_lock(self.path):  # another writer may update the manifest at the same time
             m = self.refresh()
-            m["members"].setdefault(member, {}).update(fields)
+            m["members"].setdefault(check_member_name(self.path, member), {}).update(shareable(fields))
             write_json_atomic(self.path / MANIFEST, m)
 
     def member_info(self, member: str) -> dict | None:
@@ -304,7 +337,8 @@ class Store:
                                         chunks=g["chunks"], shards=g["shards"], overwrite=True, fill_value=0,
                                         compressors=[ZstdCodec(level=3), Crc32cCodec()],
                                         attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None)
-        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update({"key": key, "spec": spec})
+        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update(
+            {"key": key, "spec": shareable(spec)})
         plan = self.layout.plan(n_tasks)
         self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_tasks, tasks=len(plan),
                             arrays={a.name: a.to_json() for a in arrays}, **(info or {}))

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from stores import StoreError
+from stores.privacy import scrub
 
 from .data import Split, check_same_members, find_store
 from .official import PREFIX, import_run, export_run
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
             else:
                 run_eval(cfg)
     except (StoreError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 1
     return 0
 
