@@ -112,7 +112,7 @@ def bench_set(tmp: Path, name: str, sizes: list, n: int) -> dict:
             "zarr_loader_samples_per_s": load_s, "zarr_loader_rss_gb": loader_rss}
 
 
-def bench_sharing(store_root: str, steps: int) -> dict:
+def bench_sharing(store_root: str, steps: int, out: dict, save) -> dict:
     """Steps/s of one demo training alone and of two at once, with sleeping and spinning waits."""
     def train(run: str, env: dict):
         return subprocess.Popen([sys.executable, "-m", "training", "train", "--task", "deblur", "--data", "demo",
@@ -129,12 +129,13 @@ def bench_sharing(store_root: str, steps: int) -> dict:
             ends.append(time.perf_counter() - t0)
         return [steps / e for e in ends]
 
-    out = {}
+    out.update(steps=steps, note="steps/s include process start and store opening")
     for policy, env in (("sleeping", {}), ("spinning", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"})):
         alone = rate(1, env)[0]
         pair = rate(2, env)
         out[policy] = {"alone_steps_per_s": alone, "pair_steps_per_s": pair, "pair_over_alone": sum(pair) / alone}
-    return {"steps": steps, "note": "steps/s include process start and store opening", **out}
+        save()  # an interrupted run keeps what it measured
+    return out
 
 
 def main(argv=None) -> int:
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
                 result["rows"].append(bench_set(Path(d), name, sizes, n * k))
                 save()
     if args.share_steps:
-        result["sharing"] = bench_sharing(args.store_root, args.share_steps)
+        result["sharing"] = {}
+        bench_sharing(args.store_root, args.share_steps, result["sharing"], save)
     result["load_after"] = os.getloadavg()
     result["complete"] = True
     save()
@@ -185,7 +187,7 @@ def markdown(result: dict) -> str:
     if s:
         lines += ["", "| CPU sharing (demo training) | alone steps/s | two at once, steps/s each | together / alone |",
                   "|---|---|---|---|"]
-        for policy in ("sleeping", "spinning"):
+        for policy in (p for p in ("sleeping", "spinning") if p in s):
             r = s[policy]
             lines.append(f"| {policy} OpenMP waits | {r['alone_steps_per_s']:.2f} | "
                          f"{', '.join(f'{v:.2f}' for v in r['pair_steps_per_s'])} | {r['pair_over_alone']:.2f} |")
