@@ -218,6 +218,20 @@ def test_distill_reports_true_and_predicted_g(stores, tmp_path):
     assert (tmp_path / "d" / "distill" / "predictor.safetensors").is_file()
 
 
+def test_distill_skips_samples_excluded_at_extraction(tmp_path):
+    from stores.store import RECORDS_DIR, write_json_atomic
+
+    root = tmp_path / "stores"
+    paths = make_task_stores(root)
+    for path in paths:  # as a non-finite target output leaves it: sample 1 excluded
+        target = next((path / "_records").glob("targets__*.json")).name
+        write_json_atomic(path / RECORDS_DIR / target, {"excluded": [{"index": 1, "name": "x", "reason": "nan"}],
+                                                        "notes": []})
+    assert main(train_args(root, tmp_path, "dx", "--steps", "2")) == 0
+    assert main(["distill", *train_args(root, tmp_path, "dx")[1:], "--distill-steps", "40"]) == 0
+    assert np.isfinite(json.loads((tmp_path / "dx" / "eval.json").read_text())["distill_test_cosine"])
+
+
 def test_training_never_writes_to_its_stores(stores, tmp_path):
     def snapshot():
         return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(stores).rglob("*")}
