@@ -34,6 +34,7 @@ LEASE_DIR, LOCK_DIR, LOCK_FILE = "_leases", "_locks", "manifest.lock"
 _held = threading.local()
 _proc_locks: dict[str, threading.RLock] = {}
 _proc_guard = threading.Lock()
+_SEEN: dict = {}  # lease generation file -> ((mtime_ns, size), monotonic time first seen so)
 
 
 class LeaseLost(RuntimeError):
@@ -140,7 +141,7 @@ class Leases:
         self.held: dict[tuple, int] = {}  # range -> generation
         self.lost: dict[tuple, str] = {}  # range -> why
         self.log = log
-        self._seen: dict[Path, tuple] = {}  # generation file -> (mtime_ns, size, first seen, monotonic)
+        self._seen = _SEEN  # shared by every Leases of this process: a writer retrying keeps its observations
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._renew, daemon=True)

@@ -24,9 +24,9 @@ def python(code: str, *args, **kw) -> subprocess.Popen:
 def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced(tmp_path):
     old = Leases(tmp_path, ttl=0.3)  # never entered: no heartbeat, like a paused holder
     assert old.claim((0, 4))
-    new = Leases(tmp_path, ttl=0.3)
-    assert not new.claim((0, 4))  # live (just renewed, as far as this observer knows)
+    assert not Leases(tmp_path, ttl=0.3).claim((0, 4))  # live (just renewed, as far as this observer knows)
     time.sleep(0.4)
+    new = Leases(tmp_path, ttl=0.3)  # a writer's next attempt: observations outlive one Leases object
     assert new.claim((0, 4))  # unchanged for ttl: taken over as generation 1
     with pytest.raises(LeaseLost, match=r"\[0, 4\).*superseded by 1.*not writing its done marker"):
         old.check((0, 4), "done marker")

@@ -150,9 +150,11 @@ def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster
             break
         time.sleep(2)
     assert not queued.strip(), f"finalize job {fin} still queued: {queued}"
-    assert job_state(fin) in ("CANCELLED", "CANCELLED+"), job_state(fin)
+    assert job_state(fin) == "FAILED", job_state(fin)
+    log = Path(tmp_path, records(tmp_path)[-1]["finalize"]["stderr"]).read_text()
+    assert re.search(r"missing tasks \[0\]", log), log[-2000:]
     rc, status = run(tmp_path, "-m", "slurm", "status")
-    assert re.search(r"finalize\s+cancelled", status) and "failed: test [0, 1)" in status, status
+    assert re.search(r"finalize\s+failed", status) and re.search(r"failed: test \[0, \d+\) \(failed\)", status), status
 
 
 def job_state(job: str) -> str:
