@@ -2,6 +2,7 @@
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def arrays_equal(a: Store, b: Store) -> None:
 
 def test_two_writers_at_once_finish_one_verified_member(built, tiny_clip, tmp_path):
     root, _ = built
-    args = [sys.executable, "-m", *features_args(tiny_clip, tmp_path), "--splits", "train"]
+    args = [sys.executable, "-m", *features_args(tiny_clip, tmp_path), "--splits", "train", "--shard-len", "4"]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -175,8 +176,12 @@ def test_two_writers_at_once_finish_one_verified_member(built, tiny_clip, tmp_pa
     for member in mine.manifest()["members"]:
         for name in mine.manifest()["members"][member]["arrays"]:
             assert same(ref.array(member, name)[:], mine.array(member, name)[:]), (member, name)
+    owners = set()
     for folder in (mine.path / "_leases").iterdir():  # every lease released
-        assert json.loads(max(folder.glob("*.json")).read_text()).get("released"), folder
+        gens = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        assert gens[-1].get("released"), folder
+        owners |= {g["owner"].rsplit(":", 1)[0] for g in gens if "owner" in g}
+    assert owners == {f"{socket.gethostname()}:{p.pid}" for p in procs}, owners  # both writers did work
 
 
 def test_repair_recomputes_only_the_damaged_task(built, tiny_clip, tmp_path):
