@@ -147,6 +147,25 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
         evaluated = np.asarray(Image.open(run_dir / "images" / f"{name}.png"))
         assert np.array_equal(restored, evaluated), name
 
+    # OSF=distilled: g from the run's distilled predictor, no pre-trained encoder at inference
+    run("training", "distill", "--task", "deblur", "--data", "demo", "--store-root", root, "--encoder",
+        f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", "e2e", "--distill-steps", "20")
+    out = run("pipeline", "restore", "--in", src, "--out", tmp_path / "distilled", "--run", "e2e", "--runs-dir",
+              tmp_path, "--osf", "distilled")
+    assert "distilled predictor" in out.stdout + out.stderr
+    from training.data import Split
+    from training.distill import PredictedG, load_predictor
+    from training.evaluate import refine
+    from training.metrics import to_uint8
+    from training.train import load_model
+
+    model, _ = load_model(run_dir)
+    split = PredictedG(Split.open(test.path, None, [f"openclip:{tiny_clip}"]), load_predictor(run_dir))
+    for i, name in enumerate(test.array("pairs", "names")[:]):
+        s = split.image(i)
+        got = np.asarray(Image.open(tmp_path / "distilled" / f"{name}.png"))
+        assert np.array_equal(got, to_uint8(refine(model, s["lq"], s["base"], s["g"]))), name
+
 
 def test_training_imports_no_frozen_network_code():
     code = ("import sys, training, training.train, training.data, training.evaluate, training.__main__;"
