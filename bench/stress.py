@@ -196,7 +196,14 @@ class Stress:
                                    "--min-shards", "4", "--samples-per-shard", "32"], case
                 p = self.spawn(argv)
                 runs += 1
-                time.sleep(self.rng.uniform(1.0, 5.0))
+                if op == "finalize":  # verifying every shard takes seconds: somewhere in it
+                    time.sleep(self.rng.uniform(1.0, 5.0))
+                else:  # a copy or export takes about a second: kill once files appear at the destination
+                    deadline = time.time() + 60
+                    while p.poll() is None and time.time() < deadline and not any(
+                            f.is_file() for f in case.rglob("*")):
+                        time.sleep(0.01)
+                    time.sleep(self.rng.uniform(0.0, 0.3))
                 if p.poll() is None:
                     p.send_signal(signal.SIGKILL)
                     kills += 1
@@ -310,7 +317,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20, help="kill rounds of the 4 writers (default: 20)")
-    p.add_argument("--op-rounds", type=int, default=2, help="kills per finalize/push/pull/export-wds (default: 2)")
+    p.add_argument("--op-rounds", type=int, default=3, help="kills per finalize/push/pull/export-wds (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results-stress.json")
     p.add_argument("--only", default=None, help="comma-separated scenarios: writers, disk-full, kill-ops, manifest, sigstop")
