@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     s.add_argument("--target", default=None, help="a member made by a user target `module:factory` is "
                    "recomputed only when you name that target here (a store never decides what code runs)")
     s.set_defaults(fn=cmd_repair)
-    s = sub.add_parser("gc", help="remove leftovers of killed runs (expired leases, stale locks, old "
+    s = sub.add_parser("gc", help="remove leftovers of killed runs (superseded lease generations, old "
                        "temporary files) and nothing else")
     s.add_argument("store", type=Path)
     s.add_argument("--dry-run", action="store_true", help="list what would be removed")
