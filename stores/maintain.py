@@ -34,7 +34,7 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
     return out
 
 
-PATH_FLAGS = ("data", "target-weights", "clip-weights", "sd-weights")
+PATH_FLAGS = ("data", "encoder", "target-weights", "clip-weights", "sd-weights")
 
 
 def features_command(config: dict, store_root: Path, split: str, allow_target: str | None = None) -> list[str]:

@@ -71,16 +71,18 @@ def shareable(obj):
         return obj
     text = _URL_CREDENTIALS.sub(lambda m: m["scheme"], obj)
     home = os.path.expanduser("~").rstrip("/")
-    if home and home != "/" and (text == home or text.startswith(home + "/")):
-        text = "~" + text[len(home):]
+    if home and home != "/":  # a path, or one after a prefix such as `openclip:`
+        text = re.sub(rf"(^|(?<=:)){re.escape(home)}(?=/|$)", "~", text)
     user = _user()
-    if user and text.startswith("/") and user in text.split("/"):
-        text = "/".join("$USER" if part == user else part for part in text.split("/"))
+    if user and "/" in text:
+        text = re.sub(rf"(?<=/){re.escape(user)}(?=/|$)", "$USER", text)
     return text
 
 
 def local_path(text):
-    """A path recorded with `shareable`, for this user (`~` and `$USER` expanded)."""
+    """A path (or `prefix:path`) recorded with `shareable`, for this user (`~`, `$USER` expanded)."""
     if not isinstance(text, str):
         return text
-    return os.path.expanduser(text.replace("$USER", _user())) if ("$USER" in text or text.startswith("~")) else text
+    home = os.path.expanduser("~")
+    text = re.sub(r"(^|(?<=:))~(?=/|$)", lambda m: home, text)
+    return text.replace("$USER", _user())

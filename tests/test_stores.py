@@ -239,6 +239,11 @@ def test_manifests_hold_no_home_paths_or_url_credentials(tmp_path):
     config = Store(path).member_info("pairs")["config"]
     assert config["data"] == "~/datasets/GoPro" and config["store_shared"] == "s3://minio.lab:9000/team"
     assert shareable({"u": "https://bob:pw@x.org/a"}) == {"u": "https://x.org/a"}
+    from stores.privacy import local_path
+
+    name = f"openclip:{home}/models/clip"  # a path after a prefix, as encoder names hold them
+    assert shareable(name) == "openclip:~/models/clip" and local_path(shareable(name)) == name
+    assert local_path(shareable(f"{home}/x")) == f"{home}/x"
     assert scrub("GET https://bob:pw@x.org/a failed") == "GET https://***@x.org/a failed"
 
 
