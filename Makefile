@@ -40,7 +40,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 
-.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale test install clean-runs help
+.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [ALLOW_RANDOM_WEIGHTS=1]"
@@ -55,6 +55,7 @@ help:
 	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
 	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
 	@echo "make bench-scale   (stores and loaders at dataset sizes, CPU sharing: bench/results-scale.json)"
+	@echo "make stress [ROUNDS=20]   (fault tolerance: kills, full disk, damaged manifests: bench/results-stress.json)"
 	@echo "make test"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
@@ -113,6 +114,13 @@ bench: $(VENV)/.installed
 # stores (make features TASK=deblur) under STORE_ROOT.
 bench-scale: $(VENV)/.installed
 	$(PY) bench/scale.py --store-root $(STORE_ROOT)
+
+# Fault tolerance with real processes (bench/stress.py): concurrent writers with SIGKILLs, a full
+# disk, kills during finalize/push/pull/export-wds, damaged manifests, a paused lease holder.
+# ROUNDS: kill rounds of the 4 writers (default 20). Writes bench/results-stress.json.
+ROUNDS ?=
+stress: $(VENV)/.installed
+	$(PY) bench/stress.py $(call flag,--rounds,$(ROUNDS))
 
 test: $(VENV)/.installed slurm-up-if-possible
 	$(PY) -m pytest -q tests

@@ -1,9 +1,12 @@
 """Stage 1 command line: `python -m pipeline features --task deblur --data demo`, `restore ...`."""
 import argparse
+import errno
 import logging
 import sys
 import warnings
 from pathlib import Path
+
+from stores.privacy import scrub
 
 from .extract import FeaturesConfig, build_features
 from .layouts import LAYOUTS
@@ -59,6 +62,8 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=D.batch, help="images per encoder call (default: %(default)s)")
     p.add_argument("--device", default=D.device, help="where network targets and encoders run: 'auto' (a CUDA GPU "
                    "when visible), 'cpu' or 'cuda[:i]' (default: %(default)s)")
+    p.add_argument("--lease-seconds", type=float, default=D.lease_seconds, help="a task lease not renewed for "
+                   "this long (its writer died or is paused) is taken over (default: %(default)s)")
     p.add_argument("--max-bad", type=float, default=D.max_bad, help="fraction of samples that may be excluded "
                    "(unreadable, mismatched, non-finite target output) before the run stops (default: %(default)s)")
     return p
@@ -104,7 +109,10 @@ def main(argv=None) -> int:
                              splits=tuple(args.splits.split(",")))
         build_features(cfg)
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        print(f"error: {scrub(e)}" + ("; free space (or raise the quota) and run the same command again: "
+                                     "finished tasks are kept, nothing half-written counts as done" if full else ""),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from stores import (TEXT, ArraySpec, Leases, Store, dataset_name, encoder_id, key_of, make_layout, store_name,
                     write_json_atomic)
+from stores.leases import LeaseLost
+from stores.privacy import local_path, shareable
 from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
 
@@ -205,8 +207,9 @@ class SplitJob:
     still to do, running some of them, and finalising. `make features` runs all of them;
     SLURM array tasks run one range each (`slurm/`), then one job finalises."""
 
-    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None):
-        self.cfg, self.split = cfg, split
+    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
+                 log=print):
+        self.cfg, self.split, self.log = cfg, split, log
         if source is None:  # else opened already (by complete_store: the stat cache is not read twice)
             known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
             source = open_source(cfg.data, split, *task.demo_tiles, known=known)
@@ -237,7 +240,7 @@ class SplitJob:
         if rec is None:
             return
         target = Path(path) / SOURCES_DIR / SOURCES_FILE
-        keep = {k: v for k, v in rec.items() if k not in ("changed", "touched")}
+        keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
         if not target.is_file() or json.loads(target.read_text()) != keep:
             write_json_atomic(target, keep)
 
@@ -265,9 +268,9 @@ class SplitJob:
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
         done = 0
         with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
-                Leases(self.store.path, self.cfg.lease_seconds) as leases:
+                Leases(self.store.path, self.cfg.lease_seconds, log=self.log) as leases:
             pending: deque = deque()
-            units = ((r, lo, hi, hi == r[1]) for r in ranges if leases.claim(r)
+            units = ((r, lo, hi, hi == r[1]) for r in ranges if self._claim(leases, r, work)
                      for _, lo, hi in self.store.shards_of(*r))
             u = next(units, None)
             nxt = loader.submit(self._load, u[1], u[2]) if u else None
@@ -277,6 +280,9 @@ class SplitJob:
                 u_next = next(units, None)
                 nxt = loader.submit(self._load, u_next[1], u_next[2]) if u_next else None
                 r, lo, hi, last = u
+                if not leases.holds(r):  # lost while paused or cut off: the new holder computes it
+                    u = u_next
+                    continue
                 outputs, stats = compute(work[r], data)
                 if bar is not None:
                     bar.update(hi - lo)
@@ -289,18 +295,38 @@ class SplitJob:
                 p.result()
         return done
 
+    def _claim(self, leases, r, work: dict) -> bool:
+        """Lease range r, then drop the tasks another writer finished meanwhile (no rework);
+        False (lease given back) when none is left."""
+        if not leases.claim(r):
+            return False
+        work[r] = [(m, t) for m, t in work[r] if not self.store.done_path(m.path, t).exists()]
+        if not work[r]:
+            leases.release(r)
+        return bool(work[r])
+
     def _write(self, jobs, outputs, stats, progress: dict, leases, unit) -> None:
-        """Write one shard of every member; after a range's last shard, its done markers."""
+        """Write one shard of every member; after a range's last shard, its done markers. Each
+        write is fenced: a writer that lost the range's lease stops and says so."""
         r, lo, hi, last = unit
-        for m, t in jobs:
-            t0 = time.perf_counter()
-            acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
-            acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, outputs[m.path])
-            merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
-                                       "notes": stats["notes"] if m.path == "pairs" else [],
-                                       "seconds_write": time.perf_counter() - t0})
-            if last:
-                self.store.mark_done(m.path, t, progress.pop((m.path, t))["hashes"], acc["stats"])
+        try:
+            for m, t in jobs:
+                t0 = time.perf_counter()
+                acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
+                leases.check(r, "shards")
+                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, outputs[m.path])
+                merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
+                                           "notes": stats["notes"] if m.path == "pairs" else [],
+                                           "seconds_write": time.perf_counter() - t0})
+                if last:
+                    leases.check(r, f"done marker of {m.path} task {t}")
+                    if not self.store.mark_done(m.path, t, progress.pop((m.path, t))["hashes"], acc["stats"]):
+                        self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
+        except LeaseLost as e:
+            for m, t in jobs:
+                progress.pop((m.path, t), None)
+            self.log(f"{self.path.name}: {e}")
+            return
         if last:
             leases.release(r)
 
@@ -332,7 +358,7 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("root") == str(root) and rec.get("split") == split:
+        if local_path(rec.get("root")) == str(root) and rec.get("split") == split:
             return rec
     return None
 
@@ -431,7 +457,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
                 source: Source | None = None) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
-    job = SplitJob(cfg, task, split, target, encoders, source)
+    job = SplitJob(cfg, task, split, target, encoders, source, log)
     layout = job.source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
         log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "

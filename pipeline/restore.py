@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stores.privacy import local_path
 from training.evaluate import refine, save_png
 from training.metrics import to_uint8
 from training.train import load_model
@@ -45,8 +46,8 @@ def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> lis
     for b in build:
         spec = b["spec"]
         random = spec.get("weights") == "random"
-        recorded = weights_arg(b["name"], clip_weights or b.get("clip_weights"), b.get("sd_weights"))
-        enc = build_encoder(b["name"], None if random else recorded, allow_random=random,
+        recorded = local_path(weights_arg(b["name"], clip_weights or b.get("clip_weights"), b.get("sd_weights")))
+        enc = build_encoder(local_path(b["name"]), None if random else recorded, allow_random=random,
                             init_seed=b.get("init_seed") or 0)
         if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights["weights"] != spec.get("weights"):
             raise ValueError(f"encoder {b['name']}: weights {enc.weights['weights']} "

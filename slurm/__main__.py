@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from stores.privacy import scrub
 from pipeline.__main__ import features_parser
 from training.__main__ import add_config_args
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
 
         return show_status(args.logs)
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 1
 
 

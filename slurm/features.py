@@ -88,7 +88,11 @@ def submit_features(args, log=print) -> int:
         submit.wait_all(arrays)
         if any(submit.failure(j) for j in arrays):
             return report_failures(arrays, [], log)
-    dep = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids)}} \
+    # afterany, not afterok: when an array task fails, an afterok job stays queued forever as
+    # DependencyNeverSatisfied (seen on SLURM 22-23 even with kill-on-invalid-dep) when nobody
+    # waits; this one runs after the array whatever happened, and fails at once naming the tasks
+    # not done, so it always leaves the queue by itself
+    dep = {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}} \
         if ids and args.cluster == "slurm" else {}
     fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd)
     path = submit.write_record(args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd))

@@ -31,7 +31,7 @@ def features_lines(rec: dict) -> list[str]:
     ids = [t["job"] for t in rec["tasks"]] + [rec["finalize"]["job"]]
     states = submit.sacct_states(ids) if rec["cluster"] == "slurm" else {}
     counts: dict[str, int] = {}
-    rows = []
+    rows, failed = [], []
     for t in rec["tasks"]:
         done = task_done(rec["stores"][t["split"]], rec["members"][t["split"]], t["range"])
         state = "done" if done else states.get(t["job"], "not done").lower()
@@ -39,14 +39,21 @@ def features_lines(rec: dict) -> list[str]:
         log = "" if done else f"  log {t['stderr']}"
         where = f"{t['split']} [{t['range'][0]}, {t['range'][1]})"
         rows.append(f"  {where:24s} {state:10s} job {t['job']}{log}")
+        if state not in ("done", "running", "pending", "completing"):
+            failed.append(f"{where} ({state})")
     fin = rec["finalize"]
     complete = all(member_complete(rec["stores"][s], ms) for s, ms in rec["members"].items())
     fin_state = "completed" if complete else states.get(fin["job"], "?").lower()
     head = (f"features submitted {rec['time']} ({rec['record']}): {len(rec['tasks'])} task(s): "
             + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if failed and not complete and fin_state in ("pending", "?"):
+        fin_state = "cancelled"  # left the queue with its array (kill-on-invalid-dep)
+    advice = ([f"  failed: {', '.join(failed)}; see their logs above. Rerun the same `python -m slurm features` "
+               f"(or make slurm-features) command: it submits only these unfinished tasks, then a new finalize"]
+              if failed else [])
     return [head, *rows, f"  {'finalize':24s} {fin_state:10s} job {fin['job']}  log {fin['stdout']}",
             *(f"  store {p}: {'complete' if member_complete(p, rec['members'][s]) else 'incomplete'}"
-              for s, p in rec["stores"].items())]
+              for s, p in rec["stores"].items()), *advice]
 
 
 def member_complete(store_path: str, members: list[str]) -> bool:

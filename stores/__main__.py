@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .privacy import scrub
 from .stats import member_stats
 from .store import MANIFEST, Store, StoreError
 
@@ -115,7 +116,7 @@ def add_copy_parser(sub, name: str, help: str) -> None:
 def cmd_repair(args) -> int:
     from .maintain import repair
 
-    repair(args.store, recompute=not args.no_recompute)
+    repair(args.store, recompute=not args.no_recompute, allow_target=args.target)
     return 0
 
 
@@ -159,8 +160,10 @@ def main(argv=None) -> int:
                        "markers, then reruns the recorded `python -m pipeline features`)")
     s.add_argument("store", type=Path)
     s.add_argument("--no-recompute", action="store_true", help="only withdraw the damaged tasks")
+    s.add_argument("--target", default=None, help="a member made by a user target `module:factory` is "
+                   "recomputed only when you name that target here (a store never decides what code runs)")
     s.set_defaults(fn=cmd_repair)
-    s = sub.add_parser("gc", help="remove leftovers of killed runs (expired leases, stale locks, old "
+    s = sub.add_parser("gc", help="remove leftovers of killed runs (superseded lease generations, old "
                        "temporary files) and nothing else")
     s.add_argument("store", type=Path)
     s.add_argument("--dry-run", action="store_true", help="list what would be removed")
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,13 +1,26 @@
-"""Coordination between writers of one store: task leases and the manifest lock.
+"""Coordination between writers of one store: fenced task leases and the manifest lock.
 
-Two users running the same extraction at once never write the same shards: each task range is
-claimed with a lease file (`_leases/<start>-<stop>.json`, created exclusively) that its owner
-renews while it works; a lease not renewed for `ttl` seconds (its owner died) is taken over.
-Manifest updates happen under `_locks/manifest.lock`. `python -m stores gc` removes expired
-leases and stale locks.
+Task leases (docs/design.md, "Concurrency"): each task range has a folder
+`_leases/<start>-<stop>/` of generation files `<gen>.json`, each created exclusively (O_EXCL,
+which local filesystems, NFSv3+ and Lustre/GPFS honour). The highest generation is the lease; its
+owner holds it while no higher generation exists. Taking over an expired lease, or a released one,
+is creating generation top+1: of several contenders exactly one create succeeds. The owner's
+heartbeat renews its generation file's mtime; a lease counts as expired when this observer has
+seen its file unchanged for `ttl` seconds of its own monotonic clock (no comparison of clocks
+across hosts). Renewing, releasing and every check before a shard or a done marker is written
+verify that no higher generation exists: a writer that lost its lease (paused past expiry, cut
+off) stops before writing that task's done marker and says so.
+
+The manifest lock is an OS lock (fcntl/lockf: POSIX record locks, which Linux forwards to the
+server on NFS (lockd or NFSv4) and Lustre mounted with `-o flock`), held on `_locks/manifest.lock`
+for the duration of a read-modify-write of manifest.json. The kernel (or the NFS server) releases
+it when its holder dies, so it is never taken from a live holder, however slow; the lock file is
+never deleted, so releasing it cannot remove another writer's lock.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -17,12 +30,23 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-LEASE_DIR, LOCK_DIR = "_leases", "_locks"
-STALE_LOCK_SECONDS = 60.0
+LEASE_DIR, LOCK_DIR, LOCK_FILE = "_leases", "_locks", "manifest.lock"
 _held = threading.local()
+_proc_locks: dict[str, threading.RLock] = {}
+_proc_guard = threading.Lock()
+_SEEN: dict = {}  # lease generation file -> ((mtime_ns, size), monotonic time first seen so)
 
 
-def _create_exclusive(path: Path, payload: dict) -> bool:
+class LeaseLost(RuntimeError):
+    """This writer no longer holds a task's lease: another writer took it over."""
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_exclusive(path: Path, payload: dict) -> bool:
+    """Create `path` holding `payload` as JSON unless it exists (one winner among contenders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -33,28 +57,21 @@ def _create_exclusive(path: Path, payload: dict) -> bool:
     return True
 
 
-def _age(path: Path) -> float:
+def _holder(fd: int) -> str:
     try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def _retire(path: Path) -> bool:
-    """Move an expired file aside atomically; only one of several contenders succeeds."""
-    try:
-        os.rename(path, path.with_name(f".{path.name}.expired-{uuid.uuid4().hex[:8]}"))
-        return True
-    except FileNotFoundError:
-        return False
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+    except OSError:
+        return "an unknown process"
 
 
 @contextmanager
-def store_lock(store_path, timeout: float = 120.0):
-    """Exclusive lock on a store's manifest (re-entrant within a thread)."""
+def store_lock(store_path, timeout: float = 300.0):
+    """Exclusive lock on a store's manifest (re-entrant within a thread; threads of one process
+    exclude each other, processes through the OS lock)."""
     key = str(Path(store_path).resolve())
-    depth = getattr(_held, "locks", {})
-    _held.locks = depth
+    depth = getattr(_held, "locks", None)
+    if depth is None:
+        depth = _held.locks = {}
     if depth.get(key):
         depth[key] += 1
         try:
@@ -62,34 +79,70 @@ def store_lock(store_path, timeout: float = 120.0):
         finally:
             depth[key] -= 1
         return
-    lock = Path(store_path) / LOCK_DIR / "manifest.lock"
-    deadline = time.time() + timeout
-    while not _create_exclusive(lock, {"owner": owner_id(), "since": time.time()}):
-        if _age(lock) > STALE_LOCK_SECONDS:
-            _retire(lock)
-        elif time.time() > deadline:
-            raise TimeoutError(f"{store_path}: manifest lock held for over {timeout:.0f} s by {lock.read_text()}")
-        time.sleep(0.02)
-    depth[key] = 1
+    with _proc_guard:
+        local = _proc_locks.setdefault(key, threading.RLock())
+    if not local.acquire(timeout=timeout):
+        raise TimeoutError(f"{store_path}: manifest lock held by another thread for over {timeout:.0f} s")
     try:
-        yield
+        path = Path(store_path) / LOCK_DIR / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise OSError(e.errno, f"{path}: cannot take the manifest lock ({e.strerror}); on "
+                                      f"NFS it needs lockd (v3) or v4, on Lustre the flock mount option") from e
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{store_path}: manifest lock held for over {timeout:.0f} s by "
+                                           f"{_holder(fd)} (a live process: it is never taken away)") from None
+                    time.sleep(0.02)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{owner_id()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+            depth[key] = 1
+            try:
+                yield
+            finally:
+                depth[key] = 0
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
     finally:
-        depth[key] = 0
-        lock.unlink(missing_ok=True)
+        local.release()
 
 
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _generations(folder: Path) -> list[int]:
+    try:
+        return sorted(int(p.split(".")[0]) for p in os.listdir(folder) if p.endswith(".json") and p[0] != ".")
+    except FileNotFoundError:
+        return []
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # being written, or cut short by a kill
+        return {}
 
 
 class Leases:
-    """Task leases of one writer on one store, renewed by a heartbeat thread while held."""
+    """Task leases of one writer on one store, renewed by a heartbeat thread while held.
 
-    def __init__(self, store_path, ttl: float = 120.0):
+    `log` receives one line when a lease is lost."""
+
+    def __init__(self, store_path, ttl: float = 120.0, log=print):
         self.dir = Path(store_path) / LEASE_DIR
         self.ttl = ttl
         self.owner = f"{owner_id()}:{uuid.uuid4().hex[:8]}"
-        self.held: set[Path] = set()
+        self.held: dict[tuple, int] = {}  # range -> generation
+        self.lost: dict[tuple, str] = {}  # range -> why
+        self.log = log
+        self._seen = _SEEN  # shared by every Leases of this process: a writer retrying keeps its observations
+        self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._renew, daemon=True)
 
@@ -100,37 +153,96 @@ class Leases:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._beat.join()
-        for path in list(self.held):
-            self._drop(path)
+        for r in list(self.held):
+            self.release(r)
 
-    def _path(self, r) -> Path:
-        return self.dir / f"{r[0]}-{r[1]}.json"
+    def folder(self, r) -> Path:
+        return self.dir / f"{int(r[0])}-{int(r[1])}"
+
+    def _gen_path(self, r, gen: int) -> Path:
+        return self.folder(r) / f"{gen:08d}.json"
+
+    def _expired(self, path: Path) -> bool:
+        """True once this observer has seen `path` unchanged for ttl seconds."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        now, sig = time.monotonic(), (st.st_mtime_ns, st.st_size)
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != sig:
+            self._seen[path] = (sig, now)
+            return False
+        return now - seen[1] > self.ttl
 
     def claim(self, r) -> bool:
-        """True if this writer now holds range r (free, already ours, or expired and taken over)."""
-        path = self._path(r)
-        if path in self.held:
+        """True if this writer now holds range r (already ours, free, released, or expired and
+        taken over by creating the next generation, which only one contender can)."""
+        r = (int(r[0]), int(r[1]))
+        if r in self.held:
             return True
-        payload = {"owner": self.owner, "ttl": self.ttl}
-        if not _create_exclusive(path, payload):
-            if _age(path) <= self.ttl or not _retire(path) or not _create_exclusive(path, payload):
+        gens = _generations(self.folder(r))
+        top = gens[-1] if gens else -1
+        if top >= 0:
+            path = self._gen_path(r, top)
+            if not _read(path).get("released") and not self._expired(path):
                 return False
-        self.held.add(path)
+        gen = top + 1
+        if not create_exclusive(self._gen_path(r, gen), {"owner": self.owner, "gen": gen, "ttl": self.ttl,
+                                                         "since": time.time()}):
+            return False
+        with self._mutex:
+            self.held[r] = gen
+            self.lost.pop(r, None)
         return True
 
-    def release(self, r) -> None:
-        self._drop(self._path(r))
+    def holds(self, r) -> bool:
+        """Whether this writer still holds r: no later generation exists."""
+        r = (int(r[0]), int(r[1]))
+        gen = self.held.get(r)
+        return gen is not None and r not in self.lost and not self._gen_path(r, gen + 1).exists()
 
-    def _drop(self, path: Path) -> None:
-        if path in self.held:
-            self.held.discard(path)
-            path.unlink(missing_ok=True)
+    def check(self, r, what: str = "write") -> None:
+        """Raise LeaseLost, naming the new holder, unless this writer still holds r."""
+        if self.holds(r):
+            return
+        r = (int(r[0]), int(r[1]))
+        gen = self.held.get(r, -1)
+        newer = _generations(self.folder(r))
+        who = _read(self._gen_path(r, newer[-1])).get("owner", "?") if newer else "?"
+        why = self.lost.get(r) or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"
+        self._forget(r, why)
+        raise LeaseLost(f"lease on task [{r[0]}, {r[1]}) lost ({why}); not writing its {what}")
+
+    def _forget(self, r, why: str) -> None:
+        with self._mutex:
+            if self.held.pop(r, None) is not None:
+                self.lost[r] = why
+
+    def release(self, r) -> None:
+        """Give r up (a released generation; another writer may take it at once). Never touches
+        a generation this writer does not hold."""
+        r = (int(r[0]), int(r[1]))
+        with self._mutex:
+            gen = self.held.pop(r, None)
+        if gen is not None:
+            create_exclusive(self._gen_path(r, gen + 1), {"released": True, "gen": gen + 1, "by": self.owner})
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
-            for path in list(self.held):
+            for r, gen in list(self.held.items()):
+                if not self.holds(r):
+                    self._forget(r, f"taken over after generation {gen} (this writer was paused or cut off "
+                                    f"past the {self.ttl:.0f} s lease)")
+                    self.log(f"lease on task [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that task")
+                    continue
                 try:
-                    os.utime(path)
-                except FileNotFoundError:
-                    pass
+                    os.utime(self._gen_path(r, gen))
+                except OSError as e:
+                    self._forget(r, f"renewal failed: {e}")
+                    self.log(f"lease on task [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that task")
 
+
+def lease_folders(store_path) -> list[Path]:
+    d = Path(store_path) / LEASE_DIR
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from .leases import LEASE_DIR, LOCK_DIR, STALE_LOCK_SECONDS, _age
-from .store import DONE_DIR, Store, read_json
+from .leases import lease_folders
+from .privacy import local_path
+from .store import Store, StoreError
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
 
@@ -32,8 +34,19 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
     return out
 
 
-def features_command(config: dict, store_root: Path, split: str) -> list[str]:
-    """The `python -m pipeline features` call that made a member, from its recorded config."""
+PATH_FLAGS = ("data", "encoder", "target-weights", "clip-weights", "sd-weights")
+
+
+def features_command(config: dict, store_root: Path, split: str, allow_target: str | None = None) -> list[str]:
+    """The `python -m pipeline features` call that made a member, from its recorded config.
+
+    A store never decides what code runs: a `module:factory` target (imported and called) is
+    used only when the user names the same one (`allow_target`, `stores repair --target`)."""
+    target = config.get("target")
+    if target and ":" in target and target != allow_target:
+        raise StoreError(f"the damaged member was made by the user target {target!r}, which imports and runs "
+                         f"code; rerun with `python -m stores repair STORE --target {target}` if you trust it"
+                         + (f" (you named {allow_target!r})" if allow_target else ""))
     flags = {"task": config["task"], "data": config["data"], "target": config.get("target"),
              "target-weights": config.get("target_weights"), "encoder": config.get("encoder"),
              "store-root": str(store_root), "shards": config.get("shards"), "shard-len": config["shard_len"],
@@ -42,52 +55,48 @@ def features_command(config: dict, store_root: Path, split: str) -> list[str]:
              "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split,
              "target-tile": config.get("target_tile"), "target-overlap": config.get("target_overlap"),
              "max-bad": config.get("max_bad")}
+    flags.update({k: local_path(flags[k]) for k in PATH_FLAGS})  # recorded portable: ~, $USER
     argv = [sys.executable, "-m", "pipeline", "features"]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)] if v is not None else []
     return argv + (["--allow-random-weights"] if config.get("allow_random_weights") else [])
 
 
-def repair(path: Path, recompute: bool = True, log=print) -> int:
+def repair(path: Path, recompute: bool = True, log=print, allow_target: str | None = None) -> int:
     """Withdraw damaged tasks and recompute them; returns the number of tasks withdrawn."""
     store = Store(path, mode="a")
     damaged = damaged_tasks(store)
+    configs = [store.member_info(m).get("config") for m in damaged]
+    if recompute and damaged and not all(configs):
+        raise StoreError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
+    argvs = {str(c): features_command(c, store.path.parent, store.manifest()["split"], allow_target)
+             for c in configs} if recompute else {}  # refused before anything is withdrawn
     if not damaged:
         log(f"{path}: nothing damaged")
         return 0
-    configs = []
     for member, tasks in damaged.items():
         for t in tasks:
-            (store.path / DONE_DIR / member / f"{t:05d}.json").unlink(missing_ok=True)
+            store.done_path(member, t).unlink(missing_ok=True)
         store._update_member(member, status="incomplete")
-        configs.append(store.member_info(member).get("config"))
         log(f"{path}: {member}: tasks {tasks} withdrawn for recomputation")
     n = sum(map(len, damaged.values()))
-    if not recompute:
-        return n
-    if not all(configs):
-        raise RuntimeError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
-    for config in {str(c): c for c in configs}.values():
-        argv = features_command(config, store.path.parent, store.manifest()["split"])
+    for argv in argvs.values():
         log("recomputing: " + " ".join(argv[1:]))
         subprocess.run(argv, check=True)
     return n
 
 
 def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
-    """Remove what killed runs leave behind, and nothing else: expired leases, stale manifest
-    locks, retired lease files and temporary files older than TMP_GRACE_SECONDS."""
+    """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
+    newest of each task is kept: it fences late writers) and temporary files older than
+    TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released when its holder dies)."""
     path = Path(path)
     found = []
-    for lease in (path / LEASE_DIR).glob("*.json"):
-        ttl = float(_read_ttl(lease))
-        if _age(lease) > ttl:
-            found.append(lease)
-    lock = path / LOCK_DIR / "manifest.lock"
-    if lock.is_file() and _age(lock) > STALE_LOCK_SECONDS:
-        found.append(lock)
+    for folder in lease_folders(path):
+        gens = sorted(folder.glob("[0-9]*.json"))
+        found += gens[:-1]
     for p in path.rglob(".*"):
-        if p.is_file() and (".tmp-" in p.name or ".expired-" in p.name) and _age(p) > TMP_GRACE_SECONDS:
+        if p.is_file() and ".tmp-" in p.name and _age(p) > TMP_GRACE_SECONDS:
             found.append(p)
     for p in found:
         log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
@@ -98,8 +107,8 @@ def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     return found
 
 
-def _read_ttl(lease: Path) -> float:
+def _age(path: Path) -> float:
     try:
-        return read_json(lease).get("ttl", 120.0)
-    except (ValueError, OSError):  # a lease file cut short by a kill
-        return 120.0
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

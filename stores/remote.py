@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .privacy import scrub, strip_url_credentials
 from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError
 
 BLOCK = 8 << 20
-SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
                     "endpoint (--endpoint-url, S3_ENDPOINT_URL or AWS_ENDPOINT_URL)")
 FAULT_ENV = "STORES_TEST_FAIL_AFTER"  # test only: fail after this many files were copied
@@ -49,15 +49,6 @@ FAULT_ENV = "STORES_TEST_FAIL_AFTER"  # test only: fail after this many files we
 
 class RemoteError(StoreError):
     """A copy could not be done or did not verify; the message never holds a credential."""
-
-
-def scrub(text: str) -> str:
-    """`text` with the value of every credential variable of the environment replaced by ***."""
-    for var in SECRET_VARS:
-        value = os.environ.get(var, "")
-        if len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
 
 
 def storage_options(url: str, endpoint_url: str | None = None) -> dict:
@@ -93,7 +84,7 @@ def open_location(url: str, endpoint_url: str | None = None) -> Location:
     fs, root = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
-    return Location(fs, root.rstrip("/"), url.rstrip("/"))
+    return Location(fs, root.rstrip("/"), strip_url_credentials(url.rstrip("/")))  # url: shown to people
 
 
 def list_files(loc: Location) -> dict[str, int]:
@@ -273,10 +264,10 @@ def plain_errors(what: str):
     except RemoteError as e:
         raise RemoteError(scrub(str(e))) from None
     except PermissionError as e:
-        raise RemoteError(f"{what}: access denied ({scrub(str(e))}); {CREDENTIALS_HINT}") from None
+        raise RemoteError(scrub(f"{what}: access denied ({e}); {CREDENTIALS_HINT}")) from None
     except Exception as e:  # botocore, aiohttp and OS errors, scrubbed of any credential
         hint = f"; {CREDENTIALS_HINT}" if "Credential" in type(e).__name__ else ""
-        raise RemoteError(f"{what}: {type(e).__name__}: {scrub(str(e))}{hint}") from None
+        raise RemoteError(scrub(f"{what}: {type(e).__name__}: {e}{hint}")) from None
 
 
 def copy_files(src: Location, work: Location, manifest: dict, include_incomplete: bool,

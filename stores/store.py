@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
+from .privacy import shareable
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
@@ -44,6 +46,18 @@ TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
 
 class StoreError(RuntimeError):
     """A store or member is missing, incomplete, damaged or was made with other settings."""
+
+
+MEMBER_NAME = re.compile(r"pairs|(targets|osf)/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_member_name(path, member: str) -> str:
+    """A member name as the pipeline makes them (`pairs`, `targets/<id>`, `osf/<id>`); anything
+    else (`..`, absolute paths, other folders) is refused before it goes into a path."""
+    if not isinstance(member, str) or not MEMBER_NAME.fullmatch(member) or ".." in member:
+        raise StoreError(f"{path}: {MANIFEST} names a member {member!r}; expected 'pairs', 'targets/<id>' or "
+                         f"'osf/<id>' (letters, digits, . _ + -): the manifest is damaged or not from this tool")
+    return member
 
 
 @dataclass(frozen=True)
@@ -89,11 +103,32 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def _dump(tmp: Path, obj) -> None:
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        _dump(tmp, obj)
+
+
+def write_json_once(path: Path, obj) -> bool:
+    """Publish `path` complete (written beside it, then hard-linked into place) unless it exists;
+    False if another writer published it first. Never overwrites."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _dump(tmp, obj)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path):
@@ -136,6 +171,25 @@ def dir_bytes(path: Path) -> int:
 def rebuild_hint(path: Path) -> str:
     return (f"remove it (rm -r {path}) and run `make features` with the same TASK/DATA (or "
             f"`python -m pipeline features ...`) to rebuild it in the current layout")
+
+
+def read_manifest(path: Path) -> dict:
+    """A store's manifest.json, checked: JSON, this schema, valid member names. A truncated or
+    garbled one is named, with the recovery (docs/design.md: "A damaged manifest")."""
+    file = Path(path) / MANIFEST
+    try:
+        m = read_json(file)
+        if not isinstance(m, dict) or not isinstance(m.get("members"), dict) or "layout" not in m:
+            raise ValueError("not a manifest object with 'members' and 'layout'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file}: damaged ({type(e).__name__}: {e}); it is only ever replaced whole, so this "
+                         f"is damage from outside (disk, copy, editor): restore it with `python -m stores pull` "
+                         f"from a shared copy, or remove the whole store (rm -r {path}; not only this file) and "
+                         f"rerun `make features`") from None
+    check_schema(path, m)
+    for member in m["members"]:
+        check_member_name(path, member)
+    return m
 
 
 def check_schema(path: Path, manifest: dict) -> None:
@@ -202,8 +256,7 @@ class Store:
         self.mode = mode
         if not (self.path / MANIFEST).is_file():
             raise StoreError(f"{self.path}: not a feature store (no {MANIFEST})")
-        self._manifest = read_json(self.path / MANIFEST)
-        check_schema(self.path, self._manifest)
+        self._manifest = read_manifest(self.path)
         self.layout = Layout.from_json(self._manifest["layout"])
         self._group = None
 
@@ -228,6 +281,7 @@ class Store:
                 group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
                 if before_manifest is not None:
                     before_manifest(path)
+                attrs = shareable(attrs)
                 write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
                                                     "n": layout.n, "layout": layout.to_json(), "members": {}})
         store = cls(path, mode="a")
@@ -242,7 +296,7 @@ class Store:
 
     def refresh(self) -> dict:
         """Read the manifest again (another writer may have changed it)."""
-        self._manifest = read_json(self.path / MANIFEST)
+        self._manifest = read_manifest(self.path)
         return self._manifest
 
     def _update_member(self, member: str, **fields) -> None:
@@ -250,7 +304,7 @@ class Store:
             raise StoreError(f"{self.path}: opened read-only")
         with store_lock(self.path):  # another writer may update the manifest at the same time
             m = self.refresh()
-            m["members"].setdefault(member, {}).update(fields)
+            m["members"].setdefault(check_member_name(self.path, member), {}).update(shareable(fields))
             write_json_atomic(self.path / MANIFEST, m)
 
     def member_info(self, member: str) -> dict | None:
@@ -288,7 +342,8 @@ class Store:
                                         chunks=g["chunks"], shards=g["shards"], overwrite=True, fill_value=0,
                                         compressors=[ZstdCodec(level=3), Crc32cCodec()],
                                         attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None)
-        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update({"key": key, "spec": spec})
+        zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update(
+            {"key": key, "spec": shareable(spec)})
         plan = self.layout.plan(n_tasks)
         self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_tasks, tasks=len(plan),
                             arrays={a.name: a.to_json() for a in arrays}, **(info or {}))
@@ -331,16 +386,20 @@ class Store:
             hashes[name] = digest(values)
         return hashes
 
-    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> None:
-        """The done marker of a task, written last: `hashes` {shard start: {array: sha256}}."""
+    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> bool:
+        """The done marker of a task, written last and only once: `hashes` {shard start: {array:
+        sha256}}. False if the task already had one (another writer finished it first)."""
         by_array: dict[str, dict] = {}
         for lo, h in hashes.items():
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
-        write_json_atomic(self.path / DONE_DIR / member / f"{task:05d}.json",
-                          {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
-                           "stats": stats})
+        return write_json_once(self.done_path(member, task),
+                               {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
+                                "stats": stats})
+
+    def done_path(self, member: str, task: int) -> Path:
+        return self.path / DONE_DIR / member / f"{task:05d}.json"
 
     def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
         """Write one task's whole shards of every array of `member` (values of all its samples,
@@ -366,9 +425,12 @@ class Store:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
         records = {f: self.task_records(member, f) for f in ("excluded", "notes")}
-        write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
-        self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
-                            **{f"n_{f}": len(v) for f, v in records.items()})
+        with store_lock(self.path):
+            if self.refresh()["members"][member].get("status") == "complete":
+                return self.member_info(member)  # another writer finalised it: never written again
+            write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
+            self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
+                                **{f"n_{f}": len(v) for f, v in records.items()})
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
@@ -390,14 +452,14 @@ class Store:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
         out = []
         for task in sorted(self.done_tasks(member)):
-            out += read_json(self.path / DONE_DIR / member / f"{task:05d}.json")["stats"].get(field, [])
+            out += read_json(self.done_path(member, task))["stats"].get(field, [])
         return out
 
     def shard_checks(self, member: str) -> list[tuple]:
         """(array, recorded sha256, start, stop) of every shard the done markers list."""
         out = []
         for task in sorted(self.done_tasks(member)):
-            marker = read_json(self.path / DONE_DIR / member / f"{task:05d}.json")
+            marker = read_json(self.done_path(member, task))
             stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
                 out += [(name, want, int(lo), stops.get(int(lo), int(lo))) for lo, want in shards.items()]

@@ -2,6 +2,7 @@
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +147,25 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
         evaluated = np.asarray(Image.open(run_dir / "images" / f"{name}.png"))
         assert np.array_equal(restored, evaluated), name
 
+    # OSF=distilled: g from the run's distilled predictor, no pre-trained encoder at inference
+    run("training", "distill", "--task", "deblur", "--data", "demo", "--store-root", root, "--encoder",
+        f"openclip:{tiny_clip}", "--runs-dir", tmp_path, "--run", "e2e", "--distill-steps", "20")
+    out = run("pipeline", "restore", "--in", src, "--out", tmp_path / "distilled", "--run", "e2e", "--runs-dir",
+              tmp_path, "--osf", "distilled")
+    assert "distilled predictor" in out.stdout + out.stderr
+    from training.data import Split
+    from training.distill import PredictedG, load_predictor
+    from training.evaluate import refine
+    from training.metrics import to_uint8
+    from training.train import load_model
+
+    model, _ = load_model(run_dir)
+    split = PredictedG(Split.open(test.path, None, [f"openclip:{tiny_clip}"]), load_predictor(run_dir))
+    for i, name in enumerate(test.array("pairs", "names")[:]):
+        s = split.image(i)
+        got = np.asarray(Image.open(tmp_path / "distilled" / f"{name}.png"))
+        assert np.array_equal(got, to_uint8(refine(model, s["lq"], s["base"], s["g"]))), name
+
 
 def test_training_imports_no_frozen_network_code():
     code = ("import sys, training, training.train, training.data, training.evaluate, training.__main__;"
@@ -163,7 +183,7 @@ def arrays_equal(a: Store, b: Store) -> None:
 
 def test_two_writers_at_once_finish_one_verified_member(built, tiny_clip, tmp_path):
     root, _ = built
-    args = [sys.executable, "-m", *features_args(tiny_clip, tmp_path), "--splits", "train"]
+    args = [sys.executable, "-m", *features_args(tiny_clip, tmp_path), "--splits", "train", "--shard-len", "4"]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -175,7 +195,12 @@ def test_two_writers_at_once_finish_one_verified_member(built, tiny_clip, tmp_pa
     for member in mine.manifest()["members"]:
         for name in mine.manifest()["members"][member]["arrays"]:
             assert same(ref.array(member, name)[:], mine.array(member, name)[:]), (member, name)
-    assert not list((mine.path / "_leases").glob("*.json"))  # every lease released
+    owners = set()
+    for folder in (mine.path / "_leases").iterdir():  # every lease released
+        gens = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        assert gens[-1].get("released"), folder
+        owners |= {g["owner"].rsplit(":", 1)[0] for g in gens if "owner" in g}
+    assert owners == {f"{socket.gethostname()}:{p.pid}" for p in procs}, owners  # both writers did work
 
 
 def test_repair_recomputes_only_the_damaged_task(built, tiny_clip, tmp_path):
@@ -206,3 +231,22 @@ def test_complete_members_are_copied_from_a_shared_root(built, tiny_clip, tmp_pa
     for split, store in stores_under(tmp_path / "mine").items():
         assert all(m["status"] == "complete" for m in store.manifest()["members"].values())
         assert run("stores", "verify", store.path).returncode == 0
+
+
+def test_wds_format_trains_end_to_end_with_two_processes(built, tiny_clip, tmp_path):
+    root, _ = built
+    train, test = stores_under(root)["train"].path, stores_under(root)["test"].path
+    run("stores", "export-wds", train, "--out", tmp_path, "--min-shards", "4", "--samples-per-shard", "64")
+    export = tmp_path / f"{train.name}-wds"
+
+    def args(name, *extra):
+        return ["training", "train", "--task", "deblur", "--data", "demo", "--format", "wds", "--train-store",
+                export, "--test-store", test, "--encoder", f"openclip:{tiny_clip}", "--runs-dir", tmp_path,
+                "--run", name, "--steps", "6", "--batch", "4", "--crop", "64", "--log-every", "2", *extra]
+
+    run(*args("wds2", "--nproc", "2"))
+    run(*args("wds1"))
+    two, one = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("wds2", "wds1"))
+    assert two["n_images"] == one["n_images"] == 3 and np.isfinite(two["psnr_refined"])
+    assert json.loads((tmp_path / "wds2" / "model.json").read_text())["train_store"]["format"] == "wds"
+    assert abs(two["psnr_refined"] - one["psnr_refined"]) < 0.05  # the same global batches, split over ranks

@@ -12,9 +12,28 @@ from pipeline.sources import SourceError, open_source
 from stores import Store
 
 
-def img(path: Path, hw=(24, 32), value=0):
+class PairIds:
+    """Pixel values for the dataset makers: consecutive calls (an lq and its gt) get the same
+    value, each pair another, so a layout that pairs the wrong files fails the content check."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        return 10 + 9 * ((self.calls - 1) // 2) % 240
+
+
+pair_value = PairIds()
+
+
+def img(path: Path, hw=(24, 32), value=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((*hw, 3), value, np.uint8)).save(path)
+    Image.fromarray(np.full((*hw, 3), pair_value() if value is None else value, np.uint8)).save(path)
+
+
+def content(path: Path) -> float:
+    return float(np.asarray(Image.open(path)).mean())
 
 
 def make_gopro(root):
@@ -66,8 +85,8 @@ def make_sidd(root):
 def make_sid(root):
     for scene, n in (("00001", 3), ("10003", 2)):
         for k in range(n):
-            img(root / "short_sid2" / scene / f"{scene}_0{k}_0.1s.png")
-        img(root / "long_sid2" / scene / f"{scene}_00_10s.png")
+            img(root / "short_sid2" / scene / f"{scene}_0{k}_0.1s.png", value=int(scene) % 200 + 20)
+        img(root / "long_sid2" / scene / f"{scene}_00_10s.png", value=int(scene) % 200 + 20)
     return {"train": 3, "test": 2}
 
 
@@ -115,6 +134,7 @@ def test_every_layout_has_a_test_folder():
 
 @pytest.mark.parametrize("layout", sorted(MAKERS))
 def test_layout_is_detected_paired_and_counted(layout, tmp_path):
+    pair_value.calls = 0
     counts = MAKERS[layout](tmp_path)
     assert detect(tmp_path) == layout
     for split, n in counts.items():
@@ -124,6 +144,10 @@ def test_layout_is_detected_paired_and_counted(layout, tmp_path):
             gt, lq = getattr(gt, "path", gt), getattr(lq, "path", lq)  # a ProtocolFrame (sid) names its file
             assert gt.is_file() and (lq is None or lq.is_file())
             assert lq is None or lq != gt
+            assert lq is None or abs(content(lq) - content(gt)) < 3, (lq, gt)  # lq of this gt, not another's
+        if any(lq is not None for _, lq in pairs):  # every pair differs in content from the others
+            values = {round(content(gt) / 9) for gt, _ in pairs}
+            assert len(values) == len({gt for gt, _ in pairs}), (split, values)
     named, _ = list_pairs(f"{layout}:{tmp_path}", next(iter(counts)))
     assert named == layout
 

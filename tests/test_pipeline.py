@@ -76,8 +76,11 @@ def test_tiny_clip_folder_loads_and_gives_normalised_flip_features(tiny_clip):
     g = enc([img, img[:100, :150]])
     assert g.shape == (2, 4, 32) and np.allclose(np.linalg.norm(g, axis=-1), 1, atol=1e-5)
     assert not np.allclose(g[0, 0], g[0, 1])  # a flipped image has its own g
-    g_flip = enc([np.ascontiguousarray(img[:, ::-1])])
-    assert np.allclose(g_flip[0, 0], g[0, 1], atol=1e-5)  # variant 1 is the width flip
+    variants = [img[:, ::-1], img[::-1], img[::-1, ::-1]]  # width flip, height flip, both
+    g_flip = enc([np.ascontiguousarray(v) for v in variants])
+    for k in range(3):  # variant k + 1 of an image is variant 0 of that flip of it (as distill and training use them)
+        assert np.allclose(g_flip[k, 0], g[0, k + 1], atol=1e-5), k
+    assert not np.allclose(g[0, 2], g[0, 1]) and not np.allclose(g[0, 3], g[0, 2])
     spec = enc.spec()
     assert spec["weights"] == "pretrained" and len(spec["weights_sha256"]) == 64
     assert str(tiny_clip) not in str(spec)  # the key holds content, not the folder's location

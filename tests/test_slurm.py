@@ -124,6 +124,7 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
         assert store.done_tasks(member) == {0, 2} and store.status(member) == "incomplete"
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert rc == 0 and re.search(r"\[11, 22\)\s+failed", status) and "2 done" in status, status
+    assert re.search(r"failed: test \[11, 22\) \(failed\).*submits only these unfinished tasks", status), status
 
     rc, out = features(tmp_path, tiny_clip, "--wait")
     assert rc == 0, out[-3000:]
@@ -136,6 +137,24 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
     rc, out = features(tmp_path, tiny_clip)
     assert rc == 0 and "no job submitted" in out, out[-3000:]
     assert time.time() - t0 < 30 and len(records(tmp_path)) == 2
+
+
+def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster, tmp_path, tiny_clip):
+    rc, out = features(tmp_path, tiny_clip, env={"PTGRM_SLURM_FAIL_RANGE": "test:0"})  # no --wait
+    assert rc == 0, out[-3000:]
+    fin = records(tmp_path)[-1]["finalize"]["job"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", fin, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if not queued.strip():
+            break
+        time.sleep(2)
+    assert not queued.strip(), f"finalize job {fin} still queued: {queued}"
+    assert job_state(fin) == "FAILED", job_state(fin)
+    log = Path(tmp_path, records(tmp_path)[-1]["finalize"]["stderr"]).read_text()
+    assert re.search(r"missing tasks \[0\]", log), log[-2000:]
+    rc, status = run(tmp_path, "-m", "slurm", "status")
+    assert re.search(r"finalize\s+failed", status) and re.search(r"failed: test \[0, \d+\) \(failed\)", status), status
 
 
 def job_state(job: str) -> str:

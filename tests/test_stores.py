@@ -1,5 +1,6 @@
 """The store contract: round trip, keys, completion, damage detection, CLI output."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,21 +123,22 @@ def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
     toy_store(tmp_path / "s")
     s = tmp_path / "s"
     old = time.time() - 3600
-    (s / "_leases").mkdir(exist_ok=True)
-    expired, live = s / "_leases" / "0-4.json", s / "_leases" / "4-8.json"
-    expired.write_text('{"owner": "dead:1", "ttl": 120}')
-    live.write_text('{"owner": "alive:2", "ttl": 120}')
+    leases = s / "_leases" / "0-4"
+    leases.mkdir(parents=True)
+    superseded, newest = leases / "00000000.json", leases / "00000001.json"
+    superseded.write_text('{"owner": "dead:1", "gen": 0}')
+    newest.write_text('{"owner": "alive:2", "gen": 1}')
     (s / "_locks").mkdir(exist_ok=True)
     lock = s / "_locks" / "manifest.lock"
-    lock.write_text("{}")
+    lock.write_text("")
     tmp_old, tmp_new = s / "pairs" / ".zarr.json.tmp-1-abc", s / ".manifest.json.tmp-2-def"
     tmp_old.write_text("x")
     tmp_new.write_text("y")
-    for p in (expired, lock, tmp_old):
+    for p in (superseded, newest, lock, tmp_old):
         os.utime(p, (old, old))
     before = {p for p in s.rglob("*") if p.is_file()}
     removed = set(gc(s, log=lambda *a: None))
-    assert removed == {expired, lock, tmp_old}
+    assert removed == {superseded, tmp_old}  # the newest generation fences late writers; the lock is an OS lock
     assert {p for p in s.rglob("*") if p.is_file()} == before - removed
     Store(s).array("pairs", "lq")  # the store itself is untouched and still complete
 
@@ -171,3 +173,94 @@ def test_manifest_does_not_grow_with_the_samples(tmp_path):
         store, _, _ = toy_store(tmp_path / f"s{n}", n=n)
         sizes.append((tmp_path / f"s{n}" / "manifest.json").stat().st_size)
     assert abs(sizes[1] - sizes[0]) < 64, sizes  # a bucket table and task counts, no per-task or per-sample list
+
+
+def test_repair_never_runs_a_user_target_the_user_did_not_name(tmp_path):
+    from stores.maintain import features_command
+
+    config = {"task": "deblur", "data": "~/data/GoPro", "target": "evil_module:build", "shard_len": 16, "tile": 64,
+              "seed": 0}
+    with pytest.raises(StoreError, match=r"evil_module:build.*--target evil_module:build"):
+        features_command(config, tmp_path, "train")
+    with pytest.raises(StoreError, match="you named 'other:build'"):
+        features_command(config, tmp_path, "train", allow_target="other:build")
+    argv = features_command(config, tmp_path, "train", allow_target="evil_module:build")
+    assert argv[argv.index("--target") + 1] == "evil_module:build"
+    assert argv[argv.index("--data") + 1] == str(Path.home() / "data" / "GoPro")  # recorded portable, used locally
+    path = tmp_path / "s"
+    toy_store(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["members"]["pairs"]["config"] = config  # as if a user target's store, pulled from someone
+    (path / "manifest.json").write_text(json.dumps(m))
+    shard = next(p for p in (path / "pairs").rglob("*") if p.is_file() and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[::-1])
+    out = subprocess.run([sys.executable, "-m", "stores", "repair", str(path)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 2 and "--target evil_module:build" in out.stderr, out.stderr
+    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).plan("pairs"))  # nothing withdrawn
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/abs/path", "targets/../../x", "osf/", "other/x", "osf/a/b"])
+def test_member_names_from_a_manifest_are_validated(tmp_path, name):
+    path = tmp_path / "s"
+    toy_store(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["members"][name] = m["members"]["pairs"]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=r"manifest.json names a member .*expected 'pairs'"):
+        Store(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "not an object"])
+def test_a_damaged_manifest_is_named_with_its_recovery(tmp_path, damage):
+    path = tmp_path / "s"
+    toy_store(path)
+    raw = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").write_bytes({"truncated": raw[:len(raw) // 2], "garbled": raw[:40] + b"\x00\xff" * 20,
+                                          "not an object": b"[1, 2]"}[damage])
+    with pytest.raises(StoreError, match=rf"{path}/manifest.json: damaged .*pull.*rm -r {path}"):
+        Store(path)
+    out = subprocess.run([sys.executable, "-m", "stores", "verify", str(path)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 2 and "manifest.json: damaged" in out.stderr
+
+
+def test_manifests_hold_no_home_paths_or_url_credentials(tmp_path):
+    from stores.privacy import scrub, shareable
+
+    home = str(Path.home())
+    path = tmp_path / "s"
+    store, _, _ = toy_store(path)
+    store._update_member("pairs", config={"data": f"{home}/datasets/GoPro", "store_shared":
+                                          "s3://alice:hunter2secret@minio.lab:9000/team",
+                                          "clip_weights": f"{home}/w/ViT-B-32.pt"})
+    text = (path / "manifest.json").read_text()
+    assert home + "/" not in text and "hunter2secret" not in text and "alice" not in text
+    config = Store(path).member_info("pairs")["config"]
+    assert config["data"] == "~/datasets/GoPro" and config["store_shared"] == "s3://minio.lab:9000/team"
+    assert shareable({"u": "https://bob:pw@x.org/a"}) == {"u": "https://x.org/a"}
+    from stores.privacy import local_path
+
+    name = f"openclip:{home}/models/clip"  # a path after a prefix, as encoder names hold them
+    assert shareable(name) == "openclip:~/models/clip" and local_path(shareable(name)) == name
+    assert local_path(shareable(f"{home}/x")) == f"{home}/x"
+    assert scrub("GET https://bob:pw@x.org/a failed") == "GET https://***@x.org/a failed"
+
+
+def test_messages_scrub_aws_secrets_from_the_environment_and_the_credentials_file(tmp_path, monkeypatch):
+    from stores.privacy import scrub
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = FILEKEYID1234\naws_secret_access_key = fileSecretValue/xyz+1\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envSecretValue987")
+    msg = "denied for FILEKEYID1234 with fileSecretValue/xyz+1 and envSecretValue987 (key AKIAABCDEFGHIJKLMNOP)"
+    out = scrub(msg)
+    assert all(s not in out for s in ("FILEKEYID1234", "fileSecretValue", "envSecretValue987", "AKIAABCDEFGHIJKLMNOP"))
+    assert out.count("***") == 4
+    bad = tmp_path / "nostore"
+    bad.mkdir()
+    env = {**os.environ, "AWS_SHARED_CREDENTIALS_FILE": str(creds)}
+    res = subprocess.run([sys.executable, "-m", "stores", "push", str(bad), "s3://FILEKEYID1234:x@nowhere/p"],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode != 0 and "FILEKEYID1234" not in res.stderr + res.stdout, res.stderr

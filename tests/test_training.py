@@ -12,7 +12,10 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from toys import make_task_stores
+from dataclasses import replace
+
+from stores import StoreError
+from toys import make_store, make_task_stores
 from training.__main__ import main
 from training.metrics import rgb_to_y, ssim
 from training.train import load_model
@@ -53,6 +56,37 @@ def test_stopped_and_resumed_run_ends_where_the_uninterrupted_run_ends(stores, t
 def test_resume_refuses_other_settings(stores, tmp_path):
     assert main(train_args(stores, tmp_path, "r", "--stop-at", "4")) == 0
     assert main(train_args(stores, tmp_path, "r", "--resume", "--lr", "0.001")) == 1
+
+
+def rebuilt_stores(tmp_path):
+    """The toy task's stores rebuilt with other content (another seed): other pairs keys."""
+    root = tmp_path / "rebuilt"
+    make_store(root, "train", 12, (48, 48), seed=1)
+    make_store(root, "test", 3, (44, 52), seed=1)
+    return root
+
+
+def test_resume_eval_and_ablation_refuse_a_rebuilt_store_naming_both_keys(stores, tmp_path, capsys):
+    assert main(train_args(stores, tmp_path, "k", "--stop-at", "4")) == 0
+    recorded = json.loads((tmp_path / "k" / "model.json").read_text())
+    other = rebuilt_stores(tmp_path)
+    capsys.readouterr()
+    assert main(train_args(other, tmp_path, "k", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert recorded["train_store"]["pairs_key"] in err and "with key" in err and "rebuilt" in err
+    new_key = json.loads(next(other.glob("*-train-*/manifest.json")).read_text())["members"]["pairs"]["key"]
+    assert new_key in err
+    assert main(train_args(stores, tmp_path, "k", "--resume")) == 0  # the same stores: resumes
+    eval_args = ["eval", *train_args(other, tmp_path, "k")[1:]]
+    assert main(eval_args) == 1 and recorded["test_store"]["pairs_key"] in capsys.readouterr().err
+    from training.ablate import finished
+    from training.train import TrainConfig, open_splits
+
+    cfg = TrainConfig(task="deblur", data="toy", store_root=str(stores), runs_dir=str(tmp_path), run="k",
+                      steps=10, batch=4, crop=32, log_every=2, ckpt_every=100, workers=0)
+    assert finished(tmp_path / "k", cfg, open_splits(cfg)) is not None
+    with pytest.raises(StoreError, match="with key"):
+        finished(tmp_path / "k", cfg, open_splits(replace(cfg, store_root=str(other))))
 
 
 def test_eval_files_and_report(stores, tmp_path):
@@ -138,6 +172,18 @@ def test_ssim_matches_scikit_image(name):
     assert abs(ssim(rgb_to_y(gt), rgb_to_y(noisy)) - y_ref) < 1e-4
 
 
+def test_y_channel_is_matlab_rgb2ycbcr_on_uint8_rounded():
+    from training.metrics import psnr, quality
+
+    px = np.array([[[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [0, 0, 0]]], np.uint8)
+    # 16 + (65.481 R + 128.553 G + 24.966 B) / 255, rounded: 235, 81.481, 144.553, 40.966, 125.929, 16
+    assert rgb_to_y(px).tolist() == [[235, 81, 145, 41, 126, 16]]
+    red, blue = np.full((8, 8, 3), (255, 0, 0), np.uint8), np.full((8, 8, 3), (0, 0, 255), np.uint8)
+    # Y 81 vs 41: MSE 1600, PSNR 10 log10(255^2 / 1600) = 16.0896 (unrounded Y would give 15.9769)
+    assert quality(red, blue, "y")["psnr"] == pytest.approx(16.08963, abs=1e-4)
+    assert psnr(rgb_to_y(red), rgb_to_y(blue)) == pytest.approx(10 * np.log10(255 ** 2 / 1600))
+
+
 def test_deraining_style_store_is_evaluated_on_y(tmp_path):
     root = tmp_path / "y-stores"
     make_task_stores(root, space="y")
@@ -170,6 +216,20 @@ def test_distill_reports_true_and_predicted_g(stores, tmp_path):
         assert np.isfinite(result[key]), key
     assert result["psnr_refined_true_g"] == pytest.approx(result["psnr_refined"])
     assert (tmp_path / "d" / "distill" / "predictor.safetensors").is_file()
+
+
+def test_distill_skips_samples_excluded_at_extraction(tmp_path):
+    from stores.store import RECORDS_DIR, write_json_atomic
+
+    root = tmp_path / "stores"
+    paths = make_task_stores(root)
+    for path in paths:  # as a non-finite target output leaves it: sample 1 excluded
+        target = next((path / "_records").glob("targets__*.json")).name
+        write_json_atomic(path / RECORDS_DIR / target, {"excluded": [{"index": 1, "name": "x", "reason": "nan"}],
+                                                        "notes": []})
+    assert main(train_args(root, tmp_path, "dx", "--steps", "2")) == 0
+    assert main(["distill", *train_args(root, tmp_path, "dx")[1:], "--distill-steps", "40"]) == 0
+    assert np.isfinite(json.loads((tmp_path / "dx" / "eval.json").read_text())["distill_test_cosine"])
 
 
 def test_training_never_writes_to_its_stores(stores, tmp_path):

@@ -10,8 +10,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from stores import StoreError
+from stores.privacy import scrub
 
-from .data import Split, find_store
+from .data import Split, check_same_members, find_store
 from .official import PREFIX, import_run, export_run
 from .train import TrainConfig, summary, train, write_eval
 
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
             else:
                 run_eval(cfg)
     except (StoreError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -161,6 +162,7 @@ def run_eval(cfg: TrainConfig) -> None:
     encoders = cfg.encoder.split(",") if cfg.encoder else None  # only the test store is read
     test_split = Split.open(cfg.test_store or find_store(cfg.store_root, cfg.data, cfg.task, "test"),
                             cfg.target, encoders)
+    check_same_members(run_dir, "test", sidecar.get("test_store"), test_split.info())
     result = evaluate(model, test_split, save_dir=run_dir / "images" if cfg.save_images else None)
     previous = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     fallback = {"task": cfg.task, "run": run_dir.name}  # an imported run has no training record

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from stores import atomic_path, write_json_atomic
 
-from .train import RUNTIME_ONLY, TrainConfig, train
+from .data import check_same_members
+from .train import RUNTIME_ONLY, TrainConfig, open_splits, train
 
 ROWS = [  # (row, changes to the training config)
     ("full PTG-RM", {}),
@@ -30,22 +31,27 @@ def _slug(row: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-").replace("--", "-")
 
 
-def finished(run_dir: Path, cfg: TrainConfig) -> dict | None:
-    """The eval.json of a finished run made with these settings, else None."""
+def finished(run_dir: Path, cfg: TrainConfig, splits) -> dict | None:
+    """The eval.json of a finished run made with these settings, else None; a run made on store
+    members with other keys is refused (StoreError naming both)."""
     if not (run_dir / "eval.json").is_file() or not (run_dir / "model.json").is_file():
         return None
-    made = json.loads((run_dir / "model.json").read_text())["train"]
-    same = all(made.get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
-    return json.loads((run_dir / "eval.json").read_text()) if same else None
+    sidecar = json.loads((run_dir / "model.json").read_text())
+    same = all(sidecar["train"].get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
+    if not same:
+        return None
+    for role, split in zip(("train", "test"), splits):
+        check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())
+    return json.loads((run_dir / "eval.json").read_text())
 
 
 def ablate(cfg: TrainConfig, log=print) -> Path:
     name = cfg.run or cfg.task
-    rows = []
+    rows, splits = [], open_splits(cfg)
     for row, changes in ROWS:
         run_cfg = replace(cfg, run=f"{name}-ablate-{_slug(row)}", **changes)
         run_dir = Path(cfg.runs_dir) / run_cfg.run
-        result = finished(run_dir, run_cfg)
+        result = finished(run_dir, run_cfg, splits)
         if result is None:
             log(f"== {row}")
             result = train(run_cfg, log=log)

@@ -83,6 +83,28 @@ def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
             "osf_dim": sum(m[e]["dim"] for e in encoders)}
 
 
+def member_keys(info: dict) -> dict[str, tuple]:
+    """role -> (member, key) of every store member a split reads, from its `info()` (what
+    model.json records as `train_store` / `test_store`)."""
+    out = {"pairs": ("pairs", info["pairs_key"]), "target": (info["target"], info["target_key"])}
+    out.update({f"encoder {i}": m for i, m in enumerate(zip(info["encoders"], info["encoder_keys"]))})
+    return out
+
+
+def check_same_members(run_dir, role: str, recorded: dict | None, current: dict) -> None:
+    """Refuse a store whose members differ from those a run recorded, naming both keys (a store
+    rebuilt with other data or settings would silently mix data)."""
+    if not recorded or "pairs_key" not in recorded:
+        return  # an imported run records no store
+    old, new = member_keys(recorded), member_keys(current)
+    for part in [*old, *(p for p in new if p not in old)]:  # pairs first: the root of the others
+        (m0, k0), (m1, k1) = old.get(part, ("none", "-")), new.get(part, ("none", "-"))
+        if k0 != k1:
+            raise StoreError(f"{run_dir}: made with {role}-store member {m0} (its {part}) with key {k0} "
+                             f"from {recorded.get('store')}; {current.get('store')} has {m1} with key {k1}: "
+                             f"a rebuilt or other store. Use the store the run was made with, or another RUN")
+
+
 @dataclass
 class Split:
     """One store with the chosen target and encoder members, opened read-only."""

@@ -63,18 +63,26 @@ def whole_images(split, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
+def usable_samples(split) -> np.ndarray:
+    """Indices of the samples the pipeline did not exclude (excluded ones have size (0, 0))."""
+    usable = np.flatnonzero(np.asarray(split.hw)[:, 0] > 0)
+    if not len(usable):
+        raise ValueError(f"{split.path}: every sample is excluded; nothing to distill from")
+    return usable
+
+
 def train_predictor(split, dim: int, cfg: DistillConfig) -> tuple[OSFPredictor, list[float]]:
     """Fit g = P(lq) with cosine loss over all samples and their 4 flip variants."""
     torch.manual_seed(cfg.seed)
     model = OSFPredictor(dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    n = len(split.hw)
+    usable = usable_samples(split)
     cache = {}  # resized inputs are tiny: keep them
     losses = []
     for step in tqdm(range(cfg.steps), unit="step", desc="distill", dynamic_ncols=True):
         rng = np.random.default_rng([cfg.seed, step])
-        idx, flips = rng.integers(0, n, cfg.batch), rng.integers(0, 4, cfg.batch)
+        idx, flips = usable[rng.integers(0, len(usable), cfg.batch)], rng.integers(0, 4, cfg.batch)
         x = torch.cat([cache.setdefault((int(i), int(f)), whole_images(split, [i], [f])) for i, f in zip(idx, flips)])
         g = torch.from_numpy(np.stack([split.g(int(i), int(f)) for i, f in zip(idx, flips)]))
         loss = (1 - F.cosine_similarity(model(x), g, dim=-1)).mean()
@@ -125,7 +133,7 @@ def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig, l
     dim = train_split.info()["osf_dim"]
     predictor, losses = train_predictor(train_split, dim, cfg)
     cos = float(np.mean([np.dot(PredictedG(test_split, predictor).image(i)["g"], test_split.g(i))
-                         for i in range(len(test_split.hw))]))
+                         for i in usable_samples(test_split)]))
     save_predictor(run_dir, predictor, {"steps": cfg.steps, "final_loss": float(np.mean(losses[-20:])),
                                         "test_cosine": cos, "train_store": train_split.info()["store"]})
     true_g = evaluate(model, test_split)

@@ -16,9 +16,11 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> Y of YCbCr (ITU-R BT.601, studio range, as MATLAB's rgb2ycbcr), float in [16, 235]."""
+    """uint8 RGB -> Y of YCbCr as MATLAB's `rgb2ycbcr` gives it for uint8 input (ITU-R BT.601,
+    studio range, rounded half away from zero to uint8), the convention of the deraining
+    evaluation scripts; float64 array of whole numbers in [16, 235]."""
     x = img.astype(np.float64) / 255
-    return 16 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
+    return np.floor(16 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2] + 0.5)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:

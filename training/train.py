@@ -21,7 +21,7 @@ from tqdm import tqdm
 from stores import atomic_path, write_json_atomic
 from stores.runtime import set_torch_threads, tune_allocator
 
-from .data import CropBatches, Split, find_store
+from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
 from .losses import VGGPerceptual, charbonnier
 from .model import PTGRM, PTGRMConfig, count_parameters
@@ -66,9 +66,10 @@ class TrainConfig:
     save_images: bool = False  # save the refined test images to runs/<run>/images/
 
 
-# settings that may differ between a run and its resumption without changing the result
+# settings that may differ between a run and its resumption without changing the result (where
+# the stores are is one: the keys of the members read are compared instead, check_same_members)
 RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", "log_every", "eval_every",
-                "save_images")
+                "save_images", "store_root", "train_store", "test_store")
 
 
 def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
@@ -139,11 +140,14 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig) -> int:
-    """Load the last checkpoint of an interrupted run with the same settings; returns its step."""
+def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split) -> int:
+    """Load the last checkpoint of an interrupted run with the same settings and store members
+    (same keys); returns its step."""
     if not (run_dir / "state.pt").is_file():
         return 0
     sidecar = json.loads((run_dir / "model.json").read_text())
+    for role, split in (("train", train_split), ("test", test_split)):
+        check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())
     if {k: v for k, v in sidecar["train"].items() if k not in RUNTIME_ONLY} != \
             {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
@@ -176,7 +180,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
                "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
-    start = resume_state(run_dir, model, opt, sched, cfg) if cfg.resume else 0
+    start = resume_state(run_dir, model, opt, sched, cfg, train_split, test_split) if cfg.resume else 0
     if main:
         keep_metrics_until(run_dir / "metrics.jsonl", start)
         log(f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "

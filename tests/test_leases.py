@@ -1,0 +1,131 @@
+"""Writers of one store with real processes: fenced leases, the manifest lock, no rework."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stores import Leases, Store, store_lock
+from stores.leases import LeaseLost
+from toys import make_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(code: str, *args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, **kw)
+
+
+def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced(tmp_path):
+    old = Leases(tmp_path, ttl=0.3)  # never entered: no heartbeat, like a paused holder
+    assert old.claim((0, 4))
+    assert not Leases(tmp_path, ttl=0.3).claim((0, 4))  # live (just renewed, as far as this observer knows)
+    time.sleep(0.4)
+    new = Leases(tmp_path, ttl=0.3)  # a writer's next attempt: observations outlive one Leases object
+    assert new.claim((0, 4))  # unchanged for ttl: taken over as generation 1
+    with pytest.raises(LeaseLost, match=r"\[0, 4\).*superseded by 1.*not writing its done marker"):
+        old.check((0, 4), "done marker")
+    old.release((0, 4))  # releasing a lost lease leaves the new holder's alone
+    new.check((0, 4))
+    assert not Leases(tmp_path, ttl=0.3).claim((0, 4))
+    new.release((0, 4))
+    assert Leases(tmp_path, ttl=0.3).claim((0, 4))  # a released lease is free at once
+
+
+def test_a_renewed_lease_is_never_taken_over(tmp_path):
+    with Leases(tmp_path, ttl=0.4) as holder:
+        assert holder.claim((0, 4))
+        other = Leases(tmp_path, ttl=0.4)
+        for _ in range(12):  # 3 ttl
+            assert not other.claim((0, 4))
+            time.sleep(0.1)
+        holder.check((0, 4))
+
+
+TAKEOVER = """
+import sys, time
+from stores import Leases
+with Leases(sys.argv[1], ttl=0.2) as l:  # the winner renews its lease: later contenders see it live
+    assert not l.claim((0, 4))
+    time.sleep(0.3)
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+    won = l.claim((0, 4))
+    print("won" if won else "lost", flush=True)
+    time.sleep(3.0)
+    if won:
+        l.check((0, 4))  # raises in a winner that was taken over
+"""
+
+
+def test_takeover_has_one_winner_among_many(tmp_path):
+    Leases(tmp_path, ttl=0.2).claim((0, 4))  # a dead holder
+    go = time.time() + 4.0
+    procs = [python(TAKEOVER, tmp_path, go) for _ in range(6)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(o[0].strip() for o in outs) == ["lost"] * 5 + ["won"], outs
+    assert sorted(os.listdir(tmp_path / "_leases" / "0-4"))[:2] == ["00000000.json", "00000001.json"]
+
+
+HOLD = """
+import sys, time
+from stores import store_lock
+with store_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_manifest_lock_is_never_taken_from_a_live_holder_and_freed_by_its_death(tmp_path):
+    holder = python(HOLD, tmp_path)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGSTOP)  # alive but not running: still the holder
+    try:
+        with pytest.raises(TimeoutError, match=rf"held for over 1 s by .*:{holder.pid} "):
+            with store_lock(tmp_path, timeout=1.0):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    t0 = time.monotonic()
+    with store_lock(tmp_path, timeout=5.0):
+        assert time.monotonic() - t0 < 2.0
+    assert (tmp_path / "_locks" / "manifest.lock").is_file()  # never deleted
+
+
+COUNT = """
+import sys
+from stores import Store
+s = Store(sys.argv[1], mode="a")
+for _ in range(25):
+    with __import__("stores").store_lock(s.path):
+        n = s.refresh()["members"]["pairs"].get("counter", 0)
+        s._update_member("pairs", counter=n + 1)
+"""
+
+
+def test_manifest_updates_from_concurrent_processes_are_never_lost(tmp_path):
+    path = make_store(tmp_path, "train", 8, (16, 16))
+    procs = [python(COUNT, path) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert Store(path).manifest()["members"]["pairs"]["counter"] == 100
+
+
+def test_a_done_marker_is_written_once_and_a_complete_member_never_again(tmp_path):
+    path = make_store(tmp_path, "train", 8, (16, 16))
+    store = Store(path, mode="a")
+    member = next(m for m in store.manifest()["members"] if m.startswith("osf/"))
+    marker = store.done_path(member, 0)
+    before = (marker.read_bytes(), marker.stat().st_mtime_ns)
+    assert not store.mark_done(member, 0, {0: {"g": "0" * 64}}, {})
+    assert (marker.read_bytes(), marker.stat().st_mtime_ns) == before
+    manifest = (path / "manifest.json").stat().st_mtime_ns
+    store.finalize(member)  # already complete: not written again
+    assert (path / "manifest.json").stat().st_mtime_ns == manifest
+    assert not list(path.rglob(".*tmp-*"))
