@@ -21,7 +21,7 @@ import numpy as np
 from stores import atomic_path, write_json_atomic
 
 from .ablate import _slug, finished
-from .train import TrainConfig, train
+from .train import TrainConfig, open_splits, train
 
 # Without CLIP weights on the machine the CLIP row is a random CLIP (its weights column says so);
 # EfficientNet-Lite0's ImageNet weights ship in a package, so that row is always pre-trained.
@@ -84,7 +84,14 @@ def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) ->
     name = cfg.run or cfg.task
     plan = [(row, replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes))
             for row, changes in ROWS for seed in seeds]
-    todo = [c for _, c in plan if finished(Path(cfg.runs_dir) / c.run, c) is None]
+    opened: dict[str, tuple] = {}  # encoder(s) -> (train, test) splits: a finished run must match their keys
+
+    def done(c: TrainConfig) -> dict | None:
+        if c.encoder not in opened:
+            opened[c.encoder] = open_splits(c)
+        return finished(Path(cfg.runs_dir) / c.run, c, opened[c.encoder])
+
+    todo = [c for _, c in plan if done(c) is None]
     log(f"prior study: {len(plan)} runs, {len(plan) - len(todo)} finished before and reused")
     if jobs > 1:
         run_parallel(todo, jobs, log)
@@ -94,7 +101,7 @@ def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) ->
             train(c, log=log)
     results: dict[str, list[dict]] = {row: [] for row, _ in ROWS}
     for row, c in plan:
-        result = finished(Path(cfg.runs_dir) / c.run, c)
+        result = done(c)
         if result is None:
             raise RuntimeError(f"prior study: run {c.run} did not finish")
         results[row].append(result)
