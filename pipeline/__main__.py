@@ -34,6 +34,10 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    "--allow-random-weights only")
     p.add_argument("--target-tile", type=int, default=None, help="run the target in overlapping tiles of this size")
     p.add_argument("--target-overlap", type=int, default=D.target_overlap, help="tile overlap (default: %(default)s)")
+    p.add_argument("--target-budget-mb", type=float, default=D.target_budget_mb,
+                   help="activation memory of one call of a network target (default: %(default)s MB): larger "
+                        "images run in tiles sized from it (recorded in the member key; raise it on a GPU to run "
+                        "whole images)")
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'effnet-lite0' (ImageNet "
                    "EfficientNet-Lite0, weights from its package), 'openclip:<model>[:<tag>]', "
                    "'openclip:<folder with open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory "

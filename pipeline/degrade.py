@@ -2,6 +2,12 @@
 
 `img` is float32 (H, W, 3) in [0, 1]; `lq` is returned the same way (the store quantises it to
 uint8); `drawn` is a JSON-able dict of what the generator drew, stored in `pairs/meta`.
+
+Large images are processed in horizontal strips of about STRIP_PX pixels, so memory follows the
+strip, not the photo (a 12 MP image needs its uint8/float32 copies plus one strip of float64
+work, instead of several full float64 copies). Noise is drawn strip after strip from the same
+generator, which gives the very same numbers as one draw of the whole image; an image of at most
+STRIP_PX pixels is one strip and goes through exactly the whole-image computation.
 """
 from __future__ import annotations
 
@@ -41,11 +47,26 @@ def motion_kernel(rng: np.random.Generator, size: int = 19, length=(5.0, 15.0),
     return k / k.sum()
 
 
-def convolve(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Per-channel 2-D convolution with reflected borders; output has the input's size."""
+STRIP_PX = 1 << 21  # pixels per strip of work (about 50 MB of float64 per full-image temporary)
+
+
+def strips(h: int, w: int, px: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) covering an (h, w) image, about `px` (STRIP_PX) pixels each (one when it is small)."""
+    rows = max(1, (px or STRIP_PX) // max(w, 1))
+    return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+
+
+def blur_noise(img: np.ndarray, kernel: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """clip(img * kernel + N(0, sigma)) as float32: per-channel 2-D convolution with reflected
+    borders (output the input's size), computed strip by strip with the kernel's halo."""
     r = kernel.shape[0] // 2
     padded = np.pad(img, ((r, r), (r, r), (0, 0)), mode="reflect")
-    return np.stack([fftconvolve(padded[..., c], kernel, mode="valid") for c in range(img.shape[2])], -1)
+    out = np.empty(img.shape, np.float32)
+    for r0, r1 in strips(*img.shape[:2]):
+        part = padded[r0:r1 + 2 * r]
+        conv = np.stack([fftconvolve(part[..., c], kernel, mode="valid") for c in range(img.shape[2])], -1)
+        out[r0:r1] = np.clip(conv + rng.normal(0.0, sigma, conv.shape), 0, 1)
+    return out
 
 
 def deblur(img: np.ndarray, rng: np.random.Generator, kernel_size: int = 19, length=(5.0, 15.0),
@@ -53,8 +74,7 @@ def deblur(img: np.ndarray, rng: np.random.Generator, kernel_size: int = 19, len
     """Motion blur with a random trajectory kernel plus mild Gaussian noise (sigma in /255)."""
     k = motion_kernel(rng, kernel_size, length)
     sigma = rng.uniform(*noise) / 255.0
-    lq = convolve(img, k) + rng.normal(0.0, sigma, img.shape)
-    return np.clip(lq, 0, 1).astype(np.float32), {"kernel": k.tolist(), "noise_sigma": sigma}
+    return blur_noise(img, k, sigma, rng), {"kernel": k.tolist(), "noise_sigma": sigma}
 
 
 def defocus(img: np.ndarray, rng: np.random.Generator, radius=(2.0, 5.0), noise=(0.5, 2.0)) -> tuple[np.ndarray, dict]:
@@ -66,8 +86,7 @@ def defocus(img: np.ndarray, rng: np.random.Generator, radius=(2.0, 5.0), noise=
     k = np.round(k / k.sum(), 5)
     k /= k.sum()
     sigma = rng.uniform(*noise) / 255.0
-    lq = convolve(img, k) + rng.normal(0.0, sigma, img.shape)
-    return np.clip(lq, 0, 1).astype(np.float32), {"kernel": k.tolist(), "radius": r, "noise_sigma": sigma}
+    return blur_noise(img, k, sigma, rng), {"kernel": k.tolist(), "radius": r, "noise_sigma": sigma}
 
 
 def lowlight(img: np.ndarray, rng: np.random.Generator, exposure=(0.08, 0.25), gamma=(1.2, 1.8),
@@ -76,9 +95,11 @@ def lowlight(img: np.ndarray, rng: np.random.Generator, exposure=(0.08, 0.25), g
     constant (read, /255) Gaussian noise, as a dark sensor image rendered to sRGB."""
     a, g = rng.uniform(*exposure), rng.uniform(*gamma)
     k, r = rng.uniform(*shot), rng.uniform(*read) / 255.0
-    x = (img * a) ** g
-    lq = x + rng.normal(0.0, 1.0, img.shape) * np.sqrt(k * x + r * r)
-    return np.clip(lq, 0, 1).astype(np.float32), {"exposure": a, "gamma": g, "shot": k, "read_sigma": r}
+    out = np.empty(img.shape, np.float32)
+    for r0, r1 in strips(*img.shape[:2]):
+        x = (img[r0:r1] * a) ** g
+        out[r0:r1] = np.clip(x + rng.normal(0.0, 1.0, x.shape) * np.sqrt(k * x + r * r), 0, 1)
+    return out, {"exposure": a, "gamma": g, "shot": k, "read_sigma": r}
 
 
 def rain(img: np.ndarray, rng: np.random.Generator, density=(0.004, 0.01), length=(8, 20),
@@ -93,16 +114,21 @@ def rain(img: np.ndarray, rng: np.random.Generator, density=(0.004, 0.01), lengt
     for t in np.linspace(-n, n, 4 * n + 1):  # a line through the centre at angle theta from vertical
         k[int(round(n + t * np.cos(theta))), int(round(n + t * np.sin(theta)))] = 1
     streaks = gaussian_filter(np.clip(fftconvolve(drops, k, mode="same"), 0, None), 0.7)
-    s = np.clip(streaks * amount, 0, 1)[..., None]
-    lq = img + s * (1 - img)
-    return np.clip(lq, 0, 1).astype(np.float32), {"density": d, "length": n, "angle_deg": float(np.rad2deg(theta)),
+    del drops
+    out = np.empty(img.shape, np.float32)
+    for r0, r1 in strips(h, w):
+        s = np.clip(streaks[r0:r1] * amount, 0, 1)[..., None]
+        out[r0:r1] = np.clip(img[r0:r1] + s * (1 - img[r0:r1]), 0, 1)
+    return out, {"density": d, "length": n, "angle_deg": float(np.rad2deg(theta)),
                                                   "strength": amount}
 
 
 def gaussian_noise(img: np.ndarray, rng: np.random.Generator, sigma: float = 25.0) -> tuple[np.ndarray, dict]:
     """Additive white Gaussian noise of `sigma` (on the 0-255 scale), as in the paper's tables."""
-    lq = img + rng.normal(0.0, sigma / 255.0, img.shape)
-    return np.clip(lq, 0, 1).astype(np.float32), {"sigma": sigma}
+    out = np.empty(img.shape, np.float32)
+    for r0, r1 in strips(*img.shape[:2]):
+        out[r0:r1] = np.clip(img[r0:r1] + rng.normal(0.0, sigma / 255.0, (r1 - r0, *img.shape[1:])), 0, 1)
+    return out, {"sigma": sigma}
 
 
 DEGRADATIONS = {  # name -> (function, default parameters recorded in the pairs key)

@@ -44,6 +44,7 @@ class FeaturesConfig:
     target_weights: str | None = None  # checkpoint of a network target
     target_tile: int | None = None  # run the target in overlapping tiles of this size
     target_overlap: int = 32
+    target_budget_mb: float = 1024.0  # a network target's activation memory per call: larger images run in tiles
     encoder: str | None = None  # None: the task's default (clip-vit-b32)
     store_root: str = "data/stores"
     store_shared: str | None = None  # read-only root (path or s3://) searched for complete members first
@@ -151,7 +152,10 @@ def _load_sample(sample, i: int, degradation, seed: int):
     drawn = {}
     if lq is None:
         fn, params = degradation
-        lq_f, drawn = fn(gt.astype(np.float32) / 255, sample_rng(seed, i), **params)
+        x = gt.astype(np.float32)
+        x /= 255  # in place: one float32 copy of a large image, not two
+        lq_f, drawn = fn(x, sample_rng(seed, i), **params)
+        del x
         lq = np.round(lq_f * 255).astype(np.uint8)
     if lq.shape != gt.shape:
         raise SourceError(f"sample {sample.name}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size")
@@ -181,7 +185,8 @@ def run_target(target, data: dict, excluded: list) -> list:
     for j, (h, w) in enumerate(data["hw"]):
         if h == 0:  # excluded when loading
             continue
-        lq = data["lq"][j].astype(np.float32) / 255
+        lq = data["lq"][j].astype(np.float32)
+        lq /= 255  # in place: one float32 copy of a large image, not two
         out = target(lq, json.loads(str(data["meta"][j])))
         if out.shape != lq.shape or not np.isfinite(out).all():
             problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
@@ -364,7 +369,8 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
 
 
 # -- "nothing to compute" without building a network --------------------------------------------
-TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "init_seed", "allow_random_weights")
+TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "target_budget_mb", "init_seed",
+                 "allow_random_weights")
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
 
 
@@ -544,8 +550,8 @@ def build_models(cfg: FeaturesConfig):
     device = resolve_device(cfg.device)
     name = cfg.target or task.target
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    target = build_target(name, cfg.target_weights, allow_random, cfg.init_seed, **tiling,
-                          **({"device": device} if is_network_target(name) else {}))
+    network = {"device": device, "budget_mb": cfg.target_budget_mb} if is_network_target(name) else {}
+    target = build_target(name, cfg.target_weights, allow_random, cfg.init_seed, **tiling, **network)
     encoders = [build_encoder(n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed,
                               device) for n in (cfg.encoder or task.encoder).split(",")]
     return task, target, encoders

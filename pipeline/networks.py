@@ -142,14 +142,26 @@ def _listing(rows: list, n: int = 5) -> str:
     return f"{rows[:n]}{' ...' if len(rows) > n else ''}"
 
 
+BUDGET_MB = 1024.0  # default activation memory of one network call (--target-budget-mb)
+LIVE_FACTOR = 6  # peak activation memory over the largest single module output (skips, residuals,
+#                 temporaries): measured 4.5-5.6 on Restormer and Uformer-B on the CPU
+PROBE = 128  # px: edge of the probe that measures a network's activation bytes per pixel
+
+
 class NetworkTarget:
     """A frozen network as a target: reflect-pad to a multiple of `factor`, run (in tiles of
     `tile` px overlapping by `overlap` px when `tile` is set; each output pixel comes from the
-    tile where it lies furthest from a cut), crop back. float32, unclamped, batch of one."""
+    tile where it lies furthest from a cut), crop back. float32, unclamped, batch of one.
+
+    Without `tile`, an image whose padded size exceeds `max_pixels` runs in tiles of `auto_tile`
+    px (memory follows the tile, not the photo), and smaller images run whole. Both numbers
+    follow from `budget_mb` and the network's activation bytes per pixel, measured once on a
+    small probe (`activation_bytes_per_pixel`): they depend on the architecture and the budget,
+    not on the machine, and the spec (member key) records them."""
 
     def __init__(self, net: nn.Module, target_id: str, spec: dict, sha256: str | None = None, factor: int = 1,
                  tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None,
-                 prepare: Callable | None = None, init_seed: int | None = None):
+                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
             raise ValueError(f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
                              f"by at least {factor}")
@@ -159,8 +171,18 @@ class NetworkTarget:
         self.sha256, self.checkpoint = sha256, None if checkpoint is None else str(checkpoint)
         self.weights = "pretrained" if sha256 else "random"
         self.prepare = prepare
+        self.max_pixels = self.auto_tile = None
+        if tile is None:
+            budget = BUDGET_MB if budget_mb is None else float(budget_mb)
+            per_px = activation_bytes_per_pixel(self.net, factor, self.device, prepare)
+            self.max_pixels = int(budget * 2 ** 20 / (LIVE_FACTOR * per_px))
+            smallest = -(-(2 * overlap + factor) // factor) * factor
+            self.auto_tile = max(smallest, int(self.max_pixels ** 0.5) // factor * factor)
         self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
                       "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
+        if tile is None:  # what decides how a large image is cut (none is, below max_pixels)
+            self._spec["auto_tile"] = {"budget_mb": budget, "max_pixels": self.max_pixels, "tile": self.auto_tile,
+                                       "overlap": overlap}
         if sha256 is None and init_seed is not None:  # random weights: how to draw them again
             self._spec["init"] = {"seed": init_seed, "torch": torch.__version__.split("+")[0]}
 
@@ -173,13 +195,20 @@ class NetworkTarget:
         if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
             x = self.prepare(x)
         x = _pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
+        tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
-            y = self.net(x) if self.tile is None else self._tiled(x)
+            y = self.net(x) if tile is None else self._tiled(x, tile)
         return y[0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _spans(x.shape[-2], self.tile, self.overlap, self.factor)
-        cols = _spans(x.shape[-1], self.tile, self.overlap, self.factor)
+    def tile_for(self, h: int, w: int) -> int | None:
+        """The tile edge an (h, w) padded input runs in; None: whole."""
+        if self.tile is not None:
+            return self.tile
+        return self.auto_tile if h * w > self.max_pixels else None
+
+    def _tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        rows = _spans(x.shape[-2], tile, self.overlap, self.factor)
+        cols = _spans(x.shape[-1], tile, self.overlap, self.factor)
         out = None
         for r0, r1, k0, k1 in rows:
             for c0, c1, j0, j1 in cols:
@@ -188,6 +217,29 @@ class NetworkTarget:
                     out = y.new_zeros((1, y.shape[1], *x.shape[-2:]))
                 out[..., k0:k1, j0:j1] = y[..., k0 - r0:k1 - r0, j0 - c0:j1 - c0]
         return out
+
+
+def activation_bytes_per_pixel(net: nn.Module, factor: int, device, prepare: Callable | None = None) -> float:
+    """The largest output of any module of `net` on a PROBE x PROBE input (rounded up to the pad
+    factor), in bytes per input pixel: with LIVE_FACTOR, an estimate of a call's peak activation
+    memory per pixel (convolutional and windowed networks scale linearly with the pixels)."""
+    edge = -(-PROBE // factor) * factor
+    largest = [0]
+
+    def hook(_module, _inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel() * t.element_size())
+
+    x = torch.full((1, 3, edge, edge), 0.5, device=device)
+    handles = [m.register_forward_hook(hook) for m in net.modules()]
+    try:
+        with torch.no_grad():
+            net(prepare(x) if prepare is not None else x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(largest[0], 3 * 4 * edge * edge) / (edge * edge)
 
 
 def _pad_to(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -243,7 +295,7 @@ def _value(text: str):
 
 def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, overlap: int = 32,
                          device: str | None = None, config: dict | None = None, allow_random: bool = False,
-                         init_seed: int = 0) -> NetworkTarget:
+                         init_seed: int = 0, budget_mb: float | None = None) -> NetworkTarget:
     """A built-in network (`BUILTINS`) with its published configuration (`config` overrides it)
     and the checkpoint; without one, seeded random weights when `allow_random` (the demo), which
     the spec and manifest record as `weights: random`."""
@@ -269,7 +321,7 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
     extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
     return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
                          spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,
-                         None if sha else init_seed)
+                         None if sha else init_seed, budget_mb)
 
 
 def build_restormer_target(task: str, checkpoint, tile: int | None = None, overlap: int = 32,
@@ -278,8 +330,11 @@ def build_restormer_target(task: str, checkpoint, tile: int | None = None, overl
     checkpoint (e.g. `motion_deblurring.pth` for `deblur`; see RESTORMER_TASKS)."""
     restormer_config(task)  # unknown task: ValueError
     return build_builtin_target(f"restormer-{task}", checkpoint, tile, overlap, device, config)
+
+
 def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap: int = 32,
-                      device: str | None = None, factor: int | None = None) -> NetworkTarget:
+                      device: str | None = None, factor: int | None = None,
+                      budget_mb: float | None = None) -> NetworkTarget:
     """`module.path:factory`: the module is imported (from the PYTHONPATH), `factory()` must
     return an nn.Module, and the checkpoint is loaded into it (strict). The pad factor is
     `factor`, else the module's `pad_factor` attribute, else 1."""
@@ -289,7 +344,7 @@ def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap
     mod, fn = factory.split(":")
     tid = "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + fn
     spec = {"network": "user", "factory": factory, "module_sha256": code_sha}
-    return NetworkTarget(net, tid, spec, sha, factor, tile, overlap, device, checkpoint)
+    return NetworkTarget(net, tid, spec, sha, factor, tile, overlap, device, checkpoint, budget_mb=budget_mb)
 
 
 def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False) -> tuple:
@@ -338,7 +393,9 @@ def build_network_target(name: str, checkpoint=None, allow_random: bool = False,
 def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> NetworkTarget:
     """Rebuild the target a member was made with; the checkpoint must hash to the spec's sha256
     (random weights: drawn again from the recorded seed; `checkpoint` is then None)."""
-    tiling = {"tile": spec.get("tile"), "overlap": spec.get("overlap") or 32, "device": device}
+    auto = spec.get("auto_tile") or {}
+    tiling = {"tile": spec.get("tile"), "overlap": spec.get("overlap") or auto.get("overlap") or 32, "device": device,
+              "budget_mb": auto.get("budget_mb")}
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"
         target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
@@ -353,6 +410,9 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
                              f"was made with")
     else:
         raise ValueError(f"spec of target {spec.get('target')!r} is not a network target")
+    if auto and target.spec().get("auto_tile") != auto:
+        raise ValueError(f"target {spec.get('target')}: its automatic tiling {target.spec().get('auto_tile')} differs "
+                         f"from the store's {auto} (another version of the network code?)")
     if target.sha256 != spec.get("checkpoint_sha256"):
         raise ValueError(f"target {spec.get('target')}: checkpoint {checkpoint} (sha256 {target.sha256[:12]}) "
                          f"differs from the one the store was made with (sha256 "

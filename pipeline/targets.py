@@ -11,6 +11,8 @@ from typing import ClassVar
 import numpy as np
 from scipy.ndimage import gaussian_filter, median_filter
 
+from .degrade import strips
+
 
 @dataclass(frozen=True)
 class Classical:
@@ -57,13 +59,17 @@ class Wiener(Classical):
                              "deblur degradation, and this sample has none")
         k = np.asarray(meta["kernel"], np.float64)
         r = self.pad
-        x = np.pad(lq.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="edge")
-        h, w = x.shape[:2]
+        h, w = lq.shape[0] + 2 * r, lq.shape[1] + 2 * r
         lap = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float64)
-        otf_k, otf_l = _otf(k, h, w), _otf(lap, h, w)
-        gain = np.conj(otf_k) / (np.abs(otf_k) ** 2 + self.lam * np.abs(otf_l) ** 2)
-        out = np.stack([np.fft.irfft2(np.fft.rfft2(x[..., c]) * gain, s=(h, w)) for c in range(3)], -1)
-        return out[r:-r, r:-r].astype(np.float32)
+        otf_k = _otf(k, h, w)
+        denom = np.abs(otf_k) ** 2 + self.lam * np.abs(_otf(lap, h, w)) ** 2
+        gain = np.conj(otf_k) / denom
+        del otf_k, denom
+        out = np.empty(lq.shape, np.float32)  # channel by channel: one float64 plane in memory at a time
+        for c in range(lq.shape[2]):
+            x = np.pad(lq[..., c].astype(np.float64), r, mode="edge")
+            out[..., c] = np.fft.irfft2(np.fft.rfft2(x) * gain, s=(h, w))[r:-r, r:-r]
+        return out
 
 
 def _otf(kernel: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -86,8 +92,14 @@ class GammaCorrection(Classical):
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         mean = float(np.clip(lq.mean(), 1e-4, 0.99))
-        out = np.clip(lq, 0, 1) ** (np.log(self.level) / np.log(mean))
-        return gaussian_filter(out, (self.smooth, self.smooth, 0)).astype(np.float32)
+        power = np.log(self.level) / np.log(mean)
+        halo = int(4.0 * self.smooth + 0.5)  # gaussian_filter's radius (truncate=4): strips with it are exact
+        out = np.empty(lq.shape, np.float32)
+        for r0, r1 in strips(*lq.shape[:2]):
+            a0, a1 = max(0, r0 - halo), min(lq.shape[0], r1 + halo)
+            part = gaussian_filter(np.clip(lq[a0:a1], 0, 1) ** power, (self.smooth, self.smooth, 0))
+            out[r0:r1] = part[r0 - a0:r1 - a0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,9 +131,14 @@ class NonLocalMeans(Classical):
         from skimage.restoration import denoise_nl_means
 
         sigma = noise_sigma(lq)
-        out = denoise_nl_means(lq, h=self.strength * sigma, sigma=sigma, fast_mode=True, patch_size=self.patch,
-                               patch_distance=self.window, channel_axis=-1)
-        return out.astype(np.float32)
+        halo = 2 * (self.patch + self.window)  # a pixel depends on patches within window + patch // 2
+        out = np.empty(lq.shape, np.float32)
+        for r0, r1 in strips(*lq.shape[:2]):  # large images strip by strip, each with its halo
+            a0, a1 = max(0, r0 - halo), min(lq.shape[0], r1 + halo)
+            part = denoise_nl_means(lq[a0:a1], h=self.strength * sigma, sigma=sigma, fast_mode=True,
+                                    patch_size=self.patch, patch_distance=self.window, channel_axis=-1)
+            out[r0:r1] = part[r0 - a0:r1 - a0]
+        return out
 
 
 def noise_sigma(img: np.ndarray) -> float:

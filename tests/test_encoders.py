@@ -156,3 +156,15 @@ def test_user_factory_encoder_end_to_end(tmp_path):
     assert any("user-my_backbone-make" in e for e in result["encoder"])
     model = json.loads((tmp_path / "runs" / "u" / "model.json").read_text())
     assert model["model"]["osf_dim"] == 12
+
+
+def test_clip_encoder_keeps_only_the_image_tower(tiny_clip):
+    """Extraction holds the image tower alone; its g is the full model's encode_image."""
+    import open_clip
+
+    enc = build_encoder(f"openclip:{tiny_clip}")
+    assert enc.model.transformer is None and enc.model.token_embedding is None and enc.model.visual is not None
+    full, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip}")
+    x = torch.rand(2, 3, *enc.size)
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.features(x).numpy(), full.eval().encode_image(x).numpy(), rtol=1e-5, atol=1e-6)

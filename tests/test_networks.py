@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.networks import (CheckpointError, NetworkTarget, _spans, build_network_target,
-                               build_restormer_target, build_user_target, load_checkpoint, restormer_config,
+                               build_builtin_target, build_restormer_target, build_user_target, load_checkpoint,
+                               restormer_config,
                                target_from_spec)
 from pipeline.restormer import Restormer
 from stores import key_of
@@ -281,3 +282,30 @@ def test_spans_cover_every_pixel_once_far_from_cuts():
         assert (kept == 1).all()
     with pytest.raises(ValueError, match="multiple of 8"):
         NetworkTarget(ThreeConvs(), "convs", {}, factor=8, tile=36)
+
+
+def test_an_image_above_the_budget_runs_in_tiles_sized_from_the_network():
+    """Without --target-tile, memory follows a tile for images above max_pixels: the tile and the
+    threshold come from the network's measured activation bytes per pixel and the budget, both are in
+    the key, and a tiled result is the exact tiled computation (ThreeConvs: exact within its field)."""
+    net, lq = ThreeConvs(), np.round(image(150, 230) * 16) / 16
+    # 8 channels x 4 bytes per pixel at most, so 0.05 MB -> about 270 px at LIVE_FACTOR 6, tiles of 16
+    small = NetworkTarget(net, "convs", {}, factor=4, overlap=8, device="cpu", budget_mb=0.05)
+    auto = small.spec()["auto_tile"]
+    assert auto["budget_mb"] == 0.05 and auto["max_pixels"] < 150 * 230 and auto["tile"] % 4 == 0
+    assert small.tile_for(148, 232) == auto["tile"] and small.tile_for(8, 8) is None
+    explicit = NetworkTarget(net, "convs", {}, factor=4, tile=auto["tile"], overlap=8, device="cpu")
+    np.testing.assert_array_equal(small(lq, {}), explicit(lq, {}))
+    roomy = NetworkTarget(net, "convs", {}, factor=4, overlap=8, device="cpu")  # default budget: one pass
+    assert roomy.tile_for(152, 232) is None
+    np.testing.assert_array_equal(roomy(lq, {}), NetworkTarget(net, "convs", {}, factor=4, device="cpu")(lq, {}))
+    assert roomy.spec() != small.spec()  # another budget is another member
+
+
+def test_a_builtin_target_records_its_automatic_tiling_and_is_rebuilt_from_it():
+    target = build_builtin_target("mprnet-deblur", config={"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4,
+                                                           "num_cab": 1}, allow_random=True, budget_mb=2.0)
+    auto = target.spec()["auto_tile"]
+    assert auto["budget_mb"] == 2.0 and auto["tile"] >= 2 * auto["overlap"]
+    again = target_from_spec(target.spec(), None, device="cpu")
+    assert again.spec() == target.spec()
