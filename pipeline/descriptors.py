@@ -39,10 +39,10 @@ def chunk_name(k: int) -> str:
     return f"{k:06d}.json"
 
 
-def write_descriptors(store_path, source: Source, order, per_file: int = PER_FILE) -> bool:
+def write_descriptors(store_path, source: Source, order, per_file: int | None = None) -> bool:
     """Write the descriptors of a store's samples (storage order `order[i]` = source index) unless
     a complete set is there already; True when written."""
-    d = folder(store_path)
+    d, per_file = folder(store_path), per_file or PER_FILE
     if (d / INDEX).is_file():
         return False
     n = len(order)
