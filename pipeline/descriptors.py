@@ -21,14 +21,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from stores import write_json_atomic
-from stores.store import SOURCES_DIR, StoreError
+from stores.store import SOURCES_DIR, StoreError, atomic_path
 
 from .sources import Sample, Source, sample_of
 
 FOLDER = "samples"
 INDEX = "index.json"
 FORMAT, VERSION = "ptgrm-sample-descriptors", 1
-PER_FILE = 4096  # samples per descriptor file (~150 bytes each: about 0.6 MB per file)
+PER_FILE = 4096  # samples per descriptor file (~100-200 bytes each: about 0.4-0.8 MB per file)
 
 
 def folder(store_path) -> Path:
@@ -51,7 +51,8 @@ def write_descriptors(store_path, source: Source, order, per_file: int | None = 
         for i in range(first, min(n, first + per_file)):
             s = source.samples[int(order[i])]
             rows.append({"name": s.name, "hw": [int(v) for v in s.hw], "source_index": int(order[i]), **s.ref})
-        write_json_atomic(d / chunk_name(k), {"first": first, "samples": rows})
+        with atomic_path(d / chunk_name(k)) as tmp:  # compact: one line per file, never half-written
+            tmp.write_text(json.dumps({"first": first, "samples": rows}, separators=(",", ":")))
     write_json_atomic(d / INDEX, {"format": FORMAT, "version": VERSION, "n": n, "per_file": per_file,
                                   "files": -(-n // per_file), "paired": source.paired})
     return True
