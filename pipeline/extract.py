@@ -1,10 +1,10 @@
 """Stage 1: build or complete a task's stores: read -> degrade -> target -> encoder -> write.
 
 Run: `python -m pipeline features --task deblur --data demo` (what `make features` calls).
-Work goes shard by shard (a shard holds at most about `--shard-mb` of pixels; stores/layout.py):
-loading (and degrading) the next shard and writing the previous one run in background threads, so
-the frozen networks in the main thread do not wait on I/O, and memory follows the shard's bytes, not
-the split's size or its largest image.
+Work goes shard by shard (a shard holds at most about `--shard-mb` of pixels; stores/layout.py)
+through the named stages of pipeline/stages.py: loading (and degrading) the next shard and writing
+the previous one run in background threads, so the frozen networks in the main thread do not wait
+on I/O, and memory follows the shard's bytes, not the split's size or its largest image.
 """
 from __future__ import annotations
 
@@ -145,6 +145,7 @@ class SplitJob:
         self.cfg, self.split, self.log, self.source = cfg, split, log, source
         self.store, self.path, self.members = store, store.path, members
         self.sample_at, self.degradation = sample_at, degradation
+        self.descriptors: Descriptors | None = None  # of_store: the sample descriptors read so far
         self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
         for m in self.members:  # complete by key: keep its weight files' stats for the next re-run's fast path
             if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != m.info["inputs"]:
