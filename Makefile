@@ -36,7 +36,7 @@ COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STOR
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
 	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
 	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
-	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights)
+	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights) $(if $(filter wds,$(FORMAT)),--wds)
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT))
 

@@ -50,6 +50,8 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=D.shard_mb, help="at most about this many MB of float16 "
                    "pixels per shard; large images get shards of their own (default: %(default)s)")
     p.add_argument("--tile", type=int, default=D.tile, help="spatial chunk edge in px (default: %(default)s)")
+    p.add_argument("--wds", action="store_true", help="also write each split's WebDataset export "
+                   "(<store>-wds/, as `python -m stores export-wds`) from the samples as they are extracted")
     p.add_argument("--rehash", action="store_true", help="hash every source file again, even those whose "
                    "(size, mtime) the last run recorded (by default a re-run costs a stat per file)")
     p.add_argument("--seed", type=int, default=D.seed, help="degradation seed (default: %(default)s)")

@@ -1,21 +1,20 @@
 """Stage 1: build or complete a task's stores: read -> degrade -> target -> encoder -> write.
 
 Run: `python -m pipeline features --task deblur --data demo` (what `make features` calls).
-Work goes shard by shard (a shard holds at most about `--shard-mb` of pixels; stores/layout.py):
-loading (and degrading) the next shard and writing the previous one run in background threads, so
-the frozen networks in the main thread do not wait on I/O, and memory follows the shard's bytes, not
-the split's size or its largest image.
+Work goes shard by shard (a shard holds at most about `--shard-mb` of pixels; stores/layout.py)
+through the named stages of pipeline/stages.py: loading (and degrading) the next shard and writing
+the previous one run in background threads, so the frozen networks in the main thread do not wait
+on I/O, and memory follows the shard's bytes, not the split's size or its largest image.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,11 +26,15 @@ from stores.leases import LeaseLost
 from stores.privacy import local_path, shareable
 from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
+from stores.wds import WdsWriter, export_wds
 
-from .degrade import DEGRADATIONS, sample_rng
+from . import stages
+from .degrade import DEGRADATIONS
+from .descriptors import Descriptors, write_descriptors
 from .encoders import build_encoder, is_user_encoder, weights_arg
 from .networks import BUILTINS, is_network_target
 from .sources import Source, SourceError, open_source, release_caches
+from .layouts import parse_data
 from .targets import build_target
 from .tasks import get_task
 
@@ -63,6 +66,7 @@ class FeaturesConfig:
     lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
     device: str = "auto"  # where network targets and encoders run: auto (cuda when available), cpu, cuda[:i]
     rehash: bool = False  # hash every source file even when its (size, mtime) is unchanged
+    wds: bool = False  # also write the WebDataset export (<store>-wds/) from the extraction stream
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Member:
     spec: dict
     arrays: list
     info: dict = field(default_factory=dict)
-    run: Callable | None = None  # (range data, excluded list) -> {array name: values}; None: pairs
+    run: Callable | None = None  # its stage (pipeline/stages.py): shards -> shards; None: pairs
 
 
 META_BYTES = 16384  # per-sample JSON of what the degradation drew (a 19x19 kernel is about 8 KB)
@@ -91,163 +95,102 @@ def plan_pairs(source: Source, task, cfg: FeaturesConfig) -> tuple[str, dict]:
     return key_of(spec), spec
 
 
-def plan_members(source: Source, task, target, encoders: list, cfg: FeaturesConfig):
+def pairs_member(source: Source, task, cfg: FeaturesConfig) -> Member:
+    key, spec = plan_pairs(source, task, cfg)
+    img = lambda name: ArraySpec(name, "uint8", (3,), image=True)  # noqa: E731
+    return Member("pairs", key, spec, [img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
+                                       ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
+                                       ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
+
+
+def stored_member(store: Store, path: str) -> Member:
+    """A member as the planner began it (key, spec, arrays), read from the manifest."""
+    info = store.member_info(path)
+    if info is None:
+        raise StoreError(f"{store.path}: no member {path}; run the planner (`python -m slurm features` or "
+                         f"`make features`) first")
+    arrays = [ArraySpec(k, a["dtype"], tuple(a["row"]), a["image"]) for k, a in info["arrays"].items()]
+    return Member(path, info["key"], info["spec"], arrays)
+
+
+def plan_members(pairs: Member, target, encoders: list, cfg: FeaturesConfig) -> list[Member]:
     """The members of a split's store (pairs, the target, one per encoder), each keyed by what
-    determines it."""
-    pairs_key, pairs_spec = plan_pairs(source, task, cfg)
-    img = lambda name, dtype: ArraySpec(name, dtype, (3,), image=True)  # noqa: E731
-    members = [Member("pairs", pairs_key, pairs_spec,
-                      [img("lq", "uint8"), img("gt", "uint8"), ArraySpec("hw", "int32", (2,)),
-                       ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
-                       ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])]
-    tspec = {"pairs": pairs_key, **target.spec()}
+    determines it; each network member carries its stage."""
+    members = [pairs]
+    tspec = {"pairs": pairs.key, **target.spec()}
     tkey = key_of(tspec)
-    members.append(Member(f"targets/{target.id}-{tkey[:12]}", tkey, tspec, [img("base", "float16")],
+    path = f"targets/{target.id}-{tkey[:12]}"
+    members.append(Member(path, tkey, tspec, [ArraySpec("base", "float16", (3,), image=True)],
                           {"target": target.id, "weights": target.weights,
                            "inputs": file_stats([getattr(target, "checkpoint", None)])},
-                          lambda data, excluded: {"base": run_target(target, data, excluded)}))
+                          partial(stages.target, member=path, net=target)))
     for enc in encoders:
-        espec = {"pairs": pairs_key, **enc.spec()}
+        espec = {"pairs": pairs.key, **enc.spec()}
         ekey = key_of(espec)
-        members.append(Member(f"osf/{encoder_id(enc.name)}-{ekey[:12]}", ekey, espec,
-                              [ArraySpec("g", "float32", (4, enc.dim))],
+        path = f"osf/{encoder_id(enc.name)}-{ekey[:12]}"
+        members.append(Member(path, ekey, espec, [ArraySpec("g", "float32", (4, enc.dim))],
                               {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim,
                                "inputs": file_stats(encoder_inputs(enc))},
-                              lambda data, excluded, enc=enc: {"g": run_encoder(enc, data, cfg.batch)}))
-    return pairs_key, members
-
-
-def load_range(source: Source, order, start: int, stop: int, degradation, seed: int) -> dict:
-    """Samples [start, stop) (storage order; `order[i]` is sample i's source index) at their own
-    sizes, plus valid sizes, names, meta and source indices.
-
-    A sample that cannot be used (unreadable, truncated, lq/gt sizes differ) is excluded: its
-    slot stays empty with size (0, 0) and the reason goes to `excluded`; conversions
-    (grayscale, alpha, 16-bit) go to `notes`. The rest of the range is unaffected.
-    """
-    t0 = time.perf_counter()
-    n = stop - start
-    out = {"lq": [None] * n, "gt": [None] * n, "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [],
-           "source_index": np.asarray(order[start:stop], np.int64), "excluded": [], "notes": []}
-    for j, i in enumerate(range(start, stop)):
-        src = int(order[i])
-        sample = source.samples[src]
-        out["names"].append(sample.name)
-        try:
-            gt, lq, drawn, notes = _load_sample(sample, src, degradation, seed)
-        except SourceError as e:
-            out["excluded"].append({"index": i, "name": sample.name, "reason": str(e)})
-            out["meta"].append(json.dumps({"excluded": str(e)}))
-            continue
-        out["lq"][j], out["gt"][j], out["hw"][j] = lq, gt, gt.shape[:2]
-        out["meta"].append(json.dumps(drawn))
-        out["notes"] += [{"index": i, "name": sample.name, "note": x} for x in notes]
-    out["index"] = np.arange(start, stop)
-    out["seconds_load"] = time.perf_counter() - t0
-    return out
-
-
-def _load_sample(sample, i: int, degradation, seed: int):
-    gt, lq, notes = sample.load()
-    drawn = {}
-    if lq is None:
-        fn, params = degradation
-        x = gt.astype(np.float32)
-        x /= 255  # in place: one float32 copy of a large image, not two
-        lq_f, drawn = fn(x, sample_rng(seed, i), **params)
-        del x
-        lq = np.round(lq_f * 255).astype(np.uint8)
-    if lq.shape != gt.shape:
-        raise SourceError(f"sample {sample.name}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size")
-    if gt.shape[:2] != tuple(sample.hw):
-        raise SourceError(f"sample {sample.name}: decoded size {gt.shape[:2]} differs from its header {sample.hw}")
-    return gt, lq, drawn, notes
-
-
-PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
-
-
-def read_range(store: Store, start: int, stop: int) -> dict:
-    """The same dict as load_range, read back from a complete pairs member."""
-    t0 = time.perf_counter()
-    out = {k: store.array("pairs", k)[start:stop] for k in PAIRS_ARRAYS}
-    for k in ("lq", "gt"):  # canvases -> valid size
-        out[k] = [x[:h, :w] if h else None for x, (h, w) in zip(out[k], out["hw"])]
-    out["index"] = np.arange(start, stop)
-    out["seconds_load"] = time.perf_counter() - t0
-    return out
-
-
-def run_target(target, data: dict, excluded: list) -> list:
-    """base (float16, valid size) for every usable sample, None for the others; a non-finite or
-    misshapen output excludes that sample."""
-    base = [None] * len(data["hw"])
-    for j, (h, w) in enumerate(data["hw"]):
-        if h == 0:  # excluded when loading
-            continue
-        lq = data["lq"][j].astype(np.float32)
-        lq /= 255  # in place: one float32 copy of a large image, not two
-        out = target(lq, json.loads(str(data["meta"][j])))
-        if out.shape != lq.shape or not np.isfinite(out).all():
-            problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
-                       f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)")
-            excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
-                             "reason": f"target {target.id} gave a bad output: {problem}"})
-            continue
-        base[j] = out.astype(np.float16)
-    return base
-
-
-def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
-    usable = [j for j, (h, w) in enumerate(data["hw"]) if h > 0]
-    g = np.zeros((len(data["hw"]), 4, encoder.dim), np.float32)
-    views = [data["lq"][j] for j in usable]
-    for k in range(0, len(views), batch):
-        g[usable[k:k + batch]] = encoder(views[k:k + batch])
-    return g
+                              partial(stages.encode, member=path, encoder=enc, batch=cfg.batch)))
+    return members
 
 
 class SplitJob:
-    """One split's extraction: its store and members (planned on creation), the task ranges
-    still to do, running some of them, and finalising. `make features` runs all of them;
-    SLURM array tasks run one range each (`slurm/`), then one job finalises."""
+    """One split's extraction: its store and members, the task ranges still to do, running some
+    of them through the stages (pipeline/stages.py), and finalising. `make features` runs all of
+    them (`SplitJob.plan`, which lists the dataset); a SLURM array task runs one range of a planned
+    store (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
 
-    def __init__(self, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
-                 log=print):
-        self.cfg, self.split, self.log = cfg, split, log
-        if source is None:  # else opened already (by complete_store: the stat cache is not read twice)
-            known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-            source = open_source(cfg.data, split, *task.demo_tiles, known=known)
-        self.source = source
-        pairs_key, self.members = plan_members(self.source, task, target, encoders, cfg)
-        self.path = Path(cfg.store_root) / store_name(self.source.dataset, split, task.name, pairs_key)
-        if cfg.store_shared:
-            fetch_shared(cfg.store_shared, self.path, {m.path: m.key for m in self.members})
-        hws = [s.hw for s in self.source.samples]
-        layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
-        self.store = Store.open_or_create(self.path, {
-            "dataset": self.source.dataset, "split": split, "task": task.name, "pairs_key": pairs_key,
-            "metric_space": task.metric_space}, layout, self._save_records)
-        self._save_records(self.path)
-        self.order = make_layout(hws, self.store.layout.tile)[1]  # a store keeps the layout it was made with
+    def __init__(self, cfg: FeaturesConfig, split: str, store: Store, members: list, sample_at, degradation,
+                 log=print, source: Source | None = None):
+        self.cfg, self.split, self.log, self.source = cfg, split, log, source
+        self.store, self.path, self.members = store, store.path, members
+        self.sample_at, self.degradation = sample_at, degradation
+        self.descriptors: Descriptors | None = None  # of_store: the sample descriptors read so far
         self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
         for m in self.members:  # complete by key: keep its weight files' stats for the next re-run's fast path
             if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != m.info["inputs"]:
                 self.store._update_member(m.path, inputs=m.info["inputs"])
         for m in self.todo:  # a member that exists keeps the plan it was started with
             self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards, {**m.info, "config": asdict(cfg)})
-        self.degradation = DEGRADATIONS[task.degradation] if not self.source.paired else None
 
-    def _save_records(self, path: Path) -> None:
-        """The source records (the stat cache of the next run), when they changed; written by
-        the writer of a store only (readers never modify it)."""
-        rec = self.source.records
-        if rec is None:
-            return
-        target = Path(path) / SOURCES_DIR / SOURCES_FILE
-        keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
-        if not target.is_file() or json.loads(target.read_text()) != keep:
-            write_json_atomic(target, keep)
+    @classmethod
+    def plan(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
+             log=print) -> "SplitJob":
+        """List the dataset (unless `source` was opened already, by complete_store: the stat cache is
+        not read twice), create or open the store, write its sample descriptors and members' plans."""
+        if source is None:
+            known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+            source = open_source(cfg.data, split, *task.demo_tiles, known=known)
+        members = plan_members(pairs_member(source, task, cfg), target, encoders, cfg)
+        path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, members[0].key)
+        if cfg.store_shared:
+            fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members})
+        hws = [s.hw for s in source.samples]
+        layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
+        save = partial(save_records, source)
+        store = Store.open_or_create(path, {
+            "dataset": source.dataset, "split": split, "task": task.name, "pairs_key": members[0].key,
+            "metric_space": task.metric_space}, layout, save)
+        save(path)
+        order = make_layout(hws, store.layout.tile)[1]  # a store keeps the layout it was made with
+        write_descriptors(path, source, order)
+        degradation = DEGRADATIONS[task.degradation] if not source.paired else None
+        return cls(cfg, split, store, members, lambda i: (int(order[i]), source.samples[int(order[i])]),
+                   degradation, log, source)
+
+    @classmethod
+    def of_store(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, path, log=print) -> "SplitJob":
+        """A planned store, opened without its dataset folder: the manifest gives the members, the
+        sample descriptors (read one file at a time, as the range needs them) the samples."""
+        store = Store(path, mode="a")
+        members = plan_members(stored_member(store, "pairs"), target, encoders, cfg)
+        descriptors = Descriptors(path, None if cfg.data == "demo" else parse_data(cfg.data)[1])
+        paired = descriptors.index["paired"]
+        job = cls(cfg, split, store, members, descriptors.sample_at,
+                  None if paired else DEGRADATIONS[task.degradation], log)
+        job.descriptors = descriptors
+        return job
 
     def work(self) -> dict[tuple, list]:
         """(start, stop) -> [(member, task index)] of the tasks without a done marker."""
@@ -259,46 +202,40 @@ class SplitJob:
                     out.setdefault((a, b), []).append((m, t))
         return out
 
-    def _load(self, lo: int, hi: int) -> dict:
-        if self.store.status("pairs") == "complete":
-            return read_range(self.store, lo, hi)
-        return load_range(self.source, self.order, lo, hi, self.degradation, self.cfg.seed)
+    def units(self, ranges: list, work: dict, leases):
+        """The stream's source: one Shard per store shard of each range this process can lease
+        (claimed as the stream reaches it)."""
+        for r in ranges:
+            if self._claim(leases, r, work):
+                shards = self.store.shards_of(*r)
+                for _, lo, hi in shards:
+                    yield stages.Shard(r, lo, hi, hi == r[1], work[r])
 
-    def run(self, ranges: list | None = None, bar=None) -> int:
+    def stream(self, shards, leases, bar=None, every_member: bool = False):
+        """The stages of this split after the units: read (or read back) -> degrade -> prefetch ->
+        held -> target -> encoders [-> the complete members read back] -> progress."""
+        if self.store.status("pairs") == "complete":
+            s = stages.read_stored(shards, self.store)
+        else:
+            s = stages.degrade(stages.read(shards, self.sample_at), self.degradation, self.cfg.seed)
+        s = stages.held(stages.prefetch(s), leases)
+        for m in self.members[1:]:
+            s = m.run(s)
+        if every_member:  # a second writer needs every member of every shard
+            s = stages.stored(s, self.store, [m.path for m in self.members[1:]])
+        return stages.progress(s, bar)
+
+    def run(self, ranges: list | None = None, bar=None, wds=None) -> int:
         """Compute and write the given (default: all unfinished) ranges this process can lease,
-        shard by shard; returns the number of samples computed here. Loading the next shard and
-        writing the previous one overlap with the frozen networks; at most three shards are in
-        memory at once."""
+        shard by shard; returns the number of samples computed here. `wds`: a second writer that
+        also gets every shard (with all members' outputs)."""
         work = self.work()
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
-        done = 0
-        with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
-                Leases(self.store.path, self.cfg.lease_seconds, log=self.log) as leases:
-            pending: deque = deque()
-            units = ((r, lo, hi, hi == r[1]) for r in ranges if self._claim(leases, r, work)
-                     for _, lo, hi in self.store.shards_of(*r))
-            u = next(units, None)
-            nxt = loader.submit(self._load, u[1], u[2]) if u else None
-            progress: dict = {}
-            while u is not None:
-                data = nxt.result()
-                u_next = next(units, None)
-                nxt = loader.submit(self._load, u_next[1], u_next[2]) if u_next else None
-                r, lo, hi, last = u
-                if not leases.holds(r):  # lost while paused or cut off: the new holder computes it
-                    u = u_next
-                    continue
-                outputs, stats = compute(work[r], data)
-                if bar is not None:
-                    bar.update(hi - lo)
-                done += hi - lo
-                pending.append(writer.submit(self._write, work[r], outputs, stats, progress, leases, u))
-                while len(pending) > 1:  # at most one write in flight: bounded memory
-                    pending.popleft().result()
-                u = u_next
-            for p in pending:
-                p.result()
-        return done
+        progress: dict = {}
+        with Leases(self.store.path, self.cfg.lease_seconds, log=self.log) as leases:
+            shards = self.stream(self.units(ranges, work, leases), leases, bar, wds is not None)
+            writers = [partial(self._write, progress=progress, leases=leases)] + ([wds] if wds else [])
+            return stages.write(shards, *writers)
 
     def _claim(self, leases, r, work: dict) -> bool:
         """Lease range r, then drop the tasks another writer finished meanwhile (no rework);
@@ -310,16 +247,17 @@ class SplitJob:
             leases.release(r)
         return bool(work[r])
 
-    def _write(self, jobs, outputs, stats, progress: dict, leases, unit) -> None:
+    def _write(self, shard, progress: dict, leases) -> None:
         """Write one shard of every member; after a range's last shard, its done markers. Each
         write is fenced: a writer that lost the range's lease stops and says so."""
-        r, lo, hi, last = unit
+        r, lo, hi, last = shard.range, shard.lo, shard.hi, shard.last
+        stats = shard.stats
         try:
-            for m, t in jobs:
+            for m, t in shard.jobs:
                 t0 = time.perf_counter()
                 acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
                 leases.check(r, "shards")
-                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, outputs[m.path])
+                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path])
                 merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
                                            "notes": stats["notes"] if m.path == "pairs" else [],
                                            "seconds_write": time.perf_counter() - t0})
@@ -328,7 +266,7 @@ class SplitJob:
                     if not self.store.mark_done(m.path, t, progress.pop((m.path, t))["hashes"], acc["stats"]):
                         self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
         except LeaseLost as e:
-            for m, t in jobs:
+            for m, t in shard.jobs:
                 progress.pop((m.path, t), None)
             self.log(f"{self.path.name}: {e}")
             return
@@ -337,14 +275,59 @@ class SplitJob:
 
     def finalize(self, log=print) -> None:
         """Check exclusions, verify every member's shards and mark them complete."""
-        self.store.refresh()
-        check_exclusions(self.store, [m.path for m in self.todo], len(self.source.samples), self.cfg.max_bad, log)
-        for m in self.todo:
-            if self.store.status(m.path) == "complete":  # another writer finished it
-                continue
-            info = self.store.finalize(m.path)
-            log(f"  {m.path}: complete, {info['bytes'] / 1e6:.1f} MB" +
-                (f", weights: {m.info['weights']}" if "weights" in m.info else ""))
+        finalize_members(self.store, [m.path for m in self.todo], self.cfg.max_bad, log)
+
+    def export_members(self) -> tuple[str, list[str]]:
+        """(target member, osf members, sorted) of this job's WebDataset export."""
+        return self.members[1].path, sorted(m.path for m in self.members[2:])
+
+    def wds_writer(self) -> Callable:
+        """The second writer of the stream: each shard (every member's outputs, `stages.stored`)
+        becomes the export's tar of that store shard (stores/wds.py, the writer export-wds uses)."""
+        target, encoders = self.export_members()
+        writer = WdsWriter(self.path.parent / f"{self.path.name}-wds", self.path.name, self.members[0].key,
+                           self.store.manifest().get("task"), target, encoders, {m.path: m.key for m in self.members})
+        number = {a: k for k, (_, a, _) in enumerate(self.store.layout.shards())}
+        writer.out.mkdir(parents=True, exist_ok=True)
+
+        def write(s: stages.Shard) -> None:
+            hw, d, out = stages.usable_hw(s), s.data, s.outputs
+            rows = ({"index": i, "name": str(d["names"][j]), "hw": hw[j], "lq": d["lq"][j], "gt": d["gt"][j],
+                     "base": out[target]["base"][j], "g": {e: out[e]["g"][j] for e in encoders},
+                     "meta": str(d["meta"][j])} for j, i in enumerate(range(s.lo, s.hi)))
+            writer.write_shard(number[s.lo], s.lo, s.hi, rows)
+        return write
+
+    def export_wds(self, log=print) -> Path:
+        """The export's index (and the tars of shards computed before this run), once complete."""
+        target, encoders = self.export_members()
+        return export_wds(self.path, target=target, encoders=encoders, log=log,
+                          ranges=[[a, b] for _, a, b in self.store.layout.shards()])
+
+
+def finalize_members(store: Store, members: list[str], max_bad: float, log=print) -> None:
+    """Check exclusions, verify each member's shards and mark it complete (the store alone: no
+    dataset folder, no network)."""
+    store.refresh()
+    check_exclusions(store, members, store.layout.n, max_bad, log)
+    for m in members:
+        if store.status(m) == "complete":  # another writer finished it
+            continue
+        info = store.finalize(m)
+        log(f"  {m}: complete, {info['bytes'] / 1e6:.1f} MB" +
+            (f", weights: {info['weights']}" if "weights" in info else ""))
+
+
+def save_records(source: Source, path: Path) -> None:
+    """The source records (the stat cache of the next run), when they changed; written by
+    the writer of a store only (readers never modify it)."""
+    rec = source.records
+    if rec is None:
+        return
+    target = Path(path) / SOURCES_DIR / SOURCES_FILE
+    keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
+    if not target.is_file() or json.loads(target.read_text()) != keep:
+        write_json_atomic(target, keep)
 
 
 SOURCES_FILE = "files.json"
@@ -353,8 +336,6 @@ SOURCES_FILE = "files.json"
 def known_sources(store_root: str, data: str, split: str) -> dict | None:
     """The newest source records of an earlier run on the same dataset folder and split (any
     task), or None: files whose (size, mtime) they list unchanged are not hashed again."""
-    from .layouts import parse_data
-
     root = parse_data(data)[1].resolve()
     found = sorted(Path(store_root).glob(f"{dataset_name(str(root))}-{split}-*/{SOURCES_DIR}/{SOURCES_FILE}"),
                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
@@ -463,7 +444,7 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
                 source: Source | None = None) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
-    job = SplitJob(cfg, task, split, target, encoders, source, log)
+    job = SplitJob.plan(cfg, task, split, target, encoders, source, log)
     layout = job.source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
         log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
@@ -476,13 +457,16 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
         log(f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}")
     if not job.todo:
         log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
+        if cfg.wds:
+            job.export_wds(log)
         return job.path
     work = job.work()
     total = sum(b - a for a, b in work)
     log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} tasks)")
     bar = tqdm(total=total, unit="img", desc=f"{split}", dynamic_ncols=True)
+    wds = job.wds_writer() if cfg.wds else None
     while work:
-        if not job.run(sorted(work), bar):  # everything left is leased by another writer
+        if not job.run(sorted(work), bar, wds):  # everything left is leased by another writer
             time.sleep(1.0)
         work = job.work()
         bar.n = total - sum(b - a for a, b in work)
@@ -490,6 +474,8 @@ def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, l
     bar.close()
     release_caches()
     job.finalize(log)
+    if cfg.wds:
+        job.export_wds(log)
     return job.path
 
 
@@ -504,23 +490,6 @@ def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=pr
         raise SourceError(f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
                           f"--max-bad {max_bad:.0%}); first: {next(iter(excluded.items()))}. Fix them or "
                           f"raise --max-bad; the members stay incomplete")
-
-
-def compute(jobs, data) -> tuple[dict, dict]:
-    """Run the frozen networks the members of a range need; outputs and timings per member."""
-    outputs = {}
-    stats = {"seconds_load": data["seconds_load"], "samples": len(data["hw"]), "notes": data.get("notes", []),
-             "excluded": {"pairs": data.get("excluded", [])}}
-    for m, _ in jobs:
-        if m.run is None:
-            outputs[m.path] = {k: data[k] for k in PAIRS_ARRAYS}
-            continue
-        t0 = time.perf_counter()
-        stats["excluded"][m.path] = []
-        outputs[m.path] = m.run(data, stats["excluded"][m.path])
-        stats[f"seconds_{m.path.split('/')[0]}"] = stats.get(f"seconds_{m.path.split('/')[0]}", 0) + \
-            time.perf_counter() - t0
-    return outputs, stats
 
 
 def merge_stats(total: dict, part: dict) -> None:
@@ -568,6 +537,8 @@ def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
     if all(path for path, _ in found.values()):  # a re-run of a complete store: no network is built
         for path, _ in found.values():
             log(f"{path.name}: complete; nothing to compute")
+            if cfg.wds:
+                export_wds(path, log=log, ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
         return [path for path, _ in found.values()]
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(

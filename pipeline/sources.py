@@ -41,6 +41,7 @@ class Sample:
     name: str
     load: Callable[[], tuple]  # () -> (gt uint8 (H,W,3), lq uint8 (H,W,3) or None, notes)
     hw: tuple  # (H, W) of the valid image
+    ref: dict | None = field(default=None, compare=False)  # where its pixels are (pipeline/descriptors.py)
 
 
 @dataclass(frozen=True)
@@ -92,21 +93,26 @@ def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
         if split == "test":  # non-overlapping tiles of the held-out photos: enough samples for an interval
             for y in range(0, h - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
                 for x in range(0, w - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
-                    tile = img[y:y + DEMO_TEST_TILE, x:x + DEMO_TEST_TILE]
-                    samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (DEMO_TEST_TILE, DEMO_TEST_TILE)))
+                    samples.append(_demo_tile(name, y, x, (DEMO_TEST_TILE, DEMO_TEST_TILE)))
             continue
         corners = [(y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)]
         keep = np.unique(np.linspace(0, len(corners) - 1, min(cap, len(corners))).round().astype(int))
         for y, x in (corners[k] for k in keep):
-            tile = img[y:y + patch, x:x + patch]
-            samples.append(Sample(f"{name}@{y}_{x}", _const(tile), (patch, patch)))
+            samples.append(_demo_tile(name, y, x, (patch, patch)))
     fingerprint = {"dataset": "demo", "images": prints, "split": split,
                    "tiles": [patch, stride, cap] if split == "train" else [DEMO_TEST_TILE, DEMO_TEST_TILE, None]}
     return Source("demo", split, samples, fingerprint, paired=False)
 
 
-def _const(img):
-    return lambda: (img, None, [])
+@lru_cache(maxsize=4)  # the tiles of one photo are read one after another
+def _demo_photo(name: str) -> np.ndarray:
+    return _demo_image(name)
+
+
+def _demo_tile(photo: str, y: int, x: int, hw: tuple) -> Sample:
+    def load():
+        return _demo_photo(photo)[y:y + hw[0], x:x + hw[1]].copy(), None, []
+    return Sample(f"{photo}@{y}_{x}", load, tuple(hw), {"demo": photo, "y": y, "x": x})
 
 
 # -- folders ---------------------------------------------------------------------------------
@@ -156,13 +162,45 @@ def _files(gt, lq) -> list[Path]:
 
 def _sample(root: Path, gt, lq, known_hw: dict) -> Sample:
     """A sample; its size from `known_hw` (by name) when its files are unchanged, else the header."""
+    ref = {"gt": _ref(root, gt), "lq": None if lq is None else _ref(root, lq)}
     if isinstance(gt, MatBlock):  # named e.g. test/SIDD/ValidationGtBlocksSrgb.mat#0007
-        return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw))
+        return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw), ref)
     if isinstance(gt, ProtocolFrame):
-        return Sample(str(gt.path.relative_to(root)), _frame_loader(gt, lq), gt.hw)
+        return Sample(str(gt.path.relative_to(root)), _frame_loader(gt, lq), gt.hw, ref)
     name = str(gt.relative_to(root))
     hw = known_hw.get(name)
-    return Sample(name, _file_loader(gt, lq), tuple(hw) if hw else _image_size(gt))
+    return Sample(name, _file_loader(gt, lq), tuple(hw) if hw else _image_size(gt), ref)
+
+
+def _ref(root: Path, p) -> dict:
+    """Where one side of a pair is, relative to the dataset folder (JSON)."""
+    if isinstance(p, MatBlock):
+        return {"mat": str(p.path.relative_to(root)), "variable": p.variable, "block": p.index}
+    if isinstance(p, ProtocolFrame):
+        return {"frame": str(p.path.relative_to(root)), "size": list(p.size), "reverse": p.reverse}
+    return {"file": str(p.relative_to(root))}
+
+
+def _unref(root: Path, ref: dict | None, hw: tuple):
+    if ref is None:
+        return None
+    if "mat" in ref:
+        return MatBlock(root / ref["mat"], ref["variable"], ref["block"], tuple(hw))
+    if "frame" in ref:
+        return ProtocolFrame(root / ref["frame"], tuple(ref["size"]), ref["reverse"])
+    return root / ref["file"]
+
+
+def sample_of(root: Path | None, name: str, hw, ref: dict) -> Sample:
+    """The Sample a descriptor (name, size, `Sample.ref`) describes, read with the same loaders as
+    open_source's; nothing is listed or opened until it is loaded. `root`: the dataset folder."""
+    hw = tuple(int(v) for v in hw)
+    if "demo" in ref:
+        return _demo_tile(ref["demo"], ref["y"], ref["x"], hw)
+    gt, lq = _unref(root, ref["gt"], hw), _unref(root, ref["lq"], hw)
+    loader = _block_loader if isinstance(gt, MatBlock) else _frame_loader if isinstance(gt, ProtocolFrame) \
+        else _file_loader
+    return Sample(name, loader(gt, lq), hw, ref)
 
 
 def _image_size(path: Path) -> tuple:
@@ -271,6 +309,7 @@ def _mat_blocks(path: Path, variable: str, stamp: tuple) -> np.ndarray | str:
 def release_caches() -> None:
     """Drop the cached MATLAB arrays (about 500 MB for SIDD) once a split is extracted."""
     _mat_blocks.cache_clear()
+    _demo_photo.cache_clear()
 
 
 def _read_block(block: MatBlock) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Stage 1 on a cluster: `python -m slurm features --task deblur --shards 64 [--partition P]`.
 
-Plans every split's store here (members and task plans are written before anything runs), then
-submits one SLURM job array over only the unfinished (split, range) tasks and a finalize job
-that waits for all of them (afterok), verifies and marks the members complete. Finished tasks
-keep their done markers, so rerunning the same command submits only what is missing; a
-complete store submits nothing.
+Plans every split's store here (members, task plans and the per-sample source descriptors are
+written before anything runs: the only step that lists the dataset folder), then submits one SLURM
+job array over only the unfinished (split, range) tasks and a finalize job that waits for all of
+them, verifies and marks the members complete. An array task reads the store's manifest and the
+descriptor files of its own range (pipeline/descriptors.py), never the dataset folder's listing;
+the finalize job reads only the store. Finished tasks keep their done markers, so rerunning the
+same command submits only what is missing; a complete store submits nothing.
 """
 from __future__ import annotations
 
@@ -12,12 +14,11 @@ import os
 import time
 from dataclasses import fields, replace
 
-from pipeline.extract import FeaturesConfig, SplitJob, build_models, complete_store
+from pipeline.extract import FeaturesConfig, SplitJob, build_models, complete_store, finalize_members
 from pipeline.tasks import get_task
+from stores import Store
 
 from . import submit
-
-FAULT_ENV = "PTGRM_SLURM_FAIL_RANGE"  # tests: "<split>:<start>" makes that array task raise
 
 
 def config_from_args(args) -> FeaturesConfig:
@@ -27,40 +28,57 @@ def config_from_args(args) -> FeaturesConfig:
 
 
 def plan(cfg: FeaturesConfig) -> dict[str, SplitJob]:
-    """split -> its SplitJob (constructing it writes the store's plan)."""
+    """split -> its SplitJob (constructing it lists the dataset and writes the store's plan and
+    sample descriptors): the planner's step, on the submitting node."""
     task, target, encoders = build_models(cfg)
-    return {split: SplitJob(cfg, task, split, target, encoders) for split in cfg.splits}
+    return {split: SplitJob.plan(cfg, task, split, target, encoders) for split in cfg.splits}
 
 
-def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str) -> dict:
-    """One array task: compute range [start, stop) of one split for every member that lacks it.
-    A range another live writer holds is waited for (or taken over when its lease expires)."""
+def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
+    """One array task: compute range [start, stop) of one split's planned `store` for every member
+    that lacks it, reading only the manifest and the sample descriptors of the range. A range
+    another live writer holds is waited for (or taken over when its lease expires)."""
     os.chdir(cwd)
-    if os.environ.get(FAULT_ENV) == f"{split}:{start}":
-        raise RuntimeError(f"{FAULT_ENV}={split}:{start}: failing this task on purpose (test fault switch)")
     t0 = time.perf_counter()
-    job = plan(replace(cfg, splits=(split,)))[split]
+    task, target, encoders = build_models(replace(cfg, splits=(split,)))
+    job = SplitJob.of_store(cfg, task, split, target, encoders, store)
+    wds = job.wds_writer() if cfg.wds else None
     while (start, stop) in job.work():
-        if not job.run([(start, stop)]):
+        if not job.run([(start, stop)], wds=wds):
             time.sleep(2.0)
-    print(f"{job.path.name}: [{start}, {stop}) done in {time.perf_counter() - t0:.1f} s", flush=True)
-    return {"split": split, "range": [start, stop], "store": str(job.path)}
+    files = job.descriptors.read_files
+    print(f"{job.path.name}: [{start}, {stop}) done in {time.perf_counter() - t0:.1f} s "
+          f"(sample descriptor files read: {files})", flush=True)
+    return {"split": split, "range": [start, stop], "store": str(job.path), "descriptor_files": files}
 
 
-def finalize(cfg: FeaturesConfig, cwd: str) -> list[str]:
-    """The job after the arrays: verify every member's shards, mark them complete, then
-    `python -m stores verify` each store."""
+def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
+    """The job after the arrays: for each planned store (`{split: {"path", "members", "export"}}`),
+    verify the members' shards and mark them complete, `python -m stores verify` it, and with
+    --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
+    from stores.wds import export_wds
 
     os.chdir(cwd)
     paths = []
-    for job in plan(cfg).values():
-        print(f"{job.path.name}:", flush=True)
-        job.finalize()
-        if stores_main(["verify", str(job.path)]) != 0:
-            raise RuntimeError(f"{job.path}: `python -m stores verify` found damage (see above)")
-        paths.append(str(job.path))
+    for plan_ in stores.values():
+        store = Store(plan_["path"], mode="a")
+        print(f"{store.path.name}:", flush=True)
+        finalize_members(store, plan_["members"], cfg.max_bad)
+        if stores_main(["verify", str(store.path)]) != 0:
+            raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
+        if cfg.wds:
+            target, encoders = plan_["export"]
+            export_wds(store.path, target=target, encoders=encoders,
+                       ranges=[[a, b] for _, a, b in store.layout.shards()])
+        paths.append(str(store.path))
     return paths
+
+
+def planned(jobs: dict[str, SplitJob]) -> dict:
+    """What the array tasks and the finalize job need of the plan: store paths, members to do."""
+    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.export_members()}
+            for s, j in jobs.items()}
 
 
 def submit_features(args, log=print) -> int:
@@ -82,7 +100,7 @@ def submit_features(args, log=print) -> int:
         return 0
     tasks = [(s, a, b) for s, j in jobs.items() for a, b in sorted(j.work())]
     cwd = os.getcwd()
-    arrays = submit_arrays(args, cfg, tasks, cwd)
+    arrays = submit_arrays(args, cfg, tasks, cwd, {s: str(j.path) for s, j in jobs.items()})
     ids = sorted({submit.array_id(j.job_id) for j in arrays})
     if args.cluster == "local":  # the local executor has no dependencies: wait here
         submit.wait_all(arrays)
@@ -94,7 +112,7 @@ def submit_features(args, log=print) -> int:
     # not done, so it always leaves the queue by itself
     dep = {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}} \
         if ids and args.cluster == "slurm" else {}
-    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd)
+    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, planned(jobs))
     path = submit.write_record(args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd))
     log(f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
         f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}")
@@ -122,15 +140,16 @@ def wait_and_report(arrays: list, fin, log=print) -> int:
     return 1 if problem else 0
 
 
-def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str) -> list:
-    """One map_array per MaxArraySize tasks; returns the jobs in task order."""
+def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str, stores: dict) -> list:
+    """One map_array per MaxArraySize tasks (`stores`: split -> planned store); returns the jobs
+    in task order."""
     if not tasks:
         return []
     ex = submit.executor(args, "ptgrm-features", slurm_array_parallelism=args.max_parallel)
     out = []
     for part in submit.chunks(tasks, submit.max_array_size(args.cluster)):
         out += ex.map_array(run_task, [cfg] * len(part), [s for s, _, _ in part], [a for _, a, _ in part],
-                            [b for _, _, b in part], [cwd] * len(part))
+                            [b for _, _, b in part], [cwd] * len(part), [stores[s] for s, _, _ in part])
     return out
 
 

@@ -44,7 +44,6 @@ from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError
 BLOCK = 8 << 20
 CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
                     "endpoint (--endpoint-url, S3_ENDPOINT_URL or AWS_ENDPOINT_URL)")
-FAULT_ENV = "STORES_TEST_FAIL_AFTER"  # test only: fail after this many files were copied
 
 
 class RemoteError(StoreError):
@@ -136,7 +135,6 @@ class Copier:
         self.src, self.dst, self.present = src, dst, present
         self.copied = self.skipped = self.bytes = 0
         self.lock = threading.Lock()
-        self.fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.stopped = False
 
     def run(self, items: list[tuple[str, int]], jobs: int) -> None:
@@ -187,8 +185,6 @@ class Copier:
         with self.lock:
             self.copied += 1
             self.bytes += size
-            if self.fail_after and self.copied >= self.fail_after:
-                raise RemoteError(f"{FAULT_ENV}: stopping after {self.copied} files (test fault)")
 
 
 def select(manifest: dict, files: dict[str, int], include_incomplete: bool) -> tuple[list, dict, dict]:

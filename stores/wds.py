@@ -5,13 +5,19 @@ Writes `<out>/<store name>-wds/` (default out: the store's folder's parent):
                            base.npy (float16, valid size), osf.<encoder member id>.npy ((4, D)
                            float32, the 4 flips), meta.json (name, index, hw, store, pairs key,
                            members and keys, the degradation's `meta` parsed)
+    shard-000000.json ...  each tar's record and the member keys it was written with (for reuse)
     index.json             shards (samples, first index, names, hw, bytes, sha256), the source's
                            keys and member records, `complete: true`; written last
-Tars are written with webdataset's TarWriter, each to a temporary name and renamed; index.json is removed first and written last,
-so readers never take a half-made export for a finished one. Shards hold contiguous, balanced
-sample ranges; there are at least `min_shards` of them (so nodes x workers can each get whole
-shards) and none above `samples_per_shard` samples or about `shard_mb` MB. Tar entries carry fixed
-owners and times: the same store gives the same bytes. Streamed back by `training/wds_data.py`.
+One writer (WdsWriter) makes the tars from a stream of samples: `export-wds` feeds it a complete
+store's samples read back (`stored_rows`); `make features FORMAT=wds` (`--wds`) feeds it the
+extraction stream as it goes (pipeline/stages.py), one tar per store shard, and then lets
+export_wds add the tars of shards computed earlier and the index. Tars are written with
+webdataset's TarWriter, each to a temporary name and renamed; index.json is removed first and
+written last, so readers never take a half-made export for a finished one. By default shards hold
+contiguous, balanced sample ranges; there are at least `min_shards` of them (so nodes x workers
+can each get whole shards) and none above `samples_per_shard` samples or about `shard_mb` MB. Tar
+entries carry fixed owners and times: the same samples give the same bytes. Streamed back by
+`training/wds_data.py`.
 """
 from __future__ import annotations
 
@@ -80,66 +86,107 @@ def shard_ranges(hw: np.ndarray, d: int, samples_per_shard: int, shard_mb: float
     return [[int(a), int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class Exporter:
-    """Writes the shards of one store's export (see the module doc)."""
+class WdsWriter:
+    """The WebDataset writer of one export folder: a stream of samples in, tar shards out. Fed by
+    extraction as it goes (`make features FORMAT=wds`) and by `export-wds` from a complete store
+    (`stored_rows`): the same writer either way.
 
-    def __init__(self, store: Store, target: str, encoders: list[str], out: Path):
-        self.store, self.target, self.encoders, self.out = store, target, encoders, out
-        m = store.manifest()
-        self.pairs_key, self.task = m["pairs_key"], m.get("task")
-        self.keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
-        self.hw = store.usable_hw([target, *encoders])  # excluded samples: (0, 0), no entries
-        self.names = [str(x) for x in store.array("pairs", "names")[:]]
-        self.arrays = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"),
-                       "meta": store.array("pairs", "meta"), "base": store.array(target, "base"),
-                       **{e: store.array(e, "g") for e in encoders}}
+    A row is one sample's fields: index, name, hw (usable size; (0, 0): excluded, never written),
+    lq, gt (uint8), base (float16), g {osf member: (4, D)}, meta (the degradation's JSON)."""
 
-    def sample_meta(self, i: int, meta: str) -> dict:
+    def __init__(self, out: Path, store: str, pairs_key: str, task, target: str, encoders: list[str], keys: dict):
+        self.out, self.store, self.pairs_key, self.task = Path(out), store, pairs_key, task
+        self.target, self.encoders, self.keys = target, encoders, keys
+
+    def sample_meta(self, row: dict) -> dict:
+        meta = row["meta"]
         try:
             drawn = json.loads(meta) if meta else {}
         except json.JSONDecodeError as e:
-            raise StoreError(f"{self.store.path}: pairs/meta of sample {i} is not JSON: {e}") from None
-        return {"name": self.names[i], "index": i, "hw": [int(v) for v in self.hw[i]],
-                "store": self.store.path.name, "pairs_key": self.pairs_key, "task": self.task,
+            raise StoreError(f"{self.store}: pairs/meta of sample {row['index']} is not JSON: {e}") from None
+        return {"name": row["name"], "index": row["index"], "hw": [int(v) for v in row["hw"]],
+                "store": self.store, "pairs_key": self.pairs_key, "task": self.task,
                 "target": {"member": self.target, "key": self.keys[self.target]},
                 "encoders": [{"member": e, "key": self.keys[e]} for e in self.encoders], "meta": drawn}
 
-    def samples(self, lo: int, hi: int):
-        """The WebDataset samples ({"__key__": "<index:08d>", entry: bytes}) of [lo, hi), in order."""
-        a = {k: v[lo:hi] for k, v in self.arrays.items()}
-        for j, i in enumerate(range(lo, hi)):
-            h, w = (int(v) for v in self.hw[i])
-            if h == 0:  # excluded at extraction: never written, so it can never reach a batch
-                continue
-            meta = json.dumps(self.sample_meta(i, str(a["meta"][j])), sort_keys=True).encode()
-            yield {"__key__": f"{i:08d}", "lq.png": png_bytes(a["lq"][j][:h, :w]),
-                   "gt.png": png_bytes(a["gt"][j][:h, :w]), "base.npy": npy_bytes(a["base"][j][:h, :w]),
-                   **{f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(a[e][j].astype(np.float32)) for e in self.encoders},
-                   "meta.json": meta}
+    def sample(self, row: dict) -> dict | None:
+        """The WebDataset sample ({"__key__": "<index:08d>", entry: bytes}) of a row; None when excluded."""
+        h, w = (int(v) for v in row["hw"])
+        if h == 0:  # excluded at extraction: never written, so it can never reach a batch
+            return None
+        meta = json.dumps(self.sample_meta(row), sort_keys=True).encode()
+        return {"__key__": f"{row['index']:08d}", "lq.png": png_bytes(row["lq"][:h, :w]),
+                "gt.png": png_bytes(row["gt"][:h, :w]), "base.npy": npy_bytes(row["base"][:h, :w]),
+                **{f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32))
+                   for e in self.encoders},
+                "meta.json": meta}
 
-    def write_shard(self, k: int, lo: int, hi: int) -> dict:
-        """Write shard k (samples [lo, hi)) with webdataset's TarWriter to a temporary name, then
-        rename it into place (fixed owner, mode and time: the same store gives the same bytes)."""
+    def write_shard(self, k: int, lo: int, hi: int, rows) -> dict:
+        """Write shard k (the rows of samples [lo, hi), in order) with webdataset's TarWriter to a
+        temporary name, then rename it into place (fixed owner, mode and time: the same samples
+        give the same bytes); its record goes beside it (`shard-<k>.json`, for reuse)."""
         from webdataset.writer import TarWriter  # imports torch: only when exporting
 
-        name = f"shard-{k:06d}.tar"
+        name, names, hw = f"shard-{k:06d}.tar", [], []
         with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f, \
                 TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar:
-            for sample in self.samples(lo, hi):
-                tar.write(sample)
-        return {"name": name, "first": lo, "samples": hi - lo, "names": self.names[lo:hi],
-                "hw": self.hw[lo:hi].tolist(), "bytes": (self.out / name).stat().st_size,
-                "sha256": sha256_file(self.out / name)}
+            for row in rows:
+                names.append(row["name"])
+                hw.append([int(v) for v in row["hw"]])
+                if (sample := self.sample(row)) is not None:
+                    tar.write(sample)
+        rec = {"name": name, "first": lo, "samples": hi - lo, "names": names, "hw": hw,
+               "bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
+        write_json_atomic(self.out / f"shard-{k:06d}.json", {"keys": self.keys, "record": rec})
+        return rec
 
-    def index(self, shards: list[dict], settings: dict) -> dict:
-        m = self.store.manifest()
-        source = {k: m.get(k) for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space",
-                                          "schema")}
-        members = {k: dict(m["members"][k]) for k in self.keys}
-        return {"format": FORMAT, "version": VERSION, "store": self.store.path.name, "source": source,
-                "target": self.target, "encoders": self.encoders, "keys": self.keys, "members": members,
-                "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": True}
+    def reuse(self, k: int, lo: int, hi: int) -> dict | None:
+        """The record of shard k when a finished tar of these samples and member keys is there
+        (written as extraction went, or by an interrupted export), else None."""
+        try:
+            side = json.loads((self.out / f"shard-{k:06d}.json").read_text())
+            rec = side["record"]
+            ok = side["keys"] == self.keys and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
+                (self.out / rec["name"]).stat().st_size == rec["bytes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return rec if ok else None
+
+
+def export_members(store: Store, target: str | None, encoders: list | None) -> tuple[str, list[str]]:
+    """(target member, osf members) an export holds: the named ones, or the only target and every osf."""
+    tgt = pick(store, "targets", target)
+    encs = [pick(store, "osf", e) for e in encoders] if encoders else store.members("osf")
+    if not encs:
+        raise StoreError(f"{store.path}: no complete osf member to export")
+    return tgt, encs
+
+
+def writer_of(store: Store, target: str, encoders: list[str], folder: Path) -> WdsWriter:
+    m = store.manifest()
+    keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
+    return WdsWriter(folder, store.path.name, m["pairs_key"], m.get("task"), target, encoders, keys)
+
+
+def stored_rows(store: Store, target: str, encoders: list[str], hw: np.ndarray, lo: int, hi: int):
+    """The rows (WdsWriter) of samples [lo, hi) read back from a complete store; `hw`: usable sizes."""
+    names = store.array("pairs", "names")[lo:hi]
+    a = {"lq": store.array("pairs", "lq")[lo:hi], "gt": store.array("pairs", "gt")[lo:hi],
+         "meta": store.array("pairs", "meta")[lo:hi], "base": store.array(target, "base")[lo:hi],
+         **{e: store.array(e, "g")[lo:hi] for e in encoders}}
+    for j, i in enumerate(range(lo, hi)):
+        yield {"index": i, "name": str(names[j]), "hw": hw[i], "lq": a["lq"][j], "gt": a["gt"][j],
+               "base": a["base"][j], "g": {e: a[e][j] for e in encoders}, "meta": str(a["meta"][j])}
+
+
+def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
+    m = store.manifest()
+    source = {k: m.get(k) for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space", "schema")}
+    members = {k: dict(m["members"][k]) for k in writer.keys}
+    return {"format": FORMAT, "version": VERSION, "store": store.path.name, "source": source,
+            "target": writer.target, "encoders": writer.encoders, "keys": writer.keys, "members": members,
+            "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": True}
 
 
 def up_to_date(folder: Path, index: dict, settings: dict) -> bool:
@@ -151,32 +198,39 @@ def up_to_date(folder: Path, index: dict, settings: dict) -> bool:
 
 def export_wds(store_path, out=None, target: str | None = None, encoders: list | None = None,
                samples_per_shard: int = 1000, shard_mb: float = 256, min_shards: int = 8,
-               jobs: int = 4, log=print) -> Path:
-    """Export the store at `store_path` (see the module doc); returns the export folder."""
+               jobs: int = 4, log=print, ranges: list | None = None) -> Path:
+    """Export the store at `store_path` (see the module doc); returns the export folder. `ranges`
+    (default: balanced, see shard_ranges) are the shards' sample ranges; a shard already written
+    with these samples and keys (by extraction, or an interrupted export) is kept, not rewritten."""
     store = Store(store_path)
-    tgt = pick(store, "targets", target)
-    encs = [pick(store, "osf", e) for e in encoders] if encoders else store.members("osf")
-    if not encs:
-        raise StoreError(f"{store.path}: no complete osf member to export")
+    tgt, encs = export_members(store, target, encoders)
     folder = Path(out or store.path.parent) / f"{store.path.name}-wds"
-    ex = Exporter(store, tgt, encs, folder)
-    d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
-    ranges = shard_ranges(ex.hw, d, samples_per_shard, shard_mb, min_shards)
-    settings = {"ranges": ranges, "keys": ex.keys}
+    writer = writer_of(store, tgt, encs, folder)
+    hw = store.usable_hw([tgt, *encs])  # excluded samples: (0, 0), no entries
+    if ranges is None:
+        d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
+        ranges = shard_ranges(hw, d, samples_per_shard, shard_mb, min_shards)
+        if len(ranges) < min_shards:
+            log(f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
+                f"fewer than --min-shards {min_shards}")
+    ranges = [[int(a), int(b)] for a, b in ranges]
+    settings = {"ranges": ranges, "keys": writer.keys}
     old = folder / INDEX
     if old.is_file() and up_to_date(folder, json.loads(old.read_text()), settings):
         log(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)  # readers see no finished export while shards change
-    if len(ranges) < min_shards:
-        log(f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
-            f"fewer than --min-shards {min_shards}")
+
+    def one(k: int, lo: int, hi: int) -> dict:
+        return writer.reuse(k, lo, hi) or writer.write_shard(k, lo, hi, stored_rows(store, tgt, encs, hw, lo, hi))
+
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        shards = list(pool.map(lambda kr: ex.write_shard(kr[0], *kr[1]), enumerate(ranges)))
-    for stale in set(folder.glob("shard-*.tar")) - {folder / s["name"] for s in shards}:
+        shards = list(pool.map(lambda kr: one(kr[0], *kr[1]), enumerate(ranges)))
+    keep = {s["name"] for s in shards} | {s["name"].replace(".tar", ".json") for s in shards}
+    for stale in (p for p in folder.glob("shard-*") if p.name not in keep):
         stale.unlink()
-    write_json_atomic(old, ex.index(shards, settings))
-    log(f"{folder}: {len(shards)} shards, {len(ex.hw)} samples, "
+    write_json_atomic(old, export_index(store, writer, shards, settings))
+    log(f"{folder}: {len(shards)} shards, {len(hw)} samples, "
         f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB; target {tgt}, osf {', '.join(encs)}")
     return folder

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from pipeline.extract import FeaturesConfig, build_features, load_range
+from pipeline import stages
+from pipeline.extract import FeaturesConfig, build_features
 from pipeline.layouts import LAYOUTS, LayoutError, MatBlock, detect, list_pairs
 from pipeline.sources import SourceError, open_source
 from stores import Store
@@ -291,9 +292,10 @@ def test_truncated_sidd_mat_excludes_its_blocks_with_its_name(tmp_path):
     src = open_source(str(tmp_path), "test")  # listed from the header
     with pytest.raises(SourceError, match=f"cannot read MATLAB file {path}"):
         src.samples[0].load()
-    out = load_range(src, list(range(6)), 0, 6, None, 0)
-    assert [e["name"] for e in out["excluded"]] == [s.name for s in src.samples]
-    assert all(str(path) in e["reason"] for e in out["excluded"]) and not out["hw"].any()
+    (shard,) = stages.degrade(stages.read([stages.Shard((0, 6), 0, 6)], lambda i: (i, src.samples[i])), None, 0)
+    excluded = shard.stats["excluded"]["pairs"]
+    assert [e["name"] for e in excluded] == [s.name for s in src.samples]
+    assert all(str(path) in e["reason"] for e in excluded) and not shard.data["hw"].any()
 
 
 def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):

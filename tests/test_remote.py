@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faults import cut_copies_after
 from services import SeaweedS3
 from stores import ArraySpec, Store, StoreError
-from stores.remote import FAULT_ENV, storage_options
+from stores.__main__ import main as stores_main
+from stores.remote import storage_options
 from toys import make_store, same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +89,18 @@ def test_push_then_pull_through_s3_gives_identical_verified_store(s3, store, tmp
         assert secret not in push.stdout + push.stderr + pull.stdout + pull.stderr
 
 
-def test_interrupted_push_publishes_no_store_and_rerun_skips_copied_files(s3, store, tmp_path):
+def test_interrupted_push_publishes_no_store_and_rerun_skips_copied_files(s3, store, tmp_path, monkeypatch,
+                                                                        capsys):
     env = s3.env()
     url = f"s3://{BUCKET}/cut"
-    cut = stores_cli("push", store, url, env={**env, FAULT_ENV: "5"}, check=False)
-    assert cut.returncode == 2 and "test fault" in cut.stderr
+    with monkeypatch.context() as m:  # the copy fails in this process after 5 files
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            m.delenv(k)
+        for k, v in env.items():
+            m.setenv(k, v)
+        cut_copies_after(m, 5)
+        assert stores_main(["push", str(store), url]) == 2
+    assert "test fault" in capsys.readouterr().err
     fs = s3.filesystem()
     remote = f"{BUCKET}/cut/{store.name}"
     assert len(fs.find(remote)) >= 5 and not fs.exists(f"{remote}/manifest.json")
@@ -104,13 +113,13 @@ def test_interrupted_push_publishes_no_store_and_rerun_skips_copied_files(s3, st
     assert fs.exists(f"{remote}/manifest.json")
 
 
-def test_interrupted_local_pull_leaves_no_store_and_resumes(store, tmp_path):
+def test_interrupted_local_pull_leaves_no_store_and_resumes(store, tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     stores_cli("push", store, shared)  # local to local
     dst = tmp_path / "mine"
-    cut = stores_cli("pull", shared / store.name, dst, "--jobs", 1, env={**os.environ, FAULT_ENV: "4"},
-                     check=False)
-    assert cut.returncode == 2
+    with monkeypatch.context() as m:
+        cut_copies_after(m, 4)
+        assert stores_main(["pull", str(shared / store.name), str(dst), "--jobs", "1"]) == 2
     with pytest.raises(StoreError, match="not a feature store"):
         Store(dst / store.name)
     assert not (dst / store.name).exists() and len(list(dst.glob(f".partial-{store.name}-*"))) == 1

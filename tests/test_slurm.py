@@ -13,10 +13,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import faults
 from stores import Store
 from toys import make_task_stores, same
 
@@ -52,8 +55,10 @@ def cluster():
 
 
 def run(cwd, *args, env=None, timeout=240):
+    """`python *args` in `cwd`, importing this checkout (and what `env` adds, e.g. faults.env())."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, "PYTHONPATH": path, **(env or {})})
     return out.returncode, out.stdout + out.stderr
 
 
@@ -114,8 +119,55 @@ def test_local_executor_builds_the_same_store_without_slurm(tmp_path, tiny_clip,
     verify(the_store(tmp_path / "st"))
 
 
+def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_folder(tmp_path, tiny_clip,
+                                                                                   monkeypatch):
+    """Files of other ranges deleted from the dataset folder, and the descriptor files of other
+    ranges too: the task of [2, 4) and the finalize job still do their work."""
+    from PIL import Image
+
+    import pipeline.extract
+    import pipeline.layouts
+    import pipeline.sources
+    from pipeline import descriptors
+    from pipeline.extract import FeaturesConfig, build_features
+    from slurm import features as sf
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "photos"
+    (data / "test").mkdir(parents=True)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "test" / f"im{k}.png")
+    cfg = FeaturesConfig(task="deblur", data=str(data), encoder=f"openclip:{tiny_clip}", splits=("test",),
+                         store_root=str(tmp_path / "st"), shard_len=2)
+    (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
+    jobs = sf.plan(cfg)
+    planned = sf.planned(jobs)
+    store = planned["test"]["path"]
+    assert sorted(jobs["test"].work()) == [(0, 2), (2, 4), (4, 6)]
+    for a, b in ((0, 2), (4, 6)):
+        assert sf.run_task(cfg, "test", a, b, str(tmp_path), store)["descriptor_files"] == [a // 2]
+
+    names = [s.name for s in jobs["test"].source.samples]
+    for k in (0, 1, 4, 5):  # other ranges' sources and descriptors are gone
+        (data / names[k]).unlink()
+    for k in (0, 2):
+        (descriptors.folder(store) / descriptors.chunk_name(k)).unlink()
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("an array task or the finalize job listed the dataset folder")
+    for module, name in ((pipeline.layouts, "list_pairs"), (pipeline.sources, "list_pairs"),
+                         (pipeline.sources, "open_source"), (pipeline.extract, "open_source")):
+        monkeypatch.setattr(module, name, no_listing)
+    assert sf.run_task(cfg, "test", 2, 4, str(tmp_path), store)["descriptor_files"] == [1]
+    sf.finalize(cfg, str(tmp_path), planned)
+    assert Store(store).status("pairs") == "complete" and Path(store).name == reference.name
+    assert_same_arrays(Path(store), reference)
+
+
 def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_path, tiny_clip, reference):
-    rc, out = features(tmp_path, tiny_clip, "--wait", env={"PTGRM_SLURM_FAIL_RANGE": "test:11"})
+    rc, out = features(tmp_path, tiny_clip, "--wait", env=faults.env(PTGRM_TEST_FAIL_TASK="test:11"))
     assert rc == 1 and "failed" in out, out[-3000:]
     (first,) = records(tmp_path)
     assert [t["range"] for t in first["tasks"]] == [[0, 11], [11, 22], [22, 33]]  # the demo's 33 test tiles
@@ -140,7 +192,7 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
 
 
 def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster, tmp_path, tiny_clip):
-    rc, out = features(tmp_path, tiny_clip, env={"PTGRM_SLURM_FAIL_RANGE": "test:0"})  # no --wait
+    rc, out = features(tmp_path, tiny_clip, env=faults.env(PTGRM_TEST_FAIL_TASK="test:0"))  # no --wait
     assert rc == 0, out[-3000:]
     fin = records(tmp_path)[-1]["finalize"]["job"]
     deadline = time.time() + 300

@@ -1,0 +1,264 @@
+"""Extraction as named stages over a stream of shards: read -> degrade -> target -> encode -> write.
+
+Each stage is a generator function `stage(shards, ...) -> shards` (webdataset and img2dataset
+compose theirs the same way), so one can be swapped (`read_stored` for `read` + `degrade` when the
+pairs are already stored) or tested alone on a list of `Shard`s. `pipeline/extract.py` composes
+them per split:
+
+    units -> read -> degrade -> prefetch -> held -> target -> encode(s) [-> stored] -> progress -> write
+
+`prefetch` runs everything before it in one background thread (the next shard is read and
+degraded while the networks work on this one) and `write` writes in another, one shard in flight:
+at most three shards are in memory at once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .degrade import sample_rng
+from .sources import SourceError
+
+PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
+
+
+@dataclass
+class Shard:
+    """One store shard [lo, hi) of the task range `range` on its way through the stages."""
+    range: tuple  # (start, stop) of the task it belongs to
+    lo: int
+    hi: int
+    last: bool = True  # the range's last shard: its done markers follow it
+    jobs: list = field(default_factory=list)  # [(member, task number)] still missing this range
+    samples: list = field(default_factory=list)  # read: one dict per sample (see `read`)
+    data: dict = field(default_factory=dict)  # degraded: lq, gt, hw, names, meta, source_index, index
+    outputs: dict = field(default_factory=dict)  # member path -> {array name: values}
+    stats: dict = field(default_factory=dict)  # seconds per stage, samples, notes, excluded per member
+
+    def wants(self, member: str) -> bool:
+        return any(m.path == member for m, _ in self.jobs)
+
+    def excluded(self, member: str) -> list:
+        return self.stats.setdefault("excluded", {}).setdefault(member, [])
+
+
+def _timed(shard: Shard, name: str, t0: float) -> None:
+    shard.stats[name] = shard.stats.get(name, 0) + time.perf_counter() - t0
+
+
+# -- read ------------------------------------------------------------------------------------------
+def read(shards: Iterable[Shard], sample_at: Callable[[int], tuple]) -> Iterator[Shard]:
+    """Decode each sample of each shard. `sample_at(i)` gives sample i's (source index, Sample)
+    (pipeline.sources); a sample that cannot be read carries its error instead of pixels."""
+    for s in shards:
+        t0 = time.perf_counter()
+        s.samples = []
+        for i in range(s.lo, s.hi):
+            src, sample = sample_at(i)
+            rec = {"index": i, "source_index": int(src), "name": sample.name, "hw": tuple(sample.hw)}
+            try:
+                rec["gt"], rec["lq"], rec["notes"] = sample.load()
+            except SourceError as e:
+                rec["error"] = str(e)
+            s.samples.append(rec)
+        _timed(s, "seconds_load", t0)
+        yield s
+
+
+# -- degrade ---------------------------------------------------------------------------------------
+def degrade(shards: Iterable[Shard], degradation, seed: int) -> Iterator[Shard]:
+    """Make lq where the data has none (`degradation`: (function, params), seeded per sample by
+    (seed, source index)), check each pair, and pack the shard's `data`. A sample that cannot be
+    used (unreadable, truncated, lq/gt sizes differ) is excluded: its slot stays empty with size
+    (0, 0) and the reason goes to the excluded records; conversions go to the notes."""
+    for s in shards:
+        t0 = time.perf_counter()
+        n = len(s.samples)
+        data = {"lq": [None] * n, "gt": [None] * n, "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [],
+                "source_index": np.array([r["source_index"] for r in s.samples], np.int64),
+                "index": np.arange(s.lo, s.hi)}
+        notes, excluded = [], s.excluded("pairs")
+        for j, rec in enumerate(s.samples):
+            data["names"].append(rec["name"])
+            try:
+                gt, lq, drawn = _pair(rec, degradation, seed)
+            except SourceError as e:
+                excluded.append({"index": rec["index"], "name": rec["name"], "reason": str(e)})
+                data["meta"].append(json.dumps({"excluded": str(e)}))
+                continue
+            data["lq"][j], data["gt"][j], data["hw"][j] = lq, gt, gt.shape[:2]
+            data["meta"].append(json.dumps(drawn))
+            notes += [{"index": rec["index"], "name": rec["name"], "note": x} for x in rec["notes"]]
+        s.data, s.samples = data, []  # the decoded samples are in data now
+        s.stats["notes"] = s.stats.get("notes", []) + notes
+        s.stats["samples"] = n
+        _timed(s, "seconds_load", t0)
+        yield s
+
+
+def _pair(rec: dict, degradation, seed: int):
+    """(gt, lq, what the degradation drew) of one read sample; SourceError when unusable."""
+    if "error" in rec:
+        raise SourceError(rec["error"])
+    gt, lq, drawn = rec["gt"], rec["lq"], {}
+    if lq is None:
+        fn, params = degradation
+        x = gt.astype(np.float32)
+        x /= 255  # in place: one float32 copy of a large image, not two
+        lq_f, drawn = fn(x, sample_rng(seed, rec["source_index"]), **params)
+        del x
+        lq = np.round(lq_f * 255).astype(np.uint8)
+    if lq.shape != gt.shape:
+        raise SourceError(f"sample {rec['name']}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size")
+    if gt.shape[:2] != tuple(rec["hw"]):
+        raise SourceError(f"sample {rec['name']}: decoded size {gt.shape[:2]} differs from its header {rec['hw']}")
+    return gt, lq, drawn
+
+
+def read_stored(shards: Iterable[Shard], store) -> Iterator[Shard]:
+    """read + degrade swapped for a store whose pairs member is complete: `data` read back."""
+    for s in shards:
+        t0 = time.perf_counter()
+        s.data = {k: store.array("pairs", k)[s.lo:s.hi] for k in PAIRS_ARRAYS}
+        for k in ("lq", "gt"):  # canvases -> valid size
+            s.data[k] = [x[:h, :w] if h else None for x, (h, w) in zip(s.data[k], s.data["hw"])]
+        s.data["index"] = np.arange(s.lo, s.hi)
+        s.stats.setdefault("notes", [])
+        s.stats["samples"] = s.hi - s.lo
+        s.excluded("pairs")
+        _timed(s, "seconds_load", t0)
+        yield s
+
+
+# -- flow ------------------------------------------------------------------------------------------
+def prefetch(shards: Iterable[Shard]) -> Iterator[Shard]:
+    """Run the stages before this one in a background thread, one shard ahead."""
+    it = iter(shards)
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(next, it, None)
+        while (s := nxt.result()) is not None:
+            nxt = pool.submit(next, it, None)
+            yield s
+
+
+def held(shards: Iterable[Shard], leases) -> Iterator[Shard]:
+    """Drop the shards of ranges whose lease was lost while they were read: the new holder computes them."""
+    return (s for s in shards if leases.holds(s.range))
+
+
+def progress(shards: Iterable[Shard], bar) -> Iterator[Shard]:
+    for s in shards:
+        if bar is not None:
+            bar.update(s.hi - s.lo)
+        yield s
+
+
+# -- the frozen networks -----------------------------------------------------------------------------
+def target(shards: Iterable[Shard], member: str, net) -> Iterator[Shard]:
+    """`base` (float16, valid size) of member `member` for the shards that need it; a non-finite or
+    misshapen output excludes that sample."""
+    for s in shards:
+        if s.wants(member):
+            t0 = time.perf_counter()
+            s.outputs[member] = {"base": run_target(net, s.data, s.excluded(member))}
+            _timed(s, "seconds_targets", t0)
+        yield s
+
+
+def encode(shards: Iterable[Shard], member: str, encoder, batch: int) -> Iterator[Shard]:
+    """`g` ((n, 4 flips, D) float32) of member `member` for the shards that need it."""
+    for s in shards:
+        if s.wants(member):
+            t0 = time.perf_counter()
+            s.excluded(member)
+            s.outputs[member] = {"g": run_encoder(encoder, s.data, batch)}
+            _timed(s, "seconds_osf", t0)
+        yield s
+
+
+def run_target(net, data: dict, excluded: list) -> list:
+    """base (float16, valid size) for every usable sample, None for the others."""
+    base = [None] * len(data["hw"])
+    for j, (h, w) in enumerate(data["hw"]):
+        if h == 0:  # excluded when loading
+            continue
+        lq = data["lq"][j].astype(np.float32)
+        lq /= 255  # in place: one float32 copy of a large image, not two
+        out = net(lq, json.loads(str(data["meta"][j])))
+        if out.shape != lq.shape or not np.isfinite(out).all():
+            problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
+                       f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)")
+            excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
+                             "reason": f"target {net.id} gave a bad output: {problem}"})
+            continue
+        base[j] = out.astype(np.float16)
+    return base
+
+
+def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
+    usable = [j for j, (h, w) in enumerate(data["hw"]) if h > 0]
+    g = np.zeros((len(data["hw"]), 4, encoder.dim), np.float32)
+    views = [data["lq"][j] for j in usable]
+    for k in range(0, len(views), batch):
+        g[usable[k:k + batch]] = encoder(views[k:k + batch])
+    return g
+
+
+def stored(shards: Iterable[Shard], store, members: list[str]) -> Iterator[Shard]:
+    """Add the outputs (and recorded exclusions) of the members a shard does not compute (written
+    before, by this or another writer: their done markers exist), read back, so that a second
+    writer (the WebDataset one) sees every member of every shard."""
+    excluded = {m: store.records(m)["excluded"] if store.status(m) == "complete" else
+                store.task_records(m, "excluded") for m in members}
+    for s in shards:
+        for m in members:
+            if m not in s.outputs:
+                arrays = store.member_info(m)["arrays"]
+                s.outputs[m] = {k: store._samples(m, k)[s.lo:s.hi] for k in arrays}
+                s.excluded(m).extend(e for e in excluded[m] if s.lo <= e.get("index", -1) < s.hi)
+        yield s
+
+
+def usable_hw(s: Shard) -> np.ndarray:
+    """The shard's valid sizes, (0, 0) for every sample any member excluded."""
+    hw = np.array(s.data["hw"], np.int32).copy()
+    for records in s.stats.get("excluded", {}).values():
+        for e in records:
+            if s.lo <= e.get("index", -1) < s.hi:
+                hw[e["index"] - s.lo] = 0
+    return hw
+
+
+# -- write -----------------------------------------------------------------------------------------
+def pairs_outputs(s: Shard) -> dict:
+    return {k: s.data[k] for k in PAIRS_ARRAYS}
+
+
+def write(shards: Iterable[Shard], *writers: Callable[[Shard], None]) -> int:
+    """Consume the stream: each of `writers` (the store's, and optionally a second one such as
+    the WebDataset writer) gets every shard, in a background thread, at most one shard in flight
+    (bounded memory); returns the number of samples written."""
+    done = 0
+
+    def write_all(s: Shard) -> None:
+        for w in writers:
+            w(s)
+
+    with ThreadPoolExecutor(1) as writer:
+        pending: deque = deque()
+        for s in shards:
+            if any(m.path == "pairs" for m, _ in s.jobs):
+                s.outputs["pairs"] = pairs_outputs(s)
+            pending.append(writer.submit(write_all, s))
+            done += s.hi - s.lo
+            while len(pending) > 1:
+                pending.popleft().result()
+        for p in pending:
+            p.result()
+    return done
