@@ -23,6 +23,7 @@ OUT ?=
 OSF ?=
 FORMAT ?=
 TARGET_WEIGHTS ?=
+TARGET_BUDGET_MB ?=
 SD_WEIGHTS ?=
 ALLOW_RANDOM_WEIGHTS ?=
 SPLITS ?=
@@ -35,6 +36,7 @@ COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STOR
 	$(call flag,--target,$(TARGET))
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
 	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
+	$(call flag,--target-budget-mb,$(TARGET_BUDGET_MB)) \
 	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
 	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights) $(if $(filter wds,$(FORMAT)),--wds)
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) \
@@ -43,7 +45,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 .PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test install clean-runs help
 
 help:
-	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [ALLOW_RANDOM_WEIGHTS=1]"
+	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1]"
 	@echo "make eval     TASK=deblur RUN=deblur"
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"

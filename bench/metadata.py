@@ -55,6 +55,23 @@ def simulate(root: Path, n: int) -> dict:
     t_check, done = clock(lambda: Store(path).done_tasks("pairs"))
     assert len(done) == len(plan)
     t_array_task, _ = clock(lambda: Store(path).plan("pairs")[len(plan) // 2])  # manifest once, its range
+    # per-sample source descriptors: written once by the planner; an array task reads its range's file(s)
+    from types import SimpleNamespace
+
+    from pipeline.descriptors import Descriptors, folder, write_descriptors
+
+    samples = [SimpleNamespace(name=f"train/gt/{i:07d}.png", hw=hw, ref={"gt": {"file": f"train/gt/{i:07d}.png"},
+                                                                            "lq": {"file": f"train/lq/{i:07d}.png"}})
+               for i, hw in enumerate(hws)]
+    t_desc, _ = clock(lambda: write_descriptors(path, SimpleNamespace(samples=samples, paired=True), order))
+    del samples
+    a, b = plan[len(plan) // 2]
+
+    def task_reads():
+        d = Descriptors(path, Path("/data"))
+        return [d.sample_at(i) for i in range(a, b)], d.read_files
+    t_task_desc, (_, read_files) = clock(task_reads)
+    desc_bytes = sum(f.stat().st_size for f in folder(path).iterdir())
     store._update_member("pairs", status="complete", bytes=0)
     t_info, _ = clock(lambda: subprocess.run([sys.executable, "-m", "stores", "info", str(path), "--json"], cwd=ROOT,
                                              check=True, capture_output=True))
@@ -64,7 +81,9 @@ def simulate(root: Path, n: int) -> dict:
     return {"n": n, "buckets": len(layout.buckets), "tasks": len(plan), "manifest_bytes": (path / "manifest.json").stat().st_size,
             "metadata_files": files, "layout_s": t_layout, "create_s": t_create, "begin_member_s": t_begin,
             "done_markers_write_s": t_markers, "completeness_check_s": t_check, "array_task_plan_s": t_array_task,
-            "stores_info_s": t_info, "stores_ls_s": t_ls,
+            "stores_info_s": t_info, "stores_ls_s": t_ls, "descriptors_write_s": t_desc,
+            "descriptor_files": len(list(folder(path).iterdir())), "descriptor_bytes": desc_bytes,
+            "array_task_descriptors_s": t_task_desc, "array_task_descriptor_files_read": len(read_files),
             "chunk_files_when_written": len(layout.shards()) * len(arrays)}  # one shard/chunk file per array
 
 

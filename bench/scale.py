@@ -11,6 +11,8 @@ tests' SeaweedFS server, when its binary is here). Extraction uses the `identity
 ViT-B/32 (the frozen networks are not what is measured). Then CPU sharing: one demo-sized training
 alone, then two at once (steps/s), with sleeping OpenMP waits (the default) and, for comparison,
 with spinning ones (OMP_WAIT_POLICY=ACTIVE).
+Then peak RSS of a mixed split: 40 crops of 256 px plus one 12 MP portrait, `make features` of three
+tasks with their default targets, beside the frozen networks built alone.
 Each measurement runs in its own process; peak RSS is that process's (os.wait4).
 """
 from __future__ import annotations
@@ -132,6 +134,46 @@ def start_s3(tmp: Path):
     return server
 
 
+NETWORKS_ONLY = """
+import resource, sys
+from pipeline.extract import FeaturesConfig, build_models
+build_models(FeaturesConfig(task=sys.argv[1], data="demo"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+"""
+
+
+def write_mixed(folder: Path, crops: int = 40, portrait=(4000, 3000)) -> None:
+    """`crops` clean 256x256 crops plus one 12 MP portrait photo (generic layout, train/gt only: the
+    task degrades them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (folder / "train" / "gt").mkdir(parents=True, exist_ok=True)
+    for i in range(crops):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), np.uint8)).save(folder / "train" / "gt" / f"c{i:03d}.png")
+    h, w = portrait
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = 127 + 60 * np.sin(x / 17)[..., None] * np.cos(y / 23)[..., None] + rng.normal(0, 6, (h, w, 3))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / "train" / "gt" / "portrait.png")
+
+
+def bench_mixed(tmp: Path, tasks=("lowlight", "deblur", "denoise")) -> list:
+    """Peak RSS of `make features` (each task's default target, CLIP ViT-B/32) on small crops plus one
+    12 MP portrait, and of building the frozen networks alone."""
+    data = tmp / "mixed"
+    write_mixed(data)
+    rows = []
+    for task in tasks:
+        stores = tmp / f"stores-mixed-{task}"
+        wall, rss, _ = timed([sys.executable, "-m", "pipeline", "features", "--task", task, "--data", f"generic:{data}",
+                              "--allow-random-weights", "--splits", "train", "--store-root", str(stores)])
+        _, nets, out = timed([sys.executable, "-c", NETWORKS_ONLY, task])
+        rows.append({"task": task, "extract_s": wall, "peak_rss_gb": rss, "networks_rss_gb": float(out.split()[-1])})
+        shutil.rmtree(stores)
+    shutil.rmtree(data)
+    return rows
+
+
 def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None) -> dict:
     data = tmp / f"{name}-{n}"
     png = write_set(data, sizes, n)
@@ -192,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--share-steps", type=int, default=150, help="training steps of the CPU-sharing runs (0: skip)")
     p.add_argument("--store-root", default="data/stores", help="where the demo stores are (make features TASK=deblur)")
+    p.add_argument("--no-mixed", dest="mixed", action="store_false",
+                   help="skip the peak-RSS rows of small crops plus one 12 MP portrait")
     p.add_argument("--table", action="store_true", help="only print the README table of --out")
     args = p.parse_args(argv)
     if args.table:
@@ -204,6 +248,9 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
+        if args.mixed:
+            result["mixed"] = bench_mixed(Path(d))
+            save()
         s3 = start_s3(Path(d))
         try:
             for name in filter(None, args.sets.split(",")):
@@ -240,6 +287,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['set']} | {r['n']} | {r['extract_s']:.1f} | {r['images_per_s']:.2f} | {r['peak_rss_gb']:.2f} "
                      f"| {r['store_over_png']:.2f} | {r['noop_rerun_s']:.1f} | {r['verify_s']:.1f} "
                      f"| {r['zarr_loader_samples_per_s']:.0f} | {wds_cell(r, 'local')} | {wds_cell(r, 's3')} |")
+    if result.get("mixed"):
+        lines += ["", "| mixed split: 40 crops of 256 px + one 12 MP portrait | extract s | peak RSS GB "
+                      "| frozen networks alone GB | over the networks GB |", "|---|---|---|---|---|"]
+        for r in result["mixed"]:
+            lines.append(f"| `make features TASK={r['task']}` | {r['extract_s']:.1f} | {r['peak_rss_gb']:.2f} "
+                         f"| {r['networks_rss_gb']:.2f} | {r['peak_rss_gb'] - r['networks_rss_gb']:.2f} |")
     s = result.get("sharing")
     if s:
         lines += ["", "| CPU sharing (demo training) | alone steps/s | two at once, steps/s each | together / alone |",

@@ -181,14 +181,24 @@ def _ref(root: Path, p) -> dict:
     return {"file": str(p.relative_to(root))}
 
 
+def _inside(root: Path, rel) -> Path:
+    """root / rel for a descriptor's relative path; one that is absolute or climbs out of the
+    dataset folder (`..`) is refused: a store never makes a task read files outside its data."""
+    rel = Path(str(rel))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise SourceError(f"sample descriptor path {str(rel)!r} is not inside the dataset folder {root}; "
+                          f"the store's _sources/samples was altered")
+    return root / rel
+
+
 def _unref(root: Path, ref: dict | None, hw: tuple):
     if ref is None:
         return None
     if "mat" in ref:
-        return MatBlock(root / ref["mat"], ref["variable"], ref["block"], tuple(hw))
+        return MatBlock(_inside(root, ref["mat"]), ref["variable"], ref["block"], tuple(hw))
     if "frame" in ref:
-        return ProtocolFrame(root / ref["frame"], tuple(ref["size"]), ref["reverse"])
-    return root / ref["file"]
+        return ProtocolFrame(_inside(root, ref["frame"]), tuple(ref["size"]), ref["reverse"])
+    return _inside(root, ref["file"])
 
 
 def sample_of(root: Path | None, name: str, hw, ref: dict) -> Sample:

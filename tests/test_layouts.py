@@ -344,3 +344,12 @@ def test_sid_frames_follow_the_authors_protocol(tmp_path):
     other = open_source(str(tmp_path), "train")
     assert [s.name for s in other.samples] == ["long_sid2/00001/00001_00_10s.npy"]
     assert other.fingerprint["sha256"] != source.fingerprint["sha256"]
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "train/../../x.png"])
+def test_a_descriptor_that_leaves_the_dataset_folder_is_refused(tmp_path, bad):
+    from pipeline.sources import SourceError, sample_of
+
+    with pytest.raises(SourceError, match="not inside the dataset folder"):
+        sample_of(tmp_path, "x", (4, 4), {"gt": {"file": bad}, "lq": None})
+    assert sample_of(tmp_path, "x", (4, 4), {"gt": {"file": "train/gt/a.png"}, "lq": None}).name == "x"
