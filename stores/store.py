@@ -527,5 +527,6 @@ class Store:
 
 
 def utc_now() -> str:
-    """The time stamp of every record a store writes (manifest, done markers, exports): UTC, ISO 8601."""
+    """The time stamp of every record a store writes (manifest, done markers, exports): UTC,
+    ISO 8601."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

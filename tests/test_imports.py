@@ -68,19 +68,18 @@ def project_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
 
 
 def test_each_folder_imports_only_what_its_rules_allow():
-    bad = []
+    bad = {}  # (file, line) -> what is wrong: one line per import statement
     for name, path in modules(MAY_IMPORT).items():
         folder = name.split(".")[0]
         for target, line, top in imports(name, path):
-            head = target.split(".")[0]
+            head, where = target.split(".")[0], f"{path.relative_to(ROOT)}:{line} imports {target}"
             if head in MAY_IMPORT and head not in MAY_IMPORT[folder]:
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({folder} may import "
-                           f"{', '.join(sorted(MAY_IMPORT[folder]))})")
+                bad.setdefault((path, line), f"{where} ({folder} may import {', '.join(sorted(MAY_IMPORT[folder]))})")
             if head in NEVER.get(folder, ()):
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (a frozen network's library)")
+                bad.setdefault((path, line), f"{where} (a frozen network's library)")
             if folder == "stores" and head == "torch" and top:
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports torch at module level (stores is torch-free)")
-    assert not bad, "\n".join(bad)
+                bad.setdefault((path, line), f"{where} at module level (stores is torch-free)")
+    assert not bad, "\n".join(bad.values())
 
 
 def test_the_rules_see_the_imports_they_judge():
@@ -133,7 +132,7 @@ def test_pyproject_declares_every_third_party_import():
             head = target.split(".")[0]
             if head in own or head in sys.stdlib_module_names:
                 continue
-            providers = {normalise(d) for d in dists.get(head, [])} or ({normalise(head)} if head in OPTIONAL else set())
+            providers = {normalise(d) for d in dists.get(head, [])} or {normalise(h) for h in {head} & OPTIONAL}
             if not providers & deps:
                 missing.append(f"{path.relative_to(ROOT)}:{line} imports {head} (distribution "
                                f"{', '.join(sorted(providers)) or 'unknown'}), not declared in pyproject.toml")
