@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.networks import restormer_config  # noqa: E402
 from pipeline.restormer import Restormer  # noqa: E402
+from ptgrm.images import FLIPS, flip  # noqa: E402
+from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
 from training.losses import charbonnier  # noqa: E402
-from training.model import PTGRM, PTGRMConfig  # noqa: E402
 
 
 def sync(device) -> None:
@@ -65,7 +66,7 @@ def extraction(device, batch: int, size: int, repeats: int) -> dict:
         with amp:
             target(x)
             views = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True)
-            clip.encode_image(torch.cat([views, views.flip(-1), views.flip(-2), views.flip(-1).flip(-2)]))
+            clip.encode_image(torch.cat([flip(views, v) for v in range(len(FLIPS))]))
 
     t = timed(step, repeats, device)
     return {"images_per_s": batch / t, "batch": batch, "size": size, "seconds_per_batch": t,

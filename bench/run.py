@@ -33,7 +33,7 @@ from stores import Store  # noqa: E402
 from stores.runtime import tune_allocator  # noqa: E402
 from training.data import CropBatches, Split  # noqa: E402
 from training.losses import charbonnier  # noqa: E402
-from training.model import PTGRM, PTGRMConfig  # noqa: E402
+from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
 
 QUIET = lambda *a, **k: None  # noqa: E731
 

@@ -1,6 +1,7 @@
 """Stage 1: run the frozen target and encoders once and cache their outputs in feature stores.
 
-`python -m pipeline features --help`. May import `training` (inference), never the reverse.
+Inference too: `python -m pipeline restore`. `python -m pipeline features --help`. Imports `ptgrm`
+and `stores`, never `training` (docs/design.md, "Who imports what").
 """
 import os
 

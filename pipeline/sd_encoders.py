@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ptgrm.images import FLIPS, flip_views
 from stores import canonical_json, sha256_file
 
-from .encoders import FLIPS, WeightsNotFound, _hf_home, flip_views
+from .weights import WeightsNotFound, hf_home
 
 SD_NAMES = ("sd-vae", "sd-unet")
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -278,12 +278,12 @@ def _find_dirs(base: str, weights: str | None, repo: str) -> tuple[Path | None, 
     repos = [repo] + ([r for r in LEGACY_REPOS if r != repo] if repo == DEFAULT_REPO else [])
     for rid in repos:
         for probe in ("vae/config.json", "config.json"):
-            found = try_to_load_from_cache(rid, probe, cache_dir=_hf_home())
+            found = try_to_load_from_cache(rid, probe, cache_dir=hf_home())
             if isinstance(found, str) and Path(found).is_file():
                 root = Path(found).parent.parent if "/" in probe else Path(found).parent
                 if (dirs := _from_folder(base, root)) is not None:
                     return root, dirs, f"the Hugging Face cache ({rid})"
-    return None, None, f"--sd-weights (not given), the Hugging Face cache ({_hf_home()}) for {', '.join(repos)}"
+    return None, None, f"--sd-weights (not given), the Hugging Face cache ({hf_home()}) for {', '.join(repos)}"
 
 
 def _load_models(dirs: dict[str, Path]) -> tuple[dict, list[tuple[str, Path]]]:

@@ -12,10 +12,10 @@ from .layout import Bucket, Layout, decode_text, encode_text, make_layout  # noq
 from .leases import Leases, store_lock  # noqa: E402
 from .remote import RemoteError, copy_store  # noqa: E402
 from .store import (TEXT, ArraySpec, Samples, Store, StoreError, atomic_path, dataset_name,  # noqa: E402
-                    encoder_id, store_name, write_json_atomic)
+                    encoder_id, match_member, store_name, write_json_atomic)
 from .wds import export_wds  # noqa: E402
 
 __all__ = ["SCHEMA_VERSION", "TEXT", "ArraySpec", "Bucket", "Layout", "Leases", "store_lock", "RemoteError",
            "Samples", "Store", "StoreError", "atomic_path", "canonical_json", "copy_store", "dataset_name",
-           "decode_text", "encode_text", "encoder_id", "export_wds", "key_of", "make_layout", "sha256_file",
-           "store_name", "write_json_atomic"]
+           "decode_text", "encode_text", "encoder_id", "export_wds", "key_of", "make_layout", "match_member",
+           "sha256_file", "store_name", "write_json_atomic"]

@@ -10,13 +10,16 @@ from .store import TEXT, Store, dir_bytes
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """As training.metrics.to_uint8: scale [0, 1] to 255, round, clamp."""
+    """Float image in [0, 1] (any range) -> uint8, clamped and rounded as when saving a PNG. The
+    project's one conversion: evaluation, reports and `restore` use it too."""
     return np.clip(np.round(np.asarray(x, np.float64) * 255), 0, 255).astype(np.uint8)
 
 
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """PSNR in dB (infinite for identical images); the project's one implementation
+    (`training.metrics.quality` uses it on RGB and on Y)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
 
 
 def shard_stats(store: Store, member: str, lo: int, hi: int) -> dict:
@@ -30,7 +33,7 @@ def shard_stats(store: Store, member: str, lo: int, hi: int) -> dict:
         x, field, conv = store.array("pairs", "lq")[lo:hi], "psnr_input", np.asarray
     else:
         x, field, conv = store.array(member, "base")[lo:hi], "psnr_base", to_uint8
-    return {field: [psnr_uint8(conv(x[j][:h, :w]), gt[j][:h, :w]) for j, (h, w) in enumerate(hw)]}
+    return {field: [psnr(conv(x[j][:h, :w]), gt[j][:h, :w]) for j, (h, w) in enumerate(hw)]}
 
 
 def summarise(values: list) -> dict:

@@ -18,7 +18,6 @@ manifest say `complete`, and readers refuse anything else. Inspect with `python 
 from __future__ import annotations
 
 import json
-import re
 import os
 import re
 import time
@@ -160,6 +159,24 @@ def encoder_id(name: str) -> str:
     return name
 
 
+def match_member(members: list, kind: str, name: str | None, where) -> str:
+    """The one of `members` (complete `targets/...` or `osf/...` members) that `name` means:
+    `<id>` or `<id>-<key12>` (an encoder by its name, `clip-vit-b32`, `openclip:...`), or the member
+    in full (`osf/<id>-<key12>`); None: the only one. Anything else raises StoreError naming `where`."""
+    if name and kind == "osf":
+        name = encoder_id(name)
+    found = [m for m in members if name is None or m in (f"{kind}/{name}", name)
+             or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
+    if len(found) == 1:
+        return found[0]
+    flag = "--target" if kind == "targets" else "--encoder"
+    if not found:
+        raise StoreError(f"{where}: no complete {kind} member matches {name or 'any'}; complete: "
+                         f"{members or 'none'}; name one with {flag}")
+    raise StoreError(f"{where}: several complete {kind} members match {name or 'any'}: {found}; "
+                     f"name one in full with {flag} (e.g. {found[0].split('/', 1)[1]})")
+
+
 def store_name(dataset: str, split: str, task: str, pairs_key: str) -> str:
     return f"{dataset}-{split}-{task}-{pairs_key[:12]}"
 
@@ -282,7 +299,7 @@ class Store:
                 if before_manifest is not None:
                     before_manifest(path)
                 attrs = shareable(attrs)
-                write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": _now(),
+                write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": utc_now(),
                                                     "n": layout.n, "layout": layout.to_json(), "members": {}})
         store = cls(path, mode="a")
         if store.manifest()["pairs_key"] != attrs["pairs_key"]:
@@ -395,7 +412,7 @@ class Store:
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
         return write_json_once(self.done_path(member, task),
-                               {"task": task, "samples": [start, stop], "shards": by_array, "finished": _now(),
+                               {"task": task, "samples": [start, stop], "shards": by_array, "finished": utc_now(),
                                 "stats": stats})
 
     def done_path(self, member: str, task: int) -> Path:
@@ -429,7 +446,7 @@ class Store:
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
             write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
-            self._update_member(member, status="complete", bytes=nbytes, completed=_now(),
+            self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
                                 **{f"n_{f}": len(v) for f, v in records.items()})
         return self.member_info(member)
 
@@ -504,6 +521,12 @@ class Store:
         return sorted(m for m, i in self.manifest()["members"].items()
                       if m.startswith(prefix + "/") and i.get("status") == "complete")
 
+    def pick(self, kind: str, name: str | None) -> str:
+        """The complete member of `kind` that `name` means (`match_member`)."""
+        return match_member(self.members(kind), kind, name, self.path)
 
-def _now() -> str:
+
+def utc_now() -> str:
+    """The time stamp of every record a store writes (manifest, done markers, exports): UTC,
+    ISO 8601."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

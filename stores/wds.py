@@ -25,7 +25,6 @@ import io
 import json
 import math
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .keys import sha256_file
-from .store import Store, StoreError, atomic_path, encoder_id, write_json_atomic
+from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
@@ -59,21 +58,6 @@ def npy_bytes(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
     return buf.getvalue()
-
-
-def pick(store: Store, kind: str, name: str | None) -> str:
-    """The complete member `kind/<name>-<key12>` (or given in full; None: the only one)."""
-    members = store.members(kind)
-    if name and kind == "osf":
-        name = encoder_id(name)
-    found = [m for m in members if name is None or m in (f"{kind}/{name}", name)
-             or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
-    if len(found) != 1:
-        what = "no" if not found else "several"
-        flag = "--target" if kind == "targets" else "--encoder"
-        raise StoreError(f"{store.path}: {what} complete {kind} member(s) match {name or 'any'}: "
-                         f"{found or members or 'none'}; name one with {flag}")
-    return found[0]
 
 
 def shard_ranges(hw: np.ndarray, d: int, samples_per_shard: int, shard_mb: float, min_shards: int) -> list:
@@ -155,8 +139,8 @@ class WdsWriter:
 
 def export_members(store: Store, target: str | None, encoders: list | None) -> tuple[str, list[str]]:
     """(target member, osf members) an export holds: the named ones, or the only target and every osf."""
-    tgt = pick(store, "targets", target)
-    encs = [pick(store, "osf", e) for e in encoders] if encoders else store.members("osf")
+    tgt = store.pick("targets", target)
+    encs = [store.pick("osf", e) for e in encoders] if encoders else store.members("osf")
     if not encs:
         raise StoreError(f"{store.path}: no complete osf member to export")
     return tgt, encs
@@ -186,7 +170,7 @@ def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: 
     return {"format": FORMAT, "version": VERSION, "store": store.path.name, "source": source,
             "target": writer.target, "encoders": writer.encoders, "keys": writer.keys, "members": members,
             "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": True}
+            "created": utc_now(), "complete": True}
 
 
 def up_to_date(folder: Path, index: dict, settings: dict) -> bool:

@@ -153,11 +153,11 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
     out = run("pipeline", "restore", "--in", src, "--out", tmp_path / "distilled", "--run", "e2e", "--runs-dir",
               tmp_path, "--osf", "distilled")
     assert "distilled predictor" in out.stdout + out.stderr
+    from ptgrm.predictor import load_predictor
+    from ptgrm.refine import load_model, refine
+    from stores.stats import to_uint8
     from training.data import Split
-    from training.distill import PredictedG, load_predictor
-    from training.evaluate import refine
-    from training.metrics import to_uint8
-    from training.train import load_model
+    from training.distill import PredictedG
 
     model, _ = load_model(run_dir)
     split = PredictedG(Split.open(test.path, None, [f"openclip:{tiny_clip}"]), load_predictor(run_dir))

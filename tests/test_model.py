@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.model import PTGRM, PTGRMConfig, count_parameters, per_pixel_filter
+from ptgrm.model import PTGRM, PTGRMConfig, count_parameters, per_pixel_filter
 
 FULL = 671_735
 
@@ -161,7 +161,7 @@ class LocalNet(torch.nn.Module):
 
 
 def test_tiled_refinement_equals_one_pass_for_a_local_network():
-    from training.evaluate import OVERLAP, TILE, refine
+    from ptgrm.refine import OVERLAP, TILE, refine
 
     rng = np.random.default_rng(0)
     h, w = TILE + 123, 2 * TILE + 45  # 2 x 3 tiles, ragged edges, sides not multiples of 4

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.networks import (CheckpointError, NetworkTarget, _spans, build_network_target,
-                               build_builtin_target, build_restormer_target, build_user_target, load_checkpoint,
-                               restormer_config,
+from pipeline.networks import (CheckpointError, NetworkTarget, build_builtin_target, build_network_target,
+                               build_restormer_target, build_user_target, load_checkpoint, restormer_config,
                                target_from_spec)
 from pipeline.restormer import Restormer
+from ptgrm import tiling
 from stores import key_of
 
 TINY = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 1, 1]}
@@ -273,7 +273,7 @@ def test_tiled_equals_untiled_within_the_receptive_field(factor, tile, overlap):
 
 def test_spans_cover_every_pixel_once_far_from_cuts():
     for length, tile, overlap, factor in [(100, 32, 8, 1), (104, 40, 16, 8), (33, 64, 16, 8), (260, 64, 20, 4)]:
-        spans = _spans(length, tile, overlap, factor)
+        spans = tiling.spans(length, tile, overlap, factor)
         kept = np.zeros(length, int)
         for s, e, k0, k1 in spans:
             assert s % factor == 0 and e - s == min(tile, length) and s <= k0 < k1 <= e

@@ -10,9 +10,9 @@ import torch
 
 from stores import Store, make_layout
 from toys import fill_member
-from training.model import PTGRM
+from ptgrm.model import PTGRM
+from ptgrm.refine import load_model
 from training.official import OfficialMismatch, export_official, import_official, import_run, load_official
-from training.train import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "refinement11."

@@ -7,7 +7,7 @@ from pipeline.encoders import WeightsNotFound, build_encoder
 from pipeline.sources import SourceError, _demo_image, open_source, read_image
 from pipeline.targets import Wiener, build_target
 from stores.maintain import features_command
-from training.metrics import psnr, to_uint8
+from stores.stats import psnr, to_uint8
 
 
 def test_degradation_is_seeded_per_sample():

@@ -19,7 +19,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from pipeline.extract import FeaturesConfig, build_features
-from pipeline.networks import (BUILTINS, CheckpointError, _spans, build_builtin_target, build_network_target,
+from ptgrm import tiling
+from pipeline.networks import (BUILTINS, CheckpointError, build_builtin_target, build_network_target,
                                load_state, parse_options, target_from_spec)
 from pipeline.snr_aware import SNRAware, blurred_frame, snr_map
 from stores import Store, key_of
@@ -118,7 +119,7 @@ def test_tiled_and_untiled_agree_away_from_the_seams(name):
     diff = np.abs(a - b).mean(-1)
     cuts = []
     for n in lq.shape[:2]:
-        spans = _spans(n, 64, 32, whole.factor)
+        spans = tiling.spans(n, 64, 32, whole.factor)
         c = [k0 for _, _, k0, _ in spans[1:]]
         if name.startswith("mprnet"):  # its own cuts: halves of every tile and of the whole image
             c += [n // 2] + [(s + e) // 2 for s, e, _, _ in spans]

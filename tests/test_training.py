@@ -14,11 +14,11 @@ from skimage.metrics import structural_similarity
 
 from dataclasses import replace
 
+from ptgrm.refine import load_model
 from stores import StoreError
 from toys import make_store, make_task_stores
 from training.__main__ import main
 from training.metrics import rgb_to_y, ssim
-from training.train import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,8 @@ def test_ssim_matches_scikit_image(name):
 
 
 def test_y_channel_is_matlab_rgb2ycbcr_on_uint8_rounded():
-    from training.metrics import psnr, quality
+    from stores.stats import psnr
+    from training.metrics import quality
 
     px = np.array([[[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [0, 0, 0]]], np.uint8)
     # 16 + (65.481 R + 128.553 G + 24.966 B) / 255, rounded: 235, 81.481, 144.553, 40.966, 125.929, 16

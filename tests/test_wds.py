@@ -138,6 +138,25 @@ def test_batches_are_crops_of_the_stored_samples_and_deterministic(exported):
     assert split.names == store.names and split.metric_space == store.metric_space
 
 
+def test_every_split_reads_alike_through_one_protocol(exported):
+    """Split, WdsSplit and PredictedG are SplitLike: evaluation reads whole samples by index from each."""
+    from ptgrm.predictor import OSFPredictor
+    from training.data import SplitLike
+    from training.distill import PredictedG
+
+    path, folder = exported
+    store, split = Split.open(path, None, None), WdsSplit.open(folder)
+    predicted = PredictedG(store, OSFPredictor(D, width=8))
+    assert all(isinstance(s, SplitLike) for s in (store, split, predicted))
+    for i in (0, N - 1):
+        a, b, c = store.image(i), split.image(i), predicted.image(i)
+        for k in ("lq", "gt", "base"):
+            assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k])
+        assert np.array_equal(a["g"], b["g"]) and c["g"].shape == a["g"].shape
+    assert predicted.names == store.names and predicted.info() == store.info()
+    assert np.array_equal(predicted.hw, store.hw) and predicted.metric_space == store.metric_space
+
+
 def test_a_resumed_run_gets_the_batches_of_an_uninterrupted_one(exported):
     _, folder = exported
     split = WdsSplit.open(folder)

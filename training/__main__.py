@@ -152,8 +152,9 @@ def add_official_parsers(sub) -> None:
 def run_eval(cfg: TrainConfig) -> None:
     import json
 
+    from ptgrm.refine import load_model
+
     from .evaluate import evaluate
-    from .train import load_model
 
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     if not (run_dir / "model.json").is_file():
@@ -175,8 +176,10 @@ def run_eval(cfg: TrainConfig) -> None:
 
 
 def run_distill(cfg: TrainConfig, steps: int) -> None:
+    from ptgrm.refine import load_model
+
     from .distill import DistillConfig, distill
-    from .train import load_model, open_splits
+    from .train import open_splits
 
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     if not (run_dir / "model.json").is_file():

@@ -9,16 +9,17 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from stores import Store, StoreError, dataset_name, encoder_id
-from stores.store import check_schema
+from ptgrm.images import flip
+from stores import Store, StoreError, dataset_name
+from stores.store import MANIFEST, check_schema
 from stores.tiles import TileReader
 
-MANIFEST = "manifest.json"
 G_IN_MEMORY = 1 << 30  # OSF of all samples is held in memory below this many bytes
 
 
@@ -47,24 +48,6 @@ def find_store(root: str, data: str, task: str, split: str) -> Path:
                          f"settings): {', '.join(p.name for p in found)}; choose one with "
                          f"--{split}-store PATH")
     return found[0]
-
-
-def match_member(members: list, kind: str, name: str | None, where) -> str:
-    """The one of `members` that is `kind/<name>-<key12>` (or `kind/<name>` in full; None: the only one)."""
-    matches = [m for m in members if name is None or m == f"{kind}/{name}"
-               or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
-    if len(matches) == 1:
-        return matches[0]
-    what = f"{kind} member" + (f" {name!r}" if name else "")
-    if not matches:
-        raise StoreError(f"{where}: no complete {what}; complete: {members or 'none'}")
-    raise StoreError(f"{where}: several complete {kind} members match: {matches}; "
-                     f"name one in full (e.g. {matches[0].split('/', 1)[1]})")
-
-
-def pick_member(store: Store, kind: str, name: str | None) -> str:
-    """The complete member `kind/<name>-<key12>` of a store."""
-    return match_member(store.members(kind), kind, name, store.path)
 
 
 def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
@@ -105,6 +88,29 @@ def check_same_members(run_dir, role: str, recorded: dict | None, current: dict)
                              f"a rebuilt or other store. Use the store the run was made with, or another RUN")
 
 
+@runtime_checkable
+class SplitLike(Protocol):
+    """What evaluation, reports, distillation and the trainer read from a split, whatever holds it:
+    `Split` (a Zarr store), `WdsSplit` (its WebDataset export, streamed) and `PredictedG` (a split
+    whose g comes from the distilled predictor)."""
+
+    @property
+    def path(self) -> PurePath: ...  # the store or export, for messages
+
+    @property
+    def hw(self) -> np.ndarray: ...  # (N, 2) valid sizes; (0, 0) for samples excluded at extraction
+
+    @property
+    def names(self) -> list[str]: ...
+
+    @property
+    def metric_space(self) -> str: ...  # 'rgb', or 'y' for tasks evaluated on luma
+
+    def info(self) -> dict: ...  # names, keys and specs of the members read (`members_info`)
+
+    def image(self, i: int) -> dict: ...  # full sample i: lq, gt uint8 (h,w,3); base float32; g (D,)
+
+
 @dataclass
 class Split:
     """One store with the chosen target and encoder members, opened read-only."""
@@ -116,8 +122,8 @@ class Split:
     @classmethod
     def open(cls, path, target: str | None, encoders: list | None) -> "Split":
         store = Store(path)
-        tgt = pick_member(store, "targets", target)
-        encs = [pick_member(store, "osf", e and encoder_id(e)) for e in (encoders or [None])]
+        tgt = store.pick("targets", target)
+        encs = [store.pick("osf", e) for e in (encoders or [None])]
         return cls(Path(path), tgt, encs)
 
     def __post_init__(self):
@@ -183,7 +189,7 @@ class CropBatches(torch.utils.data.Dataset):
     rank r reads its contiguous slice of it, so DDP sees exactly the single-process batches.
     """
 
-    def __init__(self, split, crop: int, batch: int, seed: int, steps: int, rank: int = 0, world: int = 1):
+    def __init__(self, split: "Split", crop: int, batch: int, seed: int, steps: int, rank: int = 0, world: int = 1):
         if crop % 4:
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         if batch % world:
@@ -218,11 +224,10 @@ class CropBatches(torch.utils.data.Dataset):
         per_rank = self.batch // self.world
         out = {"lq": [], "base": [], "gt": [], "g": []}
         for i, y, x, fh, fv in self.draw(step)[self.rank * per_rank:(self.rank + 1) * per_rank]:
+            variant = fh + 2 * fv  # ptgrm.images.FLIPS
             for k in ("lq", "base", "gt"):
-                patch = a[k][i, y:y + c, x:x + c]
-                patch = patch[:, ::-1] if fh else patch
-                out[k].append(patch[::-1] if fv else patch)
-            out["g"].append(self.split.g(i, fh + 2 * fv))  # g of the flipped image
+                out[k].append(flip(a[k][i, y:y + c, x:x + c], variant))
+            out["g"].append(self.split.g(i, variant))  # g of the flipped image
         return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
                 "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"]))}
 

@@ -13,35 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from stores import atomic_path, write_json_atomic
+from ptgrm.images import flip, image_tensor
+from ptgrm.predictor import SIZE, OSFPredictor, predict_g, save_predictor
+from stores import write_json_atomic
 
+from .data import SplitLike
 from .evaluate import evaluate
-
-SIZE = 112  # predictor input: the whole image resized, as the encoder sees it
-
-
-class OSFPredictor(nn.Module):
-    """lq (B,3,H,W) in [0,1] -> unit vector (B,D): a 5-stage strided CNN, ~1.1 M parameters (D=512)."""
-
-    def __init__(self, dim: int, width: int = 32):
-        super().__init__()
-        chans = [3, width, width * 2, width * 4, width * 8, width * 8]
-        layers = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(chans[-1], dim)
-        self.dim, self.width = dim, width
-
-    def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False)
-        x = self.features(x).mean((2, 3))  # (B, 8w)
-        return F.normalize(self.head(x), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -52,18 +32,16 @@ class DistillConfig:
     seed: int = 0
 
 
-def whole_images(split, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+def whole_images(split: SplitLike, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
     """Valid-size lq of samples `idx` with flips (0..3), each resized to SIZE: (B,3,SIZE,SIZE)."""
     out = []
     for i, f in zip(idx, flips):
-        lq = torch.from_numpy(np.ascontiguousarray(split.image(int(i))["lq"])).permute(2, 0, 1)[None].float() / 255
-        lq = lq.flip(-1) if f & 1 else lq
-        lq = lq.flip(-2) if f & 2 else lq
+        lq = flip(image_tensor(split.image(int(i))["lq"]), int(f))
         out.append(F.interpolate(lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False))
     return torch.cat(out)
 
 
-def usable_samples(split) -> np.ndarray:
+def usable_samples(split: SplitLike) -> np.ndarray:
     """Indices of the samples the pipeline did not exclude (excluded ones have size (0, 0))."""
     usable = np.flatnonzero(np.asarray(split.hw)[:, 0] > 0)
     if not len(usable):
@@ -95,37 +73,34 @@ def train_predictor(split, dim: int, cfg: DistillConfig) -> tuple[OSFPredictor, 
 
 
 class PredictedG:
-    """A split whose g comes from the predictor instead of the store (same interface)."""
+    """A split whose g comes from the predictor instead of the store (a SplitLike)."""
 
-    def __init__(self, split, predictor: OSFPredictor):
+    def __init__(self, split: SplitLike, predictor: OSFPredictor):
         self.split, self.predictor = split, predictor
 
-    def __getattr__(self, name):
-        return getattr(self.split, name)
+    @property
+    def path(self):
+        return self.split.path
 
-    @torch.no_grad()
+    @property
+    def hw(self) -> np.ndarray:
+        return self.split.hw
+
+    @property
+    def names(self) -> list[str]:
+        return self.split.names
+
+    @property
+    def metric_space(self) -> str:
+        return self.split.metric_space
+
+    def info(self) -> dict:
+        return self.split.info()
+
     def image(self, i: int) -> dict:
         s = dict(self.split.image(i))
-        lq = torch.from_numpy(np.ascontiguousarray(s["lq"])).permute(2, 0, 1)[None].float() / 255
-        s["g"] = self.predictor(lq)[0].numpy()
+        s["g"] = predict_g(self.predictor, s["lq"])
         return s
-
-
-def save_predictor(run_dir: Path, model: OSFPredictor, meta: dict) -> None:
-    d = Path(run_dir) / "distill"
-    with atomic_path(d / "predictor.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json_atomic(d / "predictor.json", {"dim": model.dim, "width": model.width, "size": SIZE, **meta})
-
-
-def load_predictor(run_dir: Path) -> OSFPredictor:
-    d = Path(run_dir) / "distill"
-    if not (d / "predictor.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no distilled OSF predictor; run `make distill RUN={Path(run_dir).name}`")
-    meta = json.loads((d / "predictor.json").read_text())
-    model = OSFPredictor(meta["dim"], meta["width"])
-    model.load_state_dict(load_file(str(d / "predictor.safetensors")))
-    return model.eval()
 
 
 def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig, log=print) -> dict:

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ptgrm.images import IMAGENET_MEAN, IMAGENET_STD
+
 VGG_LAYERS = {1: 1 / 32, 6: 1 / 16, 11: 1 / 8, 20: 1 / 4, 29: 1.0}  # relu1_1 .. relu5_1 of vgg19.features
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -32,7 +33,7 @@ class VGGPerceptual(nn.Module):
         super().__init__()
         from torchvision.models.vgg import cfgs, make_layers
 
-        from .checkpoints import CheckpointError, load_checkpoint
+        from ptgrm.checkpoints import CheckpointError, load_checkpoint
 
         path = Path(weights_path)
         if not path.is_file():

@@ -3,16 +3,15 @@
 SSIM: 11x11 Gaussian window (sigma 1.5, truncated at 3.5 sigma), K1 0.01, K2 0.03, population
 covariance, per channel then averaged, borders excluded: scikit-image's
 `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
+PSNR and the float -> uint8 conversion are `stores.stats.psnr` / `to_uint8` (one implementation,
+shared with `python -m stores info --stats`).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Float image in [0, 1] (any range) -> uint8, clamped and rounded as when saving a PNG."""
-    return np.clip(np.round(np.asarray(x, np.float64) * 255), 0, 255).astype(np.uint8)
+from stores.stats import psnr
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -21,11 +20,6 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     evaluation scripts; float64 array of whole numbers in [16, 235]."""
     x = img.astype(np.float64) / 255
     return np.floor(16 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2] + 0.5)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ptgrm.checkpoints import CheckpointError, load_checkpoint
+from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
+from ptgrm.refine import load_model
 from stores import atomic_path, sha256_file, write_json_atomic
 
-from .checkpoints import CheckpointError, load_checkpoint
-from .model import PTGRM, PTGRMConfig, count_parameters
 
 PREFIX = "refinement11."
 N_BLOCKS = 4  # the official module has num_blocks[0] = 4 Restormer blocks
@@ -184,8 +185,6 @@ def import_run(ckpt, run: str, runs_dir: str = "runs", log=print) -> Path:
 
 def export_run(run: str, out, runs_dir: str = "runs", prefix: str = PREFIX, log=print) -> Path:
     """Write a run's weights as a .pth state dict with the official names (atomically)."""
-    from .train import load_model
-
     run_dir = Path(runs_dir) / run
     if not (run_dir / "model.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no run here (model.json missing)")

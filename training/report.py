@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ptgrm.images import save_png
+from ptgrm.refine import refine
 from stores import atomic_path
-
-from .evaluate import refine, save_png
-from .metrics import to_uint8
+from stores.stats import to_uint8
 
 CROP = 160
 SMOOTHING = 0.6  # EMA factor of the loss curve, per logged point (25 steps by default)

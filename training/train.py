@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
 from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
 from .losses import VGGPerceptual, charbonnier
-from .model import PTGRM, PTGRMConfig, count_parameters
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
@@ -81,21 +81,14 @@ def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
 
 
 def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict) -> None:
-    """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically."""
+    """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically (read back by
+    `ptgrm.refine.load_model`)."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_path(run_dir / "state.pt") as tmp:  # one file holds everything a resume needs
         torch.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
-
-
-def load_model(run_dir: Path) -> tuple[PTGRM, dict]:
-    """A trained PTG-RM and its sidecar from `runs/<run>/`."""
-    sidecar = json.loads((Path(run_dir) / "model.json").read_text())
-    model = PTGRM(PTGRMConfig.from_dict(sidecar["model"]))
-    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
-    return model.eval(), sidecar
 
 
 def open_splits(cfg: TrainConfig, rank: int = 0, world: int = 1) -> tuple:

@@ -37,12 +37,13 @@ import torch
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from stores import encoder_id
+from ptgrm.images import flip
+from stores import match_member
 from stores.remote import open_location
+from stores.wds import FORMAT, INDEX
 
-from .data import match_member, members_info, to_tensor
+from .data import members_info, to_tensor
 
-INDEX = "index.json"
 READ_BLOCK = 4 << 20
 
 
@@ -65,8 +66,8 @@ def find_export(path):
 def read_index(loc) -> dict:
     with loc.fs.open(loc.path(INDEX), "rb") as f:
         index = json.loads(f.read())
-    if index.get("format") != "ptgrm-wds" or not index.get("complete"):
-        raise WdsError(f"{loc.url}/{INDEX}: not a complete ptgrm-wds export; run export-wds again")
+    if index.get("format") != FORMAT or not index.get("complete"):
+        raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
     return index
 
 
@@ -109,15 +110,10 @@ class HashingReader:
         return self.sha.hexdigest()
 
 
-def choose(index: dict, kind: str, name: str | None) -> str:
-    """The exported member `kind/<name>-<key12>` (or given in full; None: the only one)."""
-    have = [index["target"]] if kind == "targets" else index["encoders"]
-    return match_member(have, kind, name, f"{index['store']}-wds (exported members)")
-
-
 @dataclass
 class WdsSplit:
-    """An export's index and the chosen members; samples are streamed by `WdsBatches`."""
+    """An export's index and the chosen members (a `training.data.SplitLike`); samples are streamed
+    by `WdsBatches`."""
 
     loc: object  # stores.remote.Location of the export folder
     target: str
@@ -128,8 +124,9 @@ class WdsSplit:
     def open(cls, path, target: str | None = None, encoders: list | None = None) -> "WdsSplit":
         loc = find_export(path)
         index = read_index(loc)
-        tgt = choose(index, "targets", target)
-        encs = [choose(index, "osf", e and encoder_id(e)) for e in (encoders or [None])]
+        where = f"{index['store']}-wds (exported members)"
+        tgt = match_member([index["target"]], "targets", target, where)
+        encs = [match_member(index["encoders"], "osf", e, where) for e in (encoders or [None])]
         return cls(loc, tgt, encs, index)
 
     def __post_init__(self):
@@ -192,9 +189,14 @@ class WdsSplit:
                 "base": decode_npy(raw["base.npy"], f"{where} base.npy"),
                 "g": [decode_npy(raw[e], f"{where} {e}") for e in self.entries[4:]]}
 
-    def image(self, raw: dict) -> dict:
-        """A whole decoded sample: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,) unflipped."""
-        d = self.decode(raw)
+    def image(self, i: int) -> dict:
+        """Whole sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,) unflipped. Reads the
+        whole shard that holds it (checking its sha256): for checks and evaluation, not for training."""
+        shard = next((s for s in self.shards if s["first"] <= i < s["first"] + s["samples"]), None)
+        found = list(self.samples(shard, {i})) if shard is not None else []  # the whole shard: sha256 checked
+        if not found:
+            raise WdsError(f"{self.loc.url}: no sample {i} in the export (excluded at extraction, or out of range)")
+        d = self.decode(found[0])
         return {"lq": d["lq"], "gt": d["gt"], "base": d["base"].astype(np.float32),
                 "g": np.concatenate([g[0] for g in d["g"]])}
 
@@ -259,11 +261,10 @@ class WdsBatches(torch.utils.data.IterableDataset):
             h, w = d["gt"].shape[:2]
             y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
             fh, fv = (int(v) for v in rng.integers(0, 2, 2))
+            variant = fh + 2 * fv  # ptgrm.images.FLIPS
             for k in ("lq", "base", "gt"):
-                patch = d[k][y:y + c, x:x + c]
-                patch = patch[:, ::-1] if fh else patch
-                out[k].append(patch[::-1] if fv else patch)
-            out["g"].append(np.concatenate([g[fh + 2 * fv] for g in d["g"]]))  # g of the flipped image
+                out[k].append(flip(d[k][y:y + c, x:x + c], variant))
+            out["g"].append(np.concatenate([g[variant] for g in d["g"]]))  # g of the flipped image
         return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
                 "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"])),
                 "index": torch.tensor([r["index"] for r in raws])}

@@ -1,7 +1,8 @@
 """Reading checkpoint files safely: `.safetensors`, or `torch.load(weights_only=True)`.
 
-A checkpoint never runs code: a file that needs pickled Python objects is refused. Used by the
-network targets (`pipeline.networks`) and by `python -m training import-official`.
+A checkpoint never runs code: a file that needs pickled Python objects is refused. The one reader
+of every checkpoint: the network targets and effnet-lite0 (`pipeline.networks`), the VGG19
+perceptual loss and `python -m training import-official`.
 """
 from __future__ import annotations
 
