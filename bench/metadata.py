@@ -2,8 +2,9 @@
 
 Runs the project's own code on a store whose members have every array created (zarr.json per
 bucket and array) but no chunk written: the layout and plan, the manifest, one done marker per
-task, the completeness check a re-run and a finaliser make, `stores ls` / `info`, and what a SLURM
-array task reads for its own range. Prints the counts and times and writes bench/results-metadata.json.
+task, the completeness check a re-run and a finaliser make, `stores ls` / `info`, `python -m slurm
+status` of a submission of every task, the per-sample source descriptors, and what a SLURM array
+task reads for its own range. Prints the counts and times and writes bench/results-metadata.json.
 Run at several N (the default runs 250k, 500k, 1M) to see each cost grow with the number of tasks,
 not with N squared.
 """
@@ -55,6 +56,14 @@ def simulate(root: Path, n: int) -> dict:
     t_check, done = clock(lambda: Store(path).done_tasks("pairs"))
     assert len(done) == len(plan)
     t_array_task, _ = clock(lambda: Store(path).plan("pairs")[len(plan) // 2])  # manifest once, its range
+    from slurm.status import features_lines  # `python -m slurm status` of a submission of every task
+
+    rec = {"tasks": [{"job": f"1_{t}", "split": "train", "range": list(r), "stderr": f"logs/1_{t}.err"}
+                     for t, r in enumerate(plan)], "finalize": {"job": "2", "stdout": "logs/2.out"},
+           "cluster": "local", "stores": {"train": str(path)}, "members": {"train": ["pairs"]}, "time": "now",
+           "record": "sim"}
+    t_status, lines = clock(lambda: features_lines(rec))
+    assert f"{len(plan)} done" in lines[0], lines[0]
     # per-sample source descriptors: written once by the planner; an array task reads its range's file(s)
     from types import SimpleNamespace
 
@@ -81,7 +90,7 @@ def simulate(root: Path, n: int) -> dict:
     return {"n": n, "buckets": len(layout.buckets), "tasks": len(plan), "manifest_bytes": (path / "manifest.json").stat().st_size,
             "metadata_files": files, "layout_s": t_layout, "create_s": t_create, "begin_member_s": t_begin,
             "done_markers_write_s": t_markers, "completeness_check_s": t_check, "array_task_plan_s": t_array_task,
-            "stores_info_s": t_info, "stores_ls_s": t_ls, "descriptors_write_s": t_desc,
+            "stores_info_s": t_info, "stores_ls_s": t_ls, "slurm_status_s": t_status, "descriptors_write_s": t_desc,
             "descriptor_files": len(list(folder(path).iterdir())), "descriptor_bytes": desc_bytes,
             "array_task_descriptors_s": t_task_desc, "array_task_descriptor_files_read": len(read_files),
             "chunk_files_when_written": len(layout.shards()) * len(arrays)}  # one shard/chunk file per array

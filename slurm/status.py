@@ -12,19 +12,19 @@ from pathlib import Path
 from . import submit
 
 
-def task_done(store_path: str, members: list[str], r: list[int]) -> bool:
-    """Every member still to do has a done marker for range r."""
+def unfinished_ranges(store_path: str, members: list[str]) -> set[tuple]:
+    """The ranges of a store that some member still to do has no done marker for: one manifest
+    read and one listing of each member's done markers, whatever the number of tasks."""
     from stores import Store
 
     store = Store(store_path)
+    out: set[tuple] = set()
     for m in members:
-        info = store.member_info(m) or {}
-        if info.get("status") == "complete":
+        if (store.member_info(m) or {}).get("status") == "complete":
             continue
-        plan = store.plan(m)
-        if r in plan and plan.index(r) not in store.done_tasks(m):
-            return False
-    return True
+        done = store.done_tasks(m)
+        out |= {tuple(r) for t, r in enumerate(store.plan(m)) if t not in done}
+    return out
 
 
 def features_lines(rec: dict) -> list[str]:
@@ -32,8 +32,9 @@ def features_lines(rec: dict) -> list[str]:
     states = submit.sacct_states(ids) if rec["cluster"] == "slurm" else {}
     counts: dict[str, int] = {}
     rows, failed = [], []
+    unfinished = {s: unfinished_ranges(p, rec["members"][s]) for s, p in rec["stores"].items()}
     for t in rec["tasks"]:
-        done = task_done(rec["stores"][t["split"]], rec["members"][t["split"]], t["range"])
+        done = tuple(t["range"]) not in unfinished[t["split"]]
         state = "done" if done else states.get(t["job"], "not done").lower()
         counts[state] = counts.get(state, 0) + 1
         log = "" if done else f"  log {t['stderr']}"
