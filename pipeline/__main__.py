@@ -8,8 +8,8 @@ from pathlib import Path
 
 from stores.privacy import scrub
 
-from .extract import FeaturesConfig, build_features
 from .layouts import LAYOUTS
+from .plan import FeaturesConfig, complete_stores
 from .tasks import TASKS
 
 D = FeaturesConfig()
@@ -113,7 +113,10 @@ def main(argv=None) -> int:
             return 0
         cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
                              splits=tuple(args.splits.split(",")))
-        build_features(cfg)
+        if cfg.wds or complete_stores(cfg) is None:  # else answered without importing torch or a network
+            from .extract import build_features
+
+            build_features(cfg)
     except (ValueError, RuntimeError, OSError) as e:
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
         print(f"error: {scrub(e)}" + ("; free space (or raise the quota) and run the same command again: "

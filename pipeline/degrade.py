@@ -12,8 +12,6 @@ STRIP_PX pixels is one strip and goes through exactly the whole-image computatio
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
-from scipy.signal import fftconvolve
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:
@@ -59,6 +57,8 @@ def strips(h: int, w: int, px: int | None = None) -> list[tuple[int, int]]:
 def blur_noise(img: np.ndarray, kernel: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """clip(img * kernel + N(0, sigma)) as float32: per-channel 2-D convolution with reflected
     borders (output the input's size), computed strip by strip with the kernel's halo."""
+    from scipy.signal import fftconvolve  # here, not at import: `make features` with nothing to do needs no scipy
+
     r = kernel.shape[0] // 2
     padded = np.pad(img, ((r, r), (r, r), (0, 0)), mode="reflect")
     out = np.empty(img.shape, np.float32)
@@ -106,6 +106,9 @@ def rain(img: np.ndarray, rng: np.random.Generator, density=(0.004, 0.01), lengt
          angle=(-25.0, 25.0), strength=(0.5, 0.8)) -> tuple[np.ndarray, dict]:
     """Synthetic rain: sparse drops smeared into streaks along one direction near vertical,
     softened, and screen-blended onto the image (bright, achromatic)."""
+    from scipy.ndimage import gaussian_filter
+    from scipy.signal import fftconvolve
+
     h, w = img.shape[:2]
     d, n = rng.uniform(*density), int(rng.integers(length[0], length[1] + 1))
     theta, amount = np.deg2rad(rng.uniform(*angle)), rng.uniform(*strength)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, flip_views
 from stores import encoder_id, sha256_file
 
-from .sd_encoders import SD_NAMES, build_sd_encoder, is_sd_encoder, parse_sd_encoder
+from .names import is_module_encoder, is_sd_encoder
+from .sd_encoders import build_sd_encoder, parse_sd_encoder
 from .weights import WeightsNotFound, hf_home
 
 log = logging.getLogger(__name__)
@@ -239,26 +240,6 @@ def _open_clip_version() -> str:
     import open_clip
 
     return open_clip.__version__
-
-
-def is_user_encoder(name: str) -> bool:
-    """`module.path:factory` (a user's backbone), as opposed to `openclip:`, `sd-*:` names."""
-    head = name.split(":")[0]
-    return ":" in name and head not in ("openclip", *SD_NAMES) and "/" not in head
-
-
-def is_module_encoder(name: str) -> bool:
-    """A torch backbone run as `ModuleEncoder` that brings its own weights (`effnet-lite0` from its
-    package, a user's `module.path:factory`): no --clip-weights, no architecture to parse."""
-    return name in MODULE_ENCODERS or is_user_encoder(name)
-
-
-def weights_arg(name: str, clip_weights: str | None, sd_weights: str | None) -> str | None:
-    """The weights flag that applies to an encoder: SD_WEIGHTS for sd-*, CLIP_WEIGHTS for OpenCLIP
-    models, none for effnet-lite0 (weights from its package) and user factories (their own)."""
-    if is_sd_encoder(name):
-        return sd_weights
-    return None if is_module_encoder(name) else clip_weights
 
 
 def parse_encoder(name: str) -> tuple[str, str | None]:

@@ -336,10 +336,6 @@ def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False) 
     return out, (hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None)
 
 
-def is_network_target(name: str) -> bool:
-    return name.split(":")[0] in BUILTINS or ":" in name
-
-
 def build_network_target(name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0,
                          **kw) -> NetworkTarget:
     """A built-in network (`mprnet-deblur`, with optional `:name=value` configuration overrides)

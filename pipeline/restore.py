@@ -20,7 +20,8 @@ from ptgrm.refine import load_model, refine
 from stores.privacy import local_path
 from stores.stats import to_uint8
 
-from .encoders import build_encoder, weights_arg
+from .encoders import build_encoder
+from .names import weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
 

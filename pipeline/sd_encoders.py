@@ -39,9 +39,9 @@ import torch
 from ptgrm.images import FLIPS, flip_views
 from stores import canonical_json, sha256_file
 
+from .names import SD_NAMES
 from .weights import WeightsNotFound, hf_home
 
-SD_NAMES = ("sd-vae", "sd-unet")
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LEGACY_REPOS = ("runwayml/stable-diffusion-v1-5",)  # looked up too when repo= is not given
 COMMON = {"size": 256, "pool": "meanstd", "repo": DEFAULT_REPO, "dtype": "float32"}
@@ -66,10 +66,6 @@ SD15_UNET = {"in_channels": 4, "out_channels": 4, "sample_size": 64, "layers_per
              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "act_fn": "silu",
              "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
              "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32}
-
-
-def is_sd_encoder(name: str) -> bool:
-    return name.split(":")[0] in SD_NAMES
 
 
 def parse_sd_encoder(name: str) -> tuple[str, dict]:

@@ -161,7 +161,8 @@ def build_target(name: str, checkpoint=None, allow_random: bool = False, init_se
     `uformer-b`, `snr-aware`) or `module.path:factory`; networks need `checkpoint` (built-in ones
     take seeded random weights instead when `allow_random`) and take `tile`, `overlap`, `device`;
     `params` override defaults."""
-    from .networks import NETWORK_TARGETS, build_network_target, is_network_target
+    from .names import is_network_target
+    from .networks import NETWORK_TARGETS, build_network_target
 
     if is_network_target(name):
         return build_network_target(name, checkpoint, allow_random=allow_random, init_seed=init_seed, **params)

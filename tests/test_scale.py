@@ -131,3 +131,21 @@ def test_classical_targets_in_strips_match_the_whole_image(monkeypatch):
     np.testing.assert_array_equal(GammaCorrection()(lq, {}), whole[0])
     np.testing.assert_array_equal(Wiener()(lq, kernel), whole[1])
     np.testing.assert_array_equal(NonLocalMeans()(lq, {}), whole[2])
+
+
+def test_the_no_op_command_imports_no_torch_and_no_network_code(tmp_path, tiny_clip):
+    """`make features` on complete stores is answered from names, the stat cache and the manifest:
+    the process never imports torch, scipy or open_clip (seconds of start-up on a small machine)."""
+    import subprocess
+    import sys
+
+    data = write_dataset(tmp_path / "data")
+    features(data, tmp_path / "stores", tiny_clip)
+    code = ("import sys; from pipeline.__main__ import main; "
+            f"rc = main(['features', '--task', 'deblur', '--data', 'generic:{data}', '--target', 'identity', "
+            f"'--encoder', 'openclip:{tiny_clip}', '--store-root', '{tmp_path / 'stores'}', '--splits', 'test', "
+            "'--shard-len', '2', '--tile', '32']); "
+            "print('loaded', [m for m in ('torch', 'scipy.signal', 'open_clip') if m in sys.modules], rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "nothing to compute" in out and out.strip().endswith("loaded [] 0"), out
