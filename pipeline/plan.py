@@ -17,7 +17,7 @@ from stores.store import SOURCES_DIR, StoreError
 
 from .degrade import DEGRADATIONS
 from .layouts import parse_data
-from .names import is_user_encoder, is_user_target, weights_arg
+from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
 from .tasks import get_task
 
@@ -82,6 +82,7 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
 # -- "nothing to compute" without building a network --------------------------------------------
 TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "target_budget_mb", "init_seed",
                  "allow_random_weights")
+CLASSICAL_RECIPE = tuple(f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget")))
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
 
 
@@ -129,11 +130,12 @@ def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, 
         members = Store(path).manifest()["members"]
     except (StoreError, OSError, ValueError, KeyError):
         return None, source
-    want = {f: getattr(cfg, f) for f in TARGET_RECIPE}
+    recipe = TARGET_RECIPE if is_network_target(names[0]) else CLASSICAL_RECIPE  # tiling is a network's
+    want = {f: getattr(cfg, f) for f in recipe}
     done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
     if members.get("pairs", {}).get("status") != "complete" or not any(
             "target" in i and (i["config"].get("target") or task.target) == names[0]
-            and {f: i["config"].get(f) for f in TARGET_RECIPE} == want for i in done):
+            and {f: i["config"].get(f) for f in recipe} == want for i in done):
         return None, source
     for name in names[1:]:
         want = {f: getattr(cfg, f) for f in ENCODER_RECIPE}
