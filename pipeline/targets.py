@@ -61,14 +61,18 @@ class Wiener(Classical):
         r = self.pad
         h, w = lq.shape[0] + 2 * r, lq.shape[1] + 2 * r
         lap = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float64)
-        otf_k = _otf(k, h, w)
-        denom = np.abs(otf_k) ** 2 + self.lam * np.abs(_otf(lap, h, w)) ** 2
-        gain = np.conj(otf_k) / denom
-        del otf_k, denom
+        # gain = conj(K) / (|K|^2 + lam |L|^2), built in place (the same operations, so the same bits)
+        denom = self.lam * np.abs(_otf(lap, h, w)) ** 2
+        gain = _otf(k, h, w)
+        denom += np.abs(gain) ** 2
+        np.conjugate(gain, out=gain)
+        gain /= denom
+        del denom
         out = np.empty(lq.shape, np.float32)  # channel by channel: one float64 plane in memory at a time
         for c in range(lq.shape[2]):
-            x = np.pad(lq[..., c].astype(np.float64), r, mode="edge")
-            out[..., c] = np.fft.irfft2(np.fft.rfft2(x) * gain, s=(h, w))[r:-r, r:-r]
+            f = np.fft.rfft2(np.pad(lq[..., c].astype(np.float64), r, mode="edge"))
+            f *= gain
+            out[..., c] = np.fft.irfft2(f, s=(h, w))[r:-r, r:-r]
         return out
 
 
