@@ -267,3 +267,17 @@ def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp
     assert 2 not in streamed and set(streamed) == set(range(N)) - {2}
     with tarfile.open(folder / index["shards"][0]["name"]) as tar:
         assert not any(m.name.startswith("00000002.") for m in tar)
+
+
+def test_the_shuffle_buffers_are_bounded_in_bytes_not_only_in_samples():
+    """Large samples (a 1280x720 pair is ~8 MB encoded) get shorter buffers, so a loader's memory
+    does not grow with the samples' size; small ones keep --wds-buffer."""
+    from types import SimpleNamespace
+
+    from training.wds_data import buffer_samples
+
+    big = SimpleNamespace(shards=[{"bytes": 100 * 2 ** 20, "samples": 10}] * 4)  # 10 MB per sample
+    assert buffer_samples(big, 4, 256, 256.0) == 6  # 256 MB / (4 streams x 10 MB)
+    assert buffer_samples(big, 4, 3, 256.0) == 3
+    assert buffer_samples(big, 4, 256, 1.0) == 2
+    assert buffer_samples(SimpleNamespace(shards=[{"bytes": 2 ** 20, "samples": 100}]), 4, 256, 256.0) == 256

@@ -42,6 +42,7 @@ class TrainConfig:
     format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
     wds_streams: int = 4  # wds: shuffled shard streams per process (batches depend on it; workers must divide it)
     wds_buffer: int = 256  # wds: shuffle buffer per stream, in samples (memory: streams x buffer x sample)
+    wds_buffer_mb: float = 256.0  # wds: at most this many MB of encoded samples in the shuffle buffers (fewer samples for large ones)
     run: str | None = None  # default: the task name
     runs_dir: str = "runs"
     steps: int = 1500
@@ -113,7 +114,7 @@ def make_loader(cfg: TrainConfig, train_split, start: int, stop: int, rank: int,
         from .wds_data import WdsBatches
 
         batches = WdsBatches(train_split, cfg.crop, cfg.batch, cfg.seed, start, stop, rank, world,
-                             cfg.wds_streams, cfg.wds_buffer)
+                             cfg.wds_streams, cfg.wds_buffer, cfg.wds_buffer_mb)
         return torch.utils.data.DataLoader(batches, batch_size=None, **prefetch)
     train_split.arrays()  # load once before the loader forks
     batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)

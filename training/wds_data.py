@@ -4,7 +4,8 @@
 Streaming: nothing is read up front but `index.json`; tar shards are read sequentially with the
 `webdataset` library (from a local path, a shared filesystem or `s3://`, through fsspec), samples go
 through a bounded shuffle buffer, and only the samples of a batch are decoded. Memory is the shuffle
-buffers plus one batch, whatever the size of the export.
+buffers (at most --wds-buffer samples per stream and --wds-buffer-mb of encoded samples in all) plus
+one batch, whatever the size of the export or of its samples.
 
 Determinism. Each rank reads `streams` (--wds-streams, default 4) independent streams. In epoch e of
 stream k on rank r, the shards are a permutation of all shards drawn from (seed, e), of which the
@@ -201,11 +202,22 @@ class WdsSplit:
                 "g": np.concatenate([g[0] for g in d["g"]])}
 
 
+def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: float) -> int:
+    """Shuffle-buffer length per stream: `buffer` samples, fewer when the streams' buffers would
+    hold more than `buffer_mb` of raw (encoded) samples at the export's mean sample size, and at
+    least 2. A function of the export and the settings alone, so batches stay deterministic."""
+    sizes = [(s.get("bytes", 0), s.get("samples", 0)) for s in split.shards]
+    mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
+    if mean <= 0:
+        return buffer
+    return max(2, min(buffer, int(buffer_mb * 2 ** 20 / (streams * mean))))
+
+
 class WdsBatches(torch.utils.data.IterableDataset):
     """The batches of steps [start, stop) of one rank, streamed (see the module doc)."""
 
     def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256):
+                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 256.0):
         if crop % 4:
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         if batch % world:
@@ -223,7 +235,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"{split.loc.url}: no sample is at least {crop}px on both sides; lower --crop")
         self.split, self.crop, self.per_rank, self.seed = split, crop, batch // world, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self.streams, self.buffer = streams, buffer
+        self.streams, self.buffer = streams, buffer_samples(split, streams, buffer, buffer_mb)
         self.peak_held = 0  # most raw samples read but not yet used, over this process's streams (tests)
 
     def __len__(self) -> int:
