@@ -183,6 +183,8 @@ def run_distill(cfg: TrainConfig, steps: int) -> None:
     from .distill import DistillConfig, distill
     from .train import open_splits
 
+    if cfg.format == "wds":  # distillation reads samples by index, which a streamed export does not serve
+        raise ValueError("distill reads the Zarr train store (samples by index); drop --format wds (FORMAT=wds)")
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     if not (run_dir / "model.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no trained run here; `make train` first")

@@ -217,7 +217,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
     """The batches of steps [start, stop) of one rank, streamed (see the module doc)."""
 
     def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 256.0):
+                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 128.0):
         if crop % 4:
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         if batch % world:
