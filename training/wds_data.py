@@ -205,12 +205,12 @@ class WdsSplit:
 def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: float) -> int:
     """Shuffle-buffer length per stream: `buffer` samples, fewer when the streams' buffers would
     hold more than `buffer_mb` of raw (encoded) samples at the export's mean sample size, and at
-    least 2. A function of the export and the settings alone, so batches stay deterministic."""
+    least 1. A function of the export and the settings alone, so batches stay deterministic."""
     sizes = [(s.get("bytes", 0), s.get("samples", 0)) for s in split.shards]
     mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
     if mean <= 0:
         return buffer
-    return max(2, min(buffer, int(buffer_mb * 2 ** 20 / (streams * mean))))
+    return max(1, min(buffer, int(buffer_mb * 2 ** 20 / (streams * mean))))
 
 
 class WdsBatches(torch.utils.data.IterableDataset):
