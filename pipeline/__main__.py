@@ -37,7 +37,7 @@ def features_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target-budget-mb", type=float, default=D.target_budget_mb,
                    help="activation memory of one call of a network target (default: %(default)s MB): larger "
                         "images run in tiles sized from it (recorded in the member key; raise it on a GPU to run "
-                        "whole images)")
+                        "whole images; 'inf': never tile, as versions before the budget did)")
     p.add_argument("--encoder", default=None, help="'clip-vit-b32' (default), 'effnet-lite0' (ImageNet "
                    "EfficientNet-Lite0, weights from its package), 'openclip:<model>[:<tag>]', "
                    "'openclip:<folder with open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory "
@@ -113,10 +113,11 @@ def main(argv=None) -> int:
             return 0
         cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
                              splits=tuple(args.splits.split(",")))
-        if cfg.wds or complete_stores(cfg) is None:  # else answered without importing torch or a network
+        paths, found = (None, None) if cfg.wds else complete_stores(cfg)
+        if paths is None:  # else answered without importing torch or a network
             from .extract import build_features
 
-            build_features(cfg)
+            build_features(cfg, found=found)
     except (ValueError, RuntimeError, OSError) as e:
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
         print(f"error: {scrub(e)}" + ("; free space (or raise the quota) and run the same command again: "

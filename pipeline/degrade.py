@@ -60,12 +60,10 @@ def blur_noise(img: np.ndarray, kernel: np.ndarray, sigma: float, rng: np.random
     from scipy.signal import fftconvolve  # here, not at import: `make features` with nothing to do needs no scipy
 
     r = kernel.shape[0] // 2
-    h = img.shape[0]
+    rows = np.pad(np.arange(img.shape[0]), r, mode="reflect")  # the rows np.pad(mode="reflect") of the whole takes
     out = np.empty(img.shape, np.float32)
     for r0, r1 in strips(*img.shape[:2]):
-        rows = np.abs(np.arange(r0 - r, r1 + r))  # reflected borders, as np.pad(mode="reflect") of the whole
-        rows = np.where(rows > h - 1, 2 * (h - 1) - rows, rows)
-        part = np.pad(img[rows], ((0, 0), (r, r), (0, 0)), mode="reflect")
+        part = np.pad(img[rows[r0:r1 + 2 * r]], ((0, 0), (r, r), (0, 0)), mode="reflect")
         conv = np.stack([fftconvolve(part[..., c], kernel, mode="valid") for c in range(img.shape[2])], -1)
         out[r0:r1] = np.clip(conv + rng.normal(0.0, sigma, conv.shape), 0, 1)
     return out

@@ -104,7 +104,6 @@ class ClipEncoder(ImageEncoder):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
 
-
     def spec(self) -> dict:
         return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "open_clip",
                 "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),

@@ -15,7 +15,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ from stores.leases import LeaseLost
 from stores.privacy import shareable
 from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
-from stores.wds import WdsWriter, export_wds
+from stores.wds import INDEX as WDS_INDEX, WdsWriter, export_wds
 
 from . import stages
 from .degrade import DEGRADATIONS
@@ -229,6 +228,7 @@ class SplitJob:
         except LeaseLost as e:
             for m, t in shard.jobs:
                 progress.pop((m.path, t), None)
+            shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
             self.log(f"{self.path.name}: {e}")
             return
         if last:
@@ -250,8 +250,11 @@ class SplitJob:
                            self.store.manifest().get("task"), target, encoders, {m.path: m.key for m in self.members})
         number = {a: k for k, (_, a, _) in enumerate(self.store.layout.shards())}
         writer.out.mkdir(parents=True, exist_ok=True)
+        (writer.out / WDS_INDEX).unlink(missing_ok=True)  # tars change below: an older index no longer holds
 
         def write(s: stages.Shard) -> None:
+            if not s.wds_ready or s.fenced:
+                return  # a member not written for it yet, or this writer lost the range: export_wds fills it in
             hw, d, out = stages.usable_hw(s), s.data, s.outputs
             rows = ({"index": i, "name": str(d["names"][j]), "hw": hw[j], "lq": d["lq"][j], "gt": d["gt"][j],
                      "base": out[target]["base"][j], "g": {e: out[e]["g"][j] for e in encoders},
@@ -401,19 +404,22 @@ def build_models(cfg: FeaturesConfig):
     return task, target, encoders
 
 
-def build_features(cfg: FeaturesConfig, log=print) -> list[Path]:
+def build_features(cfg: FeaturesConfig, log=print, found: dict | None = None) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
-    one added to a complete store computes only itself.
+    one added to a complete store computes only itself. `found`: split -> complete_store's answer,
+    when the caller asked already (the sources are then not listed twice).
     """
     task = get_task(cfg.task)
-    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
+    found = found or {split: complete_store(cfg, task, split) for split in cfg.splits}
     if all(path for path, _ in found.values()):  # a re-run of a complete store: no network is built
         for path, _ in found.values():
             log(f"{path.name}: complete; nothing to compute")
-            if cfg.wds:
-                export_wds(path, log=log, ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
+            if cfg.wds:  # the export of the members this command names
+                export_wds(path, target=(cfg.target or task.target).split(":")[0],
+                           encoders=(cfg.encoder or task.encoder).split(","), log=log,
+                           ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
         return [path for path, _ in found.values()]
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(

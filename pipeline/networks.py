@@ -171,15 +171,16 @@ class NetworkTarget:
         self.weights = "pretrained" if sha256 else "random"
         self.prepare = prepare
         self.max_pixels = self.auto_tile = None
-        if tile is None:
-            budget = BUDGET_MB if budget_mb is None else float(budget_mb)
+        budget = BUDGET_MB if budget_mb is None else float(budget_mb)
+        auto = tile is None and budget != float("inf")  # inf: never tiled (a spec made before the budget)
+        if auto:
             per_px = activation_bytes_per_pixel(self.net, factor, self.device, prepare)
             self.max_pixels = int(budget * 2 ** 20 / (LIVE_FACTOR * per_px))
             smallest = -(-(2 * overlap + factor) // factor) * factor
             self.auto_tile = max(smallest, int(self.max_pixels ** 0.5) // factor * factor)
         self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
                       "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
-        if tile is None:  # what decides how a large image is cut (none is, below max_pixels)
+        if auto:  # what decides how a large image is cut (none is, below max_pixels)
             self._spec["auto_tile"] = {"budget_mb": budget, "max_pixels": self.max_pixels, "tile": self.auto_tile,
                                        "overlap": overlap}
         if sha256 is None and init_seed is not None:  # random weights: how to draw them again
@@ -203,7 +204,7 @@ class NetworkTarget:
         """The tile edge an (h, w) padded input runs in; None: whole."""
         if self.tile is not None:
             return self.tile
-        return self.auto_tile if h * w > self.max_pixels else None
+        return self.auto_tile if self.max_pixels is not None and h * w > self.max_pixels else None
 
 
 def activation_bytes_per_pixel(net: nn.Module, factor: int, device, prepare: Callable | None = None) -> float:
@@ -357,7 +358,7 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
     (random weights: drawn again from the recorded seed; `checkpoint` is then None)."""
     auto = spec.get("auto_tile") or {}
     tiling = {"tile": spec.get("tile"), "overlap": spec.get("overlap") or auto.get("overlap") or 32, "device": device,
-              "budget_mb": auto.get("budget_mb")}
+              "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf"))}  # older specs: whole
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"
         target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],

@@ -148,13 +148,14 @@ def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, 
     return path, source
 
 
-def complete_stores(cfg: FeaturesConfig, log=print) -> list[Path] | None:
-    """The stores of every split when all are complete (each logged as such), else None: then
-    pipeline.extract builds the networks and checks by key."""
+def complete_stores(cfg: FeaturesConfig, log=print) -> tuple[list[Path] | None, dict]:
+    """(the stores of every split, when all are complete, each logged as such, else None; split ->
+    complete_store's answer, which pipeline.extract.build_features takes so as not to list the
+    sources again when it has to build the networks and check by key)."""
     task = get_task(cfg.task)
-    found = [complete_store(cfg, task, split)[0] for split in cfg.splits]
-    if not all(found):
-        return None
-    for path in found:
+    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
+    if not all(path for path, _ in found.values()):
+        return None, found
+    for path, _ in found.values():
         log(f"{path.name}: complete; nothing to compute")
-    return found
+    return [path for path, _ in found.values()], found

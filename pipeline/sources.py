@@ -205,7 +205,13 @@ def sample_of(root: Path | None, name: str, hw, ref: dict) -> Sample:
     """The Sample a descriptor (name, size, `Sample.ref`) describes, read with the same loaders as
     open_source's; nothing is listed or opened until it is loaded. `root`: the dataset folder."""
     hw = tuple(int(v) for v in hw)
+    if ("demo" in ref) != (root is None):  # a demo store's rows name demo photos, a folder's name files
+        raise SourceError(f"sample descriptor {name!r}: {'a demo photo' if 'demo' in ref else 'a file'} in a "
+                          f"{'folder' if root is not None else 'demo'} store; the store's _sources/samples was altered")
     if "demo" in ref:
+        if not any(ref["demo"] in names for names in DEMO_SPLITS.values()):
+            raise SourceError(f"sample descriptor {name!r}: {ref['demo']!r} is not a demo photo "
+                              f"({sorted(n for v in DEMO_SPLITS.values() for n in v)})")
         return _demo_tile(ref["demo"], ref["y"], ref["x"], hw)
     gt, lq = _unref(root, ref["gt"], hw), _unref(root, ref["lq"], hw)
     loader = _block_loader if isinstance(gt, MatBlock) else _frame_loader if isinstance(gt, ProtocolFrame) \

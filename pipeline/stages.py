@@ -13,6 +13,7 @@ at most three shards are in memory at once.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .degrade import sample_rng
+from stores.store import read_json
+
 from .sources import SourceError
 
 PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
@@ -40,6 +43,8 @@ class Shard:
     data: dict = field(default_factory=dict)  # degraded: lq, gt, hw, names, meta, source_index, index
     outputs: dict = field(default_factory=dict)  # member path -> {array name: values}
     stats: dict = field(default_factory=dict)  # seconds per stage, samples, notes, excluded per member
+    wds_ready: bool = True  # every member's outputs are there (`stored`): a second writer may write it
+    fenced: bool = False  # the store's writer lost the range's lease: nothing of it counts
 
     def wants(self, member: str) -> bool:
         return any(m.path == member for m, _ in self.jobs)
@@ -213,15 +218,33 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
 def stored(shards: Iterable[Shard], store, members: list[str]) -> Iterator[Shard]:
     """Add the outputs (and recorded exclusions) of the members a shard does not compute (written
     before, by this or another writer: their done markers exist), read back, so that a second
-    writer (the WebDataset one) sees every member of every shard."""
-    excluded = {m: store.records(m)["excluded"] if store.status(m) == "complete" else
-                store.task_records(m, "excluded") for m in members}
+    writer (the WebDataset one) sees every member of every shard. Only the done marker of the task
+    covering each shard is read (once per task), so T tasks read O(T) markers, not O(T^2). A shard
+    a member has not written yet (no marker: another writer's range in progress) gets
+    `wds_ready` False, and the second writer leaves it to the export's completion."""
+    complete = {m: store.records(m)["excluded"] for m in members if store.status(m) == "complete"}
+    starts = {m: [a for a, _ in store.plan(m)] for m in members if m not in complete}
+    markers: dict = {}
+
+    def recorded(m: str, lo: int) -> list | None:
+        if m in complete:
+            return complete[m]
+        t = bisect.bisect_right(starts[m], lo) - 1
+        if (m, t) not in markers:
+            path = store.done_path(m, t)
+            markers[(m, t)] = read_json(path)["stats"].get("excluded", []) if path.exists() else None
+        return markers[(m, t)]
+
     for s in shards:
         for m in members:
             if m not in s.outputs:
+                excluded = recorded(m, s.lo)
+                if excluded is None:
+                    s.wds_ready = False
+                    continue
                 arrays = store.member_info(m)["arrays"]
                 s.outputs[m] = {k: store._samples(m, k)[s.lo:s.hi] for k in arrays}
-                s.excluded(m).extend(e for e in excluded[m] if s.lo <= e.get("index", -1) < s.hi)
+                s.excluded(m).extend(e for e in excluded if s.lo <= e.get("index", -1) < s.hi)
         yield s
 
 

@@ -86,7 +86,7 @@ def submit_features(args, log=print) -> int:
     cfg = config_from_args(args)
     task = get_task(cfg.task)
     found = [complete_store(cfg, task, split)[0] for split in cfg.splits]
-    if all(found):  # from the stat cache and the manifests: no network built, nothing listed but the sources
+    if all(found) and not cfg.wds:  # from the stat cache and the manifests: no network built
         for path in found:
             log(f"{path.name}: complete; nothing to submit")
         log("every member is complete: no job submitted")
@@ -95,6 +95,8 @@ def submit_features(args, log=print) -> int:
     for j in jobs.values():
         if not j.todo:
             log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
+            if cfg.wds:  # the export of complete stores is written here (no job needed)
+                j.export_wds(log)
     if not any(j.todo for j in jobs.values()):
         log("every member is complete: no job submitted")
         return 0

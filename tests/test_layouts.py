@@ -353,3 +353,14 @@ def test_a_descriptor_that_leaves_the_dataset_folder_is_refused(tmp_path, bad):
     with pytest.raises(SourceError, match="not inside the dataset folder"):
         sample_of(tmp_path, "x", (4, 4), {"gt": {"file": bad}, "lq": None})
     assert sample_of(tmp_path, "x", (4, 4), {"gt": {"file": "train/gt/a.png"}, "lq": None}).name == "x"
+
+
+def test_a_descriptor_cannot_name_another_kind_of_sample(tmp_path):
+    from pipeline.sources import SourceError, sample_of
+
+    with pytest.raises(SourceError, match="not a demo photo"):  # no arbitrary skimage.data function
+        sample_of(None, "x", (4, 4), {"demo": "download_all", "y": 0, "x": 0})
+    with pytest.raises(SourceError, match="a demo photo in a folder store"):
+        sample_of(tmp_path, "x", (4, 4), {"demo": "chelsea", "y": 0, "x": 0})
+    with pytest.raises(SourceError, match="a file in a demo store"):
+        sample_of(None, "x", (4, 4), {"gt": {"file": "a.png"}, "lq": None})

@@ -33,7 +33,7 @@ HELP = {
     "wds_streams": "wds: shuffled shard streams per process; batches depend on it; --workers must divide it",
     "wds_buffer": "wds: shuffle buffer per stream, in samples (bounds the loader's memory)",
     "wds_buffer_mb": "wds: MB of encoded samples the shuffle buffers may hold in all (fewer samples per buffer "
-                     "when samples are large, at least 2)",
+                     "when samples are large, at least 1)",
     "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
               "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",
@@ -183,6 +183,8 @@ def run_distill(cfg: TrainConfig, steps: int) -> None:
     from .distill import DistillConfig, distill
     from .train import open_splits
 
+    if cfg.format == "wds":  # distillation reads samples by index, which a streamed export does not serve
+        raise ValueError("distill reads the Zarr train store (samples by index); drop --format wds (FORMAT=wds)")
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     if not (run_dir / "model.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no trained run here; `make train` first")

@@ -42,7 +42,7 @@ class TrainConfig:
     format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
     wds_streams: int = 4  # wds: shuffled shard streams per process (batches depend on it; workers must divide it)
     wds_buffer: int = 256  # wds: shuffle buffer per stream, in samples (memory: streams x buffer x sample)
-    wds_buffer_mb: float = 256.0  # wds: at most this many MB of encoded samples in the shuffle buffers (fewer samples for large ones)
+    wds_buffer_mb: float = 128.0  # wds: at most this many MB of encoded samples in the shuffle buffers (fewer samples for large ones)
     run: str | None = None  # default: the task name
     runs_dir: str = "runs"
     steps: int = 1500
@@ -142,7 +142,8 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
     sidecar = json.loads((run_dir / "model.json").read_text())
     for role, split in (("train", train_split), ("test", test_split)):
         check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())
-    if {k: v for k, v in sidecar["train"].items() if k not in RUNTIME_ONLY} != \
+    recorded = {**asdict(TrainConfig()), **sidecar["train"]}  # settings added since: their defaults
+    if {k: v for k, v in recorded.items() if k not in RUNTIME_ONLY} != \
             {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
     state = torch.load(run_dir / "state.pt", weights_only=True)

@@ -205,19 +205,19 @@ class WdsSplit:
 def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: float) -> int:
     """Shuffle-buffer length per stream: `buffer` samples, fewer when the streams' buffers would
     hold more than `buffer_mb` of raw (encoded) samples at the export's mean sample size, and at
-    least 2. A function of the export and the settings alone, so batches stay deterministic."""
+    least 1. A function of the export and the settings alone, so batches stay deterministic."""
     sizes = [(s.get("bytes", 0), s.get("samples", 0)) for s in split.shards]
     mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
     if mean <= 0:
         return buffer
-    return max(2, min(buffer, int(buffer_mb * 2 ** 20 / (streams * mean))))
+    return max(1, min(buffer, int(buffer_mb * 2 ** 20 / (streams * mean))))
 
 
 class WdsBatches(torch.utils.data.IterableDataset):
     """The batches of steps [start, stop) of one rank, streamed (see the module doc)."""
 
     def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 256.0):
+                 rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 128.0):
         if crop % 4:
             raise ValueError(f"crop must be a multiple of 4, got {crop}")
         if batch % world:
