@@ -54,6 +54,17 @@ def strips(h: int, w: int, px: int | None = None) -> list[tuple[int, int]]:
     return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
 
 
+def in_strips(fn, img: np.ndarray, halo: int) -> np.ndarray:
+    """fn (an image -> same-size float image filter whose output pixel depends on input rows within
+    `halo`) applied strip by strip, each strip with `halo` rows of context: the same values as
+    fn(img) at a strip's memory, as float32."""
+    out = np.empty(img.shape, np.float32)
+    for r0, r1 in strips(*img.shape[:2]):
+        a0, a1 = max(0, r0 - halo), min(img.shape[0], r1 + halo)
+        out[r0:r1] = fn(img[a0:a1])[r0 - a0:r1 - a0]
+    return out
+
+
 def blur_noise(img: np.ndarray, kernel: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """clip(img * kernel + N(0, sigma)) as float32: per-channel 2-D convolution with reflected
     borders (output the input's size), computed strip by strip with the kernel's halo."""

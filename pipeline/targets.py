@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 from scipy.ndimage import gaussian_filter, median_filter
 
-from .degrade import strips
+from .degrade import in_strips
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,8 @@ class GammaCorrection(Classical):
         mean = float(np.clip(lq.mean(), 1e-4, 0.99))
         power = np.log(self.level) / np.log(mean)
         halo = int(4.0 * self.smooth + 0.5)  # gaussian_filter's radius (truncate=4): strips with it are exact
-        out = np.empty(lq.shape, np.float32)
-        for r0, r1 in strips(*lq.shape[:2]):
-            a0, a1 = max(0, r0 - halo), min(lq.shape[0], r1 + halo)
-            part = gaussian_filter(np.clip(lq[a0:a1], 0, 1) ** power, (self.smooth, self.smooth, 0))
-            out[r0:r1] = part[r0 - a0:r1 - a0]
-        return out
+        smooth = (self.smooth, self.smooth, 0)
+        return in_strips(lambda x: gaussian_filter(np.clip(x, 0, 1) ** power, smooth), lq, halo)
 
 
 @dataclass(frozen=True)
@@ -136,13 +132,9 @@ class NonLocalMeans(Classical):
 
         sigma = noise_sigma(lq)
         halo = 2 * (self.patch + self.window)  # a pixel depends on patches within window + patch // 2
-        out = np.empty(lq.shape, np.float32)
-        for r0, r1 in strips(*lq.shape[:2]):  # large images strip by strip, each with its halo
-            a0, a1 = max(0, r0 - halo), min(lq.shape[0], r1 + halo)
-            part = denoise_nl_means(lq[a0:a1], h=self.strength * sigma, sigma=sigma, fast_mode=True,
-                                    patch_size=self.patch, patch_distance=self.window, channel_axis=-1)
-            out[r0:r1] = part[r0 - a0:r1 - a0]
-        return out
+        return in_strips(lambda x: denoise_nl_means(x, h=self.strength * sigma, sigma=sigma, fast_mode=True,
+                                                    patch_size=self.patch, patch_distance=self.window,
+                                                    channel_axis=-1), lq, halo)  # large images strip by strip
 
 
 def noise_sigma(img: np.ndarray) -> float:
