@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .degrade import sample_rng
+from stores.runtime import release_memory
 from stores.store import read_json
 
 from .sources import SourceError
@@ -272,6 +273,8 @@ def write(shards: Iterable[Shard], *writers: Callable[[Shard], None]) -> int:
     def write_all(s: Shard) -> None:
         for w in writers:
             w(s)
+        s.samples, s.data, s.outputs = [], {}, {}  # written: give the pixels' memory back
+        release_memory()
 
     with ThreadPoolExecutor(1) as writer:
         pending: deque = deque()

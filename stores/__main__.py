@@ -10,6 +10,7 @@ from pathlib import Path
 from .privacy import scrub
 from .stats import member_stats
 from .store import MANIFEST, Store, StoreError
+from .wds import TILE
 
 
 def find_stores(root: Path) -> list[Path]:
@@ -87,7 +88,7 @@ def cmd_export_wds(args) -> int:
     from .wds import export_wds
 
     export_wds(args.store, args.out, args.target, args.encoder, args.samples_per_shard, args.shard_mb,
-               args.min_shards, args.jobs)
+               args.min_shards, args.jobs, tile=args.tile, overlap=args.tile_overlap)
     return 0
 
 
@@ -155,6 +156,11 @@ def main(argv=None) -> int:
     s.add_argument("--min-shards", type=int, default=8, help="at least this many shards, so nodes x "
                    "workers can each get whole shards (default: 8)")
     s.add_argument("--jobs", type=int, default=4, help="shards written at once (default: 4)")
+    s.add_argument("--tile", type=int, default=TILE, help=f"cut samples into tiles of at most this many px a side, "
+                   f"so a loader decodes a tile, not a whole photo, per crop; a crop must fit in a tile, so keep "
+                   f"it at least twice --crop (default: {TILE}; 0: whole samples)")
+    s.add_argument("--tile-overlap", type=int, default=0, help="px by which neighbouring tiles overlap; the crop "
+                   "size lets crops straddle tile seams too, for more stored bytes (default: 0)")
     s.set_defaults(fn=cmd_export_wds)
     s = sub.add_parser("repair", help="recompute only the damaged tasks of a store (withdraws their done "
                        "markers, then reruns the recorded `python -m pipeline features`)")

@@ -1,13 +1,20 @@
 """Export a store to WebDataset tar shards for streaming: `python -m stores export-wds STORE`.
 
 Writes `<out>/<store name>-wds/` (default out: the store's folder's parent):
-    shard-000000.tar ...   per sample `<index:08d>.` + lq.png, gt.png (uint8 RGB, valid size),
-                           base.npy (float16, valid size), osf.<encoder member id>.npy ((4, D)
-                           float32, the 4 flips), meta.json (name, index, hw, store, pairs key,
-                           members and keys, the degradation's `meta` parsed)
-    shard-000000.json ...  each tar's record and the member keys it was written with (for reuse)
-    index.json             shards (samples, first index, names, hw, bytes, sha256), the source's
-                           keys and member records, `complete: true`; written last
+    shard-000000.tar ...   per tile of a sample, `<index:08d>_<tile:04d>.` + lq.png, gt.png
+                           (uint8 RGB), base.npy (float16), osf.<encoder member id>.npy ((4, D)
+                           float32, the 4 flips of the whole image's g), meta.json (name, index,
+                           hw, tile [y, x, h, w], store, pairs key, members and keys, the
+                           degradation's `meta` parsed)
+    shard-000000.json ...  each tar's record and the member keys and tiling it was written with
+    index.json             tiling, shards (samples, tiles, first index, names, hw, bytes, sha256),
+                           the source's keys and member records, `complete: true`; written last
+Tiles. A sample is cut into a grid of tiles of at most `tile` px a side (`tile_grid`: balanced, so
+a 1280x720 frame gives 3 x 2 tiles of 427x360, a 12 MP photo 48 of 500x500), overlapping by
+`overlap` px; the tiles of a sample are contiguous in its shard. A reader then decodes a tile, not
+a 12 MP image, per training crop: a loader's memory and time per crop no longer follow the largest
+image. A crop never straddles two tiles unless they overlap by the crop size (`--tile-overlap`);
+`tile` 0 writes whole samples.
 One writer (WdsWriter) makes the tars from a stream of samples: `export-wds` feeds it a complete
 store's samples read back (`stored_rows`); `make features FORMAT=wds` (`--wds`) feeds it the
 extraction stream as it goes (pipeline/stages.py), one tar per store shard, and then lets
@@ -36,7 +43,31 @@ from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
-VERSION = 1
+VERSION = 2  # 2: samples cut into tiles (1: whole samples; read no more: export again)
+TILE = 512  # default tile side, px
+
+
+def axis_tiles(length: int, tile: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """(start, size) of the tiles along one axis: as few as cover `length` with tiles of at most
+    `tile` px overlapping by at least `overlap`, all of one size, evenly spread."""
+    if tile <= 0 or length <= tile:
+        return [(0, length)]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, {tile}), got {overlap}")
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (n - 1) * overlap) / n)
+    return [(int(a), size) for a in np.linspace(0, length - size, n).round()]
+
+
+def tile_grid(h: int, w: int, tile: int, overlap: int = 0) -> list[tuple[int, int, int, int]]:
+    """(y, x, h, w) of each tile of an h x w sample, row by row (see the module doc)."""
+    return [(y, x, th, tw) for y, th in axis_tiles(h, tile, overlap) for x, tw in axis_tiles(w, tile, overlap)]
+
+
+def tile_count(hw: np.ndarray, tile: int, overlap: int = 0) -> int:
+    """Tiles written for samples of usable sizes `hw` ((0, 0): excluded, none)."""
+    return sum(len(axis_tiles(int(h), tile, overlap)) * len(axis_tiles(int(w), tile, overlap))
+               for h, w in hw if h > 0)
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -78,9 +109,14 @@ class WdsWriter:
     A row is one sample's fields: index, name, hw (usable size; (0, 0): excluded, never written),
     lq, gt (uint8), base (float16), g {osf member: (4, D)}, meta (the degradation's JSON)."""
 
-    def __init__(self, out: Path, store: str, pairs_key: str, task, target: str, encoders: list[str], keys: dict):
+    def __init__(self, out: Path, store: str, pairs_key: str, task, target: str, encoders: list[str], keys: dict,
+                 tile: int = TILE, overlap: int = 0):
         self.out, self.store, self.pairs_key, self.task = Path(out), store, pairs_key, task
         self.target, self.encoders, self.keys = target, encoders, keys
+        if tile < 0 or (tile and not 0 <= overlap < tile):
+            raise ValueError(f"--tile must be 0 (whole samples) or positive, and --tile-overlap in [0, tile); "
+                             f"got {tile} and {overlap}")
+        self.tiling = {"tile": int(tile), "overlap": int(overlap)}
 
     def sample_meta(self, row: dict) -> dict:
         meta = row["meta"]
@@ -93,17 +129,19 @@ class WdsWriter:
                 "target": {"member": self.target, "key": self.keys[self.target]},
                 "encoders": [{"member": e, "key": self.keys[e]} for e in self.encoders], "meta": drawn}
 
-    def sample(self, row: dict) -> dict | None:
-        """The WebDataset sample ({"__key__": "<index:08d>", entry: bytes}) of a row; None when excluded."""
+    def samples(self, row: dict):
+        """The WebDataset samples ({"__key__": "<index:08d>_<tile:04d>", entry: bytes}) of a row's
+        tiles; none when it was excluded."""
         h, w = (int(v) for v in row["hw"])
         if h == 0:  # excluded at extraction: never written, so it can never reach a batch
-            return None
-        meta = json.dumps(self.sample_meta(row), sort_keys=True).encode()
-        return {"__key__": f"{row['index']:08d}", "lq.png": png_bytes(row["lq"][:h, :w]),
-                "gt.png": png_bytes(row["gt"][:h, :w]), "base.npy": npy_bytes(row["base"][:h, :w]),
-                **{f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32))
-                   for e in self.encoders},
-                "meta.json": meta}
+            return
+        meta = self.sample_meta(row)
+        g = {f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32)) for e in self.encoders}
+        for t, (y, x, th, tw) in enumerate(tile_grid(h, w, **self.tiling)):
+            box = (slice(y, y + th), slice(x, x + tw))
+            yield {"__key__": f"{row['index']:08d}_{t:04d}", "lq.png": png_bytes(row["lq"][box]),
+                   "gt.png": png_bytes(row["gt"][box]), "base.npy": npy_bytes(row["base"][box]), **g,
+                   "meta.json": json.dumps({**meta, "tile": [y, x, th, tw]}, sort_keys=True).encode()}
 
     def write_shard(self, k: int, lo: int, hi: int, rows) -> dict:
         """Write shard k (the rows of samples [lo, hi), in order) with webdataset's TarWriter to a
@@ -111,17 +149,18 @@ class WdsWriter:
         give the same bytes); its record goes beside it (`shard-<k>.json`, for reuse)."""
         from webdataset.writer import TarWriter  # imports torch: only when exporting
 
-        name, names, hw = f"shard-{k:06d}.tar", [], []
+        name, names, hw, tiles = f"shard-{k:06d}.tar", [], [], 0
         with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f, \
                 TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar:
             for row in rows:
                 names.append(row["name"])
                 hw.append([int(v) for v in row["hw"]])
-                if (sample := self.sample(row)) is not None:
+                for sample in self.samples(row):
                     tar.write(sample)
-        rec = {"name": name, "first": lo, "samples": hi - lo, "names": names, "hw": hw,
+                    tiles += 1
+        rec = {"name": name, "first": lo, "samples": hi - lo, "tiles": tiles, "names": names, "hw": hw,
                "bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
-        write_json_atomic(self.out / f"shard-{k:06d}.json", {"keys": self.keys, "record": rec})
+        write_json_atomic(self.out / f"shard-{k:06d}.json", {"keys": self.keys, "tiling": self.tiling, "record": rec})
         return rec
 
     def reuse(self, k: int, lo: int, hi: int) -> dict | None:
@@ -130,7 +169,7 @@ class WdsWriter:
         try:
             side = json.loads((self.out / f"shard-{k:06d}.json").read_text())
             rec = side["record"]
-            ok = side["keys"] == self.keys and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
+            ok = side["keys"] == self.keys and side.get("tiling") == self.tiling and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
                 (self.out / rec["name"]).stat().st_size == rec["bytes"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -146,21 +185,22 @@ def export_members(store: Store, target: str | None, encoders: list | None) -> t
     return tgt, encs
 
 
-def writer_of(store: Store, target: str, encoders: list[str], folder: Path) -> WdsWriter:
+def writer_of(store: Store, target: str, encoders: list[str], folder: Path, tile: int = TILE,
+              overlap: int = 0) -> WdsWriter:
     m = store.manifest()
     keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
-    return WdsWriter(folder, store.path.name, m["pairs_key"], m.get("task"), target, encoders, keys)
+    return WdsWriter(folder, store.path.name, m["pairs_key"], m.get("task"), target, encoders, keys, tile, overlap)
 
 
 def stored_rows(store: Store, target: str, encoders: list[str], hw: np.ndarray, lo: int, hi: int):
-    """The rows (WdsWriter) of samples [lo, hi) read back from a complete store; `hw`: usable sizes."""
-    names = store.array("pairs", "names")[lo:hi]
-    a = {"lq": store.array("pairs", "lq")[lo:hi], "gt": store.array("pairs", "gt")[lo:hi],
-         "meta": store.array("pairs", "meta")[lo:hi], "base": store.array(target, "base")[lo:hi],
-         **{e: store.array(e, "g")[lo:hi] for e in encoders}}
+    """The rows (WdsWriter) of samples [lo, hi) read back from a complete store, one sample at a
+    time (a shard of 12 MP photos is never in memory at once); `hw`: usable sizes."""
+    names, meta = store.array("pairs", "names")[lo:hi], store.array("pairs", "meta")[lo:hi]
+    a = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"), "base": store.array(target, "base"),
+         **{e: store.array(e, "g") for e in encoders}}
     for j, i in enumerate(range(lo, hi)):
-        yield {"index": i, "name": str(names[j]), "hw": hw[i], "lq": a["lq"][j], "gt": a["gt"][j],
-               "base": a["base"][j], "g": {e: a[e][j] for e in encoders}, "meta": str(a["meta"][j])}
+        yield {"index": i, "name": str(names[j]), "hw": hw[i], "lq": a["lq"][i], "gt": a["gt"][i],
+               "base": a["base"][i], "g": {e: a[e][i] for e in encoders}, "meta": str(meta[j])}
 
 
 def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
@@ -169,27 +209,28 @@ def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: 
     members = {k: dict(m["members"][k]) for k in writer.keys}
     return {"format": FORMAT, "version": VERSION, "store": store.path.name, "source": source,
             "target": writer.target, "encoders": writer.encoders, "keys": writer.keys, "members": members,
-            "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
+            "tiling": writer.tiling, "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
             "created": utc_now(), "complete": True}
 
 
 def up_to_date(folder: Path, index: dict, settings: dict) -> bool:
     """A complete export made with these settings whose shard files are all there, at their size."""
-    return bool(index.get("complete")) and index.get("settings") == settings and all(
+    return bool(index.get("complete")) and index.get("version") == VERSION and index.get("settings") == settings and all(
         (folder / s["name"]).is_file() and (folder / s["name"]).stat().st_size == s["bytes"]
         for s in index["shards"])
 
 
 def export_wds(store_path, out=None, target: str | None = None, encoders: list | None = None,
                samples_per_shard: int = 1000, shard_mb: float = 256, min_shards: int = 8,
-               jobs: int = 4, log=print, ranges: list | None = None) -> Path:
-    """Export the store at `store_path` (see the module doc); returns the export folder. `ranges`
+               jobs: int = 4, log=print, ranges: list | None = None, tile: int = TILE, overlap: int = 0) -> Path:
+    """Export the store at `store_path` (see the module doc); returns the export folder. `tile`,
+    `overlap`: the tiling (px; tile 0: whole samples). `ranges`
     (default: balanced, see shard_ranges) are the shards' sample ranges; a shard already written
     with these samples and keys (by extraction, or an interrupted export) is kept, not rewritten."""
     store = Store(store_path)
     tgt, encs = export_members(store, target, encoders)
     folder = Path(out or store.path.parent) / f"{store.path.name}-wds"
-    writer = writer_of(store, tgt, encs, folder)
+    writer = writer_of(store, tgt, encs, folder, tile, overlap)
     hw = store.usable_hw([tgt, *encs])  # excluded samples: (0, 0), no entries
     if ranges is None:
         d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
@@ -198,7 +239,7 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
             log(f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
                 f"fewer than --min-shards {min_shards}")
     ranges = [[int(a), int(b)] for a, b in ranges]
-    settings = {"ranges": ranges, "keys": writer.keys}
+    settings = {"ranges": ranges, "keys": writer.keys, "tiling": writer.tiling}
     old = folder / INDEX
     if old.is_file() and up_to_date(folder, json.loads(old.read_text()), settings):
         log(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
@@ -215,6 +256,7 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
     for stale in (p for p in folder.glob("shard-*") if p.name not in keep):
         stale.unlink()
     write_json_atomic(old, export_index(store, writer, shards, settings))
-    log(f"{folder}: {len(shards)} shards, {len(hw)} samples, "
+    log(f"{folder}: {len(shards)} shards, {len(hw)} samples in {sum(s['tiles'] for s in shards)} tiles "
+        f"of at most {tile or 'any'} px, "
         f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB; target {tgt}, osf {', '.join(encs)}")
     return folder

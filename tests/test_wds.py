@@ -77,7 +77,7 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
             files = {m.name: tar.extractfile(m).read() for m in tar}
         for i in range(shard["first"], shard["first"] + shard["samples"]):
             h, w = HW[i]
-            k = f"{i:08d}"
+            k = f"{i:08d}_0000"  # smaller than the tile: one tile each
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(files[f"{k}.lq.png"]))),
                                   store.array("pairs", "lq")[i, :h, :w])
             assert np.array_equal(decode_png(files[f"{k}.gt.png"], k), store.array("pairs", "gt")[i, :h, :w])
@@ -87,6 +87,7 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
             assert g.shape == (4, D) and g.dtype == np.float32 and np.array_equal(g, store.array(osf, "g")[i])
             meta = json.loads(files[f"{k}.meta.json"])
             assert meta["hw"] == [h, w] and meta["meta"] == {"sigma": i / 10} and meta["name"] == f"im{i}.png"
+            assert meta["tile"] == [0, 0, h, w]
             assert meta["target"]["member"] == target and meta["store"] == path.name
             seen.append(i)
     assert seen == list(range(N))
@@ -215,7 +216,7 @@ def test_reader_refuses_a_damaged_shard(exported, tmp_path):
     split = WdsSplit.open(copy)
     for k in (0, 1):
         with pytest.raises(WdsError, match=f"shard-00000{k}.tar: "):
-            list(split.samples(split.shards[k], set(range(N))))
+            list(split.samples(split.shards[k], {(i, 0) for i in range(N)}))
 
 
 def test_wds_reader_imports_no_frozen_networks():
@@ -266,7 +267,7 @@ def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp
     streamed = torch.cat([b["index"] for b in batches(wds_split, range(0, 60), streams=1)]).tolist()
     assert 2 not in streamed and set(streamed) == set(range(N)) - {2}
     with tarfile.open(folder / index["shards"][0]["name"]) as tar:
-        assert not any(m.name.startswith("00000002.") for m in tar)
+        assert not any(m.name.startswith("00000002_") for m in tar)
 
 
 def test_the_shuffle_buffers_are_bounded_in_bytes_not_only_in_samples():
@@ -281,3 +282,60 @@ def test_the_shuffle_buffers_are_bounded_in_bytes_not_only_in_samples():
     assert buffer_samples(big, 4, 3, 256.0) == 3
     assert buffer_samples(big, 4, 256, 1.0) == 1  # a 12 MP sample: one per stream (read, then used)
     assert buffer_samples(SimpleNamespace(shards=[{"bytes": 2 ** 20, "samples": 100}]), 4, 256, 256.0) == 256
+
+
+def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
+    """A tiled export: each sample's tiles cover it (no overlap asked: a px at most), every crop lies
+    inside one tile with the stored pixels, batches stay deterministic and resumable, and `image`
+    puts the tiles back together."""
+    from stores.wds import axis_tiles, tile_grid
+
+    assert axis_tiles(720, 512) == [(0, 360), (360, 360)] and len(tile_grid(3000, 4000, 512)) == 48
+    spans = axis_tiles(1280, 512, 96)
+    assert len(spans) == 3 and spans[0][0] == 0 and sum(spans[-1]) == 1280 and all(n <= 512 for _, n in spans)
+    assert all(a + n - b >= 96 for (a, n), (b, _) in zip(spans, spans[1:]))  # neighbours overlap by >= 96
+    assert axis_tiles(300, 512) == [(0, 300)] and axis_tiles(300, 0) == [(0, 300)]
+    path, _ = exported
+    folder = export_wds(path, out=tmp_path, min_shards=4, tile=20, log=lambda *_: None)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == 2
+    assert sum(s["tiles"] for s in index["shards"]) == sum(len(tile_grid(h, w, 20)) for h, w in HW)
+    store, split = Split.open(path, None, None), WdsSplit.open(folder)
+    for i, (h, w) in enumerate(HW):
+        cover = np.zeros((h, w), int)
+        for y, x, th, tw in split.tiles(i):
+            assert th <= 20 and tw <= 20 and min(th, tw) >= 12
+            cover[y:y + th, x:x + tw] += 1
+        assert cover.min() == 1 and cover.sum() <= 1.1 * h * w  # covered; equal sizes overlap by a px at most
+        a, b = store.image(i), split.image(i)
+        assert all(np.array_equal(a[k], b[k]) for k in ("lq", "gt", "base", "g"))
+    crop = 12
+    run = lambda steps, workers=0: list(torch.utils.data.DataLoader(  # noqa: E731
+        WdsBatches(split, crop, 4, 3, steps.start, steps.stop, streams=2, buffer=5), batch_size=None, num_workers=workers))
+    first = run(range(0, 30))
+    assert same_batches(first, run(range(0, 30), workers=2)) and same_batches(run(range(11, 30)), first[11:])
+    for b in first:  # every crop is a window of its stored sample inside one of its tiles
+        for j, i in enumerate(b["index"].tolist()):
+            lq = store.image(i)["lq"]
+            found = [(y, x) for ty, tx, th, tw in split.tiles(i) for y in range(ty, ty + th - crop + 1)
+                     for x in range(tx, tx + tw - crop + 1)
+                     if any(torch.equal(b["lq"][j], to_tensor(v[None].copy())[0]) for v in
+                            (lq[y:y + crop, x:x + crop], lq[y:y + crop, x:x + crop][:, ::-1],
+                             lq[y:y + crop, x:x + crop][::-1], lq[y:y + crop, x:x + crop][::-1, ::-1]))]
+            assert found, (i, j)
+    assert set(torch.cat([b["index"] for b in first]).tolist()) == set(range(N))
+    with pytest.warns(UserWarning, match="tiles .at most 20 px. are smaller than the 16px crop in [1-9]+ samples.*"
+                                         "--tile 32"):
+        WdsBatches(split, 16, 4, 0, 0, 1, streams=1)
+    with pytest.raises(ValueError, match="or tile of at most 20 px.*larger --tile"):
+        WdsBatches(split, 24, 4, 0, 0, 1, streams=1)
+
+
+def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported, tmp_path):
+    _, folder = exported
+    old = tmp_path / folder.name
+    old.mkdir()
+    index = json.loads((folder / "index.json").read_text())
+    (old / "index.json").write_text(json.dumps({**index, "version": 1}))
+    with pytest.raises(WdsError, match="format version 1.*reads version 2.*export-wds STORE"):
+        WdsSplit.open(old)

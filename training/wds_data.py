@@ -18,8 +18,13 @@ divide `streams`) produces the steps start + w, start + w + W, ... from the stre
 order the DataLoader hands them out. A resumed run skips, without decoding, the samples its streams
 used before the resume step, and gets the batches of an uninterrupted run.
 
-Samples excluded at extraction have no entries in the export and never reach a batch; samples smaller
-than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
+Tiles. Export version 2 cuts each sample into tiles (stores/wds.py, `--tile`, default 512 px): the
+stream, the shuffle buffer and the decoding work on tiles, so a loader's memory and its time per crop
+follow the tile, not the largest photo. A crop lies inside one tile (drawn from (seed, step, rank)
+within it); the batch's `index` is the sample's. `WdsSplit.image` puts a sample's tiles back together.
+
+Samples excluded at extraction have no entries in the export and never reach a batch; samples and
+tiles smaller than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
 `numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Each shard's sha256
 is checked as it streams; a mismatch or a damaged tar raises WdsError naming the shard.
 Imports no pipeline code and no frozen network.
@@ -41,7 +46,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ptgrm.images import flip
 from stores import match_member
 from stores.remote import open_location
-from stores.wds import FORMAT, INDEX
+from stores.wds import FORMAT, INDEX, VERSION, tile_grid
 
 from .data import members_info, to_tensor
 
@@ -69,6 +74,10 @@ def read_index(loc) -> dict:
         index = json.loads(f.read())
     if index.get("format") != FORMAT or not index.get("complete"):
         raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
+    if index.get("version") != VERSION:
+        raise WdsError(f"{loc.url}: a WebDataset export of format version {index.get('version')}; this version "
+                       f"reads version {VERSION} (samples cut into tiles). Export it again: `python -m stores "
+                       f"export-wds STORE` (or `make features FORMAT=wds`), which rewrites every shard")
     return index
 
 
@@ -134,6 +143,7 @@ class WdsSplit:
         self.shards = self.index["shards"]
         self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32).reshape(-1, 2)
         self._names = [x for s in self.shards for x in s["names"]]
+        self.tiling = self.index["tiling"]
         self.entries = ["lq.png", "gt.png", "base.npy", "meta.json",
                         *(f"osf.{e.split('/', 1)[1]}.npy".lower() for e in self.encoders)]
 
@@ -160,22 +170,28 @@ class WdsSplit:
         return {**members_info(self.index["members"], self.index["store"], self.target, self.encoders),
                 "format": "wds"}
 
+    def tiles(self, i: int) -> list[tuple[int, int, int, int]]:
+        """(y, x, h, w) of sample i's tiles, in the order of their keys (none when excluded)."""
+        h, w = (int(v) for v in self._hw[i])
+        return tile_grid(h, w, **self.tiling) if h else []
+
     def samples(self, shard: dict, usable: set):
-        """The raw (undecoded) samples of one shard whose index is in `usable`, streamed; the shard's
-        sha256 and each sample's entries are checked."""
+        """The raw (undecoded) tiles of one shard whose (sample index, tile) is in `usable`,
+        streamed; the shard's sha256 and each tile's entries are checked."""
         name = f"{self.loc.url}/{shard['name']}"
         try:
             with self.loc.fs.open(self.loc.path(shard["name"]), "rb", block_size=READ_BLOCK) as f:
                 reader = HashingReader(f)
                 files = tar_file_expander([{"url": name, "stream": reader}], eof_value=None)
                 for sample in group_by_keys(files):
-                    i = int(sample["__key__"])
+                    i, _, t = sample["__key__"].partition("_")
+                    i, t = int(i), int(t)
                     missing = [e for e in self.entries if e not in sample]
                     if missing:
                         raise WdsError(f"{name}: sample {sample['__key__']} lacks {', '.join(missing)}; "
                                        f"expected {', '.join(self.entries)}")
-                    if i in usable:
-                        yield {"index": i, **{e: sample[e] for e in self.entries}}
+                    if (i, t) in usable:
+                        yield {"index": i, "tile": t, **{e: sample[e] for e in self.entries}}
                 if reader.drain() != shard["sha256"]:
                     raise WdsError(f"{name}: sha256 differs from {INDEX}; the shard is damaged or was replaced")
         except WdsError:
@@ -185,7 +201,7 @@ class WdsSplit:
                            f"by export-wds") from None
 
     def decode(self, raw: dict) -> dict:
-        where = f"{self.loc.url} sample {raw['index']:08d}"
+        where = f"{self.loc.url} sample {raw['index']:08d} tile {raw['tile']}"
         return {"lq": decode_png(raw["lq.png"], f"{where} lq.png"), "gt": decode_png(raw["gt.png"], f"{where} gt.png"),
                 "base": decode_npy(raw["base.npy"], f"{where} base.npy"),
                 "g": [decode_npy(raw[e], f"{where} {e}") for e in self.entries[4:]]}
@@ -194,19 +210,25 @@ class WdsSplit:
         """Whole sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,) unflipped. Reads the
         whole shard that holds it (checking its sha256): for checks and evaluation, not for training."""
         shard = next((s for s in self.shards if s["first"] <= i < s["first"] + s["samples"]), None)
-        found = list(self.samples(shard, {i})) if shard is not None else []  # the whole shard: sha256 checked
+        tiles = self.tiles(i) if shard is not None else []
+        found = list(self.samples(shard, {(i, t) for t in range(len(tiles))})) if tiles else []  # sha256 checked
         if not found:
             raise WdsError(f"{self.loc.url}: no sample {i} in the export (excluded at extraction, or out of range)")
-        d = self.decode(found[0])
-        return {"lq": d["lq"], "gt": d["gt"], "base": d["base"].astype(np.float32),
-                "g": np.concatenate([g[0] for g in d["g"]])}
+        h, w = (int(v) for v in self._hw[i])
+        out = {"lq": np.zeros((h, w, 3), np.uint8), "gt": np.zeros((h, w, 3), np.uint8),
+               "base": np.zeros((h, w, 3), np.float32)}
+        for raw in found:
+            d, (y, x, th, tw) = self.decode(raw), tiles[raw["tile"]]
+            for k in out:
+                out[k][y:y + th, x:x + tw] = d[k]
+        return {**out, "g": np.concatenate([g[0] for g in d["g"]])}
 
 
 def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: float) -> int:
-    """Shuffle-buffer length per stream: `buffer` samples, fewer when the streams' buffers would
-    hold more than `buffer_mb` of raw (encoded) samples at the export's mean sample size, and at
+    """Shuffle-buffer length per stream: `buffer` tiles, fewer when the streams' buffers would
+    hold more than `buffer_mb` of raw (encoded) tiles at the export's mean tile size, and at
     least 1. A function of the export and the settings alone, so batches stay deterministic."""
-    sizes = [(s.get("bytes", 0), s.get("samples", 0)) for s in split.shards]
+    sizes = [(s.get("bytes", 0), s.get("tiles", s.get("samples", 0))) for s in split.shards]
     mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
     if mean <= 0:
         return buffer
@@ -225,14 +247,21 @@ class WdsBatches(torch.utils.data.IterableDataset):
         if len(split.shards) < world * streams:
             raise WdsError(f"{split.loc.url}: {len(split.shards)} shards for {world} processes x {streams} streams; "
                            f"export with --min-shards {world * streams} or more (or lower --wds-streams)")
-        hw = split.hw
-        self.usable = {i for i, (h, w) in enumerate(hw) if h > 0 and min(h, w) >= crop}
-        small = [i for i, (h, w) in enumerate(hw) if h > 0 and i not in self.usable]
+        hw, tile = split.hw, split.tiling["tile"]
+        self.usable = {(i, t) for i in range(len(hw)) for t, (_, _, h, w) in enumerate(split.tiles(i))
+                       if min(h, w) >= crop}
+        small = [i for i, (h, w) in enumerate(hw) if h > 0 and min(h, w) < crop]
         if small:
             warnings.warn(f"{split.loc.url}: {len(small)} samples are smaller than the {crop}px crop and are not "
                           f"trained on (e.g. sample {small[0]}, {tuple(int(v) for v in hw[small[0]])})", stacklevel=2)
+        cut = len({i for i, (h, w) in enumerate(hw) if min(h, w) >= crop} - {i for i, _ in self.usable})
+        if cut:
+            warnings.warn(f"{split.loc.url}: the export's tiles (at most {tile} px) are smaller than the {crop}px "
+                          f"crop in {cut} samples, which are not trained on; export again with --tile {2 * crop} "
+                          f"or more", stacklevel=2)
         if not self.usable:
-            raise ValueError(f"{split.loc.url}: no sample is at least {crop}px on both sides; lower --crop")
+            raise ValueError(f"{split.loc.url}: no sample (or tile of at most {tile} px) is at least {crop}px on both "
+                             f"sides; lower --crop, or export again with a larger --tile")
         self.split, self.crop, self.per_rank, self.seed = split, crop, batch // world, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
         self.streams, self.buffer = streams, buffer_samples(split, streams, buffer, buffer_mb)
@@ -270,7 +299,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
         c, out = self.crop, {"lq": [], "base": [], "gt": [], "g": []}
         for raw in raws:
             d = self.split.decode(raw)
-            h, w = d["gt"].shape[:2]
+            h, w = d["gt"].shape[:2]  # the tile's
             y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
             fh, fv = (int(v) for v in rng.integers(0, 2, 2))
             variant = fh + 2 * fv  # ptgrm.images.FLIPS
