@@ -266,8 +266,12 @@ def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None, startup: float
             "bench_s": time.perf_counter() - t0}
 
 
-def bench_sharing(store_root: str, steps: int, out: dict, save) -> dict:
-    """Steps/s of one demo training alone and of two at once, with sleeping and spinning waits."""
+POLICIES = {"sleeping": {},  # the default (stores.runtime.WAIT_ENV)
+            "spinning": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"}}
+
+
+def bench_sharing(store_root: str, steps: int, out: dict, save, policies: dict = POLICIES) -> dict:
+    """Steps/s of one demo training alone and of two at once, for each OpenMP wait policy."""
     def train(run: str, env: dict):
         return subprocess.Popen([sys.executable, "-m", "training", "train", "--task", "deblur", "--data", "demo",
                                  "--store-root", store_root, "--runs-dir", str(Path(tempfile.gettempdir()) / "bench-share"),
@@ -284,7 +288,7 @@ def bench_sharing(store_root: str, steps: int, out: dict, save) -> dict:
         return [steps / e for e in ends]
 
     out.update(steps=steps, note="steps/s include process start and store opening")
-    for policy, env in (("sleeping", {}), ("spinning", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"})):
+    for policy, env in policies.items():
         alone = rate(1, env)[0]
         pair = rate(2, env)
         out[policy] = {"alone_steps_per_s": alone, "pair_steps_per_s": pair, "pair_over_alone": sum(pair) / alone}
