@@ -27,11 +27,13 @@ def config_from_args(args) -> FeaturesConfig:
                           splits=tuple(args.splits.split(",")))
 
 
-def plan(cfg: FeaturesConfig) -> dict[str, SplitJob]:
-    """split -> its SplitJob (constructing it lists the dataset and writes the store's plan and
-    sample descriptors): the planner's step, on the submitting node."""
+def plan(cfg: FeaturesConfig, sources: dict | None = None) -> dict[str, SplitJob]:
+    """split -> its SplitJob (constructing it lists the dataset, unless `sources` holds the split's
+    source listed already, and writes the store's plan and sample descriptors): the planner's step,
+    on the submitting node."""
     task, target, encoders = build_models(cfg)
-    return {split: SplitJob.plan(cfg, task, split, target, encoders) for split in cfg.splits}
+    return {split: SplitJob.plan(cfg, task, split, target, encoders, (sources or {}).get(split))
+            for split in cfg.splits}
 
 
 def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
@@ -85,13 +87,13 @@ def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
     cfg = config_from_args(args)
     task = get_task(cfg.task)
-    found = [complete_store(cfg, task, split)[0] for split in cfg.splits]
-    if all(found) and not cfg.wds:  # from the stat cache and the manifests: no network built
-        for path in found:
+    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
+    if all(path for path, _ in found.values()) and not cfg.wds:  # stat cache and manifests: no network built
+        for path, _ in found.values():
             log(f"{path.name}: complete; nothing to submit")
         log("every member is complete: no job submitted")
         return 0
-    jobs = plan(cfg)
+    jobs = plan(cfg, {split: source for split, (_, source) in found.items()})  # the dataset is listed once
     for j in jobs.values():
         if not j.todo:
             log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
