@@ -39,7 +39,7 @@ from stores.runtime import cpu_count  # noqa: E402
 SETS = {  # name: (sizes drawn from, N)
     "gopro": ([(720, 1280)], 12),  # N of at least 3 shards: 3 are in flight (load, compute, write)
     "rain13k": ([(320, 480), (480, 320), (400, 600), (600, 400), (384, 512), (512, 384), (360, 640), (640, 360)], 48),
-    "sidd": ([(3000, 4000), (4000, 3000), (2592, 4608), (4608, 2592)], 1),  # one 12 MP photo is a shard
+    "sidd": ([(3000, 4000), (4000, 3000), (2592, 4608), (4608, 2592)], 2),  # one 12 MP photo is a shard
 }
 # Extraction's memory is the frozen networks plus the shards in flight (load, compute, write). A
 # shard holds --shard-len samples of one size bucket (fewer for large images), so until a dataset
@@ -85,20 +85,30 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(argv: list, env: dict | None = None) -> tuple[float, float, str]:
-    """(wall s, peak RSS GB, stdout) of a subprocess.
+def timed(argv: list, env: dict | None = None, mark: str | None = None):
+    """(wall s, peak RSS GB, stdout) of a subprocess; with `mark`, also the seconds from the first
+    stdout line holding `mark` to the end (None when none did).
 
     The process is started from a small launcher (LAUNCH): Linux gives an exec'd process the peak
     RSS of the memory it replaced, so a child forked (or vforked) straight from this benchmark would
     report at least the benchmark's own peak."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", LAUNCH, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - t0
-    out, _, rss = proc.stdout.rpartition("MAXRSS_KB ")
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines, seen = [], None
+    for line in proc.stdout:  # as they come: the mark's time is when it was printed
+        lines.append(line)
+        if mark and seen is None and mark in line:
+            seen = time.perf_counter()
+    proc.wait()
+    end = time.perf_counter()
+    out, _, rss = "".join(lines).rpartition("MAXRSS_KB ")
     if proc.returncode or not rss:
-        raise RuntimeError(f"{argv} failed (status {proc.returncode}):\n{proc.stdout[-2000:]}")
-    return wall, int(rss.split()[0]) / 1e6, out
+        raise RuntimeError(f"{argv} failed (status {proc.returncode}):\n{''.join(lines)[-2000:]}")
+    if mark:
+        return end - t0, int(rss.split()[0]) / 1e6, out, None if seen is None else end - seen
+    return end - t0, int(rss.split()[0]) / 1e6, out
 
 
 LOADER = """
@@ -168,12 +178,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 """
 
 
-def startup_s() -> float:
-    """Seconds a `make features` process spends before its first image: interpreter, imports and the
-    frozen networks of bench_set (identity target, CLIP ViT-B/32); the smaller of two runs."""
-    return min(timed([sys.executable, "-c", NETWORKS_ONLY, "denoise", "identity"])[0] for _ in range(2))
-
-
 def write_mixed(folder: Path, crops: int = 40, portrait=(4000, 3000)) -> None:
     """`crops` clean 256x256 crops plus one 12 MP portrait photo (generic layout, train/gt only: the
     task degrades them)."""
@@ -238,7 +242,7 @@ def bench_noop(tmp: Path, sizes=(2500, 10000)) -> list:
     return rows
 
 
-def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None, startup: float = 0.0) -> dict:
+def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None) -> dict:
     t0 = time.perf_counter()
     data = tmp / f"{name}-{n}"
     png = write_set(data, sizes, n)
@@ -246,7 +250,8 @@ def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None, startup: float
     args = [sys.executable, "-m", "pipeline", "features", "--task", "denoise", "--data", f"generic:{data}",
             "--target", "identity", "--encoder", "clip-vit-b32", "--allow-random-weights", "--splits", "test",
             "--store-root", str(stores), "--shard-len", str(SHARD_LEN)]
-    wall, rss, _ = timed(args)
+    # extraction time: from "computing ..." (networks built, dataset listed) to the end
+    wall, rss, _, compute = timed(args, mark=": computing ")
     store = next(stores.glob("*/manifest.json")).parent
     noop, _, out = timed(args)
     assert "nothing to compute" in out, out
@@ -260,8 +265,8 @@ def bench_set(tmp: Path, name: str, sizes: list, n: int, s3=None, startup: float
     wds = bench_wds(tmp, store, s3) if loader_rss is not None else {}
     shutil.rmtree(data)
     shutil.rmtree(stores)
-    return {"set": name, "n": n, "extract_s": wall, "images_per_s": n / wall, "startup_s": startup,
-            "compute_s": wall - startup, "compute_images_per_s": n / max(wall - startup, 1e-9), "peak_rss_gb": rss,
+    return {"set": name, "n": n, "extract_s": wall, "images_per_s": n / wall, "startup_s": wall - compute,
+            "compute_s": compute, "compute_images_per_s": n / max(compute, 1e-9), "peak_rss_gb": rss,
             "store_over_png": stored / png, "noop_rerun_s": noop, "verify_s": verify,
             "zarr_loader_samples_per_s": load_s, "zarr_loader_rss_gb": loader_rss, **wds,
             "bench_s": time.perf_counter() - t0}
@@ -311,20 +316,34 @@ def main(argv=None) -> int:
     p.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="skip the peak-RSS rows of small crops plus one 12 MP portrait")
     p.add_argument("--table", action="store_true", help="only print the README table of --out")
+    p.add_argument("--merge", action="store_true", help="keep what --out holds and replace only what this run "
+                   "measures (the rows of --sets, and the sections not skipped); `runs` says which run gave what")
     args = p.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
         return 0
+    sets = [x for x in args.sets.split(",") if x]
+    this = {"date": time.strftime("%Y-%m-%d %H:%M"), "sets": sets, "mixed": args.mixed, "noop": args.noop,
+            "sharing": bool(args.share_steps)}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {cpu_count()} usable CPUs",
-              "load_before": os.getloadavg(), "rows": [], "complete": False}
+              "load_before": os.getloadavg(), "rows": [], "complete": False, "runs": [this]}
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        kept = [r for r in old.get("rows", []) if r["set"] not in sets]
+        result = {**old, "load_before": os.getloadavg(), "complete": False, "runs": [*old.get("runs", []), this],
+                  "rows": kept}
+        result.pop("startup_s", None)
 
-    began = time.perf_counter()
-    result["section_s"] = {}
+    began = last = time.perf_counter()
+    result.setdefault("section_s", {})
 
     def save(section: str | None = None):
-        result["wall_s"] = time.perf_counter() - began
+        nonlocal last
+        now = time.perf_counter()
+        this["wall_s"] = now - began
         if section:
-            result["section_s"][section] = result["wall_s"] - sum(result["section_s"].values())
+            result["section_s"][section], last = now - last, now
+        result["rows"].sort(key=lambda r: (list(SETS).index(r["set"]), r["n"]))
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
@@ -336,12 +355,11 @@ def main(argv=None) -> int:
             save("noop")
         s3 = start_s3(Path(d))
         try:
-            result["startup_s"] = startup = startup_s()
-            for name in filter(None, args.sets.split(",")):
+            for name in sets:
                 sizes, n = SETS[name]
                 n = max(1, round(n * args.scale))
                 for k in (1, 2, 4):
-                    result["rows"].append(bench_set(Path(d), name, sizes, n * k, s3, startup))
+                    result["rows"].append(bench_set(Path(d), name, sizes, n * k, s3))
                     save()
                 save(name)
         finally:
@@ -420,8 +438,10 @@ def markdown(result: dict) -> str:
         for r in result["mixed"]:
             lines.append(f"| `make features TASK={r['task']}` | {r['extract_s']:.1f} | {r['peak_rss_gb']:.2f} "
                          f"| {r['networks_rss_gb']:.2f} | {r['peak_rss_gb'] - r['networks_rss_gb']:.2f} |")
-    if result.get("startup_s") is not None:
-        lines += ["", f"Start-up (imports and the frozen networks, before the first image): {result['startup_s']:.1f} s."]
+    if result["rows"]:
+        lines += ["", "Extraction times after start-up are from the process's \"computing\" line (networks built, "
+                  "dataset listed) to its end; start-up took "
+                  f"{min(r['startup_s'] for r in result['rows']):.1f}-{max(r['startup_s'] for r in result['rows']):.1f} s."]
     lines += ["", "| check | value | target | met |", "|---|---|---|---|"] + [
         f"| {name} | {value} | {target} | {'yes' if ok else 'NO'} |" for name, value, target, ok in checks(result)]
     s = result.get("sharing")
