@@ -64,11 +64,6 @@ def tile_grid(h: int, w: int, tile: int, overlap: int = 0) -> list[tuple[int, in
     return [(y, x, th, tw) for y, th in axis_tiles(h, tile, overlap) for x, tw in axis_tiles(w, tile, overlap)]
 
 
-def tile_count(hw: np.ndarray, tile: int, overlap: int = 0) -> int:
-    """Tiles written for samples of usable sizes `hw` ((0, 0): excluded, none)."""
-    return sum(len(axis_tiles(int(h), tile, overlap)) * len(axis_tiles(int(w), tile, overlap))
-               for h, w in hw if h > 0)
-
 
 def png_bytes(img: np.ndarray) -> bytes:
     """A standard 8-bit RGB PNG of a (H, W, 3) uint8 image (every row 'Up'-filtered)."""
@@ -169,7 +164,8 @@ class WdsWriter:
         try:
             side = json.loads((self.out / f"shard-{k:06d}.json").read_text())
             rec = side["record"]
-            ok = side["keys"] == self.keys and side.get("tiling") == self.tiling and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
+            ok = side["keys"] == self.keys and side.get("tiling") == self.tiling and \
+                [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
                 (self.out / rec["name"]).stat().st_size == rec["bytes"]
         except (OSError, ValueError, KeyError, TypeError):
             return None

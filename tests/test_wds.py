@@ -277,11 +277,11 @@ def test_the_shuffle_buffers_are_bounded_in_bytes_not_only_in_samples():
 
     from training.wds_data import buffer_samples
 
-    big = SimpleNamespace(shards=[{"bytes": 100 * 2 ** 20, "samples": 10}] * 4)  # 10 MB per sample
+    big = SimpleNamespace(shards=[{"bytes": 100 * 2 ** 20, "tiles": 10}] * 4)  # 10 MB per sample
     assert buffer_samples(big, 4, 256, 256.0) == 6  # 256 MB / (4 streams x 10 MB)
     assert buffer_samples(big, 4, 3, 256.0) == 3
     assert buffer_samples(big, 4, 256, 1.0) == 1  # a 12 MP sample: one per stream (read, then used)
-    assert buffer_samples(SimpleNamespace(shards=[{"bytes": 2 ** 20, "samples": 100}]), 4, 256, 256.0) == 256
+    assert buffer_samples(SimpleNamespace(shards=[{"bytes": 2 ** 20, "tiles": 100}]), 4, 256, 256.0) == 256
 
 
 def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):

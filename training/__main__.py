@@ -31,9 +31,9 @@ HELP = {
     "format": "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; --train-store may "
               "then be an export folder or URL (s3://bucket/prefix/<store>-wds)",
     "wds_streams": "wds: shuffled shard streams per process; batches depend on it; --workers must divide it",
-    "wds_buffer": "wds: shuffle buffer per stream, in samples (bounds the loader's memory)",
-    "wds_buffer_mb": "wds: MB of encoded samples the shuffle buffers may hold in all (fewer samples per buffer "
-                     "when samples are large, at least 1)",
+    "wds_buffer": "wds: shuffle buffer per stream, in tiles (bounds the loader's memory)",
+    "wds_buffer_mb": "wds: MB of encoded tiles the shuffle buffers may hold in all (fewer tiles per buffer "
+                     "when tiles are large, at least 1)",
     "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
               "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",

@@ -41,8 +41,8 @@ class TrainConfig:
     encoder: str = "clip-vit-b32"  # comma-separated to concatenate several OSF vectors
     format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
     wds_streams: int = 4  # wds: shuffled shard streams per process (batches depend on it; workers must divide it)
-    wds_buffer: int = 256  # wds: shuffle buffer per stream, in samples (memory: streams x buffer x sample)
-    wds_buffer_mb: float = 128.0  # wds: at most this many MB of encoded samples in the shuffle buffers (fewer samples for large ones)
+    wds_buffer: int = 256  # wds: shuffle buffer per stream, in tiles (memory: streams x buffer x tile)
+    wds_buffer_mb: float = 128.0  # wds: at most this many MB of encoded tiles in the shuffle buffers (fewer tiles for large ones)
     run: str | None = None  # default: the task name
     runs_dir: str = "runs"
     steps: int = 1500

@@ -228,7 +228,7 @@ def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: floa
     """Shuffle-buffer length per stream: `buffer` tiles, fewer when the streams' buffers would
     hold more than `buffer_mb` of raw (encoded) tiles at the export's mean tile size, and at
     least 1. A function of the export and the settings alone, so batches stay deterministic."""
-    sizes = [(s.get("bytes", 0), s.get("tiles", s.get("samples", 0))) for s in split.shards]
+    sizes = [(s.get("bytes", 0), s["tiles"]) for s in split.shards]  # read_index admits version-2 exports only
     mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
     if mean <= 0:
         return buffer
