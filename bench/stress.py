@@ -12,6 +12,16 @@ Scenarios (README, "Fault tolerance"), each against a reference made by one clea
             (pull the store again) gives a verified store
   sigstop   a lease holder paused with SIGSTOP past its lease, a second writer takes over and
             finishes; the resumed holder loses the task cleanly and writes nothing after a done marker
+  sync      a partial sync (one lq shard and one hw chunk missing): training, evaluation, verify,
+            push and pull each fail naming the missing file; none reads the store as if whole
+  symlink   `_locks/manifest.lock` replaced by a symlink to a file outside the store: the writer
+            refuses it, naming it, and the file it points to is unchanged
+  landing   a shared copy pulled into a store while a writer is between creating a member and
+            finalising it: both succeed and the store verifies, identical to the reference
+  race      two writers whose target outputs differ (a stand-in for other GPUs), one paused past
+            its lease: the store verifies and holds exactly one writer's bytes per shard
+  fuzz      200 random damages (delete, truncate, flip, swap, symlink, empty JSON) to a complete
+            store and its WebDataset export (tests/damage.py); counted: silent wrong reads
 Writes bench/results-stress.json and prints the README table. Corruptions: damaged or differing
 arrays, failed verification, writes after a done marker; the target is 0.
 """
@@ -35,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import faults as tests_faults  # noqa: E402
+from damage import names_file  # noqa: E402
 from conftest import make_tiny_clip  # noqa: E402
 from stores import Store  # noqa: E402
 from stores.store import StoreError  # noqa: E402
@@ -61,7 +73,8 @@ class Stress:
         log = self.work / "logs" / f"{self.n_logs:04d}.log"
         log.parent.mkdir(exist_ok=True)
         with open(log, "w") as f:
-            p = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
+            p = subprocess.Popen(argv, cwd=ROOT, env=kw.pop("env", ENV), stdout=f, stderr=subprocess.STDOUT, text=True,
+                                 **kw)
         p.log = log
         return p
 
@@ -275,6 +288,150 @@ class Stress:
                     lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3])
 
 
+    def partial_sync(self, ref: Path) -> None:
+        """One lq shard and one hw chunk lost (a partial rsync or S3 sync): every reader fails naming them."""
+        problems, runs = [], 0
+        for i in range(2):
+            case = self.work / f"sync-{i}"
+            path = case / ref.name
+            shutil.copytree(ref, path)
+            lq = sorted(p for p in (path / "pairs").glob("*/lq/c/**/*") if p.is_file())
+            hw = sorted(p for p in (path / "pairs").glob("*/hw/c/**/*") if p.is_file())
+            lost = [self.rng.choice(lq)] if i == 0 else [self.rng.choice(hw)]
+            for f in lost:
+                f.unlink()
+            names = [str(f.relative_to(path)) for f in lost]
+            read = ("import sys; from training.data import Split; s = Split.open(sys.argv[1], None, None); "
+                    "[s.image(i) for i in range(len(s.hw)) if s.hw[i][0]]")
+            for what, argv in (("train/eval read", [PY, "-c", read, str(path)]),
+                               ("verify", [PY, "-m", "stores", "verify", str(path)]),
+                               ("push", [PY, "-m", "stores", "push", str(path), str(case / "pushed")]),
+                               ("pull", [PY, "-m", "stores", "pull", str(path), str(case / "pulled")])):
+                out = self.call(argv)
+                runs += 1
+                text = out.stdout + out.stderr
+                if out.returncode == 0:
+                    problems.append(f"{what} succeeded on a store missing {names}")
+                elif not names_file(text, names):
+                    problems.append(f"{what} failed without naming {names}: {text[-300:]}")
+        self.record("partial sync (missing shard or chunk)", runs, 0, problems)
+
+    def symlinked_lock(self, ref: Path) -> None:
+        """A planted symlink at the manifest lock of a group-shared store never writes its target."""
+        case = self.work / "symlink"
+        path = case / ref.name
+        shutil.copytree(ref, path)
+        m = json.loads((path / "manifest.json").read_text())
+        for info in m["members"].values():
+            info["status"] = "incomplete"  # the writer must take the manifest lock to finalise
+        (path / "manifest.json").write_text(json.dumps(m))
+        victim = self.work / "victim-bashrc"
+        victim.write_text("export PATH=$HOME/bin:$PATH\n")
+        lock = path / "_locks" / "manifest.lock"
+        lock.parent.mkdir(exist_ok=True)
+        lock.unlink(missing_ok=True)
+        lock.symlink_to(victim)
+        out = self.call(self.features(case, "train"))
+        problems = []
+        if victim.read_text() != "export PATH=$HOME/bin:$PATH\n":
+            problems.append(f"the file behind the symlinked lock was changed: {victim.read_text()[:100]!r}")
+        if out.returncode == 0 or "manifest.lock" not in out.stdout + out.stderr:
+            problems.append(f"the writer did not refuse the symlinked lock by name (exit {out.returncode}): "
+                            f"{(out.stdout + out.stderr)[-300:]}")
+        self.record("symlinked lock file", 1, 0, problems)
+
+    def shared_landing(self, ref: Path) -> None:
+        """`stores pull` of a complete shared copy into a store a live writer is building."""
+        problems, runs = [], 0
+        shared = self.work / "shared-landing"
+        assert self.call([PY, "-m", "stores", "push", str(ref), str(shared)]).returncode == 0
+        for i in range(2):
+            root = self.work / f"landing-{i}"
+            writer = self.spawn(self.features(root, "train", "--lease-seconds", "6"))
+            deadline = time.time() + 300
+            while time.time() < deadline and writer.poll() is None and not list(root.glob("demo-train-*/_done/*/*/*.json")) \
+                    and not list(root.glob("demo-train-*/_done/*/*.json")):
+                time.sleep(0.05)
+            time.sleep(self.rng.uniform(0.0, 1.0))
+            pull = self.call([PY, "-m", "stores", "pull", str(shared / ref.name), str(root)])
+            writer.wait(timeout=900)
+            runs += 2
+            if pull.returncode != 0:
+                problems.append(f"pull beside a live writer failed: {(pull.stdout + pull.stderr)[-300:]}")
+            if writer.returncode != 0:
+                problems.append(f"the live writer failed when a shared copy landed: {writer.log.read_text()[-300:]}")
+            again = self.call(self.features(root, "train"))
+            runs += 1
+            if again.returncode != 0:
+                problems.append(f"re-run failed: {(again.stdout + again.stderr)[-300:]}")
+            problems += self.corruptions(root / ref.name, ref, extracted=False)
+        self.record("shared copy lands during a live writer", runs, 0, problems)
+
+    def racing_outputs(self, ref: Path) -> None:
+        """Two writers whose target bytes differ; the first paused past its lease, then resumed."""
+        fault_env = tests_faults.env
+
+        root = self.work / "race"
+        argv = self.features(root, "train", "--lease-seconds", "3")
+        a = self.spawn(argv, env={**ENV, **fault_env(PTGRM_TEST_PERTURB_TARGET="0.25")})
+        deadline = time.time() + 300
+        while time.time() < deadline and not holds_lease(root, a.pid):
+            time.sleep(0.05)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(4.5)
+        b = self.call(argv, timeout=900)
+        a.send_signal(signal.SIGCONT)
+        a.wait(timeout=900)
+        problems = []
+        if b.returncode != 0:
+            problems.append(f"the second writer failed: {(b.stdout + b.stderr)[-300:]}")
+        store_dir = next(root.glob("demo-train-*"), None)
+        if store_dir is None:
+            problems.append("no store was made")
+        else:
+            store = Store(store_dir)
+            for member in store.manifest()["members"]:
+                problems += store.verify(member)
+            if a.returncode == 0 and b.returncode == 0:
+                self.call(self.features(root, "train"))  # completes whatever the paused writer left
+            store = Store(store_dir)
+            for member in store.manifest()["members"]:
+                if store.status(member) != "complete":
+                    problems.append(f"{member}: {store.status(member)}")
+                else:
+                    problems += store.verify(member)
+            problems += mixed_targets(store, Store(ref))
+        self.record("two writers, different target bytes", 2, 0, problems)
+
+    def fuzz(self, rounds: int) -> None:
+        from damage import STORE_OPS, WDS_OPS, fuzz
+        from stores.wds import export_wds
+        from test_wds import build_store
+
+        store = build_store(self.work / "fuzz")
+        folder = export_wds(store, self.work / "fuzz-export", min_shards=4, log=lambda *_: None)
+        for what, path, ops in (("store", store, STORE_OPS), ("WebDataset export", folder, WDS_OPS)):
+            result = fuzz(path, ops, rounds, seed=self.rng.randrange(1 << 30))
+            n = sum(sum(c.values()) for c in result["counts"].values())
+            problems = [f"{b['op']} after {b['damage']} of {b['files']}: {b['outcome']} ({b['error']})"
+                        for b in result["bad"]]
+            self.record(f"{rounds} random damages to a {what}", n, 0, problems, counts=result["counts"],
+                        silent=sum(b["outcome"] == "silent" for b in result["bad"]),
+                        unnamed=sum(b["outcome"] == "unnamed" for b in result["bad"]))
+
+
+def mixed_targets(store: Store, ref: Store) -> list[str]:
+    """Target shards that hold neither the reference's bytes nor one consistent perturbed copy."""
+    out, hw = [], ref.array("pairs", "hw")[:]
+    for member in store.members("targets"):
+        got, want = store.array(member, "base"), ref.array(member, "base")
+        for i, (h, w) in enumerate(hw):
+            a, b = (np.asarray(x[i][:h, :w]).astype(np.float32) for x in (got, want))
+            if not (np.array_equal(a, b) or np.allclose(a - b, 0.25, atol=4e-3)):
+                out.append(f"{member}: sample {i} is neither writer's output")
+    return out
+
+
 def holds_lease(root: Path, pid: int) -> bool:
     for p in root.glob("demo-train-*/_leases/*/*.json"):
         try:
@@ -318,15 +475,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20, help="kill rounds of the 4 writers (default: 20)")
     p.add_argument("--op-rounds", type=int, default=3, help="kills per finalize/push/pull/export-wds (default: 3)")
+    p.add_argument("--fuzz-rounds", type=int, default=200, help="random damages per fuzzed store and export "
+                   "(default: 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results-stress.json")
-    p.add_argument("--only", default=None, help="comma-separated scenarios: writers, disk-full, kill-ops, manifest, sigstop")
+    p.add_argument("--only", default=None, help="comma-separated scenarios: writers, disk-full, kill-ops, manifest, sigstop, "
+                   "sync, symlink, landing, race, fuzz")
     args = p.parse_args(argv)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ptgrm-stress-") as tmp:
         s = Stress(Path(tmp), args.seed)
         ref = s.reference("train")
-        only = set(args.only.split(",")) if args.only else {"writers", "disk-full", "kill-ops", "manifest", "sigstop"}
+        scenarios = {"writers", "disk-full", "kill-ops", "manifest", "sigstop", "sync", "symlink", "landing", "race",
+                     "fuzz"}
+        only = set(args.only.split(",")) if args.only else scenarios
         if "writers" in only:
             s.writers(ref, args.rounds)
         if "sigstop" in only:
@@ -337,6 +499,16 @@ def main(argv=None) -> int:
             s.kill_ops(ref, args.op_rounds)
         if "manifest" in only:
             s.manifest_damage(ref)
+        if "sync" in only:
+            s.partial_sync(ref)
+        if "symlink" in only:
+            s.symlinked_lock(ref)
+        if "landing" in only:
+            s.shared_landing(ref)
+        if "race" in only:
+            s.racing_outputs(ref)
+        if "fuzz" in only:
+            s.fuzz(args.fuzz_rounds)
     result = {"seconds": round(time.time() - t0, 1), "cpus": len(os.sched_getaffinity(0)), "rounds": args.rounds,
               "seed": args.seed, "rows": s.rows, "table": table(s.rows)}
     if not args.only:

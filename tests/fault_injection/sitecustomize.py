@@ -20,3 +20,20 @@ if _spec:
         return _real(cfg, split, start, *args, **kwargs)
 
     _features.run_task = run_task
+
+# PTGRM_TEST_PERTURB_TARGET=<delta>: every target output of this process is offset by delta, a
+# stand-in for a network target whose bytes differ between GPUs or CPUs (bench/stress.py).
+_delta = os.environ.get("PTGRM_TEST_PERTURB_TARGET")
+if _delta:
+    import functools
+
+    import pipeline.stages as _stages
+
+    _real_target = _stages.run_target
+
+    @functools.wraps(_real_target)
+    def run_target(net, data, excluded):
+        return [None if b is None else (b.astype("float32") + float(_delta)).astype(b.dtype)
+                for b in _real_target(net, data, excluded)]
+
+    _stages.run_target = run_target
