@@ -109,7 +109,8 @@ class SplitJob:
         self.descriptors: Descriptors | None = None  # of_store: the sample descriptors read so far
         self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
         for m in self.members:  # complete by key: keep its weight files' stats for the next re-run's fast path
-            if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != m.info["inputs"]:
+            if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != \
+                    shareable(m.info["inputs"]):
                 self.store._update_member(m.path, inputs=m.info["inputs"])
         for m in self.todo:  # a member that exists keeps the plan it was started with
             self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards, {**m.info, "config": asdict(cfg)})

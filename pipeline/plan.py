@@ -101,8 +101,9 @@ def _unchanged(info: dict) -> bool:
     inputs = info.get("inputs")
     if inputs is None:
         return info.get("weights") == "random"
-    try:
-        return all((st := os.stat(p)).st_size == size and st.st_mtime_ns == mtime for p, size, mtime in inputs)
+    try:  # recorded paths are shareable (`~/...`): this user's home first
+        return all((st := os.stat(local_path(p))).st_size == size and st.st_mtime_ns == mtime
+                   for p, size, mtime in inputs)
     except OSError:
         return False
 
@@ -134,15 +135,16 @@ def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, 
     want = {f: getattr(cfg, f) for f in recipe}
     done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
     if members.get("pairs", {}).get("status") != "complete" or not any(
-            "target" in i and (i["config"].get("target") or task.target) == names[0]
-            and {f: i["config"].get(f) for f in recipe} == want for i in done):
+            "target" in i and local_path(i["config"].get("target") or task.target) == names[0]
+            and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done):
         return None, source
     for name in names[1:]:
         want = {f: getattr(cfg, f) for f in ENCODER_RECIPE}
         want["weights"] = weights_arg(name, cfg.clip_weights, cfg.sd_weights)
-        if not any(i.get("encoder") == name and want == {
-                **{f: i["config"].get(f) for f in ENCODER_RECIPE},
-                "weights": weights_arg(name, i["config"].get("clip_weights"), i["config"].get("sd_weights"))}
+        if not any(local_path(i.get("encoder")) == name and want == {
+                **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
+                "weights": local_path(weights_arg(name, i["config"].get("clip_weights"),
+                                                  i["config"].get("sd_weights")))}
                 for i in done):
             return None, source
     return path, source

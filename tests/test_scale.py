@@ -149,3 +149,25 @@ def test_the_no_op_command_imports_no_torch_and_no_network_code(tmp_path, tiny_c
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert "nothing to compute" in out and out.strip().endswith("loaded [] 0"), out
+
+
+def test_noop_rerun_holds_with_weights_under_home(tmp_path, tiny_clip, monkeypatch):
+    """Stores record paths under $HOME as `~/...` (privacy); the fast no-op re-run expands them
+    before comparing settings and stat-ing the weight files."""
+    import shutil
+
+    import pipeline.extract as extract
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    clip = home / "models" / "clip"
+    shutil.copytree(tiny_clip, clip)
+    data = write_dataset(tmp_path / "data")
+    first, _ = features(data, tmp_path / "stores", clip)
+    manifest = (first / "manifest.json").read_text()
+    assert str(home) not in manifest and "~/models/clip" in manifest
+    built = []
+    real_build = extract.build_models
+    monkeypatch.setattr(extract, "build_models", lambda cfg: built.append(cfg) or real_build(cfg))
+    again, log = features(data, tmp_path / "stores", clip)
+    assert again == first and "nothing to compute" in log and built == []
