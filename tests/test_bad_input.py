@@ -61,7 +61,7 @@ def test_bad_samples_are_excluded_and_named_and_the_rest_is_kept(dataset, tiny_c
     notes = {(n["name"], n["note"]) for n in records["notes"]}
     assert ("test/gt/gray.png", "lq: grayscale converted to RGB") in notes
     assert ("test/gt/rgba.png", "lq: alpha channel dropped") in notes
-    assert ("test/gt/deep.png", "uint16 converted to 8 bit") in notes
+    assert ("test/gt/deep.png", "16-bit reduced to 8 bit") in notes
     names = list(store.array("pairs", "names")[:])
     hw = store.array("pairs", "hw")[:]
     gt = store.array("pairs", "gt")
