@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -129,7 +130,7 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
     old = (known or {}).get("files", {})
     files, blocks, changed, touched = {}, {}, [], []
     for p in (p for pair in pairs for p in pair if p is not None):
-        path = p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p
+        path = _utf8(p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p)
         if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
             st = path.stat()
             was = old.get(key)
@@ -155,6 +156,18 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
     records = {"root": str(root.resolve()), "split": split, "files": files,
                "hw": {s.name: list(s.hw) for s in samples}, "changed": changed, "touched": touched}
     return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None, records=records)
+
+
+def _utf8(path: Path) -> Path:
+    """`path`, when it is valid UTF-8 text: sample names, records and keys hold it as text. A name
+    the file system holds as other bytes (decoded to surrogates) is refused, naming its bytes."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise SourceError(f"file name {os.fsencode(path)!r} is not valid UTF-8 (sample names are stored as UTF-8 "
+                          f"text); rename it, e.g. `convmv -f latin1 -t utf8 -r --notest <dataset folder>`, "
+                          f"and run again") from None
+    return path
 
 
 def _files(gt, lq) -> list[Path]:

@@ -1,5 +1,6 @@
 """Bad input never loses the rest of the run: each case gets a message naming the sample."""
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -124,3 +125,18 @@ def test_samples_smaller_than_the_crop_are_skipped_with_a_warning(tmp_path):
     assert 1 not in batches.pool
     with pytest.raises(ValueError, match="no sample"):
         CropBatches(split, 48, 4, 0, 10)
+
+
+def test_a_file_name_that_is_not_utf8_stops_the_split_naming_the_file(dataset, tiny_clip, tmp_path):
+    """Sample names are stored as UTF-8 text: a name the file system holds as other bytes (here
+    b'img_\\xff.png', Latin-1 from an old archive) is refused before anything is computed, its
+    bytes and the fix in the message, instead of a UnicodeEncodeError deep in planning."""
+    name = b"img_\xff.png"
+    for side, seed in (("gt", 20), ("lq", 21)):
+        Image.fromarray(rgb(seed)).save(os.fsdecode(os.fsencode(dataset / "test" / side) + b"/" + name), format="PNG")
+    with pytest.raises(SourceError) as e:
+        features(dataset, tiny_clip, tmp_path / "stores", max_bad=0.5)
+    message = str(e.value)
+    assert repr(os.fsencode(dataset / "test" / "gt") + b"/" + name) in message
+    assert "UTF-8" in message and "rename" in message
+    assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
