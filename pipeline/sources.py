@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -128,7 +130,7 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
     old = (known or {}).get("files", {})
     files, blocks, changed, touched = {}, {}, [], []
     for p in (p for pair in pairs for p in pair if p is not None):
-        path = p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p
+        path = _utf8(p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p)
         if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
             st = path.stat()
             was = old.get(key)
@@ -154,6 +156,18 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
     records = {"root": str(root.resolve()), "split": split, "files": files,
                "hw": {s.name: list(s.hw) for s in samples}, "changed": changed, "touched": touched}
     return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None, records=records)
+
+
+def _utf8(path: Path) -> Path:
+    """`path`, when it is valid UTF-8 text: sample names, records and keys hold it as text. A name
+    the file system holds as other bytes (decoded to surrogates) is refused, naming its bytes."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise SourceError(f"file name {os.fsencode(path)!r} is not valid UTF-8 (sample names are stored as UTF-8 "
+                          f"text); rename it, e.g. `convmv -f latin1 -t utf8 -r --notest <dataset folder>`, "
+                          f"and run again") from None
+    return path
 
 
 def _files(gt, lq) -> list[Path]:
@@ -230,39 +244,86 @@ def _image_size(path: Path) -> tuple:
         return 0, 0
 
 
-def read_image(path: Path) -> tuple[np.ndarray, list[str]]:
-    """An image file as uint8 (H, W, 3) plus notes on conversions (grayscale, alpha, 16-bit).
+# Modes Pillow decodes, and what each needs to become 8-bit RGB (docs: README "Your own data").
+GREY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+DEEP = "16-bit reduced to 8 bit"
 
-    Any failure (unreadable, truncated, unknown format) raises SourceError naming the file.
+
+def _rawmode(im) -> str:
+    """How the file stores its samples ("RGB;16B" for 16-bit colour, which Pillow cuts to 8 bits);
+    read before `load()`, which empties `tile`."""
+    args = im.tile[0].args if im.tile else ""
+    return str(args[0] if isinstance(args, tuple) and args else args)
+
+
+def _from16(arr: np.ndarray) -> np.ndarray:
+    return np.round(arr.astype(np.float64) / 257).astype(np.uint8)
+
+
+def _to_rgb8(im, rawmode: str, data: bytes) -> tuple[np.ndarray, list[str]]:
+    """A loaded image's pixels as uint8 (H, W, 3) and notes naming each conversion, in the order
+    depth, colour, grayscale, alpha. Alpha and transparency are dropped (colours stay as stored,
+    never composited); 16-bit values v become round(v / 257); "I" (32-bit integers) must hold
+    16-bit values (0..65535) and "F" (32-bit floats) values in [0, 1] (x 255): any other range is
+    ambiguous and raises ValueError."""
+    mode = im.mode
+    depth = colour = None
+    if mode in ("RGB", "RGBA", "LA") and ";16" in rawmode:  # 16-bit colour: Pillow keeps 8 bits, OpenCV 16
+        import cv2
+
+        full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # ignores EXIF orientation too
+        if full is None or full.dtype != np.uint16 or full.shape[:2] != (im.height, im.width):
+            raise ValueError(f"OpenCV cannot decode its 16-bit {mode} pixels")
+        depth, arr = DEEP, _from16(full[..., 2::-1] if full.ndim == 3 and full.shape[2] >= 3 else full)
+    elif mode == "1":
+        depth, arr = "1-bit expanded to 8 bit", np.asarray(im).astype(np.uint8) * 255
+    elif mode.startswith("I;16"):
+        depth, arr = DEEP, _from16(np.asarray(im))
+    elif mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"32-bit integer pixels in {arr.min()}..{arr.max()}; expected 16-bit values 0..65535")
+        depth, arr = "32-bit integers read as 16-bit, reduced to 8 bit", _from16(arr)
+    elif mode == "F":
+        arr = np.asarray(im)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise ValueError(f"32-bit float pixels in {np.nanmin(arr)}..{np.nanmax(arr)} (or not finite); "
+                             f"expected values in [0, 1]")
+        depth, arr = "32-bit floats in [0, 1] scaled to 8 bit", np.round(arr.astype(np.float64) * 255).astype(np.uint8)
+    elif mode in ("L", "LA", "RGB", "RGBA", "RGBX"):
+        arr = np.asarray(im)
+    else:  # palette, CMYK, YCbCr, ...: Pillow's own conversion
+        colour = "palette expanded to RGB" if mode in ("P", "PA") else f"{mode} converted to RGB"
+        arr = np.asarray(im.convert("RGB"))
+    grey = mode in GREY_MODES
+    if grey:
+        arr = np.repeat((arr[..., 0] if arr.ndim == 3 else arr)[..., None], 3, axis=2)
+    alpha = "A" in mode or "a" in mode or "transparency" in im.info
+    notes = [depth, colour, "grayscale converted to RGB" if grey else None, "alpha channel dropped" if alpha else None]
+    return arr[..., :3], [n for n in notes if n]
+
+
+def read_image(path: Path) -> tuple[np.ndarray, list[str]]:
+    """An image file as uint8 (H, W, 3) plus notes on conversions (_to_rgb8: 16-bit, palette,
+    CMYK, grayscale, alpha, ...). EXIF orientation is ignored on every side of a pair: pixels are
+    read as stored, as OpenCV and the (H, W) from the header see them (noted when the tag is set).
+
+    Any failure (unreadable, truncated, unknown format, ambiguous range) raises SourceError naming the file.
     """
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            rawmode = _rawmode(im)
             im.load()  # decode now, so truncated files fail here with their name
-            arr = np.asarray(im)
+            arr, notes = _to_rgb8(im, rawmode, data)
+            orientation = im.getexif().get(0x0112, 1)
     except Exception as e:
         raise SourceError(f"cannot read image {path}: {e}; expected an RGB image file "
                           f"({', '.join(IMAGE_SUFFIXES)})") from e
-    notes = []
-    if path.suffix.lower() in (".png", ".tif", ".tiff"):  # Pillow drops 16-bit RGB to 8 bits silently
-        import cv2
-
-        full = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if full is not None and full.dtype == np.uint16:
-            arr = full[..., ::-1] if full.ndim == 3 else full  # BGR(A) -> RGB(A)
-            arr = arr[..., [2, 1, 0, 3]] if arr.ndim == 3 and arr.shape[2] == 4 else arr
-    if arr.dtype != np.uint8:
-        if arr.dtype.kind not in "ui" or arr.max() > 65535:
-            raise SourceError(f"cannot read image {path}: unsupported pixel type {arr.dtype}")
-        notes.append(f"{arr.dtype} converted to 8 bit")
-        arr = np.round(arr.astype(np.float64) / (65535 if arr.max() > 255 else 255) * 255).astype(np.uint8)
-    if arr.ndim == 2 or arr.shape[2] in (1, 2):
-        notes.append("grayscale converted to RGB")
-        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], -1)[..., :1], 3, axis=2)
-    elif arr.shape[2] == 4:
-        notes.append("alpha channel dropped")
-        arr = arr[..., :3]
+    if orientation not in (1, None):
+        notes.append(f"EXIF orientation {orientation} ignored: pixels read as stored")
     return np.ascontiguousarray(arr, dtype=np.uint8), notes
 
 

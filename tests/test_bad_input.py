@@ -1,5 +1,6 @@
 """Bad input never loses the rest of the run: each case gets a message naming the sample."""
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -61,7 +62,7 @@ def test_bad_samples_are_excluded_and_named_and_the_rest_is_kept(dataset, tiny_c
     notes = {(n["name"], n["note"]) for n in records["notes"]}
     assert ("test/gt/gray.png", "lq: grayscale converted to RGB") in notes
     assert ("test/gt/rgba.png", "lq: alpha channel dropped") in notes
-    assert ("test/gt/deep.png", "uint16 converted to 8 bit") in notes
+    assert ("test/gt/deep.png", "16-bit reduced to 8 bit") in notes
     names = list(store.array("pairs", "names")[:])
     hw = store.array("pairs", "hw")[:]
     gt = store.array("pairs", "gt")
@@ -124,3 +125,18 @@ def test_samples_smaller_than_the_crop_are_skipped_with_a_warning(tmp_path):
     assert 1 not in batches.pool
     with pytest.raises(ValueError, match="no sample"):
         CropBatches(split, 48, 4, 0, 10)
+
+
+def test_a_file_name_that_is_not_utf8_stops_the_split_naming_the_file(dataset, tiny_clip, tmp_path):
+    """Sample names are stored as UTF-8 text: a name the file system holds as other bytes (here
+    b'img_\\xff.png', Latin-1 from an old archive) is refused before anything is computed, its
+    bytes and the fix in the message, instead of a UnicodeEncodeError deep in planning."""
+    name = b"img_\xff.png"
+    for side, seed in (("gt", 20), ("lq", 21)):
+        Image.fromarray(rgb(seed)).save(os.fsdecode(os.fsencode(dataset / "test" / side) + b"/" + name), format="PNG")
+    with pytest.raises(SourceError) as e:
+        features(dataset, tiny_clip, tmp_path / "stores", max_bad=0.5)
+    message = str(e.value)
+    assert repr(os.fsencode(dataset / "test" / "gt") + b"/" + name) in message
+    assert "UTF-8" in message and "rename" in message
+    assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
