@@ -168,7 +168,7 @@ def progress(shards: Iterable[Shard], bar) -> Iterator[Shard]:
 # -- the frozen networks -----------------------------------------------------------------------------
 def target(shards: Iterable[Shard], member: str, net) -> Iterator[Shard]:
     """`base` (float16, valid size) of member `member` for the shards that need it; a non-finite or
-    misshapen output excludes that sample."""
+    misshapen output, or one beyond float16's range, excludes that sample."""
     for s in shards:
         if s.wants(member):
             t0 = time.perf_counter()
@@ -197,13 +197,22 @@ def run_target(net, data: dict, excluded: list) -> list:
         lq = data["lq"][j].astype(np.float32)
         lq /= 255  # in place: one float32 copy of a large image, not two
         out = net(lq, json.loads(str(data["meta"][j])))
-        if out.shape != lq.shape or not np.isfinite(out).all():
-            problem = (f"shape {out.shape}, expected {lq.shape}" if out.shape != lq.shape else
-                       f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)")
+        problem, half = None, None
+        if out.shape != lq.shape:
+            problem = f"shape {out.shape}, expected {lq.shape}"
+        elif not np.isfinite(out).all():
+            problem = f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)"
+        else:
+            with np.errstate(over="ignore"):  # checked below: the stored float16, not the float32 output
+                half = out.astype(np.float16)
+            if not np.isfinite(half).all():
+                problem = (f"{int((~np.isfinite(half)).sum())} values outside the float16 range (|x| > 65504) "
+                           f"that base is stored in")
+        if problem:
             excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
                              "reason": f"target {net.id} gave a bad output: {problem}"})
             continue
-        base[j] = out.astype(np.float16)
+        base[j] = half
     return base
 
 

@@ -5,7 +5,8 @@ Writes `<out>/<store name>-wds/` (default out: the store's folder's parent):
                            (uint8 RGB), base.npy (float16), osf.<encoder member id>.npy ((4, D)
                            float32, the 4 flips of the whole image's g), meta.json (name, index,
                            hw, tile [y, x, h, w], store, pairs key, members and keys, the
-                           degradation's `meta` parsed)
+                           degradation's `meta` parsed, `sha256`: each other entry's digest,
+                           checked by the reader before it decodes the entry)
     shard-000000.json ...  each tar's record and the member keys and tiling it was written with
     index.json             tiling, shards (samples, tiles, first index, names, hw, bytes, sha256),
                            the source's keys and member records, `complete: true`; written last
@@ -28,6 +29,7 @@ entries carry fixed owners and times: the same samples give the same bytes. Stre
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -43,7 +45,7 @@ from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
-VERSION = 2  # 2: samples cut into tiles (1: whole samples; read no more: export again)
+VERSION = 3  # 3: per-entry sha256 in meta.json (2: tiles, 1: whole samples; read no more: export again)
 TILE = 512  # default tile side, px
 
 
@@ -134,9 +136,11 @@ class WdsWriter:
         g = {f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32)) for e in self.encoders}
         for t, (y, x, th, tw) in enumerate(tile_grid(h, w, **self.tiling)):
             box = (slice(y, y + th), slice(x, x + tw))
-            yield {"__key__": f"{row['index']:08d}_{t:04d}", "lq.png": png_bytes(row["lq"][box]),
-                   "gt.png": png_bytes(row["gt"][box]), "base.npy": npy_bytes(row["base"][box]), **g,
-                   "meta.json": json.dumps({**meta, "tile": [y, x, th, tw]}, sort_keys=True).encode()}
+            entries = {"lq.png": png_bytes(row["lq"][box]), "gt.png": png_bytes(row["gt"][box]),
+                       "base.npy": npy_bytes(row["base"][box]), **g}
+            sha = {e: hashlib.sha256(data).hexdigest() for e, data in entries.items()}
+            yield {"__key__": f"{row['index']:08d}_{t:04d}", **entries,
+                   "meta.json": json.dumps({**meta, "tile": [y, x, th, tw], "sha256": sha}, sort_keys=True).encode()}
 
     def write_shard(self, k: int, lo: int, hi: int, rows) -> dict:
         """Write shard k (the rows of samples [lo, hi), in order) with webdataset's TarWriter to a
@@ -155,17 +159,18 @@ class WdsWriter:
                     tiles += 1
         rec = {"name": name, "first": lo, "samples": hi - lo, "tiles": tiles, "names": names, "hw": hw,
                "bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
-        write_json_atomic(self.out / f"shard-{k:06d}.json", {"keys": self.keys, "tiling": self.tiling, "record": rec})
+        write_json_atomic(self.out / f"shard-{k:06d}.json",
+                          {"version": VERSION, "keys": self.keys, "tiling": self.tiling, "record": rec})
         return rec
 
     def reuse(self, k: int, lo: int, hi: int) -> dict | None:
         """The record of shard k when a finished tar of these samples and member keys is there
-        (written as extraction went, or by an interrupted export), else None."""
+        (written as extraction went, or by an interrupted export, in this format version), else None."""
         try:
             side = json.loads((self.out / f"shard-{k:06d}.json").read_text())
             rec = side["record"]
-            ok = side["keys"] == self.keys and side.get("tiling") == self.tiling and \
-                [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
+            ok = side.get("version") == VERSION and side["keys"] == self.keys and \
+                side.get("tiling") == self.tiling and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
                 (self.out / rec["name"]).stat().st_size == rec["bytes"]
         except (OSError, ValueError, KeyError, TypeError):
             return None

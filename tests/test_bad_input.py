@@ -94,9 +94,21 @@ class NaNOnSecond(Identity):
         return out
 
 
-def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, tmp_path, monkeypatch):
-    monkeypatch.setitem(TARGETS, "nan-second", NaNOnSecond)
-    cfg = FeaturesConfig(task="deblur", data=str(dataset), target="nan-second", encoder=f"openclip:{tiny_clip}",
+class HugeOnSecond(NaNOnSecond):
+    """Finite in float32, but beyond float16's range (65504): inf once stored as float16."""
+    id = "huge-second"
+
+    def __call__(self, lq, meta):
+        out = super().__call__(lq, meta)
+        out[np.isnan(out)] = 7e4
+        return out
+
+
+@pytest.mark.parametrize("target,reason", [(NaNOnSecond, "non-finite"), (HugeOnSecond, "float16 range")])
+def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, tmp_path, monkeypatch, target,
+                                                            reason):
+    monkeypatch.setitem(TARGETS, target.id, target)
+    cfg = FeaturesConfig(task="deblur", data=str(dataset), target=target.id, encoder=f"openclip:{tiny_clip}",
                          store_root=str(tmp_path / "stores"), shard_len=4, splits=("train",), max_bad=0.5)
     store = Store(build_features(cfg, log=lambda *a: None)[0])
     member = next(m for m in store.manifest()["members"] if m.startswith("targets/"))
@@ -104,7 +116,8 @@ def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, 
     assert info["status"] == "complete"
     excluded = store.records(member)["excluded"]
     assert [e["name"] for e in excluded] == ["train/gt/good1.png"]
-    assert "non-finite" in excluded[0]["reason"]
+    assert reason in excluded[0]["reason"]
+    assert np.isfinite(store.array(member, "base")[:]).all()  # no inf stored (float16 overflow)
 
     from training.data import Split
 

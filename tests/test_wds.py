@@ -2,6 +2,7 @@
 and resumable batches, bounded memory, S3 streaming, damaged shards, excluded samples, stats."""
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -219,6 +220,46 @@ def test_reader_refuses_a_damaged_shard(exported, tmp_path):
             list(split.samples(split.shards[k], {(i, 0) for i in range(N)}))
 
 
+def damaged_copy(folder, dest, entry):
+    """A copy of the export with one byte flipped inside `entry` of the first usable tile of
+    shard 1 (tar headers untouched: a valid tar); returns (shard name, sample index)."""
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    shard = json.loads((folder / "index.json").read_text())["shards"][1]
+    i = shard["first"]
+    with tarfile.open(dest / shard["name"]) as tar:
+        m = tar.getmember(f"{i:08d}_0000.{entry}")
+    data = bytearray((dest / shard["name"]).read_bytes())
+    data[m.offset_data + m.size - 2] ^= 0x5A  # in the array's last value, in the PNG's last chunk
+    (dest / shard["name"]).write_bytes(bytes(data))
+    return shard["name"], i
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("entry", ["base.npy", "lq.png"])
+def test_a_flipped_byte_is_caught_before_its_sample_reaches_a_batch(exported, tmp_path, entry, where, request,
+                                                                   monkeypatch):
+    _, folder = exported
+    name, bad = damaged_copy(folder, tmp_path / folder.name, entry)
+    url = tmp_path / folder.name
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        url = f"s3://{BUCKET}/wds-damaged-{entry}/{folder.name}"
+        s3.filesystem().put(str(tmp_path / folder.name), url[5:], recursive=True)
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+    split = WdsSplit.open(url)
+    received = []  # what a run that stops at any step before the error got
+    with pytest.raises(WdsError) as err:  # buffer 1: a sample is in a batch soon after it is read
+        for b in WdsBatches(split, 32, 1, 0, 0, 40, streams=1, buffer=1):
+            received.append(b["index"].item())
+    assert bad not in received and len(received) >= 2, received
+    assert re.search(rf"{name}: sample {bad:08d}_0000 {entry}: sha256 differs.*export-wds", str(err.value))
+    with pytest.raises(WdsError, match=rf"{name}: sample {bad:08d}_0000 {entry}: sha256 differs"):
+        split.image(bad)
+
+
 def test_wds_reader_imports_no_frozen_networks():
     code = ("import sys, training.wds_data; bad = {'pipeline', 'open_clip', 'diffusers'}"
             " & set(sys.modules); assert not bad, bad")
@@ -298,7 +339,7 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
     path, _ = exported
     folder = export_wds(path, out=tmp_path, min_shards=4, tile=20, log=lambda *_: None)
     index = json.loads((folder / "index.json").read_text())
-    assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == 2
+    assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == 3
     assert sum(s["tiles"] for s in index["shards"]) == sum(len(tile_grid(h, w, 20)) for h, w in HW)
     store, split = Split.open(path, None, None), WdsSplit.open(folder)
     for i, (h, w) in enumerate(HW):
@@ -332,10 +373,19 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
 
 
 def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported, tmp_path):
-    _, folder = exported
+    """Versions 1 (whole samples) and 2 (no per-entry sha256) are refused; export again rewrites the
+    shards an older version left (not reused: they lack the digests)."""
+    path, folder = exported
     old = tmp_path / folder.name
     old.mkdir()
     index = json.loads((folder / "index.json").read_text())
-    (old / "index.json").write_text(json.dumps({**index, "version": 1}))
-    with pytest.raises(WdsError, match="format version 1.*reads version 2.*export-wds STORE"):
-        WdsSplit.open(old)
+    for version in (1, 2):
+        (old / "index.json").write_text(json.dumps({**index, "version": version}))
+        with pytest.raises(WdsError, match=f"format version {version}.*reads version 3.*export-wds STORE"):
+            WdsSplit.open(old)
+    again = export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
+    side = json.loads((again / "shard-000000.json").read_text())
+    (again / "shard-000000.json").write_text(json.dumps({k: v for k, v in side.items() if k != "version"}))
+    (again / "index.json").unlink()  # as version 2 left an interrupted export: its tars are not reused
+    export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
+    assert json.loads((again / "shard-000000.json").read_text())["version"] == 3

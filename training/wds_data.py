@@ -18,15 +18,18 @@ divide `streams`) produces the steps start + w, start + w + W, ... from the stre
 order the DataLoader hands them out. A resumed run skips, without decoding, the samples its streams
 used before the resume step, and gets the batches of an uninterrupted run.
 
-Tiles. Export version 2 cuts each sample into tiles (stores/wds.py, `--tile`, default 512 px): the
+Tiles. Export versions 2 and later cut each sample into tiles (stores/wds.py, `--tile`, default 512 px): the
 stream, the shuffle buffer and the decoding work on tiles, so a loader's memory and its time per crop
 follow the tile, not the largest photo. A crop lies inside one tile (drawn from (seed, step, rank)
 within it); the batch's `index` is the sample's. `WdsSplit.image` puts a sample's tiles back together.
 
 Samples excluded at extraction have no entries in the export and never reach a batch; samples and
 tiles smaller than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
-`numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Each shard's sha256
-is checked as it streams; a mismatch or a damaged tar raises WdsError naming the shard.
+`numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Checksums: each
+tile's entries are checked against the sha256 its meta.json records (export version 3) as the tile
+is read, before it enters the shuffle buffer, so a damaged byte never reaches a batch, even in a run
+that stops inside the shard; the whole shard's sha256 (covering meta.json and the tiles not used) is
+checked at its end. A mismatch or a damaged tar raises WdsError naming the shard and the entry.
 Imports no pipeline code and no frozen network.
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ from stores.wds import FORMAT, INDEX, VERSION, tile_grid
 from .data import members_info, to_tensor
 
 READ_BLOCK = 4 << 20
+REEXPORT = "`python -m stores export-wds STORE` (or `make features FORMAT=wds`), which rewrites every shard"
 
 
 class WdsError(RuntimeError):
@@ -76,8 +80,8 @@ def read_index(loc) -> dict:
         raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
     if index.get("version") != VERSION:
         raise WdsError(f"{loc.url}: a WebDataset export of format version {index.get('version')}; this version "
-                       f"reads version {VERSION} (samples cut into tiles). Export it again: `python -m stores "
-                       f"export-wds STORE` (or `make features FORMAT=wds`), which rewrites every shard")
+                       f"reads version {VERSION} (samples cut into tiles, each entry's sha256 in its meta.json). "
+                       f"Export it again: {REEXPORT}")
     return index
 
 
@@ -191,6 +195,7 @@ class WdsSplit:
                         raise WdsError(f"{name}: sample {sample['__key__']} lacks {', '.join(missing)}; "
                                        f"expected {', '.join(self.entries)}")
                     if (i, t) in usable:
+                        self.verify(sample, f"{name}: sample {sample['__key__']}")
                         yield {"index": i, "tile": t, **{e: sample[e] for e in self.entries}}
                 if reader.drain() != shard["sha256"]:
                     raise WdsError(f"{name}: sha256 differs from {INDEX}; the shard is damaged or was replaced")
@@ -199,6 +204,21 @@ class WdsSplit:
         except Exception as e:  # a damaged tar, a lost connection
             raise WdsError(f"{name}: cannot read the shard ({type(e).__name__}: {e}); expected a tar written "
                            f"by export-wds") from None
+
+    def verify(self, sample: dict, where: str) -> None:
+        """Check the entries this split uses against the sha256 the tile's meta.json records, before
+        anything reads them (the shard's own sha256 is known only at its end)."""
+        try:
+            sha = json.loads(sample["meta.json"])["sha256"]
+        except (ValueError, KeyError, TypeError):
+            sha = None
+        if not isinstance(sha, dict):
+            raise WdsError(f"{where} meta.json: not JSON with each entry's sha256; the shard is damaged or not from "
+                           f"export-wds version {VERSION}. Export again: {REEXPORT}") from None
+        for e in self.entries:
+            if e != "meta.json" and hashlib.sha256(sample[e]).hexdigest() != sha.get(e):
+                raise WdsError(f"{where} {e}: sha256 differs from the one its meta.json records; the shard is "
+                               f"damaged (copy it again, or export again: {REEXPORT})")
 
     def decode(self, raw: dict) -> dict:
         where = f"{self.loc.url} sample {raw['index']:08d} tile {raw['tile']}"
@@ -228,7 +248,7 @@ def buffer_samples(split: "WdsSplit", streams: int, buffer: int, buffer_mb: floa
     """Shuffle-buffer length per stream: `buffer` tiles, fewer when the streams' buffers would
     hold more than `buffer_mb` of raw (encoded) tiles at the export's mean tile size, and at
     least 1. A function of the export and the settings alone, so batches stay deterministic."""
-    sizes = [(s.get("bytes", 0), s["tiles"]) for s in split.shards]  # read_index admits version-2 exports only
+    sizes = [(s.get("bytes", 0), s["tiles"]) for s in split.shards]  # read_index admits tiled exports only
     mean = sum(b for b, _ in sizes) / max(1, sum(n for _, n in sizes))
     if mean <= 0:
         return buffer
