@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from .maintain import lost_records
 from .privacy import scrub
 from .stats import member_stats
-from .store import MANIFEST, Store, StoreError
+from .store import MANIFEST, Store, StoreError, records_file
 from .wds import TILE
 
 
@@ -31,7 +32,11 @@ def describe(store: Store) -> dict:
 def cmd_ls(args) -> int:
     rows = []
     for path in find_stores(args.root):
-        m = describe(Store(path))
+        try:
+            m = describe(Store(path))
+        except StoreError as e:  # one damaged store is named; the others are still listed
+            rows.append({"store": path.name, "path": str(path), "members": {}, "error": scrub(str(e))})
+            continue
         rows.append({"store": path.name, "path": str(path),
                      "members": {k: v["status"] for k, v in m["members"].items()}})
     if args.json:
@@ -39,7 +44,7 @@ def cmd_ls(args) -> int:
     elif not rows:
         print(f"no stores under {args.root}")
     for r in rows if not args.json else []:
-        print(r["store"])
+        print(r["store"] + (f"    DAMAGED: {r['error']}" if "error" in r else ""))
         for k, v in r["members"].items():
             print(f"    {k:48s} {v}")
     return 0
@@ -78,6 +83,7 @@ def cmd_verify(args) -> int:
         if missing:
             problems.append(f"{member}: tasks {missing} not done (incomplete)")
         problems += store.verify(member, jobs=args.jobs)
+    problems += [f"{m}: records file {records_file(m)} missing" for m in lost_records(store)]
     for p in problems:
         print(f"DAMAGED {args.store}: {p}", file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")

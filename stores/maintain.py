@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .leases import lease_folders
 from .privacy import local_path
-from .store import Store, StoreError
+from .store import Store, StoreError, records_file
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
 
@@ -25,6 +25,8 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
     out = {}
     for member, info in store.manifest()["members"].items():
         bad = set()
+        if info.get("status") == "complete":  # a lost done marker: its shards are vouched for by nothing
+            bad |= set(range(len(store.plan(member)))) - store.done_tasks(member)
         for job in store.shard_checks(member):
             if store.check_shard(member, job):
                 lo = job[2]
@@ -32,6 +34,12 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
         if bad:
             out[member] = sorted(bad)
     return out
+
+
+def lost_records(store: Store) -> list[str]:
+    """Complete members whose `_records` file is missing."""
+    return [m for m, i in store.manifest()["members"].items()
+            if i.get("status") == "complete" and not (store.path / records_file(m)).is_file()]
 
 
 PATH_FLAGS = ("data", "encoder", "target-weights", "clip-weights", "sd-weights")
@@ -66,6 +74,10 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
     """Withdraw damaged tasks and recompute them; returns the number of tasks withdrawn."""
     store = Store(path, mode="a")
     damaged = damaged_tasks(store)
+    for member in lost_records(store):
+        if member not in damaged:  # a recomputed member gets new ones when it completes
+            store.rewrite_records(member)
+            log(f"{path}: {member}: records rewritten from its done markers")
     configs = [store.member_info(m).get("config") for m in damaged]
     if recompute and damaged and not all(configs):
         raise StoreError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
@@ -88,15 +100,16 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
 
 def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
-    newest of each task is kept: it fences late writers) and temporary files older than
-    TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released when its holder dies)."""
+    newest of each task is kept: it fences late writers) and temporary files (ours, and zarr's
+    `*.partial`) older than TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released
+    when its holder dies)."""
     path = Path(path)
     found = []
     for folder in lease_folders(path):
         gens = sorted(folder.glob("[0-9]*.json"))
         found += gens[:-1]
-    for p in path.rglob(".*"):
-        if p.is_file() and ".tmp-" in p.name and _age(p) > TMP_GRACE_SECONDS:
+    for p in [*path.rglob(".*"), *path.rglob("*.partial")]:  # ours, and zarr's `<chunk>.<uuid>.partial`
+        if p.is_file() and (".tmp-" in p.name or p.name.endswith(".partial")) and _age(p) > TMP_GRACE_SECONDS:
             found.append(p)
     for p in found:
         log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))

@@ -39,7 +39,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .privacy import scrub, strip_url_credentials
-from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError
+from .layout import Layout
+from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, lost_shards, records_file
 
 BLOCK = 8 << 20
 CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
@@ -95,9 +96,15 @@ def list_files(loc: Location) -> dict[str, int]:
     out = {}
     for path, info in found.items():
         rel = posixpath.relpath(path, loc.root)
-        if info.get("type") == "file" and not any(p.startswith(".") for p in rel.split("/")):
+        if info.get("type") == "file" and not is_temporary(rel):
             out[rel] = int(info["size"])
     return out
+
+
+def is_temporary(rel: str) -> bool:
+    """Hidden names (our temporary files) and zarr's `*.partial` files (a write in progress, or
+    left by a killed one): never part of a store, never copied."""
+    return any(p.startswith(".") for p in rel.split("/")) or rel.endswith(".partial")
 
 
 def file_sha256(loc: Location, rel: str) -> tuple[int, str]:
@@ -218,6 +225,41 @@ def check_done_markers(src_files, dst_files, manifest: dict, keep: list, where: 
         raise RemoteError(f"{where}: copy incomplete, manifest not written: " + "; ".join(problems))
 
 
+def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> list[str]:
+    """What the complete members of `keep` need that `files` (a listing of `loc`) lacks: their
+    done markers, records, and every shard whose done marker records data (`lost_shards`)."""
+    layout, out = Layout.from_json(manifest["layout"]), []
+    for m in keep:
+        info = manifest["members"][m]
+        if info.get("status") != "complete":
+            continue
+        markers = [f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.plan(info.get("n_tasks"))))]
+        out += [rel for rel in (*markers, records_file(m)) if rel not in files]
+
+        def marker(t, m=m):
+            rel = f"{DONE_DIR}/{m}/{t:05d}.json"
+            return json.loads(loc.fs.cat_file(loc.path(rel))) if rel in files else None
+
+        out += lost_shards(layout, info, m, files.__contains__, marker)
+    return out
+
+
+def check_complete(loc: Location, files: dict, manifest: dict, keep: list, copied: dict | None = None) -> None:
+    """Refuse (RemoteError naming the files) a source whose complete members lack files, or, given
+    `copied` ({file: size} copied), a destination where one of them did not arrive whole."""
+    missing = missing_files(loc, files, manifest, keep)
+    missing += sorted(rel for rel, size in (copied or {}).items() if files.get(rel) != size)
+    if not missing:
+        return
+    names = ", ".join(sorted(set(missing))[:5]) + (", ..." if len(set(missing)) > 5 else "")
+    if copied is None:
+        raise RemoteError(f"{loc.url}: {len(set(missing))} file(s) of complete members missing ({names}): lost "
+                          f"by a partial copy or sync? Nothing copied; repair the store where it was built "
+                          f"(`python -m stores repair STORE`) and copy it again")
+    raise RemoteError(f"{loc.url}: copy incomplete, manifest not written: {len(set(missing))} file(s) missing "
+                      f"or of the wrong size ({names}); run the copy again")
+
+
 def read_manifest(loc: Location) -> bytes:
     """The raw bytes of `loc`'s manifest.json; a folder without one is no store."""
     try:
@@ -273,9 +315,12 @@ def copy_files(src: Location, work: Location, manifest: dict, include_incomplete
     keep, left_out, todo = select(manifest, src_files, include_incomplete)
     for m, status in left_out.items():
         log(f"  leaving out member {m} ({status}); --include-incomplete copies it too")
+    check_complete(src, src_files, manifest, keep)
     copier = Copier(src, work, list_files(work))
     copier.run(sorted(todo.items(), key=lambda kv: (-kv[1], kv[0])), jobs)
-    check_done_markers(src_files, list_files(work), manifest, keep, work.url)
+    dst_files = list_files(work)
+    check_done_markers(src_files, dst_files, manifest, keep, work.url)
+    check_complete(work, dst_files, manifest, keep, copied=todo)
     return keep, left_out, copier
 
 

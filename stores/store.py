@@ -17,6 +17,7 @@ manifest say `complete`, and readers refuse anything else. Inspect with `python 
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -218,13 +220,67 @@ def check_schema(path: Path, manifest: dict) -> None:
                          f"docs/design.md); {rebuild_hint(path)}")
 
 
+def shard_file(layout: Layout, member: str, name: str, spec: dict, k: int, row: int) -> str:
+    """The file (relative to the store) of the shard holding row `row` of bucket `k` of an array:
+    image shards span the whole canvas, flat arrays' chunks whole rows (zarr's default keys)."""
+    b = layout.buckets[k]
+    ndim = 4 if spec["image"] else 1 + len(spec["row"])
+    return f"{member}/{b.name}/{name}/c/{row // b.shard_len}" + "/0" * (ndim - 1)
+
+
+def records_file(member: str) -> str:
+    return f"{RECORDS_DIR}/{member.replace('/', '__')}.json"
+
+
+@lru_cache(maxsize=64)
+def _zeros_digest(dtype: str, shape: tuple) -> str:
+    return digest(np.zeros(shape, dtype))
+
+
+def zeros_digest(layout: Layout, spec: dict, k: int, lo: int, hi: int) -> str:
+    """sha256 of a shard [lo, hi) of bucket k that holds only the fill value (0): zarr writes no
+    file for such a shard, so its absence is what the done marker vouches for."""
+    a = ArraySpec("", spec["dtype"], tuple(spec["row"]), spec["image"])
+    return _zeros_digest(a.zarr_dtype(), (hi - lo, *a.geometry(layout.buckets[k], layout.tile)["shape"][1:]))
+
+
+def task_of(layout: Layout, info: dict, lo: int) -> int:
+    """The task of a member (manifest `info`) that owns the shard starting at sample lo."""
+    starts = [a for a, _ in layout.plan(info.get("n_tasks"))]
+    return bisect.bisect_right(starts, lo) - 1
+
+
+def absent_is_vouched(layout: Layout, info: dict, name: str, k: int, lo: int, hi: int, marker: dict | None) -> bool:
+    """Whether a complete member's absent shard [lo, hi) of `name` is one zarr never wrote (its
+    done marker `marker` records the hash of zeros), rather than a lost file."""
+    want = ((marker or {}).get("shards", {}).get(name) or {}).get(str(lo))
+    return want == zeros_digest(layout, info["arrays"][name], k, lo, hi)
+
+
+def lost_shards(layout: Layout, info: dict, member: str, exists, marker) -> list[str]:
+    """The shard files of a complete member that are absent though their done markers record data:
+    `exists(relative path)`, `marker(task)` (its done marker, or None). One check per shard."""
+    lost = []
+    for k, lo, hi in layout.shards():
+        row = lo - layout.buckets[k].start
+        for name, spec in info["arrays"].items():
+            rel = shard_file(layout, member, name, spec, k, row)
+            if not exists(rel) and not absent_is_vouched(layout, info, name, k, lo, hi,
+                                                         marker(task_of(layout, info, lo))):
+                lost.append(rel)
+    return lost
+
+
 class Samples:
     """One array of a member over all its buckets, indexed by sample like a single array:
     `a[i]` (a row; text decoded), `a[i, ys, xs]` (a crop of an image), `a[lo:hi]` (rows of flat
-    arrays as one ndarray, or a list of canvases for images, or a list of strings for text)."""
+    arrays as one ndarray, or a list of canvases for images, or a list of strings for text).
 
-    def __init__(self, layout: Layout, spec: dict, parts: list):
-        self.layout, self.parts = layout, parts
+    `check(k, row)`, when given, is called before rows of a shard of bucket k are read (it raises
+    for a shard file that is lost, see `Store.presence_check`)."""
+
+    def __init__(self, layout: Layout, spec: dict, parts: list, check=None):
+        self.layout, self.parts, self.check = layout, parts, check
         self.text, self.image = spec["dtype"] == TEXT, spec["image"]
         first = parts[0]
         self.dtype = first.dtype
@@ -245,11 +301,18 @@ class Samples:
             key, rest = key[0], key[1:]
         i = int(key) + (self.layout.n if key < 0 else 0)
         k, r = self.layout.locate(i)
+        if self.check:
+            self.check(k, r)
         out = self.parts[k][(r, *rest)]
         return decode_text(out)[0] if self.text and not rest else out
 
     def rows(self, lo: int, hi: int):
-        got = [self.parts[k][a:b] for k, a, b in self.layout.pieces(lo, hi)]
+        pieces = self.layout.pieces(lo, hi)
+        for k, a, b in pieces if self.check else ():
+            for r in range(a, b, self.layout.buckets[k].shard_len):
+                self.check(k, r)
+            self.check(k, b - 1)
+        got = [self.parts[k][a:b] for k, a, b in pieces]
         if self.text:
             return [s for g in got for s in decode_text(g)]
         if self.image:
@@ -445,15 +508,31 @@ class Store:
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
-            write_json_atomic(self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json", records)
+            write_json_atomic(self.path / records_file(member), records)
             self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
                                 **{f"n_{f}": len(v) for f, v in records.items()})
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
-        """A complete member's excluded samples and conversion notes: {"excluded": [...], "notes": [...]}."""
-        path = self.path / RECORDS_DIR / f"{member.replace('/', '__')}.json"
-        return read_json(path) if path.is_file() else {"excluded": [], "notes": []}
+        """A complete member's excluded samples and conversion notes: {"excluded": [...], "notes": [...]}.
+        A complete member without its records file (lost by a partial copy) raises: read as empty,
+        its excluded samples would come back."""
+        path = self.path / records_file(member)
+        if path.is_file():
+            return read_json(path)
+        if self.status(member) == "complete":
+            raise StoreError(f"{path}: records of complete member {member} missing (lost by a partial copy or "
+                             f"sync?); run `python -m stores repair {self.path}` to rewrite them from its done "
+                             f"markers, or pull the store again")
+        return {"excluded": [], "notes": []}
+
+    def rewrite_records(self, member: str) -> None:
+        """Write a complete member's records again from its done markers (as `finalize` made them)."""
+        missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
+        if missing:
+            raise StoreError(f"{self.path}: member {member} is missing the done markers of tasks {missing}")
+        write_json_atomic(self.path / records_file(member),
+                          {f: self.task_records(member, f) for f in ("excluded", "notes")})
 
     def usable_hw(self, members: list) -> np.ndarray:
         """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
@@ -508,13 +587,38 @@ class Store:
         if status != "complete":
             raise StoreError(f"{self.path}: member {member} is {status}; run `make features` "
                              f"to build or complete it")
-        return self._samples(member, name)
+        return self._samples(member, name, check=True)
 
-    def _samples(self, member: str, name: str) -> Samples:
+    def _samples(self, member: str, name: str, check: bool = False) -> Samples:
         spec = self.member_info(member)["arrays"].get(name)
         if spec is None:
             raise StoreError(f"{self.path}: member {member} has no array {name!r}")
-        return Samples(self.layout, spec, [self._bucket_array(member, k, name) for k in range(len(self.layout.buckets))])
+        parts = [self._bucket_array(member, k, name) for k in range(len(self.layout.buckets))]
+        return Samples(self.layout, spec, parts, self.presence_check(member, name) if check else None)
+
+    def presence_check(self, member: str, name: str):
+        """`check(k, row)` for Samples: the shard file of that row exists, or its done marker
+        vouches that it holds only zeros (which zarr never writes); else StoreError naming it and
+        the repair. Each shard is looked at once (a stat) per Samples: reads stay fast."""
+        info, seen = self.member_info(member), set()
+
+        def check(k: int, row: int) -> None:
+            b = self.layout.buckets[k]
+            lo = b.start + row // b.shard_len * b.shard_len
+            if (k, lo) in seen:
+                return
+            rel = shard_file(self.layout, member, name, info["arrays"][name], k, row)
+            hi = min(lo + b.shard_len, b.start + b.count)
+            if not (self.path / rel).is_file():
+                marker = self.done_path(member, task_of(self.layout, info, lo))
+                if not absent_is_vouched(self.layout, info, name, k, lo, hi,
+                                         read_json(marker) if marker.is_file() else None):
+                    raise StoreError(f"{self.path}: member {member} is complete but its shard file {rel} (samples "
+                                     f"{lo}-{hi - 1}) is missing (lost by a partial copy or sync?); run `python -m "
+                                     f"stores repair {self.path}` to recompute it, or pull the store again")
+            seen.add((k, lo))
+
+        return check
 
     def members(self, prefix: str) -> list[str]:
         """Complete members under `targets` or `osf`, sorted."""

@@ -3,8 +3,8 @@
 zarr-python spends about 0.2 ms of Python and event-loop hand-offs on every inner chunk it reads,
 so a 96 px crop of three 64 px-tiled arrays cost 4 ms and the loader could barely feed a CPU
 training step. A member's shards never change once it is complete, so this reader reads each
-shard's index once and then gets each tile with one `pread`, a crc32c check and a zstd decode,
-exactly as the Zarr v3 sharding spec lays them out.
+shard's index once (again if `stores repair` replaced the file) and then gets each tile with one
+`pread`, a crc32c check and a zstd decode, exactly as the Zarr v3 sharding spec lays them out.
 
 It handles exactly the layout `Store.begin_member` writes (sharding_indexed, index at the end;
 inner codecs bytes, zstd, crc32c) on a local filesystem; anything else is read through zarr.
@@ -62,7 +62,7 @@ class TileReader:
         self.inner, self.shard = layout["inner"], layout["shard"]
         self.per_shard = tuple(s // c for s, c in zip(self.shard, self.inner))
         self.n_inner = int(np.prod(self.per_shard))
-        self._index: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
+        self._index: OrderedDict[tuple, tuple] = OrderedDict()  # shard -> (file identity, index)
         self._index_bytes = 0
         self._zstd = Zstd()
 
@@ -103,9 +103,12 @@ class TileReader:
             by_shard.setdefault((i // self.shard[0], ty // self.per_shard[1], tx // self.per_shard[2]), []).append((ty, tx))
         for (si, sy, sx), group in by_shard.items():
             path = self.root / "c" / str(si) / str(sy) / str(sx) / "0"
-            index = self._shard_index(path, (si, sy, sx))
-            fd = os.open(path, os.O_RDONLY) if index is not None else None
             try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # never written (all fill), as the store checked; or lost since
+                fd = None
+            try:
+                index = self._shard_index(fd, path, (si, sy, sx))
                 for ty, tx in group:
                     tile = self._tile(fd, path, index, i % self.shard[0], ty % self.per_shard[1], tx % self.per_shard[2])
                     ay, ax = ty * ch, tx * cw  # tile origin in the image
@@ -117,32 +120,40 @@ class TileReader:
                     os.close(fd)
         return out
 
-    def _shard_index(self, path: Path, where: tuple) -> np.ndarray | None:
-        """(offset, nbytes) per inner chunk, read once per shard while it stays in the bounded
-        cache; None for a shard never written."""
-        if where in self._index:
+    def _shard_index(self, fd, path: Path, where: tuple) -> np.ndarray | None:
+        """(offset, nbytes) per inner chunk of the shard open as `fd` (None: no file), read once
+        per shard while it stays in the bounded cache and the file is the same one: a shard
+        replaced since (by `stores repair`, or a rewrite with other bytes) has its index read again."""
+        ident = None
+        if fd is not None:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._index.get(where)
+        if cached is not None and cached[0] == ident:
             self._index.move_to_end(where)
-        else:
-            try:
-                with open(path, "rb") as f:
-                    size = self.n_inner * 16 + 4
-                    f.seek(-size, os.SEEK_END)
-                    raw = f.read(size)
-            except FileNotFoundError:
-                self._remember(where, None)
-                return None
-            except OSError as e:
-                raise DamagedShard(f"{path}: cannot read its shard index ({e})") from e
-            if not _crc_ok(raw):
-                raise DamagedShard(f"{path}: shard index checksum mismatch; run `python -m stores verify`")
-            self._remember(where, np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,)))
-        return self._index[where]
+            return cached[1]
+        if fd is None:
+            if cached is not None and cached[0] is not None:
+                raise DamagedShard(f"{path}: shard file removed while being read; run `python -m stores verify`")
+            self._remember(where, None, None)
+            return None
+        size = self.n_inner * 16 + 4
+        try:
+            raw = os.pread(fd, size, max(0, ident[2] - size))
+        except OSError as e:
+            raise DamagedShard(f"{path}: cannot read its shard index ({e})") from e
+        if len(raw) != size or not _crc_ok(raw):
+            raise DamagedShard(f"{path}: shard index checksum mismatch; run `python -m stores verify`")
+        self._remember(where, ident, np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,)))
+        return self._index[where][1]
 
-    def _remember(self, where: tuple, index) -> None:
-        self._index[where] = index
+    def _remember(self, where: tuple, ident, index) -> None:
+        old = self._index.pop(where, None)
+        self._index_bytes -= 0 if old is None or old[1] is None else old[1].nbytes
+        self._index[where] = (ident, index)
         self._index_bytes += 0 if index is None else index.nbytes
         while self._index_bytes > INDEX_CACHE_BYTES and len(self._index) > 1:
-            _, old = self._index.popitem(last=False)
+            _, (_, old) = self._index.popitem(last=False)
             self._index_bytes -= 0 if old is None else old.nbytes
 
     def _tile(self, fd, path: Path, index, n: int, ty: int, tx: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 
 from ptgrm.images import flip
 from stores import Store, StoreError, dataset_name
-from stores.store import MANIFEST, check_schema
+from stores.store import MANIFEST, check_schema, read_manifest
 from stores.tiles import TileReader
 
 G_IN_MEMORY = 1 << 30  # OSF of all samples is held in memory below this many bytes
@@ -26,9 +26,16 @@ G_IN_MEMORY = 1 << 30  # OSF of all samples is held in memory below this many by
 def find_store(root: str, data: str, task: str, split: str) -> Path:
     """The one store under `root` for (dataset, task, split) with complete pairs."""
     name = dataset_name(data)
-    found, old = [], []
+    found, old, damaged = [], [], []
     for manifest in sorted(Path(root).glob(f"*/{MANIFEST}")):
-        m = json.loads(manifest.read_text())
+        try:
+            m = json.loads(manifest.read_bytes())
+        except ValueError:  # garbled: it concerns only its own store, named when it may be this one
+            m = None
+        if not isinstance(m, dict):
+            if manifest.parent.name.startswith(f"{name}-{split}-{task}-"):  # stores.store_name
+                damaged.append(manifest.parent)
+            continue
         if (m.get("dataset"), m.get("task"), m.get("split")) != (name, task, split):
             continue
         try:
@@ -38,6 +45,8 @@ def find_store(root: str, data: str, task: str, split: str) -> Path:
             continue
         if Store(manifest.parent).status("pairs") == "complete":
             found.append(manifest.parent)
+    if damaged:
+        read_manifest(damaged[0])  # raises, naming the file and the recovery
     if not found and old:
         raise StoreError(old[0])
     if not found:
