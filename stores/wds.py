@@ -204,7 +204,19 @@ def stored_rows(store: Store, target: str, encoders: list[str], hw: np.ndarray, 
                "base": a["base"][i], "g": {e: a[e][i] for e in encoders}, "meta": str(meta[j])}
 
 
+def index_digest(index: dict) -> str:
+    """sha256 of an export index without its own `sha256` field (canonical JSON): a flipped digit
+    in a size, a range or a shard's hash is caught before anything is read by it."""
+    body = {k: v for k, v in index.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
+    index = _export_index(store, writer, shards, settings)
+    return {**index, "sha256": index_digest(index)}
+
+
+def _export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
     m = store.manifest()
     source = {k: m.get(k) for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space", "schema")}
     members = {k: dict(m["members"][k]) for k in writer.keys}

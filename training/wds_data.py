@@ -49,7 +49,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ptgrm.images import flip
 from stores import match_member
 from stores.remote import open_location
-from stores.wds import FORMAT, INDEX, VERSION, tile_grid
+from stores.wds import FORMAT, INDEX, VERSION, index_digest, tile_grid
 
 from .data import members_info, to_tensor
 
@@ -74,8 +74,18 @@ def find_export(path):
 
 
 def read_index(loc) -> dict:
-    with loc.fs.open(loc.path(INDEX), "rb") as f:
-        index = json.loads(f.read())
+    """The export's index.json, checked: JSON, its own sha256, this format and version."""
+    where = f"{loc.url}/{INDEX}"
+    try:
+        with loc.fs.open(loc.path(INDEX), "rb") as f:
+            index = json.loads(f.read())
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise WdsError(f"{where}: damaged or unreadable ({type(e).__name__}: {e}); export it again: "
+                       f"{REEXPORT}") from None
+    if index.get("version") == VERSION and index.get("sha256") != index_digest(index):
+        raise WdsError(f"{where}: its sha256 does not match its content: damaged; export it again: {REEXPORT}")
     if index.get("format") != FORMAT or not index.get("complete"):
         raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
     if index.get("version") != VERSION:
