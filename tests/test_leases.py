@@ -129,3 +129,22 @@ def test_a_done_marker_is_written_once_and_a_complete_member_never_again(tmp_pat
     store.finalize(member)  # already complete: not written again
     assert (path / "manifest.json").stat().st_mtime_ns == manifest
     assert not list(path.rglob(".*tmp-*"))
+
+
+def test_expiry_follows_the_holders_lease_seconds_not_the_observers(tmp_path):
+    """A holder that asked for a long lease renews slowly (every lease/4): an observer with a short
+    --lease-seconds must not take it over early, and one with a long setting must not wait too long."""
+    patient = Leases(tmp_path / "a", ttl=60.0)  # renews every 15 s
+    assert patient.claim((0, 4))
+    hasty = Leases(tmp_path / "a", ttl=0.2)
+    assert not hasty.claim((0, 4))
+    time.sleep(0.4)
+    assert not hasty.claim((0, 4)), "a 60 s lease was taken over after 0.4 s"
+    patient.check((0, 4))
+    brief = Leases(tmp_path / "b", ttl=0.2)  # never renewed: a dead holder with a 0.2 s lease
+    assert brief.claim((0, 4))
+    slow = Leases(tmp_path / "b", ttl=60.0)
+    assert not slow.claim((0, 4))
+    time.sleep(0.4)
+    assert slow.claim((0, 4)), "a dead holder's 0.2 s lease was still held after 0.4 s"
+
