@@ -208,12 +208,12 @@ class Leases:
         gen = self.held.get(r)
         return gen is not None and r not in self.lost and not self._gen_path(r, gen + 1).exists()
 
-    def check(self, r, what: str = "write") -> None:
-        """Raise LeaseLost, naming the new holder, unless this writer still holds r."""
-        if self.holds(r):
-            return
+    def check(self, r, what: str = "write") -> int:
+        """The generation of r this writer holds; LeaseLost, naming the new holder, if it lost r."""
         r = (int(r[0]), int(r[1]))
         gen = self.held.get(r, -1)
+        if gen >= 0 and self.holds(r):
+            return gen
         newer = _generations(self.folder(r))
         who = _read(self._gen_path(r, newer[-1])).get("owner", "?") if newer else "?"
         why = self.lost.get(r) or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"
