@@ -209,26 +209,34 @@ class SplitJob:
         return bool(work[r])
 
     def _write(self, shard, progress: dict, leases) -> None:
-        """Write one shard of every member; after a range's last shard, its done markers. Each
-        write is fenced: a writer that lost the range's lease stops and says so."""
+        """Write one shard of every member into the staging folder of the range's lease
+        generation; after a range's last shard, its done markers, each naming that generation,
+        then publish what the markers vouch for. Each write is checked against the lease: a
+        writer that lost it stops and says so. One paused right after a check writes only into
+        its own generation's folder, which no marker names: its bytes, even different ones (a
+        network target on another GPU), never reach the arrays."""
         r, lo, hi, last = shard.range, shard.lo, shard.hi, shard.last
         stats = shard.stats
         try:
             for m, t in shard.jobs:
                 t0 = time.perf_counter()
                 acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
-                leases.check(r, "shards")
-                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path])
+                gen = leases.check(r, "shards")
+                acc["stage"] = self.store.staging(*r, gen)
+                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
                 merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
                                            "notes": stats["notes"] if m.path == "pairs" else [],
                                            "seconds_write": time.perf_counter() - t0})
                 if last:
                     leases.check(r, f"done marker of {m.path} task {t}")
-                    if not self.store.mark_done(m.path, t, progress.pop((m.path, t))["hashes"], acc["stats"]):
+                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen):
                         self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
+                    self.store.settle(m.path, t, progress.pop((m.path, t))["stage"])
         except LeaseLost as e:
             for m, t in shard.jobs:
-                progress.pop((m.path, t), None)
+                acc = progress.pop((m.path, t), None)
+                if acc and "stage" in acc:
+                    self.store.settle(m.path, t, acc["stage"])
             shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
             self.log(f"{self.path.name}: {e}")
             return

@@ -243,6 +243,8 @@ def stored(shards: Iterable[Shard], store, members: list[str]) -> Iterator[Shard
         if (m, t) not in markers:
             path = store.done_path(m, t)
             markers[(m, t)] = read_json(path)["stats"].get("excluded", []) if path.exists() else None
+            if markers[(m, t)] is not None:
+                store.publish(m, t)  # its writer may not have moved the shards it vouches for yet
         return markers[(m, t)]
 
     for s in shards:

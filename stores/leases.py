@@ -6,8 +6,9 @@ which local filesystems, NFSv3+ and Lustre/GPFS honour). The highest generation 
 owner holds it while no higher generation exists. Taking over an expired lease, or a released one,
 is creating generation top+1: of several contenders exactly one create succeeds. The owner's
 heartbeat renews its generation file's mtime; a lease counts as expired when this observer has
-seen its file unchanged for `ttl` seconds of its own monotonic clock (no comparison of clocks
-across hosts). Renewing, releasing and every check before a shard or a done marker is written
+seen its file unchanged for the `ttl` seconds its holder recorded there (the holder renews at that
+pace, whatever the observer's own setting), on the observer's own monotonic clock (no comparison
+of clocks across hosts). Renewing, releasing and every check before a shard or a done marker is written
 verify that no higher generation exists: a writer that lost its lease (paused past expiry, cut
 off) stops before writing that task's done marker and says so.
 
@@ -163,7 +164,8 @@ class Leases:
         return self.folder(r) / f"{gen:08d}.json"
 
     def _expired(self, path: Path) -> bool:
-        """True once this observer has seen `path` unchanged for ttl seconds."""
+        """True once this observer has seen `path` unchanged for the lease time its holder recorded
+        (it renews at that pace), or this writer's ttl when none is readable."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -173,7 +175,11 @@ class Leases:
         if seen is None or seen[0] != sig:
             self._seen[path] = (sig, now)
             return False
-        return now - seen[1] > self.ttl
+        return now - seen[1] > self._holder_ttl(path)
+
+    def _holder_ttl(self, path: Path) -> float:
+        ttl = _read(path).get("ttl")
+        return float(ttl) if isinstance(ttl, (int, float)) and 0 < ttl < float("inf") else self.ttl
 
     def claim(self, r) -> bool:
         """True if this writer now holds range r (already ours, free, released, or expired and
@@ -202,12 +208,12 @@ class Leases:
         gen = self.held.get(r)
         return gen is not None and r not in self.lost and not self._gen_path(r, gen + 1).exists()
 
-    def check(self, r, what: str = "write") -> None:
-        """Raise LeaseLost, naming the new holder, unless this writer still holds r."""
-        if self.holds(r):
-            return
+    def check(self, r, what: str = "write") -> int:
+        """The generation of r this writer holds; LeaseLost, naming the new holder, if it lost r."""
         r = (int(r[0]), int(r[1]))
         gen = self.held.get(r, -1)
+        if gen >= 0 and self.holds(r):
+            return gen
         newer = _generations(self.folder(r))
         who = _read(self._gen_path(r, newer[-1])).get("owner", "?") if newer else "?"
         why = self.lost.get(r) or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"

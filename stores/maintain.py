@@ -8,14 +8,15 @@ subprocess built from the configuration the member recorded.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .leases import lease_folders
+from .leases import LEASE_DIR, _generations, lease_folders
 from .privacy import local_path
-from .store import Store, StoreError, records_file
+from .store import DONE_DIR, STAGING_DIR, Store, StoreError, read_json, records_file
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
 
@@ -100,11 +101,12 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
 
 def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
-    newest of each task is kept: it fences late writers) and temporary files (ours, and zarr's
+    newest of each task is kept: it fences late writers), the staged shards of superseded
+    generations that no done marker names (`stale_staging`) and temporary files (ours, and zarr's
     `*.partial`) older than TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released
     when its holder dies)."""
     path = Path(path)
-    found = []
+    found = stale_staging(path)
     for folder in lease_folders(path):
         gens = sorted(folder.glob("[0-9]*.json"))
         found += gens[:-1]
@@ -114,9 +116,35 @@ def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     for p in found:
         log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
         if not dry_run:
-            p.unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if not found:
         log(f"{path}: nothing to collect")
+    return found
+
+
+def stale_staging(path: Path) -> list[Path]:
+    """Staging folders `_staging/<start>-<stop>/<gen>` of a generation superseded by a later
+    lease generation (its writer lost or gave up the lease) holding nothing to publish: empty, or
+    named by no done marker and untouched for TMP_GRACE_SECONDS (a late writer may still be
+    writing there, into a folder nothing reads)."""
+    named = set()
+    for marker in (path / DONE_DIR).rglob("*.json") if (path / DONE_DIR).is_dir() else []:
+        try:
+            m = read_json(marker)
+            named.add((int(m["samples"][0]), int(m["samples"][1]), int(m["generation"])))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # older marker, or one being damaged
+            continue
+    found = []
+    for stage in sorted((path / STAGING_DIR).glob("*-*/*")):
+        try:
+            (a, b), gen = map(int, stage.parent.name.split("-")), int(stage.name)
+        except ValueError:
+            continue
+        gens = _generations(path / LEASE_DIR / stage.parent.name)
+        files = [p for p in stage.rglob("*") if p.is_file()]
+        if gens and gens[-1] > gen and (not files or ((a, b, gen) not in named
+                                                      and min(map(_age, files)) > TMP_GRACE_SECONDS)):
+            found.append(stage)
     return found
 
 

@@ -8,7 +8,10 @@ Layout of a store directory `<root>/<dataset>-<split>-<task>-<key12>/` (schema 2
     pairs/<bucket>/{lq,gt,hw,names,meta,source_index}
     targets/<id>/<bucket>/base      float16, unclamped target output
     osf/<id>/<bucket>/g             float32, (n, 4 flips, D)
-    _done/<member>/<task>.json      written last by each extraction task, with per-shard sha256
+    _done/<member>/<task>.json      written last by each extraction task, with per-shard sha256 and
+                                    the lease generation whose staged shards it vouches for
+    _staging/<start>-<stop>/<gen>/  shards written under one lease generation of a task, moved into
+                                    the arrays only once that generation's done marker stands
     _records/<member>.json          excluded samples and conversion notes, written on completion
 
 Buckets, shards and tasks: stores/layout.py. A member is complete when every planned task has its
@@ -21,6 +24,7 @@ import bisect
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +46,7 @@ MANIFEST = "manifest.json"
 DONE_DIR = "_done"
 RECORDS_DIR = "_records"
 SOURCES_DIR = "_sources"
+STAGING_DIR = "_staging"
 TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
 
 
@@ -435,12 +440,13 @@ class Store:
     def _bucket_array(self, member: str, k: int, name: str):
         return self.group[f"{member}/{self.layout.buckets[k].name}/{name}"]
 
-    def write_shard(self, member: str, start: int, stop: int, data: dict) -> dict[str, str]:
+    def write_shard(self, member: str, start: int, stop: int, data: dict, stage: Path | None = None) -> dict[str, str]:
         """Write one whole shard [start, stop) of every array in `data`; returns their sha256.
 
         Image arrays take a list of (h, w, C) arrays at each sample's valid size (None or an
         empty array for an excluded sample), pasted on the bucket's canvas; the others take
-        (stop - start, *row) arrays."""
+        (stop - start, *row) arrays. With `stage` (`staging`: a lease generation's folder) the
+        shard goes there, and into the arrays only once a done marker names that generation."""
         pieces = self.layout.pieces(start, stop)
         if len(pieces) != 1 or pieces[0][1] % self.layout.buckets[pieces[0][0]].shard_len:
             raise StoreError(f"{self.path}: [{start}, {stop}) is not one whole shard of {member}")
@@ -462,24 +468,73 @@ class Store:
                         canvas[j, :v.shape[0], :v.shape[1]] = v
                 values = canvas
             values = np.ascontiguousarray(values)
-            self._bucket_array(member, k, name)[r0:r1] = values
+            out = self._bucket_array(member, k, name) if stage is None else self._staged_array(stage, member, k, name)
+            out[r0:r1] = values
             hashes[name] = digest(values)
         return hashes
 
-    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict) -> bool:
+    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict,
+                  generation: int | None = None) -> bool:
         """The done marker of a task, written last and only once: `hashes` {shard start: {array:
-        sha256}}. False if the task already had one (another writer finished it first)."""
+        sha256}}; `generation`: the lease generation whose staged shards it vouches for (None:
+        written in place). False if the task already had one (another writer finished it first)."""
         by_array: dict[str, dict] = {}
         for lo, h in hashes.items():
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
+        generation = {} if generation is None else {"generation": int(generation)}
         return write_json_once(self.done_path(member, task),
                                {"task": task, "samples": [start, stop], "shards": by_array, "finished": utc_now(),
-                                "stats": stats})
+                                "stats": stats, **generation})
 
     def done_path(self, member: str, task: int) -> Path:
         return self.path / DONE_DIR / member / f"{task:05d}.json"
+
+    # -- staging: a shard is published only by its lease generation's done marker ---------------
+    def staging(self, start: int, stop: int, generation: int) -> Path:
+        """The folder of the shards written under lease `generation` of the task range [start, stop)."""
+        return self.path / STAGING_DIR / f"{int(start)}-{int(stop)}" / f"{int(generation):08d}"
+
+    def _staged_array(self, stage: Path, member: str, k: int, name: str):
+        """The array `member/<bucket>/name` inside `stage`: the member's metadata, so its chunk
+        files have the same names, written even when all fill (publishing must replace every shard)."""
+        rel = f"{member}/{self.layout.buckets[k].name}/{name}"
+        if not (stage / rel / "zarr.json").is_file():
+            (stage / rel).mkdir(parents=True, exist_ok=True)
+            with atomic_path(stage / rel / "zarr.json") as tmp:
+                shutil.copyfile(self.path / rel / "zarr.json", tmp)
+        return zarr.open_array(str(stage / rel), mode="r+", zarr_format=3, config={"write_empty_chunks": True})
+
+    def publish(self, member: str, task: int) -> None:
+        """Move the staged shards of the generation that task's done marker names into the
+        member's arrays (any process may, any number of times: those files never change, and
+        each is moved once). Nothing else ever replaces a shard of a task with a marker, so a late
+        writer's bytes, even different ones, never land. No marker, or none naming a generation
+        (written in place: older stores), leaves everything as it is."""
+        try:
+            marker = read_json(self.done_path(member, task))
+        except FileNotFoundError:
+            return
+        if marker.get("generation") is None:
+            return
+        src = self.staging(*marker["samples"], marker["generation"]) / member
+        for f in sorted(src.rglob("*")) if src.is_dir() else []:
+            rel = f.relative_to(src)
+            if len(rel.parts) > 3 and rel.parts[2] == "c" and all(p.isdigit() for p in rel.parts[3:]) \
+                    and f.is_file() and not f.is_symlink():
+                (self.path / member / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(f, self.path / member / rel)
+                except FileNotFoundError:  # another process moved it first
+                    pass
+        shutil.rmtree(src, ignore_errors=True)
+
+    def settle(self, member: str, task: int, stage: Path) -> None:
+        """After a writer's done marker, or its lost lease: publish what the task's marker vouches
+        for and drop this writer's staged copy (published now, or superseded)."""
+        self.publish(member, task)
+        shutil.rmtree(Path(stage) / member, ignore_errors=True)
 
     def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
         """Write one task's whole shards of every array of `member` (values of all its samples,
@@ -495,11 +550,14 @@ class Store:
         return self.layout.shards_of(start, stop)
 
     def finalize(self, member: str) -> dict:
-        """Verify every shard against the done markers, then mark the member complete."""
+        """Publish what each done marker vouches for (a writer may have died before moving it),
+        verify every shard against the markers, then mark the member complete."""
         self.refresh()
         missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
         if missing:
             raise StoreError(f"{self.path}: member {member} is missing tasks {missing}")
+        for task in sorted(self.done_tasks(member)):
+            self.publish(member, task)
         problems = self.verify(member)
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))

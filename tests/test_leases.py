@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stores import Leases, Store, store_lock
@@ -129,3 +130,94 @@ def test_a_done_marker_is_written_once_and_a_complete_member_never_again(tmp_pat
     store.finalize(member)  # already complete: not written again
     assert (path / "manifest.json").stat().st_mtime_ns == manifest
     assert not list(path.rglob(".*tmp-*"))
+
+
+def test_expiry_follows_the_holders_lease_seconds_not_the_observers(tmp_path):
+    """A holder that asked for a long lease renews slowly (every lease/4): an observer with a short
+    --lease-seconds must not take it over early, and one with a long setting must not wait too long."""
+    patient = Leases(tmp_path / "a", ttl=60.0)  # renews every 15 s
+    assert patient.claim((0, 4))
+    hasty = Leases(tmp_path / "a", ttl=0.2)
+    assert not hasty.claim((0, 4))
+    time.sleep(0.4)
+    assert not hasty.claim((0, 4)), "a 60 s lease was taken over after 0.4 s"
+    patient.check((0, 4))
+    brief = Leases(tmp_path / "b", ttl=0.2)  # never renewed: a dead holder with a 0.2 s lease
+    assert brief.claim((0, 4))
+    slow = Leases(tmp_path / "b", ttl=60.0)
+    assert not slow.claim((0, 4))
+    time.sleep(0.4)
+    assert slow.claim((0, 4)), "a dead holder's 0.2 s lease was still held after 0.4 s"
+
+
+class PausedLeases(Leases):
+    """The leases of a writer that is paused (SIGSTOP, a suspended VM) at one point of its write
+    path, right after a check passed: `pause()` runs the rest of the world meanwhile."""
+
+    def __init__(self, *args, at: str, pause, **kw):
+        super().__init__(*args, **kw)
+        self.at, self.pause = at, pause
+
+    def check(self, r, what="write"):
+        held = super().check(r, what)
+        self._maybe_pause(what)
+        return held
+
+    def release(self, r):
+        self._maybe_pause("release")
+        super().release(r)
+
+    def _maybe_pause(self, what):
+        if self.pause is not None and what.startswith(self.at):
+            pause, self.pause = self.pause, None
+            pause()
+
+
+@pytest.mark.parametrize("at,winner", [("shards", "new"), ("release", "late")])
+def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouches_for(tmp_path, at, winner):
+    """Two writers of one task compute different bytes (a network target on a GPU and on a CPU).
+    The first is paused past its lease right after a check passed (before its shard write, or
+    after its done marker), the second takes over and writes the task; then the first resumes.
+    The member must verify and read exactly the bytes of the writer whose done marker stands."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+    from pipeline.extract import SplitJob
+
+    path = make_store(tmp_path, "train", 8, (16, 16))
+    store = Store(path, mode="a")
+    member = store.pick("targets", None)
+    store.done_path(member, 0).unlink()  # task 0 to be computed again (as `stores repair` withdraws it)
+    store._update_member(member, status="incomplete")
+    r = tuple(store.plan(member)[0])
+    assert r == (0, 4) and len(store.shards_of(*r)) == 1
+    values = {"late": [np.full((16, 16, 3), 0.5, np.float16)] * 4, "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4}
+    lines = []
+
+    def writer():
+        job = SplitJob.__new__(SplitJob)
+        job.store, job.path, job.log = Store(path, mode="a"), path, lines.append
+        return job
+
+    def shard(who):
+        return stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": values[who]}},
+                            stats={"excluded": {}, "notes": [], "samples": 4})
+
+    def new_owner_takes_over():
+        time.sleep(0.4)  # the late writer's lease expires meanwhile
+        assert new.claim(r)
+        writer()._write(shard("new"), {}, new)
+
+    late = PausedLeases(path, ttl=0.3, at=at, pause=new_owner_takes_over)  # no heartbeat: paused
+    new = Leases(path, ttl=0.3)
+    assert late.claim(r) and not new.claim(r)
+    writer()._write(shard("late"), {}, late)
+    if winner == "new":
+        assert any("lease on task [0, 4) lost" in line for line in lines), lines
+
+    store = Store(path, mode="a")
+    store.finalize(member)  # verifies every shard against the done markers
+    assert store.verify(member) == []
+    got = Store(path).array(member, "base")[0:4]
+    assert all(np.array_equal(x, values[winner][0]) for x in got)
+    assert not [p for p in (path / "_staging").rglob("*") if p.is_file()]  # nothing staged is left behind

@@ -264,3 +264,31 @@ def test_messages_scrub_aws_secrets_from_the_environment_and_the_credentials_fil
     res = subprocess.run([sys.executable, "-m", "stores", "push", str(bad), "s3://FILEKEYID1234:x@nowhere/p"],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode != 0 and "FILEKEYID1234" not in res.stderr + res.stdout, res.stderr
+
+
+def test_gc_removes_staged_shards_of_lost_leases_and_keeps_what_a_marker_or_the_holder_needs(tmp_path):
+    import time
+
+    from stores.maintain import gc
+
+    toy_store(tmp_path / "s")
+    s = tmp_path / "s"
+    leases = s / "_leases" / "0-4"
+    leases.mkdir(parents=True)
+    for g in range(3):  # 2 is the live holder's
+        (leases / f"{g:08d}.json").write_text(json.dumps({"owner": f"w:{g}", "gen": g}))
+    marker = s / "_done" / "pairs" / "00000.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "generation": 1}))  # vouches for generation 1
+    old = time.time() - 3600
+    staged = {g: s / "_staging" / "0-4" / f"{g:08d}" / "pairs" / "h24w32" / "lq" / "c" / "0" / "0" / "0" / "0"
+              for g in range(3)}
+    for f in staged.values():
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x")
+        os.utime(f, (old, old))
+    (s / "_staging" / "0-4" / "00000009").mkdir()  # empty, and no lease generation 9 yet
+    removed = set(gc(s, log=lambda *a: None))
+    assert s / "_staging" / "0-4" / "00000000" in removed  # a lost writer's: nothing will read it
+    assert not (s / "_staging" / "0-4" / "00000000").exists()
+    assert staged[1].is_file() and staged[2].is_file()  # to be published; the live holder's
+    assert (s / "_staging" / "0-4" / "00000009").is_dir()
