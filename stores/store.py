@@ -54,6 +54,11 @@ class StoreError(RuntimeError):
     """A store or member is missing, incomplete, damaged or was made with other settings."""
 
 
+class DamagedFile(StoreError, ValueError):
+    """A store file that is not what was written: unreadable JSON, or a shard file that is not the
+    one its done marker vouches for. A ValueError too, for callers that skip unparsable JSON."""
+
+
 MEMBER_NAME = re.compile(r"pairs|(targets|osf)/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
@@ -138,8 +143,13 @@ def write_json_once(path: Path, obj) -> bool:
 
 
 def read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file the project wrote; damage (not JSON, not UTF-8) raises DamagedFile naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{path}: damaged ({type(e).__name__}: {e}); this file is only ever written whole: "
+                          f"run `python -m stores verify` / `repair` on its store, or pull the store again") from None
 
 
 def digest(values: np.ndarray) -> str:
@@ -233,6 +243,25 @@ def shard_file(layout: Layout, member: str, name: str, spec: dict, k: int, row: 
     return f"{member}/{b.name}/{name}/c/{row // b.shard_len}" + "/0" * (ndim - 1)
 
 
+FINGERPRINT_BYTES = 4  # every chunk and shard file ends with a crc32c: of its data, or of its shard index
+
+
+def fingerprint(path: Path) -> str | None:
+    """'<size>:<last 4 bytes hex>' of a chunk or shard file (None: no file). Zarr's files end with
+    a crc32c (a flat array's chunk: of its compressed data; an image shard: of its index, which
+    holds every tile's offset and size), so a file swapped with, or replaced by, another one of the
+    store differs here, at the cost of one 4-byte read, without decoding anything."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        return f"{size}:{os.pread(fd, FINGERPRINT_BYTES, max(0, size - FINGERPRINT_BYTES)).hex()}"
+    finally:
+        os.close(fd)
+
+
 def records_file(member: str) -> str:
     return f"{RECORDS_DIR}/{member.replace('/', '__')}.json"
 
@@ -284,8 +313,8 @@ class Samples:
     `check(k, row)`, when given, is called before rows of a shard of bucket k are read (it raises
     for a shard file that is lost, see `Store.presence_check`)."""
 
-    def __init__(self, layout: Layout, spec: dict, parts: list, check=None):
-        self.layout, self.parts, self.check = layout, parts, check
+    def __init__(self, layout: Layout, spec: dict, parts: list, check=None, where: str = ""):
+        self.layout, self.parts, self.check, self.where = layout, parts, check, where
         self.text, self.image = spec["dtype"] == TEXT, spec["image"]
         first = parts[0]
         self.dtype = first.dtype
@@ -308,8 +337,21 @@ class Samples:
         k, r = self.layout.locate(i)
         if self.check:
             self.check(k, r)
-        out = self.parts[k][(r, *rest)]
-        return decode_text(out)[0] if self.text and not rest else out
+        with self.named(i, i + 1):
+            out = self.parts[k][(r, *rest)]
+            return decode_text(out)[0] if self.text and not rest else out
+
+    @contextmanager
+    def named(self, lo: int, hi: int):
+        """Errors of the array readers (zarr's checksum and decoding errors name no file) name
+        this array and its samples."""
+        try:
+            yield
+        except (StoreError, IndexError):
+            raise
+        except Exception as e:
+            raise StoreError(f"{self.where}: samples {lo}-{hi - 1} unreadable ({type(e).__name__}: {e}); run "
+                             f"`python -m stores verify` and `repair`, or pull the store again") from None
 
     def rows(self, lo: int, hi: int):
         pieces = self.layout.pieces(lo, hi)
@@ -317,7 +359,8 @@ class Samples:
             for r in range(a, b, self.layout.buckets[k].shard_len):
                 self.check(k, r)
             self.check(k, b - 1)
-        got = [self.parts[k][a:b] for k, a, b in pieces]
+        with self.named(lo, hi):
+            got = [self.parts[k][a:b] for k, a, b in pieces]
         if self.text:
             return [s for g in got for s in decode_text(g)]
         if self.image:
@@ -348,7 +391,15 @@ class Store:
     @property
     def group(self):
         if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3)
+            try:
+                group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3)
+                if group.attrs.get("pairs_key") != self._manifest.get("pairs_key"):
+                    raise ValueError(f"its pairs key {str(group.attrs.get('pairs_key'))[:12]} is not the "
+                                     f"manifest's {str(self._manifest.get('pairs_key'))[:12]}")
+                self._group = group
+            except Exception as e:  # zarr: a damaged or missing zarr.json at the root
+                raise DamagedFile(f"{self.path}/zarr.json: cannot open the store's root ({type(e).__name__}: {e}); "
+                                  f"pull the store again, or rebuild it") from None
         return self._group
 
     # -- creation ------------------------------------------------------------------------------
@@ -438,7 +489,24 @@ class Store:
         return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
 
     def _bucket_array(self, member: str, k: int, name: str):
-        return self.group[f"{member}/{self.layout.buckets[k].name}/{name}"]
+        """Array `name` of bucket k, checked against the manifest (shape, dtype): a zarr.json that
+        is damaged, or another array's, is named."""
+        rel = f"{member}/{self.layout.buckets[k].name}/{name}"
+        try:
+            a = self.group[rel]
+            spec = (self.member_info(member) or {}).get("arrays", {}).get(name)
+            if spec is not None:
+                want = ArraySpec(name, spec["dtype"], tuple(spec["row"]), spec["image"])
+                shape = tuple(want.geometry(self.layout.buckets[k], self.layout.tile)["shape"])
+                if not isinstance(a, zarr.Array) or tuple(a.shape) != shape \
+                        or np.dtype(a.dtype) != np.dtype(want.zarr_dtype()):
+                    raise ValueError(f"expected an array of shape {shape} and dtype {want.zarr_dtype()}, found "
+                                     f"{type(a).__name__} {getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}")
+            return a
+        except Exception as e:  # zarr: a damaged, missing or misplaced zarr.json
+            raise DamagedFile(f"{self.path}: cannot open array {rel} ({type(e).__name__}: {e}); its zarr.json is "
+                              f"damaged, missing or another array's: run `python -m stores verify` / `repair`, or "
+                              f"pull the store again") from None
 
     def write_shard(self, member: str, start: int, stop: int, data: dict, stage: Path | None = None) -> dict[str, str]:
         """Write one whole shard [start, stop) of every array in `data`; returns their sha256.
@@ -483,10 +551,33 @@ class Store:
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
+        base = self.path if generation is None else self.staging(start, stop, generation)
+        files = {name: {lo: fingerprint(base / self.shard_file(member, name, int(lo))) for lo in shards}
+                 for name, shards in by_array.items()}
         generation = {} if generation is None else {"generation": int(generation)}
         return write_json_once(self.done_path(member, task),
-                               {"task": task, "samples": [start, stop], "shards": by_array, "finished": utc_now(),
-                                "stats": stats, **generation})
+                               {"task": task, "samples": [start, stop], "shards": by_array, "files": files,
+                                "finished": utc_now(), "stats": stats, **generation})
+
+    def shard_file(self, member: str, name: str, lo: int) -> str:
+        """The file (relative to the store) of array `name`'s shard that starts at sample `lo`."""
+        k, row = self.layout.locate(lo)
+        return shard_file(self.layout, member, name, self.member_info(member)["arrays"][name], k, row)
+
+    def marker(self, member: str, task: int) -> dict | None:
+        """Task `task`'s done marker (None: none), checked to be that task's: a marker copied or
+        swapped from another task raises DamagedFile naming it."""
+        path = self.done_path(member, task)
+        try:
+            m = read_json(path)
+        except FileNotFoundError:
+            return None
+        want = self.plan(member)[task]
+        if not isinstance(m, dict) or m.get("task") != task or list(m.get("samples", [])) != list(want) \
+                or not isinstance(m.get("shards"), dict):
+            raise DamagedFile(f"{path}: not the done marker of task {task} (samples {want[0]}-{want[1] - 1}) of "
+                              f"{member}: damaged or moved; run `python -m stores repair {self.path}`")
+        return m
 
     def done_path(self, member: str, task: int) -> Path:
         return self.path / DONE_DIR / member / f"{task:05d}.json"
@@ -562,7 +653,7 @@ class Store:
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
-        records = {f: self.task_records(member, f) for f in ("excluded", "notes")}
+        records = {"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}}
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
@@ -577,7 +668,12 @@ class Store:
         its excluded samples would come back."""
         path = self.path / records_file(member)
         if path.is_file():
-            return read_json(path)
+            rec = read_json(path)
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(f), list) for f in ("excluded", "notes")) \
+                    or rec.get("member", member) != member:
+                raise DamagedFile(f"{path}: not the records of member {member} (damaged or another file's); run "
+                                  f"`python -m stores repair {self.path}` to rewrite them from its done markers")
+            return rec
         if self.status(member) == "complete":
             raise StoreError(f"{path}: records of complete member {member} missing (lost by a partial copy or "
                              f"sync?); run `python -m stores repair {self.path}` to rewrite them from its done "
@@ -590,7 +686,7 @@ class Store:
         if missing:
             raise StoreError(f"{self.path}: member {member} is missing the done markers of tasks {missing}")
         write_json_atomic(self.path / records_file(member),
-                          {f: self.task_records(member, f) for f in ("excluded", "notes")})
+                          {"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}})
 
     def usable_hw(self, members: list) -> np.ndarray:
         """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
@@ -652,13 +748,14 @@ class Store:
         if spec is None:
             raise StoreError(f"{self.path}: member {member} has no array {name!r}")
         parts = [self._bucket_array(member, k, name) for k in range(len(self.layout.buckets))]
-        return Samples(self.layout, spec, parts, self.presence_check(member, name) if check else None)
+        return Samples(self.layout, spec, parts, self.presence_check(member, name) if check else None,
+                       f"{self.path}: {member}/{name}")
 
     def presence_check(self, member: str, name: str):
         """`check(k, row)` for Samples: the shard file of that row exists, or its done marker
         vouches that it holds only zeros (which zarr never writes); else StoreError naming it and
         the repair. Each shard is looked at once (a stat) per Samples: reads stay fast."""
-        info, seen = self.member_info(member), set()
+        info, seen, markers = self.member_info(member), set(), {}
 
         def check(k: int, row: int) -> None:
             b = self.layout.buckets[k]
@@ -667,13 +764,24 @@ class Store:
                 return
             rel = shard_file(self.layout, member, name, info["arrays"][name], k, row)
             hi = min(lo + b.shard_len, b.start + b.count)
-            if not (self.path / rel).is_file():
-                marker = self.done_path(member, task_of(self.layout, info, lo))
-                if not absent_is_vouched(self.layout, info, name, k, lo, hi,
-                                         read_json(marker) if marker.is_file() else None):
-                    raise StoreError(f"{self.path}: member {member} is complete but its shard file {rel} (samples "
-                                     f"{lo}-{hi - 1}) is missing (lost by a partial copy or sync?); run `python -m "
-                                     f"stores repair {self.path}` to recompute it, or pull the store again")
+            task = task_of(self.layout, info, lo)
+            if task not in markers:
+                markers[task] = self.marker(member, task)
+            marker = markers[task]
+            want = ((marker or {}).get("files", {}).get(name) or {}).get(str(lo), "unrecorded")
+            if want != "unrecorded":  # done markers since fingerprints: the very file written
+                got = fingerprint(self.path / rel)
+                if got != want:
+                    raise DamagedFile(
+                        f"{self.path}: member {member} is complete but its shard file {rel} (samples {lo}-{hi - 1}) "
+                        f"is {'missing' if got is None else 'not the file written'} (size:crc32c {got}, its done "
+                        f"marker {self.done_path(member, task).relative_to(self.path)} vouches for {want}): lost, "
+                        f"replaced or swapped; run `python -m stores repair {self.path}` to recompute it, or pull "
+                        f"the store again")
+            elif not (self.path / rel).is_file() and not absent_is_vouched(self.layout, info, name, k, lo, hi, marker):
+                raise StoreError(f"{self.path}: member {member} is complete but its shard file {rel} (samples "
+                                 f"{lo}-{hi - 1}) is missing (lost by a partial copy or sync?); run `python -m "
+                                 f"stores repair {self.path}` to recompute it, or pull the store again")
             seen.add((k, lo))
 
         return check

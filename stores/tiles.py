@@ -20,11 +20,13 @@ import google_crc32c
 import numpy as np
 from numcodecs.zstd import Zstd
 
+from .store import StoreError
+
 EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written (fill value)
 INDEX_CACHE_BYTES = 32 << 20  # shard indexes kept per reader (least recently used dropped first)
 
 
-class DamagedShard(RuntimeError):
+class DamagedShard(StoreError):
     """A shard's index or tile failed its checksum: run `python -m stores verify` / `repair`."""
 
 
