@@ -34,6 +34,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
+from .files import StoreError, UnsafeFileError, new_file, open_regular  # noqa: F401 (re-exported)
 from .privacy import shareable
 
 MANIFEST = "manifest.json"
@@ -41,10 +42,6 @@ DONE_DIR = "_done"
 RECORDS_DIR = "_records"
 SOURCES_DIR = "_sources"
 TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
-
-
-class StoreError(RuntimeError):
-    """A store or member is missing, incomplete, damaged or was made with other settings."""
 
 
 MEMBER_NAME = re.compile(r"pairs|(targets|osf)/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -88,22 +85,25 @@ class ArraySpec:
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+    """Yield a temporary path beside `path`, already created empty by this process (exclusively,
+    not through a link); rename it to `path` only if the block succeeds.
 
-    A crash or kill never leaves a half-written file under the final name.
+    A crash or kill never leaves a half-written file under the final name, and a symbolic link
+    planted at `path` is replaced, never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
+        new_file(tmp).close()
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _dump(tmp: Path, obj) -> None:
-    with open(tmp, "w") as f:
+def _dump(tmp: Path, obj, fresh: bool = False) -> None:
+    with new_file(tmp) if fresh else os.fdopen(open_regular(tmp), "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -121,7 +121,7 @@ def write_json_once(path: Path, obj) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        _dump(tmp, obj)
+        _dump(tmp, obj, fresh=True)
         os.link(tmp, path)
         return True
     except FileExistsError:
