@@ -413,7 +413,7 @@ class Store:
         start, stop = self.plan(member)[task]
         return write_json_once(self.done_path(member, task),
                                {"task": task, "samples": [start, stop], "shards": by_array, "finished": utc_now(),
-                                "stats": stats})
+                                "stats": shareable(stats)})  # reasons may name files under $HOME
 
     def done_path(self, member: str, task: int) -> Path:
         return self.path / DONE_DIR / member / f"{task:05d}.json"
@@ -441,7 +441,7 @@ class Store:
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
-        records = {f: self.task_records(member, f) for f in ("excluded", "notes")}
+        records = shareable({f: self.task_records(member, f) for f in ("excluded", "notes")})  # pushed too
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again

@@ -132,3 +132,45 @@ def test_symlinks_planted_where_we_write_never_write_through(tmp_path):
     with pytest.raises(RuntimeError, match=f"{fifo}: is not a regular file"):
         _log(fifo, None, {"step": 1})
 
+
+def test_nothing_private_in_pushed_files_or_logs(tmp_path, monkeypatch, tiny_clip, capsys):
+    import fsspec
+    from PIL import Image
+
+    from pipeline.extract import FeaturesConfig, build_features
+
+    home = tmp_path / "home" / "alice"
+    monkeypatch.setenv("HOME", str(home))
+    data = home / "data"
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        for kind in ("gt", "lq"):
+            (data / "test" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(data / "test" / kind / f"{k}.png")
+    raw = (data / "test" / "lq" / "4.png").read_bytes()  # excluded, with a reason naming the file
+    (data / "test" / "lq" / "4.png").write_bytes(raw[:len(raw) // 2])
+    secret = "s3cretTOKEN9f2"
+    shared = f"memory://alice:{secret}@team/shared"
+    lines = []
+
+    def features(root, **kw):
+        cfg = FeaturesConfig(task="deblur", data=str(data), target="identity", encoder=f"openclip:{tiny_clip}",
+                             store_root=str(root), shard_len=4, splits=("test",), max_bad=0.5, **kw)
+        return build_features(cfg, log=lines.append)[0]
+
+    first = features(home / "stores")
+    assert Store(first).manifest()["members"]["pairs"]["n_excluded"] == 1
+    copy_store(str(first), shared, log=lines.append)  # a push
+    second = features(home / "stores2", store_shared=shared)  # found complete in the shared root
+    copy_store(str(second), str(tmp_path / "pushed"), log=lines.append)
+    fs = fsspec.filesystem("memory")
+    texts = [p.read_bytes().decode(errors="replace") for p in (tmp_path / "pushed").rglob("*") if p.is_file()]
+    texts += [fs.cat_file(p).decode(errors="replace") for p in fs.find("/")]
+    out = capsys.readouterr()
+    logs = "\n".join(map(str, lines)) + out.out + out.err
+    assert "found complete in" in logs
+    assert len(texts) > 20 and any("4.png" in t for t in texts)  # the exclusion is recorded, by name
+    for t in texts:  # what teammates get: no home path (the user's own terminal may show it), no secret
+        assert str(home) not in t, t[:2000]
+    for t in texts + [logs]:
+        assert secret not in t, t[:2000]
