@@ -126,7 +126,7 @@ class SplitJob:
         members = plan_members(pairs_member(source, task, cfg), target, encoders, cfg)
         path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, members[0].key)
         if cfg.store_shared:
-            fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members})
+            fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members}, log)
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
         save = partial(save_records, source)
@@ -312,6 +312,7 @@ def encoder_inputs(enc) -> list:
 def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
     """Copy the members we need that a shared root already holds complete, with the same keys,
     into the local store (verified, file by file); the shared root is only read."""
+    from stores.privacy import scrub
     from stores.remote import RemoteError, copy_store, open_location, read_manifest
 
     src = shared_root.rstrip("/") + "/" + local.name
@@ -323,8 +324,8 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
     hits = [p for p, k in wanted.items() if shared.get(p, {}).get("key") == k
             and shared[p].get("status") == "complete" and have.get(p, {}).get("status") != "complete"]
     if hits:
-        log(f"{local.name}: {', '.join(hits)} found complete in {shared_root}; copying instead of computing")
-        copy_store(src, str(local.parent))
+        log(f"{local.name}: {', '.join(hits)} found complete in {scrub(shared_root)}; copying instead of computing")
+        copy_store(src, str(local.parent), log=log)
 
 
 def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print,

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from stores.files import new_file
+
 
 def add_cluster_args(p: argparse.ArgumentParser, time_min: int) -> None:
     """The options every submission shares (the job's own flags come from its stage's parser)."""
@@ -98,7 +100,8 @@ def write_record(logs: str, kind: str, record: dict) -> Path:
     folder = Path(logs) / "submissions"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{kind}.json"
-    path.write_text(json.dumps({"kind": kind, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, indent=1))
+    with new_file(path) as f:  # a new name: never an existing file, never through a link
+        f.write(json.dumps({"kind": kind, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, indent=1))
     return path
 
 

@@ -31,6 +31,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from .files import open_regular
+
 LEASE_DIR, LOCK_DIR, LOCK_FILE = "_leases", "_locks", "manifest.lock"
 _held = threading.local()
 _proc_locks: dict[str, threading.RLock] = {}
@@ -50,7 +52,7 @@ def create_exclusive(path: Path, payload: dict) -> bool:
     """Create `path` holding `payload` as JSON unless it exists (one winner among contenders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
@@ -69,7 +71,17 @@ def _holder(fd: int) -> str:
 def store_lock(store_path, timeout: float = 300.0):
     """Exclusive lock on a store's manifest (re-entrant within a thread; threads of one process
     exclude each other, processes through the OS lock)."""
-    key = str(Path(store_path).resolve())
+    with file_lock(Path(store_path) / LOCK_DIR / LOCK_FILE, "manifest lock", store_path, timeout):
+        yield
+
+
+@contextmanager
+def file_lock(path, what: str, where, timeout: float = 300.0):
+    """Exclusive lock held on the file `path` (created if absent, never deleted; a symlink or a
+    non-regular file there is refused): re-entrant within a thread, a thread lock between threads,
+    an OS lock between processes. Errors say `where`: `what` ...."""
+    path = Path(path)
+    key = str(path.parent.resolve() / path.name)
     depth = getattr(_held, "locks", None)
     if depth is None:
         depth = _held.locks = {}
@@ -83,11 +95,10 @@ def store_lock(store_path, timeout: float = 300.0):
     with _proc_guard:
         local = _proc_locks.setdefault(key, threading.RLock())
     if not local.acquire(timeout=timeout):
-        raise TimeoutError(f"{store_path}: manifest lock held by another thread for over {timeout:.0f} s")
+        raise TimeoutError(f"{where}: {what} held by another thread for over {timeout:.0f} s")
     try:
-        path = Path(store_path) / LOCK_DIR / LOCK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -96,10 +107,10 @@ def store_lock(store_path, timeout: float = 300.0):
                     break
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise OSError(e.errno, f"{path}: cannot take the manifest lock ({e.strerror}); on "
+                        raise OSError(e.errno, f"{path}: cannot take the {what} ({e.strerror}); on "
                                       f"NFS it needs lockd (v3) or v4, on Lustre the flock mount option") from e
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{store_path}: manifest lock held for over {timeout:.0f} s by "
+                        raise TimeoutError(f"{where}: {what} held for over {timeout:.0f} s by "
                                            f"{_holder(fd)} (a live process: it is never taken away)") from None
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
@@ -243,7 +254,7 @@ class Leases:
                     self.log(f"lease on task [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that task")
                     continue
                 try:
-                    os.utime(self._gen_path(r, gen))
+                    os.utime(self._gen_path(r, gen), follow_symlinks=False)
                 except OSError as e:
                     self._forget(r, f"renewal failed: {e}")
                     self.log(f"lease on task [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that task")

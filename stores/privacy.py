@@ -1,7 +1,7 @@
 """Nothing private in what a store shares or a message shows.
 
 `shareable(obj)`: a JSON value as it may be written into a store that is pushed to teammates:
-the user's home folder becomes `~`, a path component equal to the user's name becomes `$USER`,
+the user's home folder becomes `~` (also inside messages, e.g. exclusion reasons), a path component equal to the user's name becomes `$USER`,
 and URLs lose their `user:password@` part. `local_path(text)` undoes the first two on the reading
 side (a teammate's `~` is their own home). `scrub(text)`: any message with credentials replaced by
 `***`: `user:password@` in URLs, the AWS variables of the environment and the secrets of
@@ -71,8 +71,8 @@ def shareable(obj):
         return obj
     text = _URL_CREDENTIALS.sub(lambda m: m["scheme"], obj)
     home = os.path.expanduser("~").rstrip("/")
-    if home and home != "/":  # a path, or one after a prefix such as `openclip:`
-        text = re.sub(rf"(^|(?<=:)){re.escape(home)}(?=/|$)", "~", text)
+    if home and home != "/":  # a path, one after a prefix such as `openclip:`, or one inside a message
+        text = re.sub(rf"""(?<![^\s:'"(=,\[]){re.escape(home)}(?![^/\s'"):,\]])""", "~", text)
     user = _user()
     if user and "/" in text:
         text = re.sub(rf"(?<=/){re.escape(user)}(?=/|$)", "$USER", text)

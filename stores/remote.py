@@ -16,14 +16,20 @@ the store's name: `push data/stores/X s3://team/stores` writes `s3://team/stores
 - Only complete members are copied unless `include_incomplete`; the others are named and left out
   of the copied manifest.
 - Copying onto an existing store (same pairs key) updates it in place: new members' files first,
-  then the manifest, which keeps members only the destination has. Another store there is refused.
+  then the manifest, merged with the destination's as read at that moment, under the store's
+  manifest lock for a local or shared-filesystem destination: members that writers began or
+  finished meanwhile are kept. Another store there is refused.
+- Locally, copies creating the same new store take turns (`.<name>.lock` beside it); the
+  later one updates the store the first made. A writer (`make features`) that creates the store
+  during a copy is met the same way: the copy then updates that store and drops its partial folder.
 - Credentials are never passed around here: s3fs/botocore read them from the environment
   (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or ~/.aws; the endpoint comes from
   `endpoint_url`, S3_ENDPOINT_URL or AWS_ENDPOINT_URL. Error messages are scrubbed of them.
-One copy at a time per destination.
+On S3 (no locks) the manifest is re-read just before it is written: one copy at a time per S3 store.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,12 +38,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .files import new_file
+from .leases import file_lock, store_lock
 from .privacy import scrub, strip_url_credentials
 from .layout import Layout
 from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, lost_shards, records_file
@@ -123,9 +131,8 @@ def write_file(dst: Location, rel: str, chunks) -> None:
     if dst.local:  # never on S3, where makedirs would create a missing bucket
         dst.fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    target = tmp if dst.local else path
-    try:
-        with dst.fs.open(target, "wb", block_size=BLOCK) as f:
+    try:  # locally a new file, never written through a link planted by someone else
+        with new_file(tmp, "wb") if dst.local else dst.fs.open(path, "wb", block_size=BLOCK) as f:
             for block in chunks:
                 f.write(block)
         if dst.local:
@@ -271,7 +278,7 @@ def read_manifest(loc: Location) -> bytes:
 
 def manifest_bytes(src: dict, raw: bytes, keep: list, old: dict | None) -> bytes:
     """The destination's manifest: the source's, less left-out members, plus members only the
-    destination has (an update adds members, it never drops any)."""
+    destination has (`old`: read just now, under the lock; an update adds members, never drops any)."""
     extra = {m: i for m, i in (old or {}).get("members", {}).items() if m not in keep}
     if set(keep) == set(src["members"]) and not extra:
         return raw
@@ -324,15 +331,48 @@ def copy_files(src: Location, work: Location, manifest: dict, include_incomplete
     return keep, left_out, copier
 
 
-def publish(work: Location, final: Location, data: bytes) -> None:
-    """Write manifest.json last (unless already equal), verify it, then rename a partial folder."""
-    want = (len(data), hashlib.sha256(data).hexdigest())
-    if not work.fs.exists(work.path(MANIFEST)) or file_sha256(work, MANIFEST) != want:
-        write_file(work, MANIFEST, [data])
-        if file_sha256(work, MANIFEST) != want:
-            raise RemoteError(f"{work.url}/{MANIFEST}: does not verify after writing")
+def destination_manifest(final: Location, manifest: dict) -> dict | None:
+    """The destination's manifest as it is now (None: no store there yet); another store is refused."""
+    old = json.loads(read_manifest(final)) if final.fs.exists(final.path(MANIFEST)) else None
+    if old and old.get("pairs_key") != manifest.get("pairs_key"):
+        raise RemoteError(f"{final.url}: holds another store (pairs key {str(old.get('pairs_key'))[:12]}, "
+                          f"source {str(manifest.get('pairs_key'))[:12]}); nothing copied")
+    return old
+
+
+@contextmanager
+def creating(final: Location):
+    """Locally, copies that create the same new store take turns (a lock file beside it, held from
+    choosing the partial folder to renaming it): a later one finds the store and updates it."""
+    if not final.local or final.fs.exists(final.path(MANIFEST)):
+        yield
+        return
+    parent, name = posixpath.split(final.root)
+    os.makedirs(parent, exist_ok=True)
+    with file_lock(posixpath.join(parent, f".{name}.lock"), "lock on creating this store", final.url,
+                   timeout=86400):
+        yield
+
+
+def publish(work: Location, final: Location, manifest: dict, raw: bytes, keep: list) -> bool:
+    """Write manifest.json last, merged with the destination's as it is now: locally under the
+    manifest lock, so members that writers began or finished meanwhile are kept. Then rename a
+    partial folder into place; False if another process created the store there meanwhile."""
+    with store_lock(work.root) if work.local and work.root == final.root else nullcontext():
+        data = manifest_bytes(manifest, raw, keep, destination_manifest(work, manifest))
+        want = (len(data), hashlib.sha256(data).hexdigest())
+        if not work.fs.exists(work.path(MANIFEST)) or file_sha256(work, MANIFEST) != want:
+            write_file(work, MANIFEST, [data])
+            if file_sha256(work, MANIFEST) != want:
+                raise RemoteError(f"{work.url}/{MANIFEST}: does not verify after writing")
     if work.root != final.root:
-        os.rename(work.root, final.root)
+        try:
+            os.rename(work.root, final.root)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return False
+    return True
 
 
 def copy_store(src_url: str, dst_url: str, endpoint_url: str | None = None,
@@ -344,13 +384,14 @@ def copy_store(src_url: str, dst_url: str, endpoint_url: str | None = None,
         final = final_location(src, open_location(dst_url, endpoint_url))
         raw = read_manifest(src)
         manifest = json.loads(raw)
-        old = json.loads(read_manifest(final)) if final.fs.exists(final.path(MANIFEST)) else None
-        if old and old.get("pairs_key") != manifest.get("pairs_key"):
-            raise RemoteError(f"{final.url}: holds another store (pairs key {str(old.get('pairs_key'))[:12]}, "
-                              f"source {str(manifest.get('pairs_key'))[:12]}); nothing copied")
-        work = partial_location(final) if final.local and not final.fs.exists(final.root) else final
-        keep, left_out, copier = copy_files(src, work, manifest, include_incomplete, jobs, log)
-        publish(work, final, manifest_bytes(manifest, raw, keep, old))
+        destination_manifest(final, manifest)  # refuse another store before copying anything
+        with creating(final):
+            work = partial_location(final) if final.local and not final.fs.exists(final.root) else final
+            keep, left_out, copier = copy_files(src, work, manifest, include_incomplete, jobs, log)
+            if not publish(work, final, manifest, raw, keep):  # a writer created the store meanwhile
+                keep, left_out, copier = copy_files(src, final, manifest, include_incomplete, jobs, log)
+                publish(final, final, manifest, raw, keep)
+                final.fs.rm(work.root, recursive=True)
     log(f"{final.url}: {copier.copied} files copied ({copier.bytes / 1e6:.2f} MB), {copier.skipped} "
         f"already present and skipped; members: {', '.join(keep) or 'none'}")
     return {"src": src.url, "dst": final.url, "copied": copier.copied, "skipped": copier.skipped,

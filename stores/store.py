@@ -40,6 +40,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
+from .files import StoreError, UnsafeFileError, new_file, open_regular  # noqa: F401 (re-exported)
 from .privacy import shareable
 
 MANIFEST = "manifest.json"
@@ -48,10 +49,6 @@ RECORDS_DIR = "_records"
 SOURCES_DIR = "_sources"
 STAGING_DIR = "_staging"
 TEXT = "text"  # ArraySpec dtype of UTF-8 text rows, stored as NUL-padded uint8
-
-
-class StoreError(RuntimeError):
-    """A store or member is missing, incomplete, damaged or was made with other settings."""
 
 
 class DamagedFile(StoreError, ValueError):
@@ -100,22 +97,25 @@ class ArraySpec:
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+    """Yield a temporary path beside `path`, already created empty by this process (exclusively,
+    not through a link); rename it to `path` only if the block succeeds.
 
-    A crash or kill never leaves a half-written file under the final name.
+    A crash or kill never leaves a half-written file under the final name, and a symbolic link
+    planted at `path` is replaced, never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
+        new_file(tmp).close()
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _dump(tmp: Path, obj) -> None:
-    with open(tmp, "w") as f:
+def _dump(tmp: Path, obj, fresh: bool = False) -> None:
+    with new_file(tmp) if fresh else os.fdopen(open_regular(tmp), "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -133,7 +133,7 @@ def write_json_once(path: Path, obj) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        _dump(tmp, obj)
+        _dump(tmp, obj, fresh=True)
         os.link(tmp, path)
         return True
     except FileExistsError:
@@ -255,6 +255,9 @@ def fingerprint(path: Path) -> str | None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         return None
+    except OSError as e:  # ELOOP: a symlink, which a store never holds
+        raise DamagedFile(f"{path}: not a regular file ({e.strerror}); a store holds no symlinks: run "
+                          f"`python -m stores repair` or pull the store again") from None
     try:
         size = os.fstat(fd).st_size
         return f"{size}:{os.pread(fd, FINGERPRINT_BYTES, max(0, size - FINGERPRINT_BYTES)).hex()}"
@@ -557,7 +560,7 @@ class Store:
         generation = {} if generation is None else {"generation": int(generation)}
         return write_json_once(self.done_path(member, task),
                                {"task": task, "samples": [start, stop], "shards": by_array, "files": files,
-                                "finished": utc_now(), "stats": stats, **generation})
+                                "finished": utc_now(), "stats": shareable(stats), **generation})  # reasons may name $HOME files
 
     def shard_file(self, member: str, name: str, lo: int) -> str:
         """The file (relative to the store) of array `name`'s shard that starts at sample `lo`."""
@@ -653,7 +656,7 @@ class Store:
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
-        records = {"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}}
+        records = shareable({"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}})
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
@@ -686,7 +689,7 @@ class Store:
         if missing:
             raise StoreError(f"{self.path}: member {member} is missing the done markers of tasks {missing}")
         write_json_atomic(self.path / records_file(member),
-                          {"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}})
+                          shareable({"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}}))
 
     def usable_hw(self, members: list) -> np.ndarray:
         """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target

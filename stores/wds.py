@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .keys import sha256_file
+from .files import open_regular
 from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
 
 INDEX = "index.json"
@@ -149,7 +151,7 @@ class WdsWriter:
         from webdataset.writer import TarWriter  # imports torch: only when exporting
 
         name, names, hw, tiles = f"shard-{k:06d}.tar", [], [], 0
-        with atomic_path(self.out / name) as tmp, open(tmp, "wb") as f, \
+        with atomic_path(self.out / name) as tmp, os.fdopen(open_regular(tmp), "wb") as f, \
                 TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar:
             for row in rows:
                 names.append(row["name"])

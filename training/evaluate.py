@@ -6,6 +6,7 @@ Writes `eval.json` (means, gain with a bootstrap 95% interval) and `eval.csv` (p
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from ptgrm.images import save_png
 from ptgrm.refine import refine
 from stores import atomic_path, write_json_atomic
+from stores.files import open_regular
 from stores.stats import to_uint8
 
 from .data import SplitLike
@@ -59,7 +61,7 @@ def write_eval(run_dir: Path, result: dict) -> None:
     """eval.json (everything) and eval.csv (one row per image)."""
     write_json_atomic(Path(run_dir) / "eval.json", result)
     rows = result["images"]
-    with atomic_path(Path(run_dir) / "eval.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(Path(run_dir) / "eval.csv") as tmp, os.fdopen(open_regular(tmp), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
+from stores.files import open_regular
 from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
@@ -155,8 +156,9 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
 
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metric lines after `step` (a resumed run rewrites them as an uninterrupted run would)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    path.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
+    lines = path.read_text().splitlines() if path.is_file() and not path.is_symlink() else []
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -275,7 +277,7 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int) 
 
 def _log(path: Path, tb, row: dict) -> None:
     """One line of metrics.jsonl, and the same scalars to TensorBoard."""
-    with open(path, "a") as f:
+    with os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as f:  # never via a link
         f.write(json.dumps(row) + "\n")
     for k, v in row.items():
         if tb is not None and k != "step":
