@@ -28,7 +28,7 @@ def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
         bad = set()
         if info.get("status") == "complete":  # a lost done marker: its shards are vouched for by nothing
             bad |= set(range(len(store.plan(member)))) - store.done_tasks(member)
-        for job in store.shard_checks(member):
+        for job in store.shard_checks(member, damaged=bad.add):
             if store.check_shard(member, job):
                 lo = job[2]
                 bad |= {t for t, (a, b) in enumerate(store.plan(member)) if a <= lo < b}

@@ -267,13 +267,22 @@ def check_complete(loc: Location, files: dict, manifest: dict, keep: list, copie
                       f"or of the wrong size ({names}); run the copy again")
 
 
-def read_manifest(loc: Location) -> bytes:
-    """The raw bytes of `loc`'s manifest.json; a folder without one is no store."""
+def read_manifest(loc: Location, source: bool = True) -> bytes:
+    """The raw bytes of `loc`'s manifest.json, checked to be a manifest (a copy's source must have
+    its layout too); a folder without one is no store."""
     try:
-        return loc.fs.cat_file(loc.path(MANIFEST))
+        raw = loc.fs.cat_file(loc.path(MANIFEST))
     except FileNotFoundError:
         raise RemoteError(f"{loc.url}: not a feature store (no {MANIFEST}; a store without it is "
                           f"unfinished or not a store)") from None
+    try:
+        m = json.loads(raw)
+        if not isinstance(m, dict) or not isinstance(m.get("members"), dict) or (source and "layout" not in m):
+            raise ValueError("not a manifest object with 'members'" + (" and 'layout'" if source else ""))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RemoteError(f"{loc.url}/{MANIFEST}: damaged ({type(e).__name__}: {e}); nothing copied: copy the "
+                          f"store from an intact source") from None
+    return raw
 
 
 def manifest_bytes(src: dict, raw: bytes, keep: list, old: dict | None) -> bytes:
@@ -333,7 +342,7 @@ def copy_files(src: Location, work: Location, manifest: dict, include_incomplete
 
 def destination_manifest(final: Location, manifest: dict) -> dict | None:
     """The destination's manifest as it is now (None: no store there yet); another store is refused."""
-    old = json.loads(read_manifest(final)) if final.fs.exists(final.path(MANIFEST)) else None
+    old = json.loads(read_manifest(final, source=False)) if final.fs.exists(final.path(MANIFEST)) else None
     if old and old.get("pairs_key") != manifest.get("pairs_key"):
         raise RemoteError(f"{final.url}: holds another store (pairs key {str(old.get('pairs_key'))[:12]}, "
                           f"source {str(manifest.get('pairs_key'))[:12]}); nothing copied")

@@ -708,26 +708,37 @@ class Store:
             out += read_json(self.done_path(member, task))["stats"].get(field, [])
         return out
 
-    def shard_checks(self, member: str) -> list[tuple]:
-        """(array, recorded sha256, start, stop) of every shard the done markers list."""
+    def shard_checks(self, member: str, damaged=None) -> list[tuple]:
+        """(array, recorded sha256, start, stop, task) of every shard the done markers list; a
+        damaged marker raises DamagedFile, or is passed to `damaged(task)` when given."""
         out = []
         for task in sorted(self.done_tasks(member)):
-            marker = read_json(self.done_path(member, task))
+            try:
+                marker = self.marker(member, task)
+            except DamagedFile:
+                if damaged is None:
+                    raise
+                damaged(task)
+                continue
             stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
-                out += [(name, want, int(lo), stops.get(int(lo), int(lo))) for lo, want in shards.items()]
+                out += [(name, want, int(lo), stops.get(int(lo), int(lo)), task) for lo, want in shards.items()]
         return out
 
     def check_shard(self, member: str, job: tuple) -> str | None:
         """Re-read one shard (decoding checks each chunk's crc32c); a problem line or None."""
-        name, want, lo, hi = job
+        name, want, lo, hi, *task = job
         try:
             k, r0 = self.layout.locate(lo)
             got = digest(self._bucket_array(member, k, name)[r0:r0 + hi - lo])
         except Exception as e:  # a damaged chunk fails its checksum on decode
-            got = f"unreadable ({type(e).__name__}: {e})"
+            return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}, file "
+                    f"{self.shard_file(member, name, lo)}) is unreadable: {type(e).__name__}: {e}")
         if got != want:
-            return f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash"
+            marker = f", or its done marker {self.done_path(member, task[0]).relative_to(self.path)} is damaged" \
+                if task else ""
+            return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash: "
+                    f"its file {self.shard_file(member, name, lo)} was damaged or replaced{marker}")
         return None
 
     def verify(self, member: str, jobs: int = 4) -> list[str]:

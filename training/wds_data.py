@@ -200,6 +200,10 @@ class WdsSplit:
                 for sample in group_by_keys(files):
                     i, _, t = sample["__key__"].partition("_")
                     i, t = int(i), int(t)
+                    if not shard["first"] <= i < shard["first"] + shard["samples"]:
+                        raise WdsError(f"{name}: holds sample {i}, but {INDEX} lists samples {shard['first']}-"
+                                       f"{shard['first'] + shard['samples'] - 1} in it: the file was swapped or "
+                                       f"replaced; export again: {REEXPORT}")
                     missing = [e for e in self.entries if e not in sample]
                     if missing:
                         raise WdsError(f"{name}: sample {sample['__key__']} lacks {', '.join(missing)}; "
