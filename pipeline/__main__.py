@@ -75,6 +75,11 @@ def features_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def features_config(args: argparse.Namespace) -> FeaturesConfig:
+    return FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
+                          splits=tuple(args.splits.split(",")))
+
+
 def restore_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="restore a folder of degraded images with a trained run",
                        description="Run the run's frozen target and encoder(s), then its PTG-RM, on every "
@@ -111,8 +116,7 @@ def main(argv=None) -> int:
             restore_folder(Path(args.src), Path(args.dst), Path(args.runs_dir) / args.run, args.clip_weights,
                            args.osf, args.target_weights)
             return 0
-        cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
-                             splits=tuple(args.splits.split(",")))
+        cfg = features_config(args)
         paths, found = (None, None) if cfg.wds else complete_stores(cfg)
         if paths is None:  # else answered without importing torch or a network
             from .extract import build_features
