@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             from .restore import restore_folder
 
             restore_folder(Path(args.src), Path(args.dst), Path(args.runs_dir) / args.run, args.clip_weights,
-                           args.osf, args.target_weights)
+                           args.osf, args.target_weights, allow_code=[args.target, *args.encoder])
             return 0
         cfg = features_config(args)
         paths, found = (None, None) if cfg.wds else complete_stores(cfg)
