@@ -28,6 +28,7 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
     g = rng.normal(size=(n, 4, dim)).astype(np.float32)
     g /= np.linalg.norm(g, axis=-1, keepdims=True)
     pairs_key = key_of({"toy": split, "seed": seed, "n": n, "hw": hws})
+    names = names or [f"{split}{j:03d}.png" for j in range(n)]
     layout, order = make_layout(hws, 16, shard_len=4)
     path = Path(root) / store_name(dataset, split, task, pairs_key)
     store = Store.open_or_create(path, {"dataset": dataset, "split": split, "task": task,
@@ -35,7 +36,7 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
                                  layout)
     crop = lambda a: [a[j, :hws[j][0], :hws[j][1]] for j in order]  # noqa: E731
     for member, (data, info) in pipeline_members(pairs_key, crop(lq), crop(gt), [hws[j] for j in order], crop(base),
-                                                 g[order], [names[j] if names else f"{split}{j:03d}.png" for j in order], ["{}"] * n).items():
+                                                 g[order], [names[j] for j in order], ["{}"] * n).items():
         fill_member(store, member, key_of({"member": member, "pairs": pairs_key}), data, info)
     return path
 
