@@ -81,7 +81,8 @@ eval: $(VENV)/.installed
 restore: $(VENV)/.installed
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make restore IN=folder OUT=folder RUN=run"; exit 2; }
 	$(PY) -m pipeline restore --in $(IN) --out $(OUT) --run $(RUN) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
-		$(call flag,--osf,$(OSF)) $(call flag,--target-weights,$(TARGET_WEIGHTS))
+		$(call flag,--osf,$(OSF)) $(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--target,$(TARGET)) \
+		--encoder $(ENCODER)
 
 distill: $(VENV)/.installed
 	$(PY) -m training distill $(COMMON) --run $(RUN)

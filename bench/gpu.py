@@ -10,7 +10,9 @@ written as soon as it is measured (a run stopped by its time limit keeps what it
    one run (their ratio), then `torch.compile`;
 3. end to end (`--e2e`, default on a GPU): `python -m pipeline features` on the demo, then the
    same `python -m training train` twice and once compiled; reports the repeat-run tolerance
-   (max |weight difference|, PSNR difference) and the compiled run's difference.
+   (max |weight difference|, PSNR difference) and the compiled run's difference; before them,
+   a run stopped half-way and resumed on the GPU (a requeued job), and a GPU checkpoint resumed
+   on the CPU.
 
 Random weights at real sizes except EfficientNet-Lite0 (pre-trained, from its package); about
 6 minutes on one H100-class GPU.
@@ -126,6 +128,7 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
     common = ["--task", "deblur", "--data", "demo", "--store-root", str(stores)]
     t = cli(["pipeline", "features", *common, "--device", "cuda"], log, 300)
     record("e2e_demo_features_cuda", {"seconds": t, "note": "classical wiener target on CPU, CLIP on the GPU"})
+    resume(common + ["--runs-dir", str(runs)], runs, log, record)  # first: a correctness check, not a timing
     out = {}
     for run, extra in (("a", []), ("b", []), ("c", ["--compile"])):
         t = cli(["training", "train", *common, "--runs-dir", str(runs), "--run", run, "--steps", str(steps),
@@ -143,6 +146,27 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
 
     record("e2e_repeat_tolerance", {"runs": "same seed, same settings, twice", **diff("a", "b")})
     record("e2e_compile_vs_eager", {"runs": "--compile against eager, same seed", **diff("a", "c")})
+
+
+def resume(common: list[str], runs: Path, log: Path, record) -> None:
+    """What a requeued GPU job does: a run stopped half-way resumes on the GPU (the optimizer state
+    must land beside the parameters) and ends where the uninterrupted run ends, within the
+    repeat-run tolerance; a GPU checkpoint also resumes on the CPU (loaded with map_location)."""
+    from safetensors.torch import load_file
+
+    steps = ["--steps", "100", "--ckpt-every", "25"]
+    cli(["training", "train", *common, "--run", "resume-full", *steps, "--device", "cuda"], log, 300)
+    cli(["training", "train", *common, "--run", "resume-gpu", *steps, "--stop-at", "50", "--device", "cuda"], log, 300)
+    t = cli(["training", "train", *common, "--run", "resume-gpu", *steps, "--resume", "--device", "cuda"], log, 300)
+    full, resumed = (load_file(str(runs / r / "model.safetensors")) for r in ("resume-full", "resume-gpu"))
+    gpu = {"resumed_seconds": t, "max_abs_weight_diff_to_uninterrupted": max(float((full[k] - resumed[k]).abs().max())
+                                                                          for k in full)}
+    short = ["--steps", "20", "--ckpt-every", "10"]
+    cli(["training", "train", *common, "--run", "resume-cpu", *short, "--stop-at", "10", "--device", "cuda"], log, 300)
+    cli(["training", "train", *common, "--run", "resume-cpu", *short, "--resume", "--device", "cpu"], log, 300)
+    steps_done = json.loads((runs / "resume-cpu" / "model.json").read_text())["step"]
+    record("e2e_resume", {"runs": "100 steps stopped at 50 and resumed on the GPU; 20 steps stopped at 10 on the "
+                          "GPU and resumed on the CPU", **gpu, "gpu_checkpoint_resumed_on_cpu_to_step": steps_done})
 
 
 def main(argv=None) -> int:

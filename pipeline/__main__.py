@@ -75,6 +75,11 @@ def features_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def features_config(args: argparse.Namespace) -> FeaturesConfig:
+    return FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
+                          splits=tuple(args.splits.split(",")))
+
+
 def restore_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="restore a folder of degraded images with a trained run",
                        description="Run the run's frozen target and encoder(s), then its PTG-RM, on every "
@@ -90,6 +95,10 @@ def restore_parser(sub) -> argparse.ArgumentParser:
                    "recorded in the store; its sha256 must match)")
     p.add_argument("--osf", choices=("encoder", "distilled"), default="encoder", help="g from the pre-trained "
                    "encoder, or from the run's distilled predictor (`make distill`) (default: %(default)s)")
+    p.add_argument("--target", default=None, help="a run made with a user target `module:factory` runs it only "
+                   "when you name it here (a run never decides what code runs); its file must hash as recorded")
+    p.add_argument("--encoder", action="append", default=[], help="the same for a user encoder `module:factory` "
+                   "(repeatable, or comma-separated)")
     return p
 
 
@@ -108,11 +117,11 @@ def main(argv=None) -> int:
         if args.cmd == "restore":
             from .restore import restore_folder
 
+            allow_code = [args.target, *",".join(args.encoder).split(",")]
             restore_folder(Path(args.src), Path(args.dst), Path(args.runs_dir) / args.run, args.clip_weights,
-                           args.osf, args.target_weights)
+                           args.osf, args.target_weights, allow_code=allow_code)
             return 0
-        cfg = FeaturesConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and k != "splits"},
-                             splits=tuple(args.splits.split(",")))
+        cfg = features_config(args)
         paths, found = (None, None) if cfg.wds else complete_stores(cfg)
         if paths is None:  # else answered without importing torch or a network
             from .extract import build_features

@@ -204,15 +204,16 @@ def build_effnet_lite0(name: str, device="cpu") -> ModuleEncoder:
                          device=device)
 
 
-def build_user_encoder(factory: str, device="cpu") -> ModuleEncoder:
+def build_user_encoder(factory: str, device="cpu", module_sha256: str | None = None) -> ModuleEncoder:
     """`module.path:factory`: `factory()` returns `(module, preprocess)`, preprocess being a dict
     with `size`, `mean`, `std` (and optionally `interpolation`), or the module alone (224 px,
     ImageNet normalisation). The key covers the module's source, its weights and the
     preprocessing. The module's weights are what the factory loaded: `weights: pretrained`
-    unless the factory sets `module.ptgrm_weights = "random"`."""
+    unless the factory sets `module.ptgrm_weights = "random"`. With `module_sha256` the module's
+    file must hash to it before it is imported."""
     from .networks import call_factory
 
-    out, code_sha = call_factory(factory, "encoder", allow_tuple=True)
+    out, code_sha = call_factory(factory, "encoder", allow_tuple=True, module_sha256=module_sha256)
     model, preprocess = out if isinstance(out, tuple) else (out, {})
     if not isinstance(preprocess, dict):
         raise ValueError(f"user encoder {factory!r}: the factory's second value must be a dict of preprocessing "
@@ -312,13 +313,16 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
 
 
 def build_encoder(name: str, weights: str | None = None, allow_random: bool = False,
-                  init_seed: int = 0, device: str = "cpu"):
+                  init_seed: int = 0, device: str = "cpu", module_sha256: str | None = None):
     """An encoder by name; `weights` is an OpenCLIP checkpoint, or for `sd-vae`/`sd-unet` a
-    diffusers folder."""
+    diffusers folder; `module_sha256`: the file a user `module:factory` must have (checked before
+    it is imported)."""
     if is_sd_encoder(name):  # diffusers is imported only then
         return build_sd_encoder(name, weights, allow_random, init_seed, device)
+    if name in MODULE_ENCODERS:
+        return MODULE_ENCODERS[name](name, device)
     if is_module_encoder(name):
-        return MODULE_ENCODERS.get(name, build_user_encoder)(name, device)
+        return build_user_encoder(name, device, module_sha256)
     arch, tag = parse_encoder(name)
     model, info = _load_openclip(arch, tag, weights, allow_random, init_seed)
     if Path(arch).is_dir():  # the key holds the folder's content, not where it lies

@@ -7,9 +7,9 @@ tests/test_names.py checks that their registries and these names agree.
 """
 from __future__ import annotations
 
-BUILTIN_TARGETS = (*(f"restormer-{t}" for t in ("deblur", "defocus", "derain", "denoise", "denoise-gaussian")),
-                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware")
-SD_NAMES = ("sd-vae", "sd-unet")
+from stores.names import BUILTIN_TARGETS, SD_NAMES, is_user_encoder, is_user_target  # noqa: F401 (the user-code
+# names are decided in stores, which `stores repair` reads without importing the pipeline)
+
 MODULE_ENCODER_NAMES = ("effnet-lite0",)  # built-in torch backbones that bring their own weights
 
 
@@ -18,19 +18,8 @@ def is_network_target(name: str) -> bool:
     return name.split(":")[0] in BUILTIN_TARGETS or ":" in name
 
 
-def is_user_target(name: str) -> bool:
-    """`module.path:factory`: a user's network, whose code may change between runs."""
-    return ":" in name and name.split(":")[0] not in BUILTIN_TARGETS
-
-
 def is_sd_encoder(name: str) -> bool:
     return name.split(":")[0] in SD_NAMES
-
-
-def is_user_encoder(name: str) -> bool:
-    """`module.path:factory` (a user's backbone), as opposed to `openclip:`, `sd-*:` names."""
-    head = name.split(":")[0]
-    return ":" in name and head not in ("openclip", *SD_NAMES) and "/" not in head
 
 
 def is_module_encoder(name: str) -> bool:

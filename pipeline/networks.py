@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -301,11 +304,11 @@ def build_restormer_target(task: str, checkpoint, tile: int | None = None, overl
 
 def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap: int = 32,
                       device: str | None = None, factor: int | None = None,
-                      budget_mb: float | None = None) -> NetworkTarget:
-    """`module.path:factory`: the module is imported (from the PYTHONPATH), `factory()` must
-    return an nn.Module, and the checkpoint is loaded into it (strict). The pad factor is
-    `factor`, else the module's `pad_factor` attribute, else 1."""
-    net, code_sha = call_factory(factory)
+                      budget_mb: float | None = None, module_sha256: str | None = None) -> NetworkTarget:
+    """`module.path:factory`: the module is imported (from the PYTHONPATH; with `module_sha256`,
+    only a file of that hash), `factory()` must return an nn.Module, and the checkpoint is loaded
+    into it (strict). The pad factor is `factor`, else the module's `pad_factor` attribute, else 1."""
+    net, code_sha = call_factory(factory, module_sha256=module_sha256)
     sha = load_into(net, checkpoint)
     factor = int(factor or getattr(net, "pad_factor", 1))
     mod, fn = factory.split(":")
@@ -314,12 +317,40 @@ def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap
     return NetworkTarget(net, tid, spec, sha, factor, tile, overlap, device, checkpoint, budget_mb=budget_mb)
 
 
-def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False) -> tuple:
+def module_file(mod_name: str) -> Path | None:
+    """The file `import mod_name` executes, found without executing anything (not even a parent
+    package's `__init__`, which `importlib.util.find_spec` of a dotted name would import)."""
+    if mod_name in sys.modules:
+        spec = sys.modules[mod_name].__spec__
+    else:
+        top, *rest = mod_name.split(".")
+        spec = importlib.util.find_spec(top)  # a top-level name is found, not imported
+        for i in range(1, len(rest) + 1):
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(".".join([top, *rest[:i]]),
+                                                            spec.submodule_search_locations)
+    return Path(spec.origin) if spec is not None and spec.has_location and spec.origin else None
+
+
+def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False,
+                 module_sha256: str | None = None) -> tuple:
     """Import `module.path:factory` and call it: (its nn.Module, or with `allow_tuple` a
-    (module, extra) pair; the module file's sha256)."""
+    (module, extra) pair; the module file's sha256). With `module_sha256` (what a store or run
+    recorded) the module's file must hash to it before it is imported."""
     mod_name, sep, fn_name = factory.partition(":")
     if not sep or not mod_name or not fn_name:
         raise ValueError(f"user {kind} {factory!r} must be 'module.path:factory'")
+    if module_sha256 is not None:
+        try:
+            path = module_file(mod_name)
+        except (ImportError, ValueError):
+            path = None
+        found = sha256_file(path) if path is not None and path.is_file() else None
+        if found != module_sha256:
+            raise ValueError(f"user {kind} {factory!r}: {path or 'its module file (not found)'} has sha256 "
+                             f"{str(found)[:12]}, not the {module_sha256[:12]} it was recorded with; refused before "
+                             f"importing it (put the module's recorded version on the PYTHONPATH)")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
@@ -367,10 +398,8 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
         if random:
             return target
     elif spec.get("network") == "user":
-        target = build_user_target(spec["factory"], checkpoint, factor=spec.get("factor"), **tiling)
-        if spec.get("module_sha256") not in (None, target.spec()["module_sha256"]):
-            raise ValueError(f"target {spec['factory']}: the module's source differs from the one the store "
-                             f"was made with")
+        target = build_user_target(spec["factory"], checkpoint, factor=spec.get("factor"),
+                                   module_sha256=spec.get("module_sha256"), **tiling)
     else:
         raise ValueError(f"spec of target {spec.get('target')!r} is not a network target")
     if auto and target.spec().get("auto_tile") != auto:

@@ -21,13 +21,23 @@ from stores.privacy import local_path
 from stores.stats import to_uint8
 
 from .encoders import build_encoder
-from .names import weights_arg
+from .names import is_user_encoder, weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
 
 
-def target_from_spec(spec: dict, target_weights: str | None = None):
-    """The frozen target a store member was made with, from the spec recorded in its key."""
+def require_named(name: str, kind: str, allow_code) -> None:
+    """A run never decides what code runs: its user `module:factory` only when the user names it."""
+    if name not in allow_code:
+        raise ValueError(f"the run's {kind} {name!r} imports and runs code: pass --{kind} {name} to "
+                         f"`python -m pipeline restore` if you trust it (its file must hash as recorded)")
+
+
+def target_from_spec(spec: dict, target_weights: str | None = None, allow_code=()):
+    """The frozen target a store member was made with, from the spec recorded in its key; a user
+    target only when named in `allow_code`."""
+    if spec.get("network") == "user":
+        require_named(str(spec.get("factory")), "target", allow_code)
     if spec.get("network"):  # a network: rebuilt from its checkpoint, which must hash to the spec's sha256
         from .networks import target_from_spec as network_from_spec
 
@@ -42,15 +52,18 @@ def target_from_spec(spec: dict, target_weights: str | None = None):
     return build_target(name, **{k: v for k, v in spec.items() if k in accepted})
 
 
-def encoders_from_run(build: list[dict], clip_weights: str | None = None) -> list:
-    """The encoders a run was trained with; weights must hash to what the store recorded."""
+def encoders_from_run(build: list[dict], clip_weights: str | None = None, allow_code=()) -> list:
+    """The encoders a run was trained with; weights must hash to what the store recorded; a user
+    encoder only when named in `allow_code`, its module file hashing as recorded."""
     out = []
     for b in build:
         spec = b["spec"]
+        if is_user_encoder(b["name"]):
+            require_named(b["name"], "encoder", allow_code)
         random = spec.get("weights") == "random"
         recorded = local_path(weights_arg(b["name"], clip_weights or b.get("clip_weights"), b.get("sd_weights")))
         enc = build_encoder(local_path(b["name"]), None if random else recorded, allow_random=random,
-                            init_seed=b.get("init_seed") or 0)
+                            init_seed=b.get("init_seed") or 0, module_sha256=spec.get("module_sha256"))
         if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights["weights"] != spec.get("weights"):
             raise ValueError(f"encoder {b['name']}: weights {enc.weights['weights']} "
                              f"(sha256 {str(enc.weights.get('sha256'))[:12]}) differ from the run's "
@@ -66,17 +79,18 @@ def predicted_g(predictor, images: list[np.ndarray]) -> np.ndarray:
 
 
 def restore_folder(src: Path, dst: Path, run_dir: Path, clip_weights: str | None = None,
-                   osf: str = "encoder", target_weights: str | None = None, log=print) -> list[Path]:
+                   osf: str = "encoder", target_weights: str | None = None, log=print, allow_code=()) -> list[Path]:
     """`osf='encoder'` runs the pre-trained encoder(s); `'distilled'` predicts g with the run's
-    distilled predictor instead (no pre-trained model at inference)."""
+    distilled predictor instead (no pre-trained model at inference). `allow_code`: the user
+    `module:factory` targets and encoders the user trusts (`--target`, `--encoder`)."""
     model, sidecar = load_model(run_dir)
     info = sidecar["train_store"]
-    target = target_from_spec(info["target_spec"], target_weights or info.get("target_weights"))
+    target = target_from_spec(info["target_spec"], target_weights or info.get("target_weights"), allow_code)
     if osf == "distilled":
         predictor = load_predictor(run_dir)
         encoders = [lambda imgs: predicted_g(predictor, imgs)]
     else:
-        encoders = encoders_from_run(info["encoder_build"], clip_weights)
+        encoders = encoders_from_run(info["encoder_build"], clip_weights, allow_code)
     images = sorted(p for p in Path(src).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")

@@ -123,7 +123,7 @@ def add_copy_parser(sub, name: str, help: str) -> None:
 def cmd_repair(args) -> int:
     from .maintain import repair
 
-    repair(args.store, recompute=not args.no_recompute, allow_target=args.target)
+    repair(args.store, recompute=not args.no_recompute, allow_target=args.target, allow_encoders=",".join(args.encoder).split(","))
     return 0
 
 
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     s.add_argument("--no-recompute", action="store_true", help="only withdraw the damaged tasks")
     s.add_argument("--target", default=None, help="a member made by a user target `module:factory` is "
                    "recomputed only when you name that target here (a store never decides what code runs)")
+    s.add_argument("--encoder", action="append", default=[], help="the same for a user encoder `module:factory` "
+                   "(repeatable, or comma-separated)")
     s.set_defaults(fn=cmd_repair)
     s = sub.add_parser("gc", help="remove leftovers of killed runs (superseded lease generations, old "
                        "temporary files) and nothing else")

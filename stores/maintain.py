@@ -8,6 +8,7 @@ subprocess built from the configuration the member recorded.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from .leases import LEASE_DIR, _generations, lease_folders
+from .names import is_user_encoder, is_user_target
 from .privacy import local_path
 from .store import DONE_DIR, STAGING_DIR, Store, StoreError, read_json, records_file
 
@@ -43,35 +45,47 @@ def lost_records(store: Store) -> list[str]:
             if i.get("status") == "complete" and not (store.path / records_file(m)).is_file()]
 
 
-PATH_FLAGS = ("data", "encoder", "target-weights", "clip-weights", "sd-weights")
+NOT_REPLAYED = ("store_shared", "device")  # a repair recomputes, never copies; this machine picks where
 
 
-def features_command(config: dict, store_root: Path, split: str, allow_target: str | None = None) -> list[str]:
-    """The `python -m pipeline features` call that made a member, from its recorded config.
+def features_command(config: dict, store_root: Path, split: str, allow_target: str | None = None,
+                     allow_encoders=()) -> list[str]:
+    """The `python -m pipeline features` call that made a member: every field of its recorded
+    config (pipeline.plan.FeaturesConfig) as its flag, except NOT_REPLAYED, with this store's root
+    and split. Paths were recorded portable (~, $USER) and are expanded for this user.
 
-    A store never decides what code runs: a `module:factory` target (imported and called) is
-    used only when the user names the same one (`allow_target`, `stores repair --target`)."""
-    target = config.get("target")
-    if target and ":" in target and target != allow_target:
-        raise StoreError(f"the damaged member was made by the user target {target!r}, which imports and runs "
-                         f"code; rerun with `python -m stores repair STORE --target {target}` if you trust it"
-                         + (f" (you named {allow_target!r})" if allow_target else ""))
-    flags = {"task": config["task"], "data": config["data"], "target": config.get("target"),
-             "target-weights": config.get("target_weights"), "encoder": config.get("encoder"),
-             "store-root": str(store_root), "shards": config.get("shards"), "shard-len": config["shard_len"],
-             "shard-mb": config.get("shard_mb"),
-             "tile": config["tile"], "seed": config["seed"], "clip-weights": config.get("clip_weights"),
-             "sd-weights": config.get("sd_weights"), "init-seed": config.get("init_seed"), "splits": split,
-             "target-tile": config.get("target_tile"), "target-overlap": config.get("target_overlap"),
-             "max-bad": config.get("max_bad")}
-    flags.update({k: local_path(flags[k]) for k in PATH_FLAGS})  # recorded portable: ~, $USER
+    A store never decides what code runs: a `module:factory` target or encoder (imported and
+    called) is used only when the user names the same one (`stores repair --target/--encoder`)."""
+    refuse_user_code(config, allow_target, allow_encoders)
     argv = [sys.executable, "-m", "pipeline", "features"]
-    for k, v in flags.items():
-        argv += [f"--{k}", str(v)] if v is not None else []
-    return argv + (["--allow-random-weights"] if config.get("allow_random_weights") else [])
+    for name, value in {**config, "store_root": str(store_root), "splits": split}.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(value, (dict, list)):
+            raise StoreError(f"the recorded configuration has a setting {name!r} = {value!r}, not one a "
+                             f"`python -m pipeline features` run records; rerun `make features` instead")
+        if name not in NOT_REPLAYED and value is not None and value is not False:
+            flag = "--" + name.replace("_", "-")  # `--flag=value`: a value is never read as a flag
+            argv.append(flag if value is True else f"{flag}={local_path(value)}")
+    return argv
 
 
-def repair(path: Path, recompute: bool = True, log=print, allow_target: str | None = None) -> int:
+def refuse_user_code(config: dict, allow_target: str | None, allow_encoders) -> None:
+    """StoreError unless each user `module:factory` the config names is one the user named. Every
+    key the features parser would take for --target or --encoder is read (argparse accepts `--enc`)."""
+    for key, value in config.items():
+        flag = str(key).replace("_", "-")
+        if not isinstance(value, str) or not flag or not ("target".startswith(flag) or "encoder".startswith(flag)):
+            continue
+        kind, allowed = ("target", {allow_target}) if "target".startswith(flag) else ("encoder", set(allow_encoders))
+        for name in value.split(",") if kind == "encoder" else [value]:
+            if (is_user_target if kind == "target" else is_user_encoder)(name) and name not in allowed:
+                named = ", ".join(sorted(repr(n) for n in allowed if n))
+                raise StoreError(f"the damaged member was made by the user {kind} {name!r}, which imports and runs "
+                                 f"code; rerun with `python -m stores repair STORE --{kind} {name}` if you trust it"
+                                 + (f" (you named {named})" if named else ""))
+
+
+def repair(path: Path, recompute: bool = True, log=print, allow_target: str | None = None,
+           allow_encoders=()) -> int:
     """Withdraw damaged tasks and recompute them; returns the number of tasks withdrawn."""
     store = Store(path, mode="a")
     damaged = damaged_tasks(store)
@@ -82,7 +96,8 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
     configs = [store.member_info(m).get("config") for m in damaged]
     if recompute and damaged and not all(configs):
         raise StoreError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
-    argvs = {str(c): features_command(c, store.path.parent, store.manifest()["split"], allow_target)
+    argvs = {str(c): features_command(c, store.path.parent, store.manifest()["split"], allow_target,
+                                             allow_encoders)
              for c in configs} if recompute else {}  # refused before anything is withdrawn
     if not damaged:
         log(f"{path}: nothing damaged")

@@ -309,3 +309,32 @@ def test_a_builtin_target_records_its_automatic_tiling_and_is_rebuilt_from_it():
     assert auto["budget_mb"] == 2.0 and auto["tile"] >= 2 * auto["overlap"]
     again = target_from_spec(target.spec(), None, device="cpu")
     assert again.spec() == target.spec()
+
+
+def test_restore_runs_recorded_user_code_only_named_and_unchanged(tmp_path, monkeypatch, user_module):
+    """A run records `evilmod:factory` (importing it writes a marker): restore refuses it unless the
+    user names it, and then checks the module file's sha256 before importing it."""
+    from pipeline import restore
+
+    marker = tmp_path / "imported"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                         "def factory():\n    raise RuntimeError('factory called')\n")
+    recorded = {"factory": "evilmod:factory", "module_sha256": "0" * 64}  # another version of the file
+    spec = {"network": "user", "checkpoint_sha256": "1" * 64, **recorded}
+    build = [{"name": "evilmod:factory", "spec": {"weights": "pretrained", "weights_sha256": "2" * 64, **recorded}}]
+    with pytest.raises(ValueError, match="pass --target evilmod:factory"):
+        restore.target_from_spec(spec, "w.pth")
+    with pytest.raises(ValueError, match="pass --encoder evilmod:factory"):
+        restore.encoders_from_run(build)
+    named = ["evilmod:factory"]
+    with pytest.raises(ValueError, match=r"evilmod\.py has sha256 \w+, not the 000000000000.* before importing"):
+        restore.target_from_spec(spec, "w.pth", allow_code=named)
+    with pytest.raises(ValueError, match=r"evilmod\.py has sha256 \w+, not the 000000000000.* before importing"):
+        restore.encoders_from_run(build, allow_code=named)
+    assert not marker.exists()
+    target = build_user_target("ptg_user_net:build", user_checkpoint(tmp_path), device="cpu")
+    spec = json.loads(json.dumps(target.spec()))
+    with pytest.raises(ValueError, match="pass --target ptg_user_net:build"):
+        restore.target_from_spec(spec, tmp_path / "user.pth")
+    again = restore.target_from_spec(spec, tmp_path / "user.pth", allow_code=["ptg_user_net:build"])
+    assert again.spec() == target.spec()  # named and unchanged: rebuilt

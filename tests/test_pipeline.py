@@ -1,12 +1,20 @@
 """Stage 1 pieces: degradation, classical target, encoders and sources."""
+import argparse
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from pipeline.__main__ import features_config, features_parser
 from pipeline.degrade import deblur, motion_kernel, sample_rng
 from pipeline.encoders import WeightsNotFound, build_encoder
+from pipeline.plan import FeaturesConfig
 from pipeline.sources import SourceError, _demo_image, open_source, read_image
 from pipeline.targets import Wiener, build_target
-from stores.maintain import features_command
+from stores.maintain import NOT_REPLAYED, features_command
+from stores.privacy import shareable
 from stores.stats import psnr, to_uint8
 
 
@@ -49,13 +57,30 @@ def test_classical_targets_refuse_network_options():
         build_target("gamma", "weights.pth")
 
 
-def test_repair_replays_every_setting_that_shapes_a_member(tmp_path):
-    config = {"task": "deblur", "data": "demo", "target": "restormer-deblur", "target_weights": "w.pth",
-              "shard_len": 16, "tile": 64, "seed": 0, "target_tile": 256, "target_overlap": 48, "max_bad": 0.2}
-    argv = features_command(config, tmp_path, "train")
-    for flag, value in (("--target-tile", "256"), ("--target-overlap", "48"), ("--max-bad", "0.2"),
-                        ("--target-weights", "w.pth"), ("--splits", "train")):
-        assert argv[argv.index(flag) + 1] == value
+def test_repair_replays_every_features_setting(tmp_path):
+    """Each FeaturesConfig field, recorded as a store records it, comes back through the repair
+    command and the features parser; a new field fails here until it is given a value below."""
+    home = Path.home()
+    values = {"task": "denoise", "data": f"generic:{home / 'data' / 'SIDD'}", "target": "mprnet-deblur:n_feat=8",
+              "target_weights": str(home / "w" / "mprnet.pth"), "target_tile": 256, "target_overlap": 48,
+              "target_budget_mb": float("inf"), "encoder": f"openclip:{home / 'clip'},sd-vae", "store_root": "else",
+              "store_shared": "s3://bucket/stores", "shards": 3, "shard_len": 4, "shard_mb": 8.5, "tile": 32, "seed": 7,
+              "clip_weights": str(home / "clip.pt"), "sd_weights": str(home / "sd"), "allow_random_weights": True,
+              "init_seed": 5, "splits": ("train",), "batch": 2, "max_bad": 0.2, "lease_seconds": 30.5,
+              "device": "cpu", "rehash": True, "wds": True}
+    assert set(values) == {f.name for f in fields(FeaturesConfig)}, "give the new field a value here"
+    default = FeaturesConfig()
+    assert [k for k, v in values.items() if v == getattr(default, k)] == []
+    recorded = json.loads(json.dumps(shareable(asdict(FeaturesConfig(**values)))))  # as the manifest holds it
+    argv = features_command(recorded, tmp_path, "test")
+    assert argv[1:4] == ["-m", "pipeline", "features"]
+    parser = argparse.ArgumentParser()
+    features_parser(parser.add_subparsers(dest="cmd"))
+    again = features_config(parser.parse_args(argv[3:]))
+    expected = {**values, "store_root": str(tmp_path), "splits": ("test",),  # the store repaired, its split
+                **{k: getattr(default, k) for k in NOT_REPLAYED}}
+    for f in fields(FeaturesConfig):
+        assert getattr(again, f.name) == expected[f.name], f.name
 
 
 def test_demo_splits_are_disjoint_by_photo():

@@ -185,8 +185,8 @@ def test_repair_never_runs_a_user_target_the_user_did_not_name(tmp_path):
     with pytest.raises(StoreError, match="you named 'other:build'"):
         features_command(config, tmp_path, "train", allow_target="other:build")
     argv = features_command(config, tmp_path, "train", allow_target="evil_module:build")
-    assert argv[argv.index("--target") + 1] == "evil_module:build"
-    assert argv[argv.index("--data") + 1] == str(Path.home() / "data" / "GoPro")  # recorded portable, used locally
+    assert "--target=evil_module:build" in argv
+    assert f"--data={Path.home() / 'data' / 'GoPro'}" in argv  # recorded portable, used locally
     path = tmp_path / "s"
     toy_store(path)
     m = json.loads((path / "manifest.json").read_text())
@@ -198,6 +198,36 @@ def test_repair_never_runs_a_user_target_the_user_did_not_name(tmp_path):
                          cwd=ROOT)
     assert out.returncode == 2 and "--target evil_module:build" in out.stderr, out.stderr
     assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).plan("pairs"))  # nothing withdrawn
+
+
+def test_repair_never_imports_a_user_encoder_the_user_did_not_name(tmp_path):
+    """A pulled store whose recorded encoder is `evilmod:factory` (importing it writes a marker)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    marker = tmp_path / "imported"
+    (code / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef factory():\n    raise SystemExit\n")
+    path = tmp_path / "s"
+    toy_store(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["members"]["pairs"]["config"] = {"task": "deblur", "data": "demo", "target": "identity", "shard_len": 4,
+                                       "encoder": "evilmod:factory,openclip:ViT-B-32", "splits": ["test"],
+                                       "tile": 64, "seed": 0}
+    (path / "manifest.json").write_text(json.dumps(m))
+    shard = next(p for p in (path / "pairs").rglob("*") if p.is_file() and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[::-1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(code)])}
+    out = subprocess.run([sys.executable, "-m", "stores", "repair", str(path)], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 2 and "--encoder evilmod:factory" in out.stderr, out.stderr
+    assert not marker.exists()
+    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).plan("pairs"))  # nothing withdrawn
+    from stores.maintain import features_command
+
+    for key in ("encoder", "enc"):  # argparse reads `--enc` as --encoder
+        with pytest.raises(StoreError, match="--encoder evilmod:factory"):
+            features_command({"task": "deblur", key: "evilmod:factory"}, tmp_path, "test")
+    argv = features_command(m["members"]["pairs"]["config"], tmp_path, "test", allow_encoders=["evilmod:factory"])
+    assert "--encoder=evilmod:factory,openclip:ViT-B-32" in argv
 
 
 @pytest.mark.parametrize("name", ["../../etc", "/abs/path", "targets/../../x", "osf/", "other/x", "osf/a/b"])

@@ -14,6 +14,7 @@ from skimage.metrics import structural_similarity
 
 from dataclasses import replace
 
+from ptgrm.model import PTGRM
 from ptgrm.refine import load_model
 from stores import StoreError
 from toys import make_store, make_task_stores
@@ -51,6 +52,62 @@ def test_stopped_and_resumed_run_ends_where_the_uninterrupted_run_ends(stores, t
     strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
                           for x in text.splitlines()]
     assert strip(parts) == strip(full)
+
+
+class MovedToDouble(PTGRM):
+    """Moving it to the training device also makes it float64: on a CPU, optimizer state loaded
+    before the move then mismatches its parameters, as it does on a GPU (state on the CPU)."""
+
+    def to(self, *args, **kwargs):
+        return super().to(*args, **kwargs).double()
+
+    def forward(self, base, lq, g):
+        return super().forward(base.double(), lq.double(), g.double()).float()
+
+
+def test_resume_loads_the_optimizer_state_where_the_model_trains(stores, tmp_path, monkeypatch):
+    monkeypatch.setattr("training.train.PTGRM", MovedToDouble)
+    assert main(train_args(stores, tmp_path, "full")) == 0
+    assert main(train_args(stores, tmp_path, "parts", "--stop-at", "6")) == 0
+    assert main(train_args(stores, tmp_path, "parts", "--resume")) == 0
+    assert weights(tmp_path / "parts") == weights(tmp_path / "full")
+
+
+def test_resume_past_a_partial_metrics_line_and_a_damaged_checkpoint(stores, tmp_path, capsys):
+    run = tmp_path / "cut"
+    assert main(train_args(stores, tmp_path, "full")) == 0
+    assert main(train_args(stores, tmp_path, "cut", "--stop-at", "4", "--ckpt-every", "2")) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss"')  # killed while writing a line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped its partial last line"):
+        assert main(train_args(stores, tmp_path, "cut", "--stop-at", "6", "--resume", "--ckpt-every", "2")) == 0
+    state = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(state[: len(state) // 2])  # a damaged copy
+    with pytest.warns(UserWarning, match=r"state.pt cannot be read .*resuming from .*state.prev.pt \(step 4\)"):
+        assert main(train_args(stores, tmp_path, "cut", "--resume", "--ckpt-every", "2")) == 0
+    assert weights(run) == weights(tmp_path / "full")  # steps 5 and 6 again, from the checkpoint of step 4
+    assert (run / "state.damaged.pt").read_bytes() == state[: len(state) // 2]  # kept aside, not resumed again
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
+                       for x in p.read_text().splitlines()]
+    assert strip(run / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
+    for name in ("state.pt", "state.prev.pt"):
+        (run / name).write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(train_args(stores, tmp_path, "cut", "--resume", "--ckpt-every", "2")) == 1
+    err = capsys.readouterr().err
+    assert "state.pt cannot be read" in err and "state.prev.pt cannot be read" in err and "without --resume" in err
+
+
+def test_saved_images_of_two_sets_with_the_same_file_name_both_stay(tmp_path):
+    root = tmp_path / "stores"
+    make_store(root, "train", 8, (48, 48))
+    make_store(root, "test", 3, (44, 52), names=["setA/0001.png", "setB/0001.png", "../../escape.png"])
+    assert main(train_args(root, tmp_path, "img", "--steps", "2", "--save-images")) == 0
+    images = tmp_path / "img" / "images"
+    saved = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    assert saved == ["escape.png", "setA/0001.png", "setB/0001.png"]
+    assert (images / "setA/0001.png").read_bytes() != (images / "setB/0001.png").read_bytes()
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_resume_refuses_other_settings(stores, tmp_path):

@@ -15,10 +15,10 @@ def smooth_images(rng, n, h, w):
     return (np.clip(x, 0, 1) * 255).astype(np.uint8)
 
 
-def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy", space="rgb"):
+def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy", space="rgb", names=None):
     """A complete store: gt smooth images, lq = gt + noise, base = a half-way restoration.
     `hw` is every sample's size, or a list of n sizes (samples are then stored in size buckets,
-    in storage order: see stores/layout.py; names keep the source index)."""
+    in storage order: see stores/layout.py; names keep the source index, or are `names[j]`)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     hws = [tuple(hw)] * n if np.ndim(hw) == 1 else [tuple(x) for x in hw]
     h, w = max(x[0] for x in hws), max(x[1] for x in hws)
@@ -28,6 +28,7 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
     g = rng.normal(size=(n, 4, dim)).astype(np.float32)
     g /= np.linalg.norm(g, axis=-1, keepdims=True)
     pairs_key = key_of({"toy": split, "seed": seed, "n": n, "hw": hws})
+    names = names or [f"{split}{j:03d}.png" for j in range(n)]
     layout, order = make_layout(hws, 16, shard_len=4)
     path = Path(root) / store_name(dataset, split, task, pairs_key)
     store = Store.open_or_create(path, {"dataset": dataset, "split": split, "task": task,
@@ -35,7 +36,7 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
                                  layout)
     crop = lambda a: [a[j, :hws[j][0], :hws[j][1]] for j in order]  # noqa: E731
     for member, (data, info) in pipeline_members(pairs_key, crop(lq), crop(gt), [hws[j] for j in order], crop(base),
-                                                 g[order], [f"{split}{j:03d}.png" for j in order], ["{}"] * n).items():
+                                                 g[order], [names[j] for j in order], ["{}"] * n).items():
         fill_member(store, member, key_of({"member": member, "pairs": pairs_key}), data, info)
     return path
 

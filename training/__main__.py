@@ -40,7 +40,8 @@ HELP = {
     "vgg_weights": "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a .safetensors of its features.* tensors)", "device": "'auto', 'cpu' or 'cuda[:i]'",
     "compile": "torch.compile the model", "eval_every": "steps between test evaluations (PSNR curve)",
     "stop_at": "stop with a checkpoint after this step; continue later with --resume",
-    "save_images": "save the refined test images as PNG in runs/<run>/images/",
+    "save_images": "save the refined test images as PNG in runs/<run>/images/, in the folders of their "
+                   "sample names (two sets' 0001.png stay two files)",
 }
 
 

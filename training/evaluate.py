@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -30,6 +30,13 @@ def bootstrap_ci(values, n: int = 2000, seed: int = 0) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def saved_image_path(save_dir: Path, name: str) -> Path:
+    """Where a sample's refined PNG goes: its name's folders kept (two sets' `0001.png` stay two
+    files), never outside `save_dir` (`..` and root parts of a stored name are dropped)."""
+    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("/", ".", "..")]
+    return Path(save_dir, *(parts or ["unnamed"])).with_suffix(".png")
+
+
 def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path | None = None) -> dict:
     """Mean and per-image metrics of input, base and refined; `space` 'rgb' or 'y' (default:
     what the store's task asks for). With `save_dir`, refined images are saved there as PNG."""
@@ -42,7 +49,7 @@ def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path |
         s = split.image(i)
         refined = to_uint8(refine(model, s["lq"], s["base"], s["g"]))
         if save_dir is not None:
-            save_png(Path(save_dir) / f"{Path(name).stem}.png", refined)
+            save_png(saved_image_path(Path(save_dir), name), refined)
         row = {"name": name, "h": int(s["lq"].shape[0]), "w": int(s["lq"].shape[1])}
         for what, img in (("input", s["lq"]), ("base", to_uint8(s["base"])), ("refined", refined)):
             q = quality(img, s["gt"], space)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +76,9 @@ RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", 
                 "save_images", "store_root", "train_store", "test_store")
 
 
+STATE, PREVIOUS_STATE, DAMAGED_STATE = "state.pt", "state.prev.pt", "state.damaged.pt"  # last, one before
+
+
 def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
     off = [s for s in cfg.ablate.split(",") if s]
     unknown = sorted(set(off) - set(SWITCHES))
@@ -82,12 +87,18 @@ def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
     return PTGRMConfig(osf_dim=osf_dim, output=cfg.output, **{s: False for s in off})
 
 
-def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict) -> None:
+def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict, keep_previous: bool = True) -> None:
     """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically (read back by
-    `ptgrm.refine.load_model`)."""
+    `ptgrm.refine.load_model`). The state.pt it replaces becomes state.prev.pt, for a resume when
+    state.pt cannot be read; not when it is another run's (`keep_previous=False`: a new run)."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    with atomic_path(run_dir / "state.pt") as tmp:  # one file holds everything a resume needs
+    if not keep_previous:
+        (run_dir / PREVIOUS_STATE).unlink(missing_ok=True)
+    elif (run_dir / STATE).is_file():
+        with atomic_path(run_dir / PREVIOUS_STATE) as tmp:
+            shutil.copyfile(run_dir / STATE, tmp)
+    with atomic_path(run_dir / STATE) as tmp:  # one file holds everything a resume needs
         torch.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
@@ -135,10 +146,11 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split) -> int:
+def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device) -> int:
     """Load the last checkpoint of an interrupted run with the same settings and store members
-    (same keys); returns its step."""
-    if not (run_dir / "state.pt").is_file():
+    (same keys) onto `device`, where the model already is (the optimizer state is placed beside
+    the parameters it finds); returns its step."""
+    if not any((run_dir / name).is_file() for name in (STATE, PREVIOUS_STATE)):
         return 0
     sidecar = json.loads((run_dir / "model.json").read_text())
     for role, split in (("train", train_split), ("test", test_split)):
@@ -147,18 +159,42 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
     if {k: v for k, v in recorded.items() if k not in RUNTIME_ONLY} != \
             {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
-    state = torch.load(run_dir / "state.pt", weights_only=True)
-    model.load_state_dict(state["model"])  # weights, optimizer and scheduler of one and the same step
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    problems = []
+    for path in (p for p in (run_dir / STATE, run_dir / PREVIOUS_STATE) if p.is_file()):
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])  # weights, optimizer and scheduler of one and the same step
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; the next one is tried
+            problems.append(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        if problems:  # state.pt is damaged: set aside, so that the next checkpoint keeps this one as previous
+            with suppress(FileNotFoundError):  # another DDP rank set it aside first
+                os.replace(run_dir / STATE, run_dir / DAMAGED_STATE)
+            warnings.warn(f"{problems[0]}; resuming from {path} (step {step}); the damaged file is now "
+                          f"{DAMAGED_STATE}")
+        return step
+    raise ValueError("; ".join(problems) + ": no checkpoint to resume from; train again without --resume "
+                     "to start over (or restore state.pt from a copy)")
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines after `step` (a resumed run rewrites them as an uninterrupted run would)."""
+    """Drop metric lines after `step` (a resumed run rewrites them as an uninterrupted run would);
+    a partial last line (a run killed while writing it) is dropped with a warning."""
     lines = path.read_text().splitlines() if path.is_file() and not path.is_symlink() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError) as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not a metrics line ({e}); remove that line and resume "
+                                 f"again") from None
+            warnings.warn(f"{path}: dropped its partial last line {line[:80]!r} (written when the run was stopped)")
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
+        tmp.write_text("".join(line + "\n" for s, line in rows if s <= step))
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -177,7 +213,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
                "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
-    start = resume_state(run_dir, model, opt, sched, cfg, train_split, test_split) if cfg.resume else 0
+    model.to(device)  # before the optimizer state is loaded: it is placed beside the parameters
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    start = resume_state(run_dir, model, opt, sched, cfg, train_split, test_split, device) if cfg.resume else 0
+    own_state = start > 0  # a state.pt left by an earlier run in this folder never becomes the previous one
     if main:
         keep_metrics_until(run_dir / "metrics.jsonl", start)
         log(f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
@@ -187,9 +227,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.perceptual and not cfg.vgg_weights:
         raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
@@ -233,7 +270,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                "eval_psnr_base": r["psnr_base"]})
             model.train()
         if main and ((done % cfg.ckpt_every == 0 and done < cfg.steps) or done == stop):
-            save_checkpoint(run_dir, model, opt, sched, done, sidecar)
+            save_checkpoint(run_dir, model, opt, sched, done, sidecar, keep_previous=own_state)
+            own_state = True  # state.pt is this run's now
     bar.close()
     if world > 1:
         dist.barrier()
