@@ -382,9 +382,11 @@ class Stress:
         b = self.call(argv, timeout=900)
         a.send_signal(signal.SIGCONT)
         a.wait(timeout=900)
-        problems = []
+        problems, out_a = [], a.log.read_text()
         if b.returncode != 0:
             problems.append(f"the second writer failed: {(b.stdout + b.stderr)[-300:]}")
+        if "lost" not in out_a:
+            problems.append(f"the paused writer did not say it lost its lease: {out_a[-300:]}")
         store_dir = next(root.glob("demo-train-*"), None)
         if store_dir is None:
             problems.append("no store was made")
@@ -401,7 +403,8 @@ class Stress:
                 else:
                     problems += store.verify(member)
             problems += mixed_targets(store, Store(ref))
-        self.record("two writers, different target bytes", 2, 0, problems)
+        self.record("two writers, different target bytes", 2, 0, problems,
+                    lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3])
 
     def fuzz(self, rounds: int) -> None:
         from damage import STORE_OPS, WDS_OPS, fuzz
