@@ -16,7 +16,7 @@ D = FeaturesConfig()
 
 
 def features_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("features", help="build or complete a task's train and test stores",
+    p = sub.add_parser("features", help="build or complete a task's train and test stores", allow_abbrev=False,
                        description="Degrade (or load) image pairs, run the frozen target and encoder, "
                        "and cache lq/gt, base and OSF in one Zarr store per split. Complete members "
                        "with the same key are reused; an interrupted run resumes where it stopped.")

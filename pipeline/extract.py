@@ -222,14 +222,14 @@ class SplitJob:
                 t0 = time.perf_counter()
                 acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
                 gen = leases.check(r, "shards")
-                acc["stage"] = self.store.staging(*r, gen)
+                acc["stage"] = self.store.staging(*r, gen, leases.token)
                 acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
                 merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
                                            "notes": stats["notes"] if m.path == "pairs" else [],
                                            "seconds_write": time.perf_counter() - t0})
                 if last:
                     leases.check(r, f"done marker of {m.path} task {t}")
-                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen):
+                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen, acc["stage"]):
                         self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
                     self.store.settle(m.path, t, progress.pop((m.path, t))["stage"])
         except LeaseLost as e:

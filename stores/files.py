@@ -55,3 +55,23 @@ def _odd(path) -> str | None:
 def new_file(path, mode: str = "w"):
     """`path` created exclusively (never through a link, never an existing file), open as `mode`."""
     return os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), mode)
+
+
+def check_inside(root, path) -> None:
+    """Refuse `path` when a folder between `root` (a store or run folder, whose own path may hold
+    links) and it is a symbolic link: O_NOFOLLOW guards only the last part of a path, and a
+    planted `_staging/...` or `_done/<member>` link would send writes or deletes elsewhere."""
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    rel = os.path.relpath(path, root)
+    if rel == "." or rel.startswith(".."):
+        return
+    here = root
+    for part in rel.split(os.sep)[:-1]:  # the last part: opened with O_NOFOLLOW, or replaced by a rename
+        here = os.path.join(here, part)
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode):
+            raise UnsafeFileError(f"{here}: is a symbolic link inside {root}; refusing to write or remove through "
+                                  f"it (someone with write access may have planted it): remove it and rerun")

@@ -31,7 +31,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .files import open_regular
+from .files import check_inside, open_regular
 
 LEASE_DIR, LOCK_DIR, LOCK_FILE = "_leases", "_locks", "manifest.lock"
 _held = threading.local()
@@ -71,6 +71,7 @@ def _holder(fd: int) -> str:
 def store_lock(store_path, timeout: float = 300.0):
     """Exclusive lock on a store's manifest (re-entrant within a thread; threads of one process
     exclude each other, processes through the OS lock)."""
+    check_inside(store_path, Path(store_path) / LOCK_DIR / LOCK_FILE)
     with file_lock(Path(store_path) / LOCK_DIR / LOCK_FILE, "manifest lock", store_path, timeout):
         yield
 
@@ -149,7 +150,8 @@ class Leases:
     def __init__(self, store_path, ttl: float = 120.0, log=print):
         self.dir = Path(store_path) / LEASE_DIR
         self.ttl = ttl
-        self.owner = f"{owner_id()}:{uuid.uuid4().hex[:8]}"
+        self.token = uuid.uuid4().hex[:12]  # this writer's staging folders (Store.staging)
+        self.owner = f"{owner_id()}:{self.token[:8]}"
         self.held: dict[tuple, int] = {}  # range -> generation
         self.lost: dict[tuple, str] = {}  # range -> why
         self.log = log
@@ -172,7 +174,9 @@ class Leases:
         return self.dir / f"{int(r[0])}-{int(r[1])}"
 
     def _gen_path(self, r, gen: int) -> Path:
-        return self.folder(r) / f"{gen:08d}.json"
+        path = self.folder(r) / f"{gen:08d}.json"
+        check_inside(self.dir.parent, path)  # no planted link on the way (_leases/, its range folder)
+        return path
 
     def _expired(self, path: Path) -> bool:
         """True once this observer has seen `path` unchanged for the lease time its holder recorded

@@ -146,18 +146,18 @@ def stale_staging(path: Path) -> list[Path]:
     for marker in (path / DONE_DIR).rglob("*.json") if (path / DONE_DIR).is_dir() else []:
         try:
             m = read_json(marker)
-            named.add((int(m["samples"][0]), int(m["samples"][1]), int(m["generation"])))
+            named.add((int(m["samples"][0]), int(m["samples"][1]), m.get("stage", f"{int(m['generation']):08d}")))
         except (OSError, ValueError, KeyError, TypeError, IndexError):  # older marker, or one being damaged
             continue
     found = []
     for stage in sorted((path / STAGING_DIR).glob("*-*/*")):
         try:
-            (a, b), gen = map(int, stage.parent.name.split("-")), int(stage.name)
+            (a, b), gen = map(int, stage.parent.name.split("-")), int(stage.name.split("-")[0])
         except ValueError:
             continue
         gens = _generations(path / LEASE_DIR / stage.parent.name)
         files = [p for p in stage.rglob("*") if p.is_file()]
-        if gens and gens[-1] > gen and (not files or ((a, b, gen) not in named
+        if gens and gens[-1] > gen and (not files or ((a, b, stage.name) not in named
                                                       and min(map(_age, files)) > TMP_GRACE_SECONDS)):
             found.append(stage)
     return found

@@ -48,7 +48,7 @@ from .files import new_file
 from .leases import file_lock, store_lock
 from .privacy import scrub, strip_url_credentials
 from .layout import Layout
-from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, lost_shards, records_file
+from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, check_member_name, lost_shards, records_file
 
 BLOCK = 8 << 20
 CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
@@ -393,6 +393,8 @@ def copy_store(src_url: str, dst_url: str, endpoint_url: str | None = None,
         final = final_location(src, open_location(dst_url, endpoint_url))
         raw = read_manifest(src)
         manifest = json.loads(raw)
+        for member in manifest["members"]:  # a hostile name never reaches a path or the destination's manifest
+            check_member_name(src.url, member)
         destination_manifest(final, manifest)  # refuse another store before copying anything
         with creating(final):
             work = partial_location(final) if final.local and not final.fs.exists(final.root) else final

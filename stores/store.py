@@ -40,7 +40,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
-from .files import StoreError, UnsafeFileError, new_file, open_regular  # noqa: F401 (re-exported)
+from .files import StoreError, UnsafeFileError, check_inside, new_file, open_regular  # noqa: F401 (re-exported)
 from .privacy import shareable
 
 MANIFEST = "manifest.json"
@@ -308,6 +308,17 @@ def lost_shards(layout: Layout, info: dict, member: str, exists, marker) -> list
     return lost
 
 
+def _marker_shaped(m: dict) -> bool:
+    """A done marker's fields have the types this tool writes (JSON that parses can still be wrong)."""
+    def table(x, value):
+        return isinstance(x, dict) and all(isinstance(v, dict) and all(value(h) for h in v.values())
+                                           for v in x.values())
+    return table(m.get("shards"), lambda h: isinstance(h, str)) \
+        and ("files" not in m or table(m["files"], lambda h: h is None or isinstance(h, str))) \
+        and isinstance(m.get("stats", {}), dict) \
+        and (m.get("generation") is None or type(m["generation"]) is int)
+
+
 class Samples:
     """One array of a member over all its buckets, indexed by sample like a single array:
     `a[i]` (a row; text decoded), `a[i, ys, xs]` (a crop of an image), `a[lo:hi]` (rows of flat
@@ -545,7 +556,7 @@ class Store:
         return hashes
 
     def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict,
-                  generation: int | None = None) -> bool:
+                  generation: int | None = None, stage: Path | None = None) -> bool:
         """The done marker of a task, written last and only once: `hashes` {shard start: {array:
         sha256}}; `generation`: the lease generation whose staged shards it vouches for (None:
         written in place). False if the task already had one (another writer finished it first)."""
@@ -554,10 +565,11 @@ class Store:
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.plan(member)[task]
-        base = self.path if generation is None else self.staging(start, stop, generation)
+        base = self.path if generation is None else Path(stage or self.staging(start, stop, generation))
+        check_inside(self.path, self.done_path(member, task))
         files = {name: {lo: fingerprint(base / self.shard_file(member, name, int(lo))) for lo in shards}
                  for name, shards in by_array.items()}
-        generation = {} if generation is None else {"generation": int(generation)}
+        generation = {} if generation is None else {"generation": int(generation), "stage": base.name}
         return write_json_once(self.done_path(member, task),
                                {"task": task, "samples": [start, stop], "shards": by_array, "files": files,
                                 "finished": utc_now(), "stats": shareable(stats), **generation})  # reasons may name $HOME files
@@ -576,8 +588,8 @@ class Store:
         except FileNotFoundError:
             return None
         want = self.plan(member)[task]
-        if not isinstance(m, dict) or m.get("task") != task or list(m.get("samples", [])) != list(want) \
-                or not isinstance(m.get("shards"), dict):
+        if not isinstance(m, dict) or m.get("task") != task or m.get("samples") != list(want) \
+                or not _marker_shaped(m):
             raise DamagedFile(f"{path}: not the done marker of task {task} (samples {want[0]}-{want[1] - 1}) of "
                               f"{member}: damaged or moved; run `python -m stores repair {self.path}`")
         return m
@@ -586,14 +598,18 @@ class Store:
         return self.path / DONE_DIR / member / f"{task:05d}.json"
 
     # -- staging: a shard is published only by its lease generation's done marker ---------------
-    def staging(self, start: int, stop: int, generation: int) -> Path:
-        """The folder of the shards written under lease `generation` of the task range [start, stop)."""
-        return self.path / STAGING_DIR / f"{int(start)}-{int(stop)}" / f"{int(generation):08d}"
+    def staging(self, start: int, stop: int, generation: int, token: str | None = None) -> Path:
+        """The folder of the shards written under lease `generation` of the task range [start, stop)
+        by the writer `token` (its lease owner id: generation numbers are per store, so a done
+        marker pulled from another store may name the same generation; the token tells them apart)."""
+        name = f"{int(generation):08d}" + (f"-{re.sub(r'[^0-9a-f]', '', token)}" if token else "")
+        return self.path / STAGING_DIR / f"{int(start)}-{int(stop)}" / name
 
     def _staged_array(self, stage: Path, member: str, k: int, name: str):
         """The array `member/<bucket>/name` inside `stage`: the member's metadata, so its chunk
         files have the same names, written even when all fill (publishing must replace every shard)."""
         rel = f"{member}/{self.layout.buckets[k].name}/{name}"
+        check_inside(self.path, stage / rel / "zarr.json")
         if not (stage / rel / "zarr.json").is_file():
             (stage / rel).mkdir(parents=True, exist_ok=True)
             with atomic_path(stage / rel / "zarr.json") as tmp:
@@ -606,28 +622,45 @@ class Store:
         each is moved once). Nothing else ever replaces a shard of a task with a marker, so a late
         writer's bytes, even different ones, never land. No marker, or none naming a generation
         (written in place: older stores), leaves everything as it is."""
-        try:
-            marker = read_json(self.done_path(member, task))
-        except FileNotFoundError:
+        marker = self.marker(member, task)
+        if marker is None or marker.get("generation") is None:
             return
-        if marker.get("generation") is None:
-            return
-        src = self.staging(*marker["samples"], marker["generation"]) / member
+        src = self.marked_stage(marker) / member
+        check_inside(self.path, src)
         for f in sorted(src.rglob("*")) if src.is_dir() else []:
             rel = f.relative_to(src)
             if len(rel.parts) > 3 and rel.parts[2] == "c" and all(p.isdigit() for p in rel.parts[3:]) \
                     and f.is_file() and not f.is_symlink():
+                check_inside(self.path, self.path / member / rel)
                 (self.path / member / rel).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.replace(f, self.path / member / rel)
                 except FileNotFoundError:  # another process moved it first
                     pass
+        if src.is_dir():  # a shard the marker vouches for as never written (all fill): no older file may stay
+            for name, shards in marker.get("files", {}).items():
+                for lo, want in shards.items():
+                    if want is None:
+                        old = self.path / self.shard_file(member, name, int(lo))
+                        check_inside(self.path, old)
+                        old.unlink(missing_ok=True)
         shutil.rmtree(src, ignore_errors=True)
+
+    def marked_stage(self, marker: dict) -> Path:
+        """The staging folder a done marker vouches for: its `stage` (a generation and the writer's
+        token), or its generation alone (markers written before tokens)."""
+        a, b = marker["samples"]
+        stage = marker.get("stage", f"{marker['generation']:08d}")
+        if not re.fullmatch(r"[0-9]{8}(-[0-9a-f]{1,64})?", str(stage)):
+            raise DamagedFile(f"{self.path}: a done marker of samples {a}-{b - 1} names staging folder {stage!r}, "
+                              f"not one this tool writes: damaged; run `python -m stores repair {self.path}`")
+        return self.path / STAGING_DIR / f"{int(a)}-{int(b)}" / stage
 
     def settle(self, member: str, task: int, stage: Path) -> None:
         """After a writer's done marker, or its lost lease: publish what the task's marker vouches
         for and drop this writer's staged copy (published now, or superseded)."""
         self.publish(member, task)
+        check_inside(self.path, Path(stage) / member)
         shutil.rmtree(Path(stage) / member, ignore_errors=True)
 
     def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
@@ -660,6 +693,7 @@ class Store:
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
+            check_inside(self.path, self.path / records_file(member))
             write_json_atomic(self.path / records_file(member), records)
             self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
                                 **{f"n_{f}": len(v) for f, v in records.items()})
@@ -688,6 +722,7 @@ class Store:
         missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
         if missing:
             raise StoreError(f"{self.path}: member {member} is missing the done markers of tasks {missing}")
+        check_inside(self.path, self.path / records_file(member))
         write_json_atomic(self.path / records_file(member),
                           shareable({"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}}))
 

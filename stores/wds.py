@@ -173,10 +173,22 @@ class WdsWriter:
             rec = side["record"]
             ok = side.get("version") == VERSION and side["keys"] == self.keys and \
                 side.get("tiling") == self.tiling and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
-                (self.out / rec["name"]).stat().st_size == rec["bytes"]
+                intact(self.out / rec["name"], rec)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return rec if ok else None
+
+
+def intact(path: Path, rec: dict) -> bool:
+    """Whether the tar at `path` has the size and sha256 its record gives (a damaged shard is
+    written again by export-wds, never kept)."""
+    if path.is_symlink() or path.stat().st_size != rec["bytes"]:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest() == rec["sha256"]
 
 
 def export_members(store: Store, target: str | None, encoders: list | None) -> tuple[str, list[str]]:
@@ -230,9 +242,9 @@ def _export_index(store: Store, writer: WdsWriter, shards: list[dict], settings:
 
 def up_to_date(folder: Path, index: dict, settings: dict) -> bool:
     """A complete export made with these settings whose shard files are all there, at their size."""
-    return bool(index.get("complete")) and index.get("version") == VERSION and index.get("settings") == settings and all(
-        (folder / s["name"]).is_file() and (folder / s["name"]).stat().st_size == s["bytes"]
-        for s in index["shards"])
+    return bool(index.get("complete")) and index.get("version") == VERSION and index.get("settings") == settings \
+        and index.get("sha256") == index_digest(index) \
+        and all((folder / s["name"]).is_file() and intact(folder / s["name"], s) for s in index["shards"])
 
 
 def export_wds(store_path, out=None, target: str | None = None, encoders: list | None = None,
@@ -256,7 +268,11 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
     ranges = [[int(a), int(b)] for a, b in ranges]
     settings = {"ranges": ranges, "keys": writer.keys, "tiling": writer.tiling}
     old = folder / INDEX
-    if old.is_file() and up_to_date(folder, json.loads(old.read_text()), settings):
+    try:
+        done = old.is_file() and up_to_date(folder, json.loads(old.read_bytes()), settings)
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):  # a damaged index: export again
+        done = False
+    if done:
         log(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
         return folder
     folder.mkdir(parents=True, exist_ok=True)

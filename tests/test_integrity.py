@@ -2,6 +2,7 @@
 killed writers, a garbled manifest) is either harmless or named: never silently read as zeros."""
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -137,3 +138,64 @@ def test_reads_of_an_intact_store_are_unchanged(store):
     s = Store(store)
     assert same(split.image(6)["lq"], s.array("pairs", "lq")[6][:48, :48])
     assert (split.hw == 48).all()
+
+
+@pytest.mark.parametrize("planted", ["_staging", "_staging/0-4", "_records", "_done", "_locks"])
+def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(tmp_path, planted):
+    """O_NOFOLLOW guards only a path's last part: a link planted as a folder of a group-shared
+    store (`_staging/<range>`, `_records`, `_done`, `_locks`) must not send a writer's files, or
+    its clean-up, into the victim's folder."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+    from pipeline.extract import SplitJob
+    from stores import Leases
+    from stores.files import UnsafeFileError
+
+    path = make_store(tmp_path, "train", 8, (16, 16))
+    store = Store(path, mode="a")
+    member = store.pick("targets", None)
+    store.done_path(member, 0).unlink()
+    store._update_member(member, status="incomplete")
+    victim = tmp_path / "victim"
+    (victim / member / "keep").mkdir(parents=True)
+    (victim / "pairs.json").write_text("mine")
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    link = path / planted
+    if link.exists():
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim, target_is_directory=True)
+    r = tuple(store.plan(member)[0])
+    job = SplitJob.__new__(SplitJob)
+    job.store, job.path, job.log = Store(path, mode="a"), path, lambda *_: None
+    shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)],
+                         outputs={member: {"base": [np.zeros((16, 16, 3), np.float16)] * 4}},
+                         stats={"excluded": {}, "notes": [], "samples": 4})
+    with pytest.raises(UnsafeFileError, match=str(link)):
+        leases = Leases(path, ttl=30)
+        assert leases.claim(r)
+        job._write(shard, {}, leases)
+        Store(path, mode="a").finalize(member)
+        Store(path, mode="a").rewrite_records("pairs")
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+    assert (victim / "pairs.json").read_text() == "mine"
+
+
+def test_pull_refuses_a_source_manifest_naming_a_member_outside_the_store_layout(tmp_path):
+    """A pulled manifest decides which folders are copied and what the destination's manifest
+    lists: a member named `_leases` (or `../x`) is refused before anything is copied, and the
+    destination's own store stays readable."""
+    src = make_store(tmp_path / "src", "train", 4, (16, 16))
+    copy_store(str(src), str(tmp_path / "dst"))
+    m = json.loads((src / "manifest.json").read_text())
+    m["members"]["_leases"] = dict(m["members"]["pairs"])
+    (src / "manifest.json").write_text(json.dumps(m))
+    for rel, obj in {"_leases/0-4/00000099.json": {"ttl": 1e12}, "_done/_leases/00000.json": {"task": 0},
+                     "_records/_leases.json": {"excluded": [], "notes": []}}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(json.dumps(obj))
+    with pytest.raises(StoreError, match="_leases"):
+        copy_store(str(src), str(tmp_path / "dst"))
+    assert Store(tmp_path / "dst" / src.name).status("pairs") == "complete"
+    assert not (tmp_path / "dst" / src.name / "_leases" / "0-4" / "00000099.json").exists()

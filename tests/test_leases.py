@@ -221,3 +221,46 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     got = Store(path).array(member, "base")[0:4]
     assert all(np.array_equal(x, values[winner][0]) for x in got)
     assert not [p for p in (path / "_staging").rglob("*") if p.is_file()]  # nothing staged is left behind
+
+
+def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_this_writers_bytes(tmp_path):
+    """Lease generations are numbered per store: a done marker pulled from a teammate's store may
+    name generation 0 while a local writer stages its own generation 0. The marker's stage (the
+    generation and its writer's token) decides what is published, so the local writer's bytes are
+    never moved in under the pulled marker."""
+    import json
+    from types import SimpleNamespace
+
+    from pipeline import stages
+    from pipeline.extract import SplitJob
+
+    path = make_store(tmp_path, "train", 8, (16, 16))
+    store = Store(path, mode="a")
+    member = store.pick("targets", None)
+    store.done_path(member, 0).unlink()
+    store._update_member(member, status="incomplete")
+    r = tuple(store.plan(member)[0])
+    theirs, mine = np.full((16, 16, 3), 0.25, np.float16), np.full((16, 16, 3), 0.5, np.float16)
+    leases = Leases(path, ttl=30)
+    assert leases.claim(r)
+
+    job = SplitJob.__new__(SplitJob)  # a pulled copy lands between this writer's shard write and its marker
+    job.store, job.path, job.log = Store(path, mode="a"), path, lambda *_: None
+    real_mark = job.store.mark_done
+
+    def pulled_first(member_, task, *args, **kw):
+        other = Store(path, mode="a")
+        hashes = {0: other.write_shard(member_, 0, 4, {"base": [theirs] * 4})}
+        other.mark_done(member_, task, hashes, {})  # in place, then named like another store's generation 0
+        marker = json.loads(other.done_path(member_, task).read_text())
+        other.done_path(member_, task).write_text(json.dumps({**marker, "generation": 0, "stage": "00000000-feedface"}))
+        return real_mark(member_, task, *args, **kw)
+
+    job.store.mark_done = pulled_first
+    shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": [mine] * 4}},
+                         stats={"excluded": {}, "notes": [], "samples": 4})
+    job._write(shard, {}, leases)
+    store = Store(path, mode="a")
+    store.finalize(member)
+    assert store.verify(member) == []
+    assert all(np.array_equal(x, theirs) for x in Store(path).array(member, "base")[0:4])

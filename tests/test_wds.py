@@ -389,3 +389,38 @@ def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported
     (again / "index.json").unlink()  # as version 2 left an interrupted export: its tars are not reused
     export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
     assert json.loads((again / "shard-000000.json").read_text())["version"] == 3
+
+
+def test_renamed_tile_keys_and_damaged_shards_are_caught_and_export_rewrites_them(exported, tmp_path):
+    """Two tiles' keys swapped inside a shard (their entries still match their own digests) are
+    refused before either reaches a batch; `export-wds`, which the errors name, rewrites a damaged
+    shard and a damaged index instead of calling the export up to date."""
+    import shutil
+
+    path, folder = exported
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "index.json").read_text())
+    shard = next(s for s in index["shards"] if s["samples"] >= 2)
+    tar_path = copy / shard["name"]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    a, b = f"{shard['first']:08d}_0000", f"{shard['first'] + 1:08d}_0000"
+    swap = {a: b, b: a}
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            key, _, ext = m.name.partition(".")
+            m.name = f"{swap.get(key, key)}.{ext}"
+            tar.addfile(m, io.BytesIO(data))
+    split = WdsSplit.open(copy)
+    got = []
+    with pytest.raises(WdsError, match=r"meta.json: describes sample"):
+        for raw in split.samples(shard, {(i, 0) for i in range(N)}):
+            got.append(raw["index"])
+    assert got == []
+    out = export_wds(path, tmp_path, min_shards=4, log=lambda *_: None)
+    assert out == copy and split.image(shard["first"])["gt"].shape[:2] == tuple(HW[shard["first"]])
+    WdsSplit.open(copy).image(shard["first"])  # rewritten: reads again
+    (copy / "index.json").write_text((copy / "index.json").read_text()[:100])
+    export_wds(path, tmp_path, min_shards=4, log=lambda *_: None)
+    assert WdsSplit.open(copy).image(shard["first"])["gt"].shape[:2] == tuple(HW[shard["first"]])

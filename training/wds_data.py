@@ -209,7 +209,7 @@ class WdsSplit:
                         raise WdsError(f"{name}: sample {sample['__key__']} lacks {', '.join(missing)}; "
                                        f"expected {', '.join(self.entries)}")
                     if (i, t) in usable:
-                        self.verify(sample, f"{name}: sample {sample['__key__']}")
+                        self.verify(sample, f"{name}: sample {sample['__key__']}", i, t)
                         yield {"index": i, "tile": t, **{e: sample[e] for e in self.entries}}
                 if reader.drain() != shard["sha256"]:
                     raise WdsError(f"{name}: sha256 differs from {INDEX}; the shard is damaged or was replaced")
@@ -219,13 +219,19 @@ class WdsSplit:
             raise WdsError(f"{name}: cannot read the shard ({type(e).__name__}: {e}); expected a tar written "
                            f"by export-wds") from None
 
-    def verify(self, sample: dict, where: str) -> None:
-        """Check the entries this split uses against the sha256 the tile's meta.json records, before
-        anything reads them (the shard's own sha256 is known only at its end)."""
+    def verify(self, sample: dict, where: str, i: int, t: int) -> None:
+        """Check the entries this split uses against the sha256 the tile's meta.json records, and
+        that meta.json is this key's (sample i, tile t: a renamed key is caught), before anything
+        reads them (the shard's own sha256 is known only at its end)."""
         try:
-            sha = json.loads(sample["meta.json"])["sha256"]
+            meta = json.loads(sample["meta.json"])
+            sha = meta["sha256"]
         except (ValueError, KeyError, TypeError):
-            sha = None
+            meta, sha = {}, None
+        tiles = self.tiles(i)
+        if isinstance(sha, dict) and (meta.get("index") != i or t >= len(tiles) or meta.get("tile") != list(tiles[t])):
+            raise WdsError(f"{where} meta.json: describes sample {meta.get('index')} tile {meta.get('tile')}, not this "
+                           f"key's (sample {i}, tile {t}): the shard is damaged; export again: {REEXPORT}")
         if not isinstance(sha, dict):
             raise WdsError(f"{where} meta.json: not JSON with each entry's sha256; the shard is damaged or not from "
                            f"export-wds version {VERSION}. Export again: {REEXPORT}") from None
