@@ -48,7 +48,7 @@ from .files import new_file
 from .leases import file_lock, store_lock
 from .privacy import scrub, strip_url_credentials
 from .layout import Layout
-from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, check_member_name, lost_shards, records_file
+from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, check_member_name, lost_shards, shard_file, records_file
 
 BLOCK = 8 << 20
 CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
@@ -248,6 +248,21 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
             return json.loads(loc.fs.cat_file(loc.path(rel))) if rel in files else None
 
         out += lost_shards(layout, info, m, files.__contains__, marker)
+        out += resized_shards(layout, info, m, files, marker)
+    return out
+
+
+def resized_shards(layout: Layout, info: dict, member: str, files: dict, marker) -> list[str]:
+    """Shard files whose size (from the listing: nothing is read) differs from the one their done
+    marker recorded (truncated, or replaced by another file)."""
+    out = []
+    for t in range(len(layout.plan(info.get("n_tasks")))):
+        for name, shards in ((marker(t) or {}).get("files") or {}).items():
+            for lo, fp in shards.items():
+                k, row = layout.locate(int(lo))
+                rel = shard_file(layout, member, name, info["arrays"][name], k, row)
+                if isinstance(fp, str) and rel in files and files[rel] != int(fp.split(":")[0]):
+                    out.append(rel)
     return out
 
 
