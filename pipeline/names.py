@@ -8,7 +8,8 @@ tests/test_names.py checks that their registries and these names agree.
 from __future__ import annotations
 
 BUILTIN_TARGETS = (*(f"restormer-{t}" for t in ("deblur", "defocus", "derain", "denoise", "denoise-gaussian")),
-                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware")
+                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware",
+                   "sci-easy", "sci-medium", "sci-difficult")
 SD_NAMES = ("sd-vae", "sd-unet")
 MODULE_ENCODER_NAMES = ("effnet-lite0",)  # built-in torch backbones that bring their own weights
 

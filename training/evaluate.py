@@ -50,7 +50,7 @@ def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path |
     info = split.info()
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith(("psnr", "ssim"))}
     return {"store": info["store"], "target": info["target"], "encoder": info["encoders"],
-            "weights": info["weights"], "space": space, "n_images": len(rows), **mean,
+            "weights": info["weights"], "target_weights": info.get("target_weights_kind", "none"), "space": space, "n_images": len(rows), **mean,
             "gain_psnr": mean["psnr_refined"] - mean["psnr_base"],
             "gain_psnr_ci95": bootstrap_ci([r["gain_psnr"] for r in rows]), "images": rows}
 
