@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.degrade import lowlight, sample_rng
+from pipeline.extract import FeaturesConfig, build_features
 from pipeline.networks import BUILTINS, CheckpointError, load_state
 from pipeline.restore import target_from_spec
 from pipeline.sci import SCI, SCI_WEIGHTS, WEIGHTS_DIR
@@ -101,3 +102,21 @@ def test_lowlight_demo_defaults_to_sci_pretrained_and_restore_rebuilds_it(tmp_pa
     assert info["spec"]["checkpoint_sha256"] == SCI_WEIGHTS["medium"]
     target = target_from_spec(info["spec"])  # no --target-weights needed: the shipped file
     assert target.sha256 == SCI_WEIGHTS["medium"]
+
+
+def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, tiny_clip):
+    """Stores record `target: None` for "the task's default": after lowlight's default became
+    sci-medium, a gamma store must not answer a default run as complete."""
+    from pipeline.plan import complete_stores
+    from pipeline.tasks import TASKS
+
+    cfg = dict(task="lowlight", encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path), splits=("test",))
+    gamma = dataclasses.replace(TASKS["lowlight"], target="gamma")  # the default before SCI
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS, "lowlight", gamma)
+        build_features(FeaturesConfig(**cfg), log=lambda *_: None)
+        assert complete_stores(FeaturesConfig(**cfg), log=lambda *_: None)[0]  # complete for gamma
+    assert complete_stores(FeaturesConfig(**cfg), log=lambda *_: None)[0] is None  # not for sci-medium
+    [store] = build_features(FeaturesConfig(**cfg), log=lambda *_: None)
+    assert sorted(p.split("-")[0] for p in Store(store).manifest()["members"] if p.startswith("targets/")) == \
+        ["targets/gamma", "targets/sci"]
