@@ -89,6 +89,13 @@ def test_unpaired_layout_caches_inputs_only_and_trains_with_a_no_reference_loss(
     assert json.loads((tmp_path / "runs" / "nogt" / "model.json").read_text())["train"]["loss"] == "sci"
     with pytest.raises(ValueError, match="evaluation needs a paired test split"):
         train(TrainConfig(**{**cfg.__dict__, "loss": "sci", "test_store": str(train_store)}), log=lambda *_: None)
+    from ptgrm.refine import load_model
+    from training.data import Split
+    from training.evaluate import evaluate
+
+    model, _ = load_model(tmp_path / "runs" / "nogt")
+    with pytest.raises(ValueError, match=r"night-train-.* no ground truth .*evaluate on a paired test split"):
+        evaluate(model, Split.open(train_store, None, [f"openclip:{tiny_clip}"]))  # make eval on it
     with pytest.raises(SourceError, match=r"test/lq lacks the inputs of 1 images .*t1.png"):
         (data / "test" / "lq" / "t1.png").unlink()
         build_features(FeaturesConfig(task="lowlight", data=f"unpaired:{data}", encoder=f"openclip:{tiny_clip}",

@@ -170,6 +170,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     train_split, test_split = open_splits(cfg, rank, world)
     info = train_split.info()
+    check_loss(cfg, info, test_split.info())
     torch.manual_seed(cfg.seed)
     model = PTGRM(model_config(cfg, info["osf_dim"]))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -183,7 +184,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
             f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device}"
             + (f" x{world} processes" if world > 1 else "") + (f", resuming at {start}" if start else ""))
-    check_loss(cfg, info, test_split.info())
     if cfg.perceptual and not cfg.vgg_weights:
         raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
