@@ -16,7 +16,7 @@ from training.train import TrainConfig, train, train_step
 
 def slow_sci_loss(refined: np.ndarray, lq: np.ndarray) -> float:
     """SCI's loss written pixel by pixel from the paper (Sec. 3.3), for one (3, H, W) image."""
-    u = np.clip(lq / np.maximum(refined, 1e-3), 1e-4, 1)
+    u = np.clip(lq / np.clip(refined, 1e-3, 1), 1e-4, 1)
     m = np.array([[0.257, 0.504, 0.098], [-0.148, -0.291, 0.439], [0.439, -0.368, -0.071]])
     ycc = np.einsum("oc,chw->ohw", m, lq)
     h, w = lq.shape[1:]
@@ -40,6 +40,9 @@ def test_sci_loss_by_hand():
     assert got == pytest.approx(slow_sci_loss(refined, lq), rel=1e-5)
     flat = torch.full((1, 3, 6, 6), 0.2)  # u = 0.2 / 0.4 = 0.5 everywhere: fidelity only
     assert sci_loss(torch.full((1, 3, 6, 6), 0.4), flat).item() / flat.numel() == pytest.approx(1.5 * 0.3 ** 2)
+    # an output above 1 cannot push the illumination below the input (SCI's u >= x): no escape to a ~0 loss
+    x = torch.tensor(lq[None])
+    assert sci_loss(torch.full_like(x, 50.0), x).item() == sci_loss(torch.ones_like(x), x).item() > 0.1 * x.numel()
 
 
 def test_a_no_reference_step_never_reads_the_ground_truth():

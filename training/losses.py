@@ -89,11 +89,13 @@ def sci_loss(refined: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     trains on `alpha * ||u - x||^2 + sum_i sum_{j in N(i)} w_ij |u_i - u_j|`, N(i) the 24
     neighbours of i in its 5x5 window, w_ij = exp(-sum_c (x_ic - x_jc)^2 / (2 sigma^2)) with x in
     YCbCr, alpha 1.5, sigma 10 (the authors' code). Applied to PTG-RM: u = clamp(x / y, 1e-4, 1)
-    with y PTG-RM's refined output (clamped below at 1e-3), i.e. the illumination under which the
-    refined image explains the input. The fidelity term is a mean over pixels and channels, each
-    smoothness term a mean over the pixels that have that neighbour, as theirs."""
+    with y PTG-RM's refined output clamped to [1e-3, 1], i.e. the illumination under which the
+    refined image explains the input. Clamping y to at most 1 keeps u >= x, as SCI's own
+    parametrisation (u = sigmoid(.) + x) does; without it an output growing without bound drives u
+    to its floor and the loss to ~0 (measured: a white image). The fidelity term is a mean over
+    pixels and channels, each smoothness term a mean over the pixels that have that neighbour, as theirs."""
     x = lq.float()
-    u = torch.clamp(x / refined.float().clamp_min(1e-3), 1e-4, 1)
+    u = torch.clamp(x / refined.float().clamp(1e-3, 1), 1e-4, 1)
     fidelity = torch.mean((u - x) ** 2)
     ycc = torch.einsum("oc,bchw->bohw", x.new_tensor(YCBCR), x)
     smooth = x.new_zeros(())
