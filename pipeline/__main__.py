@@ -25,11 +25,12 @@ def features_parser(sub) -> argparse.ArgumentParser:
                    "folder (layout detected), or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
     p.add_argument("--target", default=None, help="frozen target: classical (wiener, gamma, streaks, nlmeans, "
                    "identity), a built-in network with the official parameter names (snr-aware, mprnet-<deblur|derain|"
-                   "denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|defocus>; configuration "
+                   "denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|defocus>, sci-<easy|medium|"
+                   "difficult> with its published weights shipped in the project; configuration "
                    "overrides as NAME:key=value[:key=value], e.g. mprnet-deblur:n_feat=8), or module.path:factory "
-                   "(default: the task's classical one; see docs/networks.md)")
+                   "(default: the task's; see docs/networks.md)")
     p.add_argument("--target-weights", default=None, help="checkpoint of a network target (.safetensors or a "
-                   ".pth of tensors; read with weights_only=True). Without it a built-in network gets random "
+                   ".pth of tensors; read with weights_only=True). Without it sci-* loads its shipped weights and another built-in network gets random "
                    "weights (seed --init-seed, recorded as weights: random) on the demo or with "
                    "--allow-random-weights only")
     p.add_argument("--target-tile", type=int, default=None, help="run the target in overlapping tiles of this size")

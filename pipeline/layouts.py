@@ -236,10 +236,20 @@ def clean(root: Path, split: str) -> list[tuple]:
     return [(p, None) for p in found]
 
 
+def unpaired(root: Path, split: str) -> list[tuple]:
+    """Training without ground truth: low-light images only in train/ (or train/lq/); the test split
+    is paired, test/lq + test/gt (matching names), for evaluation. Named only (`unpaired:folder`)."""
+    if split == "train":
+        return [(p, p) for p in images(root / "train" / "lq") or images(root / "train")]  # no gt: the input stands in
+    return by_name(root / split / "gt", root / split / "lq")
+
+
 LAYOUTS = {  # detection tries them in this order; the first that finds test images wins
     "gopro": gopro, "realblur": realblur, "restormer": restormer, "lol": lol_v1,
     "lolv2": lol_v2_real, "sidd": sidd, "sid": sid_srgb, "dpdd": dpdd, "generic": generic, "clean": clean,
+    "unpaired": unpaired,
 }
+NAMED_ONLY = ("unpaired",)  # never detected: `unpaired:folder` (its train/ would read as clean images)
 
 
 PROTOCOLS = {"sid": SID_PROTOCOL}  # layouts that read frames by a protocol, recorded in the pairs key
@@ -256,7 +266,7 @@ def parse_data(data: str) -> tuple[str | None, Path]:
 def detect(root: Path) -> str:
     """The first layout that finds test (or train) images under `root`."""
     tried = []
-    for name, fn in LAYOUTS.items():
+    for name, fn in ((n, f) for n, f in LAYOUTS.items() if n not in NAMED_ONLY):
         try:
             if fn(root, "test") or fn(root, "train"):
                 return name

@@ -1,5 +1,5 @@
 """Frozen networks as targets: the paper's target networks with their official parameter names
-(Restormer, MPRNet, Uformer-B, SNR-Aware), or user modules: `python -m pipeline features --target mprnet-deblur`.
+(Restormer, MPRNet, Uformer-B, SNR-Aware, SCI), or user modules: `python -m pipeline features --target mprnet-deblur`.
 
 A checkpoint never runs code: `.safetensors`, or `torch.load(weights_only=True)`; a file that
 needs pickled Python objects is refused. Network code does run: the built-in networks are ours
@@ -36,6 +36,7 @@ from stores import sha256_file
 
 from .mprnet import MPRNET_TASKS, MPRNet, mprnet_config
 from .restormer import PAD_FACTOR, Restormer
+from .sci import SCI, SCI_CONFIG, SCI_WEIGHTS, TRAINING_ONLY_PREFIX, WEIGHTS_DIR
 from .snr_aware import SNRAware, with_snr_map
 from .uformer import UFORMER_B, Uformer
 
@@ -66,6 +67,7 @@ class Builtin:
     prepare: Callable | None = None  # (1, 3, H, W) -> network input, on the whole image before padding/tiling
     ignore_prefix: str | None = None  # checkpoint keys under it belong to another network and are skipped
     extra_spec: dict = field(default_factory=dict)
+    packaged: tuple[Path, str] | None = None  # (file, its sha256): weights shipped with the project, the default
 
     def pad_factor(self, cfg: dict) -> int:
         return self.factor(cfg) if callable(self.factor) else self.factor
@@ -107,8 +109,19 @@ BUILTINS: dict[str, Builtin] = {
                          prepare=with_snr_map, ignore_prefix=SID_REFINEMENT_PREFIX,
                          extra_spec={"snr_map": "cv2.blur(lq * 255, (5, 5)) / 255 of the whole input; "
                                                 "luma 0.299/0.587/0.114 of channels 0/1/2"}),
+    **{f"sci-{v}": Builtin("sci", "lowlight", SCI, _fixed_config("SCI", SCI_CONFIG),
+                           f"{v}.pt (github.com/vis-opt-group/SCI, weights/), shipped in {WEIGHTS_DIR}", 1,
+                           ignore_prefix=TRAINING_ONLY_PREFIX, packaged=(WEIGHTS_DIR / f"{v}.pt", sha),
+                           extra_spec={"output": "clamp(x / clamp(sigmoid(out_conv) + x, 1e-4, 1), 0, 1)"})
+       for v, sha in SCI_WEIGHTS.items()},
 }
 NETWORK_TARGETS = tuple(BUILTINS)
+
+
+def packaged_checkpoint(name: str) -> Path | None:
+    """The weights a built-in target ships with (`sci-*`), loaded when no checkpoint is given."""
+    spec = BUILTINS.get(name.split(":")[0])
+    return spec.packaged[0] if spec and spec.packaged else None
 
 
 def load_into(net: nn.Module, path, ignore_prefix: str | None = None) -> str:
@@ -273,6 +286,8 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
     if spec is None:
         raise ValueError(f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}")
     cfg = spec.config(**(config or {}))
+    if checkpoint is None and spec.packaged:  # shipped weights: never random
+        checkpoint = spec.packaged[0]
     if checkpoint is None and not allow_random:
         raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
                          f"{spec.checkpoints}), or --allow-random-weights for a test with random weights")
@@ -288,6 +303,11 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
                 raise CheckpointError(f"{e}. Only LayerNorm biases differ: a checkpoint of another task? The "
                                       f"denoising models are BiasFree, deblur/defocus/derain WithBias") from None
             raise
+        shipped = Path(checkpoint).resolve()
+        if spec.packaged and shipped == spec.packaged[0] and sha != spec.packaged[1]:
+            raise CheckpointError(f"{shipped}: sha256 {sha[:12]}... is not the published file's "
+                                  f"({spec.packaged[1][:12]}...): the copy shipped with the project is damaged; "
+                                  f"restore it (git checkout -- {shipped.name} in {shipped.parent})")
     extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
     return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
                          spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,

@@ -135,7 +135,8 @@ def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, 
     want = {f: getattr(cfg, f) for f in recipe}
     done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
     if members.get("pairs", {}).get("status") != "complete" or not any(
-            "target" in i and local_path(i["config"].get("target") or task.target) == names[0]
+            i.get("target") == names[0].split(":")[0]  # what it computed, not what the default was then
+            and local_path(i["config"].get("target") or task.target) == names[0]
             and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done):
         return None, source
     for name in names[1:]:

@@ -39,9 +39,10 @@ def target_from_spec(spec: dict, target_weights: str | None = None, allow_code=(
     if spec.get("network") == "user":
         require_named(str(spec.get("factory")), "target", allow_code)
     if spec.get("network"):  # a network: rebuilt from its checkpoint, which must hash to the spec's sha256
-        from .networks import target_from_spec as network_from_spec
+        from .networks import packaged_checkpoint, target_from_spec as network_from_spec
 
-        if not target_weights and spec.get("checkpoint_sha256"):  # random weights are drawn again from their seed
+        # random weights are drawn again from their seed; shipped ones (sci-*) are found in the project
+        if not target_weights and spec.get("checkpoint_sha256") and not packaged_checkpoint(spec.get("target", "")):
             raise ValueError(f"the run's target {spec.get('target')} is a network: pass --target-weights FILE "
                              f"(sha256 {str(spec.get('checkpoint_sha256'))[:12]}...)")
         return network_from_spec(spec, target_weights)

@@ -151,6 +151,8 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
                    "sha256": sha256_bytes(canonical_json(sorted([k, v[2]] for k, v in files.items())).encode())}
     if blocks:  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
         fingerprint["blocks"] = sha256_bytes(canonical_json(blocks).encode())
+    if all(g is q for g, q in pairs):  # inputs only (`unpaired` train split): the stored gt is the input
+        fingerprint["ground_truth"] = False
     if layout in PROTOCOLS:  # how frames are read (resize, channel order): part of the pairs key
         fingerprint["protocol"] = PROTOCOLS[layout]
     records = {"root": str(root.resolve()), "split": split, "files": files,

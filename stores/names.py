@@ -6,7 +6,8 @@ store without importing the pipeline (pipeline/names.py builds on these).
 from __future__ import annotations
 
 BUILTIN_TARGETS = (*(f"restormer-{t}" for t in ("deblur", "defocus", "derain", "denoise", "denoise-gaussian")),
-                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware")
+                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware",
+                   "sci-easy", "sci-medium", "sci-difficult")
 SD_NAMES = ("sd-vae", "sd-unet")
 
 

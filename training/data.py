@@ -68,8 +68,10 @@ def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
               "sd_weights": m[e].get("config", {}).get("sd_weights"),
               "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in encoders]
     return {"store": store, "pairs_key": m["pairs"]["key"], "target": target,
+            "ground_truth": m["pairs"].get("spec", {}).get("source", {}).get("ground_truth", True),
             "target_key": m[target]["key"], "target_spec": m[target].get("spec", {}),
             "target_weights": m[target].get("config", {}).get("target_weights"),
+            "target_weights_kind": m[target].get("weights", "none"),  # pretrained, random, none (classical)
             "encoders": encoders, "encoder_keys": [m[e]["key"] for e in encoders],
             "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
             "osf_dim": sum(m[e]["dim"] for e in encoders)}

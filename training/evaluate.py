@@ -40,6 +40,9 @@ def saved_image_path(save_dir: Path, name: str) -> Path:
 def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path | None = None) -> dict:
     """Mean and per-image metrics of input, base and refined; `space` 'rgb' or 'y' (default:
     what the store's task asks for). With `save_dir`, refined images are saved there as PNG."""
+    info = split.info()
+    if not info.get("ground_truth", True):
+        raise ValueError(f"{info['store']} has no ground truth (unpaired layout): evaluate on a paired test split")
     space = space or split.metric_space
     model.eval()
     rows = []
@@ -56,10 +59,10 @@ def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path |
             row[f"psnr_{what}"], row[f"ssim_{what}"] = q["psnr"], q["ssim"]
         row["gain_psnr"] = row["psnr_refined"] - row["psnr_base"]
         rows.append(row)
-    info = split.info()
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith(("psnr", "ssim"))}
     return {"store": info["store"], "target": info["target"], "encoder": info["encoders"],
-            "weights": info["weights"], "space": space, "n_images": len(rows), **mean,
+            "weights": info["weights"], "target_weights": info.get("target_weights_kind", "none"),
+            "space": space, "n_images": len(rows), **mean,
             "gain_psnr": mean["psnr_refined"] - mean["psnr_base"],
             "gain_psnr_ci95": bootstrap_ci([r["gain_psnr"] for r in rows]), "images": rows}
 

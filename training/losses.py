@@ -64,3 +64,47 @@ class VGGPerceptual(nn.Module):
                 loss = loss + VGG_LAYERS[i] * F.l1_loss(x, y)
         return loss
 
+
+
+# -- no-reference low-light losses: training without ground truth (--loss) ----------------------------------
+SCI_FIDELITY = 1.5  # alpha of SCI's total loss (beta = 1 for the smoothness term)
+SCI_SIGMA = 10.0  # sigma of SCI's smoothness weights
+# BT.601 RGB -> YCbCr on [0, 1] values (the 16/255 and 128/255 offsets cancel in differences)
+YCBCR = ((0.257, 0.504, 0.098), (-0.148, -0.291, 0.439), (0.439, -0.368, -0.071))
+NEIGHBOURS = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0))  # 5x5 window
+
+
+def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t at p, t at p + (dy, dx)) over every p where both lie inside the image."""
+    h, w = t.shape[-2:]
+    y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+    return t[..., y0:y1, x0:x1], t[..., y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+
+
+def sci_loss(refined: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """SCI's unsupervised loss (Ma et al., CVPR 2022, Sec. 3.3) on the illumination that PTG-RM's
+    output implies, per pixel and summed (as `charbonnier`): needs no ground truth.
+
+    SCI models a low-light image as x = y * u (Retinex: enhanced image y, illumination u) and
+    trains on `alpha * ||u - x||^2 + sum_i sum_{j in N(i)} w_ij |u_i - u_j|`, N(i) the 24
+    neighbours of i in its 5x5 window, w_ij = exp(-sum_c (x_ic - x_jc)^2 / (2 sigma^2)) with x in
+    YCbCr, alpha 1.5, sigma 10 (the authors' code). Applied to PTG-RM: u = clamp(x / y, 1e-4, 1)
+    with y PTG-RM's refined output clamped to [1e-3, 1], i.e. the illumination under which the
+    refined image explains the input. Clamping y to at most 1 keeps u >= x, as SCI's own
+    parametrisation (u = sigmoid(.) + x) does; without it an output growing without bound drives u
+    to its floor and the loss to ~0 (measured: a white image). The fidelity term is a mean over
+    pixels and channels, each smoothness term a mean over the pixels that have that neighbour, as theirs."""
+    x = lq.float()
+    u = torch.clamp(x / refined.float().clamp(1e-3, 1), 1e-4, 1)
+    fidelity = torch.mean((u - x) ** 2)
+    ycc = torch.einsum("oc,bchw->bohw", x.new_tensor(YCBCR), x)
+    smooth = x.new_zeros(())
+    for dy, dx in NEIGHBOURS:
+        (a, b), (ua, ub) = _pairs(ycc, dy, dx), _pairs(u, dy, dx)
+        weight = torch.exp(-((a - b) ** 2).sum(1) / (2 * SCI_SIGMA ** 2))
+        smooth = smooth + torch.mean(weight * (ua - ub).abs().sum(1))
+    return (SCI_FIDELITY * fidelity + smooth) * refined.numel()
+
+
+LOSSES = {"charbonnier": None, "sci": sci_loss}  # None: the supervised Charbonnier on ground truth
+NO_REFERENCE = ("sci",)  # losses that read the input, never the ground truth

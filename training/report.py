@@ -113,7 +113,8 @@ def write_crops(run_dir: Path, model, split, rows: list[dict]) -> list[tuple[str
 def results_table(r: dict) -> list[list[str]]:
     """The paper's format: one row, base -> refined."""
     return [["dataset", "target", "OSF", "weights", f"PSNR ({r['space'].upper()})", "SSIM", "gain (95% CI)"],
-            [r["store"], r["target"], ", ".join(r["encoder"]), r["weights"],
+            [r["store"], r["target"] + (f" ({r['target_weights']})" if r.get("target_weights", "none") != "none" else ""),
+             ", ".join(r["encoder"]), r["weights"],
              f"{r['psnr_base']:.2f} -> {r['psnr_refined']:.2f}", f"{r['ssim_base']:.4f} -> {r['ssim_refined']:.4f}",
              f"{r['gain_psnr']:+.2f} ({r['gain_psnr_ci95'][0]:+.2f}..{r['gain_psnr_ci95'][1]:+.2f})"]]
 

@@ -27,7 +27,7 @@ from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
-from .losses import VGGPerceptual, charbonnier
+from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, charbonnier
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     ablate: str = ""  # comma-separated model switches to turn off (paper's Table 3)
     output: str = "code"  # "code": clamp(base) + I_r; "eq1": the paper's Eq. 1
+    loss: str = "charbonnier"  # or a no-reference loss (training/losses.py LOSSES): "sci" needs no ground truth
     perceptual: float = 0.0  # weight of the VGG19 perceptual term (paper: 0.1)
     vgg_weights: str | None = None
     device: str = "auto"  # auto: cuda when available
@@ -207,6 +208,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     train_split, test_split = open_splits(cfg, rank, world)
     info = train_split.info()
+    check_loss(cfg, info, test_split.info())
     torch.manual_seed(cfg.seed)
     model = PTGRM(model_config(cfg, info["osf_dim"]))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -235,7 +237,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
     wait = compute = 0.0
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(cfg.steps // AUTO_EVALS, 1)
-    loss_sum = torch.zeros(2, device=device)  # (refined, base) Charbonnier per pixel, summed since the last log
+    loss_sum = torch.zeros(2, device=device)  # (refined, base) loss per pixel, summed since the last log
     model.train()
     t_last = time.perf_counter()
     metrics = run_dir / "metrics.jsonl"
@@ -243,7 +245,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for step, batch in enumerate(loader, start):
         t0 = time.perf_counter()
         wait += t0 - t_last
-        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world)
+        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world, LOSSES[cfg.loss])
         loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,9 +297,24 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return result
 
 
-def train_step(net, batch: dict, device, perceptual, weight: float, world: int) -> torch.Tensor:
+def check_loss(cfg: TrainConfig, train_info: dict, test_info: dict) -> None:
+    """--loss is known; a train store without ground truth (`unpaired` layout) needs a no-reference
+    loss; the test store always needs ground truth (PSNR/SSIM)."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown --loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
+    if not train_info.get("ground_truth", True) and cfg.loss not in NO_REFERENCE:
+        raise ValueError(f"train store {train_info['store']} has no ground truth (unpaired layout): train it with "
+                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=sci)")
+    if cfg.loss in NO_REFERENCE and cfg.perceptual:
+        raise ValueError(f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}")
+    if not test_info.get("ground_truth", True):
+        raise ValueError(f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split")
+
+
+def train_step(net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None) -> torch.Tensor:
     """(loss, base's loss) of one (local) batch, summed over pixels. Scaled by the world size so DDP's gradient average equals the
-    gradient of the single-process summed loss."""
+    gradient of the single-process summed loss. `no_ref(refined, lq)`: a no-reference loss, which
+    never reads the ground truth (the base's loss is then the same loss of the clamped base)."""
     cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     lq, base, gt, g = (batch[k].to(device, non_blocking=True) for k in ("lq", "base", "gt", "g"))
     lq, base = lq.contiguous(memory_format=cl), base.contiguous(memory_format=cl)
@@ -305,6 +322,10 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int) 
     with amp:
         refined = net(base, lq, g)
     refined = refined.float()
+    if no_ref is not None:
+        with torch.no_grad():
+            base_loss = no_ref(base.float().clamp(0, 1), lq)
+        return no_ref(refined, lq) * world, base_loss * world
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)
