@@ -243,9 +243,19 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
         markers = [f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.plan(info.get("n_tasks"))))]
         out += [rel for rel in (*markers, records_file(m)) if rel not in files]
 
-        def marker(t, m=m):
+        def marker(t, m=m, info=info):
             rel = f"{DONE_DIR}/{m}/{t:05d}.json"
-            return json.loads(loc.fs.cat_file(loc.path(rel))) if rel in files else None
+            if rel not in files:
+                return None
+            try:
+                got = json.loads(loc.fs.cat_file(loc.path(rel)))
+                if not isinstance(got, dict) or got.get("task") != t \
+                        or not set((got.get("files") or {}) | (got.get("shards") or {})) <= set(info["arrays"]):
+                    raise ValueError(f"not the done marker of task {t} of {m}")
+            except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
+                raise RemoteError(f"{loc.url}/{rel}: damaged ({type(e).__name__}: {e}); nothing copied: repair the "
+                                  f"store where it was built (`python -m stores repair STORE`) and copy it again") from None
+            return got
 
         out += lost_shards(layout, info, m, files.__contains__, marker)
         out += resized_shards(layout, info, m, files, marker)
