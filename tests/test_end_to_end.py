@@ -57,6 +57,36 @@ def test_features_build_complete_stores(built):
     assert "img" in first.stderr  # the progress bar ran
 
 
+def test_members_record_provenance_and_info_shows_it(built):
+    import getpass
+    import os
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    root, _ = built
+    store = stores_under(root)["train"]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for member, info in store.manifest()["members"].items():
+        prov = info["provenance"]
+        assert prov["project"]["version"] == version("ptgrm-pipeline"), member
+        if commit:  # run from a checkout
+            assert prov["project"]["commit"].split("+")[0] == commit
+        assert prov["libraries"] == {"torch": version("torch"), "open_clip": version("open_clip_torch"),
+                                     "diffusers": version("diffusers"), "zarr": version("zarr"),
+                                     "numpy": version("numpy")}
+        assert prov["device"] == device and prov["arch"] == platform.machine()
+        assert time.strptime(prov["time"], "%Y-%m-%dT%H:%M:%SZ")
+        text = json.dumps(prov)
+        assert os.path.expanduser("~") not in text and f"/{getpass.getuser()}/" not in text
+        assert len(socket.gethostname()) < 6 or socket.gethostname() not in text
+    shown = run("stores", "info", store.path).stdout
+    assert shown.count(f"made by: ptgrm {version('ptgrm-pipeline')}") == 3
+    assert f"torch {version('torch')}" in shown and f"device {device}" in shown
+
+
 def test_second_run_computes_nothing(built, tiny_clip):
     root, _ = built
     manifests = {p: p.stat().st_mtime_ns for p in Path(root).glob("*/manifest.json")}

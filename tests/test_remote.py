@@ -173,3 +173,60 @@ def test_endpoint_comes_from_flag_or_environment(monkeypatch):
     assert storage_options("s3://b/p")["client_kwargs"]["endpoint_url"] == "http://b:2"
     assert storage_options("s3://b/p", "http://c:3")["client_kwargs"]["endpoint_url"] == "http://c:3"
     assert storage_options("/local/path") == {}
+
+
+def test_ls_and_info_of_s3_read_only_manifests_and_compare_with_the_local_copy(s3, store, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`stores ls|info s3://...` lists stores, members, keys, weights, bytes and provenance from the
+    manifests alone (every S3 GET is counted: no array data), and says which have a complete local copy."""
+    import s3fs
+
+    from stores.provenance import provenance
+
+    Store(store, mode="a")._update_member("pairs", provenance=provenance("cpu"))
+    other = make_store(tmp_path / "local", "test", n=6, hw=(24, 28), dim=8)
+    env, url = s3.env(), f"s3://{BUCKET}/listed"
+    for s in (store, other):
+        stores_cli("push", s, url, env=env)
+    mine = tmp_path / "mine"
+    stores_cli("pull", f"{url}/{store.name}", mine, env=env)
+    manifests = {f"listed/{s.name}/manifest.json": len(s3.filesystem().cat(f"{BUCKET}/listed/{s.name}/manifest.json"))
+                 for s in (store, other)}
+    gets = []
+    call_s3 = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await call_s3(self, method, *args, **kwargs)
+        if method == "get_object":
+            gets.append((kwargs.get("Key"), int(out["ContentLength"])))
+        return out
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    assert stores_main(["ls", url, "--json", "--local", str(mine)]) == 0
+    rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {store.name, other.name}
+    pushed = Store(store).manifest()["members"]
+    row = rows[store.name]
+    assert row["members"] == {m: "complete" for m, i in pushed.items() if i["status"] == "complete"}
+    pairs = row["details"]["pairs"]
+    assert pairs["key"] == pushed["pairs"]["key"][:12] and pairs["bytes"] == pushed["pairs"]["bytes"] > 0
+    assert pairs["tasks_done"] == f"{pushed['pairs']['tasks']}/{pushed['pairs']['tasks']}"
+    assert pairs["provenance"]["device"] == "cpu" and pairs["provenance"]["libraries"]["zarr"]
+    osf = next(v for m, v in row["details"].items() if m.startswith("osf/"))
+    assert osf["weights"] == "random" and osf["provenance"] is None  # made without provenance: unknown
+    assert row["local"]["exists"] and row["local"]["complete"]
+    assert not rows[other.name]["local"]["exists"]
+    assert sorted(gets) == sorted(manifests.items())  # nothing but the two manifests was read
+
+    gets.clear()
+    assert stores_main(["info", f"{url}/{store.name}", "--local", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert "made by: ptgrm" in out and "made by: unknown" in out and "device cpu" in out
+    assert f"local copy: complete ({mine / store.name})" in out
+    assert [k for k, _ in gets] == [f"listed/{store.name}/manifest.json"]
+    assert stores_main(["info", f"{url}/{other.name}", "--local", str(mine)]) == 0
+    assert "local copy: none" in capsys.readouterr().out

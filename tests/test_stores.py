@@ -102,6 +102,16 @@ def test_cli_ls_and_info_json(tmp_path):
     assert member["key"] == "k" * 64 and member["status"] == "complete" and member["bytes"] > 0
 
 
+def test_info_of_a_store_made_before_provenance_says_unknown(tmp_path):
+    toy_store(tmp_path / "root" / "toy-train-deblur-000000000000")  # members without `provenance`
+    info = subprocess.run([sys.executable, "-m", "stores", "info", str(tmp_path / "root" / "toy-train-deblur-000000000000")],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "made by: unknown" in info.stdout
+    ls = subprocess.run([sys.executable, "-m", "stores", "ls", str(tmp_path / "root"), "--json"],
+                        capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(ls.stdout)[0]["details"]["pairs"]["provenance"] is None
+
+
 def test_store_holds_no_pickle(tmp_path):
     toy_store(tmp_path / "s")
     for p in (tmp_path / "s").rglob("*"):
