@@ -1,5 +1,5 @@
 """Inspect, maintain and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
-`verify STORE`, `repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://),
+`catalog ROOT --html OUT`, `verify STORE`, `repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://),
 `export-wds STORE` (WebDataset).
 """
 import argparse
@@ -38,7 +38,7 @@ def local_root(where: str, local: str) -> str | None:
 
 
 def cmd_ls(args) -> int:
-    rows = list_root(args.root, local_root(args.root, args.local))
+    rows = list_root(args.root, local_root(args.root, args.local), args.endpoint_url)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif not rows:
@@ -54,7 +54,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_info(args) -> int:
-    m = read_store(args.store)
+    m = read_store(args.store, args.endpoint_url)
     if args.stats:
         if is_url(args.store):
             raise StoreError(f"{args.store}: --stats reads the arrays; pull the store first (python -m stores pull)")
@@ -82,6 +82,14 @@ def cmd_info(args) -> int:
             print(f"      {'bytes/sample':14s} {v['stats']['bytes_per_sample']:.0f}")
     if local:
         print(local_line(local))
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from .catalog import write_catalog
+
+    out = write_catalog(args.root, args.html, args.runs, local_root(args.root, args.local), args.endpoint_url)
+    print(f"wrote {out}")
     return 0
 
 
@@ -156,6 +164,7 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
                    "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("info", help="print a store's manifest: members, keys, status, bytes, provenance",
                        description="Print a store's manifest." + remote)
@@ -163,10 +172,24 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
                    "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
     s.add_argument("--stats", action="store_true", help="per-member statistics (input and base PSNR per "
                    "sample, g norms, bytes per array and sample), computed over shards with dask")
     s.add_argument("--jobs", type=int, default=8, help="parallel shard reads (default: 8)")
     s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("catalog", help="write one static HTML page of every store under a root: members, keys, "
+                       "status, sizes, provenance, thumbnails", description="Write one self-contained HTML page "
+                       "(thumbnails inline) of every store under a root, to open without a server or put on a "
+                       "shared drive. Reads manifests, and the first sample's lq and base of complete members."
+                       + remote)
+    s.add_argument("root", nargs="?", default="data/stores", help="store root (default: data/stores)")
+    s.add_argument("--html", required=True, help="the page to write")
+    s.add_argument("--runs", default=None, help="runs folder (e.g. runs): each member shows the PSNR gain of "
+                   "the runs that read it (their eval.json)")
+    s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
+                   "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
+    s.set_defaults(fn=cmd_catalog)
     s = sub.add_parser("verify", help="re-read every shard; exit 1 naming member, shard and samples on damage")
     s.add_argument("store", type=Path)
     s.add_argument("--jobs", type=int, default=8, help="shards checked at once (default: 8)")

@@ -230,3 +230,17 @@ def test_ls_and_info_of_s3_read_only_manifests_and_compare_with_the_local_copy(s
     assert [k for k, _ in gets] == [f"listed/{store.name}/manifest.json"]
     assert stores_main(["info", f"{url}/{other.name}", "--local", str(mine)]) == 0
     assert "local copy: none" in capsys.readouterr().out
+
+
+def test_catalog_of_an_s3_root_shows_the_same_thumbnails_as_the_local_store(s3, store, tmp_path):
+    env, url = s3.env(), f"s3://{BUCKET}/catalogued"
+    stores_cli("push", store, url, env=env)
+    remote, local = tmp_path / "remote.html", tmp_path / "local.html"
+    stores_cli("catalog", url, "--html", remote, "--local", tmp_path / "none", env=env)
+    stores_cli("catalog", store.parent, "--html", local)
+    thumbs = [re.findall(r"src='(data:image/png;base64,[^']+)'", p.read_text()) for p in (remote, local)]
+    assert len(thumbs[0]) == 2 and thumbs[0] == thumbs[1]  # lq and base of the first sample, read from S3
+    page = remote.read_text()
+    assert f"<h2>{store.name}</h2>" in page and "local copy: none" in page
+    assert "osf/half-000000000000" not in page  # left out of the push: incomplete
+    assert s3.secret_key not in page and s3.access_key not in page
