@@ -231,7 +231,7 @@ def store_html(row: dict, manifest: dict | None, runs: list, endpoint_url: str |
 
 STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
          "padding:2px 6px;font-size:90%;text-align:left}.damaged{color:#b00}figure{display:inline-block}"
-         "img{margin-right:4px;image-rendering:pixelated}")
+         "img{height:96px;margin-right:4px;image-rendering:pixelated}")
 
 
 def write_catalog(root, out, runs=None, local_root=None, endpoint_url: str | None = None) -> Path:
