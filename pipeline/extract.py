@@ -114,6 +114,7 @@ class SplitJob:
                     shareable(m.info["inputs"]):
                 self.store._update_member(m.path, inputs=m.info["inputs"])
         made_by = provenance(device_kind(cfg.device)) if self.todo else None  # describes; never in a key
+        self.made_by = {"device": made_by["device"], "arch": made_by["arch"]} if made_by else None
         for m in self.todo:  # a member that exists keeps the plan it was started with
             self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards,
                                     {**m.info, "config": asdict(cfg), "provenance": made_by})
@@ -232,7 +233,7 @@ class SplitJob:
                                            "seconds_write": time.perf_counter() - t0})
                 if last:
                     leases.check(r, f"done marker of {m.path} task {t}")
-                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen):
+                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen, self.made_by):
                         self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
                     self.store.settle(m.path, t, progress.pop((m.path, t))["stage"])
         except LeaseLost as e:

@@ -82,6 +82,8 @@ def test_members_record_provenance_and_info_shows_it(built):
         text = json.dumps(prov)
         assert os.path.expanduser("~") not in text and f"/{getpass.getuser()}/" not in text
         assert len(socket.gethostname()) < 6 or socket.gethostname() not in text
+        marker = json.loads(next((store.path / "_done" / member).glob("*.json")).read_text())
+        assert marker["made_by"] == {"device": device, "arch": platform.machine()}  # the writer's, per task
     shown = run("stores", "info", store.path).stdout
     assert shown.count(f"made by: ptgrm {version('ptgrm-pipeline')}") == 3
     assert f"torch {version('torch')}" in shown and f"device {device}" in shown

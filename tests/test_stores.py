@@ -112,6 +112,26 @@ def test_info_of_a_store_made_before_provenance_says_unknown(tmp_path):
     assert json.loads(ls.stdout)[0]["details"]["pairs"]["provenance"] is None
 
 
+def test_provenance_names_every_device_that_computed_a_member_and_leaves_its_key(tmp_path):
+    """A SLURM planner begins a member on a CPU node; array tasks on GPU nodes compute it."""
+    from stores.provenance import provenance
+    from toys import spec_of
+
+    store = Store.open_or_create(tmp_path / "s", ATTRS, make_layout([(20, 30)] * 8, 8, 4)[0])
+    planned = provenance("cpu")
+    lq = np.zeros((8, 20, 30, 3), np.uint8)
+    store.begin_member("pairs", "k" * 64, {"member": "pairs"}, [spec_of("lq", lq)], None, {"provenance": planned})
+    for t, (a, b) in enumerate(store.plan("pairs")):
+        hashes = {lo: store.write_shard("pairs", lo, hi, {"lq": list(lq[lo:hi])}) for _, lo, hi in store.shards_of(a, b)}
+        store.mark_done("pairs", t, hashes, {}, made_by={"device": f"GPU {'AB'[t % 2]}", "arch": "aarch64"})
+    info = store.finalize("pairs")
+    assert info["key"] == "k" * 64 and Store(tmp_path / "s").status("pairs", "k" * 64) == "complete"
+    assert info["provenance"] == {**planned, "device": "GPU A, GPU B", "arch": "aarch64"}
+    shown = subprocess.run([sys.executable, "-m", "stores", "info", str(tmp_path / "s")], capture_output=True,
+                           text=True, cwd=ROOT, check=True).stdout
+    assert "device GPU A, GPU B (aarch64)" in shown
+
+
 def test_store_holds_no_pickle(tmp_path):
     toy_store(tmp_path / "s")
     for p in (tmp_path / "s").rglob("*"):
