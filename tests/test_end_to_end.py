@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from stores import Store
+from test_remote import s3  # noqa: F401 (the S3 server fixture)
 from toys import same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,30 @@ def test_members_record_provenance_and_info_shows_it(built):
     shown = run("stores", "info", store.path).stdout
     assert shown.count(f"made by: ptgrm {version('ptgrm-pipeline')}") == 3
     assert f"torch {version('torch')}" in shown and f"device {device}" in shown
+
+
+def test_pushed_demo_stores_are_listed_from_s3_with_provenance_from_manifests_only(built, s3, monkeypatch,
+                                                                                   capsys):
+    from services import count_s3_reads
+    from stores.__main__ import main as stores_main
+
+    root, _ = built
+    url = "s3://team/e2e"
+    for path in stores_under(root).values():
+        subprocess.run([sys.executable, "-m", "stores", "push", path.path, url], cwd=ROOT, env=s3.env(),
+                       check=True, capture_output=True)
+    gets = count_s3_reads(monkeypatch, s3.env())
+    assert stores_main(["ls", url, "--json", "--local", str(root)]) == 0
+    rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {s.path.name for s in stores_under(root).values()}
+    for store in stores_under(root).values():
+        row = rows[store.path.name]
+        assert row["local"]["exists"] and row["local"]["complete"]
+        for member, info in store.manifest()["members"].items():
+            assert row["details"][member]["provenance"] == info["provenance"]
+            assert row["details"][member]["status"] == "complete"
+    assert sorted(k for k, _ in gets) == sorted(f"e2e/{name}/manifest.json" for name in rows)
+    assert sum(n for _, n in gets) == sum((s.path / "manifest.json").stat().st_size for s in stores_under(root).values())
 
 
 def test_second_run_computes_nothing(built, tiny_clip):

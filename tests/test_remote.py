@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from faults import cut_copies_after
-from services import SeaweedS3
+from services import SeaweedS3, count_s3_reads
 from stores import ArraySpec, Store, StoreError
 from stores.__main__ import main as stores_main
 from stores.remote import storage_options
@@ -179,8 +179,6 @@ def test_ls_and_info_of_s3_read_only_manifests_and_compare_with_the_local_copy(s
                                                                                 capsys):
     """`stores ls|info s3://...` lists stores, members, keys, weights, bytes and provenance from the
     manifests alone (every S3 GET is counted: no array data), and says which have a complete local copy."""
-    import s3fs
-
     from stores.provenance import provenance
 
     Store(store, mode="a")._update_member("pairs", provenance=provenance("cpu"))
@@ -192,20 +190,7 @@ def test_ls_and_info_of_s3_read_only_manifests_and_compare_with_the_local_copy(s
     stores_cli("pull", f"{url}/{store.name}", mine, env=env)
     manifests = {f"listed/{s.name}/manifest.json": len(s3.filesystem().cat(f"{BUCKET}/listed/{s.name}/manifest.json"))
                  for s in (store, other)}
-    gets = []
-    call_s3 = s3fs.S3FileSystem._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        out = await call_s3(self, method, *args, **kwargs)
-        if method == "get_object":
-            gets.append((kwargs.get("Key"), int(out["ContentLength"])))
-        return out
-
-    for k in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(k)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    gets = count_s3_reads(monkeypatch, env)
     assert stores_main(["ls", url, "--json", "--local", str(mine)]) == 0
     rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {store.name, other.name}
