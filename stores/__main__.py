@@ -1,6 +1,7 @@
 """Inspect, maintain and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
-`catalog ROOT --html OUT`, `verify STORE`, `repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://),
-`export-wds STORE` (WebDataset).
+`catalog ROOT --html OUT` (ROOT and STORE local, a shared path or s3://), `verify STORE`,
+`repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://), `export-wds STORE`
+(WebDataset).
 """
 import argparse
 import json

@@ -140,19 +140,26 @@ def open_array(path: str, rel: str, endpoint_url: str | None = None):
 
 
 def first_sample(path: str, manifest: dict, target: str, endpoint_url: str | None = None) -> dict:
-    """lq and base (uint8, at the sample's size) of the first usable sample of the first bucket."""
+    """lq and base (uint8, at the sample's size) of the first usable sample of the first bucket
+    (storage order: its rows are samples 0, 1, ...). A local store's reads check that each shard
+    file is the one its done marker vouches for (a lost one raises instead of reading as zeros)."""
     import numpy as np
 
     from .layout import Layout
 
     bucket = Layout.from_json(manifest["layout"]).buckets[0].name
-    hw = open_array(path, f"pairs/{bucket}/hw", endpoint_url)[:]
+    if is_url(path):
+        read = lambda member, name: open_array(path, f"{member}/{bucket}/{name}", endpoint_url)  # noqa: E731
+    else:
+        store = Store(path)
+        read = store.array
+    hw = np.asarray(open_array(path, f"pairs/{bucket}/hw", endpoint_url)[:])
     row = int(np.argmax(hw[:, 0] > 0))
     h, w = (int(x) for x in hw[row])
     if not h:
         raise StoreError("no usable sample in the first bucket")
-    lq = open_array(path, f"pairs/{bucket}/lq", endpoint_url)[row, :h, :w]
-    base = open_array(path, f"{target}/{bucket}/base", endpoint_url)[row, :h, :w].astype(np.float32)
+    lq = np.asarray(read("pairs", "lq")[row])[:h, :w]
+    base = np.asarray(read(target, "base")[row])[:h, :w].astype(np.float32)
     return {"lq": lq, "base": (np.clip(np.nan_to_num(base), 0, 1) * 255 + 0.5).astype(np.uint8)}
 
 
@@ -225,7 +232,8 @@ def store_html(row: dict, manifest: dict | None, runs: list, endpoint_url: str |
                              f"<img src='{png_data_uri(imgs['base'])}' alt='base'>"
                              f"<figcaption>first sample: lq, base of {html.escape(t)}</figcaption></figure>")
         except Exception as e:  # a damaged array: said, no broken image
-            parts.append(f"<p class=damaged>thumbnails unavailable: {html.escape(scrub(f'{type(e).__name__}: {e}'))}</p>")
+            why = html.escape(scrub(f"{type(e).__name__}: {e}"))
+            parts.append(f"<p class=damaged>thumbnails unavailable: {why}</p>")
     return "\n".join(parts + ["</section>"])
 
 

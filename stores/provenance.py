@@ -71,4 +71,5 @@ def describe(prov: dict | None) -> str:
     if project.get("commit"):
         version += f" ({project['commit'][:12]}{'+dirty' if project['commit'].endswith('+dirty') else ''})"
     libs = " ".join(f"{k} {v}" for k, v in (prov.get("libraries") or {}).items() if v)
-    return f"{version}; {libs}; device {prov.get('device') or '?'} ({prov.get('arch') or '?'}); {prov.get('time') or '?'}"
+    where = f"device {prov.get('device') or '?'} ({prov.get('arch') or '?'})"
+    return f"{version}; {libs}; {where}; {prov.get('time') or '?'}"

@@ -1,6 +1,7 @@
 """The store contract: round trip, keys, completion, damage detection, CLI output."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,27 @@ def test_provenance_names_every_device_that_computed_a_member_and_leaves_its_key
     shown = subprocess.run([sys.executable, "-m", "stores", "info", str(tmp_path / "s")], capture_output=True,
                            text=True, cwd=ROOT, check=True).stdout
     assert "device GPU A, GPU B (aarch64)" in shown
+
+
+def test_catalog_names_damage_in_words_and_never_shows_a_lost_shard_as_an_image(tmp_path):
+    from toys import make_store
+
+    intact = make_store(tmp_path / "root", "train", n=6, hw=(24, 28), dim=8)
+    lost = make_store(tmp_path / "root", "test", n=6, hw=(24, 28), dim=8)
+    garbled = tmp_path / "root" / "toy-val-deblur-000000000000"
+    garbled.mkdir()
+    (garbled / "manifest.json").write_text('{"schema": 2, "memb')
+    for f in (lost / "pairs").glob("*/lq/c/0/*/*/*"):
+        f.unlink()  # the first shard of lq, lost by a partial copy
+    out = subprocess.run([sys.executable, "-m", "stores", "catalog", str(tmp_path / "root"), "--html",
+                          str(tmp_path / "c.html")], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "wrote" in out.stdout
+    page = (tmp_path / "c.html").read_text()
+    sections = dict(re.findall(r"<h2>([^<]+)</h2>(.*?)</section>", page, re.S))
+    assert sections[intact.name].count("<img ") == 2
+    assert "<img " not in sections[lost.name] and "thumbnails unavailable" in sections[lost.name]
+    assert "pairs/" in sections[lost.name] and "repair" in sections[lost.name]
+    assert "DAMAGED" in sections[garbled.name] and "manifest.json: damaged" in sections[garbled.name]
 
 
 def test_store_holds_no_pickle(tmp_path):
