@@ -164,6 +164,13 @@ def test_wrong_credentials_fail_clearly_without_leaking_them(s3, store):
         assert bad_secret not in text and env["AWS_ACCESS_KEY_ID"] not in text
         assert "Traceback" not in text
     assert not s3.filesystem().exists(f"{BUCKET}/denied/{store.name}/manifest.json")
+    for command in (["ls", f"s3://{BUCKET}/stores"], ["info", f"s3://{BUCKET}/stores/{store.name}"],
+                    ["catalog", f"s3://{BUCKET}/stores", "--html", store.parent / "c.html"]):
+        out = stores_cli(*command, env=s3.env(bad_key, bad_secret), check=False)
+        assert out.returncode == 2 and "access denied" in out.stderr and "AWS_SECRET_ACCESS_KEY" in out.stderr, \
+            (command, out.stderr)
+        assert bad_secret not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not (store.parent / "c.html").exists()
 
 
 def test_endpoint_comes_from_flag_or_environment(monkeypatch):
