@@ -102,6 +102,8 @@ class SplitJob:
     them (`SplitJob.plan`, which lists the dataset); a SLURM array task runs one range of a planned
     store (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
 
+    made_by: dict | None = None  # this writer's device and arch, recorded in its done markers
+
     def __init__(self, cfg: FeaturesConfig, split: str, store: Store, members: list, sample_at, degradation,
                  log=print, source: Source | None = None):
         self.cfg, self.split, self.log, self.source = cfg, split, log, source
