@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stores import TEXT, ArraySpec, Leases, Store, encoder_id, key_of, make_layout, store_name, write_json_atomic
 from stores.leases import LeaseLost
 from stores.privacy import shareable
+from stores.provenance import provenance
 from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
 from stores.wds import INDEX as WDS_INDEX, WdsWriter, export_wds
@@ -101,6 +102,8 @@ class SplitJob:
     them (`SplitJob.plan`, which lists the dataset); a SLURM array task runs one range of a planned
     store (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
 
+    made_by: dict | None = None  # this writer's device and arch, recorded in its done markers
+
     def __init__(self, cfg: FeaturesConfig, split: str, store: Store, members: list, sample_at, degradation,
                  log=print, source: Source | None = None):
         self.cfg, self.split, self.log, self.source = cfg, split, log, source
@@ -112,8 +115,11 @@ class SplitJob:
             if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != \
                     shareable(m.info["inputs"]):
                 self.store._update_member(m.path, inputs=m.info["inputs"])
+        made_by = provenance(device_kind(cfg.device)) if self.todo else None  # describes; never in a key
+        self.made_by = {"device": made_by["device"], "arch": made_by["arch"]} if made_by else None
         for m in self.todo:  # a member that exists keeps the plan it was started with
-            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards, {**m.info, "config": asdict(cfg)})
+            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards,
+                                    {**m.info, "config": asdict(cfg), "provenance": made_by})
 
     @classmethod
     def plan(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
@@ -229,7 +235,8 @@ class SplitJob:
                                            "seconds_write": time.perf_counter() - t0})
                 if last:
                     leases.check(r, f"done marker of {m.path} task {t}")
-                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen, acc["stage"]):
+                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen, acc["stage"],
+                                                self.made_by):
                         self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
                     self.store.settle(m.path, t, progress.pop((m.path, t))["stage"])
         except LeaseLost as e:
@@ -395,6 +402,12 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
     return device
+
+
+def device_kind(device: str) -> str:
+    """'cpu', or the name of the GPU `device` (as --device takes it) runs on: for provenance."""
+    device = resolve_device(device)
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
 def build_models(cfg: FeaturesConfig):

@@ -1,7 +1,7 @@
 """Feature stores: the contract between `pipeline` (writes) and `training` (reads).
 
 Depends on numpy, zarr, numcodecs and the standard library; `remote` adds fsspec (s3fs for s3://),
-`python -m stores info --stats` dask. `python -m stores --help`.
+`python -m stores info --stats` dask, `python -m stores catalog` Pillow. `python -m stores --help`.
 """
 from .runtime import quiet_threads
 

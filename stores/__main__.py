@@ -1,76 +1,96 @@
 """Inspect, maintain and move feature stores: `python -m stores ls [ROOT]`, `info STORE [--stats]`,
-`verify STORE`, `repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://),
-`export-wds STORE` (WebDataset).
+`catalog ROOT --html OUT` (ROOT and STORE local, a shared path or s3://), `verify STORE`,
+`repair STORE`, `gc STORE`, `push|pull SRC DST` (local, shared path or s3://), `export-wds STORE`
+(WebDataset).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from .catalog import is_url, list_root, local_copy, read_store, same_folder
 from .maintain import lost_records
 from .privacy import scrub
+from .provenance import describe as describe_provenance
 from .stats import member_stats
 from .store import MANIFEST, Store, StoreError, records_file
 from .wds import TILE
 
 
-def find_stores(root: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).glob(f"*/{MANIFEST}"))
+def member_line(k: str, v: dict) -> str:
+    weights = f" weights={v['weights']}" if v.get("weights") else ""
+    return (f"  {k:48s} {v['status']:10s} tasks {str(v.get('tasks_done', '?')):>7s}  "
+            f"{(v.get('bytes') or 0) / 1e6:8.2f} MB  key {str(v.get('key', ''))[:12]}{weights}")
 
 
-def describe(store: Store) -> dict:
-    """The manifest with each member's status recomputed from what is on disk."""
-    m = store.manifest()
-    for name, info in m["members"].items():
-        done = len(store.done_tasks(name))
-        info["tasks_done"] = f"{done}/{info.get('tasks', 0)}"
-        if info.get("status") == "complete" and done != info.get("tasks", 0):
-            info["status"] = "damaged"
-    return m
+def local_line(local: dict | None) -> str:
+    if local is None:
+        return ""
+    if not local["exists"]:
+        return f"    local copy: none ({local['path']})"
+    state = "complete" if local["complete"] else local.get("error") or "incomplete: " + ", ".join(
+        f"{m} {s}" for m, s in local["members"].items() if s != "complete")
+    return f"    local copy: {state} ({local['path']})"
+
+
+def local_root(where: str, local: str) -> str | None:
+    """The local store root to compare with: for a URL always, for a folder when there is one."""
+    return local if is_url(where) or Path(local).is_dir() else None
 
 
 def cmd_ls(args) -> int:
-    rows = []
-    for path in find_stores(args.root):
-        try:
-            m = describe(Store(path))
-        except StoreError as e:  # one damaged store is named; the others are still listed
-            rows.append({"store": path.name, "path": str(path), "members": {}, "error": scrub(str(e))})
-            continue
-        rows.append({"store": path.name, "path": str(path),
-                     "members": {k: v["status"] for k, v in m["members"].items()}})
+    rows = list_root(args.root, local_root(args.root, args.local), args.endpoint_url)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif not rows:
         print(f"no stores under {args.root}")
     for r in rows if not args.json else []:
-        print(r["store"] + (f"    DAMAGED: {r['error']}" if "error" in r else ""))
-        for k, v in r["members"].items():
-            print(f"    {k:48s} {v}")
+        print(r["store"] + (f"    DAMAGED: {r['error']}" if "error" in r else f"    created {r['created']}"))
+        for k, v in r.get("details", {}).items():
+            print(member_line(k, v)[2:])
+            print(f"      made by: {describe_provenance(v.get('provenance'))}")
+        if r.get("local"):
+            print(local_line(r["local"]))
     return 0
 
 
 def cmd_info(args) -> int:
-    m = describe(Store(args.store))
+    m = read_store(args.store, args.endpoint_url)
     if args.stats:
+        if is_url(args.store):
+            raise StoreError(f"{args.store}: --stats reads the arrays; pull the store first (python -m stores pull)")
         store = Store(args.store)
         for k, v in m["members"].items():
             if v["status"] == "complete":
                 v["stats"] = member_stats(store, k, v, args.jobs)
+    name = args.store.rstrip("/").rsplit("/", 1)[-1]
+    here = args.store.rstrip("/").rsplit("/", 1)[0] if "/" in args.store.rstrip("/") else "."
+    mine = local_root(args.store, args.local)
+    local = None if mine is None or same_folder(here, mine) else local_copy(mine, name, m)
     if args.json:
-        print(json.dumps(m, indent=1, sort_keys=True))
+        print(json.dumps({**m, **({"local": local} if local else {})}, indent=1, sort_keys=True))
         return 0
-    print(f"{args.store}  ({m['dataset']} / {m['split']} / {m['task']}, pairs key {m['pairs_key'][:12]})")
+    print(f"{args.store}  ({m['dataset']} / {m['split']} / {m['task']}, pairs key {m['pairs_key'][:12]}, "
+          f"created {m.get('created')})")
     for k, v in m["members"].items():
-        weights = f" weights={v['weights']}" if "weights" in v else ""
-        print(f"  {k:48s} {v['status']:10s} tasks {v['tasks_done']:>7s}  "
-              f"{v.get('bytes', 0) / 1e6:8.2f} MB  key {v['key'][:12]}{weights}")
+        print(member_line(k, v))
+        print(f"      made by: {describe_provenance(v.get('provenance'))}")
         for field, st in v.get("stats", {}).items():
             if isinstance(st, dict) and "per_sample" in st:
                 print(f"      {field:14s} " + "  ".join(f"{k} {st[k]:.4g}" for k in ("mean", "min", "max")
                                                            if st[k] is not None))
         if "stats" in v:
             print(f"      {'bytes/sample':14s} {v['stats']['bytes_per_sample']:.0f}")
+    if local:
+        print(local_line(local))
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from .catalog import write_catalog
+
+    out = write_catalog(args.root, args.html, args.runs, local_root(args.root, args.local), args.endpoint_url)
+    print(f"wrote {out}")
     return 0
 
 
@@ -137,17 +157,40 @@ def cmd_gc(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("ls", help="list the stores under a root and their members' status")
-    s.add_argument("root", nargs="?", default="data/stores", type=Path, help="store root (default: data/stores)")
+    remote = (" ROOT/STORE may be a local folder, a shared path or s3://bucket/prefix (only manifests and "
+              "done-marker names are read there; credentials and endpoint as for push/pull).")
+    s = sub.add_parser("ls", help="list the stores under a root: members' status, keys, weights, bytes, "
+                       "provenance", description="List the stores under a root." + remote)
+    s.add_argument("root", nargs="?", default="data/stores", help="store root (default: data/stores)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
+                   "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
     s.set_defaults(fn=cmd_ls)
-    s = sub.add_parser("info", help="print a store's manifest: members, keys, status, bytes")
-    s.add_argument("store", type=Path)
+    s = sub.add_parser("info", help="print a store's manifest: members, keys, status, bytes, provenance",
+                       description="Print a store's manifest." + remote)
+    s.add_argument("store")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
+                   "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
     s.add_argument("--stats", action="store_true", help="per-member statistics (input and base PSNR per "
                    "sample, g norms, bytes per array and sample), computed over shards with dask")
     s.add_argument("--jobs", type=int, default=8, help="parallel shard reads (default: 8)")
     s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("catalog", help="write one static HTML page of every store under a root: members, keys, "
+                       "status, sizes, provenance, thumbnails", description="Write one self-contained HTML page "
+                       "(thumbnails inline) of every store under a root, to open without a server or put on a "
+                       "shared drive. Reads manifests, and the first sample's lq and base of complete members."
+                       + remote)
+    s.add_argument("root", nargs="?", default="data/stores", help="store root (default: data/stores)")
+    s.add_argument("--html", required=True, help="the page to write")
+    s.add_argument("--runs", default=None, help="runs folder (e.g. runs): each member shows the PSNR gain of "
+                   "the runs that read it (their eval.json)")
+    s.add_argument("--local", default="data/stores", help="local store root a remote store's copy is looked "
+                   "for in (default: data/stores)")
+    s.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)")
+    s.set_defaults(fn=cmd_catalog)
     s = sub.add_parser("verify", help="re-read every shard; exit 1 naming member, shard and samples on damage")
     s.add_argument("store", type=Path)
     s.add_argument("--jobs", type=int, default=8, help="shards checked at once (default: 8)")

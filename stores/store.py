@@ -556,10 +556,12 @@ class Store:
         return hashes
 
     def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict,
-                  generation: int | None = None, stage: Path | None = None) -> bool:
+                  generation: int | None = None, stage: Path | None = None,
+                  made_by: dict | None = None) -> bool:
         """The done marker of a task, written last and only once: `hashes` {shard start: {array:
         sha256}}; `generation`: the lease generation whose staged shards it vouches for (None:
-        written in place). False if the task already had one (another writer finished it first)."""
+        written in place); `made_by`: the writer's device and arch (provenance, never checked).
+        False if the task already had one (another writer finished it first)."""
         by_array: dict[str, dict] = {}
         for lo, h in hashes.items():
             for name, sha in h.items():
@@ -572,7 +574,8 @@ class Store:
         generation = {} if generation is None else {"generation": int(generation), "stage": base.name}
         return write_json_once(self.done_path(member, task),
                                {"task": task, "samples": [start, stop], "shards": by_array, "files": files,
-                                "finished": utc_now(), "stats": shareable(stats), **generation})  # reasons may name $HOME files
+                                "finished": utc_now(), "stats": shareable(stats), **generation,
+                                **({"made_by": shareable(made_by)} if made_by else {})})  # reasons may name $HOME files
 
     def shard_file(self, member: str, name: str, lo: int) -> str:
         """The file (relative to the store) of array `name`'s shard that starts at sample `lo`."""
@@ -696,7 +699,7 @@ class Store:
             check_inside(self.path, self.path / records_file(member))
             write_json_atomic(self.path / records_file(member), records)
             self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
-                                **{f"n_{f}": len(v) for f, v in records.items()})
+                                **{f"n_{f}": len(v) for f, v in records.items()}, **self.task_provenance(member))
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
@@ -735,6 +738,21 @@ class Store:
                 if "index" in e:
                     hw[e["index"]] = 0
         return hw
+
+    def task_provenance(self, member: str) -> dict:
+        """{"provenance": ...}: the member's, with the devices and CPU architectures its done
+        markers name (a SLURM planner begins a member on one machine, array tasks compute it on
+        others); {} when the member records none (made by an older version: "unknown")."""
+        prov = self.member_info(member).get("provenance")
+        if not isinstance(prov, dict):
+            return {}
+        seen: dict[str, set] = {"device": set(), "arch": set()}
+        for task in sorted(self.done_tasks(member)):
+            made_by = read_json(self.done_path(member, task)).get("made_by") or {}
+            for field, found in seen.items():
+                if made_by.get(field):
+                    found.add(str(made_by[field]))
+        return {"provenance": {**prov, **{f: ", ".join(sorted(v)) for f, v in seen.items() if v}}}
 
     def task_records(self, member: str, field: str) -> list:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""

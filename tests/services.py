@@ -119,6 +119,27 @@ class SeaweedS3:
                                  client_kwargs={"endpoint_url": self.endpoint_url, "region_name": "us-east-1"})
 
 
+def count_s3_reads(monkeypatch, env: dict) -> list:
+    """Run this process's s3fs with `env` (SeaweedS3.env) and record (key, bytes) of every object
+    GET it makes: a test shows what was read, and that no array data was."""
+    import s3fs
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    gets, call_s3 = [], s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await call_s3(self, method, *args, **kwargs)
+        if method == "get_object":
+            gets.append((kwargs.get("Key"), int(out["ContentLength"])))
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    return gets
+
+
 if __name__ == "__main__":
     server = SeaweedS3(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ptgrm-s3")).start()
     print(f"S3 endpoint {server.endpoint_url}  AWS_ACCESS_KEY_ID={server.access_key} "

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from stores import Store
+from test_remote import s3  # noqa: F401 (the S3 server fixture)
 from toys import same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,62 @@ def test_features_build_complete_stores(built):
         assert store.array(next(k for k in members if k.startswith("osf/")), "g").shape == (n, 4, 32)
         assert store.array(next(k for k in members if k.startswith("targets/")), "base").dtype == np.float16
     assert "img" in first.stderr  # the progress bar ran
+
+
+def test_members_record_provenance_and_info_shows_it(built):
+    import getpass
+    import os
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    root, _ = built
+    store = stores_under(root)["train"]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for member, info in store.manifest()["members"].items():
+        prov = info["provenance"]
+        assert prov["project"]["version"] == version("ptgrm-pipeline"), member
+        if commit:  # run from a checkout
+            assert prov["project"]["commit"].split("+")[0] == commit
+        assert prov["libraries"] == {"torch": version("torch"), "open_clip": version("open_clip_torch"),
+                                     "diffusers": version("diffusers"), "zarr": version("zarr"),
+                                     "numpy": version("numpy")}
+        assert prov["device"] == device and prov["arch"] == platform.machine()
+        assert time.strptime(prov["time"], "%Y-%m-%dT%H:%M:%SZ")
+        text = json.dumps(prov)
+        assert os.path.expanduser("~") not in text and f"/{getpass.getuser()}/" not in text
+        assert len(socket.gethostname()) < 6 or socket.gethostname() not in text
+        marker = json.loads(next((store.path / "_done" / member).glob("*.json")).read_text())
+        assert marker["made_by"] == {"device": device, "arch": platform.machine()}  # the writer's, per task
+    shown = run("stores", "info", store.path).stdout
+    assert shown.count(f"made by: ptgrm {version('ptgrm-pipeline')}") == 3
+    assert f"torch {version('torch')}" in shown and f"device {device}" in shown
+
+
+def test_pushed_demo_stores_are_listed_from_s3_with_provenance_from_manifests_only(built, s3, monkeypatch,
+                                                                                   capsys):
+    from services import count_s3_reads
+    from stores.__main__ import main as stores_main
+
+    root, _ = built
+    url = "s3://team/e2e"
+    for path in stores_under(root).values():
+        subprocess.run([sys.executable, "-m", "stores", "push", path.path, url], cwd=ROOT, env=s3.env(),
+                       check=True, capture_output=True)
+    gets = count_s3_reads(monkeypatch, s3.env())
+    assert stores_main(["ls", url, "--json", "--local", str(root)]) == 0
+    rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {s.path.name for s in stores_under(root).values()}
+    for store in stores_under(root).values():
+        row = rows[store.path.name]
+        assert row["local"]["exists"] and row["local"]["complete"]
+        for member, info in store.manifest()["members"].items():
+            assert row["details"][member]["provenance"] == info["provenance"]
+            assert row["details"][member]["status"] == "complete"
+    assert sorted(k for k, _ in gets) == sorted(f"e2e/{name}/manifest.json" for name in rows)
+    assert sum(n for _, n in gets) == sum((s.path / "manifest.json").stat().st_size for s in stores_under(root).values())
 
 
 def test_second_run_computes_nothing(built, tiny_clip):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from faults import cut_copies_after
-from services import SeaweedS3
+from services import SeaweedS3, count_s3_reads
 from stores import ArraySpec, Store, StoreError
 from stores.__main__ import main as stores_main
 from stores.remote import storage_options
@@ -164,6 +164,13 @@ def test_wrong_credentials_fail_clearly_without_leaking_them(s3, store):
         assert bad_secret not in text and env["AWS_ACCESS_KEY_ID"] not in text
         assert "Traceback" not in text
     assert not s3.filesystem().exists(f"{BUCKET}/denied/{store.name}/manifest.json")
+    for command in (["ls", f"s3://{BUCKET}/stores"], ["info", f"s3://{BUCKET}/stores/{store.name}"],
+                    ["catalog", f"s3://{BUCKET}/stores", "--html", store.parent / "c.html"]):
+        out = stores_cli(*command, env=s3.env(bad_key, bad_secret), check=False)
+        assert out.returncode == 2 and "access denied" in out.stderr and "AWS_SECRET_ACCESS_KEY" in out.stderr, \
+            (command, out.stderr)
+        assert bad_secret not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not (store.parent / "c.html").exists()
 
 
 def test_endpoint_comes_from_flag_or_environment(monkeypatch):
@@ -173,3 +180,59 @@ def test_endpoint_comes_from_flag_or_environment(monkeypatch):
     assert storage_options("s3://b/p")["client_kwargs"]["endpoint_url"] == "http://b:2"
     assert storage_options("s3://b/p", "http://c:3")["client_kwargs"]["endpoint_url"] == "http://c:3"
     assert storage_options("/local/path") == {}
+
+
+def test_ls_and_info_of_s3_read_only_manifests_and_compare_with_the_local_copy(s3, store, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`stores ls|info s3://...` lists stores, members, keys, weights, bytes and provenance from the
+    manifests alone (every S3 GET is counted: no array data), and says which have a complete local copy."""
+    from stores.provenance import provenance
+
+    Store(store, mode="a")._update_member("pairs", provenance=provenance("cpu"))
+    other = make_store(tmp_path / "local", "test", n=6, hw=(24, 28), dim=8)
+    env, url = s3.env(), f"s3://{BUCKET}/listed"
+    for s in (store, other):
+        stores_cli("push", s, url, env=env)
+    mine = tmp_path / "mine"
+    stores_cli("pull", f"{url}/{store.name}", mine, env=env)
+    manifests = {f"listed/{s.name}/manifest.json": len(s3.filesystem().cat(f"{BUCKET}/listed/{s.name}/manifest.json"))
+                 for s in (store, other)}
+    gets = count_s3_reads(monkeypatch, env)
+    assert stores_main(["ls", url, "--json", "--local", str(mine)]) == 0
+    rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {store.name, other.name}
+    pushed = Store(store).manifest()["members"]
+    row = rows[store.name]
+    assert row["members"] == {m: "complete" for m, i in pushed.items() if i["status"] == "complete"}
+    pairs = row["details"]["pairs"]
+    assert pairs["key"] == pushed["pairs"]["key"][:12] and pairs["bytes"] == pushed["pairs"]["bytes"] > 0
+    assert pairs["tasks_done"] == f"{pushed['pairs']['tasks']}/{pushed['pairs']['tasks']}"
+    assert pairs["provenance"]["device"] == "cpu" and pairs["provenance"]["libraries"]["zarr"]
+    osf = next(v for m, v in row["details"].items() if m.startswith("osf/"))
+    assert osf["weights"] == "random" and osf["provenance"] is None  # made without provenance: unknown
+    assert row["local"]["exists"] and row["local"]["complete"]
+    assert not rows[other.name]["local"]["exists"]
+    assert sorted(gets) == sorted(manifests.items())  # nothing but the two manifests was read
+
+    gets.clear()
+    assert stores_main(["info", f"{url}/{store.name}", "--local", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert "made by: ptgrm" in out and "made by: unknown" in out and "device cpu" in out
+    assert f"local copy: complete ({mine / store.name})" in out
+    assert [k for k, _ in gets] == [f"listed/{store.name}/manifest.json"]
+    assert stores_main(["info", f"{url}/{other.name}", "--local", str(mine)]) == 0
+    assert "local copy: none" in capsys.readouterr().out
+
+
+def test_catalog_of_an_s3_root_shows_the_same_thumbnails_as_the_local_store(s3, store, tmp_path):
+    env, url = s3.env(), f"s3://{BUCKET}/catalogued"
+    stores_cli("push", store, url, env=env)
+    remote, local = tmp_path / "remote.html", tmp_path / "local.html"
+    stores_cli("catalog", url, "--html", remote, "--local", tmp_path / "none", env=env)
+    stores_cli("catalog", store.parent, "--html", local)
+    thumbs = [re.findall(r"src='(data:image/png;base64,[^']+)'", p.read_text()) for p in (remote, local)]
+    assert len(thumbs[0]) == 2 and thumbs[0] == thumbs[1]  # lq and base of the first sample, read from S3
+    page = remote.read_text()
+    assert f"<h2>{store.name}</h2>" in page and "local copy: none" in page
+    assert "osf/half-000000000000" not in page  # left out of the push: incomplete
+    assert s3.secret_key not in page and s3.access_key not in page

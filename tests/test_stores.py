@@ -1,6 +1,7 @@
 """The store contract: round trip, keys, completion, damage detection, CLI output."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,57 @@ def test_cli_ls_and_info_json(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, check=True)
     member = json.loads(info.stdout)["members"]["pairs"]
     assert member["key"] == "k" * 64 and member["status"] == "complete" and member["bytes"] > 0
+
+
+def test_info_of_a_store_made_before_provenance_says_unknown(tmp_path):
+    toy_store(tmp_path / "root" / "toy-train-deblur-000000000000")  # members without `provenance`
+    info = subprocess.run([sys.executable, "-m", "stores", "info", str(tmp_path / "root" / "toy-train-deblur-000000000000")],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "made by: unknown" in info.stdout
+    ls = subprocess.run([sys.executable, "-m", "stores", "ls", str(tmp_path / "root"), "--json"],
+                        capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(ls.stdout)[0]["details"]["pairs"]["provenance"] is None
+
+
+def test_provenance_names_every_device_that_computed_a_member_and_leaves_its_key(tmp_path):
+    """A SLURM planner begins a member on a CPU node; array tasks on GPU nodes compute it."""
+    from stores.provenance import provenance
+    from toys import spec_of
+
+    store = Store.open_or_create(tmp_path / "s", ATTRS, make_layout([(20, 30)] * 8, 8, 4)[0])
+    planned = provenance("cpu")
+    lq = np.zeros((8, 20, 30, 3), np.uint8)
+    store.begin_member("pairs", "k" * 64, {"member": "pairs"}, [spec_of("lq", lq)], None, {"provenance": planned})
+    for t, (a, b) in enumerate(store.plan("pairs")):
+        hashes = {lo: store.write_shard("pairs", lo, hi, {"lq": list(lq[lo:hi])}) for _, lo, hi in store.shards_of(a, b)}
+        store.mark_done("pairs", t, hashes, {}, made_by={"device": f"GPU {'AB'[t % 2]}", "arch": "aarch64"})
+    info = store.finalize("pairs")
+    assert info["key"] == "k" * 64 and Store(tmp_path / "s").status("pairs", "k" * 64) == "complete"
+    assert info["provenance"] == {**planned, "device": "GPU A, GPU B", "arch": "aarch64"}
+    shown = subprocess.run([sys.executable, "-m", "stores", "info", str(tmp_path / "s")], capture_output=True,
+                           text=True, cwd=ROOT, check=True).stdout
+    assert "device GPU A, GPU B (aarch64)" in shown
+
+
+def test_catalog_names_damage_in_words_and_never_shows_a_lost_shard_as_an_image(tmp_path):
+    from toys import make_store
+
+    intact = make_store(tmp_path / "root", "train", n=6, hw=(24, 28), dim=8)
+    lost = make_store(tmp_path / "root", "test", n=6, hw=(24, 28), dim=8)
+    garbled = tmp_path / "root" / "toy-val-deblur-000000000000"
+    garbled.mkdir()
+    (garbled / "manifest.json").write_text('{"schema": 2, "memb')
+    for f in (lost / "pairs").glob("*/lq/c/0/*/*/*"):
+        f.unlink()  # the first shard of lq, lost by a partial copy
+    out = subprocess.run([sys.executable, "-m", "stores", "catalog", str(tmp_path / "root"), "--html",
+                          str(tmp_path / "c.html")], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "wrote" in out.stdout
+    page = (tmp_path / "c.html").read_text()
+    sections = dict(re.findall(r"<h2>([^<]+)</h2>(.*?)</section>", page, re.S))
+    assert sections[intact.name].count("<img ") == 2
+    assert "<img " not in sections[lost.name] and "thumbnails unavailable" in sections[lost.name]
+    assert "pairs/" in sections[lost.name] and "repair" in sections[lost.name]
+    assert "DAMAGED" in sections[garbled.name] and "manifest.json: damaged" in sections[garbled.name]
 
 
 def test_store_holds_no_pickle(tmp_path):
