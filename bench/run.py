@@ -312,7 +312,7 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    """The README's benchmark table."""
+    """The benchmark table of docs/benchmarks.md."""
     lines = [f"Measured {result['date']} on {result['machine']} (torch {result['torch']}, "
              f"{result['threads']} threads), `make bench`, {result['seconds'] / 60:.1f} min:", "",
              "| row | value | target | met |", "|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """`make stress`: fault tolerance measured with real processes, signals and a full disk.
 
-Scenarios (README, "Fault tolerance"), each against a reference made by one clean run:
+Scenarios (docs/fault-tolerance.md), each against a reference made by one clean run:
   writers   4 concurrent `pipeline features` writers on one store, random SIGKILLs over --rounds
             rounds; then: every member complete, `stores verify` clean, arrays byte-identical to
             the reference, and no shard written after its task's done marker (no rework)
@@ -22,7 +22,7 @@ Scenarios (README, "Fault tolerance"), each against a reference made by one clea
             its lease: the store verifies and holds exactly one writer's bytes per shard
   fuzz      200 random damages (delete, truncate, flip, swap, symlink, empty JSON) to a complete
             store and its WebDataset export (tests/damage.py); counted: silent wrong reads
-Writes bench/results-stress.json and prints the README table. Corruptions: damaged or differing
+Writes bench/results-stress.json and prints the table of docs/fault-tolerance.md. Corruptions: damaged or differing
 arrays, failed verification, writes after a done marker; the target is 0.
 """
 from __future__ import annotations

@@ -246,7 +246,7 @@ def _image_size(path: Path) -> tuple:
         return 0, 0
 
 
-# Modes Pillow decodes, and what each needs to become 8-bit RGB (docs: README "Your own data").
+# Modes Pillow decodes, and what each needs to become 8-bit RGB (docs: docs/usage.md, image modes).
 GREY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 DEEP = "16-bit reduced to 8 bit"
 
