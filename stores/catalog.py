@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .privacy import scrub, shareable
 from .remote import Location, open_location, plain_errors, read_manifest
-from .store import DONE_DIR, MANIFEST, Store, StoreError, check_member_name, check_schema
+from .store import (DONE_DIR, FINGERPRINT_BYTES, MANIFEST, DamagedFile, Store, StoreError, check_member_name,
+                    check_schema, shard_file, task_of)
 
 
 def is_url(root) -> bool:
@@ -147,20 +148,57 @@ def first_sample(path: str, manifest: dict, target: str, endpoint_url: str | Non
 
     from .layout import Layout
 
-    bucket = Layout.from_json(manifest["layout"]).buckets[0].name
+    layout = Layout.from_json(manifest["layout"])
+    bucket = layout.buckets[0].name
     if is_url(path):
-        read = lambda member, name: open_array(path, f"{member}/{bucket}/{name}", endpoint_url)  # noqa: E731
+        def read(member: str, name: str, row: int):
+            check_remote_shard(path, layout, manifest["members"][member], member, name, row, endpoint_url)
+            return open_array(path, f"{member}/{bucket}/{name}", endpoint_url)[row]
     else:
         store = Store(path)
-        read = store.array
+        read = lambda member, name, row: store.array(member, name)[row]  # noqa: E731
     hw = np.asarray(open_array(path, f"pairs/{bucket}/hw", endpoint_url)[:])
     row = int(np.argmax(hw[:, 0] > 0))
     h, w = (int(x) for x in hw[row])
     if not h:
         raise StoreError("no usable sample in the first bucket")
-    lq = np.asarray(read("pairs", "lq")[row])[:h, :w]
-    base = np.asarray(read(target, "base")[row])[:h, :w].astype(np.float32)
+    lq = np.asarray(read("pairs", "lq", row))[:h, :w]
+    base = np.asarray(read(target, "base", row))[:h, :w].astype(np.float32)
     return {"lq": lq, "base": (np.clip(np.nan_to_num(base), 0, 1) * 255 + 0.5).astype(np.uint8)}
+
+
+def check_remote_shard(path: str, layout, info: dict, member: str, name: str, row: int,
+                       endpoint_url: str | None = None) -> None:
+    """The shard file holding `row` (of the first bucket) of a remote store is the one its done
+    marker vouches for: its size and trailing crc32c (one ranged read of 4 bytes), as a local store's
+    reads check it. Zarr would read a lost object as zeros and a swapped one as the wrong pixels."""
+    loc = open_location(path, endpoint_url)
+    rel = shard_file(layout, member, name, info["arrays"][name], 0, row)
+    b = layout.buckets[0]
+    lo = b.start + row // b.shard_len * b.shard_len
+    task = task_of(layout, info, lo)
+    marker_rel = f"{DONE_DIR}/{member}/{task:05d}.json"
+    with plain_errors(path):
+        try:
+            marker = json.loads(loc.fs.cat_file(loc.path(marker_rel)))
+        except FileNotFoundError:
+            raise StoreError(f"{loc.url}: done marker {marker_rel} of member {member} is missing: pull the "
+                             f"store again from a complete copy, or run `python -m stores repair` there") from None
+        want = ((marker.get("files") or {}).get(name) or {}).get(str(lo))
+        if not isinstance(want, str):
+            return  # a marker made before fingerprints were recorded: nothing to compare with
+        size, got = int(want.split(":")[0]), None
+        try:
+            real = int(loc.fs.info(loc.path(rel))["size"])
+            tail = loc.fs.cat_file(loc.path(rel), start=max(0, real - FINGERPRINT_BYTES), end=real)
+            got = f"{real}:{tail.hex()}"
+        except FileNotFoundError:
+            pass
+    if got != want:
+        raise DamagedFile(f"{loc.url}: shard file {rel} of member {member} is "
+                          f"{'missing' if got is None else 'not the file written'} (size:crc32c {got}; its done "
+                          f"marker {marker_rel} vouches for {size} bytes, {want}): run `python -m stores repair` "
+                          f"on the store that was pushed, then push it again, or pull it from a complete copy")
 
 
 def png_data_uri(image) -> str:

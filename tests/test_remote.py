@@ -236,3 +236,25 @@ def test_catalog_of_an_s3_root_shows_the_same_thumbnails_as_the_local_store(s3, 
     assert f"<h2>{store.name}</h2>" in page and "local copy: none" in page
     assert "osf/half-000000000000" not in page  # left out of the push: incomplete
     assert s3.secret_key not in page and s3.access_key not in page
+
+
+@pytest.mark.parametrize("damage", ["lost", "swapped"])
+def test_catalog_of_an_s3_root_never_shows_a_lost_or_swapped_shard_as_an_image(s3, store, tmp_path, damage):
+    """Zarr reads a missing S3 object as zeros (a plausible black thumbnail) and a swapped one as the
+    wrong pixels: the catalogue checks the shard against its done marker and says why instead."""
+    env, url = s3.env(), f"s3://{BUCKET}/catalogued-{damage}"
+    stores_cli("push", store, url, env=env)
+    fs = s3.filesystem()
+    shards = sorted(p for p in fs.find(f"{BUCKET}/catalogued-{damage}/{store.name}/pairs")
+                    if "/lq/c/" in p)
+    assert len(shards) >= 2
+    if damage == "lost":
+        fs.rm(shards[0])
+    else:
+        fs.pipe(shards[0], fs.cat(shards[1]))  # another shard's bytes under the first one's name
+    page_file = tmp_path / "remote.html"
+    stores_cli("catalog", url, "--html", page_file, "--local", tmp_path / "none", env=env)
+    page = page_file.read_text()
+    section = page[page.index(f"<h2>{store.name}</h2>"):]
+    assert "<img " not in section and "thumbnails unavailable" in section
+    assert "/lq/c/" in section and ("repair" in section or "pull" in section)
