@@ -46,7 +46,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT)) \
 	$(call flag,--train-store,$(TRAIN_STORE)) $(call flag,--test-store,$(TEST_STORE))
 
-.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test install clean-runs help
+.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test lint install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
@@ -62,7 +62,7 @@ help:
 	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
 	@echo "make bench-scale   (stores and loaders at dataset sizes, CPU sharing: bench/results-scale.json)"
 	@echo "make stress [ROUNDS=20]   (fault tolerance: kills, full disk, damaged manifests: bench/results-stress.json)"
-	@echo "make test"
+	@echo "make test | make lint   (the test suite; ruff lint, import order and format)"
 
 # The project virtualenv, created on first use. torch/torchvision are pinned exactly
 # (pyproject.toml): a range would let pip download several GB of other CUDA wheels.
@@ -128,6 +128,10 @@ bench-scale: $(VENV)/.installed
 ROUNDS ?=
 stress: $(VENV)/.installed
 	$(PY) bench/stress.py $(call flag,--rounds,$(ROUNDS))
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(VENV)/.installed slurm-up-if-possible
 	$(PY) -m pytest -q tests
