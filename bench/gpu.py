@@ -7,10 +7,11 @@ written as soon as it is measured (a run stopped by its time limit keeps what it
    (float32, the stored values), per encoder (random CLIP ViT-B/32, pre-trained
    EfficientNet-Lite0), and a Restormer-size target plus CLIP under bf16 autocast;
 2. training: PTG-RM steps/s under bf16 autocast, channels_last against the default layout in
-   one run (their ratio), then `torch.compile`;
+   one run (their ratio), then the step's graph modes at 16 x 256 px: `--compile`, `--compile
+   --compile-mode reduce-overhead` and `--cuda-graph` (with kernels per step from the profiler);
 3. end to end (`--e2e`, default on a GPU): `python -m pipeline features` on the demo, then the
-   same `python -m training train` twice and once compiled; reports the repeat-run tolerance
-   (max |weight difference|, PSNR difference) and the compiled run's difference; before them,
+   same `python -m training train` twice, once compiled and once with `--cuda-graph`; reports the
+   repeat-run tolerance (max |weight difference|, PSNR difference) and the other modes' differences; before them,
    a run stopped half-way and resumed on the GPU (a requeued job), and a GPU checkpoint resumed
    on the CPU.
 
@@ -87,26 +88,43 @@ def encoder_rate(name: str, device, batch: int, size: int, repeats: int) -> dict
             "weights": enc.weights["weights"], "dtype": "float32 (as stored)", "views_per_image": 4}
 
 
-def training(device, batch: int, crop: int, repeats: int, compile_model: bool, channels_last: bool = True) -> dict:
+MODES = ("eager", "compile", "reduce-overhead", "cuda-graph")
+
+
+def training(device, batch: int, crop: int, repeats: int, mode: str = "eager", channels_last: bool = True) -> dict:
+    """PTG-RM steps/s as `python -m training train` steps: eager, `--compile` (default mode),
+    `--compile --compile-mode reduce-overhead` (torch.compile's CUDA graphs) or `--cuda-graph`
+    (the whole step, Adam included, captured once: training/step.py)."""
+    from training.step import Step, make_optimizer
+
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = PTGRM(PTGRMConfig()).to(device).to(memory_format=fmt)
-    net = torch.compile(model) if compile_model else model
-    opt = torch.optim.Adam(model.parameters(), 1e-4, betas=(0.9, 0.99))
-    lq, base, gt = (torch.rand(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt) for _ in range(3))
-    g = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
+    net = torch.compile(model, mode=None if mode == "compile" else mode) if "compile" in mode or \
+        mode == "reduce-overhead" else model
+    opt = make_optimizer(model.parameters(), 1e-4, device, graph=mode == "cuda-graph")
+    step = Step(net, opt, device, 1, graph=mode == "cuda-graph", log=lambda *_: None)
+    batch_ = {"lq": torch.rand(batch, 3, crop, crop), "base": torch.rand(batch, 3, crop, crop),
+              "gt": torch.rand(batch, 3, crop, crop),
+              "g": torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1)}
+    batch_ = {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch_.items()}
+    kernels = kernels_per_step(lambda: step(batch_), device) if device.type == "cuda" else None
+    t = timed(lambda: step(batch_), repeats, device)
+    return {"steps_per_s": 1 / t, "samples_per_s": batch / t, "batch": batch, "crop": crop, "mode": mode,
+            "channels_last": channels_last, "dtype": "bf16 autocast", "kernels_per_step": kernels}
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = net(base, lq, g)
-        loss = charbonnier(out.float(), gt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    t = timed(step, repeats, device)
-    return {"steps_per_s": 1 / t, "samples_per_s": batch / t, "batch": batch, "crop": crop,
-            "compile": compile_model, "channels_last": channels_last, "dtype": "bf16 autocast"}
+def kernels_per_step(step, device, warmup: int = 8) -> int | None:
+    """GPU kernels launched by one step (after warm-up and capture), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") or None
 
 
 def cli(args: list[str], log: Path, timeout: int) -> float:
@@ -130,12 +148,12 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
     record("e2e_demo_features_cuda", {"seconds": t, "note": "classical wiener target on CPU, CLIP on the GPU"})
     resume(common + ["--runs-dir", str(runs)], runs, log, record)  # first: a correctness check, not a timing
     out = {}
-    for run, extra in (("a", []), ("b", []), ("c", ["--compile"])):
+    for run, extra in (("a", []), ("b", []), ("c", ["--compile"]), ("d", ["--cuda-graph"])):
         t = cli(["training", "train", *common, "--runs-dir", str(runs), "--run", run, "--steps", str(steps),
                  "--device", "cuda", *extra], log, 300)
         ev = json.loads((runs / run / "eval.json").read_text())
         out[run] = (load_file(str(runs / run / "model.safetensors")), ev)
-        record(f"e2e_train_{run}", {"seconds": t, "steps": steps, "steps_per_s": steps / t, "compile": bool(extra),
+        record(f"e2e_train_{run}", {"seconds": t, "steps": steps, "steps_per_s": steps / t, "flags": extra,
                                     "psnr_base": ev["psnr_base"], "psnr_refined": ev["psnr_refined"],
                                     "data_wait_frac": ev.get("data_wait_frac")})
 
@@ -146,6 +164,7 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
 
     record("e2e_repeat_tolerance", {"runs": "same seed, same settings, twice", **diff("a", "b")})
     record("e2e_compile_vs_eager", {"runs": "--compile against eager, same seed", **diff("a", "c")})
+    record("e2e_cuda_graph_vs_eager", {"runs": "--cuda-graph against eager, same seed", **diff("a", "d")})
 
 
 def resume(common: list[str], runs: Path, log: Path, record) -> None:
@@ -209,9 +228,11 @@ def main(argv=None) -> int:
     for batch, crop in ([(2, 64)] if q else [(16, 256), (32, 256), (8, 512)]):
         for cl in (True, False):
             attempt(f"training_bf16_b{batch}_c{crop}" + ("" if cl else "_contiguous"),
-                    lambda b=batch, c=crop, cl=cl: training(device, b, c, 1 if q else 30, False, cl))
-    if not q and device.type == "cuda":
-        attempt("training_bf16_compiled_b32_c256", lambda: training(device, 32, 256, 30, True))
+                    lambda b=batch, c=crop, cl=cl: training(device, b, c, 1 if q else 30, "eager", cl))
+    for mode in MODES[1:] if device.type == "cuda" or q else ():  # the training step's graph modes
+        attempt(f"training_bf16_b16_c256_{mode}", lambda m=mode: training(device, 2 if q else 16, 64 if q else 256,
+                                                                         2 if q else 100, m,
+                                                                         device.type == "cuda"))
     if args.e2e == "yes" or (args.e2e == "auto" and device.type == "cuda"):
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)

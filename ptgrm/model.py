@@ -53,13 +53,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
+    """Replicate padding of 1 px. Under torch.compile as edge indexing (the same values): the
+    compiled backward of replication_pad2d fails on a CPU (torch 2.14: its meta kernel's strides);
+    eager keeps F.pad, so eager results stay bit for bit what they were."""
+    if not torch.compiler.is_compiling():
+        return F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+    rows = torch.arange(-1, h + 1, device=x.device).clamp(0, h - 1)
+    cols = torch.arange(-1, w + 1, device=x.device).clamp(0, w - 1)
+    return x[..., rows, :][..., cols]
+
+
 def per_pixel_filter(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """out[b,c,y,x] = sum_{i,j<3} pad(x)[b,c,y+i,x+j] * kernels[b,c*9+i*3+j,y,x].
 
     x: (B,C,H,W); kernels: (B,C*9,H,W); replicate padding of 1.
     """
     b, c, h, w = x.shape
-    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel_size=3)
+    patches = F.unfold(replicate_pad1(x), kernel_size=3)
     # unfold's channel index is c*9 + i*3 + j, matching the kernel layout
     prod = patches * kernels.reshape(b, c * 9, h * w)  # (B, C*9, HW)
     return prod.view(b, c, 9, h, w).sum(dim=2)  # (B, C, H, W)

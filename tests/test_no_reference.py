@@ -11,7 +11,8 @@ from pipeline.layouts import detect
 from pipeline.sources import SourceError
 from stores import Store
 from training.losses import SCI_FIDELITY, SCI_SIGMA, sci_loss
-from training.train import TrainConfig, train, train_step
+from training.step import train_step
+from training.train import TrainConfig, train
 
 
 def slow_sci_loss(refined: np.ndarray, lq: np.ndarray) -> float:

@@ -73,6 +73,40 @@ def test_resume_loads_the_optimizer_state_where_the_model_trains(stores, tmp_pat
     assert weights(tmp_path / "parts") == weights(tmp_path / "full")
 
 
+def test_cuda_graph_path_trains_like_eager_and_resumes_across_modes(stores, tmp_path, capsys):
+    """--cuda-graph on a CPU: the capture is skipped with its reason, but the step's static buffers,
+    fused Adam with a tensor learning rate and device-side loss sums run; the result stays within
+    float tolerance of the eager run (fused Adam sums in another order), its checkpoints hold plain
+    float rates, and a run resumes in the other mode."""
+    assert main(train_args(stores, tmp_path, "eager")) == 0
+    capsys.readouterr()
+    assert main(train_args(stores, tmp_path, "graph", "--cuda-graph")) == 0
+    assert "--cuda-graph: capture skipped (not on a GPU)" in capsys.readouterr().out
+    eager, graph = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("eager", "graph"))
+    assert abs(eager["psnr_refined"] - graph["psnr_refined"]) < 0.01
+    rows = [json.loads(x) for x in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
+    eager_rows = [json.loads(x) for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["loss_mean"], e["loss_mean"]) for r, e in zip(rows, eager_rows) if "loss_mean" in r]
+    assert len(losses) == 5 and all(abs(a - b) <= 1e-3 * abs(b) for a, b in losses)
+    state = torch.load(tmp_path / "graph" / "state.pt", weights_only=True)
+    assert all(type(g["lr"]) is float for g in state["optimizer"]["param_groups"])
+    assert all(type(x) is float for x in state["scheduler"]["_last_lr"])
+    # stopped in one mode, resumed in the other: both finish where their own modes' runs end
+    assert main(train_args(stores, tmp_path, "mixed", "--cuda-graph", "--stop-at", "6")) == 0
+    assert main(train_args(stores, tmp_path, "mixed", "--resume")) == 0
+    mixed = json.loads((tmp_path / "mixed" / "eval.json").read_text())
+    assert abs(mixed["psnr_refined"] - eager["psnr_refined"]) < 0.01
+    assert main(train_args(stores, tmp_path, "back", "--stop-at", "6")) == 0
+    assert main(train_args(stores, tmp_path, "back", "--resume", "--cuda-graph")) == 0
+    assert abs(json.loads((tmp_path / "back" / "eval.json").read_text())["psnr_refined"]
+               - eager["psnr_refined"]) < 0.01
+
+
+def test_cuda_graph_refuses_compile(stores, tmp_path, capsys):
+    assert main(train_args(stores, tmp_path, "both", "--cuda-graph", "--compile")) == 1
+    assert "--compile-mode reduce-overhead" in capsys.readouterr().err
+
+
 def test_resume_past_a_partial_metrics_line_and_a_damaged_checkpoint(stores, tmp_path, capsys):
     run = tmp_path / "cut"
     assert main(train_args(stores, tmp_path, "full")) == 0

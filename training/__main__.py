@@ -40,7 +40,11 @@ HELP = {
             "fidelity + smoothness on the illumination lq / refined; docs/design.md)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",
     "vgg_weights": "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a .safetensors of its features.* tensors)", "device": "'auto', 'cpu' or 'cuda[:i]'",
-    "compile": "torch.compile the model", "eval_every": "steps between test evaluations (PSNR curve)",
+    "compile": "torch.compile the model",
+    "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) or max-autotune",
+    "cuda_graph": "GPU: capture the whole training step (forward, backward, fused Adam) as one CUDA graph and "
+                  "replay it (training/step.py); on a CPU the step runs eagerly and says why",
+    "eval_every": "steps between test evaluations (PSNR curve)",
     "stop_at": "stop with a checkpoint after this step; continue later with --resume",
     "save_images": "save the refined test images as PNG in runs/<run>/images/, in the folders of their "
                    "sample names (two sets' 0001.png stay two files)",

@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
-from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, charbonnier
+from .losses import LOSSES, NO_REFERENCE, VGGPerceptual
+from .step import Step, float_lrs, make_optimizer, tensor_lrs
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
@@ -61,6 +62,8 @@ class TrainConfig:
     vgg_weights: str | None = None
     device: str = "auto"  # auto: cuda when available
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (training/step.py)
     workers: int = 1  # loader processes (0: load in the training process)
     threads: int = 0  # torch CPU threads (0: torch's default)
     log_every: int = 25
@@ -73,7 +76,8 @@ class TrainConfig:
 
 # settings that may differ between a run and its resumption without changing the result (where
 # the stores are is one: the keys of the members read are compared instead, check_same_members)
-RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", "log_every", "eval_every",
+RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", "compile_mode", "cuda_graph",
+                "log_every", "eval_every",
                 "save_images", "store_root", "train_store", "test_store")
 
 
@@ -101,7 +105,7 @@ def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict, 
             shutil.copyfile(run_dir / STATE, tmp)
     with atomic_path(run_dir / STATE) as tmp:  # one file holds everything a resume needs
         torch.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
+                    "optimizer": float_lrs(opt.state_dict()), "scheduler": float_lrs(sched.state_dict())}, tmp)
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
 
 
@@ -167,6 +171,8 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
             model.load_state_dict(state["model"])  # weights, optimizer and scheduler of one and the same step
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if cfg.cuda_graph:
+                tensor_lrs(opt, device)
             step = int(state["step"])
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; the next one is tried
             problems.append(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})")
@@ -211,11 +217,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     check_loss(cfg, info, test_split.info())
     torch.manual_seed(cfg.seed)
     model = PTGRM(model_config(cfg, info["osf_dim"]))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    if cfg.cuda_graph and cfg.compile:
+        raise ValueError("--cuda-graph captures the step itself; use it without --compile (or use --compile "
+                         "--compile-mode reduce-overhead, torch.compile's own CUDA graphs)")
+    model.to(device)  # before the optimizer: a graph run's fused Adam keeps its state on the device
+    opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.cuda_graph)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
                "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
-    model.to(device)  # before the optimizer state is loaded: it is placed beside the parameters
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     start = resume_state(run_dir, model, opt, sched, cfg, train_split, test_split, device) if cfg.resume else 0
@@ -230,14 +239,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+    net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, LOSSES[cfg.loss], cfg.cuda_graph, log)
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world)
     tb = _tensorboard(run_dir, start) if main else None
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
     wait = compute = 0.0
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(cfg.steps // AUTO_EVALS, 1)
-    loss_sum = torch.zeros(2, device=device)  # (refined, base) loss per pixel, summed since the last log
+    loss_sum = step_fn.loss_sum  # (refined, base) loss per pixel, summed on the device since the last log
     model.train()
     t_last = time.perf_counter()
     metrics = run_dir / "metrics.jsonl"
@@ -245,11 +255,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for step, batch in enumerate(loader, start):
         t0 = time.perf_counter()
         wait += t0 - t_last
-        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world, LOSSES[cfg.loss])
-        loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = step_fn(batch)
         sched.step()
         t_last = time.perf_counter()
         compute += t_last - t0
@@ -263,7 +269,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if main:
                 row = {"step": done, "loss": loss.item() / (batch["gt"].numel() * world),
                        "loss_sum": loss.item(), "loss_mean": mean_loss, "loss_base_mean": mean_base,
-                       "lr": sched.get_last_lr()[0], "data_wait_frac": wait / max(wait + compute, 1e-9)}
+                       "lr": float(sched.get_last_lr()[0]), "data_wait_frac": wait / max(wait + compute, 1e-9)}
                 _log(metrics, tb, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
         if main and eval_every and done % eval_every == 0 and done < cfg.steps:
@@ -309,29 +315,6 @@ def check_loss(cfg: TrainConfig, train_info: dict, test_info: dict) -> None:
         raise ValueError(f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}")
     if not test_info.get("ground_truth", True):
         raise ValueError(f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split")
-
-
-def train_step(net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None) -> torch.Tensor:
-    """(loss, base's loss) of one (local) batch, summed over pixels. Scaled by the world size so DDP's gradient average equals the
-    gradient of the single-process summed loss. `no_ref(refined, lq)`: a no-reference loss, which
-    never reads the ground truth (the base's loss is then the same loss of the clamped base)."""
-    cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    lq, base, gt, g = (batch[k].to(device, non_blocking=True) for k in ("lq", "base", "gt", "g"))
-    lq, base = lq.contiguous(memory_format=cl), base.contiguous(memory_format=cl)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:
-        refined = net(base, lq, g)
-    refined = refined.float()
-    if no_ref is not None:
-        with torch.no_grad():
-            base_loss = no_ref(base.float().clamp(0, 1), lq)
-        return no_ref(refined, lq) * world, base_loss * world
-    loss = charbonnier(refined, gt)
-    if perceptual is not None:
-        loss = loss + weight * perceptual(refined, gt)
-    with torch.no_grad():  # the unrefined base's loss on the same crops: the reference a run must beat
-        base_loss = charbonnier(base.float().clamp(0, 1), gt)
-    return loss * world, base_loss * world
 
 
 def _log(path: Path, tb, row: dict) -> None:
