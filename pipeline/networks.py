@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ptgrm.checkpoints import CheckpointError, load_checkpoint
-from ptgrm.tiling import pad_to, tiled
+from ptgrm.tiling import pad_square, pad_to, tiled
 from stores import sha256_file
 
 from .mprnet import MPRNET_TASKS, MPRNet, mprnet_config
@@ -68,6 +68,7 @@ class Builtin:
     ignore_prefix: str | None = None  # checkpoint keys under it belong to another network and are skipped
     extra_spec: dict = field(default_factory=dict)
     packaged: tuple[Path, str] | None = None  # (file, its sha256): weights shipped with the project, the default
+    square: bool = False  # pad as Uformer's tests (`expand2square`), not reflect bottom/right
 
     def pad_factor(self, cfg: dict) -> int:
         return self.factor(cfg) if callable(self.factor) else self.factor
@@ -102,7 +103,7 @@ BUILTINS: dict[str, Builtin] = {
     "uformer-b": Builtin("uformer", "denoise", Uformer, _fixed_config("Uformer", UFORMER_B),
                          "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
                          "'Pretrained model', SIDD link)",
-                         lambda cfg: 16 * cfg["win_size"]),
+                         lambda cfg: 16 * cfg["win_size"], square=True),
     "snr-aware": Builtin("snr-aware", "lowlight", SNRAware, _fixed_config("SNR-Aware", SNR_AWARE),
                          "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "
                          "LOLv1.pth, LOLv2_real.pth, sid_G.pth (github.com/dvlab-research/SNR-Aware)", 4,
@@ -163,8 +164,13 @@ LIVE_FACTOR = 6  # peak activation memory over the largest single module output 
 PROBE = 128  # px: edge of the probe that measures a network's activation bytes per pixel
 
 
+SQUARE_PADDING = ("expand2square: zeros around the centred image to a square whose side is a multiple of the "
+                  "factor, output cropped back (Uformer's test scripts)")
+
+
 class NetworkTarget:
-    """A frozen network as a target: reflect-pad to a multiple of `factor`, run (in tiles of
+    """A frozen network as a target: reflect-pad to a multiple of `factor` (with `square`, zero-pad
+    to a centred square as Uformer's tests do), run (in tiles of
     `tile` px overlapping by `overlap` px when `tile` is set; each output pixel comes from the
     tile where it lies furthest from a cut), crop back. float32, unclamped, batch of one.
 
@@ -176,7 +182,8 @@ class NetworkTarget:
 
     def __init__(self, net: nn.Module, target_id: str, spec: dict, sha256: str | None = None, factor: int = 1,
                  tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None,
-                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None):
+                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None,
+                 square: bool = False):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
             raise ValueError(f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
                              f"by at least {factor}")
@@ -185,7 +192,7 @@ class NetworkTarget:
         self.id, self.factor, self.tile, self.overlap = target_id, factor, tile, overlap
         self.sha256, self.checkpoint = sha256, None if checkpoint is None else str(checkpoint)
         self.weights = "pretrained" if sha256 else "random"
-        self.prepare = prepare
+        self.prepare, self.square = prepare, square
         self.max_pixels = self.auto_tile = None
         budget = BUDGET_MB if budget_mb is None else float(budget_mb)
         auto = tile is None and budget != float("inf")  # inf: never tiled (a spec made before the budget)
@@ -196,6 +203,8 @@ class NetworkTarget:
             self.auto_tile = max(smallest, int(self.max_pixels ** 0.5) // factor * factor)
         self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
                       "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
+        if square:  # only then: the keys of reflect-padded targets stay as they were
+            self._spec["padding"] = SQUARE_PADDING
         if auto:  # what decides how a large image is cut (none is, below max_pixels)
             self._spec["auto_tile"] = {"budget_mb": budget, "max_pixels": self.max_pixels, "tile": self.auto_tile,
                                        "overlap": overlap}
@@ -210,11 +219,14 @@ class NetworkTarget:
         h, w = x.shape[-2:]
         if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
             x = self.prepare(x)
+        top, left = 0, 0
+        if self.square:
+            x, (top, left) = pad_square(x, self.factor)
         x = pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
         tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
             y = self.net(x) if tile is None else tiled(self.net, (x,), tile, self.overlap, self.factor)
-        return y[0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
+        return y[0, :, top:top + h, left:left + w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
 
     def tile_for(self, h: int, w: int) -> int | None:
         """The tile edge an (h, w) padded input runs in; None: whole."""
@@ -311,7 +323,7 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
     extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
     return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
                          spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,
-                         None if sha else init_seed, budget_mb)
+                         None if sha else init_seed, budget_mb, spec.square)
 
 
 def build_restormer_target(task: str, checkpoint, tile: int | None = None, overlap: int = 32,
@@ -415,6 +427,11 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
         target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
                                       allow_random=random, init_seed=(spec.get("init") or {}).get("seed", 0),
                                       **tiling)
+        if target.spec().get("padding") != spec.get("padding"):
+            raise ValueError(f"target {spec['target']}: the store was made padding its inputs "
+                             f"{spec.get('padding') or 'by reflection, bottom/right'}; this version pads them "
+                             f"{target.spec().get('padding') or 'by reflection, bottom/right'}: make its features "
+                             f"again (`make features`) and train on them (see CHANGELOG.md)")
         if random:
             return target
     elif spec.get("network") == "user":
