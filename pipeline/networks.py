@@ -39,6 +39,7 @@ from .restormer import PAD_FACTOR, Restormer
 from .sci import SCI, SCI_CONFIG, SCI_WEIGHTS, TRAINING_ONLY_PREFIX, WEIGHTS_DIR
 from .snr_aware import SNRAware, with_snr_map
 from .uformer import UFORMER_B, Uformer
+from .weights import cached_target_checkpoint
 
 RESTORMER_BASE = {"inp_channels": 3, "out_channels": 3, "dim": 48, "num_blocks": [4, 6, 6, 8],
                   "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "ffn_expansion_factor": 2.66,
@@ -302,7 +303,8 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
         checkpoint = spec.packaged[0]
     if checkpoint is None and not allow_random:
         raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
-                         f"{spec.checkpoints}), or --allow-random-weights for a test with random weights")
+                         f"{spec.checkpoints}; `python -m pipeline weights get {name}` (make weights NAME={name}) "
+                         f"downloads it when online), or --allow-random-weights for a test with random weights")
     with torch.random.fork_rng(devices=[]):  # random weights are drawn from init_seed alone
         torch.manual_seed(init_seed)
         net = spec.make(**cfg)
@@ -407,6 +409,8 @@ def build_network_target(name: str, checkpoint=None, allow_random: bool = False,
     with `allow_random`)."""
     if name.split(":")[0] in BUILTINS:
         base, options = parse_options(name)
+        if checkpoint is None and not options:  # the published configuration: a downloaded checkpoint
+            checkpoint = cached_target_checkpoint(base)
         return build_builtin_target(base, checkpoint, config=options, allow_random=allow_random,
                                     init_seed=init_seed, **kw)
     if checkpoint is None:
@@ -424,6 +428,8 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
               "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf"))}  # older specs: whole
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"
+        if checkpoint is None and not random:
+            checkpoint = cached_target_checkpoint(spec["target"])
         target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
                                       allow_random=random, init_seed=(spec.get("init") or {}).get("seed", 0),
                                       **tiling)
