@@ -30,7 +30,9 @@ def row(name, pairs):
     p32, p16, moved = [], [], []
     for gt, base in pairs:
         a, b = to_uint8(base), to_uint8(base.astype(np.float16))
-        p32.append(psnr(a, gt)); p16.append(psnr(b, gt)); moved.append((a != b).mean())
+        p32.append(psnr(a, gt))
+        p16.append(psnr(b, gt))
+        moved.append((a != b).mean())
     p32, p16 = np.array(p32), np.array(p16)
     print(f"{name:40s} n={len(p32)} base {p32.mean():.3f} dB  fp16-fp32 mean {p16.mean() - p32.mean():+.4f} dB  "
           f"per-sample max |d| {np.abs(p16 - p32).max():.4f} dB  uint8 moved {100 * np.mean(moved):.2f} %")

@@ -14,8 +14,8 @@ import pytest
 from pipeline.download import DownloadError, download
 from pipeline.encoders import WeightsNotFound, _hf_cached_checkpoint, build_encoder
 from pipeline.networks import build_network_target
-from ptgrm.checkpoints import CheckpointError
 from pipeline.weights import cached_target_checkpoint
+from ptgrm.checkpoints import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"  # OpenCLIP's hub entry of ViT-B-32-quickgelu:openai
