@@ -33,6 +33,7 @@ SPLITS ?=
 STORE ?=
 SRC ?=
 DST ?=
+NAME ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
 COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
@@ -46,10 +47,11 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT)) \
 	$(call flag,--train-store,$(TRAIN_STORE)) $(call flag,--test-store,$(TEST_STORE))
 
-.PHONY: features train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test lint install clean-runs help
+.PHONY: features weights train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test lint install clean-runs help
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
+	@echo "make weights NAME=clip-vit-b32|restormer-deblur|...   (download a published checkpoint when online)"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|sci] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"
 	@echo "make eval     TASK=deblur RUN=deblur"
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
@@ -75,6 +77,10 @@ install: $(VENV)/.installed
 
 features: $(VENV)/.installed
 	$(PY) -m pipeline features $(FEATURES_FLAGS)
+
+weights: $(VENV)/.installed
+	@test -n "$(NAME)" || { echo "usage: make weights NAME=clip-vit-b32 (an encoder or a built-in target)"; exit 2; }
+	$(PY) -m pipeline weights get $(NAME)
 
 train: $(VENV)/.installed
 	$(PY) -m training train $(TRAIN_FLAGS)

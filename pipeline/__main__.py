@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stores.privacy import scrub
 
+from .download import weights_main, weights_parser
 from .layouts import LAYOUTS
 from .plan import FeaturesConfig, complete_stores
 from .tasks import TASKS
@@ -108,7 +109,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     features_parser(sub)
     restore_parser(sub)
+    weights_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "weights":
+        return weights_main(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     # our own warning about random encoder weights says more than open_clip's
     logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())

@@ -300,7 +300,10 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
         return model, {"weights": "pretrained", "sha256": sha256_file(cached), "path": str(cached)}
     where = f"--clip-weights (not given), the Hugging Face cache ({hf_home()}) for {arch}:{tag}"
     if not allow_random:
-        raise WeightsNotFound(f"no weights for {arch}: looked in {where}. Pass --clip-weights PATH "
+        name = next((n for n, at in ALIASES.items() if at == (arch, tag)), f"openclip:{arch}:{tag}")
+        get = (f"`python -m pipeline weights get {name}` (make weights NAME={name}) downloads them when online "
+               f"(into that cache); or pass " if tag else "Pass ")
+        raise WeightsNotFound(f"no weights for {arch}: looked in {where}. {get}--clip-weights PATH "
                               f"(CLIP_WEIGHTS=PATH), or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random "
                               f"initialisation (recorded as weights: random)")
     warnings.warn(f"no pre-trained weights for {arch} (looked in {where}); using a RANDOM "

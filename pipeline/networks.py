@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ptgrm.checkpoints import CheckpointError, load_checkpoint
-from ptgrm.tiling import pad_to, tiled
+from ptgrm.tiling import pad_square, pad_to, tiled
 from stores import sha256_file
 
 from .mprnet import MPRNET_TASKS, MPRNet, mprnet_config
@@ -39,6 +39,7 @@ from .restormer import PAD_FACTOR, Restormer
 from .sci import SCI, SCI_CONFIG, SCI_WEIGHTS, TRAINING_ONLY_PREFIX, WEIGHTS_DIR
 from .snr_aware import SNRAware, with_snr_map
 from .uformer import UFORMER_B, Uformer
+from .weights import cached_target_checkpoint
 
 RESTORMER_BASE = {"inp_channels": 3, "out_channels": 3, "dim": 48, "num_blocks": [4, 6, 6, 8],
                   "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "ffn_expansion_factor": 2.66,
@@ -68,6 +69,7 @@ class Builtin:
     ignore_prefix: str | None = None  # checkpoint keys under it belong to another network and are skipped
     extra_spec: dict = field(default_factory=dict)
     packaged: tuple[Path, str] | None = None  # (file, its sha256): weights shipped with the project, the default
+    square: bool = False  # pad as Uformer's tests (`expand2square`), not reflect bottom/right
 
     def pad_factor(self, cfg: dict) -> int:
         return self.factor(cfg) if callable(self.factor) else self.factor
@@ -102,7 +104,7 @@ BUILTINS: dict[str, Builtin] = {
     "uformer-b": Builtin("uformer", "denoise", Uformer, _fixed_config("Uformer", UFORMER_B),
                          "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
                          "'Pretrained model', SIDD link)",
-                         lambda cfg: 16 * cfg["win_size"]),
+                         lambda cfg: 16 * cfg["win_size"], square=True),
     "snr-aware": Builtin("snr-aware", "lowlight", SNRAware, _fixed_config("SNR-Aware", SNR_AWARE),
                          "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "
                          "LOLv1.pth, LOLv2_real.pth, sid_G.pth (github.com/dvlab-research/SNR-Aware)", 4,
@@ -163,8 +165,13 @@ LIVE_FACTOR = 6  # peak activation memory over the largest single module output 
 PROBE = 128  # px: edge of the probe that measures a network's activation bytes per pixel
 
 
+SQUARE_PADDING = ("expand2square: zeros around the centred image to a square whose side is a multiple of the "
+                  "factor, output cropped back (Uformer's test scripts)")
+
+
 class NetworkTarget:
-    """A frozen network as a target: reflect-pad to a multiple of `factor`, run (in tiles of
+    """A frozen network as a target: reflect-pad to a multiple of `factor` (with `square`, zero-pad
+    to a centred square as Uformer's tests do), run (in tiles of
     `tile` px overlapping by `overlap` px when `tile` is set; each output pixel comes from the
     tile where it lies furthest from a cut), crop back. float32, unclamped, batch of one.
 
@@ -176,7 +183,8 @@ class NetworkTarget:
 
     def __init__(self, net: nn.Module, target_id: str, spec: dict, sha256: str | None = None, factor: int = 1,
                  tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None,
-                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None):
+                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None,
+                 square: bool = False):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
             raise ValueError(f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
                              f"by at least {factor}")
@@ -185,7 +193,7 @@ class NetworkTarget:
         self.id, self.factor, self.tile, self.overlap = target_id, factor, tile, overlap
         self.sha256, self.checkpoint = sha256, None if checkpoint is None else str(checkpoint)
         self.weights = "pretrained" if sha256 else "random"
-        self.prepare = prepare
+        self.prepare, self.square = prepare, square
         self.max_pixels = self.auto_tile = None
         budget = BUDGET_MB if budget_mb is None else float(budget_mb)
         auto = tile is None and budget != float("inf")  # inf: never tiled (a spec made before the budget)
@@ -196,6 +204,8 @@ class NetworkTarget:
             self.auto_tile = max(smallest, int(self.max_pixels ** 0.5) // factor * factor)
         self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
                       "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
+        if square:  # only then: the keys of reflect-padded targets stay as they were
+            self._spec["padding"] = SQUARE_PADDING
         if auto:  # what decides how a large image is cut (none is, below max_pixels)
             self._spec["auto_tile"] = {"budget_mb": budget, "max_pixels": self.max_pixels, "tile": self.auto_tile,
                                        "overlap": overlap}
@@ -210,11 +220,14 @@ class NetworkTarget:
         h, w = x.shape[-2:]
         if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
             x = self.prepare(x)
+        top, left = 0, 0
+        if self.square:
+            x, (top, left) = pad_square(x, self.factor)
         x = pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
         tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
             y = self.net(x) if tile is None else tiled(self.net, (x,), tile, self.overlap, self.factor)
-        return y[0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
+        return y[0, :, top:top + h, left:left + w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
 
     def tile_for(self, h: int, w: int) -> int | None:
         """The tile edge an (h, w) padded input runs in; None: whole."""
@@ -290,7 +303,8 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
         checkpoint = spec.packaged[0]
     if checkpoint is None and not allow_random:
         raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
-                         f"{spec.checkpoints}), or --allow-random-weights for a test with random weights")
+                         f"{spec.checkpoints}; `python -m pipeline weights get {name}` (make weights NAME={name}) "
+                         f"downloads it when online), or --allow-random-weights for a test with random weights")
     with torch.random.fork_rng(devices=[]):  # random weights are drawn from init_seed alone
         torch.manual_seed(init_seed)
         net = spec.make(**cfg)
@@ -311,7 +325,7 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
     extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
     return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
                          spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,
-                         None if sha else init_seed, budget_mb)
+                         None if sha else init_seed, budget_mb, spec.square)
 
 
 def build_restormer_target(task: str, checkpoint, tile: int | None = None, overlap: int = 32,
@@ -395,6 +409,8 @@ def build_network_target(name: str, checkpoint=None, allow_random: bool = False,
     with `allow_random`)."""
     if name.split(":")[0] in BUILTINS:
         base, options = parse_options(name)
+        if checkpoint is None and not options:  # the published configuration: a downloaded checkpoint
+            checkpoint = cached_target_checkpoint(base)
         return build_builtin_target(base, checkpoint, config=options, allow_random=allow_random,
                                     init_seed=init_seed, **kw)
     if checkpoint is None:
@@ -412,9 +428,16 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
               "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf"))}  # older specs: whole
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"
+        if checkpoint is None and not random:
+            checkpoint = cached_target_checkpoint(spec["target"])
         target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
                                       allow_random=random, init_seed=(spec.get("init") or {}).get("seed", 0),
                                       **tiling)
+        if target.spec().get("padding") != spec.get("padding"):
+            raise ValueError(f"target {spec['target']}: the store was made padding its inputs "
+                             f"{spec.get('padding') or 'by reflection, bottom/right'}; this version pads them "
+                             f"{target.spec().get('padding') or 'by reflection, bottom/right'}: make its features "
+                             f"again (`make features`) and train on them (see CHANGELOG.md)")
         if random:
             return target
     elif spec.get("network") == "user":

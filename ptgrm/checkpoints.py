@@ -54,5 +54,5 @@ def _read(path: Path):
         raise CheckpointError(f"{path}: refused: it holds pickled Python objects{what}, not only tensors, and "
                               f"a checkpoint never runs code here. Save the state dict instead: "
                               f"torch.save({{'params': model.state_dict()}}, ...) or safetensors") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+    except (RuntimeError, OSError, EOFError, IndexError, KeyError, ValueError) as e:  # bytes that are no checkpoint
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None

@@ -24,6 +24,16 @@ def pad_to(x: torch.Tensor, factor: int, mode: str = "reflect") -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def pad_square(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad to a square whose side is max(H, W) rounded up to a multiple of `factor`, the image
+    at the centre ((side - H) // 2 rows above, (side - W) // 2 columns left): Uformer's
+    `expand2square`. Returns the square and (top, left), where the image lies in it."""
+    h, w = x.shape[-2:]
+    side = -(-max(h, w) // factor) * factor
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(x, (left, side - w - left, top, side - h - top)), (top, left)
+
+
 def spans(length: int, tile: int, overlap: int, factor: int = 1) -> list[tuple[int, int, int, int]]:
     """Along one axis: (tile start, tile end, kept start, kept end). Tiles start on multiples of
     `factor` and overlap by >= `overlap`; cuts lie mid-overlap, so every kept pixel is at least

@@ -9,6 +9,7 @@ pretrain_model_boost_restoration's low_light_transformer2), whose outputs on ran
 equal (docs/networks.md gives the measured differences). The official code is not in this project.
 """
 import json
+import math
 import sys
 import subprocess
 from pathlib import Path
@@ -24,6 +25,8 @@ from pipeline.networks import (BUILTINS, CheckpointError, build_builtin_target, 
                                load_state, parse_options, target_from_spec)
 from pipeline.snr_aware import SNRAware, blurred_frame, snr_map
 from stores import Store, key_of
+from stores.stats import psnr, to_uint8
+from training.data import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_names.json").read_text())
@@ -265,3 +268,56 @@ def test_sid_row_end_to_end_features_import_official_eval(tmp_path, tiny_clip):
     result = json.loads((runs / "sid" / "eval.json").read_text())
     assert result["n_images"] == 2 and result["weights"] == "pretrained" and np.isfinite(result["psnr_refined"])
     assert result["psnr_base"] != result["psnr_refined"]  # PTG-RM changed the target's output
+
+
+def official_uformer_test(net, x: torch.Tensor) -> torch.Tensor:
+    """Uformer's test scripts (test/test_sidd.py, test_gopro_hide.py...): `expand2square(x, factor=128)`
+    puts the image at the centre of a zero square whose side is max(h, w) rounded up to a multiple of
+    128 ((X - h) // 2 rows above, (X - w) // 2 columns left), runs the network on the square and
+    takes the image's place back out (`masked_select` of the mask)."""
+    h, w = x.shape[-2:]
+    side = math.ceil(max(h, w) / 128) * 128
+    top, left = (side - h) // 2, (side - w) // 2
+    square = torch.zeros(1, 3, side, side)
+    square[..., top:top + h, left:left + w] = x
+    with torch.no_grad():
+        return net(square)[..., top:top + h, left:left + w]
+
+
+def test_uformer_pads_as_the_official_test_does():
+    """Centred zero padding to a square (side a multiple of 128), output cropped back: equal to the
+    official procedure on sizes that are not multiples of 128, square or not (a narrow Uformer with
+    the published 8x8 windows, so the same multiple of 128, in a fraction of the time)."""
+    target = build_builtin_target("uformer-b", None, config={"depths": [1] * 9, "embed_dim": 8}, allow_random=True,
+                                  device="cpu")
+    with torch.no_grad():  # off the initialisation, so that every weight matters
+        for k, v in target.net.state_dict().items():
+            if v.is_floating_point():
+                v.add_(torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k))) * 0.02)
+    assert "expand2square" in target.spec()["padding"]  # in the key: stores made before are not reused
+    for h, w in ((70, 94), (130, 200), (96, 128), (100, 100)):
+        lq = image(h, w, seed=h)
+        ours = target(lq, {})
+        official = official_uformer_test(target.net, torch.from_numpy(lq).permute(2, 0, 1)[None])
+        diff = float(np.abs(ours - official[0].permute(1, 2, 0).numpy()).max())
+        assert ours.shape == (h, w, 3) and diff <= 1e-5, f"{h}x{w}: max |diff| {diff}"
+    before = {k: v for k, v in target.spec().items() if k != "padding"}  # a store made reflect-padding
+    with pytest.raises(ValueError, match=r"made padding its inputs by reflection.*expand2square.*make its features"):
+        target_from_spec(before, None, device="cpu")
+
+
+def test_the_stored_float16_base_scores_as_the_official_float32_output(tmp_path, tiny_clip):
+    """The official scripts convert the network's float32 output to uint8; the store keeps base in
+    float16, which moves some uint8 values by one. On the lowlight demo with SCI's published weights
+    the mean base PSNR stays within 0.005 dB of the official conversion's (docs/networks.md)."""
+    [store] = build_features(FeaturesConfig(task="lowlight", data="demo", splits=("test",), store_root=str(tmp_path),
+                                            encoder=f"openclip:{tiny_clip}"), log=lambda *_: None)
+    split = Split.open(store, None, None)
+    target = build_network_target("sci-medium", device="cpu")
+    stored, official = [], []
+    for i in range(len(split.hw)):
+        s = split.image(i)
+        stored.append(psnr(to_uint8(s["base"]), s["gt"]))
+        official.append(psnr(to_uint8(target(s["lq"].astype(np.float32) / 255, {})), s["gt"]))
+    assert len(stored) == 33 and split.target.startswith("targets/sci-medium-")
+    assert abs(np.mean(stored) - np.mean(official)) <= 0.005, (np.mean(stored), np.mean(official))
