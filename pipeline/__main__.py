@@ -9,7 +9,7 @@ from pathlib import Path
 from stores.privacy import scrub
 
 from .layouts import LAYOUTS
-from .plan import FeaturesConfig, complete_stores
+from .plan import FeaturesConfig, plan_features, report_complete
 from .tasks import TASKS
 
 D = FeaturesConfig()
@@ -123,11 +123,13 @@ def main(argv=None) -> int:
                            args.osf, args.target_weights, allow_code=allow_code)
             return 0
         cfg = features_config(args)
-        paths, found = (None, None) if cfg.wds else complete_stores(cfg)
-        if paths is None:  # else answered without importing torch or a network
+        plans = plan_features(cfg)  # lists each split's source, once
+        if all(p.complete() for p in plans) and not cfg.wds:  # answered without importing torch or a network
+            report_complete(plans, wds=False)
+        else:
             from .extract import build_features
 
-            build_features(cfg, found=found)
+            build_features(cfg, plans=plans)
     except (ValueError, RuntimeError, OSError) as e:
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
         print(f"error: {scrub(e)}" + ("; free space (or raise the quota) and run the same command again: "

@@ -31,8 +31,8 @@ from .degrade import DEGRADATIONS
 from .descriptors import Descriptors, write_descriptors
 from .encoders import build_encoder
 from .names import is_network_target, weights_arg
-from .plan import SOURCES_FILE, FeaturesConfig, complete_store, file_stats, known_sources, plan_pairs
-from .sources import Source, SourceError, open_source, release_caches
+from .plan import SOURCES_FILE, FeaturesConfig, SplitPlan, file_stats, plan_features, report_complete
+from .sources import Source, SourceError, release_caches
 from .layouts import parse_data
 from .targets import build_target
 from .tasks import get_task
@@ -56,10 +56,10 @@ def text_width(values) -> int:
     return max(64, -(-max((len(str(v).encode()) for v in values), default=1) // 64) * 64)
 
 
-def pairs_member(source: Source, task, cfg: FeaturesConfig) -> Member:
-    key, spec = plan_pairs(source, task, cfg)
+def pairs_member(plan: SplitPlan) -> Member:
+    source = plan.source
     img = lambda name: ArraySpec(name, "uint8", (3,), image=True)  # noqa: E731
-    return Member("pairs", key, spec, [img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
+    return Member("pairs", plan.pairs_key, plan.pairs_spec, [img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
                                        ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
                                        ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
 
@@ -122,28 +122,23 @@ class SplitJob:
                                     {**m.info, "config": asdict(cfg), "provenance": made_by})
 
     @classmethod
-    def plan(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
-             log=print) -> "SplitJob":
-        """List the dataset (unless `source` was opened already, by complete_store: the stat cache is
-        not read twice), create or open the store, write its sample descriptors and members' plans."""
-        if source is None:
-            known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-            source = open_source(cfg.data, split, *task.demo_tiles, known=known)
-        members = plan_members(pairs_member(source, task, cfg), target, encoders, cfg)
-        path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, members[0].key)
+    def open(cls, plan: SplitPlan, target, encoders: list, log=print) -> "SplitJob":
+        """Create or open the planned store, write its sample descriptors and members' ranges."""
+        cfg, source, path = plan.cfg, plan.source, plan.path
+        members = plan_members(pairs_member(plan), target, encoders, cfg)
         if cfg.store_shared:
             fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members}, log)
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
         save = partial(save_records, source)
         store = Store.open_or_create(path, {
-            "dataset": source.dataset, "split": split, "task": task.name, "pairs_key": members[0].key,
-            "metric_space": task.metric_space}, layout, save)
+            "dataset": source.dataset, "split": plan.split, "task": plan.task.name, "pairs_key": plan.pairs_key,
+            "metric_space": plan.task.metric_space}, layout, save)
         save(path)
         order = make_layout(hws, store.layout.tile)[1]  # a store keeps the layout it was made with
         write_descriptors(path, source, order)
-        degradation = DEGRADATIONS[task.degradation] if not source.paired else None
-        return cls(cfg, split, store, members, lambda i: (int(order[i]), source.samples[int(order[i])]),
+        degradation = DEGRADATIONS[plan.task.degradation] if not source.paired else None
+        return cls(cfg, plan.split, store, members, lambda i: (int(order[i]), source.samples[int(order[i])]),
                    degradation, log, source)
 
     @classmethod
@@ -335,11 +330,11 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
         copy_store(src, str(local.parent), log=log)
 
 
-def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print,
-                source: Source | None = None) -> Path:
+def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
     """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
-    job = SplitJob.plan(cfg, task, split, target, encoders, source, log)
+    cfg, split = plan.cfg, plan.split
+    job = SplitJob.open(plan, target, encoders, log)
     layout = job.source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
         log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
@@ -427,24 +422,17 @@ def build_models(cfg: FeaturesConfig):
     return task, target, encoders
 
 
-def build_features(cfg: FeaturesConfig, log=print, found: dict | None = None) -> list[Path]:
+def build_features(cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None = None) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
-    one added to a complete store computes only itself. `found`: split -> complete_store's answer,
-    when the caller asked already (the sources are then not listed twice).
+    one added to a complete store computes only itself. `plans`: the splits' plans, when the
+    caller made them already (the sources are then not listed twice).
     """
-    task = get_task(cfg.task)
-    found = found or {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if all(path for path, _ in found.values()):  # a re-run of a complete store: no network is built
-        for path, _ in found.values():
-            log(f"{path.name}: complete; nothing to compute")
-            if cfg.wds:  # the export of the members this command names
-                export_wds(path, target=(cfg.target or task.target).split(":")[0],
-                           encoders=(cfg.encoder or task.encoder).split(","), log=log,
-                           ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
-        return [path for path, _ in found.values()]
+    plans = plans or plan_features(cfg)
+    if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
+        return report_complete(plans, cfg.wds, log)
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
-    return [build_split(cfg, task, split, target, encoders, log, found[split][1]) for split in cfg.splits]
+    return [build_split(p, target, encoders, log) for p in plans]

@@ -1,4 +1,5 @@
-"""Is there anything to compute? Answered from names, the stat cache and manifests alone.
+"""The plan of each split (`plan_split`) and whether anything is left to compute (`SplitPlan.complete`),
+answered from names, the stat cache and manifests alone.
 
 A re-run of `make features` on complete stores costs a stat per source file: this module imports
 neither torch nor any network or image library (pipeline/extract.py, which builds the frozen
@@ -8,18 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stores import Store, dataset_name, key_of, store_name
 from stores.privacy import local_path
 from stores.store import SOURCES_DIR, StoreError
+from stores.wds import export_wds
 
 from .degrade import DEGRADATIONS
 from .layouts import parse_data
 from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
-from .tasks import get_task
+from .tasks import Task, get_task
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,6 @@ class FeaturesConfig:
     wds: bool = False  # also write the WebDataset export (<store>-wds/) from the extraction stream
 
 
-def plan_pairs(source: Source, task, cfg: FeaturesConfig) -> tuple[str, dict]:
-    """(key, spec) of a split's pairs member: needs the source, not the frozen networks."""
-    deg = None if source.paired else task.degradation
-    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
-    spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
-    return key_of(spec), spec
-
-
 SOURCES_FILE = "files.json"
 
 
@@ -77,6 +71,100 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
         if local_path(rec.get("root")) == str(root) and rec.get("split") == split:
             return rec
     return None
+
+
+def pairs_key(source: Source, task: Task, seed: int) -> tuple[str, dict]:
+    """(key, spec) of a split's pairs member: needs the source, not the frozen networks."""
+    deg = None if source.paired else task.degradation
+    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": seed} if deg else None
+    spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
+    return key_of(spec), spec
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What one split of `make features` needs, found without torch or any network: its source
+    (listed once, with the stat cache of the last run unless --rehash), the pairs member's key,
+    the store's path, and the target and encoders its other members are computed with."""
+    cfg: FeaturesConfig
+    task: Task
+    split: str
+    source: Source
+    pairs_key: str
+    pairs_spec: dict
+    path: Path
+    target: str  # the target's name (--target, else the task's)
+    encoders: tuple  # the encoders' names
+    stat_cache: bool  # the source's files were checked against an earlier run's records
+    _answer: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def complete(self) -> bool:
+        """Is every member this command asks for complete already? Answered once per plan, from
+        the stat cache and the manifest alone (no image decoded or hashed, no network built); False
+        when something may have to be computed (the networks are then built and members checked by
+        key). A member counts when its recorded settings match and its weight files keep their
+        (size, mtime). User factories (`module.path:factory`) are always built (their code may have
+        changed); `--rehash` always builds and checks by key."""
+        if "complete" not in self._answer:
+            self._answer["complete"] = self._complete()
+        return self._answer["complete"]
+
+    def _complete(self) -> bool:
+        cfg, rec = self.cfg, self.source.records or {}
+        if cfg.rehash or is_user_target(self.target) or any(is_user_encoder(n) for n in self.encoders):
+            return False
+        if (cfg.data != "demo" and not self.stat_cache) or rec.get("changed") or rec.get("touched"):
+            return False  # the full path names the changed files and records the new stats
+        try:
+            members = Store(self.path).manifest()["members"]
+        except (StoreError, OSError, ValueError, KeyError):
+            return False
+        done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
+        return members.get("pairs", {}).get("status") == "complete" and self._target_done(done) and all(
+            self._encoder_done(name, done) for name in self.encoders)
+
+    def _target_done(self, done: list) -> bool:
+        recipe = TARGET_RECIPE if is_network_target(self.target) else CLASSICAL_RECIPE  # tiling is a network's
+        want = {f: getattr(self.cfg, f) for f in recipe}
+        return any(i.get("target") == self.target.split(":")[0]  # what it computed, not what the default was then
+                   and local_path(i["config"].get("target") or self.task.target) == self.target
+                   and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done)
+
+    def _encoder_done(self, name: str, done: list) -> bool:
+        cfg = self.cfg
+        want = {**{f: getattr(cfg, f) for f in ENCODER_RECIPE}, "weights": weights_arg(name, cfg.clip_weights,
+                                                                                       cfg.sd_weights)}
+        return any(local_path(i.get("encoder")) == name and want == {
+            **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
+            "weights": local_path(weights_arg(name, i["config"].get("clip_weights"), i["config"].get("sd_weights")))}
+            for i in done)
+
+
+def plan_split(cfg: FeaturesConfig, task: Task, split: str) -> SplitPlan:
+    """List one split's source (the only listing of the dataset folder) and work out its store."""
+    stat_cache = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+    source = open_source(cfg.data, split, *task.demo_tiles, known=stat_cache)
+    key, spec = pairs_key(source, task, cfg.seed)
+    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, key)
+    return SplitPlan(cfg, task, split, source, key, spec, path, cfg.target or task.target,
+                     tuple((cfg.encoder or task.encoder).split(",")), stat_cache is not None)
+
+
+def plan_features(cfg: FeaturesConfig) -> list[SplitPlan]:
+    """The plan of every split `cfg` names."""
+    task = get_task(cfg.task)
+    return [plan_split(cfg, task, split) for split in cfg.splits]
+
+
+def report_complete(plans: list[SplitPlan], wds: bool, log=print) -> list[Path]:
+    """Every split is complete: say so and, with --wds, write the export of the members this
+    command names (no network is built)."""
+    for p in plans:
+        log(f"{p.path.name}: complete; nothing to compute")
+        if wds:
+            export_wds(p.path, target=p.target.split(":")[0], encoders=list(p.encoders), log=log,
+                       ranges=[[a, b] for _, a, b in Store(p.path).layout.shards()])
+    return [p.path for p in plans]
 
 
 # -- "nothing to compute" without building a network --------------------------------------------
@@ -106,59 +194,3 @@ def _unchanged(info: dict) -> bool:
                    for p, size, mtime in inputs)
     except OSError:
         return False
-
-
-def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, Source | None]:
-    """(the split's store, its source) when every member `cfg` asks for is already complete, found from the stat
-    cache of the sources and the manifest alone (no image decoded or hashed, no network built); None
-    when something may have to be computed (the caller then builds the networks and checks by key).
-
-    A member counts when its recorded settings match `cfg` and its weight files keep their (size,
-    mtime); (None, the source opened if any) when not. User factories (`module.path:factory`) are always built (their code may have changed);
-    `--rehash` always builds and checks by key."""
-    names = [cfg.target or task.target, *(cfg.encoder or task.encoder).split(",")]
-    user_target = is_user_target(names[0])  # module.path:factory
-    if cfg.rehash or user_target or any(is_user_encoder(n) for n in names[1:]):
-        return None, None
-    known = None if cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-    if cfg.data != "demo" and known is None:
-        return None, None
-    source = open_source(cfg.data, split, *task.demo_tiles, known=known)
-    if (source.records or {}).get("changed") or (source.records or {}).get("touched"):
-        return None, source  # the full path names them and records the new stats
-    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, plan_pairs(source, task, cfg)[0])
-    try:
-        members = Store(path).manifest()["members"]
-    except (StoreError, OSError, ValueError, KeyError):
-        return None, source
-    recipe = TARGET_RECIPE if is_network_target(names[0]) else CLASSICAL_RECIPE  # tiling is a network's
-    want = {f: getattr(cfg, f) for f in recipe}
-    done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
-    if members.get("pairs", {}).get("status") != "complete" or not any(
-            i.get("target") == names[0].split(":")[0]  # what it computed, not what the default was then
-            and local_path(i["config"].get("target") or task.target) == names[0]
-            and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done):
-        return None, source
-    for name in names[1:]:
-        want = {f: getattr(cfg, f) for f in ENCODER_RECIPE}
-        want["weights"] = weights_arg(name, cfg.clip_weights, cfg.sd_weights)
-        if not any(local_path(i.get("encoder")) == name and want == {
-                **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
-                "weights": local_path(weights_arg(name, i["config"].get("clip_weights"),
-                                                  i["config"].get("sd_weights")))}
-                for i in done):
-            return None, source
-    return path, source
-
-
-def complete_stores(cfg: FeaturesConfig, log=print) -> tuple[list[Path] | None, dict]:
-    """(the stores of every split, when all are complete, each logged as such, else None; split ->
-    complete_store's answer, which pipeline.extract.build_features takes so as not to list the
-    sources again when it has to build the networks and check by key)."""
-    task = get_task(cfg.task)
-    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if not all(path for path, _ in found.values()):
-        return None, found
-    for path, _ in found.values():
-        log(f"{path.name}: complete; nothing to compute")
-    return [path for path, _ in found.values()], found

@@ -14,8 +14,8 @@ import os
 import time
 from dataclasses import fields, replace
 
-from pipeline.extract import FeaturesConfig, SplitJob, build_models, complete_store, finalize_members
-from pipeline.tasks import get_task
+from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members
+from pipeline.plan import SplitPlan, plan_features
 from stores import Store
 
 from . import submit
@@ -27,13 +27,11 @@ def config_from_args(args) -> FeaturesConfig:
                           splits=tuple(args.splits.split(",")))
 
 
-def plan(cfg: FeaturesConfig, sources: dict | None = None) -> dict[str, SplitJob]:
-    """split -> its SplitJob (constructing it lists the dataset, unless `sources` holds the split's
-    source listed already, and writes the store's plan and sample descriptors): the planner's step,
-    on the submitting node."""
-    task, target, encoders = build_models(cfg)
-    return {split: SplitJob.plan(cfg, task, split, target, encoders, (sources or {}).get(split))
-            for split in cfg.splits}
+def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob]:
+    """split -> its SplitJob (opening it writes the store's members, their ranges and the sample
+    descriptors): the submitting node's step, before any array task runs."""
+    _, target, encoders = build_models(cfg)
+    return {p.split: SplitJob.open(p, target, encoders) for p in plans}
 
 
 def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
@@ -63,22 +61,22 @@ def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
 
     os.chdir(cwd)
     paths = []
-    for plan_ in stores.values():
-        store = Store(plan_["path"], mode="a")
+    for todo in stores.values():
+        store = Store(todo["path"], mode="a")
         print(f"{store.path.name}:", flush=True)
-        finalize_members(store, plan_["members"], cfg.max_bad)
+        finalize_members(store, todo["members"], cfg.max_bad)
         if stores_main(["verify", str(store.path)]) != 0:
             raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
         if cfg.wds:
-            target, encoders = plan_["export"]
+            target, encoders = todo["export"]
             export_wds(store.path, target=target, encoders=encoders,
                        ranges=[[a, b] for _, a, b in store.layout.shards()])
         paths.append(str(store.path))
     return paths
 
 
-def planned(jobs: dict[str, SplitJob]) -> dict:
-    """What the array tasks and the finalize job need of the plan: store paths, members to do."""
+def to_finalize(jobs: dict[str, SplitJob]) -> dict:
+    """What the finalize job needs of each split: its store's path, the members to do, the export's."""
     return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.export_members()}
             for s, j in jobs.items()}
 
@@ -86,14 +84,13 @@ def planned(jobs: dict[str, SplitJob]) -> dict:
 def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
     cfg = config_from_args(args)
-    task = get_task(cfg.task)
-    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if all(path for path, _ in found.values()) and not cfg.wds:  # stat cache and manifests: no network built
-        for path, _ in found.values():
-            log(f"{path.name}: complete; nothing to submit")
+    plans = plan_features(cfg)  # the dataset is listed here, once
+    if all(p.complete() for p in plans) and not cfg.wds:  # stat cache and manifests: no network built
+        for p in plans:
+            log(f"{p.path.name}: complete; nothing to submit")
         log("every member is complete: no job submitted")
         return 0
-    jobs = plan(cfg, {split: source for split, (_, source) in found.items()})  # the dataset is listed once
+    jobs = open_jobs(cfg, plans)
     for j in jobs.values():
         if not j.todo:
             log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
@@ -116,7 +113,7 @@ def submit_features(args, log=print) -> int:
     # not done, so it always leaves the queue by itself
     dep = {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}} \
         if ids and args.cluster == "slurm" else {}
-    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, planned(jobs))
+    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, to_finalize(jobs))
     path = submit.write_record(args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd))
     log(f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
         f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}")

@@ -125,11 +125,12 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     ranges too: the task of [2, 4) and the finalize job still do their work."""
     from PIL import Image
 
-    import pipeline.extract
+    import pipeline.plan
     import pipeline.layouts
     import pipeline.sources
     from pipeline import descriptors
     from pipeline.extract import FeaturesConfig, build_features
+    from pipeline.plan import plan_features
     from slurm import features as sf
 
     rng = np.random.default_rng(0)
@@ -142,9 +143,9 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
-    jobs = sf.plan(cfg)
-    planned = sf.planned(jobs)
-    store = planned["test"]["path"]
+    jobs = sf.open_jobs(cfg, plan_features(cfg))
+    todo = sf.to_finalize(jobs)
+    store = todo["test"]["path"]
     assert sorted(jobs["test"].work()) == [(0, 2), (2, 4), (4, 6)]
     for a, b in ((0, 2), (4, 6)):
         assert sf.run_task(cfg, "test", a, b, str(tmp_path), store)["descriptor_files"] == [a // 2]
@@ -158,10 +159,10 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     def no_listing(*args, **kwargs):
         raise AssertionError("an array task or the finalize job listed the dataset folder")
     for module, name in ((pipeline.layouts, "list_pairs"), (pipeline.sources, "list_pairs"),
-                         (pipeline.sources, "open_source"), (pipeline.extract, "open_source")):
+                         (pipeline.sources, "open_source"), (pipeline.plan, "open_source")):
         monkeypatch.setattr(module, name, no_listing)
     assert sf.run_task(cfg, "test", 2, 4, str(tmp_path), store)["descriptor_files"] == [1]
-    sf.finalize(cfg, str(tmp_path), planned)
+    sf.finalize(cfg, str(tmp_path), todo)
     assert Store(store).status("pairs") == "complete" and Path(store).name == reference.name
     assert_same_arrays(Path(store), reference)
 
