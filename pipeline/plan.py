@@ -13,46 +13,77 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stores import Store, dataset_name, key_of, store_name
+from stores.cli import setting
 from stores.privacy import local_path
 from stores.store import SOURCES_DIR, StoreError
 from stores.wds import export_wds
 
 from .degrade import DEGRADATIONS
-from .layouts import parse_data
+from .layouts import LAYOUTS, parse_data
 from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
-from .tasks import Task, get_task
+from .tasks import TASKS, Task, get_task
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    task: str = "deblur"
-    data: str = "demo"
-    target: str | None = None  # None: the task's default
-    target_weights: str | None = None  # checkpoint of a network target
-    target_tile: int | None = None  # run the target in overlapping tiles of this size
-    target_overlap: int = 32
-    target_budget_mb: float = 1024.0  # a network target's activation memory per call: larger images run in tiles
-    encoder: str | None = None  # None: the task's default (clip-vit-b32)
-    store_root: str = "data/stores"
-    store_shared: str | None = None  # read-only root (path or s3://) searched for complete members first
-    shards: int | None = None  # extraction tasks per split; None: one per shard
-    shard_len: int = 16  # samples per shard (fewer for large images: see shard_mb)
-    shard_mb: float = 64.0  # a shard holds at most about this many MB of float16 pixels (at least one sample)
-    tile: int = 64  # spatial chunk edge of image arrays
-    seed: int = 0  # degradation seed (per sample: (seed, index))
-    clip_weights: str | None = None
-    sd_weights: str | None = None  # diffusers folder for sd-vae / sd-unet
-    allow_random_weights: bool = False
-    init_seed: int = 0  # seed of a random encoder initialisation
-    splits: tuple = ("train", "test")
-    batch: int = 8  # images per encoder call (x4 flips)
-    max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
-    lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
-    device: str = "auto"  # where network targets and encoders run: auto (cuda when available), cpu, cuda[:i]
-    rehash: bool = False  # hash every source file even when its (size, mtime) is unchanged
-    wds: bool = False  # also write the WebDataset export (<store>-wds/) from the extraction stream
+    """The settings of `python -m pipeline features`, each one flag (stores/cli.py) with its help;
+    recorded in each member it computes (`stores repair` replays them, stores/maintain.py)."""
+    task: str = setting("deblur", "restoration task: " + ", ".join(TASKS))
+    data: str = setting("demo", "'demo' (photos shipped with scikit-image), a dataset folder (layout detected), "
+                        "or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
+    target: str | None = setting(None, "frozen target: classical (wiener, gamma, streaks, nlmeans, identity), a "
+                                 "built-in network with the official parameter names (snr-aware, mprnet-<deblur|"
+                                 "derain|denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|"
+                                 "defocus>, sci-<easy|medium|difficult> with its published weights shipped in the "
+                                 "project; configuration overrides as NAME:key=value[:key=value], e.g. "
+                                 "mprnet-deblur:n_feat=8), or module.path:factory (default: the task's; see "
+                                 "docs/networks.md)")
+    target_weights: str | None = setting(None, "checkpoint of a network target (.safetensors or a .pth of tensors; "
+                                         "read with weights_only=True). Without it sci-* loads its shipped weights "
+                                         "and another built-in network gets random weights (seed --init-seed, "
+                                         "recorded as weights: random) on the demo or with --allow-random-weights "
+                                         "only")
+    target_tile: int | None = setting(None, "run the target in overlapping tiles of this size")
+    target_overlap: int = setting(32, "tile overlap")
+    target_budget_mb: float = setting(1024.0, "activation memory of one call of a network target (default: "
+                                      "%(default)s MB): larger images run in tiles sized from it (recorded in the "
+                                      "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
+                                      "versions before the budget did)")
+    encoder: str | None = setting(None, "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
+                                  "weights from its package), 'openclip:<model>[:<tag>]', 'openclip:<folder with "
+                                  "open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory (factory() "
+                                  "returns (nn.Module, {'size', 'mean', 'std'})); comma-separated for several")
+    store_root: str = setting("data/stores", "where stores live")
+    store_shared: str | None = setting(None, "a teammates' root (path or s3://...), only read: complete members "
+                                       "with the same key are copied from it instead of computed")
+    shards: int | None = setting(None, "extraction ranges per split (default: one per shard)")
+    shard_len: int = setting(16, "samples per shard")
+    shard_mb: float = setting(64.0, "at most about this many MB of float16 pixels per shard; large images get "
+                              "shards of their own")
+    tile: int = setting(64, "spatial chunk edge in px")
+    seed: int = setting(0, "degradation seed (per sample: (seed, source index))")
+    clip_weights: str | None = setting(None, "OpenCLIP checkpoint file; default: the Hugging Face cache (offline), "
+                                       "else random weights for the demo only")
+    sd_weights: str | None = setting(None, "diffusers folder with vae/ and unet/ (save_pretrained layout) or a VAE "
+                                     "folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
+                                     "random weights for the demo only")
+    allow_random_weights: bool = setting(False, "allow a random encoder or built-in network target on real data "
+                                         "(recorded as weights: random)")
+    init_seed: int = setting(0, "seed of a random encoder or network target initialisation")
+    splits: tuple = setting(("train", "test"), "comma-separated")
+    batch: int = setting(8, "images per encoder call (each x4 flips)")
+    max_bad: float = setting(0.05, "fraction of samples that may be excluded (unreadable, mismatched, non-finite "
+                             "target output) before the run stops; the members stay incomplete")
 
+    lease_seconds: float = setting(120.0, "a range lease not renewed for this long (its writer died or is paused) "
+                                   "is taken over")
+    device: str = setting("auto", "where network targets and encoders run: 'auto' (a CUDA GPU when visible), 'cpu' "
+                          "or 'cuda[:i]'")
+    rehash: bool = setting(False, "hash every source file again, even those whose (size, mtime) the last run "
+                           "recorded (by default a re-run costs a stat per file)")
+    wds: bool = setting(False, "also write each split's WebDataset export (<store>-wds/, as `python -m stores "
+                        "export-wds`) from the samples as they are extracted")
 
 SOURCES_FILE = "files.json"
 

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members
 from pipeline.plan import SplitPlan, plan_features
 from stores import Store
+from stores.cli import config_from
 
 from . import submit
-
-
-def config_from_args(args) -> FeaturesConfig:
-    names = {f.name for f in fields(FeaturesConfig)} - {"splits"}
-    return FeaturesConfig(**{k: v for k, v in vars(args).items() if k in names},
-                          splits=tuple(args.splits.split(",")))
 
 
 def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob]:
@@ -83,7 +78,7 @@ def to_finalize(jobs: dict[str, SplitJob]) -> dict:
 
 def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
-    cfg = config_from_args(args)
+    cfg = config_from(FeaturesConfig, args)
     plans = plan_features(cfg)  # the dataset is listed here, once
     if all(p.complete() for p in plans) and not cfg.wds:  # stat cache and manifests: no network built
         for p in plans:
