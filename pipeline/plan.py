@@ -193,9 +193,15 @@ def report_complete(plans: list[SplitPlan], wds: bool, log=print) -> list[Path]:
     for p in plans:
         log(f"{p.path.name}: complete; nothing to compute")
         if wds:
-            export_wds(p.path, target=p.target.split(":")[0], encoders=list(p.encoders), log=log,
-                       ranges=[[a, b] for _, a, b in Store(p.path).layout.shards()])
+            export_split(p.path, p.target.split(":")[0], list(p.encoders), log)
     return [p.path for p in plans]
+
+
+def export_split(path: Path, target: str, encoders: list[str], log=print) -> Path:
+    """A split's WebDataset export of these members, completed (the tars of shards not streamed
+    by this run) and indexed."""
+    return export_wds(path, target=target, encoders=encoders, log=log,
+                      ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
 
 
 # -- "nothing to compute" without building a network --------------------------------------------

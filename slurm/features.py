@@ -14,8 +14,8 @@ import os
 import time
 from dataclasses import replace
 
-from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members
-from pipeline.plan import SplitPlan, plan_features
+from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members, wds_stream
+from pipeline.plan import SplitPlan, export_split, plan_features
 from stores import Store
 from stores.cli import config_from
 
@@ -36,8 +36,8 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
     os.chdir(cwd)
     t0 = time.perf_counter()
     task, target, encoders = build_models(replace(cfg, splits=(split,)))
-    job = SplitJob.of_store(cfg, task, split, target, encoders, store)
-    wds = job.wds_writer() if cfg.wds else None
+    job = SplitJob.of_store(cfg, task, store, target, encoders)
+    wds = wds_stream(job) if cfg.wds else None
     while (start, stop) in job.work():
         if not job.run([(start, stop)], wds=wds):
             time.sleep(2.0)
@@ -52,7 +52,6 @@ def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
     verify the members' shards and mark them complete, `python -m stores verify` it, and with
     --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
-    from stores.wds import export_wds
 
     os.chdir(cwd)
     paths = []
@@ -63,16 +62,14 @@ def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
         if stores_main(["verify", str(store.path)]) != 0:
             raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
         if cfg.wds:
-            target, encoders = todo["export"]
-            export_wds(store.path, target=target, encoders=encoders,
-                       ranges=[[a, b] for _, a, b in store.layout.shards()])
+            export_split(store.path, *todo["export"])
         paths.append(str(store.path))
     return paths
 
 
 def to_finalize(jobs: dict[str, SplitJob]) -> dict:
     """What the finalize job needs of each split: its store's path, the members to do, the export's."""
-    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.export_members()}
+    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.members.exported()}
             for s, j in jobs.items()}
 
 
@@ -90,7 +87,7 @@ def submit_features(args, log=print) -> int:
         if not j.todo:
             log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
             if cfg.wds:  # the export of complete stores is written here (no job needed)
-                j.export_wds(log)
+                export_split(j.path, *j.members.exported(), log=log)
     if not any(j.todo for j in jobs.values()):
         log("every member is complete: no job submitted")
         return 0

@@ -143,14 +143,15 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
-    jobs = sf.open_jobs(cfg, plan_features(cfg))
+    (plan,) = plan_features(cfg)
+    jobs = sf.open_jobs(cfg, [plan])
     todo = sf.to_finalize(jobs)
     store = todo["test"]["path"]
     assert sorted(jobs["test"].work()) == [(0, 2), (2, 4), (4, 6)]
     for a, b in ((0, 2), (4, 6)):
         assert sf.run_task(cfg, "test", a, b, str(tmp_path), store)["descriptor_files"] == [a // 2]
 
-    names = [s.name for s in jobs["test"].source.samples]
+    names = [s.name for s in plan.source.samples]
     for k in (0, 1, 4, 5):  # other ranges' sources and descriptors are gone
         (data / names[k]).unlink()
     for k in (0, 2):
