@@ -58,17 +58,18 @@ def text_width(values) -> int:
 def pairs_member(plan: SplitPlan) -> Member:
     source = plan.source
     img = lambda name: ArraySpec(name, "uint8", (3,), image=True)  # noqa: E731
-    return Member("pairs", plan.pairs_key, plan.pairs_spec, [img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
-                                       ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
-                                       ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
+    return Member("pairs", plan.pairs_key, plan.pairs_spec, [
+        img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
+        ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
+        ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
 
 
 def stored_member(store: Store, path: str) -> Member:
-    """A member as the planner began it (key, spec, arrays), read from the manifest."""
+    """A member as `SplitJob.open` began it (key, spec, arrays), read from the manifest."""
     info = store.member_info(path)
     if info is None:
-        raise StoreError(f"{store.path}: no member {path}; run the planner (`python -m slurm features` or "
-                         f"`make features`) first")
+        raise StoreError(f"{store.path}: no member {path}; run `python -m slurm features` or "
+                         f"`make features` first")
     arrays = [ArraySpec(k, a["dtype"], tuple(a["row"]), a["image"]) for k, a in info["arrays"].items()]
     return Member(path, info["key"], info["spec"], arrays)
 
@@ -178,10 +179,10 @@ class SplitJob:
         """(start, stop) -> [(member, range number)] of the ranges without a done marker."""
         out: dict[tuple, list] = {}
         for m in self.todo:
-            done = self.store.done_tasks(m.path)
-            for k, (a, b) in enumerate(self.store.plan(m.path)):
-                if k not in done:
-                    out.setdefault((a, b), []).append((m, k))
+            done = self.store.done_ranges(m.path)
+            for ri, (a, b) in enumerate(self.store.ranges(m.path)):
+                if ri not in done:
+                    out.setdefault((a, b), []).append((m, ri))
         return out
 
     def units(self, ranges: list, work: dict, leases):
@@ -223,7 +224,7 @@ class SplitJob:
         False (lease given back) when none is left."""
         if not leases.claim(r):
             return False
-        work[r] = [(m, k) for m, k in work[r] if not self.store.done_path(m.path, k).exists()]
+        work[r] = [(m, ri) for m, ri in work[r] if not self.store.done_path(m.path, ri).exists()]
         if not work[r]:
             leases.release(r)
         return bool(work[r])
@@ -302,7 +303,7 @@ def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
     if job.todo:
         work = job.work()
         total = sum(b - a for a, b in work)
-        log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} tasks)")
+        log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} ranges)")
         bar = tqdm(total=total, unit="img", desc=f"{plan.split}", dynamic_ncols=True)
         wds = wds_stream(job) if cfg.wds else None
         while work:
@@ -323,8 +324,8 @@ def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
 
 def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=print) -> None:
     """Report excluded samples and conversions; stop when too many samples were lost."""
-    excluded = {e["name"]: e["reason"] for m in members for e in store.task_records(m, "excluded")}
-    for note in store.task_records("pairs", "notes") if "pairs" in members else []:
+    excluded = {e["name"]: e["reason"] for m in members for e in store.range_records(m, "excluded")}
+    for note in store.range_records("pairs", "notes") if "pairs" in members else []:
         log(f"  note: {note['name']}: {note['note']}")
     for name, reason in excluded.items():
         log(f"  excluded: {name}: {reason}")
@@ -352,7 +353,7 @@ def device_kind(device: str) -> str:
 
 
 def build_models(cfg: FeaturesConfig):
-    """(task, target, encoders) of a features config: `make features` and SLURM tasks build them
+    """(task, target, encoders) of a features config: `make features` and SLURM array tasks build them
     here, once per process."""
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     set_torch_threads()  # the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's

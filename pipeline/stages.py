@@ -38,12 +38,12 @@ PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
 
 @dataclass
 class Shard:
-    """One store shard [lo, hi) of the task range `range` on its way through the stages."""
-    range: tuple  # (start, stop) of the task it belongs to
+    """One store shard [lo, hi) of the range `range` on its way through the stages."""
+    range: tuple  # (start, stop) of the range it belongs to
     lo: int
     hi: int
     last: bool = True  # the range's last shard: its done markers follow it
-    jobs: list = field(default_factory=list)  # [(member, task number)] still missing this range
+    jobs: list = field(default_factory=list)  # [(member, range number)] still missing this range
     samples: list = field(default_factory=list)  # read: one dict per sample (see `read`)
     data: dict = field(default_factory=dict)  # degraded: lq, gt, hw, names, meta, source_index, index
     outputs: dict = field(default_factory=dict)  # member path -> {array name: values}
@@ -239,12 +239,12 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
 def stored(shards: Iterable[Shard], *, store, members: list[str]) -> Iterator[Shard]:
     """Add the outputs (and recorded exclusions) of the members a shard does not compute (written
     before, by this or another writer: their done markers exist), read back, so that a second
-    writer (the WebDataset one) sees every member of every shard. Only the done marker of the task
-    covering each shard is read (once per task), so T tasks read O(T) markers, not O(T^2). A shard
+    writer (the WebDataset one) sees every member of every shard. Only the done marker of the range
+    covering each shard is read (once per range), so T ranges read O(T) markers, not O(T^2). A shard
     a member has not written yet (no marker: another writer's range in progress) gets
     `wds_ready` False, and the second writer leaves it to the export's completion."""
     complete = {m: store.records(m)["excluded"] for m in members if store.status(m) == "complete"}
-    starts = {m: [a for a, _ in store.plan(m)] for m in members if m not in complete}
+    starts = {m: [a for a, _ in store.ranges(m)] for m in members if m not in complete}
     markers: dict = {}
 
     def recorded(m: str, lo: int) -> list | None:
@@ -327,9 +327,9 @@ class StoreWriter:
     def __call__(self, shard: Shard) -> None:
         r, lo, hi, last, stats, leases = shard.range, shard.lo, shard.hi, shard.last, shard.stats, self.leases
         try:
-            for m, k in shard.jobs:
+            for m, ri in shard.jobs:
                 t0 = time.perf_counter()
-                acc = self.progress.setdefault((m.path, k), {"hashes": {}, "stats": {}})
+                acc = self.progress.setdefault((m.path, ri), {"hashes": {}, "stats": {}})
                 gen = leases.check(r, "shards")
                 acc["stage"] = self.store.staging(*r, gen, leases.token)
                 acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
@@ -337,16 +337,16 @@ class StoreWriter:
                                            "notes": stats["notes"] if m.path == "pairs" else [],
                                            "seconds_write": time.perf_counter() - t0})
                 if last:
-                    leases.check(r, f"done marker of {m.path} task {k}")
-                    if not self.store.mark_done(m.path, k, acc["hashes"], acc["stats"], gen, acc["stage"],
+                    leases.check(r, f"done marker of {m.path} range {ri}")
+                    if not self.store.mark_done(m.path, ri, acc["hashes"], acc["stats"], gen, acc["stage"],
                                                 self.made_by):
-                        self.log(f"{m.path} task {k}: another writer wrote its done marker first; kept theirs")
-                    self.store.settle(m.path, k, self.progress.pop((m.path, k))["stage"])
+                        self.log(f"{m.path} range {ri}: another writer wrote its done marker first; kept theirs")
+                    self.store.settle(m.path, ri, self.progress.pop((m.path, ri))["stage"])
         except LeaseLost as e:
-            for m, k in shard.jobs:
-                acc = self.progress.pop((m.path, k), None)
+            for m, ri in shard.jobs:
+                acc = self.progress.pop((m.path, ri), None)
                 if acc and "stage" in acc:
-                    self.store.settle(m.path, k, acc["stage"])
+                    self.store.settle(m.path, ri, acc["stage"])
             shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
             self.log(f"{self.store.path.name}: {e}")
             return

@@ -1,12 +1,13 @@
 """Stage 1 on a cluster: `python -m slurm features --task deblur --shards 64 [--partition P]`.
 
-Plans every split's store here (members, task plans and the per-sample source descriptors are
-written before anything runs: the only step that lists the dataset folder), then submits one SLURM
-job array over only the unfinished (split, range) tasks and a finalize job that waits for all of
-them, verifies and marks the members complete. An array task reads the store's manifest and the
-descriptor files of its own range (pipeline/descriptors.py), never the dataset folder's listing;
-the finalize job reads only the store. Finished tasks keep their done markers, so rerunning the
-same command submits only what is missing; a complete store submits nothing.
+Plans every split here (`plan_split`: the only step that lists the dataset folder) and opens its
+store (`SplitJob.open`: members, their ranges and the per-sample source descriptors are written
+before anything runs), then submits one SLURM job array with one array task per unfinished
+(split, range) and a finalize job that waits for all of them, verifies and marks the members
+complete. An array task reads the store's manifest and the descriptor files of its own range
+(pipeline/descriptors.py), never the dataset folder's listing; the finalize job reads only the
+store. Finished ranges keep their done markers, so rerunning the same command submits only what is
+missing; a complete store submits nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob
 
 
 def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
-    """One array task: compute range [start, stop) of one split's planned `store` for every member
+    """One array task: compute range [start, stop) of one split's `store` (opened by `open_jobs`) for every member
     that lacks it, reading only the manifest and the sample descriptors of the range. A range
     another live writer holds is waited for (or taken over when its lease expires)."""
     os.chdir(cwd)
@@ -48,7 +49,7 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
 
 
 def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
-    """The job after the arrays: for each planned store (`{split: {"path", "members", "export"}}`),
+    """The job after the arrays: for each store opened (`{split: {"path", "members", "export"}}`),
     verify the members' shards and mark them complete, `python -m stores verify` it, and with
     --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
@@ -134,7 +135,7 @@ def wait_and_report(arrays: list, fin, log=print) -> int:
 
 
 def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str, stores: dict) -> list:
-    """One map_array per MaxArraySize tasks (`stores`: split -> planned store); returns the jobs
+    """One map_array per MaxArraySize tasks (`stores`: split -> its store); returns the jobs
     in task order."""
     if not tasks:
         return []

@@ -165,7 +165,7 @@ def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(t
         shutil.rmtree(link)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(victim, target_is_directory=True)
-    r = tuple(store.plan(member)[0])
+    r = tuple(store.ranges(member)[0])
     shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)],
                          outputs={member: {"base": [np.zeros((16, 16, 3), np.float16)] * 4}},
                          stats={"excluded": {}, "notes": [], "samples": 4})

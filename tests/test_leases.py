@@ -188,7 +188,7 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     member = store.pick("targets", None)
     store.done_path(member, 0).unlink()  # task 0 to be computed again (as `stores repair` withdraws it)
     store._update_member(member, status="incomplete")
-    r = tuple(store.plan(member)[0])
+    r = tuple(store.ranges(member)[0])
     assert r == (0, 4) and len(store.shards_of(*r)) == 1
     values = {"late": [np.full((16, 16, 3), 0.5, np.float16)] * 4, "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4}
     lines = []
@@ -210,7 +210,7 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     assert late.claim(r) and not new.claim(r)
     writer(late)(shard("late"))
     if winner == "new":
-        assert any("lease on task [0, 4) lost" in line for line in lines), lines
+        assert any("lease on range [0, 4) lost" in line for line in lines), lines
 
     store = Store(path, mode="a")
     store.finalize(member)  # verifies every shard against the done markers
@@ -235,7 +235,7 @@ def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_th
     member = store.pick("targets", None)
     store.done_path(member, 0).unlink()
     store._update_member(member, status="incomplete")
-    r = tuple(store.plan(member)[0])
+    r = tuple(store.ranges(member)[0])
     theirs, mine = np.full((16, 16, 3), 0.25, np.float16), np.full((16, 16, 3), 0.5, np.float16)
     leases = Leases(path, ttl=30)
     assert leases.claim(r)

@@ -175,7 +175,7 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
     assert [t["range"] for t in first["tasks"]] == [[0, 11], [11, 22], [22, 33]]  # the demo's 33 test tiles
     store = Store(the_store(tmp_path / "st"))
     for member in first["members"]["test"]:  # the other tasks' shards are kept
-        assert store.done_tasks(member) == {0, 2} and store.status(member) == "incomplete"
+        assert store.done_ranges(member) == {0, 2} and store.status(member) == "incomplete"
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert rc == 0 and re.search(r"\[11, 22\)\s+failed", status) and "2 done" in status, status
     assert re.search(r"failed: test \[11, 22\) \(failed\).*submits only these unfinished tasks", status), status
@@ -206,7 +206,7 @@ def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster
     assert not queued.strip(), f"finalize job {fin} still queued: {queued}"
     assert job_state(fin) == "FAILED", job_state(fin)
     log = Path(tmp_path, records(tmp_path)[-1]["finalize"]["stderr"]).read_text()
-    assert re.search(r"missing tasks \[0\]", log), log[-2000:]
+    assert re.search(r"missing ranges \[0\]", log), log[-2000:]
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert re.search(r"finalize\s+failed", status) and re.search(r"failed: test \[0, \d+\) \(failed\)", status), status
 
