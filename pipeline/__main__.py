@@ -69,8 +69,8 @@ def main(argv=None) -> int:
             return 0
         cfg = features_config(args)
         plans = plan_features(cfg)  # lists each split's source, once
-        if all(p.complete() for p in plans) and not cfg.wds:  # answered without importing torch or a network
-            report_complete(plans, wds=False)
+        if all(p.complete() for p in plans):  # answered without importing torch or a network
+            report_complete(plans, cfg.wds)
         else:
             from .extract import build_features
 

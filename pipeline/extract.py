@@ -29,9 +29,8 @@ from .degrade import DEGRADATIONS
 from .descriptors import Descriptors, write_descriptors
 from .encoders import build_encoder
 from .names import is_network_target, weights_arg
-from .plan import (SOURCES_FILE, FeaturesConfig, SplitPlan, export_split, file_stats, plan_features,
-                   report_complete)
-from .sources import Source, SourceError, release_caches
+from .plan import SOURCES_FILE, FeaturesConfig, SplitPlan, export_split, plan_features, report_complete
+from .sources import Source, SourceError, in_order, release_caches
 from .layouts import parse_data
 from .targets import build_target
 from .tasks import get_task
@@ -148,17 +147,17 @@ class SplitJob:
             fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members}, log)
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
-        save = partial(save_records, source)
+        records = source_records(source)
         store = Store.open_or_create(path, {
             "dataset": source.dataset, "split": plan.split, "task": plan.task.name, "pairs_key": plan.pairs_key,
-            "metric_space": plan.task.metric_space}, layout, save)
-        save(path)
+            "metric_space": plan.task.metric_space}, layout, side_files=records)
+        save_records(records, path)
         order = make_layout(hws, store.layout.tile)[1]  # a store keeps the layout it was made with
         write_descriptors(path, source, order)
         degradation = DEGRADATIONS[plan.task.degradation] if not source.paired else None
         todo, made_by = begin_members(store, members, cfg)
-        return cls(store, members, todo, lambda i: (int(order[i]), source.samples[int(order[i])]), degradation,
-                   cfg.seed, cfg.lease_seconds, made_by, log)
+        return cls(store, members, todo, in_order(source.samples, order), degradation, cfg.seed, cfg.lease_seconds,
+                   made_by, log)
 
     @classmethod
     def of_store(cls, cfg: FeaturesConfig, task, path, target, encoders: list, log=print) -> "SplitJob":
@@ -185,14 +184,6 @@ class SplitJob:
                     out.setdefault((a, b), []).append((m, ri))
         return out
 
-    def units(self, ranges: list, work: dict, leases):
-        """The stream's source: one Shard per store shard of each range this process can lease
-        (claimed as the stream reaches it)."""
-        for r in ranges:
-            if self._claim(leases, r, work):
-                for _, lo, hi in self.store.shards_of(*r):
-                    yield stages.Shard(r, lo, hi, hi == r[1], work[r])
-
     def stages(self, leases, bar=None, every_member: bool = False) -> list:
         """The stages of this split after the units: read (or read back) -> degrade -> prefetch ->
         held -> target -> encoders [-> the complete members read back] -> progress."""
@@ -215,19 +206,10 @@ class SplitJob:
         work = self.work()
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
         with Leases(self.store.path, self.lease_seconds, log=self.log) as leases:
-            shards = stages.chain(self.units(ranges, work, leases), self.stages(leases, bar, wds is not None))
+            units = stages.units(ranges, store=self.store, leases=leases, work=work)
+            shards = stages.chain(units, self.stages(leases, bar, wds is not None))
             writers = [stages.StoreWriter(self.store, leases, self.made_by, self.log)] + ([wds] if wds else [])
             return stages.write(shards, *writers)
-
-    def _claim(self, leases, r, work: dict) -> bool:
-        """Lease range r, then drop the members another writer finished meanwhile (no rework);
-        False (lease given back) when none is left."""
-        if not leases.claim(r):
-            return False
-        work[r] = [(m, ri) for m, ri in work[r] if not self.store.done_path(m.path, ri).exists()]
-        if not work[r]:
-            leases.release(r)
-        return bool(work[r])
 
 
 def wds_stream(job: SplitJob) -> stages.WdsStreamWriter:
@@ -248,16 +230,31 @@ def finalize_members(store: Store, members: list[str], max_bad: float, log=print
             (f", weights: {info['weights']}" if "weights" in info else ""))
 
 
-def save_records(source: Source, path: Path) -> None:
-    """The source records (the stat cache of the next run), when they changed; written by
-    the writer of a store only (readers never modify it)."""
+RECORDS = f"{SOURCES_DIR}/{SOURCES_FILE}"  # the source records in a store: the stat cache of the next run
+
+
+def source_records(source: Source) -> dict:
+    """{RECORDS: the source's records as a store keeps them}, or {} (the demo has none)."""
     rec = source.records
-    if rec is None:
-        return
-    target = Path(path) / SOURCES_DIR / SOURCES_FILE
-    keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
-    if not target.is_file() or json.loads(target.read_text()) != keep:
-        write_json_atomic(target, keep)
+    return {} if rec is None else {RECORDS: shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})}
+
+
+def save_records(records: dict, path: Path) -> None:
+    """The source records, when they changed; written by the writer of a store only (readers never
+    modify it)."""
+    for rel, keep in records.items():
+        target = Path(path) / rel
+        if not target.is_file() or json.loads(target.read_text()) != keep:
+            write_json_atomic(target, keep)
+
+
+def file_stats(paths) -> list:
+    """[path, size, mtime_ns] of each file a frozen network was read from (a folder: its files)."""
+    out = []
+    for p in (Path(p) for p in paths if p):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+    return out
 
 
 def encoder_inputs(enc) -> list:
@@ -374,11 +371,12 @@ def build_features(cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
     one added to a complete store computes only itself. `plans`: the splits' plans, when the
-    caller made them already (the sources are then not listed twice).
+    caller made them and found something to compute (the sources are then not listed twice).
     """
-    plans = plans or plan_features(cfg)
-    if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
-        return report_complete(plans, cfg.wds, log)
+    if plans is None:
+        plans = plan_features(cfg)
+        if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
+            return report_complete(plans, cfg.wds, log)
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))

@@ -211,15 +211,6 @@ CLASSICAL_RECIPE = tuple(f for f in TARGET_RECIPE if not f.startswith(("target_t
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
 
 
-def file_stats(paths) -> list:
-    """[path, size, mtime_ns] of each file a frozen network was read from (a folder: its files)."""
-    out = []
-    for p in (Path(p) for p in paths if p):
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        out += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
-    return out
-
-
 def _unchanged(info: dict) -> bool:
     """A member's weight files still have the (size, mtime) they had when it was computed; a member
     with pre-trained weights recorded before inputs were kept is not trusted."""

@@ -154,6 +154,26 @@ def chain(shards: Iterable[Shard], steps: list[Callable[[Iterable[Shard]], Itera
     return iter(shards)
 
 
+def units(ranges: list, *, store, leases, work: dict) -> Iterator[Shard]:
+    """The stream's source: one Shard per store shard of each range this process can lease,
+    claimed as the stream reaches it. `work`: range -> [(member, range number)] still to do."""
+    for r in ranges:
+        if claim(r, store, leases, work):
+            for _, lo, hi in store.shards_of(*r):
+                yield Shard(r, lo, hi, hi == r[1], work[r])
+
+
+def claim(r: tuple, store, leases, work: dict) -> bool:
+    """Lease range r, then drop the members another writer finished meanwhile (no rework);
+    False (lease given back) when none is left."""
+    if not leases.claim(r):
+        return False
+    work[r] = [(m, ri) for m, ri in work[r] if not store.done_path(m.path, ri).exists()]
+    if not work[r]:
+        leases.release(r)
+    return bool(work[r])
+
+
 def prefetch(shards: Iterable[Shard]) -> Iterator[Shard]:
     """Run the stages before this one in a background thread, one shard ahead."""
     it = iter(shards)

@@ -418,9 +418,9 @@ class Store:
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, before_manifest=None) -> "Store":
+    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, side_files: dict | None = None) -> "Store":
         """Open the store at `path` for writing, creating it with root `attrs` and `layout` if
-        absent; `before_manifest(path)` writes side files of a new store before its manifest."""
+        absent; a new store gets `side_files` ({relative path: JSON object}) before its manifest."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with store_lock(path):
@@ -429,8 +429,8 @@ class Store:
                     raise StoreError(f"{path}: no store here, and no layout given to create one")
                 group = zarr.open_group(str(path), mode="a", zarr_format=3)
                 group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
-                if before_manifest is not None:
-                    before_manifest(path)
+                for rel, obj in (side_files or {}).items():
+                    write_json_atomic(path / rel, obj)
                 attrs = shareable(attrs)
                 write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": utc_now(),
                                                     "n": layout.n, "layout": layout.to_json(), "members": {}})
