@@ -45,7 +45,7 @@ def simulate(root: Path, n: int) -> dict:
     arrays = [ArraySpec("lq", "uint8", (3,), image=True), ArraySpec("gt", "uint8", (3,), image=True),
               ArraySpec("hw", "int32", (2,)), ArraySpec("names", TEXT, (64,)), ArraySpec("source_index", "int64")]
     t_begin, _ = clock(lambda: store.begin_member("pairs", "k" * 64, {"sim": n}, arrays))
-    plan = store.plan("pairs")
+    plan = store.ranges("pairs")
 
     def markers():
         for t, (a, b) in enumerate(plan):
@@ -53,9 +53,9 @@ def simulate(root: Path, n: int) -> dict:
             write_json_atomic(path / DONE_DIR / "pairs" / f"{t:05d}.json",
                               {"task": t, "samples": [a, b], "shards": {"lq": shards}, "stats": {}})
     t_markers, _ = clock(markers)
-    t_check, done = clock(lambda: Store(path).done_tasks("pairs"))
+    t_check, done = clock(lambda: Store(path).done_ranges("pairs"))
     assert len(done) == len(plan)
-    t_array_task, _ = clock(lambda: Store(path).plan("pairs")[len(plan) // 2])  # manifest once, its range
+    t_array_task, _ = clock(lambda: Store(path).ranges("pairs")[len(plan) // 2])  # manifest once, its range
     from slurm.status import features_lines  # `python -m slurm status` of a submission of every task
 
     rec = {"tasks": [{"job": f"1_{t}", "split": "train", "range": list(r), "stderr": f"logs/1_{t}.err"}

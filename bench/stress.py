@@ -454,8 +454,8 @@ def rework(store: Store) -> list[str]:
     for k, a, b in shards:
         by_bucket.setdefault(store.layout.buckets[k].name, []).append(a)
     for member in store.manifest()["members"]:
-        plan = store.plan(member)
-        marker_time = {t: store.done_path(member, t).stat().st_mtime_ns for t in store.done_tasks(member)}
+        plan = store.ranges(member)
+        marker_time = {t: store.done_path(member, t).stat().st_mtime_ns for t in store.done_ranges(member)}
         for f in (store.path / member).glob("*/*/c/**/*"):
             if not f.is_file():
                 continue

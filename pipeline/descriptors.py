@@ -1,6 +1,7 @@
 """Per-sample source descriptors in a store, so that a SLURM array task reads only its own range.
 
-The planner (the process that lists the dataset and creates the store) writes them once:
+The process that lists the dataset and opens the store (`make features`, or `python -m slurm
+features` on the submitting node: `SplitJob.open`) writes them once:
 
     _sources/samples/000000.json ...  samples [k * PER_FILE, (k + 1) * PER_FILE) in storage order:
                                       {"first": k * PER_FILE, "samples": [{"name", "hw": [H, W],
@@ -66,8 +67,8 @@ class Descriptors:
         try:
             self.index = json.loads((self.dir / INDEX).read_text())
         except (OSError, ValueError) as e:
-            raise StoreError(f"{store_path}: no complete sample descriptors ({self.dir / INDEX}: {e}); the planner "
-                             f"(`python -m slurm features` or `make features`) writes them") from None
+            raise StoreError(f"{store_path}: no complete sample descriptors ({self.dir / INDEX}: {e}); "
+                             f"`python -m slurm features` or `make features` writes them") from None
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise StoreError(f"{self.dir / INDEX}: not {FORMAT} version {VERSION}")
         self.read_files: list[int] = []  # which descriptor files this process read, in order

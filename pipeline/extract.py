@@ -18,21 +18,19 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stores import TEXT, ArraySpec, Leases, Store, encoder_id, key_of, make_layout, store_name, write_json_atomic
-from stores.leases import LeaseLost
+from stores import TEXT, ArraySpec, Leases, Store, encoder_id, key_of, make_layout, write_json_atomic
 from stores.privacy import shareable
 from stores.provenance import provenance
 from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
-from stores.wds import INDEX as WDS_INDEX, WdsWriter, export_wds
 
 from . import stages
 from .degrade import DEGRADATIONS
 from .descriptors import Descriptors, write_descriptors
 from .encoders import build_encoder
 from .names import is_network_target, weights_arg
-from .plan import SOURCES_FILE, FeaturesConfig, complete_store, file_stats, known_sources, plan_pairs
-from .sources import Source, SourceError, open_source, release_caches
+from .plan import SOURCES_FILE, FeaturesConfig, SplitPlan, export_split, plan_features, report_complete
+from .sources import Source, SourceError, in_order, release_caches
 from .layouts import parse_data
 from .targets import build_target
 from .tasks import get_task
@@ -56,233 +54,167 @@ def text_width(values) -> int:
     return max(64, -(-max((len(str(v).encode()) for v in values), default=1) // 64) * 64)
 
 
-def pairs_member(source: Source, task, cfg: FeaturesConfig) -> Member:
-    key, spec = plan_pairs(source, task, cfg)
+def pairs_member(plan: SplitPlan) -> Member:
+    source = plan.source
     img = lambda name: ArraySpec(name, "uint8", (3,), image=True)  # noqa: E731
-    return Member("pairs", key, spec, [img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
-                                       ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
-                                       ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
+    return Member("pairs", plan.pairs_key, plan.pairs_spec, [
+        img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
+        ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
+        ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
 
 
 def stored_member(store: Store, path: str) -> Member:
-    """A member as the planner began it (key, spec, arrays), read from the manifest."""
+    """A member as `SplitJob.open` began it (key, spec, arrays), read from the manifest."""
     info = store.member_info(path)
     if info is None:
-        raise StoreError(f"{store.path}: no member {path}; run the planner (`python -m slurm features` or "
-                         f"`make features`) first")
+        raise StoreError(f"{store.path}: no member {path}; run `python -m slurm features` or "
+                         f"`make features` first")
     arrays = [ArraySpec(k, a["dtype"], tuple(a["row"]), a["image"]) for k, a in info["arrays"].items()]
     return Member(path, info["key"], info["spec"], arrays)
 
 
-def plan_members(pairs: Member, target, encoders: list, cfg: FeaturesConfig) -> list[Member]:
+@dataclass
+class Members:
+    """A split's members by name: the pairs, the target's base, one OSF member per encoder."""
+    pairs: Member
+    target: Member
+    encoders: list
+
+    def __iter__(self):
+        return iter([self.pairs, self.target, *self.encoders])
+
+    def exported(self) -> tuple[str, list[str]]:
+        """(target member, osf members, sorted) of the split's WebDataset export."""
+        return self.target.path, sorted(m.path for m in self.encoders)
+
+
+def network_members(pairs: Member, target, encoders: list, batch: int) -> Members:
     """The members of a split's store (pairs, the target, one per encoder), each keyed by what
     determines it; each network member carries its stage."""
-    members = [pairs]
     tspec = {"pairs": pairs.key, **target.spec()}
     tkey = key_of(tspec)
     path = f"targets/{target.id}-{tkey[:12]}"
-    members.append(Member(path, tkey, tspec, [ArraySpec("base", "float16", (3,), image=True)],
-                          {"target": target.id, "weights": target.weights,
-                           "inputs": file_stats([getattr(target, "checkpoint", None)])},
-                          partial(stages.target, member=path, net=target)))
+    base = Member(path, tkey, tspec, [ArraySpec("base", "float16", (3,), image=True)],
+                  {"target": target.id, "weights": target.weights,
+                   "inputs": file_stats([getattr(target, "checkpoint", None)])},
+                  partial(stages.target, member=path, net=target))
+    osf = []
     for enc in encoders:
         espec = {"pairs": pairs.key, **enc.spec()}
         ekey = key_of(espec)
         path = f"osf/{encoder_id(enc.name)}-{ekey[:12]}"
-        members.append(Member(path, ekey, espec, [ArraySpec("g", "float32", (4, enc.dim))],
-                              {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim,
-                               "inputs": file_stats(encoder_inputs(enc))},
-                              partial(stages.encode, member=path, encoder=enc, batch=cfg.batch)))
-    return members
+        osf.append(Member(path, ekey, espec, [ArraySpec("g", "float32", (4, enc.dim))],
+                          {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim,
+                           "inputs": file_stats(encoder_inputs(enc))},
+                          partial(stages.encode, member=path, encoder=enc, batch=batch)))
+    return Members(pairs, base, osf)
+
+
+def begin_members(store: Store, members: Members, cfg: FeaturesConfig) -> tuple[list[Member], dict | None]:
+    """(the members still to compute, this writer's device and arch) after recording, in the
+    manifest, each missing member with its ranges (a member that exists keeps the ranges it was
+    started with); a member complete by key keeps its weight files' stats for the next no-op check."""
+    todo = [m for m in members if store.status(m.path, m.key) != "complete"]
+    for m in members:
+        if m not in todo and "inputs" in m.info and store.member_info(m.path).get("inputs") != \
+                shareable(m.info["inputs"]):
+            store._update_member(m.path, inputs=m.info["inputs"])
+    made_by = provenance(device_kind(cfg.device)) if todo else None  # describes; never in a key
+    for m in todo:
+        store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards,
+                           {**m.info, "config": asdict(cfg), "provenance": made_by})
+    return todo, {"device": made_by["device"], "arch": made_by["arch"]} if made_by else None
 
 
 class SplitJob:
-    """One split's extraction: its store and members, the task ranges still to do, running some
-    of them through the stages (pipeline/stages.py), and finalising. `make features` runs all of
-    them (`SplitJob.plan`, which lists the dataset); a SLURM array task runs one range of a planned
-    store (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
+    """One split's extraction: its store and members, the ranges still to do, and running some
+    of them through the stages (pipeline/stages.py). `make features` runs all of them
+    (`SplitJob.open`, from the split's plan); a SLURM array task runs one range of a store opened
+    before (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
 
-    made_by: dict | None = None  # this writer's device and arch, recorded in its done markers
-
-    def __init__(self, cfg: FeaturesConfig, split: str, store: Store, members: list, sample_at, degradation,
-                 log=print, source: Source | None = None):
-        self.cfg, self.split, self.log, self.source = cfg, split, log, source
-        self.store, self.path, self.members = store, store.path, members
-        self.sample_at, self.degradation = sample_at, degradation
-        self.descriptors: Descriptors | None = None  # of_store: the sample descriptors read so far
-        self.todo = [m for m in self.members if self.store.status(m.path, m.key) != "complete"]
-        for m in self.members:  # complete by key: keep its weight files' stats for the next re-run's fast path
-            if m not in self.todo and "inputs" in m.info and self.store.member_info(m.path).get("inputs") != \
-                    shareable(m.info["inputs"]):
-                self.store._update_member(m.path, inputs=m.info["inputs"])
-        made_by = provenance(device_kind(cfg.device)) if self.todo else None  # describes; never in a key
-        self.made_by = {"device": made_by["device"], "arch": made_by["arch"]} if made_by else None
-        for m in self.todo:  # a member that exists keeps the plan it was started with
-            self.store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards,
-                                    {**m.info, "config": asdict(cfg), "provenance": made_by})
+    def __init__(self, store: Store, members: Members, todo: list, sample_at, degradation, seed: int,
+                 lease_seconds: float, made_by: dict | None = None, log=print):
+        self.store, self.path, self.members, self.todo = store, store.path, members, todo
+        self.sample_at, self.degradation, self.seed = sample_at, degradation, seed
+        self.lease_seconds, self.made_by, self.log = lease_seconds, made_by, log
 
     @classmethod
-    def plan(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, source: Source | None = None,
-             log=print) -> "SplitJob":
-        """List the dataset (unless `source` was opened already, by complete_store: the stat cache is
-        not read twice), create or open the store, write its sample descriptors and members' plans."""
-        if source is None:
-            known = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-            source = open_source(cfg.data, split, *task.demo_tiles, known=known)
-        members = plan_members(pairs_member(source, task, cfg), target, encoders, cfg)
-        path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, members[0].key)
+    def open(cls, plan: SplitPlan, target, encoders: list, log=print) -> "SplitJob":
+        """Create or open the planned store, write its sample descriptors and members' ranges."""
+        cfg, source, path = plan.cfg, plan.source, plan.path
+        members = network_members(pairs_member(plan), target, encoders, cfg.batch)
         if cfg.store_shared:
             fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members}, log)
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
-        save = partial(save_records, source)
+        records = source_records(source)
         store = Store.open_or_create(path, {
-            "dataset": source.dataset, "split": split, "task": task.name, "pairs_key": members[0].key,
-            "metric_space": task.metric_space}, layout, save)
-        save(path)
+            "dataset": source.dataset, "split": plan.split, "task": plan.task.name, "pairs_key": plan.pairs_key,
+            "metric_space": plan.task.metric_space}, layout, side_files=records)
+        save_records(records, path)
         order = make_layout(hws, store.layout.tile)[1]  # a store keeps the layout it was made with
         write_descriptors(path, source, order)
-        degradation = DEGRADATIONS[task.degradation] if not source.paired else None
-        return cls(cfg, split, store, members, lambda i: (int(order[i]), source.samples[int(order[i])]),
-                   degradation, log, source)
+        degradation = DEGRADATIONS[plan.task.degradation] if not source.paired else None
+        todo, made_by = begin_members(store, members, cfg)
+        return cls(store, members, todo, in_order(source.samples, order), degradation, cfg.seed, cfg.lease_seconds,
+                   made_by, log)
 
     @classmethod
-    def of_store(cls, cfg: FeaturesConfig, task, split: str, target, encoders: list, path, log=print) -> "SplitJob":
-        """A planned store, opened without its dataset folder: the manifest gives the members, the
-        sample descriptors (read one file at a time, as the range needs them) the samples."""
+    def of_store(cls, cfg: FeaturesConfig, task, path, target, encoders: list, log=print) -> "SplitJob":
+        """A store opened before (`SplitJob.open`), without its dataset folder: the manifest gives
+        the members, the sample descriptors (read one file at a time, as the range needs them) the
+        samples."""
         store = Store(path, mode="a")
-        members = plan_members(stored_member(store, "pairs"), target, encoders, cfg)
+        members = network_members(stored_member(store, "pairs"), target, encoders, cfg.batch)
         descriptors = Descriptors(path, None if cfg.data == "demo" else parse_data(cfg.data)[1])
-        paired = descriptors.index["paired"]
-        job = cls(cfg, split, store, members, descriptors.sample_at,
-                  None if paired else DEGRADATIONS[task.degradation], log)
-        job.descriptors = descriptors
+        degradation = None if descriptors.index["paired"] else DEGRADATIONS[task.degradation]
+        todo, made_by = begin_members(store, members, cfg)
+        job = cls(store, members, todo, descriptors.sample_at, degradation, cfg.seed, cfg.lease_seconds, made_by,
+                  log)
+        job.descriptors = descriptors  # the sample descriptor files read so far
         return job
 
     def work(self) -> dict[tuple, list]:
-        """(start, stop) -> [(member, task index)] of the tasks without a done marker."""
+        """(start, stop) -> [(member, range number)] of the ranges without a done marker."""
         out: dict[tuple, list] = {}
         for m in self.todo:
-            done = self.store.done_tasks(m.path)
-            for t, (a, b) in enumerate(self.store.plan(m.path)):
-                if t not in done:
-                    out.setdefault((a, b), []).append((m, t))
+            done = self.store.done_ranges(m.path)
+            for ri, (a, b) in enumerate(self.store.ranges(m.path)):
+                if ri not in done:
+                    out.setdefault((a, b), []).append((m, ri))
         return out
 
-    def units(self, ranges: list, work: dict, leases):
-        """The stream's source: one Shard per store shard of each range this process can lease
-        (claimed as the stream reaches it)."""
-        for r in ranges:
-            if self._claim(leases, r, work):
-                shards = self.store.shards_of(*r)
-                for _, lo, hi in shards:
-                    yield stages.Shard(r, lo, hi, hi == r[1], work[r])
-
-    def stream(self, shards, leases, bar=None, every_member: bool = False):
+    def stages(self, leases, bar=None, every_member: bool = False) -> list:
         """The stages of this split after the units: read (or read back) -> degrade -> prefetch ->
         held -> target -> encoders [-> the complete members read back] -> progress."""
         if self.store.status("pairs") == "complete":
-            s = stages.read_stored(shards, self.store)
+            steps = [partial(stages.read_stored, store=self.store)]
         else:
-            s = stages.degrade(stages.read(shards, self.sample_at), self.degradation, self.cfg.seed)
-        s = stages.held(stages.prefetch(s), leases)
-        for m in self.members[1:]:
-            s = m.run(s)
+            steps = [partial(stages.read, sample_at=self.sample_at),
+                     partial(stages.degrade, degradation=self.degradation, seed=self.seed)]
+        steps += [stages.prefetch, partial(stages.held, leases=leases), self.members.target.run,
+                  *(m.run for m in self.members.encoders)]
         if every_member:  # a second writer needs every member of every shard
-            s = stages.stored(s, self.store, [m.path for m in self.members[1:]])
-        return stages.progress(s, bar)
+            networks = [self.members.target, *self.members.encoders]
+            steps.append(partial(stages.stored, store=self.store, members=[m.path for m in networks]))
+        return steps + [partial(stages.progress, bar=bar)]
 
-    def run(self, ranges: list | None = None, bar=None, wds=None) -> int:
+    def run(self, ranges: list | None = None, bar=None, wds: stages.WdsStreamWriter | None = None) -> int:
         """Compute and write the given (default: all unfinished) ranges this process can lease,
         shard by shard; returns the number of samples computed here. `wds`: a second writer that
         also gets every shard (with all members' outputs)."""
         work = self.work()
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
-        progress: dict = {}
-        with Leases(self.store.path, self.cfg.lease_seconds, log=self.log) as leases:
-            shards = self.stream(self.units(ranges, work, leases), leases, bar, wds is not None)
-            writers = [partial(self._write, progress=progress, leases=leases)] + ([wds] if wds else [])
+        with Leases(self.store.path, self.lease_seconds, log=self.log) as leases:
+            units = stages.units(ranges, store=self.store, leases=leases, work=work)
+            shards = stages.chain(units, self.stages(leases, bar, wds is not None))
+            writers = [stages.StoreWriter(self.store, leases, self.made_by, self.log)] + ([wds] if wds else [])
             return stages.write(shards, *writers)
 
-    def _claim(self, leases, r, work: dict) -> bool:
-        """Lease range r, then drop the tasks another writer finished meanwhile (no rework);
-        False (lease given back) when none is left."""
-        if not leases.claim(r):
-            return False
-        work[r] = [(m, t) for m, t in work[r] if not self.store.done_path(m.path, t).exists()]
-        if not work[r]:
-            leases.release(r)
-        return bool(work[r])
 
-    def _write(self, shard, progress: dict, leases) -> None:
-        """Write one shard of every member into the staging folder of the range's lease
-        generation; after a range's last shard, its done markers, each naming that generation,
-        then publish what the markers vouch for. Each write is checked against the lease: a
-        writer that lost it stops and says so. One paused right after a check writes only into
-        its own generation's folder, which no marker names: its bytes, even different ones (a
-        network target on another GPU), never reach the arrays."""
-        r, lo, hi, last = shard.range, shard.lo, shard.hi, shard.last
-        stats = shard.stats
-        try:
-            for m, t in shard.jobs:
-                t0 = time.perf_counter()
-                acc = progress.setdefault((m.path, t), {"hashes": {}, "stats": {}})
-                gen = leases.check(r, "shards")
-                acc["stage"] = self.store.staging(*r, gen, leases.token)
-                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
-                merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
-                                           "notes": stats["notes"] if m.path == "pairs" else [],
-                                           "seconds_write": time.perf_counter() - t0})
-                if last:
-                    leases.check(r, f"done marker of {m.path} task {t}")
-                    if not self.store.mark_done(m.path, t, acc["hashes"], acc["stats"], gen, acc["stage"],
-                                                self.made_by):
-                        self.log(f"{m.path} task {t}: another writer wrote its done marker first; kept theirs")
-                    self.store.settle(m.path, t, progress.pop((m.path, t))["stage"])
-        except LeaseLost as e:
-            for m, t in shard.jobs:
-                acc = progress.pop((m.path, t), None)
-                if acc and "stage" in acc:
-                    self.store.settle(m.path, t, acc["stage"])
-            shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
-            self.log(f"{self.path.name}: {e}")
-            return
-        if last:
-            leases.release(r)
-
-    def finalize(self, log=print) -> None:
-        """Check exclusions, verify every member's shards and mark them complete."""
-        finalize_members(self.store, [m.path for m in self.todo], self.cfg.max_bad, log)
-
-    def export_members(self) -> tuple[str, list[str]]:
-        """(target member, osf members, sorted) of this job's WebDataset export."""
-        return self.members[1].path, sorted(m.path for m in self.members[2:])
-
-    def wds_writer(self) -> Callable:
-        """The second writer of the stream: each shard (every member's outputs, `stages.stored`)
-        becomes the export's tar of that store shard (stores/wds.py, the writer export-wds uses)."""
-        target, encoders = self.export_members()
-        writer = WdsWriter(self.path.parent / f"{self.path.name}-wds", self.path.name, self.members[0].key,
-                           self.store.manifest().get("task"), target, encoders, {m.path: m.key for m in self.members})
-        number = {a: k for k, (_, a, _) in enumerate(self.store.layout.shards())}
-        writer.out.mkdir(parents=True, exist_ok=True)
-        (writer.out / WDS_INDEX).unlink(missing_ok=True)  # tars change below: an older index no longer holds
-
-        def write(s: stages.Shard) -> None:
-            if not s.wds_ready or s.fenced:
-                return  # a member not written for it yet, or this writer lost the range: export_wds fills it in
-            hw, d, out = stages.usable_hw(s), s.data, s.outputs
-            rows = ({"index": i, "name": str(d["names"][j]), "hw": hw[j], "lq": d["lq"][j], "gt": d["gt"][j],
-                     "base": out[target]["base"][j], "g": {e: out[e]["g"][j] for e in encoders},
-                     "meta": str(d["meta"][j])} for j, i in enumerate(range(s.lo, s.hi)))
-            writer.write_shard(number[s.lo], s.lo, s.hi, rows)
-        return write
-
-    def export_wds(self, log=print) -> Path:
-        """The export's index (and the tars of shards computed before this run), once complete."""
-        target, encoders = self.export_members()
-        return export_wds(self.path, target=target, encoders=encoders, log=log,
-                          ranges=[[a, b] for _, a, b in self.store.layout.shards()])
+def wds_stream(job: SplitJob) -> stages.WdsStreamWriter:
+    """The second writer of a split's stream: its WebDataset export, shard by shard."""
+    return stages.WdsStreamWriter(job.store, *job.members.exported(), {m.path: m.key for m in job.members})
 
 
 def finalize_members(store: Store, members: list[str], max_bad: float, log=print) -> None:
@@ -298,16 +230,31 @@ def finalize_members(store: Store, members: list[str], max_bad: float, log=print
             (f", weights: {info['weights']}" if "weights" in info else ""))
 
 
-def save_records(source: Source, path: Path) -> None:
-    """The source records (the stat cache of the next run), when they changed; written by
-    the writer of a store only (readers never modify it)."""
+RECORDS = f"{SOURCES_DIR}/{SOURCES_FILE}"  # the source records in a store: the stat cache of the next run
+
+
+def source_records(source: Source) -> dict:
+    """{RECORDS: the source's records as a store keeps them}, or {} (the demo has none)."""
     rec = source.records
-    if rec is None:
-        return
-    target = Path(path) / SOURCES_DIR / SOURCES_FILE
-    keep = shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})
-    if not target.is_file() or json.loads(target.read_text()) != keep:
-        write_json_atomic(target, keep)
+    return {} if rec is None else {RECORDS: shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})}
+
+
+def save_records(records: dict, path: Path) -> None:
+    """The source records, when they changed; written by the writer of a store only (readers never
+    modify it)."""
+    for rel, keep in records.items():
+        target = Path(path) / rel
+        if not target.is_file() or json.loads(target.read_text()) != keep:
+            write_json_atomic(target, keep)
+
+
+def file_stats(paths) -> list:
+    """[path, size, mtime_ns] of each file a frozen network was read from (a folder: its files)."""
+    out = []
+    for p in (Path(p) for p in paths if p):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+    return out
 
 
 def encoder_inputs(enc) -> list:
@@ -335,49 +282,47 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
         copy_store(src, str(local.parent), log=log)
 
 
-def build_split(cfg: FeaturesConfig, task, split: str, target, encoders: list, log=print,
-                source: Source | None = None) -> Path:
-    """Build or complete one split's store; returns its path. Finished tasks are skipped; tasks
+def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
+    """Build or complete one split's store; returns its path. Finished ranges are skipped; ranges
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
-    job = SplitJob.plan(cfg, task, split, target, encoders, source, log)
-    layout = job.source.fingerprint.get("layout")
+    cfg, source = plan.cfg, plan.source
+    job = SplitJob.open(plan, target, encoders, log)
+    layout = source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
-        log(f"{cfg.data} ({split}): {layout} layout, {len(job.source.samples)} "
-            f"{'pairs' if job.source.paired else 'clean images'}")
-    rec = job.source.records or {}
+        log(f"{cfg.data} ({plan.split}): {layout} layout, {len(source.samples)} "
+            f"{'pairs' if source.paired else 'clean images'}")
+    rec = source.records or {}
     if rec.get("changed"):
         log(f"source files changed since the last run (content differs, so this is a new store): "
             f"{', '.join(rec['changed'][:10])}" + (f" and {len(rec['changed']) - 10} more" if len(rec["changed"]) > 10 else ""))
     if rec.get("touched"):
         log(f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}")
-    if not job.todo:
-        log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
-        if cfg.wds:
-            job.export_wds(log)
-        return job.path
-    work = job.work()
-    total = sum(b - a for a, b in work)
-    log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} tasks)")
-    bar = tqdm(total=total, unit="img", desc=f"{split}", dynamic_ncols=True)
-    wds = job.wds_writer() if cfg.wds else None
-    while work:
-        if not job.run(sorted(work), bar, wds):  # everything left is leased by another writer
-            time.sleep(1.0)
+    if job.todo:
         work = job.work()
-        bar.n = total - sum(b - a for a, b in work)
-        bar.refresh()
-    bar.close()
-    release_caches()
-    job.finalize(log)
+        total = sum(b - a for a, b in work)
+        log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} ranges)")
+        bar = tqdm(total=total, unit="img", desc=f"{plan.split}", dynamic_ncols=True)
+        wds = wds_stream(job) if cfg.wds else None
+        while work:
+            if not job.run(sorted(work), bar, wds):  # everything left is leased by another writer
+                time.sleep(1.0)
+            work = job.work()
+            bar.n = total - sum(b - a for a, b in work)
+            bar.refresh()
+        bar.close()
+        release_caches()
+        finalize_members(job.store, [m.path for m in job.todo], cfg.max_bad, log)
+    else:
+        log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
     if cfg.wds:
-        job.export_wds(log)
+        export_split(job.path, *job.members.exported(), log=log)
     return job.path
 
 
 def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=print) -> None:
     """Report excluded samples and conversions; stop when too many samples were lost."""
-    excluded = {e["name"]: e["reason"] for m in members for e in store.task_records(m, "excluded")}
-    for note in store.task_records("pairs", "notes") if "pairs" in members else []:
+    excluded = {e["name"]: e["reason"] for m in members for e in store.range_records(m, "excluded")}
+    for note in store.range_records("pairs", "notes") if "pairs" in members else []:
         log(f"  note: {note['name']}: {note['note']}")
     for name, reason in excluded.items():
         log(f"  excluded: {name}: {reason}")
@@ -385,12 +330,6 @@ def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=pr
         raise SourceError(f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
                           f"--max-bad {max_bad:.0%}); first: {next(iter(excluded.items()))}. Fix them or "
                           f"raise --max-bad; the members stay incomplete")
-
-
-def merge_stats(total: dict, part: dict) -> None:
-    """Add one shard's stats to its task's: numbers summed, lists concatenated."""
-    for k, v in part.items():
-        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
 
 
 def resolve_device(device: str) -> str:
@@ -411,7 +350,7 @@ def device_kind(device: str) -> str:
 
 
 def build_models(cfg: FeaturesConfig):
-    """(task, target, encoders) of a features config: `make features` and SLURM tasks build them
+    """(task, target, encoders) of a features config: `make features` and SLURM array tasks build them
     here, once per process."""
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     set_torch_threads()  # the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's
@@ -427,24 +366,18 @@ def build_models(cfg: FeaturesConfig):
     return task, target, encoders
 
 
-def build_features(cfg: FeaturesConfig, log=print, found: dict | None = None) -> list[Path]:
+def build_features(cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None = None) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
-    one added to a complete store computes only itself. `found`: split -> complete_store's answer,
-    when the caller asked already (the sources are then not listed twice).
+    one added to a complete store computes only itself. `plans`: the splits' plans, when the
+    caller made them and found something to compute (the sources are then not listed twice).
     """
-    task = get_task(cfg.task)
-    found = found or {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if all(path for path, _ in found.values()):  # a re-run of a complete store: no network is built
-        for path, _ in found.values():
-            log(f"{path.name}: complete; nothing to compute")
-            if cfg.wds:  # the export of the members this command names
-                export_wds(path, target=(cfg.target or task.target).split(":")[0],
-                           encoders=(cfg.encoder or task.encoder).split(","), log=log,
-                           ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
-        return [path for path, _ in found.values()]
+    if plans is None:
+        plans = plan_features(cfg)
+        if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
+            return report_complete(plans, cfg.wds, log)
     task, target, encoders = build_models(cfg)
     log(f"task {task.name}: target {target.id}; " + "; ".join(
         f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
-    return [build_split(cfg, task, split, target, encoders, log, found[split][1]) for split in cfg.splits]
+    return [build_split(p, target, encoders, log) for p in plans]

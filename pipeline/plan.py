@@ -1,4 +1,5 @@
-"""Is there anything to compute? Answered from names, the stat cache and manifests alone.
+"""The plan of each split (`plan_split`) and whether anything is left to compute (`SplitPlan.complete`),
+answered from names, the stat cache and manifests alone.
 
 A re-run of `make features` on complete stores costs a stat per source file: this module imports
 neither torch nor any network or image library (pipeline/extract.py, which builds the frozen
@@ -8,57 +9,81 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stores import Store, dataset_name, key_of, store_name
+from stores.cli import setting
 from stores.privacy import local_path
 from stores.store import SOURCES_DIR, StoreError
+from stores.wds import export_wds
 
 from .degrade import DEGRADATIONS
-from .layouts import parse_data
+from .layouts import LAYOUTS, parse_data
 from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
-from .tasks import get_task
+from .tasks import TASKS, Task, get_task
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    task: str = "deblur"
-    data: str = "demo"
-    target: str | None = None  # None: the task's default
-    target_weights: str | None = None  # checkpoint of a network target
-    target_tile: int | None = None  # run the target in overlapping tiles of this size
-    target_overlap: int = 32
-    target_budget_mb: float = 1024.0  # a network target's activation memory per call: larger images run in tiles
-    encoder: str | None = None  # None: the task's default (clip-vit-b32)
-    store_root: str = "data/stores"
-    store_shared: str | None = None  # read-only root (path or s3://) searched for complete members first
-    shards: int | None = None  # extraction tasks per split; None: one per shard
-    shard_len: int = 16  # samples per shard (fewer for large images: see shard_mb)
-    shard_mb: float = 64.0  # a shard holds at most about this many MB of float16 pixels (at least one sample)
-    tile: int = 64  # spatial chunk edge of image arrays
-    seed: int = 0  # degradation seed (per sample: (seed, index))
-    clip_weights: str | None = None
-    sd_weights: str | None = None  # diffusers folder for sd-vae / sd-unet
-    allow_random_weights: bool = False
-    init_seed: int = 0  # seed of a random encoder initialisation
-    splits: tuple = ("train", "test")
-    batch: int = 8  # images per encoder call (x4 flips)
-    max_bad: float = 0.05  # stop (members stay incomplete) when more than this fraction is excluded
-    lease_seconds: float = 120.0  # a task lease not renewed for this long is taken over
-    device: str = "auto"  # where network targets and encoders run: auto (cuda when available), cpu, cuda[:i]
-    rehash: bool = False  # hash every source file even when its (size, mtime) is unchanged
-    wds: bool = False  # also write the WebDataset export (<store>-wds/) from the extraction stream
+    """The settings of `python -m pipeline features`, each one flag (stores/cli.py) with its help;
+    recorded in each member it computes (`stores repair` replays them, stores/maintain.py)."""
+    task: str = setting("deblur", "restoration task: " + ", ".join(TASKS))
+    data: str = setting("demo", "'demo' (photos shipped with scikit-image), a dataset folder (layout detected), "
+                        "or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
+    target: str | None = setting(None, "frozen target: classical (wiener, gamma, streaks, nlmeans, identity), a "
+                                 "built-in network with the official parameter names (snr-aware, mprnet-<deblur|"
+                                 "derain|denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|"
+                                 "defocus>, sci-<easy|medium|difficult> with its published weights shipped in the "
+                                 "project; configuration overrides as NAME:key=value[:key=value], e.g. "
+                                 "mprnet-deblur:n_feat=8), or module.path:factory (default: the task's; see "
+                                 "docs/networks.md)")
+    target_weights: str | None = setting(None, "checkpoint of a network target (.safetensors or a .pth of tensors; "
+                                         "read with weights_only=True). Without it sci-* loads its shipped weights "
+                                         "and another built-in network gets random weights (seed --init-seed, "
+                                         "recorded as weights: random) on the demo or with --allow-random-weights "
+                                         "only")
+    target_tile: int | None = setting(None, "run the target in overlapping tiles of this size")
+    target_overlap: int = setting(32, "tile overlap")
+    target_budget_mb: float = setting(1024.0, "activation memory of one call of a network target (default: "
+                                      "%(default)s MB): larger images run in tiles sized from it (recorded in the "
+                                      "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
+                                      "versions before the budget did)")
+    encoder: str | None = setting(None, "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
+                                  "weights from its package), 'openclip:<model>[:<tag>]', 'openclip:<folder with "
+                                  "open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory (factory() "
+                                  "returns (nn.Module, {'size', 'mean', 'std'})); comma-separated for several")
+    store_root: str = setting("data/stores", "where stores live")
+    store_shared: str | None = setting(None, "a teammates' root (path or s3://...), only read: complete members "
+                                       "with the same key are copied from it instead of computed")
+    shards: int | None = setting(None, "extraction ranges per split (default: one per shard)")
+    shard_len: int = setting(16, "samples per shard")
+    shard_mb: float = setting(64.0, "at most about this many MB of float16 pixels per shard; large images get "
+                              "shards of their own")
+    tile: int = setting(64, "spatial chunk edge in px")
+    seed: int = setting(0, "degradation seed (per sample: (seed, source index))")
+    clip_weights: str | None = setting(None, "OpenCLIP checkpoint file; default: the Hugging Face cache (offline), "
+                                       "else random weights for the demo only")
+    sd_weights: str | None = setting(None, "diffusers folder with vae/ and unet/ (save_pretrained layout) or a VAE "
+                                     "folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
+                                     "random weights for the demo only")
+    allow_random_weights: bool = setting(False, "allow a random encoder or built-in network target on real data "
+                                         "(recorded as weights: random)")
+    init_seed: int = setting(0, "seed of a random encoder or network target initialisation")
+    splits: tuple = setting(("train", "test"), "comma-separated")
+    batch: int = setting(8, "images per encoder call (each x4 flips)")
+    max_bad: float = setting(0.05, "fraction of samples that may be excluded (unreadable, mismatched, non-finite "
+                             "target output) before the run stops; the members stay incomplete")
 
-
-def plan_pairs(source: Source, task, cfg: FeaturesConfig) -> tuple[str, dict]:
-    """(key, spec) of a split's pairs member: needs the source, not the frozen networks."""
-    deg = None if source.paired else task.degradation
-    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": cfg.seed} if deg else None
-    spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
-    return key_of(spec), spec
-
+    lease_seconds: float = setting(120.0, "a range lease not renewed for this long (its writer died or is paused) "
+                                   "is taken over")
+    device: str = setting("auto", "where network targets and encoders run: 'auto' (a CUDA GPU when visible), 'cpu' "
+                          "or 'cuda[:i]'")
+    rehash: bool = setting(False, "hash every source file again, even those whose (size, mtime) the last run "
+                           "recorded (by default a re-run costs a stat per file)")
+    wds: bool = setting(False, "also write each split's WebDataset export (<store>-wds/, as `python -m stores "
+                        "export-wds`) from the samples as they are extracted")
 
 SOURCES_FILE = "files.json"
 
@@ -79,20 +104,111 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
     return None
 
 
+def pairs_key(source: Source, task: Task, seed: int) -> tuple[str, dict]:
+    """(key, spec) of a split's pairs member: needs the source, not the frozen networks."""
+    deg = None if source.paired else task.degradation
+    degradation = {"name": deg, "params": DEGRADATIONS[deg][1], "seed": seed} if deg else None
+    spec = {"source": source.fingerprint, "task": task.name, "degradation": degradation}
+    return key_of(spec), spec
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What one split of `make features` needs, found without torch or any network: its source
+    (listed once, with the stat cache of the last run unless --rehash), the pairs member's key,
+    the store's path, and the target and encoders its other members are computed with."""
+    cfg: FeaturesConfig
+    task: Task
+    split: str
+    source: Source
+    pairs_key: str
+    pairs_spec: dict
+    path: Path
+    target: str  # the target's name (--target, else the task's)
+    encoders: tuple  # the encoders' names
+    stat_cache: bool  # the source's files were checked against an earlier run's records
+    _answer: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def complete(self) -> bool:
+        """Is every member this command asks for complete already? Answered once per plan, from
+        the stat cache and the manifest alone (no image decoded or hashed, no network built); False
+        when something may have to be computed (the networks are then built and members checked by
+        key). A member counts when its recorded settings match and its weight files keep their
+        (size, mtime). User factories (`module.path:factory`) are always built (their code may have
+        changed); `--rehash` always builds and checks by key."""
+        if "complete" not in self._answer:
+            self._answer["complete"] = self._complete()
+        return self._answer["complete"]
+
+    def _complete(self) -> bool:
+        cfg, rec = self.cfg, self.source.records or {}
+        if cfg.rehash or is_user_target(self.target) or any(is_user_encoder(n) for n in self.encoders):
+            return False
+        if (cfg.data != "demo" and not self.stat_cache) or rec.get("changed") or rec.get("touched"):
+            return False  # the full path names the changed files and records the new stats
+        try:
+            members = Store(self.path).manifest()["members"]
+        except (StoreError, OSError, ValueError, KeyError):
+            return False
+        done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
+        return members.get("pairs", {}).get("status") == "complete" and self._target_done(done) and all(
+            self._encoder_done(name, done) for name in self.encoders)
+
+    def _target_done(self, done: list) -> bool:
+        recipe = TARGET_RECIPE if is_network_target(self.target) else CLASSICAL_RECIPE  # tiling is a network's
+        want = {f: getattr(self.cfg, f) for f in recipe}
+        return any(i.get("target") == self.target.split(":")[0]  # what it computed, not what the default was then
+                   and local_path(i["config"].get("target") or self.task.target) == self.target
+                   and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done)
+
+    def _encoder_done(self, name: str, done: list) -> bool:
+        cfg = self.cfg
+        want = {**{f: getattr(cfg, f) for f in ENCODER_RECIPE}, "weights": weights_arg(name, cfg.clip_weights,
+                                                                                       cfg.sd_weights)}
+        return any(local_path(i.get("encoder")) == name and want == {
+            **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
+            "weights": local_path(weights_arg(name, i["config"].get("clip_weights"), i["config"].get("sd_weights")))}
+            for i in done)
+
+
+def plan_split(cfg: FeaturesConfig, task: Task, split: str) -> SplitPlan:
+    """List one split's source (the only listing of the dataset folder) and work out its store."""
+    stat_cache = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+    source = open_source(cfg.data, split, *task.demo_tiles, known=stat_cache)
+    key, spec = pairs_key(source, task, cfg.seed)
+    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, key)
+    return SplitPlan(cfg, task, split, source, key, spec, path, cfg.target or task.target,
+                     tuple((cfg.encoder or task.encoder).split(",")), stat_cache is not None)
+
+
+def plan_features(cfg: FeaturesConfig) -> list[SplitPlan]:
+    """The plan of every split `cfg` names."""
+    task = get_task(cfg.task)
+    return [plan_split(cfg, task, split) for split in cfg.splits]
+
+
+def report_complete(plans: list[SplitPlan], wds: bool, log=print) -> list[Path]:
+    """Every split is complete: say so and, with --wds, write the export of the members this
+    command names (no network is built)."""
+    for p in plans:
+        log(f"{p.path.name}: complete; nothing to compute")
+        if wds:
+            export_split(p.path, p.target.split(":")[0], list(p.encoders), log)
+    return [p.path for p in plans]
+
+
+def export_split(path: Path, target: str, encoders: list[str], log=print) -> Path:
+    """A split's WebDataset export of these members, completed (the tars of shards not streamed
+    by this run) and indexed."""
+    return export_wds(path, target=target, encoders=encoders, log=log,
+                      ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
+
+
 # -- "nothing to compute" without building a network --------------------------------------------
 TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "target_budget_mb", "init_seed",
                  "allow_random_weights")
 CLASSICAL_RECIPE = tuple(f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget")))
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
-
-
-def file_stats(paths) -> list:
-    """[path, size, mtime_ns] of each file a frozen network was read from (a folder: its files)."""
-    out = []
-    for p in (Path(p) for p in paths if p):
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        out += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
-    return out
 
 
 def _unchanged(info: dict) -> bool:
@@ -106,59 +222,3 @@ def _unchanged(info: dict) -> bool:
                    for p, size, mtime in inputs)
     except OSError:
         return False
-
-
-def complete_store(cfg: FeaturesConfig, task, split: str) -> tuple[Path | None, Source | None]:
-    """(the split's store, its source) when every member `cfg` asks for is already complete, found from the stat
-    cache of the sources and the manifest alone (no image decoded or hashed, no network built); None
-    when something may have to be computed (the caller then builds the networks and checks by key).
-
-    A member counts when its recorded settings match `cfg` and its weight files keep their (size,
-    mtime); (None, the source opened if any) when not. User factories (`module.path:factory`) are always built (their code may have changed);
-    `--rehash` always builds and checks by key."""
-    names = [cfg.target or task.target, *(cfg.encoder or task.encoder).split(",")]
-    user_target = is_user_target(names[0])  # module.path:factory
-    if cfg.rehash or user_target or any(is_user_encoder(n) for n in names[1:]):
-        return None, None
-    known = None if cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
-    if cfg.data != "demo" and known is None:
-        return None, None
-    source = open_source(cfg.data, split, *task.demo_tiles, known=known)
-    if (source.records or {}).get("changed") or (source.records or {}).get("touched"):
-        return None, source  # the full path names them and records the new stats
-    path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, plan_pairs(source, task, cfg)[0])
-    try:
-        members = Store(path).manifest()["members"]
-    except (StoreError, OSError, ValueError, KeyError):
-        return None, source
-    recipe = TARGET_RECIPE if is_network_target(names[0]) else CLASSICAL_RECIPE  # tiling is a network's
-    want = {f: getattr(cfg, f) for f in recipe}
-    done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
-    if members.get("pairs", {}).get("status") != "complete" or not any(
-            i.get("target") == names[0].split(":")[0]  # what it computed, not what the default was then
-            and local_path(i["config"].get("target") or task.target) == names[0]
-            and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done):
-        return None, source
-    for name in names[1:]:
-        want = {f: getattr(cfg, f) for f in ENCODER_RECIPE}
-        want["weights"] = weights_arg(name, cfg.clip_weights, cfg.sd_weights)
-        if not any(local_path(i.get("encoder")) == name and want == {
-                **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
-                "weights": local_path(weights_arg(name, i["config"].get("clip_weights"),
-                                                  i["config"].get("sd_weights")))}
-                for i in done):
-            return None, source
-    return path, source
-
-
-def complete_stores(cfg: FeaturesConfig, log=print) -> tuple[list[Path] | None, dict]:
-    """(the stores of every split, when all are complete, each logged as such, else None; split ->
-    complete_store's answer, which pipeline.extract.build_features takes so as not to list the
-    sources again when it has to build the networks and check by key)."""
-    task = get_task(cfg.task)
-    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if not all(path for path, _ in found.values()):
-        return None, found
-    for path, _ in found.values():
-        log(f"{path.name}: complete; nothing to compute")
-    return [path for path, _ in found.values()], found

@@ -385,6 +385,11 @@ def _mat_blocks(path: Path, variable: str, stamp: tuple) -> np.ndarray | str:
     return np.ascontiguousarray(arr).reshape(-1, *arr.shape[-3:])  # MATLAB order: one copy here, not per block
 
 
+def in_order(samples: list, order) -> Callable[[int], tuple]:
+    """`sample_at` of a listed source: sample i of the storage order -> (source index, Sample)."""
+    return lambda i: (int(order[i]), samples[int(order[i])])
+
+
 def release_caches() -> None:
     """Drop the cached MATLAB arrays (about 500 MB for SIDD) once a split is extracted."""
     _mat_blocks.cache_clear()

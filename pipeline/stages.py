@@ -1,15 +1,17 @@
 """Extraction as named stages over a stream of shards: read -> degrade -> target -> encode -> write.
 
-Each stage is a generator function `stage(shards, ...) -> shards` (webdataset and img2dataset
-compose theirs the same way), so one can be swapped (`read_stored` for `read` + `degrade` when the
-pairs are already stored) or tested alone on a list of `Shard`s. `pipeline/extract.py` composes
-them per split:
+Every stage has one shape, `stage(shards, *, settings...) -> shards`, a generator over `Shard`s
+(webdataset and img2dataset compose theirs the same way): with its settings bound
+(`functools.partial`) it is a step of `chain`, so one can be swapped (`read_stored` for `read` +
+`degrade` when the pairs are already stored) or tested alone on a list of `Shard`s.
+`SplitJob.stages` (pipeline/extract.py) lists them per split and `write` consumes the stream:
 
     units -> read -> degrade -> prefetch -> held -> target -> encode(s) [-> stored] -> progress -> write
 
-`prefetch` runs everything before it in one background thread (the next shard is read and
-degraded while the networks work on this one) and `write` writes in another, one shard in flight:
-at most three shards are in memory at once.
+`write` hands each shard to its writers, the store's (`StoreWriter`) and optionally the WebDataset
+export's (`WdsStreamWriter`). `prefetch` runs everything before it in one background thread (the
+next shard is read and degraded while the networks work on this one) and `write` writes in
+another, one shard in flight: at most three shards are in memory at once.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .degrade import sample_rng
+from stores.leases import LeaseLost
 from stores.runtime import release_memory
 from stores.store import read_json
+from stores.wds import INDEX as WDS_INDEX, WdsWriter
 
 from .sources import SourceError
 
@@ -34,12 +38,12 @@ PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
 
 @dataclass
 class Shard:
-    """One store shard [lo, hi) of the task range `range` on its way through the stages."""
-    range: tuple  # (start, stop) of the task it belongs to
+    """One store shard [lo, hi) of the range `range` on its way through the stages."""
+    range: tuple  # (start, stop) of the range it belongs to
     lo: int
     hi: int
     last: bool = True  # the range's last shard: its done markers follow it
-    jobs: list = field(default_factory=list)  # [(member, task number)] still missing this range
+    jobs: list = field(default_factory=list)  # [(member, range number)] still missing this range
     samples: list = field(default_factory=list)  # read: one dict per sample (see `read`)
     data: dict = field(default_factory=dict)  # degraded: lq, gt, hw, names, meta, source_index, index
     outputs: dict = field(default_factory=dict)  # member path -> {array name: values}
@@ -59,7 +63,7 @@ def _timed(shard: Shard, name: str, t0: float) -> None:
 
 
 # -- read ------------------------------------------------------------------------------------------
-def read(shards: Iterable[Shard], sample_at: Callable[[int], tuple]) -> Iterator[Shard]:
+def read(shards: Iterable[Shard], *, sample_at: Callable[[int], tuple]) -> Iterator[Shard]:
     """Decode each sample of each shard. `sample_at(i)` gives sample i's (source index, Sample)
     (pipeline.sources); a sample that cannot be read carries its error instead of pixels."""
     for s in shards:
@@ -78,7 +82,7 @@ def read(shards: Iterable[Shard], sample_at: Callable[[int], tuple]) -> Iterator
 
 
 # -- degrade ---------------------------------------------------------------------------------------
-def degrade(shards: Iterable[Shard], degradation, seed: int) -> Iterator[Shard]:
+def degrade(shards: Iterable[Shard], *, degradation, seed: int) -> Iterator[Shard]:
     """Make lq where the data has none (`degradation`: (function, params), seeded per sample by
     (seed, source index)), check each pair, and pack the shard's `data`. A sample that cannot be
     used (unreadable, truncated, lq/gt sizes differ) is excluded: its slot stays empty with size
@@ -127,7 +131,7 @@ def _pair(rec: dict, degradation, seed: int):
     return gt, lq, drawn
 
 
-def read_stored(shards: Iterable[Shard], store) -> Iterator[Shard]:
+def read_stored(shards: Iterable[Shard], *, store) -> Iterator[Shard]:
     """read + degrade swapped for a store whose pairs member is complete: `data` read back."""
     for s in shards:
         t0 = time.perf_counter()
@@ -143,6 +147,33 @@ def read_stored(shards: Iterable[Shard], store) -> Iterator[Shard]:
 
 
 # -- flow ------------------------------------------------------------------------------------------
+def chain(shards: Iterable[Shard], steps: list[Callable[[Iterable[Shard]], Iterator[Shard]]]) -> Iterator[Shard]:
+    """The stream through each step in turn (each a stage with its settings bound)."""
+    for step in steps:
+        shards = step(shards)
+    return iter(shards)
+
+
+def units(ranges: list, *, store, leases, work: dict) -> Iterator[Shard]:
+    """The stream's source: one Shard per store shard of each range this process can lease,
+    claimed as the stream reaches it. `work`: range -> [(member, range number)] still to do."""
+    for r in ranges:
+        if claim(r, store, leases, work):
+            for _, lo, hi in store.shards_of(*r):
+                yield Shard(r, lo, hi, hi == r[1], work[r])
+
+
+def claim(r: tuple, store, leases, work: dict) -> bool:
+    """Lease range r, then drop the members another writer finished meanwhile (no rework);
+    False (lease given back) when none is left."""
+    if not leases.claim(r):
+        return False
+    work[r] = [(m, ri) for m, ri in work[r] if not store.done_path(m.path, ri).exists()]
+    if not work[r]:
+        leases.release(r)
+    return bool(work[r])
+
+
 def prefetch(shards: Iterable[Shard]) -> Iterator[Shard]:
     """Run the stages before this one in a background thread, one shard ahead."""
     it = iter(shards)
@@ -153,12 +184,12 @@ def prefetch(shards: Iterable[Shard]) -> Iterator[Shard]:
             yield s
 
 
-def held(shards: Iterable[Shard], leases) -> Iterator[Shard]:
+def held(shards: Iterable[Shard], *, leases) -> Iterator[Shard]:
     """Drop the shards of ranges whose lease was lost while they were read: the new holder computes them."""
     return (s for s in shards if leases.holds(s.range))
 
 
-def progress(shards: Iterable[Shard], bar) -> Iterator[Shard]:
+def progress(shards: Iterable[Shard], *, bar) -> Iterator[Shard]:
     for s in shards:
         if bar is not None:
             bar.update(s.hi - s.lo)
@@ -166,7 +197,7 @@ def progress(shards: Iterable[Shard], bar) -> Iterator[Shard]:
 
 
 # -- the frozen networks -----------------------------------------------------------------------------
-def target(shards: Iterable[Shard], member: str, net) -> Iterator[Shard]:
+def target(shards: Iterable[Shard], *, member: str, net) -> Iterator[Shard]:
     """`base` (float16, valid size) of member `member` for the shards that need it; a non-finite or
     misshapen output, or one beyond float16's range, excludes that sample."""
     for s in shards:
@@ -177,7 +208,7 @@ def target(shards: Iterable[Shard], member: str, net) -> Iterator[Shard]:
         yield s
 
 
-def encode(shards: Iterable[Shard], member: str, encoder, batch: int) -> Iterator[Shard]:
+def encode(shards: Iterable[Shard], *, member: str, encoder, batch: int) -> Iterator[Shard]:
     """`g` ((n, 4 flips, D) float32) of member `member` for the shards that need it."""
     for s in shards:
         if s.wants(member):
@@ -225,15 +256,15 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
     return g
 
 
-def stored(shards: Iterable[Shard], store, members: list[str]) -> Iterator[Shard]:
+def stored(shards: Iterable[Shard], *, store, members: list[str]) -> Iterator[Shard]:
     """Add the outputs (and recorded exclusions) of the members a shard does not compute (written
     before, by this or another writer: their done markers exist), read back, so that a second
-    writer (the WebDataset one) sees every member of every shard. Only the done marker of the task
-    covering each shard is read (once per task), so T tasks read O(T) markers, not O(T^2). A shard
+    writer (the WebDataset one) sees every member of every shard. Only the done marker of the range
+    covering each shard is read (once per range), so T ranges read O(T) markers, not O(T^2). A shard
     a member has not written yet (no marker: another writer's range in progress) gets
     `wds_ready` False, and the second writer leaves it to the export's completion."""
     complete = {m: store.records(m)["excluded"] for m in members if store.status(m) == "complete"}
-    starts = {m: [a for a, _ in store.plan(m)] for m in members if m not in complete}
+    starts = {m: [a for a, _ in store.ranges(m)] for m in members if m not in complete}
     markers: dict = {}
 
     def recorded(m: str, lo: int) -> list | None:
@@ -299,3 +330,74 @@ def write(shards: Iterable[Shard], *writers: Callable[[Shard], None]) -> int:
         for p in pending:
             p.result()
     return done
+
+
+class StoreWriter:
+    """The store's writer of a stream (the first of `write`'s writers): each shard of every member
+    into the staging folder of its range's lease generation; after a range's last shard, its done
+    markers, each naming that generation, then publish what the markers vouch for. Each write is
+    checked against the lease: a writer that lost it stops and says so. One paused right after a
+    check writes only into its own generation's folder, which no marker names: its bytes, even
+    different ones (a network target on another GPU), never reach the arrays."""
+
+    def __init__(self, store, leases, made_by: dict | None = None, log=print):
+        self.store, self.leases, self.made_by, self.log = store, leases, made_by, log
+        self.progress: dict = {}  # (member, range number) -> its stage folder, shard hashes and stats so far
+
+    def __call__(self, shard: Shard) -> None:
+        r, lo, hi, last, stats, leases = shard.range, shard.lo, shard.hi, shard.last, shard.stats, self.leases
+        try:
+            for m, ri in shard.jobs:
+                t0 = time.perf_counter()
+                acc = self.progress.setdefault((m.path, ri), {"hashes": {}, "stats": {}})
+                gen = leases.check(r, "shards")
+                acc["stage"] = self.store.staging(*r, gen, leases.token)
+                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
+                merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
+                                           "notes": stats["notes"] if m.path == "pairs" else [],
+                                           "seconds_write": time.perf_counter() - t0})
+                if last:
+                    leases.check(r, f"done marker of {m.path} range {ri}")
+                    if not self.store.mark_done(m.path, ri, acc["hashes"], acc["stats"], gen, acc["stage"],
+                                                self.made_by):
+                        self.log(f"{m.path} range {ri}: another writer wrote its done marker first; kept theirs")
+                    self.store.settle(m.path, ri, self.progress.pop((m.path, ri))["stage"])
+        except LeaseLost as e:
+            for m, ri in shard.jobs:
+                acc = self.progress.pop((m.path, ri), None)
+                if acc and "stage" in acc:
+                    self.store.settle(m.path, ri, acc["stage"])
+            shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
+            self.log(f"{self.store.path.name}: {e}")
+            return
+        if last:
+            leases.release(r)
+
+
+def merge_stats(total: dict, part: dict) -> None:
+    """Add one shard's stats to its range's: numbers summed, lists concatenated."""
+    for k, v in part.items():
+        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
+
+
+class WdsStreamWriter:
+    """The WebDataset writer of a stream (the second of `write`'s writers): each shard, with every
+    member's outputs (`stored`), becomes the export's tar of that store shard (stores/wds.py, the
+    writer `python -m stores export-wds` uses)."""
+
+    def __init__(self, store, target: str, encoders: list[str], keys: dict):
+        self.target, self.encoders = target, encoders
+        self.writer = WdsWriter(store.path.parent / f"{store.path.name}-wds", store.path.name, keys["pairs"],
+                                store.manifest().get("task"), target, encoders, keys)
+        self.number = {a: k for k, (_, a, _) in enumerate(store.layout.shards())}
+        self.writer.out.mkdir(parents=True, exist_ok=True)
+        (self.writer.out / WDS_INDEX).unlink(missing_ok=True)  # tars change below: an older index no longer holds
+
+    def __call__(self, s: Shard) -> None:
+        if not s.wds_ready or s.fenced:
+            return  # a member not written for it yet, or this writer lost the range: the export's completion fills it in
+        hw, d, out = usable_hw(s), s.data, s.outputs
+        rows = ({"index": i, "name": str(d["names"][j]), "hw": hw[j], "lq": d["lq"][j], "gt": d["gt"][j],
+                 "base": out[self.target]["base"][j], "g": {e: out[e]["g"][j] for e in self.encoders},
+                 "meta": str(d["meta"][j])} for j, i in enumerate(range(s.lo, s.hi)))
+        self.writer.write_shard(self.number[s.lo], s.lo, s.hi, rows)

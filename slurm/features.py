@@ -1,50 +1,44 @@
 """Stage 1 on a cluster: `python -m slurm features --task deblur --shards 64 [--partition P]`.
 
-Plans every split's store here (members, task plans and the per-sample source descriptors are
-written before anything runs: the only step that lists the dataset folder), then submits one SLURM
-job array over only the unfinished (split, range) tasks and a finalize job that waits for all of
-them, verifies and marks the members complete. An array task reads the store's manifest and the
-descriptor files of its own range (pipeline/descriptors.py), never the dataset folder's listing;
-the finalize job reads only the store. Finished tasks keep their done markers, so rerunning the
-same command submits only what is missing; a complete store submits nothing.
+Plans every split here (`plan_split`: the only step that lists the dataset folder) and opens its
+store (`SplitJob.open`: members, their ranges and the per-sample source descriptors are written
+before anything runs), then submits one SLURM job array with one array task per unfinished
+(split, range) and a finalize job that waits for all of them, verifies and marks the members
+complete. An array task reads the store's manifest and the descriptor files of its own range
+(pipeline/descriptors.py), never the dataset folder's listing; the finalize job reads only the
+store. Finished ranges keep their done markers, so rerunning the same command submits only what is
+missing; a complete store submits nothing.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
-from pipeline.extract import FeaturesConfig, SplitJob, build_models, complete_store, finalize_members
-from pipeline.tasks import get_task
+from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members, wds_stream
+from pipeline.plan import SplitPlan, export_split, plan_features
 from stores import Store
+from stores.cli import config_from
 
 from . import submit
 
 
-def config_from_args(args) -> FeaturesConfig:
-    names = {f.name for f in fields(FeaturesConfig)} - {"splits"}
-    return FeaturesConfig(**{k: v for k, v in vars(args).items() if k in names},
-                          splits=tuple(args.splits.split(",")))
-
-
-def plan(cfg: FeaturesConfig, sources: dict | None = None) -> dict[str, SplitJob]:
-    """split -> its SplitJob (constructing it lists the dataset, unless `sources` holds the split's
-    source listed already, and writes the store's plan and sample descriptors): the planner's step,
-    on the submitting node."""
-    task, target, encoders = build_models(cfg)
-    return {split: SplitJob.plan(cfg, task, split, target, encoders, (sources or {}).get(split))
-            for split in cfg.splits}
+def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob]:
+    """split -> its SplitJob (opening it writes the store's members, their ranges and the sample
+    descriptors): the submitting node's step, before any array task runs."""
+    _, target, encoders = build_models(cfg)
+    return {p.split: SplitJob.open(p, target, encoders) for p in plans}
 
 
 def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
-    """One array task: compute range [start, stop) of one split's planned `store` for every member
+    """One array task: compute range [start, stop) of one split's `store` (opened by `open_jobs`) for every member
     that lacks it, reading only the manifest and the sample descriptors of the range. A range
     another live writer holds is waited for (or taken over when its lease expires)."""
     os.chdir(cwd)
     t0 = time.perf_counter()
     task, target, encoders = build_models(replace(cfg, splits=(split,)))
-    job = SplitJob.of_store(cfg, task, split, target, encoders, store)
-    wds = job.wds_writer() if cfg.wds else None
+    job = SplitJob.of_store(cfg, task, store, target, encoders)
+    wds = wds_stream(job) if cfg.wds else None
     while (start, stop) in job.work():
         if not job.run([(start, stop)], wds=wds):
             time.sleep(2.0)
@@ -55,50 +49,46 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
 
 
 def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
-    """The job after the arrays: for each planned store (`{split: {"path", "members", "export"}}`),
+    """The job after the arrays: for each store opened (`{split: {"path", "members", "export"}}`),
     verify the members' shards and mark them complete, `python -m stores verify` it, and with
     --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
-    from stores.wds import export_wds
 
     os.chdir(cwd)
     paths = []
-    for plan_ in stores.values():
-        store = Store(plan_["path"], mode="a")
+    for todo in stores.values():
+        store = Store(todo["path"], mode="a")
         print(f"{store.path.name}:", flush=True)
-        finalize_members(store, plan_["members"], cfg.max_bad)
+        finalize_members(store, todo["members"], cfg.max_bad)
         if stores_main(["verify", str(store.path)]) != 0:
             raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
         if cfg.wds:
-            target, encoders = plan_["export"]
-            export_wds(store.path, target=target, encoders=encoders,
-                       ranges=[[a, b] for _, a, b in store.layout.shards()])
+            export_split(store.path, *todo["export"])
         paths.append(str(store.path))
     return paths
 
 
-def planned(jobs: dict[str, SplitJob]) -> dict:
-    """What the array tasks and the finalize job need of the plan: store paths, members to do."""
-    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.export_members()}
+def to_finalize(jobs: dict[str, SplitJob]) -> dict:
+    """What the finalize job needs of each split: its store's path, the members to do, the export's."""
+    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.members.exported()}
             for s, j in jobs.items()}
 
 
 def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
-    cfg = config_from_args(args)
-    task = get_task(cfg.task)
-    found = {split: complete_store(cfg, task, split) for split in cfg.splits}
-    if all(path for path, _ in found.values()) and not cfg.wds:  # stat cache and manifests: no network built
-        for path, _ in found.values():
-            log(f"{path.name}: complete; nothing to submit")
+    cfg = config_from(FeaturesConfig, args)
+    plans = plan_features(cfg)  # the dataset is listed here, once
+    if all(p.complete() for p in plans) and not cfg.wds:  # stat cache and manifests: no network built
+        for p in plans:
+            log(f"{p.path.name}: complete; nothing to submit")
         log("every member is complete: no job submitted")
         return 0
-    jobs = plan(cfg, {split: source for split, (_, source) in found.items()})  # the dataset is listed once
+    jobs = open_jobs(cfg, plans)
     for j in jobs.values():
         if not j.todo:
             log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
             if cfg.wds:  # the export of complete stores is written here (no job needed)
-                j.export_wds(log)
+                export_split(j.path, *j.members.exported(), log=log)
     if not any(j.todo for j in jobs.values()):
         log("every member is complete: no job submitted")
         return 0
@@ -116,7 +106,7 @@ def submit_features(args, log=print) -> int:
     # not done, so it always leaves the queue by itself
     dep = {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}} \
         if ids and args.cluster == "slurm" else {}
-    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, planned(jobs))
+    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, to_finalize(jobs))
     path = submit.write_record(args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd))
     log(f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
         f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}")
@@ -145,7 +135,7 @@ def wait_and_report(arrays: list, fin, log=print) -> int:
 
 
 def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str, stores: dict) -> list:
-    """One map_array per MaxArraySize tasks (`stores`: split -> planned store); returns the jobs
+    """One map_array per MaxArraySize tasks (`stores`: split -> its store); returns the jobs
     in task order."""
     if not tasks:
         return []

@@ -22,8 +22,8 @@ def unfinished_ranges(store_path: str, members: list[str]) -> set[tuple]:
     for m in members:
         if (store.member_info(m) or {}).get("status") == "complete":
             continue
-        done = store.done_tasks(m)
-        out |= {tuple(r) for t, r in enumerate(store.plan(m)) if t not in done}
+        done = store.done_ranges(m)
+        out |= {tuple(r) for t, r in enumerate(store.ranges(m)) if t not in done}
     return out
 
 

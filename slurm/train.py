@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import submitit
+
+from stores.cli import config_from
 
 from . import submit
 
@@ -22,8 +24,7 @@ from . import submit
 def config_from_args(args):
     from training.train import TrainConfig
 
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return config_from(TrainConfig, args)
 
 
 class TrainJob(submitit.helpers.Checkpointable):

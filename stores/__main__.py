@@ -19,7 +19,7 @@ from .wds import TILE
 
 def member_line(k: str, v: dict) -> str:
     weights = f" weights={v['weights']}" if v.get("weights") else ""
-    return (f"  {k:48s} {v['status']:10s} tasks {str(v.get('tasks_done', '?')):>7s}  "
+    return (f"  {k:48s} {v['status']:10s} ranges {str(v.get('tasks_done', '?')):>7s}  "
             f"{(v.get('bytes') or 0) / 1e6:8.2f} MB  key {str(v.get('key', ''))[:12]}{weights}")
 
 
@@ -99,9 +99,9 @@ def cmd_verify(args) -> int:
     store = Store(args.store)
     problems = []
     for member, info in store.manifest()["members"].items():
-        missing = sorted(set(range(info["tasks"])) - store.done_tasks(member))
+        missing = sorted(set(range(info["tasks"])) - store.done_ranges(member))
         if missing:
-            problems.append(f"{member}: tasks {missing} not done (incomplete)")
+            problems.append(f"{member}: ranges {missing} not done (incomplete)")
         problems += store.verify(member, jobs=args.jobs)
     problems += [f"{m}: records file {records_file(m)} missing" for m in lost_records(store)]
     for p in problems:
@@ -211,10 +211,10 @@ def main(argv=None) -> int:
     s.add_argument("--tile-overlap", type=int, default=0, help="px by which neighbouring tiles overlap; the crop "
                    "size lets crops straddle tile seams too, for more stored bytes (default: 0)")
     s.set_defaults(fn=cmd_export_wds)
-    s = sub.add_parser("repair", help="recompute only the damaged tasks of a store (withdraws their done "
+    s = sub.add_parser("repair", help="recompute only the damaged ranges of a store (withdraws their done "
                        "markers, then reruns the recorded `python -m pipeline features`)")
     s.add_argument("store", type=Path)
-    s.add_argument("--no-recompute", action="store_true", help="only withdraw the damaged tasks")
+    s.add_argument("--no-recompute", action="store_true", help="only withdraw the damaged ranges")
     s.add_argument("--target", default=None, help="a member made by a user target `module:factory` is "
                    "recomputed only when you name that target here (a store never decides what code runs)")
     s.add_argument("--encoder", action="append", default=[], help="the same for a user encoder `module:factory` "

@@ -23,7 +23,7 @@ def is_url(root) -> bool:
 
 
 def local_done(store: Store, members) -> dict[str, int]:
-    return {m: len(store.done_tasks(m)) for m in members}
+    return {m: len(store.done_ranges(m)) for m in members}
 
 
 def remote_done(loc: Location, members) -> dict[str, int]:
@@ -251,7 +251,7 @@ def store_html(row: dict, manifest: dict | None, runs: list, endpoint_url: str |
         local = row["local"]
         state = "none" if not local["exists"] else "complete" if local["complete"] else "incomplete"
         parts.append(f"<p>local copy: {state} ({html.escape(shareable(local['path']))})</p>")
-    parts.append("<table><tr><th>member</th><th>status</th><th>tasks</th><th>key</th><th>weights</th><th>MB</th>"
+    parts.append("<table><tr><th>member</th><th>status</th><th>ranges</th><th>key</th><th>weights</th><th>MB</th>"
                  "<th>made by</th><th>runs (PSNR gain)</th></tr>")
     for m, d in row["details"].items():
         used = [r for r in runs if row["store"] in r["stores"] and (m in r["members"] or m == "pairs")]

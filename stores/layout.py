@@ -1,4 +1,4 @@
-"""Where each sample lives in a store (schema 2): size buckets, byte-sized shards, tasks, text rows.
+"""Where each sample lives in a store (schema 2): size buckets, byte-sized shards, ranges, text rows.
 
 A store's samples are grouped into *buckets* by their size rounded up to the spatial tile: bucket
 `h448w640` holds every sample whose valid size rounds up to 448 x 640. Every array of every member
@@ -12,9 +12,10 @@ the source order. `source_index` (per sample) maps back, and seeds the degradati
 
 Each bucket's rows are grouped in shards of `shard_len` rows, fewer for large images so that a
 shard holds at most about `shard_bytes` of float16 pixels (one 12 MP photo is a shard of its own).
-Extraction tasks are runs of whole shards in storage order, `[start, stop)` of the sample index.
-Everything here is a pure function of the samples' sizes and the settings, so the plan is never
-stored per task: the manifest keeps the bucket table (bounded by the number of distinct sizes).
+Extraction *ranges* are runs of whole shards in storage order, `[start, stop)` of the sample index:
+one writer leases a range and writes one done marker for it (the manifest and the markers call a
+range a "task", field names kept for compatibility). Everything here is a pure function of the
+samples' sizes and the settings, so the ranges are never stored: the manifest keeps the bucket table (bounded by the number of distinct sizes).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class Layout:
         return self._cached("_shards", lambda: [(k, a, b) for k, bk in enumerate(self.buckets) for a, b in bk.shards()])
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        """The shards inside [start, stop) (a binary search: tasks cost O(log shards) each)."""
+        """The shards inside [start, stop) (a binary search: a range costs O(log shards))."""
         shards = self.shards()
         firsts = self._cached("_shard_starts", lambda: np.array([a for _, a, _ in shards], np.int64))
         lo, hi = np.searchsorted(firsts, [start, stop], side="left")
@@ -98,25 +99,25 @@ class Layout:
                 out.append((k, lo - b.start, hi - b.start))
         return out
 
-    def plan(self, n_tasks: int | None = None) -> list[list[int]]:
-        """Tasks of whole shards, `[[start, stop], ...]` in storage order: one per shard, or
-        exactly `n_tasks` runs of shards, balanced by pixel bytes (greedily)."""
-        return self._cached(f"_plan_{n_tasks or 0}", lambda: self._plan(n_tasks))
+    def ranges(self, n: int | None = None) -> list[list[int]]:
+        """Ranges of whole shards, `[[start, stop], ...]` in storage order: one per shard, or
+        exactly `n` runs of shards, balanced by pixel bytes (greedily)."""
+        return self._cached(f"_ranges_{n or 0}", lambda: self._ranges(n))
 
-    def _plan(self, n_tasks: int | None) -> list[list[int]]:
+    def _ranges(self, n: int | None) -> list[list[int]]:
         shards = self.shards()
-        if not n_tasks or n_tasks >= len(shards):
+        if not n or n >= len(shards):
             return [[a, b] for _, a, b in shards]
         cost = [(b - a) * self.buckets[k].hw[0] * self.buckets[k].hw[1] for k, a, b in shards]
-        tasks, first, acc, left = [], 0, 0.0, float(sum(cost))
+        out, first, acc, left = [], 0, 0.0, float(sum(cost))
         for j, c in enumerate(cost):
             acc += c
-            todo = n_tasks - len(tasks)  # tasks still to cut, this one included
+            todo = n - len(out)  # ranges still to cut, this one included
             if todo > 1 and (acc >= left / todo or len(shards) - j - 1 == todo - 1):
-                tasks.append([shards[first][1], shards[j][2]])
+                out.append([shards[first][1], shards[j][2]])
                 first, left, acc = j + 1, left - acc, 0.0
-        tasks.append([shards[first][1], shards[-1][2]])
-        return tasks
+        out.append([shards[first][1], shards[-1][2]])
+        return out
 
 
 def bucket_hw(hw, tile: int) -> tuple:

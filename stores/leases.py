@@ -1,6 +1,6 @@
-"""Coordination between writers of one store: fenced task leases and the manifest lock.
+"""Coordination between writers of one store: fenced range leases and the manifest lock.
 
-Task leases (docs/design.md, "Concurrency"): each task range has a folder
+Range leases (docs/design.md, "Concurrency"): each range has a folder
 `_leases/<start>-<stop>/` of generation files `<gen>.json`, each created exclusively (O_EXCL,
 which local filesystems, NFSv3+ and Lustre/GPFS honour). The highest generation is the lease; its
 owner holds it while no higher generation exists. Taking over an expired lease, or a released one,
@@ -10,7 +10,7 @@ seen its file unchanged for the `ttl` seconds its holder recorded there (the hol
 pace, whatever the observer's own setting), on the observer's own monotonic clock (no comparison
 of clocks across hosts). Renewing, releasing and every check before a shard or a done marker is written
 verify that no higher generation exists: a writer that lost its lease (paused past expiry, cut
-off) stops before writing that task's done marker and says so.
+off) stops before writing that range's done marker and says so.
 
 The manifest lock is an OS lock (fcntl/lockf: POSIX record locks, which Linux forwards to the
 server on NFS (lockd or NFSv4) and Lustre mounted with `-o flock`), held on `_locks/manifest.lock`
@@ -41,7 +41,7 @@ _SEEN: dict = {}  # lease generation file -> ((mtime_ns, size), monotonic time f
 
 
 class LeaseLost(RuntimeError):
-    """This writer no longer holds a task's lease: another writer took it over."""
+    """This writer no longer holds a range's lease: another writer took it over."""
 
 
 def owner_id() -> str:
@@ -233,7 +233,7 @@ class Leases:
         who = _read(self._gen_path(r, newer[-1])).get("owner", "?") if newer else "?"
         why = self.lost.get(r) or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"
         self._forget(r, why)
-        raise LeaseLost(f"lease on task [{r[0]}, {r[1]}) lost ({why}); not writing its {what}")
+        raise LeaseLost(f"lease on range [{r[0]}, {r[1]}) lost ({why}); not writing its {what}")
 
     def _forget(self, r, why: str) -> None:
         with self._mutex:
@@ -255,13 +255,13 @@ class Leases:
                 if not self.holds(r):
                     self._forget(r, f"taken over after generation {gen} (this writer was paused or cut off "
                                     f"past the {self.ttl:.0f} s lease)")
-                    self.log(f"lease on task [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that task")
+                    self.log(f"lease on range [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that range")
                     continue
                 try:
                     os.utime(self._gen_path(r, gen), follow_symlinks=False)
                 except OSError as e:
                     self._forget(r, f"renewal failed: {e}")
-                    self.log(f"lease on task [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that task")
+                    self.log(f"lease on range [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that range")
 
 
 def lease_folders(store_path) -> list[Path]:

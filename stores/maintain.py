@@ -1,8 +1,8 @@
-"""Store upkeep: `python -m stores repair STORE` (recompute only damaged tasks) and `gc STORE`.
+"""Store upkeep: `python -m stores repair STORE` (recompute only damaged ranges) and `gc STORE`.
 
-`repair` finds the shards that fail verification, withdraws the done markers of the tasks that
+`repair` finds the shards that fail verification, withdraws the done markers of the ranges that
 own them (the member becomes incomplete, so readers refuse it), then reruns the recorded
-extraction command, which recomputes exactly those tasks (it is deterministic) and verifies
+extraction command, which recomputes exactly those ranges (it is deterministic) and verifies
 again. `stores` never imports the pipeline: the rerun is a `python -m pipeline features`
 subprocess built from the configuration the member recorded.
 """
@@ -23,17 +23,17 @@ from .store import DONE_DIR, STAGING_DIR, Store, StoreError, read_json, records_
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
 
 
-def damaged_tasks(store: Store, jobs: int = 4) -> dict[str, list[int]]:
-    """member -> tasks owning a shard that fails verification."""
+def damaged_ranges(store: Store, jobs: int = 4) -> dict[str, list[int]]:
+    """member -> ranges owning a shard that fails verification."""
     out = {}
     for member, info in store.manifest()["members"].items():
         bad = set()
         if info.get("status") == "complete":  # a lost done marker: its shards are vouched for by nothing
-            bad |= set(range(len(store.plan(member)))) - store.done_tasks(member)
+            bad |= set(range(len(store.ranges(member)))) - store.done_ranges(member)
         for job in store.shard_checks(member, damaged=bad.add):
             if store.check_shard(member, job):
                 lo = job[2]
-                bad |= {t for t, (a, b) in enumerate(store.plan(member)) if a <= lo < b}
+                bad |= {t for t, (a, b) in enumerate(store.ranges(member)) if a <= lo < b}
         if bad:
             out[member] = sorted(bad)
     return out
@@ -86,9 +86,9 @@ def refuse_user_code(config: dict, allow_target: str | None, allow_encoders) -> 
 
 def repair(path: Path, recompute: bool = True, log=print, allow_target: str | None = None,
            allow_encoders=()) -> int:
-    """Withdraw damaged tasks and recompute them; returns the number of tasks withdrawn."""
+    """Withdraw damaged ranges and recompute them; returns the number of ranges withdrawn."""
     store = Store(path, mode="a")
-    damaged = damaged_tasks(store)
+    damaged = damaged_ranges(store)
     for member in lost_records(store):
         if member not in damaged:  # a recomputed member gets new ones when it completes
             store.rewrite_records(member)
@@ -102,11 +102,11 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
     if not damaged:
         log(f"{path}: nothing damaged")
         return 0
-    for member, tasks in damaged.items():
-        for t in tasks:
-            store.done_path(member, t).unlink(missing_ok=True)
+    for member, ranges in damaged.items():
+        for ri in ranges:
+            store.done_path(member, ri).unlink(missing_ok=True)
         store._update_member(member, status="incomplete")
-        log(f"{path}: {member}: tasks {tasks} withdrawn for recomputation")
+        log(f"{path}: {member}: ranges {ranges} withdrawn for recomputation")
     n = sum(map(len, damaged.values()))
     for argv in argvs.values():
         log("recomputing: " + " ".join(argv[1:]))
@@ -116,7 +116,7 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
 
 def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
-    newest of each task is kept: it fences late writers), the staged shards of superseded
+    newest of each range is kept: it fences late writers), the staged shards of superseded
     generations that no done marker names (`stale_staging`) and temporary files (ours, and zarr's
     `*.partial`) older than TMP_GRACE_SECONDS. The manifest lock file stays (an OS lock, released
     when its holder dies)."""

@@ -218,7 +218,7 @@ def select(manifest: dict, files: dict[str, int], include_incomplete: bool) -> t
 
 def check_done_markers(src_files, dst_files, manifest: dict, keep: list, where: str) -> None:
     """Every copied member has its source's done markers at the destination, and a complete member
-    has one for every planned task."""
+    has one for each of its ranges."""
     problems = []
     for m in keep:
         prefix = f"{DONE_DIR}/{m}/"
@@ -240,7 +240,7 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
         info = manifest["members"][m]
         if info.get("status") != "complete":
             continue
-        markers = [f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.plan(info.get("n_tasks"))))]
+        markers = [f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.ranges(info.get("n_tasks"))))]
         out += [rel for rel in (*markers, records_file(m)) if rel not in files]
 
         def marker(t, m=m, info=info):
@@ -251,7 +251,7 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
                 got = json.loads(loc.fs.cat_file(loc.path(rel)))
                 if not isinstance(got, dict) or got.get("task") != t \
                         or not set((got.get("files") or {}) | (got.get("shards") or {})) <= set(info["arrays"]):
-                    raise ValueError(f"not the done marker of task {t} of {m}")
+                    raise ValueError(f"not the done marker of range {t} of {m}")
             except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
                 raise RemoteError(f"{loc.url}/{rel}: damaged ({type(e).__name__}: {e}); nothing copied: repair the "
                                   f"store where it was built (`python -m stores repair STORE`) and copy it again") from None
@@ -266,7 +266,7 @@ def resized_shards(layout: Layout, info: dict, member: str, files: dict, marker)
     """Shard files whose size (from the listing: nothing is read) differs from the one their done
     marker recorded (truncated, or replaced by another file)."""
     out = []
-    for t in range(len(layout.plan(info.get("n_tasks")))):
+    for t in range(len(layout.ranges(info.get("n_tasks")))):
         for name, shards in ((marker(t) or {}).get("files") or {}).items():
             for lo, fp in shards.items():
                 k, row = layout.locate(int(lo))

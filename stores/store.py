@@ -8,13 +8,13 @@ Layout of a store directory `<root>/<dataset>-<split>-<task>-<key12>/` (schema 2
     pairs/<bucket>/{lq,gt,hw,names,meta,source_index}
     targets/<id>/<bucket>/base      float16, unclamped target output
     osf/<id>/<bucket>/g             float32, (n, 4 flips, D)
-    _done/<member>/<task>.json      written last by each extraction task, with per-shard sha256 and
+    _done/<member>/<ri>.json        written last for each extraction range ri, with per-shard sha256 and
                                     the lease generation whose staged shards it vouches for
-    _staging/<start>-<stop>/<gen>/  shards written under one lease generation of a task, moved into
+    _staging/<start>-<stop>/<gen>/  shards written under one lease generation of a range, moved into
                                     the arrays only once that generation's done marker stands
     _records/<member>.json          excluded samples and conversion notes, written on completion
 
-Buckets, shards and tasks: stores/layout.py. A member is complete when every planned task has its
+Buckets, shards and ranges: stores/layout.py. A member is complete when every planned range has its
 done marker and the finaliser has re-read every shard against those hashes; only then does the
 manifest say `complete`, and readers refuse anything else. Inspect with `python -m stores info STORE`.
 """
@@ -281,9 +281,9 @@ def zeros_digest(layout: Layout, spec: dict, k: int, lo: int, hi: int) -> str:
     return _zeros_digest(a.zarr_dtype(), (hi - lo, *a.geometry(layout.buckets[k], layout.tile)["shape"][1:]))
 
 
-def task_of(layout: Layout, info: dict, lo: int) -> int:
-    """The task of a member (manifest `info`) that owns the shard starting at sample lo."""
-    starts = [a for a, _ in layout.plan(info.get("n_tasks"))]
+def range_of(layout: Layout, info: dict, lo: int) -> int:
+    """The range of a member (manifest `info`) that owns the shard starting at sample lo."""
+    starts = [a for a, _ in layout.ranges(info.get("n_tasks"))]
     return bisect.bisect_right(starts, lo) - 1
 
 
@@ -296,14 +296,14 @@ def absent_is_vouched(layout: Layout, info: dict, name: str, k: int, lo: int, hi
 
 def lost_shards(layout: Layout, info: dict, member: str, exists, marker) -> list[str]:
     """The shard files of a complete member that are absent though their done markers record data:
-    `exists(relative path)`, `marker(task)` (its done marker, or None). One check per shard."""
+    `exists(relative path)`, `marker(ri)` (its done marker, or None). One check per shard."""
     lost = []
     for k, lo, hi in layout.shards():
         row = lo - layout.buckets[k].start
         for name, spec in info["arrays"].items():
             rel = shard_file(layout, member, name, spec, k, row)
             if not exists(rel) and not absent_is_vouched(layout, info, name, k, lo, hi,
-                                                         marker(task_of(layout, info, lo))):
+                                                         marker(range_of(layout, info, lo))):
                 lost.append(rel)
     return lost
 
@@ -418,9 +418,9 @@ class Store:
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, before_manifest=None) -> "Store":
+    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, side_files: dict | None = None) -> "Store":
         """Open the store at `path` for writing, creating it with root `attrs` and `layout` if
-        absent; `before_manifest(path)` writes side files of a new store before its manifest."""
+        absent; a new store gets `side_files` ({relative path: JSON object}) before its manifest."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with store_lock(path):
@@ -429,8 +429,8 @@ class Store:
                     raise StoreError(f"{path}: no store here, and no layout given to create one")
                 group = zarr.open_group(str(path), mode="a", zarr_format=3)
                 group.attrs.update({"schema": SCHEMA_VERSION, **attrs})
-                if before_manifest is not None:
-                    before_manifest(path)
+                for rel, obj in (side_files or {}).items():
+                    write_json_atomic(path / rel, obj)
                 attrs = shareable(attrs)
                 write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": utc_now(),
                                                     "n": layout.n, "layout": layout.to_json(), "members": {}})
@@ -470,21 +470,21 @@ class Store:
                              f"{key[:12]}; it was made with other settings")
         return info.get("status", "incomplete")
 
-    def plan(self, member: str) -> list[list[int]]:
-        """The member's tasks, `[[start, stop], ...]` (a pure function of the layout)."""
-        return self.layout.plan(self.member_info(member).get("n_tasks"))
+    def ranges(self, member: str) -> list[list[int]]:
+        """The member's ranges, `[[start, stop], ...]` (a pure function of the layout)."""
+        return self.layout.ranges(self.member_info(member).get("n_tasks"))
 
     # -- writing -------------------------------------------------------------------------------
     def begin_member(self, member: str, key: str, spec: dict, arrays: list[ArraySpec],
-                     n_tasks: int | None = None, info: dict | None = None) -> None:
-        """Create a member's arrays in every bucket and record its key and task count (idempotent
-        for the same key; a second writer finds the member begun and keeps its plan)."""
+                     n_ranges: int | None = None, info: dict | None = None) -> None:
+        """Create a member's arrays in every bucket and record its key and range count (idempotent
+        for the same key; a second writer finds the member begun and keeps its ranges)."""
         with store_lock(self.path):
             self.refresh()
             if self.status(member, key) == "missing":
-                self._create_member(member, key, spec, arrays, n_tasks, info)
+                self._create_member(member, key, spec, arrays, n_ranges, info)
 
-    def _create_member(self, member, key, spec, arrays, n_tasks, info) -> None:
+    def _create_member(self, member, key, spec, arrays, n_ranges, info) -> None:
         for b in self.layout.buckets:
             for a in arrays:
                 g = a.geometry(b, self.layout.tile)
@@ -494,11 +494,11 @@ class Store:
                                         attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None)
         zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update(
             {"key": key, "spec": shareable(spec)})
-        plan = self.layout.plan(n_tasks)
-        self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_tasks, tasks=len(plan),
+        ranges = self.layout.ranges(n_ranges)  # recorded as n_tasks and tasks (the names of schema 2)
+        self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_ranges, tasks=len(ranges),
                             arrays={a.name: a.to_json() for a in arrays}, **(info or {}))
 
-    def done_tasks(self, member: str) -> set[int]:
+    def done_ranges(self, member: str) -> set[int]:
         d = self.path / DONE_DIR / member
         return {int(p.stem) for p in d.glob("*.json")} if d.is_dir() else set()
 
@@ -555,25 +555,25 @@ class Store:
             hashes[name] = digest(values)
         return hashes
 
-    def mark_done(self, member: str, task: int, hashes: dict[int, dict], stats: dict,
+    def mark_done(self, member: str, ri: int, hashes: dict[int, dict], stats: dict,
                   generation: int | None = None, stage: Path | None = None,
                   made_by: dict | None = None) -> bool:
-        """The done marker of a task, written last and only once: `hashes` {shard start: {array:
+        """The done marker of a range, written last and only once: `hashes` {shard start: {array:
         sha256}}; `generation`: the lease generation whose staged shards it vouches for (None:
         written in place); `made_by`: the writer's device and arch (provenance, never checked).
-        False if the task already had one (another writer finished it first)."""
+        False if the range already had one (another writer finished it first)."""
         by_array: dict[str, dict] = {}
         for lo, h in hashes.items():
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
-        start, stop = self.plan(member)[task]
+        start, stop = self.ranges(member)[ri]
         base = self.path if generation is None else Path(stage or self.staging(start, stop, generation))
-        check_inside(self.path, self.done_path(member, task))
+        check_inside(self.path, self.done_path(member, ri))
         files = {name: {lo: fingerprint(base / self.shard_file(member, name, int(lo))) for lo in shards}
                  for name, shards in by_array.items()}
         generation = {} if generation is None else {"generation": int(generation), "stage": base.name}
-        return write_json_once(self.done_path(member, task),
-                               {"task": task, "samples": [start, stop], "shards": by_array, "files": files,
+        return write_json_once(self.done_path(member, ri),
+                               {"task": ri, "samples": [start, stop], "shards": by_array, "files": files,
                                 "finished": utc_now(), "stats": shareable(stats), **generation,
                                 **({"made_by": shareable(made_by)} if made_by else {})})  # reasons may name $HOME files
 
@@ -582,27 +582,27 @@ class Store:
         k, row = self.layout.locate(lo)
         return shard_file(self.layout, member, name, self.member_info(member)["arrays"][name], k, row)
 
-    def marker(self, member: str, task: int) -> dict | None:
-        """Task `task`'s done marker (None: none), checked to be that task's: a marker copied or
-        swapped from another task raises DamagedFile naming it."""
-        path = self.done_path(member, task)
+    def marker(self, member: str, ri: int) -> dict | None:
+        """Range `ri`'s done marker (None: none), checked to be that range's: a marker copied or
+        swapped from another range raises DamagedFile naming it."""
+        path = self.done_path(member, ri)
         try:
             m = read_json(path)
         except FileNotFoundError:
             return None
-        want = self.plan(member)[task]
-        if not isinstance(m, dict) or m.get("task") != task or m.get("samples") != list(want) \
+        want = self.ranges(member)[ri]
+        if not isinstance(m, dict) or m.get("task") != ri or m.get("samples") != list(want) \
                 or not _marker_shaped(m):
-            raise DamagedFile(f"{path}: not the done marker of task {task} (samples {want[0]}-{want[1] - 1}) of "
+            raise DamagedFile(f"{path}: not the done marker of range {ri} (samples {want[0]}-{want[1] - 1}) of "
                               f"{member}: damaged or moved; run `python -m stores repair {self.path}`")
         return m
 
-    def done_path(self, member: str, task: int) -> Path:
-        return self.path / DONE_DIR / member / f"{task:05d}.json"
+    def done_path(self, member: str, ri: int) -> Path:
+        return self.path / DONE_DIR / member / f"{ri:05d}.json"
 
     # -- staging: a shard is published only by its lease generation's done marker ---------------
     def staging(self, start: int, stop: int, generation: int, token: str | None = None) -> Path:
-        """The folder of the shards written under lease `generation` of the task range [start, stop)
+        """The folder of the shards written under lease `generation` of the range [start, stop)
         by the writer `token` (its lease owner id: generation numbers are per store, so a done
         marker pulled from another store may name the same generation; the token tells them apart)."""
         name = f"{int(generation):08d}" + (f"-{re.sub(r'[^0-9a-f]', '', token)}" if token else "")
@@ -619,13 +619,13 @@ class Store:
                 shutil.copyfile(self.path / rel / "zarr.json", tmp)
         return zarr.open_array(str(stage / rel), mode="r+", zarr_format=3, config={"write_empty_chunks": True})
 
-    def publish(self, member: str, task: int) -> None:
-        """Move the staged shards of the generation that task's done marker names into the
+    def publish(self, member: str, ri: int) -> None:
+        """Move the staged shards of the generation that range's done marker names into the
         member's arrays (any process may, any number of times: those files never change, and
-        each is moved once). Nothing else ever replaces a shard of a task with a marker, so a late
+        each is moved once). Nothing else ever replaces a shard of a range with a marker, so a late
         writer's bytes, even different ones, never land. No marker, or none naming a generation
         (written in place: older stores), leaves everything as it is."""
-        marker = self.marker(member, task)
+        marker = self.marker(member, ri)
         if marker is None or marker.get("generation") is None:
             return
         src = self.marked_stage(marker) / member
@@ -659,21 +659,21 @@ class Store:
                               f"not one this tool writes: damaged; run `python -m stores repair {self.path}`")
         return self.path / STAGING_DIR / f"{int(a)}-{int(b)}" / stage
 
-    def settle(self, member: str, task: int, stage: Path) -> None:
-        """After a writer's done marker, or its lost lease: publish what the task's marker vouches
+    def settle(self, member: str, ri: int, stage: Path) -> None:
+        """After a writer's done marker, or its lost lease: publish what the range's marker vouches
         for and drop this writer's staged copy (published now, or superseded)."""
-        self.publish(member, task)
+        self.publish(member, ri)
         check_inside(self.path, Path(stage) / member)
         shutil.rmtree(Path(stage) / member, ignore_errors=True)
 
-    def write_task(self, member: str, task: int, data: dict, stats: dict) -> None:
-        """Write one task's whole shards of every array of `member` (values of all its samples,
+    def write_range(self, member: str, ri: int, data: dict, stats: dict) -> None:
+        """Write one range's whole shards of every array of `member` (values of all its samples,
         as write_shard takes them), then its done marker last."""
-        start, stop = self.plan(member)[task]
+        start, stop = self.ranges(member)[ri]
         t0, hashes = time.perf_counter(), {}
         for _, lo, hi in self.shards_of(start, stop):
             hashes[lo] = self.write_shard(member, lo, hi, {k: v[lo - start:hi - start] for k, v in data.items()})
-        self.mark_done(member, task, hashes, {**stats, "seconds_write": time.perf_counter() - t0})
+        self.mark_done(member, ri, hashes, {**stats, "seconds_write": time.perf_counter() - t0})
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """(bucket number, start, stop) of the shards inside [start, stop)."""
@@ -683,23 +683,23 @@ class Store:
         """Publish what each done marker vouches for (a writer may have died before moving it),
         verify every shard against the markers, then mark the member complete."""
         self.refresh()
-        missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
+        missing = sorted(set(range(len(self.ranges(member)))) - self.done_ranges(member))
         if missing:
-            raise StoreError(f"{self.path}: member {member} is missing tasks {missing}")
-        for task in sorted(self.done_tasks(member)):
-            self.publish(member, task)
+            raise StoreError(f"{self.path}: member {member} is missing ranges {missing}")
+        for ri in sorted(self.done_ranges(member)):
+            self.publish(member, ri)
         problems = self.verify(member)
         if problems:
             raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
         nbytes = dir_bytes(self.path / member)
-        records = shareable({"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}})
+        records = shareable({"member": member, **{f: self.range_records(member, f) for f in ("excluded", "notes")}})
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
             check_inside(self.path, self.path / records_file(member))
             write_json_atomic(self.path / records_file(member), records)
             self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
-                                **{f"n_{f}": len(v) for f, v in records.items()}, **self.task_provenance(member))
+                                **{f"n_{f}": len(v) for f, v in records.items()}, **self.range_provenance(member))
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
@@ -722,12 +722,12 @@ class Store:
 
     def rewrite_records(self, member: str) -> None:
         """Write a complete member's records again from its done markers (as `finalize` made them)."""
-        missing = sorted(set(range(len(self.plan(member)))) - self.done_tasks(member))
+        missing = sorted(set(range(len(self.ranges(member)))) - self.done_ranges(member))
         if missing:
-            raise StoreError(f"{self.path}: member {member} is missing the done markers of tasks {missing}")
+            raise StoreError(f"{self.path}: member {member} is missing the done markers of ranges {missing}")
         check_inside(self.path, self.path / records_file(member))
         write_json_atomic(self.path / records_file(member),
-                          shareable({"member": member, **{f: self.task_records(member, f) for f in ("excluded", "notes")}}))
+                          shareable({"member": member, **{f: self.range_records(member, f) for f in ("excluded", "notes")}}))
 
     def usable_hw(self, members: list) -> np.ndarray:
         """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
@@ -739,48 +739,48 @@ class Store:
                     hw[e["index"]] = 0
         return hw
 
-    def task_provenance(self, member: str) -> dict:
+    def range_provenance(self, member: str) -> dict:
         """{"provenance": ...}: the member's, with the devices and CPU architectures its done
-        markers name (a SLURM planner begins a member on one machine, array tasks compute it on
+        markers name (the submitting node of `python -m slurm features` begins a member, array tasks compute it on
         others); {} when the member records none (made by an older version: "unknown")."""
         prov = self.member_info(member).get("provenance")
         if not isinstance(prov, dict):
             return {}
         seen: dict[str, set] = {"device": set(), "arch": set()}
-        for task in sorted(self.done_tasks(member)):
-            made_by = read_json(self.done_path(member, task)).get("made_by") or {}
+        for ri in sorted(self.done_ranges(member)):
+            made_by = read_json(self.done_path(member, ri)).get("made_by") or {}
             for field, found in seen.items():
                 if made_by.get(field):
                     found.add(str(made_by[field]))
         return {"provenance": {**prov, **{f: ", ".join(sorted(v)) for f, v in seen.items() if v}}}
 
-    def task_records(self, member: str, field: str) -> list:
+    def range_records(self, member: str, field: str) -> list:
         """The `field` lists (excluded samples, conversion notes) of all done markers, in order."""
         out = []
-        for task in sorted(self.done_tasks(member)):
-            out += read_json(self.done_path(member, task))["stats"].get(field, [])
+        for ri in sorted(self.done_ranges(member)):
+            out += read_json(self.done_path(member, ri))["stats"].get(field, [])
         return out
 
     def shard_checks(self, member: str, damaged=None) -> list[tuple]:
-        """(array, recorded sha256, start, stop, task) of every shard the done markers list; a
-        damaged marker raises DamagedFile, or is passed to `damaged(task)` when given."""
+        """(array, recorded sha256, start, stop, range) of every shard the done markers list; a
+        damaged marker raises DamagedFile, or is passed to `damaged(ri)` when given."""
         out = []
-        for task in sorted(self.done_tasks(member)):
+        for ri in sorted(self.done_ranges(member)):
             try:
-                marker = self.marker(member, task)
+                marker = self.marker(member, ri)
             except DamagedFile:
                 if damaged is None:
                     raise
-                damaged(task)
+                damaged(ri)
                 continue
             stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
-                out += [(name, want, int(lo), stops.get(int(lo), int(lo)), task) for lo, want in shards.items()]
+                out += [(name, want, int(lo), stops.get(int(lo), int(lo)), ri) for lo, want in shards.items()]
         return out
 
     def check_shard(self, member: str, job: tuple) -> str | None:
         """Re-read one shard (decoding checks each chunk's crc32c); a problem line or None."""
-        name, want, lo, hi, *task = job
+        name, want, lo, hi, *ri = job
         try:
             k, r0 = self.layout.locate(lo)
             got = digest(self._bucket_array(member, k, name)[r0:r0 + hi - lo])
@@ -788,8 +788,8 @@ class Store:
             return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}, file "
                     f"{self.shard_file(member, name, lo)}) is unreadable: {type(e).__name__}: {e}")
         if got != want:
-            marker = f", or its done marker {self.done_path(member, task[0]).relative_to(self.path)} is damaged" \
-                if task else ""
+            marker = f", or its done marker {self.done_path(member, ri[0]).relative_to(self.path)} is damaged" \
+                if ri else ""
             return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash: "
                     f"its file {self.shard_file(member, name, lo)} was damaged or replaced{marker}")
         return None
@@ -831,10 +831,10 @@ class Store:
                 return
             rel = shard_file(self.layout, member, name, info["arrays"][name], k, row)
             hi = min(lo + b.shard_len, b.start + b.count)
-            task = task_of(self.layout, info, lo)
-            if task not in markers:
-                markers[task] = self.marker(member, task)
-            marker = markers[task]
+            ri = range_of(self.layout, info, lo)
+            if ri not in markers:
+                markers[ri] = self.marker(member, ri)
+            marker = markers[ri]
             want = ((marker or {}).get("files", {}).get(name) or {}).get(str(lo), "unrecorded")
             if want != "unrecorded":  # done markers since fingerprints: the very file written
                 got = fingerprint(self.path / rel)
@@ -842,7 +842,7 @@ class Store:
                     raise DamagedFile(
                         f"{self.path}: member {member} is complete but its shard file {rel} (samples {lo}-{hi - 1}) "
                         f"is {'missing' if got is None else 'not the file written'} (size:crc32c {got}, its done "
-                        f"marker {self.done_path(member, task).relative_to(self.path)} vouches for {want}): lost, "
+                        f"marker {self.done_path(member, ri).relative_to(self.path)} vouches for {want}): lost, "
                         f"replaced or swapped; run `python -m stores repair {self.path}` to recompute it, or pull "
                         f"the store again")
             elif not (self.path / rel).is_file() and not absent_is_vouched(self.layout, info, name, k, lo, hi, marker):

@@ -148,7 +148,6 @@ def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(t
     from types import SimpleNamespace
 
     from pipeline import stages
-    from pipeline.extract import SplitJob
     from stores import Leases
     from stores.files import UnsafeFileError
 
@@ -166,16 +165,14 @@ def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(t
         shutil.rmtree(link)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(victim, target_is_directory=True)
-    r = tuple(store.plan(member)[0])
-    job = SplitJob.__new__(SplitJob)
-    job.store, job.path, job.log = Store(path, mode="a"), path, lambda *_: None
+    r = tuple(store.ranges(member)[0])
     shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)],
                          outputs={member: {"base": [np.zeros((16, 16, 3), np.float16)] * 4}},
                          stats={"excluded": {}, "notes": [], "samples": 4})
     with pytest.raises(UnsafeFileError, match=str(link)):
         leases = Leases(path, ttl=30)
         assert leases.claim(r)
-        job._write(shard, {}, leases)
+        stages.StoreWriter(Store(path, mode="a"), leases, log=lambda *_: None)(shard)
         Store(path, mode="a").finalize(member)
         Store(path, mode="a").rewrite_records("pairs")
     assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before

@@ -292,7 +292,8 @@ def test_truncated_sidd_mat_excludes_its_blocks_with_its_name(tmp_path):
     src = open_source(str(tmp_path), "test")  # listed from the header
     with pytest.raises(SourceError, match=f"cannot read MATLAB file {path}"):
         src.samples[0].load()
-    (shard,) = stages.degrade(stages.read([stages.Shard((0, 6), 0, 6)], lambda i: (i, src.samples[i])), None, 0)
+    (shard,) = stages.degrade(stages.read([stages.Shard((0, 6), 0, 6)], sample_at=lambda i: (i, src.samples[i])),
+                              degradation=None, seed=0)
     excluded = shard.stats["excluded"]["pairs"]
     assert [e["name"] for e in excluded] == [s.name for s in src.samples]
     assert all(str(path) in e["reason"] for e in excluded) and not shard.data["hw"].any()

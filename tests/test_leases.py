@@ -182,22 +182,19 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     from types import SimpleNamespace
 
     from pipeline import stages
-    from pipeline.extract import SplitJob
 
     path = make_store(tmp_path, "train", 8, (16, 16))
     store = Store(path, mode="a")
     member = store.pick("targets", None)
     store.done_path(member, 0).unlink()  # task 0 to be computed again (as `stores repair` withdraws it)
     store._update_member(member, status="incomplete")
-    r = tuple(store.plan(member)[0])
+    r = tuple(store.ranges(member)[0])
     assert r == (0, 4) and len(store.shards_of(*r)) == 1
     values = {"late": [np.full((16, 16, 3), 0.5, np.float16)] * 4, "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4}
     lines = []
 
-    def writer():
-        job = SplitJob.__new__(SplitJob)
-        job.store, job.path, job.log = Store(path, mode="a"), path, lines.append
-        return job
+    def writer(leases):
+        return stages.StoreWriter(Store(path, mode="a"), leases, log=lines.append)
 
     def shard(who):
         return stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": values[who]}},
@@ -206,14 +203,14 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     def new_owner_takes_over():
         time.sleep(0.4)  # the late writer's lease expires meanwhile
         assert new.claim(r)
-        writer()._write(shard("new"), {}, new)
+        writer(new)(shard("new"))
 
     late = PausedLeases(path, ttl=0.3, at=at, pause=new_owner_takes_over)  # no heartbeat: paused
     new = Leases(path, ttl=0.3)
     assert late.claim(r) and not new.claim(r)
-    writer()._write(shard("late"), {}, late)
+    writer(late)(shard("late"))
     if winner == "new":
-        assert any("lease on task [0, 4) lost" in line for line in lines), lines
+        assert any("lease on range [0, 4) lost" in line for line in lines), lines
 
     store = Store(path, mode="a")
     store.finalize(member)  # verifies every shard against the done markers
@@ -232,21 +229,19 @@ def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_th
     from types import SimpleNamespace
 
     from pipeline import stages
-    from pipeline.extract import SplitJob
 
     path = make_store(tmp_path, "train", 8, (16, 16))
     store = Store(path, mode="a")
     member = store.pick("targets", None)
     store.done_path(member, 0).unlink()
     store._update_member(member, status="incomplete")
-    r = tuple(store.plan(member)[0])
+    r = tuple(store.ranges(member)[0])
     theirs, mine = np.full((16, 16, 3), 0.25, np.float16), np.full((16, 16, 3), 0.5, np.float16)
     leases = Leases(path, ttl=30)
     assert leases.claim(r)
 
-    job = SplitJob.__new__(SplitJob)  # a pulled copy lands between this writer's shard write and its marker
-    job.store, job.path, job.log = Store(path, mode="a"), path, lambda *_: None
-    real_mark = job.store.mark_done
+    job = stages.StoreWriter(Store(path, mode="a"), leases, log=lambda *_: None)
+    real_mark = job.store.mark_done  # a pulled copy lands between this writer's shard write and its marker
 
     def pulled_first(member_, task, *args, **kw):
         other = Store(path, mode="a")
@@ -259,7 +254,7 @@ def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_th
     job.store.mark_done = pulled_first
     shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": [mine] * 4}},
                          stats={"excluded": {}, "notes": [], "samples": 4})
-    job._write(shard, {}, leases)
+    job(shard)
     store = Store(path, mode="a")
     store.finalize(member)
     assert store.verify(member) == []

@@ -40,7 +40,7 @@ def store(tmp_path):
     path = make_store(tmp_path / "local", "train", n=10, hw=(24, 28), dim=8)
     s = Store(path, mode="a")
     s.begin_member("osf/half-000000000000", "h" * 64, {"half": 1}, [ArraySpec("g", "float32", (4, 8))])
-    s.write_task("osf/half-000000000000", 0, {"g": np.ones((4, 4, 8), np.float32)}, {})
+    s.write_range("osf/half-000000000000", 0, {"g": np.ones((4, 4, 8), np.float32)}, {})
     return path
 
 
@@ -134,7 +134,7 @@ def test_include_incomplete_copies_the_incomplete_member(store, tmp_path):
     stores_cli("pull", store, tmp_path / "all", "--include-incomplete")
     copy = Store(tmp_path / "all" / store.name)
     assert copy.status("osf/half-000000000000") == "incomplete"
-    assert copy.done_tasks("osf/half-000000000000") == {0}
+    assert copy.done_ranges("osf/half-000000000000") == {0}
 
 
 def test_pull_onto_an_existing_copy_adds_the_newly_completed_member(store, tmp_path):
@@ -142,7 +142,7 @@ def test_pull_onto_an_existing_copy_adds_the_newly_completed_member(store, tmp_p
     copied = skipped(first)[0]
     src = Store(store, mode="a")
     for t in (1, 2):
-        src.write_task("osf/half-000000000000", t, {"g": np.ones((4 if t == 1 else 2, 4, 8), np.float32)}, {})
+        src.write_range("osf/half-000000000000", t, {"g": np.ones((4 if t == 1 else 2, 4, 8), np.float32)}, {})
     src.finalize("osf/half-000000000000")
     again = skipped(stores_cli("pull", store, tmp_path / "mine"))
     assert again[1] == copied and again[0] > 0

@@ -107,7 +107,7 @@ def test_lowlight_demo_defaults_to_sci_pretrained_and_restore_rebuilds_it(tmp_pa
 def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, tiny_clip):
     """Stores record `target: None` for "the task's default": after lowlight's default became
     sci-medium, a gamma store must not answer a default run as complete."""
-    from pipeline.plan import complete_stores
+    from pipeline.plan import plan_features
     from pipeline.tasks import TASKS
 
     cfg = dict(task="lowlight", encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path), splits=("test",))
@@ -115,8 +115,8 @@ def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TASKS, "lowlight", gamma)
         build_features(FeaturesConfig(**cfg), log=lambda *_: None)
-        assert complete_stores(FeaturesConfig(**cfg), log=lambda *_: None)[0]  # complete for gamma
-    assert complete_stores(FeaturesConfig(**cfg), log=lambda *_: None)[0] is None  # not for sci-medium
+        assert all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # complete for gamma
+    assert not all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # not for sci-medium
     [store] = build_features(FeaturesConfig(**cfg), log=lambda *_: None)
     assert sorted(p.split("-")[0] for p in Store(store).manifest()["members"] if p.startswith("targets/")) == \
         ["targets/gamma", "targets/sci"]

@@ -125,11 +125,12 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     ranges too: the task of [2, 4) and the finalize job still do their work."""
     from PIL import Image
 
-    import pipeline.extract
+    import pipeline.plan
     import pipeline.layouts
     import pipeline.sources
     from pipeline import descriptors
     from pipeline.extract import FeaturesConfig, build_features
+    from pipeline.plan import plan_features
     from slurm import features as sf
 
     rng = np.random.default_rng(0)
@@ -142,14 +143,15 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
-    jobs = sf.plan(cfg)
-    planned = sf.planned(jobs)
-    store = planned["test"]["path"]
+    (plan,) = plan_features(cfg)
+    jobs = sf.open_jobs(cfg, [plan])
+    todo = sf.to_finalize(jobs)
+    store = todo["test"]["path"]
     assert sorted(jobs["test"].work()) == [(0, 2), (2, 4), (4, 6)]
     for a, b in ((0, 2), (4, 6)):
         assert sf.run_task(cfg, "test", a, b, str(tmp_path), store)["descriptor_files"] == [a // 2]
 
-    names = [s.name for s in jobs["test"].source.samples]
+    names = [s.name for s in plan.source.samples]
     for k in (0, 1, 4, 5):  # other ranges' sources and descriptors are gone
         (data / names[k]).unlink()
     for k in (0, 2):
@@ -158,10 +160,10 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     def no_listing(*args, **kwargs):
         raise AssertionError("an array task or the finalize job listed the dataset folder")
     for module, name in ((pipeline.layouts, "list_pairs"), (pipeline.sources, "list_pairs"),
-                         (pipeline.sources, "open_source"), (pipeline.extract, "open_source")):
+                         (pipeline.sources, "open_source"), (pipeline.plan, "open_source")):
         monkeypatch.setattr(module, name, no_listing)
     assert sf.run_task(cfg, "test", 2, 4, str(tmp_path), store)["descriptor_files"] == [1]
-    sf.finalize(cfg, str(tmp_path), planned)
+    sf.finalize(cfg, str(tmp_path), todo)
     assert Store(store).status("pairs") == "complete" and Path(store).name == reference.name
     assert_same_arrays(Path(store), reference)
 
@@ -173,7 +175,7 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
     assert [t["range"] for t in first["tasks"]] == [[0, 11], [11, 22], [22, 33]]  # the demo's 33 test tiles
     store = Store(the_store(tmp_path / "st"))
     for member in first["members"]["test"]:  # the other tasks' shards are kept
-        assert store.done_tasks(member) == {0, 2} and store.status(member) == "incomplete"
+        assert store.done_ranges(member) == {0, 2} and store.status(member) == "incomplete"
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert rc == 0 and re.search(r"\[11, 22\)\s+failed", status) and "2 done" in status, status
     assert re.search(r"failed: test \[11, 22\) \(failed\).*submits only these unfinished tasks", status), status
@@ -204,7 +206,7 @@ def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster
     assert not queued.strip(), f"finalize job {fin} still queued: {queued}"
     assert job_state(fin) == "FAILED", job_state(fin)
     log = Path(tmp_path, records(tmp_path)[-1]["finalize"]["stderr"]).read_text()
-    assert re.search(r"missing tasks \[0\]", log), log[-2000:]
+    assert re.search(r"missing ranges \[0\]", log), log[-2000:]
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert re.search(r"finalize\s+failed", status) and re.search(r"failed: test \[0, \d+\) \(failed\)", status), status
 

@@ -26,11 +26,11 @@ def toy_stream(n=5, hw=(20, 24), bad=(), paired=False):
             gt = np.full((*hw, 3), 10 * i, np.uint8)
             return gt, gt.copy() if paired else None, ["grayscale converted to RGB"] if i == 1 else []
         return 100 + i, Sample(f"toy{i}.png", load, hw)
-    return stages.read([stages.Shard((0, n), 0, 3, last=False), stages.Shard((0, n), 3, n)], sample)
+    return stages.read([stages.Shard((0, n), 0, 3, last=False), stages.Shard((0, n), 3, n)], sample_at=sample)
 
 
 def test_degrade_stage_alone_seeds_by_source_index_and_excludes_bad_samples():
-    out = list(stages.degrade(toy_stream(bad={3}), DEGRADATIONS["denoise25"], seed=7))
+    out = list(stages.degrade(toy_stream(bad={3}), degradation=DEGRADATIONS["denoise25"], seed=7))
     assert [(s.lo, s.hi) for s in out] == [(0, 3), (3, 5)]
     first, second = out
     assert list(first.data["source_index"]) == [100, 101, 102] and first.data["names"][1] == "toy1.png"
@@ -39,7 +39,7 @@ def test_degrade_stage_alone_seeds_by_source_index_and_excludes_bad_samples():
     assert list(second.data["hw"][0]) == [0, 0] and list(second.data["hw"][1]) == [20, 24]
     noise = first.data["lq"][2].astype(int) - 20
     assert noise.std() > 5 and json.loads(first.data["meta"][2])  # degraded, with what was drawn
-    again = list(stages.degrade(toy_stream(bad={3}), DEGRADATIONS["denoise25"], seed=7))
+    again = list(stages.degrade(toy_stream(bad={3}), degradation=DEGRADATIONS["denoise25"], seed=7))
     assert np.array_equal(again[0].data["lq"][2], first.data["lq"][2])  # (seed, source index) -> same lq
 
 
@@ -54,14 +54,14 @@ class Halve:
 def test_a_swapped_target_stage_runs_only_where_its_member_is_missing():
     class M:
         path = "targets/halve"
-    shards = list(stages.degrade(toy_stream(paired=True), None, 0))
+    shards = list(stages.degrade(toy_stream(paired=True), degradation=None, seed=0))
     shards[0].jobs = [(M, 0)]  # the second shard's base is already stored: not recomputed
-    out = list(stages.target(shards, "targets/halve", Halve()))
+    out = list(stages.target(shards, member="targets/halve", net=Halve()))
     base = out[0].outputs["targets/halve"]["base"]
     assert base[0].dtype == np.float16 and np.allclose(base[1], out[0].data["lq"][1] / 255 / 2, atol=1e-3)
     assert "targets/halve" not in out[1].outputs
     out[1].jobs = [(M, 1)]
-    (last,) = stages.target([out[1]], "targets/halve", Halve())
+    (last,) = stages.target([out[1]], member="targets/halve", net=Halve())
     assert last.stats["excluded"]["targets/halve"][0]["index"] == 4 and "non-finite" in \
         last.stats["excluded"]["targets/halve"][0]["reason"]
     assert list(stages.usable_hw(last)[1]) == [0, 0]  # excluded by the target: no WebDataset entry

@@ -41,7 +41,7 @@ def test_plan_owns_whole_shards_and_covers_every_sample():
     for hws, shard_len, tasks in [([(8, 8)] * 10, 4, None), ([(8, 8)] * 89, 16, 4), ([(8, 8)] * 3, 16, 8),
                                   ([(8, 8)] * 64, 16, 3), (mixed, 4, None), (mixed, 4, 5)]:
         layout, order = make_layout(hws, 64, shard_len, shard_bytes=2e6)
-        plan = layout.plan(tasks)
+        plan = layout.ranges(tasks)
         assert plan[0][0] == 0 and plan[-1][1] == len(hws) and sorted(order) == list(range(len(hws)))
         starts = {a for _, a, _ in layout.shards()} | {len(hws)}
         assert all(a in starts and b in starts for a, b in plan)  # whole shards only
@@ -74,7 +74,7 @@ def test_incomplete_member_is_refused_by_readers(tmp_path):
 def test_finalize_refuses_missing_tasks(tmp_path):
     store, _, _ = toy_store(tmp_path / "s", complete=False)
     (tmp_path / "s" / "_done" / "pairs" / "00001.json").unlink()
-    with pytest.raises(StoreError, match=r"missing tasks \[1\]"):
+    with pytest.raises(StoreError, match=r"missing ranges \[1\]"):
         store.finalize("pairs")
 
 
@@ -122,7 +122,7 @@ def test_provenance_names_every_device_that_computed_a_member_and_leaves_its_key
     planned = provenance("cpu")
     lq = np.zeros((8, 20, 30, 3), np.uint8)
     store.begin_member("pairs", "k" * 64, {"member": "pairs"}, [spec_of("lq", lq)], None, {"provenance": planned})
-    for t, (a, b) in enumerate(store.plan("pairs")):
+    for t, (a, b) in enumerate(store.ranges("pairs")):
         hashes = {lo: store.write_shard("pairs", lo, hi, {"lq": list(lq[lo:hi])}) for _, lo, hi in store.shards_of(a, b)}
         store.mark_done("pairs", t, hashes, {}, made_by={"device": f"GPU {'AB'[t % 2]}", "arch": "aarch64"})
     info = store.finalize("pairs")
@@ -249,7 +249,7 @@ def test_repair_never_runs_a_user_target_the_user_did_not_name(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stores", "repair", str(path)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 2 and "--target evil_module:build" in out.stderr, out.stderr
-    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).plan("pairs"))  # nothing withdrawn
+    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).ranges("pairs"))  # nothing withdrawn
 
 
 def test_repair_never_imports_a_user_encoder_the_user_did_not_name(tmp_path):
@@ -272,7 +272,7 @@ def test_repair_never_imports_a_user_encoder_the_user_did_not_name(tmp_path):
                          cwd=ROOT, env=env, timeout=600)
     assert out.returncode == 2 and "--encoder evilmod:factory" in out.stderr, out.stderr
     assert not marker.exists()
-    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).plan("pairs"))  # nothing withdrawn
+    assert len(list((path / "_done" / "pairs").glob("*.json"))) == len(Store(path).ranges("pairs"))  # nothing withdrawn
     from stores.maintain import features_command
 
     for key in ("encoder", "enc"):  # argparse reads `--enc` as --encoder

@@ -71,8 +71,8 @@ def spec_of(name, values) -> ArraySpec:
 def fill_member(store, member, key, data: dict, info=None, complete=True, n_tasks=None) -> None:
     """Create a member with `data` (all samples, storage order) and write all its tasks."""
     store.begin_member(member, key, {"member": member}, [spec_of(k, v) for k, v in data.items()], n_tasks, info)
-    for t, (a, b) in enumerate(store.plan(member)):
-        store.write_task(member, t, {k: v[a:b] for k, v in data.items()}, {})
+    for t, (a, b) in enumerate(store.ranges(member)):
+        store.write_range(member, t, {k: v[a:b] for k, v in data.items()}, {})
     if complete:
         store.finalize(member)
 

@@ -6,61 +6,20 @@ released PTG-RM weights in and out of a run folder.
 import argparse
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from stores import StoreError
+from stores.cli import add_config_args as add_settings, config_from
 from stores.privacy import scrub
 
 from .data import Split, check_same_members, find_store
 from .official import PREFIX, import_run, export_run
 from .train import TrainConfig, summary, train, write_eval
 
-D = TrainConfig()
-HELP = {
-    "task": "restoration task", "data": "'demo' or the dataset folder given to `make features`",
-    "store_root": "where stores live", "train_store": "train store path (default: search store_root)",
-    "test_store": "test store path (default: search store_root)",
-    "target": "target member name (default: the store's only complete one)",
-    "encoder": "OSF member name(s), comma-separated to concatenate", "run": "run name (default: the task)",
-    "runs_dir": "where runs are written", "steps": "training iterations", "batch": "crops per step",
-    "crop": "crop size in px (multiple of 4)", "lr": "Adam learning rate", "lr_min": "cosine floor",
-    "seed": "seed of initialisation and data order", "workers": "loader processes",
-    "threads": "torch CPU threads (0: default)", "log_every": "steps between metrics.jsonl lines",
-    "ckpt_every": "steps between checkpoints", "resume": "continue an interrupted run from its checkpoint",
-    "format": "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; --train-store may "
-              "then be an export folder or URL (s3://bucket/prefix/<store>-wds)",
-    "wds_streams": "wds: shuffled shard streams per process; batches depend on it; --workers must divide it",
-    "wds_buffer": "wds: shuffle buffer per stream, in tiles (bounds the loader's memory)",
-    "wds_buffer_mb": "wds: MB of encoded tiles the shuffle buffers may hold in all (fewer tiles per buffer "
-                     "when tiles are large, at least 1)",
-    "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
-              "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
-    "loss": "'charbonnier' (on the ground truth) or a no-reference loss that needs none: 'sci' (SCI's "
-            "fidelity + smoothness on the illumination lq / refined; docs/design.md)",
-    "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",
-    "vgg_weights": "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a .safetensors of its features.* tensors)", "device": "'auto', 'cpu' or 'cuda[:i]'",
-    "compile": "torch.compile the model",
-    "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) or max-autotune",
-    "cuda_graph": "GPU: capture the whole training step (forward, backward, fused Adam) as one CUDA graph and "
-                  "replay it (training/step.py); on a CPU the step runs eagerly and says why",
-    "eval_every": "steps between test evaluations (PSNR curve)",
-    "stop_at": "stop with a checkpoint after this step; continue later with --resume",
-    "save_images": "save the refined test images as PNG in runs/<run>/images/, in the folders of their "
-                   "sample names (two sets' 0001.png stay two files)",
-}
-
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed from its default."""
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(D, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
-        else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
+    """One flag per TrainConfig field (its help is the field's)."""
+    add_settings(p, TrainConfig)
 
 
 def main(argv=None) -> int:
@@ -103,8 +62,7 @@ def main(argv=None) -> int:
         else:
             if args.cmd == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
                 return launch_ddp(args.nproc, sys.argv[1:] if argv is None else list(argv))
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items()
-                                 if k not in ("cmd", "nproc", "distill_steps", "seeds", "jobs")})
+            cfg = config_from(TrainConfig, args)
             if args.cmd == "train":
                 train(cfg)
             elif args.cmd == "ablate":

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
+from stores.cli import setting
 from stores.files import open_regular
 from stores.runtime import set_torch_threads, tune_allocator
 
@@ -36,42 +37,55 @@ SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = "deblur"
-    data: str = "demo"
-    store_root: str = "data/stores"
-    train_store: str | None = None  # explicit store paths override the search under store_root
-    test_store: str | None = None
-    target: str | None = None  # target member name (default: the store's only one)
-    encoder: str = "clip-vit-b32"  # comma-separated to concatenate several OSF vectors
-    format: str = "zarr"  # "zarr" stores, or "wds" (their WebDataset export)
-    wds_streams: int = 4  # wds: shuffled shard streams per process (batches depend on it; workers must divide it)
-    wds_buffer: int = 256  # wds: shuffle buffer per stream, in tiles (memory: streams x buffer x tile)
-    wds_buffer_mb: float = 128.0  # wds: at most this many MB of encoded tiles in the shuffle buffers (fewer tiles for large ones)
-    run: str | None = None  # default: the task name
-    runs_dir: str = "runs"
-    steps: int = 1500
-    batch: int = 8  # global batch (split across DDP processes)
-    crop: int = 96
-    lr: float = 1e-4
-    lr_min: float = 1e-7
-    seed: int = 0
-    ablate: str = ""  # comma-separated model switches to turn off (paper's Table 3)
-    output: str = "code"  # "code": clamp(base) + I_r; "eq1": the paper's Eq. 1
-    loss: str = "charbonnier"  # or a no-reference loss (training/losses.py LOSSES): "sci" needs no ground truth
-    perceptual: float = 0.0  # weight of the VGG19 perceptual term (paper: 0.1)
-    vgg_weights: str | None = None
-    device: str = "auto"  # auto: cuda when available
-    compile: bool = False  # torch.compile the model
-    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
-    cuda_graph: bool = False  # capture the whole training step as one CUDA graph (training/step.py)
-    workers: int = 1  # loader processes (0: load in the training process)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    log_every: int = 25
-    ckpt_every: int = 250
-    eval_every: int = -1  # steps between test evaluations for the PSNR curve (-1: 5 over the run; 0: at the end only)
-    stop_at: int = 0  # stop with a checkpoint after this step (resume later with --resume)
-    resume: bool = False
-    save_images: bool = False  # save the refined test images to runs/<run>/images/
+    """The settings of `python -m training train|eval|...`, each one flag (stores/cli.py) with its help."""
+    task: str = setting("deblur", "restoration task")
+    data: str = setting("demo", "'demo' or the dataset folder given to `make features`")
+    store_root: str = setting("data/stores", "where stores live")
+    train_store: str | None = setting(None, "train store path (default: search --store-root)")
+    test_store: str | None = setting(None, "test store path (default: search --store-root)")
+    target: str | None = setting(None, "target member name (default: the store's only complete one)")
+    encoder: str = setting("clip-vit-b32", "OSF member name(s), comma-separated to concatenate")
+    format: str = setting("zarr", "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; "
+                          "--train-store may then be an export folder or URL (s3://bucket/prefix/<store>-wds)")
+    wds_streams: int = setting(4, "wds: shuffled shard streams per process; batches depend on it; --workers must "
+                               "divide it")
+    wds_buffer: int = setting(256, "wds: shuffle buffer per stream, in tiles (bounds the loader's memory: streams "
+                              "x buffer x tile)")
+    wds_buffer_mb: float = setting(128.0, "wds: MB of encoded tiles the shuffle buffers may hold in all (fewer "
+                                   "tiles per buffer when tiles are large, at least 1)")
+    run: str | None = setting(None, "run name (default: the task)")
+    runs_dir: str = setting("runs", "where runs are written")
+    steps: int = setting(1500, "training iterations")
+    batch: int = setting(8, "crops per step (global: split across DDP processes)")
+    crop: int = setting(96, "crop size in px (multiple of 4)")
+    lr: float = setting(1e-4, "Adam learning rate")
+    lr_min: float = setting(1e-7, "cosine floor")
+    seed: int = setting(0, "seed of initialisation and data order")
+    ablate: str = setting("", "comma-separated model parts to turn off (the paper's Table 3): sve, "
+                          "channel_attention, spatial_attention, position_embedding, osf_mapping, use_g")
+    output: str = setting("code", "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)")
+    loss: str = setting("charbonnier", "'charbonnier' (on the ground truth) or a no-reference loss that needs "
+                        "none: 'sci' (SCI's fidelity + smoothness on the illumination lq / refined; docs/design.md)")
+    perceptual: float = setting(0.0, "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)")
+    vgg_weights: str | None = setting(None, "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a "
+                                      ".safetensors of its features.* tensors)")
+    device: str = setting("auto", "'auto' (a CUDA GPU when visible), 'cpu' or 'cuda[:i]'")
+    compile: bool = setting(False, "torch.compile the model")
+    compile_mode: str = setting("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA "
+                                "graphs) or max-autotune")
+    cuda_graph: bool = setting(False, "GPU: capture the whole training step (forward, backward, fused Adam) as "
+                               "one CUDA graph and replay it (training/step.py); on a CPU the step runs eagerly "
+                               "and says why")
+    workers: int = setting(1, "loader processes (0: load in the training process)")
+    threads: int = setting(0, "torch CPU threads (0: default)")
+    log_every: int = setting(25, "steps between metrics.jsonl lines")
+    ckpt_every: int = setting(250, "steps between checkpoints")
+    eval_every: int = setting(-1, "steps between test evaluations (PSNR curve; -1: 5 over the run, 0: at the end "
+                              "only)")
+    stop_at: int = setting(0, "stop with a checkpoint after this step; continue later with --resume")
+    resume: bool = setting(False, "continue an interrupted run from its checkpoint")
+    save_images: bool = setting(False, "save the refined test images as PNG in runs/<run>/images/, in the folders "
+                                "of their sample names (two sets' 0001.png stay two files)")
 
 
 # settings that may differ between a run and its resumption without changing the result (where
