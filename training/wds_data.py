@@ -43,15 +43,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ptgrm.images import flip
 from stores import match_member
 from stores.remote import open_location
 from stores.wds import FORMAT, INDEX, VERSION, index_digest, tile_grid
 
-from .data import members_info, to_tensor
+from .data import IMAGES, check_crop_batch, crop_batch, draw_crop, members_info
 
 READ_BLOCK = 4 << 20
 REEXPORT = "`python -m stores export-wds STORE` (or `make features FORMAT=wds`), which rewrites every shard"
@@ -280,10 +279,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
                  rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 128.0):
-        if crop % 4:
-            raise ValueError(f"crop must be a multiple of 4, got {crop}")
-        if batch % world:
-            raise ValueError(f"batch {batch} must be divisible by the {world} processes")
+        check_crop_batch(crop, batch, world)
         if len(split.shards) < world * streams:
             raise WdsError(f"{split.loc.url}: {len(split.shards)} shards for {world} processes x {streams} streams; "
                            f"export with --min-shards {world * streams} or more (or lower --wds-streams)")
@@ -325,7 +321,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
                         yield raw
             rng = random.Random(int(np.random.default_rng([self.seed, epoch, self.rank, k]).integers(1 << 62)))
             n = 0
-            for raw in _shuffle(read(), bufsize=self.buffer, initial=self.buffer, rng=rng):
+            for raw in shuffle(bufsize=self.buffer, initial=self.buffer, rng=rng)(read()):
                 held[0] -= 1
                 n += 1
                 yield raw
@@ -335,20 +331,13 @@ class WdsBatches(torch.utils.data.IterableDataset):
 
     def batch_of(self, step: int, raws: list) -> dict:
         """Crops and flips of one step's samples, drawn from (seed, step, rank)."""
-        rng = np.random.default_rng([self.seed, step, self.rank])
-        c, out = self.crop, {"lq": [], "base": [], "gt": [], "g": []}
+        rng, c, crops = np.random.default_rng([self.seed, step, self.rank]), self.crop, []
         for raw in raws:
             d = self.split.decode(raw)
-            h, w = d["gt"].shape[:2]  # the tile's
-            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-            fh, fv = (int(v) for v in rng.integers(0, 2, 2))
-            variant = fh + 2 * fv  # ptgrm.images.FLIPS
-            for k in ("lq", "base", "gt"):
-                out[k].append(flip(d[k][y:y + c, x:x + c], variant))
-            out["g"].append(np.concatenate([g[variant] for g in d["g"]]))  # g of the flipped image
-        return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
-                "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"])),
-                "index": torch.tensor([r["index"] for r in raws])}
+            y, x, variant = draw_crop(rng, *d["gt"].shape[:2], c)  # within the tile
+            crops.append(({k: d[k][y:y + c, x:x + c] for k in IMAGES}, variant,
+                          np.concatenate([g[variant] for g in d["g"]])))  # g of the flipped image
+        return {**crop_batch(crops), "index": torch.tensor([r["index"] for r in raws])}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
