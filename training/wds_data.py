@@ -24,8 +24,10 @@ follow the tile, not the largest photo. A crop lies inside one tile (drawn from 
 within it); the batch's `index` is the sample's. `WdsSplit.image` puts a sample's tiles back together.
 
 Samples excluded at extraction have no entries in the export and never reach a batch; samples and
-tiles smaller than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
-`numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Checksums: each
+tiles smaller than the crop are skipped (known from the index, without reading them). lq/gt tiles are in the
+export's codec (index.json `codec`: `zstd`, a zstd-compressed uint8 .npy, by default since version 4; `png` with
+`export-wds --codec png` and in version 3). Decoding uses numcodecs' zstd and `numpy.load(allow_pickle=False)`
+for arrays, PIL for PNG: nothing in an export can run code. Checksums: each
 tile's entries are checked against the sha256 its meta.json records (export version 3) as the tile
 is read, before it enters the shuffle buffer, so a damaged byte never reaches a batch, even in a run
 that stops inside the shard; the whole shard's sha256 (covering meta.json and the tiles not used) is
@@ -48,7 +50,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from stores import match_member
 from stores.remote import open_location
-from stores.wds import FORMAT, INDEX, VERSION, index_digest, tile_grid
+from stores.wds import CODECS, FORMAT, INDEX, READS, VERSION, ZSTD, image_entries, index_digest, tile_grid
 
 from .data import IMAGES, check_crop_batch, crop_batch, draw_crop, members_info
 
@@ -83,15 +85,23 @@ def read_index(loc) -> dict:
     except (ValueError, UnicodeDecodeError, OSError) as e:
         raise WdsError(f"{where}: damaged or unreadable ({type(e).__name__}: {e}); export it again: "
                        f"{REEXPORT}") from None
-    if index.get("version") == VERSION and index.get("sha256") != index_digest(index):
+    if index.get("version") in READS and index.get("sha256") != index_digest(index):
         raise WdsError(f"{where}: its sha256 does not match its content: damaged; export it again: {REEXPORT}")
     if index.get("format") != FORMAT or not index.get("complete"):
         raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
-    if index.get("version") != VERSION:
+    if index.get("version") not in READS:
         raise WdsError(f"{loc.url}: a WebDataset export of format version {index.get('version')}; this version "
-                       f"reads version {VERSION} (samples cut into tiles, each entry's sha256 in its meta.json). "
-                       f"Export it again: {REEXPORT}")
+                       f"reads versions {' and '.join(map(str, READS))} (samples cut into tiles, each entry's sha256 "
+                       f"in its meta.json). Export it again: {REEXPORT}")
+    if codec_of(index) not in CODECS:
+        raise WdsError(f"{where}: lq/gt tiles in codec {codec_of(index)!r}; this version reads "
+                       f"{', '.join(sorted(CODECS))}. Export it again: {REEXPORT}")
     return index
+
+
+def codec_of(index: dict) -> str:
+    """The codec of an export's lq/gt tiles: recorded since version 4; PNG before."""
+    return index.get("codec") if index["version"] >= 4 else "png"
 
 
 def decode_png(data: bytes, where: str) -> np.ndarray:
@@ -114,6 +124,20 @@ def decode_npy(data: bytes, where: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         raise WdsError(f"{where}: not a plain .npy array: {e}") from None
+
+
+def decode_image(data: bytes, codec: str, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 from an lq/gt entry in `codec` (stores.wds.CODECS)."""
+    if codec == "png":
+        return decode_png(data, where)
+    try:
+        raw = ZSTD.decode(data)
+    except RuntimeError as e:
+        raise WdsError(f"{where}: not a zstd-compressed .npy ({e})") from None
+    img = decode_npy(raw, where)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise WdsError(f"{where}: expected an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
+    return img
 
 
 class HashingReader:
@@ -156,8 +180,8 @@ class WdsSplit:
         self.shards = self.index["shards"]
         self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32).reshape(-1, 2)
         self._names = [x for s in self.shards for x in s["names"]]
-        self.tiling = self.index["tiling"]
-        self.entries = ["lq.png", "gt.png", "base.npy", "meta.json",
+        self.tiling, self.codec = self.index["tiling"], codec_of(self.index)
+        self.entries = [*image_entries(self.codec), "base.npy", "meta.json",
                         *(f"osf.{e.split('/', 1)[1]}.npy".lower() for e in self.encoders)]
 
     @property
@@ -241,7 +265,9 @@ class WdsSplit:
 
     def decode(self, raw: dict) -> dict:
         where = f"{self.loc.url} sample {raw['index']:08d} tile {raw['tile']}"
-        return {"lq": decode_png(raw["lq.png"], f"{where} lq.png"), "gt": decode_png(raw["gt.png"], f"{where} gt.png"),
+        lq, gt = self.entries[:2]
+        return {"lq": decode_image(raw[lq], self.codec, f"{where} {lq}"),
+                "gt": decode_image(raw[gt], self.codec, f"{where} {gt}"),
                 "base": decode_npy(raw["base.npy"], f"{where} base.npy"),
                 "g": [decode_npy(raw[e], f"{where} {e}") for e in self.entries[4:]]}
 
