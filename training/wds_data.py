@@ -134,10 +134,24 @@ def decode_image(data: bytes, codec: str, where: str) -> np.ndarray:
         raw = ZSTD.decode(data)
     except RuntimeError as e:
         raise WdsError(f"{where}: not a zstd-compressed .npy ({e})") from None
-    img = decode_npy(raw, where)
+    img = npy_view(raw, where)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise WdsError(f"{where}: expected an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
     return img
+
+
+def npy_view(raw: bytes, where: str) -> np.ndarray:
+    """The array of .npy bytes as a read-only view of them (numpy.load would copy it once more)."""
+    fmt = np.lib.format
+    f = io.BytesIO(raw)
+    try:
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[fmt.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{'Fortran order' if fortran else 'object dtype'}")
+        return np.frombuffer(raw, dtype, int(np.prod(shape)), f.tell()).reshape(shape)
+    except (ValueError, KeyError) as e:
+        raise WdsError(f"{where}: not a plain .npy array: {e}") from None
 
 
 class HashingReader:
