@@ -76,14 +76,15 @@ def release_memory() -> None:
 # process's threads need (two demo trainings on 2 cores, both spinning, fell from 7 to 1.3 and 0.13
 # steps/s); sleeping waits (OMP_WAIT_POLICY=PASSIVE) cost a futex wake-up per region, hundreds per
 # training step, which made a lone demo training about 1.6x slower. So:
-# - waits spin for a bounded while (GOMP_SPINCOUNT, well under a millisecond), then sleep: the gaps
+# - waits spin for a bounded while, then sleep (GOMP_SPINCOUNT 300,000: libgomp's own default
+#   without a policy, under which a lone demo training ran 5.2-7 steps/s on 2 cores): the gaps
 #   between the regions of a step are shorter, so a lone process pays no wake-ups, and an idle
 #   pool sleeps;
 # - processes that train or extract register in a folder (CpuShare) and each runs cpu_count()
 #   divided by the registered processes sharing its CPUs, at least 1 (follow_cpu_share, once a
 #   second during training): two trainings on 2 cores run one thread each (no parallel regions,
 #   nothing spins) and a lone one takes both back when the other ends.
-WAIT_ENV = {"GOMP_SPINCOUNT": "10000"}
+WAIT_ENV = {"GOMP_SPINCOUNT": "300000"}
 SHARE_ENV = "PTGRM_CPU_SHARE_DIR"  # the registration folder; "off": each process on its own
 FOLLOW_S = 1.0  # seconds between two looks at the registrations during training
 
