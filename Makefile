@@ -34,6 +34,7 @@ STORE ?=
 SRC ?=
 DST ?=
 NAME ?=
+CODEC ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
 COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
@@ -58,7 +59,7 @@ help:
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"
 	@echo "make ablate   TASK=deblur [STEPS=]       (the paper's Table 3 on your data)"
 	@echo "make prior-study TASK=deblur [SEEDS=0,1,2] [STEPS=] [JOBS=1]  (no OSF / random CLIP / pre-trained EfficientNet-Lite0 / both)"
-	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=..."
+	@echo "make push STORE=data/stores/<store> DST=s3://bucket/prefix | make pull SRC=... | make export-wds STORE=... [CODEC=zstd|png]"
 	@echo "make slurm-features TASK=deblur SHARDS=64 [PARTITION= ACCOUNT= GPUS= TIME=] | make slurm-train TASK=deblur"
 	@echo "make slurm-up | make slurm-down   (a local single-node SLURM cluster, root on Debian)"
 	@echo "make bench    (benchmarks: bench/results.json; bench/gpu.sh on a GPU machine)"
@@ -116,8 +117,8 @@ pull: $(VENV)/.installed
 	$(PY) -m stores pull $(SRC) $(STORE_ROOT)
 
 export-wds: $(VENV)/.installed
-	@test -n "$(STORE)" || { echo "usage: make export-wds STORE=data/stores/<store>"; exit 2; }
-	$(PY) -m stores export-wds $(STORE)
+	@test -n "$(STORE)" || { echo "usage: make export-wds STORE=data/stores/<store> [CODEC=zstd|png]"; exit 2; }
+	$(PY) -m stores export-wds $(STORE) $(call flag,--codec,$(CODEC))
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py

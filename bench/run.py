@@ -3,7 +3,9 @@
 Every row is a ratio measured side by side in this one process (absolute times drift on shared
 machines), with medians over repeats, its target and the settings used. Rows:
 extraction efficiency, loader headroom (Zarr and WebDataset) and stall, cached vs online
-training, store size, demo wall time, and the demo's PSNR gain over seeds.
+training, store size, demo wall time, the demo's PSNR gain over seeds, the WebDataset tile
+codecs (decode rate per process, bytes over PNG) and demo training on the CPU alone and two
+side by side (steps/s). `--only codec,cpu` runs just the last two.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from pipeline.extract import FeaturesConfig, build_features  # noqa: E402
 from pipeline.sources import _demo_image, read_image  # noqa: E402
 from pipeline.targets import build_target  # noqa: E402
 from stores import Store  # noqa: E402
-from stores.runtime import tune_allocator  # noqa: E402
+from bench.cpu import WAITS, train_rates  # noqa: E402
+from stores.runtime import cpu_count, tune_allocator  # noqa: E402
 from training.data import CropBatches, Split  # noqa: E402
 from training.losses import charbonnier  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
@@ -238,6 +241,72 @@ def bench_size(store_path: Path) -> dict:
                osf_bytes_per_sample=per["g"], members={k: v.get("bytes") for k, v in m.items()})
 
 
+# -- 4b. WebDataset tile codecs ----------------------------------------------------------------
+def codec_tiles(side: int = 512) -> list[np.ndarray]:
+    """side x side uint8 tiles of the demo's training photos (the ones at least `side` px both
+    ways), each as gt and as the lq of two tasks (deblur's motion blur, denoise's sigma 25)."""
+    from pipeline.degrade import deblur, gaussian_noise
+
+    rng, out = np.random.default_rng(0), []
+    for name in ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina"):
+        img = _demo_image(name)
+        h, w = img.shape[:2]
+        for y in np.linspace(0, h - side, -(-h // side)).astype(int):
+            for x in np.linspace(0, w - side, -(-w // side)).astype(int):
+                gt = np.ascontiguousarray(img[y:y + side, x:x + side])
+                out.append(gt)
+                for degrade in (deblur, gaussian_noise):
+                    lq = degrade(gt.astype(np.float32) / 255, rng)[0]
+                    out.append(np.round(lq * 255).astype(np.uint8))
+    return out
+
+
+def bench_codec(repeats: int = 5) -> list[dict]:
+    """Per codec: lq/gt tiles of 512 px decoded per second in this one process (as the WebDataset
+    reader decodes them), with and without its per-entry sha256 check, and bytes over PNG."""
+    import hashlib
+
+    from stores.wds import CODECS, image_bytes, png_bytes
+    from training.wds_data import decode_image
+
+    tiles = codec_tiles()
+    png = sum(len(png_bytes(t)) for t in tiles)
+    rows = []
+    for codec in CODECS:
+        data = [image_bytes(t, codec) for t in tiles]
+        assert all(np.array_equal(decode_image(d, codec, codec), t) for d, t in zip(data, tiles))
+        c0 = time.process_time()
+        decode = median_time(lambda: [decode_image(d, codec, codec) for d in data], repeats) / len(data)
+        cpu = (time.process_time() - c0) / (repeats * len(data))
+        checked = median_time(lambda: [(hashlib.sha256(d).hexdigest(), decode_image(d, codec, codec))
+                                       for d in data], repeats) / len(data)
+        settings = {"tiles": len(tiles), "tile": "512 x 512 x 3 uint8", "photos": "demo train photos >= 512 px; "
+                    "each as gt, deblur lq, denoise (sigma 25) lq", "process": "one, one thread"}
+        ok = (">=", 1000) if codec == "zstd" else None
+        rows += [row(f"wds_tile_decode[{codec}]", 1 / decode, ok, "tiles/s per process", settings,
+                     tiles_per_s_with_sha256=1 / checked, tiles_per_cpu_s=1 / cpu),
+                 row(f"wds_tile_bytes_over_png[{codec}]", sum(map(len, data)) / png,
+                     ("<=", 1.5) if codec == "zstd" else None, "ratio", settings, bytes_per_tile=sum(map(len, data)) / len(data))]
+    return rows
+
+
+# -- 4c. demo training on the CPU, alone and two side by side (bench/cpu.py) ------------------
+def bench_cpu(store_root: Path, tmp: Path, steps: int, waits: dict) -> list[dict]:
+    """The demo training's steps/s alone and, side by side, two at once (together over alone),
+    for each OpenMP wait setting in `waits` (name -> environment)."""
+    rows = []
+    for name, env in waits.items():
+        alone = train_rates(store_root, tmp / "cpu-runs", 1, steps, env)[0]
+        pair = train_rates(store_root, tmp / "cpu-runs", 2, steps, env)
+        settings = {"steps": steps, "waits": name, "env": env, "cpus": cpu_count(), "batch": 8, "crop": 96,
+                    "note": "steady rate from metrics.jsonl: start-up excluded"}
+        rows += [row(f"cpu_training_alone[{name}]", alone, (">=", 6.0), "steps/s", settings),
+                 row(f"cpu_training_two_at_once[{name}]", sum(pair) / alone, (">=", 0.8), "together / alone",
+                     settings, steps_per_s_each=pair)]
+    shutil.rmtree(tmp / "cpu-runs", ignore_errors=True)
+    return rows
+
+
 # -- 5/6. demo wall time and quality ------------------------------------------------------------
 def make(target: str, env: dict) -> float:
     t0 = time.perf_counter()
@@ -261,6 +330,8 @@ def bench_demo(tmp: Path, seeds: list[int], steps: int | None) -> tuple[list[dic
     train_store = next((tmp / "demo-stores").glob("demo-train-deblur-*"))
     rows = [row("demo_wall_time_features", t_features, None, "s", {"command": "make features TASK=deblur"}),
             row("demo_wall_time_train", t_train, None, "s", {"command": "make train TASK=deblur", "steps": steps}),
+            row("demo_wall_time_two_commands", t_features + t_train, ("<=", 300), "s",
+                {"command": "make features TASK=deblur && make train", "steps": steps}),
             row("demo_psnr_gain", float(np.mean(gains)), (">=", 0.2), "dB",
                 {"seeds": seeds, "steps": steps or "default"}, per_seed=gains,
                 spread=float(np.std(gains)) if len(gains) > 1 else 0.0)]
@@ -280,6 +351,11 @@ def main(argv=None) -> int:
     p.add_argument("--extract-images", type=int, default=24)
     p.add_argument("--extract-size", type=int, default=128)
     p.add_argument("--table", action="store_true", help="only print the README table of --out's results")
+    p.add_argument("--only", default="", help="comma-separated: run only these sections (codec, cpu; cpu makes "
+                   "the demo stores first); their rows replace their namesakes in --out, the others stay")
+    p.add_argument("--cpu-steps", type=int, default=200, help="steps of each CPU training (alone, two at once)")
+    p.add_argument("--cpu-waits", default="default", help=f"OpenMP wait settings to compare in the CPU rows "
+                   f"({', '.join(WAITS)}; comma-separated)")
     args = p.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
@@ -289,6 +365,16 @@ def main(argv=None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "complete": False, "rows": []}
 
+    only = {x for x in args.only.split(",") if x}
+    if only - {"codec", "cpu"}:
+        p.error(f"--only takes codec and cpu, not {', '.join(sorted(only - {'codec', 'cpu'}))}")
+    if only and Path(args.out).is_file():  # the other rows of --out stay; these replace their namesakes
+        old = json.loads(Path(args.out).read_text())
+        result = {**old, "rows": [r for r in old["rows"] if r["row"].split("[")[0] not in
+                                  {"wds_tile_decode", "wds_tile_bytes_over_png", "cpu_training_alone",
+                                   "cpu_training_two_at_once"}]}
+    waits = {w: WAITS[w] for w in args.cpu_waits.split(",")}
+
     def record(rows: list) -> None:  # written after every section: an interrupted run keeps its rows
         result["rows"] += rows
         result["seconds"] = time.time() - started
@@ -296,13 +382,21 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-") as d:
         tmp = Path(d)
-        demo_rows, train_store, first_run = bench_demo(tmp, [int(s) for s in args.seeds.split(",")], args.steps)
-        record(demo_rows)
-        record(bench_loader(train_store, tmp / "wds", 96, 8) + [bench_stall(first_run)])
-        record([bench_size(train_store)])
-        record(bench_online(Split.open(train_store, None, None), tmp, 96, 8))
-        record([bench_extraction(tmp / "x", args.extract_images, args.extract_size)])
-        record(bench_encoders(args.extract_size))
+        if not only or "codec" in only:
+            record(bench_codec())
+        if not only:
+            demo_rows, train_store, first_run = bench_demo(tmp, [int(s) for s in args.seeds.split(",")], args.steps)
+            record(demo_rows)
+        elif "cpu" in only:
+            make("features", {"TASK": "deblur", "STORE_ROOT": str(tmp / "demo-stores")})
+        if not only or "cpu" in only:
+            record(bench_cpu(tmp / "demo-stores", tmp, args.cpu_steps, waits))
+        if not only:
+            record(bench_loader(train_store, tmp / "wds", 96, 8) + [bench_stall(first_run)])
+            record([bench_size(train_store)])
+            record(bench_online(Split.open(train_store, None, None), tmp, 96, 8))
+            record([bench_extraction(tmp / "x", args.extract_images, args.extract_size)])
+            record(bench_encoders(args.extract_size))
     result["complete"] = True
     record([])
     print(table(result))

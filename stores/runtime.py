@@ -1,5 +1,6 @@
 """Process settings shared by both stages (extraction and training run on the CPU as well):
-the allocator, and CPU threads sized to the CPUs the process may use (see quiet_threads).
+the allocator, and CPU threads sized to the CPUs the process may use and shared fairly among the
+processes on them (see the CPU threads section).
 
 glibc's default allocator hands every large buffer (a conv activation, an image canvas) back to
 the kernel when it is freed and page-faults it in again on the next allocation. Frozen forward
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from contextlib import contextmanager
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
 _MMAP_MAX = 32 << 20  # glibc's largest accepted mmap threshold on 64-bit
@@ -69,12 +71,22 @@ def release_memory() -> None:
 
 
 # -- CPU threads ---------------------------------------------------------------------------------
-# OpenMP worker threads (torch's intra-op pool, OpenBLAS) spin on their core for a while after
-# each parallel region, waiting for the next one. Alone on a machine that saves a wake-up; with a
-# second process on the same cores, the spinning threads burn the time slices the other process's
-# threads need, and both slow down many times over (two demo trainings on 2 cores fell from 7 to
-# 1.3 and 0.13 steps/s). Sleeping waits cost a few microseconds per region instead.
-WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+# OpenMP worker threads (torch's intra-op pool, OpenBLAS) wait for the next parallel region after
+# each one. Spinning waits cost nothing to a lone process but take the time slices a second
+# process's threads need (two demo trainings on 2 cores, both spinning, fell from 7 to 1.3 and 0.13
+# steps/s); sleeping waits (OMP_WAIT_POLICY=PASSIVE) cost a futex wake-up per region, hundreds per
+# training step, which made a lone demo training about 1.6x slower. So:
+# - waits spin for a bounded while, then sleep (GOMP_SPINCOUNT 300,000: libgomp's own default
+#   without a policy, under which a lone demo training ran 5.2-7 steps/s on 2 cores): the gaps
+#   between the regions of a step are shorter, so a lone process pays no wake-ups, and an idle
+#   pool sleeps;
+# - processes that train or extract register in a folder (CpuShare) and each runs cpu_count()
+#   divided by the registered processes sharing its CPUs, at least 1 (follow_cpu_share, once a
+#   second during training): two trainings on 2 cores run one thread each (no parallel regions,
+#   nothing spins) and a lone one takes both back when the other ends.
+WAIT_ENV = {"GOMP_SPINCOUNT": "300000"}
+SHARE_ENV = "PTGRM_CPU_SHARE_DIR"  # the registration folder; "off": each process on its own
+FOLLOW_S = 1.0  # seconds between two looks at the registrations during training
 
 
 def cpu_count() -> int:
@@ -128,8 +140,8 @@ def _parents(base: str, path: str) -> list[str]:
 
 
 def quiet_threads() -> None:
-    """Call first in an entry point, before numpy or torch load: waiting OpenMP threads sleep
-    instead of spinning, and pools are sized to cpu_count() (variables you set win)."""
+    """Call first in an entry point, before numpy or torch load: waiting OpenMP threads spin only
+    briefly, and pools are sized to cpu_count() (variables you set win)."""
     for k, v in WAIT_ENV.items():
         os.environ.setdefault(k, v)
     n = str(cpu_count())
@@ -137,11 +149,153 @@ def quiet_threads() -> None:
         os.environ.setdefault(k, n)
 
 
+class CpuShare:
+    """This process's registration among those that share CPUs: a file `<pid>-<random>.cpus` in
+    `folder` holding its CPU set, locked (flock) while the process (or a forked child) lives, so a
+    killed process's file is known stale and removed by the next look."""
+
+    def __init__(self, folder: str):
+        import fcntl
+        import json
+        import secrets
+
+        self.folder, self.cpus = folder, sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid():
+            raise OSError(f"{folder}: not a folder of this user")
+        self.pid, self.name = os.getpid(), f"{os.getpid()}-{secrets.token_hex(4)}.cpus"
+        tmp = os.path.join(folder, f".{self.name}")
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(self.fd, json.dumps({"pid": os.getpid(), "cpus": self.cpus}).encode())
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.rename(tmp, os.path.join(folder, self.name))  # visible only once written and locked
+
+    def sharing(self) -> int:
+        """Registered live processes whose CPUs overlap this one's, this one included."""
+        import fcntl
+        import json
+
+        count, mine = 1, set(self.cpus)
+        for name in os.listdir(self.folder):
+            if name == self.name or not name.endswith(".cpus"):
+                continue
+            path = os.path.join(self.folder, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone meanwhile
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # locked: its process lives
+                    cpus = set(json.loads(os.read(fd, 1 << 16) or b"{}").get("cpus", []))
+                    if not cpus or not mine or cpus & mine:
+                        count += 1
+                else:  # nobody holds it: its process ended without removing it (killed)
+                    os.unlink(path)
+            except (OSError, ValueError, AttributeError):
+                pass  # a damaged or foreign file: not counted
+            finally:
+                os.close(fd)
+        return count
+
+    def close(self) -> None:
+        if os.getpid() != self.pid or self.fd < 0:  # a forked child (a loader worker) leaves it to its parent
+            return
+        try:
+            os.unlink(os.path.join(self.folder, self.name))
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+_share: CpuShare | None = None
+_auto, _next_look = False, 0.0
+
+
+def _join_share() -> bool:
+    """Register this process (once; False when sharing is off or impossible, or it already was)."""
+    global _share
+    folder = os.environ.get(SHARE_ENV) or os.path.join(_tempdir(), f"ptgrm-cpus-{os.getuid()}")
+    if _share is not None or folder == "off" or not sys.platform.startswith("linux"):
+        return False
+    import atexit
+
+    try:
+        _share = CpuShare(folder)
+    except OSError:
+        return False
+    atexit.register(_share.close)
+    return True
+
+
+def _leave_share() -> None:
+    global _share
+    if _share is not None:
+        import atexit
+
+        atexit.unregister(_share.close)
+        _share.close()
+        _share = None
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def fair_threads() -> int:
+    """cpu_count() shared among the registered processes on these CPUs, at least 1."""
+    return max(1, cpu_count() // (_share.sharing() if _share else 1))
+
+
 def set_torch_threads(n: int = 0) -> int:
-    """torch's intra-op threads: `n`, or cpu_count() when 0; returns the number set."""
+    """torch's intra-op threads: `n`, or fair_threads() when 0 (then kept fair during training by
+    follow_cpu_share); returns the number set. Registers this process, until it ends, among those
+    sharing the CPUs (see cpu_share for a registration that ends with a block)."""
+    global _auto, _next_look
+    import time
+
     import torch
 
-    n = n or cpu_count()
+    _join_share()
+    _auto, _next_look = not n, time.monotonic() + FOLLOW_S
+    n = n or fair_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+@contextmanager
+def cpu_share(n: int = 0):
+    """set_torch_threads(n) for a block (a training): this process counts among those sharing the
+    CPUs while the block runs, not after it."""
+    global _auto
+    joined = _join_share()
+    try:
+        yield set_torch_threads(n)
+    finally:
+        _auto = False
+        if joined:
+            _leave_share()
+
+
+def follow_cpu_share(force: bool = False) -> int:
+    """Once a training step (from the thread that runs the model): when set_torch_threads chose the
+    threads, look again at the processes sharing the CPUs (at most once a FOLLOW_S) and resize
+    torch's pool to fair_threads(). Returns torch's thread count."""
+    global _next_look
+    import time
+
+    import torch
+
+    now = time.monotonic()
+    if _auto and (force or now >= _next_look):
+        _next_look = now + FOLLOW_S
+        n = fair_threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny random OpenCLIP model saved as a real OpenCLIP folder."""
 import json
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A training runs as many threads as its share of the CPUs among the registered processes
+# (stores.runtime.CpuShare), and CPU results follow the thread count: the session's own folder
+# keeps other sessions' trainings on this machine from changing the threads of the runs a test compares.
+os.environ.setdefault("PTGRM_CPU_SHARE_DIR", tempfile.mkdtemp(prefix="ptgrm-test-cpus-"))
 
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -47,3 +47,52 @@ def test_memory_kept_for_reuse_goes_back_to_the_kernel_after_a_shard():
                          text=True).stdout.split()
     before, after = map(float, out)
     assert before - after > 200, (before, after)  # MB: the 29 freed buffers were still held, now returned
+
+
+SHARE = """
+import sys
+from stores.runtime import follow_cpu_share, set_torch_threads
+import torch
+print(set_torch_threads(int(sys.argv[1])), flush=True)
+for line in sys.stdin:  # a training step: follow the processes that share the CPUs
+    print(follow_cpu_share(force=True), torch.get_num_threads(), flush=True)
+"""
+
+
+def test_trainings_sharing_the_cpus_split_them_and_a_lone_one_takes_them_back(tmp_path):
+    """Two processes on the same CPUs run cpu_count() // 2 threads each (one on 2 cores: no
+    spinning OpenMP waits taking the other's time slices), follow each other while they run, and a
+    killed one stops counting; an explicit --threads is kept."""
+    from stores.runtime import cpu_count
+
+    n = cpu_count()
+    if n < 2:
+        pytest.skip("one usable CPU: every process runs one thread anyway")
+    env = {**os.environ, "PTGRM_CPU_SHARE_DIR": str(tmp_path / "share")}
+
+    def start(threads: int = 0):
+        return subprocess.Popen([sys.executable, "-c", SHARE, str(threads)], cwd=ROOT, env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def step(p) -> list[int]:
+        p.stdin.write("\n")
+        p.stdin.flush()
+        return [int(v) for v in p.stdout.readline().split()]
+
+    first = start()
+    try:
+        assert int(first.stdout.readline()) == n  # alone: every usable CPU
+        second = start()
+        assert int(second.stdout.readline()) == n // 2
+        assert step(first) == [n // 2, n // 2]  # the first one follows at its next step
+        pinned = start(3)
+        assert int(pinned.stdout.readline()) == 3  # --threads 3: kept, but it counts for the others
+        assert step(first) == [max(1, n // 3)] * 2
+        pinned.kill()
+        second.kill()  # killed: its registration is stale and no longer counts
+        second.wait(), pinned.wait()
+        assert step(first) == [n, n]
+    finally:
+        first.stdin.close()
+        first.wait(timeout=60)
+    assert first.returncode == 0 and list((tmp_path / "share").iterdir()) == []  # nothing left behind

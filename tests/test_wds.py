@@ -3,6 +3,7 @@ and resumable batches, bounded memory, S3 streaming, damaged shards, excluded sa
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from stores import Store, key_of, make_layout, store_name
-from stores.wds import export_wds, png_bytes
+from stores.wds import VERSION, export_wds, index_digest, png_bytes
 from test_remote import BUCKET, s3  # noqa: F401  the real SeaweedFS S3 server of the session
 from toys import fill_member, pipeline_members
 from training.data import CropBatches, Split, to_tensor
@@ -56,6 +57,19 @@ def exported(tmp_path_factory):
     return store, export_wds(store, min_shards=4, log=lambda *_: None)
 
 
+@pytest.fixture(scope="module")
+def exported_png(exported, tmp_path_factory):
+    store, _ = exported
+    return store, export_wds(store, tmp_path_factory.mktemp("wds-png"), min_shards=4, codec="png", log=lambda *_: None)
+
+
+def unzstd(data: bytes) -> np.ndarray:
+    """A zstd-compressed .npy entry, read with numcodecs and numpy alone (no project code)."""
+    from numcodecs import Zstd
+
+    return np.load(io.BytesIO(Zstd().decode(data)), allow_pickle=False)
+
+
 def test_png_is_standard_and_round_trips():
     img = np.random.default_rng(1).integers(0, 256, (7, 9, 3), dtype=np.uint8)
     data = png_bytes(img)
@@ -69,6 +83,7 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
     path, folder = exported
     index = json.loads((folder / "index.json").read_text())
     assert index["complete"] and len(index["shards"]) >= 4 and index["samples"] == N
+    assert index["version"] == 4 and index["codec"] == "zstd"  # lq/gt: uint8 .npy compressed with zstd
     store = Store(path)
     target, osf = store.members("targets")[0], store.members("osf")[0]
     assert index["keys"][target] == store.member_info(target)["key"]
@@ -79,9 +94,9 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
         for i in range(shard["first"], shard["first"] + shard["samples"]):
             h, w = HW[i]
             k = f"{i:08d}_0000"  # smaller than the tile: one tile each
-            assert np.array_equal(np.asarray(Image.open(io.BytesIO(files[f"{k}.lq.png"]))),
-                                  store.array("pairs", "lq")[i, :h, :w])
-            assert np.array_equal(decode_png(files[f"{k}.gt.png"], k), store.array("pairs", "gt")[i, :h, :w])
+            for f in ("lq", "gt"):
+                img = unzstd(files[f"{k}.{f}.npy.zst"])
+                assert img.dtype == np.uint8 and np.array_equal(img, store.array("pairs", f)[i, :h, :w])
             base = np.load(io.BytesIO(files[f"{k}.base.npy"]))
             assert base.dtype == np.float16 and np.array_equal(base, store.array(target, "base")[i, :h, :w])
             g = np.load(io.BytesIO(files[f"{k}.osf.{osf.split('/')[1]}.npy"]))
@@ -201,6 +216,57 @@ def test_cli_export_min_shards_and_rerun_is_a_no_op(exported, tmp_path):
     index = json.loads((tmp_path / f"{path.name}-wds" / "index.json").read_text())
     assert len(index["shards"]) == 6 and "6 shards" in first.stdout
     assert "up to date" in subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    png = subprocess.run([*args, "--codec", "png"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "up to date" not in png.stdout and "lq/gt png" in png.stdout  # another codec: every shard rewritten
+    index = json.loads((tmp_path / f"{path.name}-wds" / "index.json").read_text())
+    with tarfile.open(tmp_path / f"{path.name}-wds" / index["shards"][0]["name"]) as tar:
+        assert index["codec"] == "png" and any(m.name.endswith(".lq.png") for m in tar)
+
+
+def test_png_exports_and_version_3_exports_give_the_same_batches(exported, exported_png, tmp_path):
+    """PNG stays selectable (`--codec png`), and exports made before the codec was recorded (version
+    3: PNG tiles) are still read: every codec gives the same tiles, hence the same batches."""
+    _, folder = exported
+    _, png = exported_png
+    index = json.loads((png / "index.json").read_text())
+    assert index["codec"] == "png" and index["version"] == VERSION
+    want = batches(WdsSplit.open(folder))
+    assert same_batches(batches(WdsSplit.open(png)), want)
+    old = tmp_path / png.name  # as version 3 wrote it: no codec recorded
+    shutil.copytree(png, old)
+    v3 = {k: v for k, v in index.items() if k not in ("codec", "sha256")} | {"version": 3}
+    v3["settings"] = {k: v for k, v in v3["settings"].items() if k != "codec"}
+    (old / "index.json").write_text(json.dumps({**v3, "sha256": index_digest(v3)}))
+    split = WdsSplit.open(old)
+    assert same_batches(batches(split), want)
+    assert np.array_equal(split.image(3)["lq"], WdsSplit.open(folder).image(3)["lq"])
+    jpeg = {k: v for k, v in index.items() if k != "sha256"} | {"codec": "jpeg"}
+    (old / "index.json").write_text(json.dumps({**jpeg, "sha256": index_digest(jpeg)}))
+    with pytest.raises(WdsError, match="codec 'jpeg'.*reads png, zstd.*export-wds"):
+        WdsSplit.open(old)
+
+
+def test_zstd_tiles_of_photos_stay_within_1_5x_their_png_and_round_trip():
+    """The default codec on natural photos (512 px tiles of scikit-image's, clean and noisy as lq
+    tiles are): at most 1.5x the bytes of the PNG it replaces."""
+    import skimage.data as skd
+
+    from stores.wds import image_bytes
+    from training.wds_data import decode_image
+
+    rng = np.random.default_rng(0)
+    tiles = [np.ascontiguousarray(getattr(skd, n)()[:512, :512, :3]) for n in ("astronaut", "hubble_deep_field")]
+    tiles += [np.clip(t + rng.normal(0, 15, t.shape), 0, 255).astype(np.uint8) for t in tiles]
+    for t in tiles:
+        data = image_bytes(t, "zstd")
+        assert len(data) <= 1.5 * len(png_bytes(t)), (len(data), len(png_bytes(t)))
+        assert np.array_equal(decode_image(data, "zstd", "x"), t) and np.array_equal(unzstd(data), t)
+    with pytest.raises(WdsError, match="bad.npy.zst: not a zstd-compressed"):
+        decode_image(image_bytes(tiles[0], "zstd")[:100], "zstd", "bad.npy.zst")
+    with pytest.raises(WdsError, match=r"f.npy.zst: expected an \(H, W, 3\) uint8 image, got \(4, 3\) float32"):
+        from numcodecs import Zstd
+        from stores.wds import npy_bytes
+        decode_image(Zstd().encode(npy_bytes(np.zeros((4, 3), np.float32))), "zstd", "f.npy.zst")
 
 
 def test_reader_refuses_a_damaged_shard(exported, tmp_path):
@@ -237,10 +303,10 @@ def damaged_copy(folder, dest, entry):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("entry", ["base.npy", "lq.png"])
+@pytest.mark.parametrize("entry", ["base.npy", "lq.npy.zst", "gt.png"])
 def test_a_flipped_byte_is_caught_before_its_sample_reaches_a_batch(exported, tmp_path, entry, where, request,
                                                                    monkeypatch):
-    _, folder = exported
+    _, folder = request.getfixturevalue("exported_png" if entry.endswith(".png") else "exported")
     name, bad = damaged_copy(folder, tmp_path / folder.name, entry)
     url = tmp_path / folder.name
     if where == "s3":
@@ -339,7 +405,7 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
     path, _ = exported
     folder = export_wds(path, out=tmp_path, min_shards=4, tile=20, log=lambda *_: None)
     index = json.loads((folder / "index.json").read_text())
-    assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == 3
+    assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == VERSION
     assert sum(s["tiles"] for s in index["shards"]) == sum(len(tile_grid(h, w, 20)) for h, w in HW)
     store, split = Split.open(path, None, None), WdsSplit.open(folder)
     for i, (h, w) in enumerate(HW):
@@ -381,21 +447,20 @@ def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported
     index = json.loads((folder / "index.json").read_text())
     for version in (1, 2):
         (old / "index.json").write_text(json.dumps({**index, "version": version}))
-        with pytest.raises(WdsError, match=f"format version {version}.*reads version 3.*export-wds STORE"):
+        with pytest.raises(WdsError, match=f"format version {version}.*reads versions 3 and 4.*export-wds STORE"):
             WdsSplit.open(old)
     again = export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
     side = json.loads((again / "shard-000000.json").read_text())
     (again / "shard-000000.json").write_text(json.dumps({k: v for k, v in side.items() if k != "version"}))
     (again / "index.json").unlink()  # as version 2 left an interrupted export: its tars are not reused
     export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
-    assert json.loads((again / "shard-000000.json").read_text())["version"] == 3
+    assert json.loads((again / "shard-000000.json").read_text())["version"] == VERSION
 
 
 def test_renamed_tile_keys_and_damaged_shards_are_caught_and_export_rewrites_them(exported, tmp_path):
     """Two tiles' keys swapped inside a shard (their entries still match their own digests) are
     refused before either reaches a batch; `export-wds`, which the errors name, rewrites a damaged
     shard and a damaged index instead of calling the export up to date."""
-    import shutil
 
     path, folder = exported
     copy = tmp_path / folder.name

@@ -201,10 +201,7 @@ class CropBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: "Split", crop: int, batch: int, seed: int, steps: int, rank: int = 0, world: int = 1):
-        if crop % 4:
-            raise ValueError(f"crop must be a multiple of 4, got {crop}")
-        if batch % world:
-            raise ValueError(f"batch {batch} must be divisible by the {world} processes")
+        check_crop_batch(crop, batch, world)
         usable = [i for i, (h, w) in enumerate(split.hw) if h > 0]
         self.pool = np.array([i for i in usable if min(split.hw[i]) >= crop])
         small = sorted(set(usable) - set(self.pool.tolist()))
@@ -224,23 +221,41 @@ class CropBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, step])
         out = []
         for i in self.pool[rng.integers(0, len(self.pool), self.batch)]:
-            h, w = self.split.hw[i]
-            y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
-            fh, fv = rng.integers(0, 2, 2)
-            out.append((int(i), int(y), int(x), int(fh), int(fv)))
+            y, x, variant = draw_crop(rng, *self.split.hw[i], self.crop)
+            out.append((int(i), y, x, variant % 2, variant // 2))
         return out
 
     def __getitem__(self, step: int) -> dict:
         a, c = self.split.arrays(), self.crop
         per_rank = self.batch // self.world
-        out = {"lq": [], "base": [], "gt": [], "g": []}
-        for i, y, x, fh, fv in self.draw(step)[self.rank * per_rank:(self.rank + 1) * per_rank]:
-            variant = fh + 2 * fv  # ptgrm.images.FLIPS
-            for k in ("lq", "base", "gt"):
-                out[k].append(flip(a[k][i, y:y + c, x:x + c], variant))
-            out["g"].append(self.split.g(i, variant))  # g of the flipped image
-        return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
-                "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"]))}
+        return crop_batch([({k: a[k][i, y:y + c, x:x + c] for k in IMAGES}, fh + 2 * fv, self.split.g(i, fh + 2 * fv))
+                           for i, y, x, fh, fv in self.draw(step)[self.rank * per_rank:(self.rank + 1) * per_rank]])
+
+
+IMAGES = ("lq", "base", "gt")  # the image fields of a batch (g is per sample)
+
+
+def check_crop_batch(crop: int, batch: int, world: int) -> None:
+    """The crop and batch settings both loaders (this one and training/wds_data.py) accept."""
+    if crop % 4:
+        raise ValueError(f"crop must be a multiple of 4, got {crop}")
+    if batch % world:
+        raise ValueError(f"batch {batch} must be divisible by the {world} processes")
+
+
+def draw_crop(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int, int, int]:
+    """(y, x, flip variant) of a random `crop` px window of an h x w image, drawn from `rng` in
+    this order: y, x, then horizontal and vertical flips (variant = fh + 2 fv, ptgrm.images.FLIPS)."""
+    y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+    fh, fv = rng.integers(0, 2, 2)
+    return int(y), int(x), int(fh) + 2 * int(fv)
+
+
+def crop_batch(crops: list) -> dict:
+    """A batch from crops, each ({lq, base, gt: (c, c, 3) window}, flip variant, g of the flipped
+    image (D,)): (B, 3, c, c) float32 tensors, the windows flipped, and g (B, D)."""
+    out = {k: to_tensor(np.stack([flip(win[k], v) for win, v, _ in crops])) for k in IMAGES}
+    return {**out, "g": torch.from_numpy(np.stack([g for *_, g in crops]))}
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
 from stores.cli import setting
 from stores.files import open_regular
-from stores.runtime import set_torch_threads, tune_allocator
+from stores.runtime import cpu_share, follow_cpu_share, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
@@ -221,7 +221,11 @@ def keep_metrics_until(path: Path, step: int) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
     tune_allocator()
-    set_torch_threads(cfg.threads)  # the CPUs this process may use, not the machine's cores
+    with cpu_share(cfg.threads):  # torch's threads: the CPUs this process may use, shared with other trainings
+        return _train(cfg, log)
+
+
+def _train(cfg: TrainConfig, log=print) -> dict:
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
@@ -269,6 +273,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for step, batch in enumerate(loader, start):
         t0 = time.perf_counter()
         wait += t0 - t_last
+        follow_cpu_share()  # CPU threads: shared fairly with the trainings started or ended meanwhile
         loss = step_fn(batch)
         sched.step()
         t_last = time.perf_counter()

@@ -24,8 +24,10 @@ follow the tile, not the largest photo. A crop lies inside one tile (drawn from 
 within it); the batch's `index` is the sample's. `WdsSplit.image` puts a sample's tiles back together.
 
 Samples excluded at extraction have no entries in the export and never reach a batch; samples and
-tiles smaller than the crop are skipped (known from the index, without reading them). Decoding uses PIL for PNG and
-`numpy.load(allow_pickle=False)` for arrays: nothing in an export can run code. Checksums: each
+tiles smaller than the crop are skipped (known from the index, without reading them). lq/gt tiles are in the
+export's codec (index.json `codec`: `zstd`, a zstd-compressed uint8 .npy, by default since version 4; `png` with
+`export-wds --codec png` and in version 3). Decoding uses numcodecs' zstd and `numpy.load(allow_pickle=False)`
+for arrays, PIL for PNG: nothing in an export can run code. Checksums: each
 tile's entries are checked against the sha256 its meta.json records (export version 3) as the tile
 is read, before it enters the shuffle buffer, so a damaged byte never reaches a batch, even in a run
 that stops inside the shard; the whole shard's sha256 (covering meta.json and the tiles not used) is
@@ -43,15 +45,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ptgrm.images import flip
 from stores import match_member
 from stores.remote import open_location
-from stores.wds import FORMAT, INDEX, VERSION, index_digest, tile_grid
+from stores.wds import CODECS, FORMAT, INDEX, READS, VERSION, ZSTD, image_entries, index_digest, tile_grid
 
-from .data import members_info, to_tensor
+from .data import IMAGES, check_crop_batch, crop_batch, draw_crop, members_info
 
 READ_BLOCK = 4 << 20
 REEXPORT = "`python -m stores export-wds STORE` (or `make features FORMAT=wds`), which rewrites every shard"
@@ -84,15 +85,23 @@ def read_index(loc) -> dict:
     except (ValueError, UnicodeDecodeError, OSError) as e:
         raise WdsError(f"{where}: damaged or unreadable ({type(e).__name__}: {e}); export it again: "
                        f"{REEXPORT}") from None
-    if index.get("version") == VERSION and index.get("sha256") != index_digest(index):
+    if index.get("version") in READS and index.get("sha256") != index_digest(index):
         raise WdsError(f"{where}: its sha256 does not match its content: damaged; export it again: {REEXPORT}")
     if index.get("format") != FORMAT or not index.get("complete"):
         raise WdsError(f"{loc.url}/{INDEX}: not a complete {FORMAT} export; run export-wds again")
-    if index.get("version") != VERSION:
+    if index.get("version") not in READS:
         raise WdsError(f"{loc.url}: a WebDataset export of format version {index.get('version')}; this version "
-                       f"reads version {VERSION} (samples cut into tiles, each entry's sha256 in its meta.json). "
-                       f"Export it again: {REEXPORT}")
+                       f"reads versions {' and '.join(map(str, READS))} (samples cut into tiles, each entry's sha256 "
+                       f"in its meta.json). Export it again: {REEXPORT}")
+    if codec_of(index) not in CODECS:
+        raise WdsError(f"{where}: lq/gt tiles in codec {codec_of(index)!r}; this version reads "
+                       f"{', '.join(sorted(CODECS))}. Export it again: {REEXPORT}")
     return index
+
+
+def codec_of(index: dict) -> str:
+    """The codec of an export's lq/gt tiles: recorded since version 4; PNG before."""
+    return index.get("codec") if index["version"] >= 4 else "png"
 
 
 def decode_png(data: bytes, where: str) -> np.ndarray:
@@ -114,6 +123,34 @@ def decode_npy(data: bytes, where: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
+        raise WdsError(f"{where}: not a plain .npy array: {e}") from None
+
+
+def decode_image(data: bytes, codec: str, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 from an lq/gt entry in `codec` (stores.wds.CODECS)."""
+    if codec == "png":
+        return decode_png(data, where)
+    try:
+        raw = ZSTD.decode(data)
+    except RuntimeError as e:
+        raise WdsError(f"{where}: not a zstd-compressed .npy ({e})") from None
+    img = npy_view(raw, where)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise WdsError(f"{where}: expected an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
+    return img
+
+
+def npy_view(raw: bytes, where: str) -> np.ndarray:
+    """The array of .npy bytes as a read-only view of them (numpy.load would copy it once more)."""
+    fmt = np.lib.format
+    f = io.BytesIO(raw)
+    try:
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[fmt.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{'Fortran order' if fortran else 'object dtype'}")
+        return np.frombuffer(raw, dtype, int(np.prod(shape)), f.tell()).reshape(shape)
+    except (ValueError, KeyError) as e:
         raise WdsError(f"{where}: not a plain .npy array: {e}") from None
 
 
@@ -157,8 +194,8 @@ class WdsSplit:
         self.shards = self.index["shards"]
         self._hw = np.array([hw for s in self.shards for hw in s["hw"]], np.int32).reshape(-1, 2)
         self._names = [x for s in self.shards for x in s["names"]]
-        self.tiling = self.index["tiling"]
-        self.entries = ["lq.png", "gt.png", "base.npy", "meta.json",
+        self.tiling, self.codec = self.index["tiling"], codec_of(self.index)
+        self.entries = [*image_entries(self.codec), "base.npy", "meta.json",
                         *(f"osf.{e.split('/', 1)[1]}.npy".lower() for e in self.encoders)]
 
     @property
@@ -242,7 +279,9 @@ class WdsSplit:
 
     def decode(self, raw: dict) -> dict:
         where = f"{self.loc.url} sample {raw['index']:08d} tile {raw['tile']}"
-        return {"lq": decode_png(raw["lq.png"], f"{where} lq.png"), "gt": decode_png(raw["gt.png"], f"{where} gt.png"),
+        lq, gt = self.entries[:2]
+        return {"lq": decode_image(raw[lq], self.codec, f"{where} {lq}"),
+                "gt": decode_image(raw[gt], self.codec, f"{where} {gt}"),
                 "base": decode_npy(raw["base.npy"], f"{where} base.npy"),
                 "g": [decode_npy(raw[e], f"{where} {e}") for e in self.entries[4:]]}
 
@@ -280,10 +319,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, split: WdsSplit, crop: int, batch: int, seed: int, start: int, stop: int,
                  rank: int = 0, world: int = 1, streams: int = 4, buffer: int = 256, buffer_mb: float = 128.0):
-        if crop % 4:
-            raise ValueError(f"crop must be a multiple of 4, got {crop}")
-        if batch % world:
-            raise ValueError(f"batch {batch} must be divisible by the {world} processes")
+        check_crop_batch(crop, batch, world)
         if len(split.shards) < world * streams:
             raise WdsError(f"{split.loc.url}: {len(split.shards)} shards for {world} processes x {streams} streams; "
                            f"export with --min-shards {world * streams} or more (or lower --wds-streams)")
@@ -325,7 +361,7 @@ class WdsBatches(torch.utils.data.IterableDataset):
                         yield raw
             rng = random.Random(int(np.random.default_rng([self.seed, epoch, self.rank, k]).integers(1 << 62)))
             n = 0
-            for raw in _shuffle(read(), bufsize=self.buffer, initial=self.buffer, rng=rng):
+            for raw in shuffle(bufsize=self.buffer, initial=self.buffer, rng=rng)(read()):
                 held[0] -= 1
                 n += 1
                 yield raw
@@ -335,20 +371,13 @@ class WdsBatches(torch.utils.data.IterableDataset):
 
     def batch_of(self, step: int, raws: list) -> dict:
         """Crops and flips of one step's samples, drawn from (seed, step, rank)."""
-        rng = np.random.default_rng([self.seed, step, self.rank])
-        c, out = self.crop, {"lq": [], "base": [], "gt": [], "g": []}
+        rng, c, crops = np.random.default_rng([self.seed, step, self.rank]), self.crop, []
         for raw in raws:
             d = self.split.decode(raw)
-            h, w = d["gt"].shape[:2]  # the tile's
-            y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-            fh, fv = (int(v) for v in rng.integers(0, 2, 2))
-            variant = fh + 2 * fv  # ptgrm.images.FLIPS
-            for k in ("lq", "base", "gt"):
-                out[k].append(flip(d[k][y:y + c, x:x + c], variant))
-            out["g"].append(np.concatenate([g[variant] for g in d["g"]]))  # g of the flipped image
-        return {"lq": to_tensor(np.stack(out["lq"])), "gt": to_tensor(np.stack(out["gt"])),
-                "base": to_tensor(np.stack(out["base"])), "g": torch.from_numpy(np.stack(out["g"])),
-                "index": torch.tensor([r["index"] for r in raws])}
+            y, x, variant = draw_crop(rng, *d["gt"].shape[:2], c)  # within the tile
+            crops.append(({k: d[k][y:y + c, x:x + c] for k in IMAGES}, variant,
+                          np.concatenate([g[variant] for g in d["g"]])))  # g of the flipped image
+        return {**crop_batch(crops), "index": torch.tensor([r["index"] for r in raws])}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
