@@ -36,8 +36,12 @@ HELP = {
                      "when tiles are large, at least 1)",
     "ablate": "comma-separated model parts to turn off: sve, channel_attention, spatial_attention, "
               "position_embedding, osf_mapping, use_g", "output": "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)",
-    "loss": "'charbonnier' (on the ground truth) or a no-reference loss that needs none: 'sci' (SCI's "
-            "fidelity + smoothness on the illumination lq / refined; docs/design.md)",
+    "loss": "'charbonnier' (on the ground truth) or a no-reference loss that needs none: 'zerodce' "
+            "(ZeroDCE's spatial consistency, exposure, colour constancy, and smoothness of PTG-RM's "
+            "correction) or 'sci' (SCI's fidelity + smoothness on the illumination lq / refined; its "
+            "minimum is a white image); docs/training.md",
+    "exposure": "--loss zerodce: the exposure level E, the mean intensity asked of each 16x16 patch "
+                "(ZeroDCE's authors use 0.6)",
     "perceptual": "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)",
     "vgg_weights": "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a .safetensors of its features.* tensors)", "device": "'auto', 'cpu' or 'cuda[:i]'",
     "compile": "torch.compile the model", "eval_every": "steps between test evaluations (PSNR curve)",

@@ -13,6 +13,7 @@ import time
 import warnings
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from stores.runtime import set_torch_threads, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
-from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, charbonnier
+from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, charbonnier, zerodce_loss
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
@@ -56,7 +57,8 @@ class TrainConfig:
     seed: int = 0
     ablate: str = ""  # comma-separated model switches to turn off (paper's Table 3)
     output: str = "code"  # "code": clamp(base) + I_r; "eq1": the paper's Eq. 1
-    loss: str = "charbonnier"  # or a no-reference loss (training/losses.py LOSSES): "sci" needs no ground truth
+    loss: str = "charbonnier"  # or a no-reference loss (training/losses.py LOSSES): "zerodce", "sci" need no ground truth
+    exposure: float = 0.6  # --loss zerodce: E, the mean intensity its exposure term asks of each 16x16 patch
     perceptual: float = 0.0  # weight of the VGG19 perceptual term (paper: 0.1)
     vgg_weights: str | None = None
     device: str = "auto"  # auto: cuda when available
@@ -229,6 +231,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.perceptual and not cfg.vgg_weights:
         raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
+    no_ref = no_reference_loss(cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
@@ -245,7 +248,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for step, batch in enumerate(loader, start):
         t0 = time.perf_counter()
         wait += t0 - t_last
-        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world, LOSSES[cfg.loss])
+        loss, base_loss = train_step(net, batch, device, perceptual, cfg.perceptual, world, no_ref)
         loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,16 +307,25 @@ def check_loss(cfg: TrainConfig, train_info: dict, test_info: dict) -> None:
         raise ValueError(f"unknown --loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
     if not train_info.get("ground_truth", True) and cfg.loss not in NO_REFERENCE:
         raise ValueError(f"train store {train_info['store']} has no ground truth (unpaired layout): train it with "
-                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=sci)")
+                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=zerodce)")
+    if not 0 < cfg.exposure < 1:
+        raise ValueError(f"--exposure is a mean intensity in (0, 1), got {cfg.exposure}")
     if cfg.loss in NO_REFERENCE and cfg.perceptual:
         raise ValueError(f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}")
     if not test_info.get("ground_truth", True):
         raise ValueError(f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split")
 
 
+def no_reference_loss(cfg: TrainConfig):
+    """`(refined, lq, base) -> summed loss` of a no-reference --loss (with its settings), else None."""
+    if cfg.loss == "zerodce":
+        return partial(zerodce_loss, e=cfg.exposure)
+    return LOSSES[cfg.loss]
+
+
 def train_step(net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None) -> torch.Tensor:
     """(loss, base's loss) of one (local) batch, summed over pixels. Scaled by the world size so DDP's gradient average equals the
-    gradient of the single-process summed loss. `no_ref(refined, lq)`: a no-reference loss, which
+    gradient of the single-process summed loss. `no_ref(refined, lq, base)`: a no-reference loss, which
     never reads the ground truth (the base's loss is then the same loss of the clamped base)."""
     cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     lq, base, gt, g = (batch[k].to(device, non_blocking=True) for k in ("lq", "base", "gt", "g"))
@@ -324,8 +336,8 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int, 
     refined = refined.float()
     if no_ref is not None:
         with torch.no_grad():
-            base_loss = no_ref(base.float().clamp(0, 1), lq)
-        return no_ref(refined, lq) * world, base_loss * world
+            base_loss = no_ref(base.float().clamp(0, 1), lq, base)
+        return no_ref(refined, lq, base) * world, base_loss * world
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)
