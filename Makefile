@@ -19,6 +19,7 @@ CLIP_WEIGHTS ?=
 SEED ?=
 RESUME ?=
 LOSS ?=
+EXPOSURE ?=
 IN ?=
 OUT ?=
 OSF ?=
@@ -44,7 +45,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 	$(call flag,--target-budget-mb,$(TARGET_BUDGET_MB)) \
 	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
 	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights) $(if $(filter wds,$(FORMAT)),--wds)
-TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(call flag,--loss,$(LOSS)) \
+TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(call flag,--loss,$(LOSS)) $(call flag,--exposure,$(EXPOSURE)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT)) \
 	$(call flag,--train-store,$(TRAIN_STORE)) $(call flag,--test-store,$(TEST_STORE))
 
@@ -53,7 +54,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
 	@echo "make weights NAME=clip-vit-b32|restormer-deblur|...   (download a published checkpoint when online)"
-	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|sci] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"
+	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|zerodce|sci] [EXPOSURE=0.6] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"
 	@echo "make eval     TASK=deblur RUN=deblur"
 	@echo "make restore  IN=degraded/ OUT=restored/ RUN=deblur [CLIP_WEIGHTS=] [OSF=encoder|distilled]"
 	@echo "make distill  TASK=deblur RUN=deblur     (OSF predictor: inference without CLIP)"

@@ -81,7 +81,7 @@ def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tenso
     return t[..., y0:y1, x0:x1], t[..., y0 + dy:y1 + dy, x0 + dx:x1 + dx]
 
 
-def sci_loss(refined: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+def sci_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """SCI's unsupervised loss (Ma et al., CVPR 2022, Sec. 3.3) on the illumination that PTG-RM's
     output implies, per pixel and summed (as `charbonnier`): needs no ground truth.
 
@@ -93,7 +93,8 @@ def sci_loss(refined: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     refined image explains the input. Clamping y to at most 1 keeps u >= x, as SCI's own
     parametrisation (u = sigmoid(.) + x) does; without it an output growing without bound drives u
     to its floor and the loss to ~0 (measured: a white image). The fidelity term is a mean over
-    pixels and channels, each smoothness term a mean over the pixels that have that neighbour, as theirs."""
+    pixels and channels, each smoothness term a mean over the pixels that have that neighbour, as theirs.
+    `base` is not read. Its minimum is a white output (docs/training.md): prefer --loss zerodce."""
     x = lq.float()
     u = torch.clamp(x / refined.float().clamp(1e-3, 1), 1e-4, 1)
     fidelity = torch.mean((u - x) ** 2)
@@ -106,5 +107,67 @@ def sci_loss(refined: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return (SCI_FIDELITY * fidelity + smooth) * refined.numel()
 
 
-LOSSES = {"charbonnier": None, "sci": sci_loss}  # None: the supervised Charbonnier on ground truth
-NO_REFERENCE = ("sci",)  # losses that read the input, never the ground truth
+# ZeroDCE (Guo et al., CVPR 2020): weights of its authors' training code (lowlight_train.py)
+ZERODCE_WEIGHTS = {"spatial": 1.0, "exposure": 10.0, "colour": 5.0, "smoothness": 200.0}
+ZERODCE_E = 0.6  # exposure target: mean intensity of each 16x16 patch
+ZERODCE_PATCH = 16
+ZERODCE_REGION = 4  # spatial consistency compares 4x4 region means with their 4 neighbours
+FOUR_NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))
+
+
+def spatial_consistency(enhanced: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """L_spa = 1/K sum_i sum_{j in 4-neighbours(i)} ((Y_i - Y_j) - (I_i - I_j))^2 over the K 4x4
+    regions of the channel mean, Y of the enhanced image, I of the input: the enhanced image keeps
+    the input's local contrasts. Neighbours outside the image are left out (the authors' code
+    zero-pads, which pulls the border regions towards the input itself)."""
+    y = F.avg_pool2d(enhanced.mean(1, keepdim=True), ZERODCE_REGION)
+    i = F.avg_pool2d(lq.mean(1, keepdim=True), ZERODCE_REGION)
+    total = enhanced.new_zeros(())
+    for dy, dx in FOUR_NEIGHBOURS:
+        (ya, yb), (ia, ib) = _pairs(y, dy, dx), _pairs(i, dy, dx)
+        total = total + (((ya - yb) - (ia - ib)) ** 2).sum()
+    return total / y.numel()
+
+
+def exposure_control(enhanced: torch.Tensor, e: float = ZERODCE_E) -> torch.Tensor:
+    """L_exp = 1/M sum_k (Y_k - E)^2 over the M non-overlapping 16x16 patches of the channel mean
+    (squared as in the authors' code; their paper writes |Y_k - E|)."""
+    return torch.mean((F.avg_pool2d(enhanced.mean(1, keepdim=True), ZERODCE_PATCH) - e) ** 2)
+
+
+def colour_constancy(enhanced: torch.Tensor) -> torch.Tensor:
+    """L_col: the grey-world assumption on each image's channel means J^R, J^G, J^B,
+    sqrt(sum_{(p,q)} ((J^p - J^q)^2)^2) over the pairs RG, RB, GB, as the authors' code; the
+    mean over the batch."""
+    r, g, b = enhanced.mean((2, 3)).unbind(1)
+    return torch.sqrt(((r - g) ** 2) ** 2 + ((r - b) ** 2) ** 2 + ((g - b) ** 2) ** 2).mean()
+
+
+def illumination_smoothness(a: torch.Tensor) -> torch.Tensor:
+    """L_tvA of the authors' code: per image, 2 (sum (A_{y+1,x} - A_{y,x})^2 / ((H-1) W)
+    + sum (A_{y,x+1} - A_{y,x})^2 / (H (W-1))), summed over channels; the mean over the batch."""
+    h, w = a.shape[-2:]
+    dh = ((a[..., 1:, :] - a[..., :-1, :]) ** 2).sum() / ((h - 1) * w)
+    dw = ((a[..., :, 1:] - a[..., :, :-1]) ** 2).sum() / (h * (w - 1))
+    return 2 * (dh + dw) / a.shape[0]
+
+
+def zerodce_terms(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E) -> dict:
+    """The four ZeroDCE terms of PTG-RM's refined output (unclamped, so that an output beyond
+    [0, 1] is pulled back), its smoothness term on PTG-RM's correction refined - clamp(base, 0, 1),
+    which plays the role of ZeroDCE's curve maps A (the correction, not the image, is smooth)."""
+    y = refined.float()
+    return {"spatial": spatial_consistency(y, lq.float()), "exposure": exposure_control(y, e),
+            "colour": colour_constancy(y), "smoothness": illumination_smoothness(y - base.float().clamp(0, 1))}
+
+
+def zerodce_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E) -> torch.Tensor:
+    """ZeroDCE's no-reference loss, 1 L_spa + 10 L_exp + 5 L_col + 200 L_tvA (weights of the
+    authors' training code; exposure target `e`), times the number of output values (summed, as
+    `charbonnier`)."""
+    terms = zerodce_terms(refined, lq, base, e)
+    return sum(ZERODCE_WEIGHTS[k] * v for k, v in terms.items()) * refined.numel()
+
+
+LOSSES = {"charbonnier": None, "sci": sci_loss, "zerodce": zerodce_loss}  # None: supervised Charbonnier on ground truth
+NO_REFERENCE = ("zerodce", "sci")  # losses that read the input (and the base), never the ground truth

@@ -69,8 +69,8 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int, 
     """(loss, base's loss) of one (local) batch, summed over pixels (moved to `device` first: a
     no-op for the static buffers). Scaled by
     the world size so DDP's gradient average equals the gradient of the single-process summed loss.
-    `no_ref(refined, lq)`: a no-reference loss, which never reads the ground truth (the base's loss
-    is then the same loss of the clamped base)."""
+    `no_ref(refined, lq, base)`: a no-reference loss, which never reads the ground truth (the base's
+    loss is then the same loss of the clamped base)."""
     lq, base, gt, g = (to_device(batch, device)[k] for k in KEYS)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if device.type == "cuda" \
         else nullcontext()
@@ -79,8 +79,8 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int, 
     refined = refined.float()
     if no_ref is not None:
         with torch.no_grad():
-            base_loss = no_ref(base.float().clamp(0, 1), lq)
-        return no_ref(refined, lq) * world, base_loss * world
+            base_loss = no_ref(base.float().clamp(0, 1), lq, base)
+        return no_ref(refined, lq, base) * world, base_loss * world
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)

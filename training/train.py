@@ -13,6 +13,7 @@ import time
 import warnings
 from contextlib import suppress
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from stores.runtime import cpu_share, follow_cpu_share, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
-from .losses import LOSSES, NO_REFERENCE, VGGPerceptual
+from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, zerodce_loss
 from .step import Step, float_lrs, make_optimizer, tensor_lrs
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
@@ -65,7 +66,11 @@ class TrainConfig:
                           "channel_attention, spatial_attention, position_embedding, osf_mapping, use_g")
     output: str = setting("code", "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)")
     loss: str = setting("charbonnier", "'charbonnier' (on the ground truth) or a no-reference loss that needs "
-                        "none: 'sci' (SCI's fidelity + smoothness on the illumination lq / refined; docs/design.md)")
+                        "none: 'zerodce' (ZeroDCE's spatial consistency, exposure, colour constancy, and smoothness "
+                        "of PTG-RM's correction) or 'sci' (SCI's fidelity + smoothness on the illumination lq / "
+                        "refined; its minimum is a white image); docs/training.md")
+    exposure: float = setting(0.6, "--loss zerodce: the exposure level E, the mean intensity asked of each 16x16 "
+                              "patch (ZeroDCE's authors use 0.6)")
     perceptual: float = setting(0.0, "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)")
     vgg_weights: str | None = setting(None, "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a "
                                       ".safetensors of its features.* tensors)")
@@ -256,9 +261,10 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     if cfg.perceptual and not cfg.vgg_weights:
         raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
+    no_ref = no_reference_loss(cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
-    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, LOSSES[cfg.loss], cfg.cuda_graph, log)
+    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, no_ref, cfg.cuda_graph, log)
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world)
     tb = _tensorboard(run_dir, start) if main else None
@@ -329,11 +335,20 @@ def check_loss(cfg: TrainConfig, train_info: dict, test_info: dict) -> None:
         raise ValueError(f"unknown --loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
     if not train_info.get("ground_truth", True) and cfg.loss not in NO_REFERENCE:
         raise ValueError(f"train store {train_info['store']} has no ground truth (unpaired layout): train it with "
-                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=sci)")
+                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=zerodce)")
+    if not 0 < cfg.exposure < 1:
+        raise ValueError(f"--exposure is a mean intensity in (0, 1), got {cfg.exposure}")
     if cfg.loss in NO_REFERENCE and cfg.perceptual:
         raise ValueError(f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}")
     if not test_info.get("ground_truth", True):
         raise ValueError(f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split")
+
+
+def no_reference_loss(cfg: TrainConfig):
+    """`(refined, lq, base) -> summed loss` of a no-reference --loss (with its settings), else None."""
+    if cfg.loss == "zerodce":
+        return partial(zerodce_loss, e=cfg.exposure)
+    return LOSSES[cfg.loss]
 
 
 def _log(path: Path, tb, row: dict) -> None:
