@@ -18,6 +18,7 @@ written as soon as it is measured (a run stopped by its time limit keeps what it
 Random weights at real sizes except EfficientNet-Lite0 (pre-trained, from its package); about
 6 minutes on one H100-class GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,6 @@ from pipeline.networks import restormer_config  # noqa: E402
 from pipeline.restormer import Restormer  # noqa: E402
 from ptgrm.images import FLIPS, flip  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
-from training.losses import charbonnier  # noqa: E402
 
 
 def sync(device) -> None:
@@ -68,12 +68,20 @@ def extraction(device, batch: int, size: int, repeats: int) -> dict:
     def step():
         with amp:
             target(x)
-            views = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True)
+            views = torch.nn.functional.interpolate(
+                x, size=(224, 224), mode="bicubic", antialias=True
+            )
             clip.encode_image(torch.cat([flip(views, v) for v in range(len(FLIPS))]))
 
     t = timed(step, repeats, device)
-    return {"images_per_s": batch / t, "batch": batch, "size": size, "seconds_per_batch": t,
-            "weights": "random", "dtype": "bf16 autocast"}
+    return {
+        "images_per_s": batch / t,
+        "batch": batch,
+        "size": size,
+        "seconds_per_batch": t,
+        "weights": "random",
+        "dtype": "bf16 autocast",
+    }
 
 
 def encoder_rate(name: str, device, batch: int, size: int, repeats: int) -> dict:
@@ -84,14 +92,23 @@ def encoder_rate(name: str, device, batch: int, size: int, repeats: int) -> dict
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
     t = timed(lambda: enc(images), repeats, device)
-    return {"images_per_s": batch / t, "batch": batch, "size": size, "dim": enc.dim,
-            "weights": enc.weights["weights"], "dtype": "float32 (as stored)", "views_per_image": 4}
+    return {
+        "images_per_s": batch / t,
+        "batch": batch,
+        "size": size,
+        "dim": enc.dim,
+        "weights": enc.weights["weights"],
+        "dtype": "float32 (as stored)",
+        "views_per_image": 4,
+    }
 
 
 MODES = ("eager", "compile", "reduce-overhead", "cuda-graph")
 
 
-def training(device, batch: int, crop: int, repeats: int, mode: str = "eager", channels_last: bool = True) -> dict:
+def training(
+    device, batch: int, crop: int, repeats: int, mode: str = "eager", channels_last: bool = True
+) -> dict:
     """PTG-RM steps/s as `python -m training train` steps: eager, `--compile` (default mode),
     `--compile --compile-mode reduce-overhead` (torch.compile's CUDA graphs) or `--cuda-graph`
     (the whole step, Adam included, captured once: training/step.py)."""
@@ -100,18 +117,32 @@ def training(device, batch: int, crop: int, repeats: int, mode: str = "eager", c
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = PTGRM(PTGRMConfig()).to(device).to(memory_format=fmt)
-    net = torch.compile(model, mode=None if mode == "compile" else mode) if "compile" in mode or \
-        mode == "reduce-overhead" else model
+    net = (
+        torch.compile(model, mode=None if mode == "compile" else mode)
+        if "compile" in mode or mode == "reduce-overhead"
+        else model
+    )
     opt = make_optimizer(model.parameters(), 1e-4, device, graph=mode == "cuda-graph")
     step = Step(net, opt, device, 1, graph=mode == "cuda-graph", log=lambda *_: None)
-    batch_ = {"lq": torch.rand(batch, 3, crop, crop), "base": torch.rand(batch, 3, crop, crop),
-              "gt": torch.rand(batch, 3, crop, crop),
-              "g": torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1)}
+    batch_ = {
+        "lq": torch.rand(batch, 3, crop, crop),
+        "base": torch.rand(batch, 3, crop, crop),
+        "gt": torch.rand(batch, 3, crop, crop),
+        "g": torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1),
+    }
     batch_ = {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch_.items()}
     kernels = kernels_per_step(lambda: step(batch_), device) if device.type == "cuda" else None
     t = timed(lambda: step(batch_), repeats, device)
-    return {"steps_per_s": 1 / t, "samples_per_s": batch / t, "batch": batch, "crop": crop, "mode": mode,
-            "channels_last": channels_last, "dtype": "bf16 autocast", "kernels_per_step": kernels}
+    return {
+        "steps_per_s": 1 / t,
+        "samples_per_s": batch / t,
+        "batch": batch,
+        "crop": crop,
+        "mode": mode,
+        "channels_last": channels_last,
+        "dtype": "bf16 autocast",
+        "kernels_per_step": kernels,
+    }
 
 
 def kernels_per_step(step, device, warmup: int = 8) -> int | None:
@@ -133,8 +164,14 @@ def cli(args: list[str], log: Path, timeout: int) -> float:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(args)}\n")
         f.flush()
-        subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                       check=True, timeout=timeout)
+        subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=timeout,
+        )
     return time.perf_counter() - t0
 
 
@@ -145,26 +182,61 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
     stores, runs = work / "stores", work / "runs"
     common = ["--task", "deblur", "--data", "demo", "--store-root", str(stores)]
     t = cli(["pipeline", "features", *common, "--device", "cuda"], log, 300)
-    record("e2e_demo_features_cuda", {"seconds": t, "note": "classical wiener target on CPU, CLIP on the GPU"})
-    resume(common + ["--runs-dir", str(runs)], runs, log, record)  # first: a correctness check, not a timing
+    record(
+        "e2e_demo_features_cuda",
+        {"seconds": t, "note": "classical wiener target on CPU, CLIP on the GPU"},
+    )
+    resume(
+        common + ["--runs-dir", str(runs)], runs, log, record
+    )  # first: a correctness check, not a timing
     out = {}
     for run, extra in (("a", []), ("b", []), ("c", ["--compile"]), ("d", ["--cuda-graph"])):
-        t = cli(["training", "train", *common, "--runs-dir", str(runs), "--run", run, "--steps", str(steps),
-                 "--device", "cuda", *extra], log, 300)
+        t = cli(
+            [
+                "training",
+                "train",
+                *common,
+                "--runs-dir",
+                str(runs),
+                "--run",
+                run,
+                "--steps",
+                str(steps),
+                "--device",
+                "cuda",
+                *extra,
+            ],
+            log,
+            300,
+        )
         ev = json.loads((runs / run / "eval.json").read_text())
         out[run] = (load_file(str(runs / run / "model.safetensors")), ev)
-        record(f"e2e_train_{run}", {"seconds": t, "steps": steps, "steps_per_s": steps / t, "flags": extra,
-                                    "psnr_base": ev["psnr_base"], "psnr_refined": ev["psnr_refined"],
-                                    "data_wait_frac": ev.get("data_wait_frac")})
+        record(
+            f"e2e_train_{run}",
+            {
+                "seconds": t,
+                "steps": steps,
+                "steps_per_s": steps / t,
+                "flags": extra,
+                "psnr_base": ev["psnr_base"],
+                "psnr_refined": ev["psnr_refined"],
+                "data_wait_frac": ev.get("data_wait_frac"),
+            },
+        )
 
     def diff(x: str, y: str) -> dict:
         wx, wy = out[x][0], out[y][0]
-        return {"max_abs_weight_diff": max(float((wx[k] - wy[k]).abs().max()) for k in wx),
-                "psnr_refined_diff": abs(out[x][1]["psnr_refined"] - out[y][1]["psnr_refined"])}
+        return {
+            "max_abs_weight_diff": max(float((wx[k] - wy[k]).abs().max()) for k in wx),
+            "psnr_refined_diff": abs(out[x][1]["psnr_refined"] - out[y][1]["psnr_refined"]),
+        }
 
     record("e2e_repeat_tolerance", {"runs": "same seed, same settings, twice", **diff("a", "b")})
     record("e2e_compile_vs_eager", {"runs": "--compile against eager, same seed", **diff("a", "c")})
-    record("e2e_cuda_graph_vs_eager", {"runs": "--cuda-graph against eager, same seed", **diff("a", "d")})
+    record(
+        "e2e_cuda_graph_vs_eager",
+        {"runs": "--cuda-graph against eager, same seed", **diff("a", "d")},
+    )
 
 
 def resume(common: list[str], runs: Path, log: Path, record) -> None:
@@ -174,40 +246,135 @@ def resume(common: list[str], runs: Path, log: Path, record) -> None:
     from safetensors.torch import load_file
 
     steps = ["--steps", "100", "--ckpt-every", "25"]
-    cli(["training", "train", *common, "--run", "resume-full", *steps, "--device", "cuda"], log, 300)
-    cli(["training", "train", *common, "--run", "resume-gpu", *steps, "--stop-at", "50", "--device", "cuda"], log, 300)
-    t = cli(["training", "train", *common, "--run", "resume-gpu", *steps, "--resume", "--device", "cuda"], log, 300)
-    full, resumed = (load_file(str(runs / r / "model.safetensors")) for r in ("resume-full", "resume-gpu"))
-    gpu = {"resumed_seconds": t, "max_abs_weight_diff_to_uninterrupted": max(float((full[k] - resumed[k]).abs().max())
-                                                                          for k in full)}
+    cli(
+        ["training", "train", *common, "--run", "resume-full", *steps, "--device", "cuda"], log, 300
+    )
+    cli(
+        [
+            "training",
+            "train",
+            *common,
+            "--run",
+            "resume-gpu",
+            *steps,
+            "--stop-at",
+            "50",
+            "--device",
+            "cuda",
+        ],
+        log,
+        300,
+    )
+    t = cli(
+        [
+            "training",
+            "train",
+            *common,
+            "--run",
+            "resume-gpu",
+            *steps,
+            "--resume",
+            "--device",
+            "cuda",
+        ],
+        log,
+        300,
+    )
+    full, resumed = (
+        load_file(str(runs / r / "model.safetensors")) for r in ("resume-full", "resume-gpu")
+    )
+    gpu = {
+        "resumed_seconds": t,
+        "max_abs_weight_diff_to_uninterrupted": max(
+            float((full[k] - resumed[k]).abs().max()) for k in full
+        ),
+    }
     short = ["--steps", "20", "--ckpt-every", "10"]
-    cli(["training", "train", *common, "--run", "resume-cpu", *short, "--stop-at", "10", "--device", "cuda"], log, 300)
-    cli(["training", "train", *common, "--run", "resume-cpu", *short, "--resume", "--device", "cpu"], log, 300)
+    cli(
+        [
+            "training",
+            "train",
+            *common,
+            "--run",
+            "resume-cpu",
+            *short,
+            "--stop-at",
+            "10",
+            "--device",
+            "cuda",
+        ],
+        log,
+        300,
+    )
+    cli(
+        [
+            "training",
+            "train",
+            *common,
+            "--run",
+            "resume-cpu",
+            *short,
+            "--resume",
+            "--device",
+            "cpu",
+        ],
+        log,
+        300,
+    )
     steps_done = json.loads((runs / "resume-cpu" / "model.json").read_text())["step"]
-    record("e2e_resume", {"runs": "100 steps stopped at 50 and resumed on the GPU; 20 steps stopped at 10 on the "
-                          "GPU and resumed on the CPU", **gpu, "gpu_checkpoint_resumed_on_cpu_to_step": steps_done})
+    record(
+        "e2e_resume",
+        {
+            "runs": "100 steps stopped at 50 and resumed on the GPU; 20 steps stopped at 10 on the "
+            "GPU and resumed on the CPU",
+            **gpu,
+            "gpu_checkpoint_resumed_on_cpu_to_step": steps_done,
+        },
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python bench/gpu.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results-gpu.json"))
     p.add_argument("--quick", action="store_true", help="tiny sizes (checks the script on a CPU)")
-    p.add_argument("--e2e", choices=("auto", "yes", "no"), default="auto",
-                   help="run the end-to-end demo section (auto: on a GPU only)")
-    p.add_argument("--e2e-steps", type=int, default=1500, help="training steps of each end-to-end run")
-    p.add_argument("--work", default=str(ROOT / "bench" / "gpu-work"), help="stores and runs of the e2e section")
+    p.add_argument(
+        "--e2e",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="run the end-to-end demo section (auto: on a GPU only)",
+    )
+    p.add_argument(
+        "--e2e-steps", type=int, default=1500, help="training steps of each end-to-end run"
+    )
+    p.add_argument(
+        "--work",
+        default=str(ROOT / "bench" / "gpu-work"),
+        help="stores and runs of the e2e section",
+    )
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     q = args.quick
-    result = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "complete": False,
-              "cpus": len(os.sched_getaffinity(0)), "rows": {}, "failed": {}}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": name,
+        "torch": torch.__version__,
+        "complete": False,
+        "cpus": len(os.sched_getaffinity(0)),
+        "rows": {},
+        "failed": {},
+    }
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
-    def record(key: str, value: dict) -> None:  # written after every row: a run stopped by its time limit keeps them
+    def record(
+        key: str, value: dict
+    ) -> None:  # written after every row: a run stopped by its time limit keeps them
         result["rows"][key] = value
         save()
         print(key, json.dumps(value), flush=True)
@@ -221,18 +388,29 @@ def main(argv=None) -> int:
             print(f"{key} FAILED: {type(e).__name__}: {e}", flush=True)
 
     for enc in ("clip-vit-b32", "effnet-lite0"):
-        attempt(f"extraction_encoder_{enc}", lambda enc=enc: encoder_rate(enc, device, 4 if q else 64, 64 if q else 512,
-                                                                          1 if q else 10))
-    attempt("extraction_restormer_clip_bf16", lambda: extraction(device, 2 if q else 16, 64 if q else 512,
-                                                                  1 if q else 10))
-    for batch, crop in ([(2, 64)] if q else [(16, 256), (32, 256), (8, 512)]):
+        attempt(
+            f"extraction_encoder_{enc}",
+            lambda enc=enc: encoder_rate(
+                enc, device, 4 if q else 64, 64 if q else 512, 1 if q else 10
+            ),
+        )
+    attempt(
+        "extraction_restormer_clip_bf16",
+        lambda: extraction(device, 2 if q else 16, 64 if q else 512, 1 if q else 10),
+    )
+    for batch, crop in [(2, 64)] if q else [(16, 256), (32, 256), (8, 512)]:
         for cl in (True, False):
-            attempt(f"training_bf16_b{batch}_c{crop}" + ("" if cl else "_contiguous"),
-                    lambda b=batch, c=crop, cl=cl: training(device, b, c, 1 if q else 30, "eager", cl))
+            attempt(
+                f"training_bf16_b{batch}_c{crop}" + ("" if cl else "_contiguous"),
+                lambda b=batch, c=crop, cl=cl: training(device, b, c, 1 if q else 30, "eager", cl),
+            )
     for mode in MODES[1:] if device.type == "cuda" or q else ():  # the training step's graph modes
-        attempt(f"training_bf16_b16_c256_{mode}", lambda m=mode: training(device, 2 if q else 16, 64 if q else 256,
-                                                                         2 if q else 100, m,
-                                                                         device.type == "cuda"))
+        attempt(
+            f"training_bf16_b16_c256_{mode}",
+            lambda m=mode: training(
+                device, 2 if q else 16, 64 if q else 256, 2 if q else 100, m, device.type == "cuda"
+            ),
+        )
     if args.e2e == "yes" or (args.e2e == "auto" and device.type == "cuda"):
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ Scenarios (docs/fault-tolerance.md), each against a reference made by one clean 
 Writes bench/results-stress.json and prints the table of docs/fault-tolerance.md. Corruptions: damaged or differing
 arrays, failed verification, writes after a done marker; the target is 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import faults as tests_faults  # noqa: E402
-from damage import names_file  # noqa: E402
 from conftest import make_tiny_clip  # noqa: E402
+from damage import names_file  # noqa: E402
+
 from stores import Store  # noqa: E402
 from stores.store import StoreError  # noqa: E402
 
@@ -64,8 +66,25 @@ class Stress:
         self.rows: list[dict] = []
 
     def features(self, root: Path, split: str = "train", *extra) -> list[str]:
-        return [PY, "-m", "pipeline", "features", "--task", "deblur", "--data", "demo", "--splits", split,
-                "--encoder", f"openclip:{self.clip}", "--store-root", str(root), "--shard-len", "2", *extra]
+        return [
+            PY,
+            "-m",
+            "pipeline",
+            "features",
+            "--task",
+            "deblur",
+            "--data",
+            "demo",
+            "--splits",
+            split,
+            "--encoder",
+            f"openclip:{self.clip}",
+            "--store-root",
+            str(root),
+            "--shard-len",
+            "2",
+            *extra,
+        ]
 
     def spawn(self, argv, **kw) -> subprocess.Popen:
         """A process with its output in a log file (a pipe nobody reads would block it)."""
@@ -73,8 +92,15 @@ class Stress:
         log = self.work / "logs" / f"{self.n_logs:04d}.log"
         log.parent.mkdir(exist_ok=True)
         with open(log, "w") as f:
-            p = subprocess.Popen(argv, cwd=ROOT, env=kw.pop("env", ENV), stdout=f, stderr=subprocess.STDOUT, text=True,
-                                 **kw)
+            p = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=kw.pop("env", ENV),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+                **kw,
+            )
         p.log = log
         return p
 
@@ -107,17 +133,30 @@ class Stress:
                 continue
             for name in info["arrays"]:
                 a, b = refs.array(member, name)[:], store.array(member, name)[:]
-                same = (len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))) \
-                    if isinstance(a, list) else np.array_equal(a, b)
+                same = (
+                    (len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)))
+                    if isinstance(a, list)
+                    else np.array_equal(a, b)
+                )
                 if not same:
                     out.append(f"{member}/{name}: differs from the reference")
         return out + (rework(store) if extracted else [])
 
     def record(self, scenario: str, runs: int, kills: int, problems: list[str], **extra) -> None:
-        self.rows.append({"scenario": scenario, "runs": runs, "kills": kills, "corruptions": len(problems),
-                          "problems": problems[:10], **extra})
-        self.log(f"{scenario}: {runs} runs, {kills} kills, {len(problems)} corruptions"
-                 + "".join(f"\n    {p}" for p in problems[:10]))
+        self.rows.append(
+            {
+                "scenario": scenario,
+                "runs": runs,
+                "kills": kills,
+                "corruptions": len(problems),
+                "problems": problems[:10],
+                **extra,
+            }
+        )
+        self.log(
+            f"{scenario}: {runs} runs, {kills} kills, {len(problems)} corruptions"
+            + "".join(f"\n    {p}" for p in problems[:10])
+        )
 
     # -- scenarios -------------------------------------------------------------------------------
     def writers(self, ref: Path, rounds: int) -> None:
@@ -146,26 +185,50 @@ class Stress:
                 if p.returncode != 0:
                     problems.append(f"writer exited {p.returncode}: {p.log.read_text()[-400:]}")
             store_dir = next(root.glob("demo-train-*"), None)
-            if store_dir and all(i.get("status") == "complete" for i in Store(store_dir).manifest()["members"].values()):
+            if store_dir and all(
+                i.get("status") == "complete"
+                for i in Store(store_dir).manifest()["members"].values()
+            ):
                 break
-        self.record("4 writers, random SIGKILL", runs, kills, problems + self.corruptions(store_dir, ref),
-                    rounds=rounds)
+        self.record(
+            "4 writers, random SIGKILL",
+            runs,
+            kills,
+            problems + self.corruptions(store_dir, ref),
+            rounds=rounds,
+        )
 
     def disk_full(self, ref: Path) -> None:
         mnt = self.work / "small-disk"
         mnt.mkdir(exist_ok=True)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True
+            ).returncode
+            == 0
+        )
         problems, runs = [], 0
         try:
-            limit = None if mounted else (lambda: __import__("resource").setrlimit(
-                __import__("resource").RLIMIT_FSIZE, (120_000, 120_000)))
+            limit = (
+                None
+                if mounted
+                else (
+                    lambda: __import__("resource").setrlimit(
+                        __import__("resource").RLIMIT_FSIZE, (120_000, 120_000)
+                    )
+                )
+            )
             out = self.call(self.features(mnt, "train"), preexec_fn=limit)
             runs += 1
             text = out.stdout + out.stderr
-            if out.returncode == 0 or not any(s in text for s in ("No space left", "File too large")) \
-                    or "free space" not in text:
-                problems.append(f"no clear error when the disk filled (exit {out.returncode}): {text[-400:]}")
+            if (
+                out.returncode == 0
+                or not any(s in text for s in ("No space left", "File too large"))
+                or "free space" not in text
+            ):
+                problems.append(
+                    f"no clear error when the disk filled (exit {out.returncode}): {text[-400:]}"
+                )
             store_dir = next(mnt.glob("demo-train-*"), None)
             if store_dir is not None:  # whatever was marked done still verifies
                 store = Store(store_dir)
@@ -182,7 +245,13 @@ class Stress:
         finally:
             if mounted:
                 subprocess.run(["umount", str(mnt)])
-        self.record("disk full mid-write", runs, 0, problems, medium="tmpfs 6 MB" if mounted else "RLIMIT_FSIZE")
+        self.record(
+            "disk full mid-write",
+            runs,
+            0,
+            problems,
+            medium="tmpfs 6 MB" if mounted else "RLIMIT_FSIZE",
+        )
 
     def kill_ops(self, ref: Path, rounds: int) -> None:
         for op in ("finalize", "push", "pull", "export-wds"):
@@ -202,19 +271,44 @@ class Stress:
                 elif op == "pull":
                     shared = self.work / "shared"
                     if not (shared / ref.name).is_dir():
-                        assert self.call([PY, "-m", "stores", "push", str(ref), str(shared)]).returncode == 0
-                    argv, check = [PY, "-m", "stores", "pull", str(shared / ref.name), str(case)], case / ref.name
+                        assert (
+                            self.call(
+                                [PY, "-m", "stores", "push", str(ref), str(shared)]
+                            ).returncode
+                            == 0
+                        )
+                    argv, check = (
+                        [PY, "-m", "stores", "pull", str(shared / ref.name), str(case)],
+                        case / ref.name,
+                    )
                 else:
-                    argv, check = [PY, "-m", "stores", "export-wds", str(ref), "--out", str(case),
-                                   "--min-shards", "4", "--samples-per-shard", "32"], case
+                    argv, check = (
+                        [
+                            PY,
+                            "-m",
+                            "stores",
+                            "export-wds",
+                            str(ref),
+                            "--out",
+                            str(case),
+                            "--min-shards",
+                            "4",
+                            "--samples-per-shard",
+                            "32",
+                        ],
+                        case,
+                    )
                 p = self.spawn(argv)
                 runs += 1
                 if op == "finalize":  # verifying every shard takes seconds: somewhere in it
                     time.sleep(self.rng.uniform(1.0, 5.0))
                 else:  # a copy or export takes about a second: kill once files appear at the destination
                     deadline = time.time() + 60
-                    while p.poll() is None and time.time() < deadline and not any(
-                            f.is_file() for f in case.rglob("*")):
+                    while (
+                        p.poll() is None
+                        and time.time() < deadline
+                        and not any(f.is_file() for f in case.rglob("*"))
+                    ):
                         time.sleep(0.01)
                     time.sleep(self.rng.uniform(0.0, 0.3))
                 if p.poll() is None:
@@ -225,8 +319,11 @@ class Stress:
                 runs += 1
                 if out.returncode != 0:
                     problems.append(f"{op} re-run failed: {(out.stdout + out.stderr)[-400:]}")
-                problems += self.check_wds(check, ref) if op == "export-wds" else \
-                    self.corruptions(check, ref, extracted=op == "finalize")
+                problems += (
+                    self.check_wds(check, ref)
+                    if op == "export-wds"
+                    else self.corruptions(check, ref, extracted=op == "finalize")
+                )
             self.record(f"SIGKILL during {op}", runs, kills, problems)
 
     def check_wds(self, case: Path, ref: Path) -> list[str]:
@@ -239,8 +336,14 @@ class Stress:
             split = WdsSplit.open(folders[0])
             refs = Store(ref).array("pairs", "gt")
             got = [split.image(i)["gt"] for i in range(0, len(refs), 37)]
-            want = [refs[i][:g.shape[0], :g.shape[1]] for i, g in zip(range(0, len(refs), 37), got)]
-            return [] if all(np.array_equal(a, b) for a, b in zip(got, want)) else ["export differs from the store"]
+            want = [
+                refs[i][: g.shape[0], : g.shape[1]] for i, g in zip(range(0, len(refs), 37), got)
+            ]
+            return (
+                []
+                if all(np.array_equal(a, b) for a, b in zip(got, want))
+                else ["export differs from the store"]
+            )
         except Exception as e:  # a damaged export fails its sha256 checks on read
             return [f"export unreadable: {type(e).__name__}: {e}"]
 
@@ -252,13 +355,18 @@ class Stress:
             path = self.work / f"manifest-{damage}" / ref.name
             shutil.copytree(ref, path)
             raw = (path / "manifest.json").read_bytes()
-            bad = raw[:len(raw) // 3] if damage == "truncated" else raw[:200] + bytes(self.rng.randrange(256)
-                                                                                    for _ in range(64)) + raw[264:]
+            bad = (
+                raw[: len(raw) // 3]
+                if damage == "truncated"
+                else raw[:200] + bytes(self.rng.randrange(256) for _ in range(64)) + raw[264:]
+            )
             (path / "manifest.json").write_bytes(bad)
             out = self.call([PY, "-m", "stores", "verify", str(path)])
             runs += 1
             if out.returncode == 0 or f"{path}/manifest.json: damaged" not in out.stderr:
-                problems.append(f"{damage}: no clear error naming manifest.json: {out.stderr[-300:]}")
+                problems.append(
+                    f"{damage}: no clear error naming manifest.json: {out.stderr[-300:]}"
+                )
             shutil.rmtree(path)  # the documented recovery: remove the store, pull it again
             out = self.call([PY, "-m", "stores", "pull", str(shared / ref.name), str(path.parent)])
             runs += 1
@@ -280,13 +388,18 @@ class Stress:
         out_a = a.log.read_text()
         problems = []
         if b.returncode != 0 or a.returncode != 0:
-            problems.append(f"exits {a.returncode}, {b.returncode}: {out_a[-300:]} {b.stdout[-300:]}{b.stderr[-300:]}")
+            problems.append(
+                f"exits {a.returncode}, {b.returncode}: {out_a[-300:]} {b.stdout[-300:]}{b.stderr[-300:]}"
+            )
         if "lost" not in out_a:
             problems.append(f"the paused holder did not say it lost its lease: {out_a[-500:]}")
-        self.record("SIGSTOP past the lease, then SIGCONT", 2, 0,
-                    problems + self.corruptions(next(root.glob("demo-train-*")), ref),
-                    lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3])
-
+        self.record(
+            "SIGSTOP past the lease, then SIGCONT",
+            2,
+            0,
+            problems + self.corruptions(next(root.glob("demo-train-*")), ref),
+            lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3],
+        )
 
     def partial_sync(self, ref: Path) -> None:
         """One lq shard and one hw chunk lost (a partial rsync or S3 sync): every reader fails naming them."""
@@ -301,12 +414,16 @@ class Stress:
             for f in lost:
                 f.unlink()
             names = [str(f.relative_to(path)) for f in lost]
-            read = ("import sys; from training.data import Split; s = Split.open(sys.argv[1], None, None); "
-                    "[s.image(i) for i in range(len(s.hw)) if s.hw[i][0]]")
-            for what, argv in (("train/eval read", [PY, "-c", read, str(path)]),
-                               ("verify", [PY, "-m", "stores", "verify", str(path)]),
-                               ("push", [PY, "-m", "stores", "push", str(path), str(case / "pushed")]),
-                               ("pull", [PY, "-m", "stores", "pull", str(path), str(case / "pulled")])):
+            read = (
+                "import sys; from training.data import Split; s = Split.open(sys.argv[1], None, None); "
+                "[s.image(i) for i in range(len(s.hw)) if s.hw[i][0]]"
+            )
+            for what, argv in (
+                ("train/eval read", [PY, "-c", read, str(path)]),
+                ("verify", [PY, "-m", "stores", "verify", str(path)]),
+                ("push", [PY, "-m", "stores", "push", str(path), str(case / "pushed")]),
+                ("pull", [PY, "-m", "stores", "pull", str(path), str(case / "pulled")]),
+            ):
                 out = self.call(argv)
                 runs += 1
                 text = out.stdout + out.stderr
@@ -334,10 +451,14 @@ class Stress:
         out = self.call(self.features(case, "train"))
         problems = []
         if victim.read_text() != "export PATH=$HOME/bin:$PATH\n":
-            problems.append(f"the file behind the symlinked lock was changed: {victim.read_text()[:100]!r}")
+            problems.append(
+                f"the file behind the symlinked lock was changed: {victim.read_text()[:100]!r}"
+            )
         if out.returncode == 0 or "manifest.lock" not in out.stdout + out.stderr:
-            problems.append(f"the writer did not refuse the symlinked lock by name (exit {out.returncode}): "
-                            f"{(out.stdout + out.stderr)[-300:]}")
+            problems.append(
+                f"the writer did not refuse the symlinked lock by name (exit {out.returncode}): "
+                f"{(out.stdout + out.stderr)[-300:]}"
+            )
         self.record("symlinked lock file", 1, 0, problems)
 
     def shared_landing(self, ref: Path) -> None:
@@ -349,17 +470,25 @@ class Stress:
             root = self.work / f"landing-{i}"
             writer = self.spawn(self.features(root, "train", "--lease-seconds", "6"))
             deadline = time.time() + 300
-            while time.time() < deadline and writer.poll() is None and not list(root.glob("demo-train-*/_done/*/*/*.json")) \
-                    and not list(root.glob("demo-train-*/_done/*/*.json")):
+            while (
+                time.time() < deadline
+                and writer.poll() is None
+                and not list(root.glob("demo-train-*/_done/*/*/*.json"))
+                and not list(root.glob("demo-train-*/_done/*/*.json"))
+            ):
                 time.sleep(0.05)
             time.sleep(self.rng.uniform(0.0, 1.0))
             pull = self.call([PY, "-m", "stores", "pull", str(shared / ref.name), str(root)])
             writer.wait(timeout=900)
             runs += 2
             if pull.returncode != 0:
-                problems.append(f"pull beside a live writer failed: {(pull.stdout + pull.stderr)[-300:]}")
+                problems.append(
+                    f"pull beside a live writer failed: {(pull.stdout + pull.stderr)[-300:]}"
+                )
             if writer.returncode != 0:
-                problems.append(f"the live writer failed when a shared copy landed: {writer.log.read_text()[-300:]}")
+                problems.append(
+                    f"the live writer failed when a shared copy landed: {writer.log.read_text()[-300:]}"
+                )
             again = self.call(self.features(root, "train"))
             runs += 1
             if again.returncode != 0:
@@ -403,24 +532,41 @@ class Stress:
                 else:
                     problems += store.verify(member)
             problems += mixed_targets(store, Store(ref))
-        self.record("two writers, different target bytes", 2, 0, problems,
-                    lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3])
+        self.record(
+            "two writers, different target bytes",
+            2,
+            0,
+            problems,
+            lost_lines=[x for x in out_a.splitlines() if "lost" in x][:3],
+        )
 
     def fuzz(self, rounds: int) -> None:
         from damage import STORE_OPS, WDS_OPS, fuzz
-        from stores.wds import export_wds
         from test_wds import build_store
+
+        from stores.wds import export_wds
 
         store = build_store(self.work / "fuzz")
         folder = export_wds(store, self.work / "fuzz-export", min_shards=4, log=lambda *_: None)
-        for what, path, ops in (("store", store, STORE_OPS), ("WebDataset export", folder, WDS_OPS)):
+        for what, path, ops in (
+            ("store", store, STORE_OPS),
+            ("WebDataset export", folder, WDS_OPS),
+        ):
             result = fuzz(path, ops, rounds, seed=self.rng.randrange(1 << 30))
             n = sum(sum(c.values()) for c in result["counts"].values())
-            problems = [f"{b['op']} after {b['damage']} of {b['files']}: {b['outcome']} ({b['error']})"
-                        for b in result["bad"]]
-            self.record(f"{rounds} random damages to a {what}", n, 0, problems, counts=result["counts"],
-                        silent=sum(b["outcome"] == "silent" for b in result["bad"]),
-                        unnamed=sum(b["outcome"] == "unnamed" for b in result["bad"]))
+            problems = [
+                f"{b['op']} after {b['damage']} of {b['files']}: {b['outcome']} ({b['error']})"
+                for b in result["bad"]
+            ]
+            self.record(
+                f"{rounds} random damages to a {what}",
+                n,
+                0,
+                problems,
+                counts=result["counts"],
+                silent=sum(b["outcome"] == "silent" for b in result["bad"]),
+                unnamed=sum(b["outcome"] == "unnamed" for b in result["bad"]),
+            )
 
 
 def mixed_targets(store: Store, ref: Store) -> list[str]:
@@ -455,42 +601,80 @@ def rework(store: Store) -> list[str]:
         by_bucket.setdefault(store.layout.buckets[k].name, []).append(a)
     for member in store.manifest()["members"]:
         plan = store.ranges(member)
-        marker_time = {t: store.done_path(member, t).stat().st_mtime_ns for t in store.done_ranges(member)}
+        marker_time = {
+            t: store.done_path(member, t).stat().st_mtime_ns for t in store.done_ranges(member)
+        }
         for f in (store.path / member).glob("*/*/c/**/*"):
             if not f.is_file():
                 continue
-            bucket, i = f.relative_to(store.path / member).parts[0], int(f.relative_to(store.path / member).parts[3])
+            bucket, i = (
+                f.relative_to(store.path / member).parts[0],
+                int(f.relative_to(store.path / member).parts[3]),
+            )
             start = by_bucket[bucket][i]
             task = next(t for t, (a, b) in enumerate(plan) if a <= start < b)
             if task in marker_time and f.stat().st_mtime_ns > marker_time[task]:
-                out.append(f"{member}: {f.relative_to(store.path)} written after the done marker of task {task}")
+                out.append(
+                    f"{member}: {f.relative_to(store.path)} written after the done marker of task {task}"
+                )
     return out
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| scenario | runs | kills | corruptions |", "|---|---|---|---|"]
-    lines += [f"| {r['scenario']} | {r['runs']} | {r['kills']} | {r['corruptions']} |" for r in rows]
+    lines += [
+        f"| {r['scenario']} | {r['runs']} | {r['kills']} | {r['corruptions']} |" for r in rows
+    ]
     total = {k: sum(r[k] for r in rows) for k in ("runs", "kills", "corruptions")}
-    return "\n".join(lines + [f"| **total** | {total['runs']} | {total['kills']} | {total['corruptions']} |"])
+    return "\n".join(
+        lines + [f"| **total** | {total['runs']} | {total['kills']} | {total['corruptions']} |"]
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=20, help="kill rounds of the 4 writers (default: 20)")
-    p.add_argument("--op-rounds", type=int, default=3, help="kills per finalize/push/pull/export-wds (default: 3)")
-    p.add_argument("--fuzz-rounds", type=int, default=200, help="random damages per fuzzed store and export "
-                   "(default: 200)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--rounds", type=int, default=20, help="kill rounds of the 4 writers (default: 20)"
+    )
+    p.add_argument(
+        "--op-rounds",
+        type=int,
+        default=3,
+        help="kills per finalize/push/pull/export-wds (default: 3)",
+    )
+    p.add_argument(
+        "--fuzz-rounds",
+        type=int,
+        default=200,
+        help="random damages per fuzzed store and export (default: 200)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results-stress.json")
-    p.add_argument("--only", default=None, help="comma-separated scenarios: writers, disk-full, kill-ops, manifest, sigstop, "
-                   "sync, symlink, landing, race, fuzz")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated scenarios: writers, disk-full, kill-ops, manifest, sigstop, "
+        "sync, symlink, landing, race, fuzz",
+    )
     args = p.parse_args(argv)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="ptgrm-stress-") as tmp:
         s = Stress(Path(tmp), args.seed)
         ref = s.reference("train")
-        scenarios = {"writers", "disk-full", "kill-ops", "manifest", "sigstop", "sync", "symlink", "landing", "race",
-                     "fuzz"}
+        scenarios = {
+            "writers",
+            "disk-full",
+            "kill-ops",
+            "manifest",
+            "sigstop",
+            "sync",
+            "symlink",
+            "landing",
+            "race",
+            "fuzz",
+        }
         only = set(args.only.split(",")) if args.only else scenarios
         if "writers" in only:
             s.writers(ref, args.rounds)
@@ -512,8 +696,14 @@ def main(argv=None) -> int:
             s.racing_outputs(ref)
         if "fuzz" in only:
             s.fuzz(args.fuzz_rounds)
-    result = {"seconds": round(time.time() - t0, 1), "cpus": len(os.sched_getaffinity(0)), "rounds": args.rounds,
-              "seed": args.seed, "rows": s.rows, "table": table(s.rows)}
+    result = {
+        "seconds": round(time.time() - t0, 1),
+        "cpus": len(os.sched_getaffinity(0)),
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "rows": s.rows,
+        "table": table(s.rows),
+    }
     if not args.only:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(result["table"])

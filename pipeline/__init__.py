@@ -3,6 +3,7 @@
 Inference too: `python -m pipeline restore`. `python -m pipeline features --help`. Imports `ptgrm`
 and `stores`, never `training` (docs/design.md, "Who imports what").
 """
+
 import os
 
 # Offline: a missing hub model must fail in milliseconds, not after network timeouts.

@@ -15,6 +15,7 @@ A ref says where one side of a pair is, relative to the dataset folder (never an
 An array task of [start, stop) reads index.json and the files covering its range, and builds its
 Samples with pipeline.sources' loaders: it never lists or stats the dataset folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,11 +52,29 @@ def write_descriptors(store_path, source: Source, order, per_file: int | None = 
         rows = []
         for i in range(first, min(n, first + per_file)):
             s = source.samples[int(order[i])]
-            rows.append({"name": s.name, "hw": [int(v) for v in s.hw], "source_index": int(order[i]), **s.ref})
-        with atomic_path(d / chunk_name(k)) as tmp:  # compact: one line per file, never half-written
+            rows.append(
+                {
+                    "name": s.name,
+                    "hw": [int(v) for v in s.hw],
+                    "source_index": int(order[i]),
+                    **s.ref,
+                }
+            )
+        with atomic_path(
+            d / chunk_name(k)
+        ) as tmp:  # compact: one line per file, never half-written
             tmp.write_text(json.dumps({"first": first, "samples": rows}, separators=(",", ":")))
-    write_json_atomic(d / INDEX, {"format": FORMAT, "version": VERSION, "n": n, "per_file": per_file,
-                                  "files": -(-n // per_file), "paired": source.paired})
+    write_json_atomic(
+        d / INDEX,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "n": n,
+            "per_file": per_file,
+            "files": -(-n // per_file),
+            "paired": source.paired,
+        },
+    )
     return True
 
 
@@ -67,8 +86,10 @@ class Descriptors:
         try:
             self.index = json.loads((self.dir / INDEX).read_text())
         except (OSError, ValueError) as e:
-            raise StoreError(f"{store_path}: no complete sample descriptors ({self.dir / INDEX}: {e}); "
-                             f"`python -m slurm features` or `make features` writes them") from None
+            raise StoreError(
+                f"{store_path}: no complete sample descriptors ({self.dir / INDEX}: {e}); "
+                f"`python -m slurm features` or `make features` writes them"
+            ) from None
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise StoreError(f"{self.dir / INDEX}: not {FORMAT} version {VERSION}")
         self.read_files: list[int] = []  # which descriptor files this process read, in order
@@ -88,5 +109,9 @@ class Descriptors:
             raise IndexError(f"sample {i} is out of range for {self.n} samples")
         per = self.index["per_file"]
         rec = self._file(i // per)[i % per]
-        return rec["source_index"], sample_of(self.root, rec["name"], rec["hw"],
-                                              {k: v for k, v in rec.items() if k not in ("name", "hw", "source_index")})
+        return rec["source_index"], sample_of(
+            self.root,
+            rec["name"],
+            rec["hw"],
+            {k: v for k, v in rec.items() if k not in ("name", "hw", "source_index")},
+        )

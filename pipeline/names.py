@@ -5,9 +5,11 @@ names alone, so it must not pay for importing torch, open_clip or scipy (seconds
 machine). pipeline/networks.py, encoders.py and sd_encoders.py build what these names name;
 tests/test_names.py checks that their registries and these names agree.
 """
+
 from __future__ import annotations
 
 from stores.names import BUILTIN_TARGETS, SD_NAMES, is_user_encoder, is_user_target  # noqa: F401 (the user-code
+
 # names are decided in stores, which `stores repair` reads without importing the pipeline)
 
 MODULE_ENCODER_NAMES = ("effnet-lite0",)  # built-in torch backbones that bring their own weights

@@ -12,6 +12,7 @@ Built-in names take configuration overrides after colons (`mprnet-deblur:n_feat=
 lists comma-separated: `uformer-b:depths=1,1,1,1,1,1,1,1,1`); the member keeps the plain name
 and the key holds the configuration. See docs/networks.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,18 +42,42 @@ from .snr_aware import SNRAware, with_snr_map
 from .uformer import UFORMER_B, Uformer
 from .weights import cached_target_checkpoint
 
-RESTORMER_BASE = {"inp_channels": 3, "out_channels": 3, "dim": 48, "num_blocks": [4, 6, 6, 8],
-                  "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "ffn_expansion_factor": 2.66,
-                  "bias": False, "LayerNorm_type": "WithBias", "dual_pixel_task": False}
+RESTORMER_BASE = {
+    "inp_channels": 3,
+    "out_channels": 3,
+    "dim": 48,
+    "num_blocks": [4, 6, 6, 8],
+    "num_refinement_blocks": 4,
+    "heads": [1, 2, 4, 8],
+    "ffn_expansion_factor": 2.66,
+    "bias": False,
+    "LayerNorm_type": "WithBias",
+    "dual_pixel_task": False,
+}
 # task -> (LayerNorm_type, the official checkpoint file it matches); from the official Options/*.yml
-RESTORMER_TASKS = {"deblur": ("WithBias", "motion_deblurring.pth"),
-                   "defocus": ("WithBias", "single_image_defocus_deblurring.pth"),
-                   "derain": ("WithBias", "deraining.pth"),
-                   "denoise": ("BiasFree", "real_denoising.pth"),
-                   "denoise-gaussian": ("BiasFree", "gaussian_color_denoising_{sigma15,sigma25,sigma50,blind}.pth")}
-SNR_AWARE = {"nf": 64, "front_RBs": 1, "back_RBs": 1, "light_RBs": 6, "n_layers": 6, "heads": 8, "d_head": 64,
-             "patch": 4}
-SID_REFINEMENT_PREFIX = "refinement11."  # PTG-RM inside the authors' joint SNR-Aware network (SID.pth)
+RESTORMER_TASKS = {
+    "deblur": ("WithBias", "motion_deblurring.pth"),
+    "defocus": ("WithBias", "single_image_defocus_deblurring.pth"),
+    "derain": ("WithBias", "deraining.pth"),
+    "denoise": ("BiasFree", "real_denoising.pth"),
+    "denoise-gaussian": (
+        "BiasFree",
+        "gaussian_color_denoising_{sigma15,sigma25,sigma50,blind}.pth",
+    ),
+}
+SNR_AWARE = {
+    "nf": 64,
+    "front_RBs": 1,
+    "back_RBs": 1,
+    "light_RBs": 6,
+    "n_layers": 6,
+    "heads": 8,
+    "d_head": 64,
+    "patch": 4,
+}
+SID_REFINEMENT_PREFIX = (
+    "refinement11."  # PTG-RM inside the authors' joint SNR-Aware network (SID.pth)
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +90,16 @@ class Builtin:
     config: Callable[..., dict]  # (**overrides) -> configuration; unknown names raise ValueError
     checkpoints: str  # the published files it loads and where they are published
     factor: int | Callable[[dict], int]  # pad factor, or a function of the configuration
-    prepare: Callable | None = None  # (1, 3, H, W) -> network input, on the whole image before padding/tiling
-    ignore_prefix: str | None = None  # checkpoint keys under it belong to another network and are skipped
+    prepare: Callable | None = (
+        None  # (1, 3, H, W) -> network input, on the whole image before padding/tiling
+    )
+    ignore_prefix: str | None = (
+        None  # checkpoint keys under it belong to another network and are skipped
+    )
     extra_spec: dict = field(default_factory=dict)
-    packaged: tuple[Path, str] | None = None  # (file, its sha256): weights shipped with the project, the default
+    packaged: tuple[Path, str] | None = (
+        None  # (file, its sha256): weights shipped with the project, the default
+    )
     square: bool = False  # pad as Uformer's tests (`expand2square`), not reflect bottom/right
 
     def pad_factor(self, cfg: dict) -> int:
@@ -81,12 +112,14 @@ def _fixed_config(what: str, base: dict) -> Callable[..., dict]:
         if unknown:
             raise ValueError(f"unknown {what} argument(s) {sorted(unknown)}; known: {sorted(base)}")
         return {**base, **overrides}
+
     return config
 
 
 def _mprnet_config(task: str) -> Callable[..., dict]:
     def config(**overrides) -> dict:
         return _fixed_config("MPRNet", mprnet_config(task))(**overrides)
+
     return config
 
 
@@ -95,27 +128,67 @@ def _restormer_config(task: str) -> Callable[..., dict]:
 
 
 BUILTINS: dict[str, Builtin] = {
-    **{f"restormer-{t}": Builtin("restormer", t, Restormer, _restormer_config(t),
-                                 f"{ckpt} (github.com/swz30/Restormer, release page)", PAD_FACTOR)
-       for t, (_, ckpt) in RESTORMER_TASKS.items()},
-    **{f"mprnet-{t}": Builtin("mprnet", t, MPRNet, _mprnet_config(t),
-                              f"{ckpt} (github.com/swz30/MPRNet, {d}/pretrained_models/README.md)", 8)
-       for (t, (_, ckpt)), d in zip(MPRNET_TASKS.items(), ("Deblurring", "Deraining", "Denoising"))},
-    "uformer-b": Builtin("uformer", "denoise", Uformer, _fixed_config("Uformer", UFORMER_B),
-                         "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
-                         "'Pretrained model', SIDD link)",
-                         lambda cfg: 16 * cfg["win_size"], square=True),
-    "snr-aware": Builtin("snr-aware", "lowlight", SNRAware, _fixed_config("SNR-Aware", SNR_AWARE),
-                         "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "
-                         "LOLv1.pth, LOLv2_real.pth, sid_G.pth (github.com/dvlab-research/SNR-Aware)", 4,
-                         prepare=with_snr_map, ignore_prefix=SID_REFINEMENT_PREFIX,
-                         extra_spec={"snr_map": "cv2.blur(lq * 255, (5, 5)) / 255 of the whole input; "
-                                                "luma 0.299/0.587/0.114 of channels 0/1/2"}),
-    **{f"sci-{v}": Builtin("sci", "lowlight", SCI, _fixed_config("SCI", SCI_CONFIG),
-                           f"{v}.pt (github.com/vis-opt-group/SCI, weights/), shipped in {WEIGHTS_DIR}", 1,
-                           ignore_prefix=TRAINING_ONLY_PREFIX, packaged=(WEIGHTS_DIR / f"{v}.pt", sha),
-                           extra_spec={"output": "clamp(x / clamp(sigmoid(out_conv) + x, 1e-4, 1), 0, 1)"})
-       for v, sha in SCI_WEIGHTS.items()},
+    **{
+        f"restormer-{t}": Builtin(
+            "restormer",
+            t,
+            Restormer,
+            _restormer_config(t),
+            f"{ckpt} (github.com/swz30/Restormer, release page)",
+            PAD_FACTOR,
+        )
+        for t, (_, ckpt) in RESTORMER_TASKS.items()
+    },
+    **{
+        f"mprnet-{t}": Builtin(
+            "mprnet",
+            t,
+            MPRNet,
+            _mprnet_config(t),
+            f"{ckpt} (github.com/swz30/MPRNet, {d}/pretrained_models/README.md)",
+            8,
+        )
+        for (t, (_, ckpt)), d in zip(MPRNET_TASKS.items(), ("Deblurring", "Deraining", "Denoising"))
+    },
+    "uformer-b": Builtin(
+        "uformer",
+        "denoise",
+        Uformer,
+        _fixed_config("Uformer", UFORMER_B),
+        "the Uformer_B SIDD checkpoint (github.com/ZhendongWang6/Uformer, README "
+        "'Pretrained model', SIDD link)",
+        lambda cfg: 16 * cfg["win_size"],
+        square=True,
+    ),
+    "snr-aware": Builtin(
+        "snr-aware",
+        "lowlight",
+        SNRAware,
+        _fixed_config("SNR-Aware", SNR_AWARE),
+        "SID.pth (restorer part; github.com/xiaogang00/pretrain_model_boost_restoration), "
+        "LOLv1.pth, LOLv2_real.pth, sid_G.pth (github.com/dvlab-research/SNR-Aware)",
+        4,
+        prepare=with_snr_map,
+        ignore_prefix=SID_REFINEMENT_PREFIX,
+        extra_spec={
+            "snr_map": "cv2.blur(lq * 255, (5, 5)) / 255 of the whole input; "
+            "luma 0.299/0.587/0.114 of channels 0/1/2"
+        },
+    ),
+    **{
+        f"sci-{v}": Builtin(
+            "sci",
+            "lowlight",
+            SCI,
+            _fixed_config("SCI", SCI_CONFIG),
+            f"{v}.pt (github.com/vis-opt-group/SCI, weights/), shipped in {WEIGHTS_DIR}",
+            1,
+            ignore_prefix=TRAINING_ONLY_PREFIX,
+            packaged=(WEIGHTS_DIR / f"{v}.pt", sha),
+            extra_spec={"output": "clamp(x / clamp(sigmoid(out_conv) + x, 1e-4, 1), 0, 1)"},
+        )
+        for v, sha in SCI_WEIGHTS.items()
+    },
 }
 NETWORK_TARGETS = tuple(BUILTINS)
 
@@ -141,12 +214,21 @@ def load_state(net: nn.Module, state: dict, source, ignore_prefix: str | None = 
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
     expected = net.state_dict()
     missing, unexpected = _mismatch(expected, state)
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(expected[k].shape)}"
-                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, network {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or misshaped:
-        parts = [f"{len(rows)} {title} {_listing(rows)}" for title, rows in (
-            ("missing key(s)", missing), ("unexpected key(s)", unexpected),
-            ("mis-shaped key(s) (size mismatch)", misshaped)) if rows]
+        parts = [
+            f"{len(rows)} {title} {_listing(rows)}"
+            for title, rows in (
+                ("missing key(s)", missing),
+                ("unexpected key(s)", unexpected),
+                ("mis-shaped key(s) (size mismatch)", misshaped),
+            )
+            if rows
+        ]
         raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(parts))
     net.load_state_dict(state, strict=True)
 
@@ -165,8 +247,10 @@ LIVE_FACTOR = 6  # peak activation memory over the largest single module output 
 PROBE = 128  # px: edge of the probe that measures a network's activation bytes per pixel
 
 
-SQUARE_PADDING = ("expand2square: zeros around the centred image to a square whose side is a multiple of the "
-                  "factor, output cropped back (Uformer's test scripts)")
+SQUARE_PADDING = (
+    "expand2square: zeros around the centred image to a square whose side is a multiple of the "
+    "factor, output cropped back (Uformer's test scripts)"
+)
 
 
 class NetworkTarget:
@@ -181,13 +265,27 @@ class NetworkTarget:
     small probe (`activation_bytes_per_pixel`): they depend on the architecture and the budget,
     not on the machine, and the spec (member key) records them."""
 
-    def __init__(self, net: nn.Module, target_id: str, spec: dict, sha256: str | None = None, factor: int = 1,
-                 tile: int | None = None, overlap: int = 32, device: str | None = None, checkpoint=None,
-                 prepare: Callable | None = None, init_seed: int | None = None, budget_mb: float | None = None,
-                 square: bool = False):
+    def __init__(
+        self,
+        net: nn.Module,
+        target_id: str,
+        spec: dict,
+        sha256: str | None = None,
+        factor: int = 1,
+        tile: int | None = None,
+        overlap: int = 32,
+        device: str | None = None,
+        checkpoint=None,
+        prepare: Callable | None = None,
+        init_seed: int | None = None,
+        budget_mb: float | None = None,
+        square: bool = False,
+    ):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
-            raise ValueError(f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
-                             f"by at least {factor}")
+            raise ValueError(
+                f"tile {tile} must be a multiple of {factor} and exceed the overlap {overlap} "
+                f"by at least {factor}"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = net.eval().requires_grad_(False).to(self.device)
         self.id, self.factor, self.tile, self.overlap = target_id, factor, tile, overlap
@@ -196,19 +294,32 @@ class NetworkTarget:
         self.prepare, self.square = prepare, square
         self.max_pixels = self.auto_tile = None
         budget = BUDGET_MB if budget_mb is None else float(budget_mb)
-        auto = tile is None and budget != float("inf")  # inf: never tiled (a spec made before the budget)
+        auto = tile is None and budget != float(
+            "inf"
+        )  # inf: never tiled (a spec made before the budget)
         if auto:
             per_px = activation_bytes_per_pixel(self.net, factor, self.device, prepare)
-            self.max_pixels = int(budget * 2 ** 20 / (LIVE_FACTOR * per_px))
+            self.max_pixels = int(budget * 2**20 / (LIVE_FACTOR * per_px))
             smallest = -(-(2 * overlap + factor) // factor) * factor
-            self.auto_tile = max(smallest, int(self.max_pixels ** 0.5) // factor * factor)
-        self._spec = {"target": target_id, **spec, "factor": factor, "tile": tile,
-                      "overlap": overlap if tile else None, "weights": self.weights, "checkpoint_sha256": sha256}
+            self.auto_tile = max(smallest, int(self.max_pixels**0.5) // factor * factor)
+        self._spec = {
+            "target": target_id,
+            **spec,
+            "factor": factor,
+            "tile": tile,
+            "overlap": overlap if tile else None,
+            "weights": self.weights,
+            "checkpoint_sha256": sha256,
+        }
         if square:  # only then: the keys of reflect-padded targets stay as they were
             self._spec["padding"] = SQUARE_PADDING
         if auto:  # what decides how a large image is cut (none is, below max_pixels)
-            self._spec["auto_tile"] = {"budget_mb": budget, "max_pixels": self.max_pixels, "tile": self.auto_tile,
-                                       "overlap": overlap}
+            self._spec["auto_tile"] = {
+                "budget_mb": budget,
+                "max_pixels": self.max_pixels,
+                "tile": self.auto_tile,
+                "overlap": overlap,
+            }
         if sha256 is None and init_seed is not None:  # random weights: how to draw them again
             self._spec["init"] = {"seed": init_seed, "torch": torch.__version__.split("+")[0]}
 
@@ -216,7 +327,11 @@ class NetworkTarget:
         return dict(self._spec)
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(lq, np.float32)).permute(2, 0, 1)[None].to(self.device)
+        x = (
+            torch.from_numpy(np.ascontiguousarray(lq, np.float32))
+            .permute(2, 0, 1)[None]
+            .to(self.device)
+        )
         h, w = x.shape[-2:]
         if self.prepare is not None:  # whole-image inputs (SNR map), before padding and tiling
             x = self.prepare(x)
@@ -226,8 +341,14 @@ class NetworkTarget:
         x = pad_to(x, self.factor)  # (1, 3, H', W'), H' and W' multiples of factor
         tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
-            y = self.net(x) if tile is None else tiled(self.net, (x,), tile, self.overlap, self.factor)
-        return y[0, :, top:top + h, left:left + w].permute(1, 2, 0).float().cpu().numpy()  # (h, w, 3)
+            y = (
+                self.net(x)
+                if tile is None
+                else tiled(self.net, (x,), tile, self.overlap, self.factor)
+            )
+        return (
+            y[0, :, top : top + h, left : left + w].permute(1, 2, 0).float().cpu().numpy()
+        )  # (h, w, 3)
 
     def tile_for(self, h: int, w: int) -> int | None:
         """The tile edge an (h, w) padded input runs in; None: whole."""
@@ -236,7 +357,9 @@ class NetworkTarget:
         return self.auto_tile if self.max_pixels is not None and h * w > self.max_pixels else None
 
 
-def activation_bytes_per_pixel(net: nn.Module, factor: int, device, prepare: Callable | None = None) -> float:
+def activation_bytes_per_pixel(
+    net: nn.Module, factor: int, device, prepare: Callable | None = None
+) -> float:
     """The largest output of any module of `net` on a PROBE x PROBE input (rounded up to the pad
     factor), in bytes per input pixel: with LIVE_FACTOR, an estimate of a call's peak activation
     memory per pixel (convolutional and windowed networks scale linearly with the pixels)."""
@@ -265,7 +388,9 @@ def restormer_config(task: str, **overrides) -> dict:
         raise ValueError(f"unknown Restormer task {task!r}; known: {', '.join(RESTORMER_TASKS)}")
     unknown = set(overrides) - set(RESTORMER_BASE)
     if unknown:
-        raise ValueError(f"unknown Restormer argument(s) {sorted(unknown)}; known: {sorted(RESTORMER_BASE)}")
+        raise ValueError(
+            f"unknown Restormer argument(s) {sorted(unknown)}; known: {sorted(RESTORMER_BASE)}"
+        )
     return {**RESTORMER_BASE, "LayerNorm_type": RESTORMER_TASKS[task][0], **overrides}
 
 
@@ -289,9 +414,17 @@ def _value(text: str):
         return text
 
 
-def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, overlap: int = 32,
-                         device: str | None = None, config: dict | None = None, allow_random: bool = False,
-                         init_seed: int = 0, budget_mb: float | None = None) -> NetworkTarget:
+def build_builtin_target(
+    name: str,
+    checkpoint=None,
+    tile: int | None = None,
+    overlap: int = 32,
+    device: str | None = None,
+    config: dict | None = None,
+    allow_random: bool = False,
+    init_seed: int = 0,
+    budget_mb: float | None = None,
+) -> NetworkTarget:
     """A built-in network (`BUILTINS`) with its published configuration (`config` overrides it)
     and the checkpoint; without one, seeded random weights when `allow_random` (the demo), which
     the spec and manifest record as `weights: random`."""
@@ -302,9 +435,11 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
     if checkpoint is None and spec.packaged:  # shipped weights: never random
         checkpoint = spec.packaged[0]
     if checkpoint is None and not allow_random:
-        raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
-                         f"{spec.checkpoints}; `python -m pipeline weights get {name}` (make weights NAME={name}) "
-                         f"downloads it when online), or --allow-random-weights for a test with random weights")
+        raise ValueError(
+            f"target {name!r} is a network: give its checkpoint (--target-weights FILE; published: "
+            f"{spec.checkpoints}; `python -m pipeline weights get {name}` (make weights NAME={name}) "
+            f"downloads it when online), or --allow-random-weights for a test with random weights"
+        )
     with torch.random.fork_rng(devices=[]):  # random weights are drawn from init_seed alone
         torch.manual_seed(init_seed)
         net = spec.make(**cfg)
@@ -314,31 +449,63 @@ def build_builtin_target(name: str, checkpoint=None, tile: int | None = None, ov
             sha = load_into(net, checkpoint, spec.ignore_prefix)
         except CheckpointError as e:
             if spec.network == "restormer" and "body.bias" in str(e):
-                raise CheckpointError(f"{e}. Only LayerNorm biases differ: a checkpoint of another task? The "
-                                      f"denoising models are BiasFree, deblur/defocus/derain WithBias") from None
+                raise CheckpointError(
+                    f"{e}. Only LayerNorm biases differ: a checkpoint of another task? The "
+                    f"denoising models are BiasFree, deblur/defocus/derain WithBias"
+                ) from None
             raise
         shipped = Path(checkpoint).resolve()
         if spec.packaged and shipped == spec.packaged[0] and sha != spec.packaged[1]:
-            raise CheckpointError(f"{shipped}: sha256 {sha[:12]}... is not the published file's "
-                                  f"({spec.packaged[1][:12]}...): the copy shipped with the project is damaged; "
-                                  f"restore it (git checkout -- {shipped.name} in {shipped.parent})")
-    extra = {**spec.extra_spec, **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {})}
-    return NetworkTarget(net, name, {"network": spec.network, "task": spec.task, "config": cfg, **extra}, sha,
-                         spec.pad_factor(cfg), tile, overlap, device, checkpoint, spec.prepare,
-                         None if sha else init_seed, budget_mb, spec.square)
+            raise CheckpointError(
+                f"{shipped}: sha256 {sha[:12]}... is not the published file's "
+                f"({spec.packaged[1][:12]}...): the copy shipped with the project is damaged; "
+                f"restore it (git checkout -- {shipped.name} in {shipped.parent})"
+            )
+    extra = {
+        **spec.extra_spec,
+        **({"ignored_prefix": spec.ignore_prefix} if spec.ignore_prefix else {}),
+    }
+    return NetworkTarget(
+        net,
+        name,
+        {"network": spec.network, "task": spec.task, "config": cfg, **extra},
+        sha,
+        spec.pad_factor(cfg),
+        tile,
+        overlap,
+        device,
+        checkpoint,
+        spec.prepare,
+        None if sha else init_seed,
+        budget_mb,
+        spec.square,
+    )
 
 
-def build_restormer_target(task: str, checkpoint, tile: int | None = None, overlap: int = 32,
-                           device: str | None = None, config: dict | None = None) -> NetworkTarget:
+def build_restormer_target(
+    task: str,
+    checkpoint,
+    tile: int | None = None,
+    overlap: int = 32,
+    device: str | None = None,
+    config: dict | None = None,
+) -> NetworkTarget:
     """`restormer-<task>` with the published configuration (`config` overrides it) and the
     checkpoint (e.g. `motion_deblurring.pth` for `deblur`; see RESTORMER_TASKS)."""
     restormer_config(task)  # unknown task: ValueError
     return build_builtin_target(f"restormer-{task}", checkpoint, tile, overlap, device, config)
 
 
-def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap: int = 32,
-                      device: str | None = None, factor: int | None = None,
-                      budget_mb: float | None = None, module_sha256: str | None = None) -> NetworkTarget:
+def build_user_target(
+    factory: str,
+    checkpoint,
+    tile: int | None = None,
+    overlap: int = 32,
+    device: str | None = None,
+    factor: int | None = None,
+    budget_mb: float | None = None,
+    module_sha256: str | None = None,
+) -> NetworkTarget:
     """`module.path:factory`: the module is imported (from the PYTHONPATH; with `module_sha256`,
     only a file of that hash), `factory()` must return an nn.Module, and the checkpoint is loaded
     into it (strict). The pad factor is `factor`, else the module's `pad_factor` attribute, else 1."""
@@ -348,7 +515,9 @@ def build_user_target(factory: str, checkpoint, tile: int | None = None, overlap
     mod, fn = factory.split(":")
     tid = "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + fn
     spec = {"network": "user", "factory": factory, "module_sha256": code_sha}
-    return NetworkTarget(net, tid, spec, sha, factor, tile, overlap, device, checkpoint, budget_mb=budget_mb)
+    return NetworkTarget(
+        net, tid, spec, sha, factor, tile, overlap, device, checkpoint, budget_mb=budget_mb
+    )
 
 
 def module_file(mod_name: str) -> Path | None:
@@ -362,13 +531,15 @@ def module_file(mod_name: str) -> Path | None:
         for i in range(1, len(rest) + 1):
             if spec is None or not spec.submodule_search_locations:
                 return None
-            spec = importlib.machinery.PathFinder.find_spec(".".join([top, *rest[:i]]),
-                                                            spec.submodule_search_locations)
+            spec = importlib.machinery.PathFinder.find_spec(
+                ".".join([top, *rest[:i]]), spec.submodule_search_locations
+            )
     return Path(spec.origin) if spec is not None and spec.has_location and spec.origin else None
 
 
-def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False,
-                 module_sha256: str | None = None) -> tuple:
+def call_factory(
+    factory: str, kind: str = "target", allow_tuple: bool = False, module_sha256: str | None = None
+) -> tuple:
     """Import `module.path:factory` and call it: (its nn.Module, or with `allow_tuple` a
     (module, extra) pair; the module file's sha256). With `module_sha256` (what a store or run
     recorded) the module's file must hash to it before it is imported."""
@@ -382,74 +553,114 @@ def call_factory(factory: str, kind: str = "target", allow_tuple: bool = False,
             path = None
         found = sha256_file(path) if path is not None and path.is_file() else None
         if found != module_sha256:
-            raise ValueError(f"user {kind} {factory!r}: {path or 'its module file (not found)'} has sha256 "
-                             f"{str(found)[:12]}, not the {module_sha256[:12]} it was recorded with; refused before "
-                             f"importing it (put the module's recorded version on the PYTHONPATH)")
+            raise ValueError(
+                f"user {kind} {factory!r}: {path or 'its module file (not found)'} has sha256 "
+                f"{str(found)[:12]}, not the {module_sha256[:12]} it was recorded with; refused before "
+                f"importing it (put the module's recorded version on the PYTHONPATH)"
+            )
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"user {kind} {factory!r}: cannot import module {mod_name!r} ({e}); "
-                         f"is its folder on the PYTHONPATH?") from None
+        raise ValueError(
+            f"user {kind} {factory!r}: cannot import module {mod_name!r} ({e}); "
+            f"is its folder on the PYTHONPATH?"
+        ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"user {kind} {factory!r}: module {mod_name!r} has no callable {fn_name!r}")
+        raise ValueError(
+            f"user {kind} {factory!r}: module {mod_name!r} has no callable {fn_name!r}"
+        )
     out = fn()
     net = out[0] if allow_tuple and isinstance(out, tuple) and len(out) == 2 else out
     if not isinstance(net, nn.Module):
-        expected = "a torch.nn.Module or (nn.Module, preprocess dict)" if allow_tuple else "a torch.nn.Module"
-        raise ValueError(f"user {kind} {factory!r}: {fn_name}() returned {type(out).__name__}, not {expected}")
+        expected = (
+            "a torch.nn.Module or (nn.Module, preprocess dict)"
+            if allow_tuple
+            else "a torch.nn.Module"
+        )
+        raise ValueError(
+            f"user {kind} {factory!r}: {fn_name}() returned {type(out).__name__}, not {expected}"
+        )
     source = inspect.getsourcefile(module)
     return out, (hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None)
 
 
-def build_network_target(name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0,
-                         **kw) -> NetworkTarget:
+def build_network_target(
+    name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0, **kw
+) -> NetworkTarget:
     """A built-in network (`mprnet-deblur`, with optional `:name=value` configuration overrides)
     or `module.path:factory`, with its checkpoint (random weights only for a built-in network
     with `allow_random`)."""
     if name.split(":")[0] in BUILTINS:
         base, options = parse_options(name)
-        if checkpoint is None and not options:  # the published configuration: a downloaded checkpoint
+        if (
+            checkpoint is None and not options
+        ):  # the published configuration: a downloaded checkpoint
             checkpoint = cached_target_checkpoint(base)
-        return build_builtin_target(base, checkpoint, config=options, allow_random=allow_random,
-                                    init_seed=init_seed, **kw)
+        return build_builtin_target(
+            base, checkpoint, config=options, allow_random=allow_random, init_seed=init_seed, **kw
+        )
     if checkpoint is None:
-        raise ValueError(f"target {name!r} is a network: give its checkpoint (--target-weights FILE)")
+        raise ValueError(
+            f"target {name!r} is a network: give its checkpoint (--target-weights FILE)"
+        )
     if ":" in name:
         return build_user_target(name, checkpoint, **kw)
-    raise ValueError(f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}, module.path:factory")
+    raise ValueError(
+        f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}, module.path:factory"
+    )
 
 
 def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> NetworkTarget:
     """Rebuild the target a member was made with; the checkpoint must hash to the spec's sha256
     (random weights: drawn again from the recorded seed; `checkpoint` is then None)."""
     auto = spec.get("auto_tile") or {}
-    tiling = {"tile": spec.get("tile"), "overlap": spec.get("overlap") or auto.get("overlap") or 32, "device": device,
-              "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf"))}  # older specs: whole
+    tiling = {
+        "tile": spec.get("tile"),
+        "overlap": spec.get("overlap") or auto.get("overlap") or 32,
+        "device": device,
+        "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf")),
+    }  # older specs: whole
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"
         if checkpoint is None and not random:
             checkpoint = cached_target_checkpoint(spec["target"])
-        target = build_builtin_target(spec["target"], None if random else checkpoint, config=spec["config"],
-                                      allow_random=random, init_seed=(spec.get("init") or {}).get("seed", 0),
-                                      **tiling)
+        target = build_builtin_target(
+            spec["target"],
+            None if random else checkpoint,
+            config=spec["config"],
+            allow_random=random,
+            init_seed=(spec.get("init") or {}).get("seed", 0),
+            **tiling,
+        )
         if target.spec().get("padding") != spec.get("padding"):
-            raise ValueError(f"target {spec['target']}: the store was made padding its inputs "
-                             f"{spec.get('padding') or 'by reflection, bottom/right'}; this version pads them "
-                             f"{target.spec().get('padding') or 'by reflection, bottom/right'}: make its features "
-                             f"again (`make features`) and train on them (see CHANGELOG.md)")
+            raise ValueError(
+                f"target {spec['target']}: the store was made padding its inputs "
+                f"{spec.get('padding') or 'by reflection, bottom/right'}; this version pads them "
+                f"{target.spec().get('padding') or 'by reflection, bottom/right'}: make its features "
+                f"again (`make features`) and train on them (see CHANGELOG.md)"
+            )
         if random:
             return target
     elif spec.get("network") == "user":
-        target = build_user_target(spec["factory"], checkpoint, factor=spec.get("factor"),
-                                   module_sha256=spec.get("module_sha256"), **tiling)
+        target = build_user_target(
+            spec["factory"],
+            checkpoint,
+            factor=spec.get("factor"),
+            module_sha256=spec.get("module_sha256"),
+            **tiling,
+        )
     else:
         raise ValueError(f"spec of target {spec.get('target')!r} is not a network target")
     if auto and target.spec().get("auto_tile") != auto:
-        raise ValueError(f"target {spec.get('target')}: its automatic tiling {target.spec().get('auto_tile')} differs "
-                         f"from the store's {auto} (another version of the network code?)")
+        raise ValueError(
+            f"target {spec.get('target')}: its automatic tiling {target.spec().get('auto_tile')} differs "
+            f"from the store's {auto} (another version of the network code?)"
+        )
     if target.sha256 != spec.get("checkpoint_sha256"):
-        raise ValueError(f"target {spec.get('target')}: checkpoint {checkpoint} (sha256 {target.sha256[:12]}) "
-                         f"differs from the one the store was made with (sha256 "
-                         f"{str(spec.get('checkpoint_sha256'))[:12]})")
+        raise ValueError(
+            f"target {spec.get('target')}: checkpoint {checkpoint} (sha256 {target.sha256[:12]}) "
+            f"differs from the one the store was made with (sha256 "
+            f"{str(spec.get('checkpoint_sha256'))[:12]})"
+        )
     return target

@@ -5,6 +5,7 @@ A re-run of `make features` on complete stores costs a stat per source file: thi
 neither torch nor any network or image library (pipeline/extract.py, which builds the frozen
 networks, is imported only when something has to be computed).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,61 +30,107 @@ from .tasks import TASKS, Task, get_task
 class FeaturesConfig:
     """The settings of `python -m pipeline features`, each one flag (stores/cli.py) with its help;
     recorded in each member it computes (`stores repair` replays them, stores/maintain.py)."""
+
     task: str = setting("deblur", "restoration task: " + ", ".join(TASKS))
-    data: str = setting("demo", "'demo' (photos shipped with scikit-image), a dataset folder (layout detected), "
-                        "or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS))
-    target: str | None = setting(None, "frozen target: classical (wiener, gamma, streaks, nlmeans, identity), a "
-                                 "built-in network with the official parameter names (snr-aware, mprnet-<deblur|"
-                                 "derain|denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|"
-                                 "defocus>, sci-<easy|medium|difficult> with its published weights shipped in the "
-                                 "project; configuration overrides as NAME:key=value[:key=value], e.g. "
-                                 "mprnet-deblur:n_feat=8), or module.path:factory (default: the task's; see "
-                                 "docs/networks.md)")
-    target_weights: str | None = setting(None, "checkpoint of a network target (.safetensors or a .pth of tensors; "
-                                         "read with weights_only=True). Without it sci-* loads its shipped weights "
-                                         "and another built-in network gets random weights (seed --init-seed, "
-                                         "recorded as weights: random) on the demo or with --allow-random-weights "
-                                         "only")
+    data: str = setting(
+        "demo",
+        "'demo' (photos shipped with scikit-image), a dataset folder (layout detected), "
+        "or LAYOUT:folder with LAYOUT one of " + ", ".join(LAYOUTS),
+    )
+    target: str | None = setting(
+        None,
+        "frozen target: classical (wiener, gamma, streaks, nlmeans, identity), a "
+        "built-in network with the official parameter names (snr-aware, mprnet-<deblur|"
+        "derain|denoise>, uformer-b, restormer-<deblur|derain|denoise|denoise-gaussian|"
+        "defocus>, sci-<easy|medium|difficult> with its published weights shipped in the "
+        "project; configuration overrides as NAME:key=value[:key=value], e.g. "
+        "mprnet-deblur:n_feat=8), or module.path:factory (default: the task's; see "
+        "docs/networks.md)",
+    )
+    target_weights: str | None = setting(
+        None,
+        "checkpoint of a network target (.safetensors or a .pth of tensors; "
+        "read with weights_only=True). Without it sci-* loads its shipped weights "
+        "and another built-in network gets random weights (seed --init-seed, "
+        "recorded as weights: random) on the demo or with --allow-random-weights "
+        "only",
+    )
     target_tile: int | None = setting(None, "run the target in overlapping tiles of this size")
     target_overlap: int = setting(32, "tile overlap")
-    target_budget_mb: float = setting(1024.0, "activation memory of one call of a network target (default: "
-                                      "%(default)s MB): larger images run in tiles sized from it (recorded in the "
-                                      "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
-                                      "versions before the budget did)")
-    encoder: str | None = setting(None, "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
-                                  "weights from its package), 'openclip:<model>[:<tag>]', 'openclip:<folder with "
-                                  "open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory (factory() "
-                                  "returns (nn.Module, {'size', 'mean', 'std'})); comma-separated for several")
+    target_budget_mb: float = setting(
+        1024.0,
+        "activation memory of one call of a network target (default: "
+        "%(default)s MB): larger images run in tiles sized from it (recorded in the "
+        "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
+        "versions before the budget did)",
+    )
+    encoder: str | None = setting(
+        None,
+        "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
+        "weights from its package), 'openclip:<model>[:<tag>]', 'openclip:<folder with "
+        "open_clip_config.json>', 'sd-vae', 'sd-unet', or module.path:factory (factory() "
+        "returns (nn.Module, {'size', 'mean', 'std'})); comma-separated for several",
+    )
     store_root: str = setting("data/stores", "where stores live")
-    store_shared: str | None = setting(None, "a teammates' root (path or s3://...), only read: complete members "
-                                       "with the same key are copied from it instead of computed")
+    store_shared: str | None = setting(
+        None,
+        "a teammates' root (path or s3://...), only read: complete members "
+        "with the same key are copied from it instead of computed",
+    )
     shards: int | None = setting(None, "extraction ranges per split (default: one per shard)")
     shard_len: int = setting(16, "samples per shard")
-    shard_mb: float = setting(64.0, "at most about this many MB of float16 pixels per shard; large images get "
-                              "shards of their own")
+    shard_mb: float = setting(
+        64.0,
+        "at most about this many MB of float16 pixels per shard; large images get "
+        "shards of their own",
+    )
     tile: int = setting(64, "spatial chunk edge in px")
     seed: int = setting(0, "degradation seed (per sample: (seed, source index))")
-    clip_weights: str | None = setting(None, "OpenCLIP checkpoint file; default: the Hugging Face cache (offline), "
-                                       "else random weights for the demo only")
-    sd_weights: str | None = setting(None, "diffusers folder with vae/ and unet/ (save_pretrained layout) or a VAE "
-                                     "folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
-                                     "random weights for the demo only")
-    allow_random_weights: bool = setting(False, "allow a random encoder or built-in network target on real data "
-                                         "(recorded as weights: random)")
+    clip_weights: str | None = setting(
+        None,
+        "OpenCLIP checkpoint file; default: the Hugging Face cache (offline), "
+        "else random weights for the demo only",
+    )
+    sd_weights: str | None = setting(
+        None,
+        "diffusers folder with vae/ and unet/ (save_pretrained layout) or a VAE "
+        "folder, for sd-vae/sd-unet; default: the Hugging Face cache (offline), else "
+        "random weights for the demo only",
+    )
+    allow_random_weights: bool = setting(
+        False,
+        "allow a random encoder or built-in network target on real data "
+        "(recorded as weights: random)",
+    )
     init_seed: int = setting(0, "seed of a random encoder or network target initialisation")
     splits: tuple = setting(("train", "test"), "comma-separated")
     batch: int = setting(8, "images per encoder call (each x4 flips)")
-    max_bad: float = setting(0.05, "fraction of samples that may be excluded (unreadable, mismatched, non-finite "
-                             "target output) before the run stops; the members stay incomplete")
+    max_bad: float = setting(
+        0.05,
+        "fraction of samples that may be excluded (unreadable, mismatched, non-finite "
+        "target output) before the run stops; the members stay incomplete",
+    )
 
-    lease_seconds: float = setting(120.0, "a range lease not renewed for this long (its writer died or is paused) "
-                                   "is taken over")
-    device: str = setting("auto", "where network targets and encoders run: 'auto' (a CUDA GPU when visible), 'cpu' "
-                          "or 'cuda[:i]'")
-    rehash: bool = setting(False, "hash every source file again, even those whose (size, mtime) the last run "
-                           "recorded (by default a re-run costs a stat per file)")
-    wds: bool = setting(False, "also write each split's WebDataset export (<store>-wds/, as `python -m stores "
-                        "export-wds`) from the samples as they are extracted")
+    lease_seconds: float = setting(
+        120.0,
+        "a range lease not renewed for this long (its writer died or is paused) is taken over",
+    )
+    device: str = setting(
+        "auto",
+        "where network targets and encoders run: 'auto' (a CUDA GPU when visible), 'cpu' "
+        "or 'cuda[:i]'",
+    )
+    rehash: bool = setting(
+        False,
+        "hash every source file again, even those whose (size, mtime) the last run "
+        "recorded (by default a re-run costs a stat per file)",
+    )
+    wds: bool = setting(
+        False,
+        "also write each split's WebDataset export (<store>-wds/, as `python -m stores "
+        "export-wds`) from the samples as they are extracted",
+    )
+
 
 SOURCES_FILE = "files.json"
 
@@ -92,8 +139,11 @@ def known_sources(store_root: str, data: str, split: str) -> dict | None:
     """The newest source records of an earlier run on the same dataset folder and split (any
     task), or None: files whose (size, mtime) they list unchanged are not hashed again."""
     root = parse_data(data)[1].resolve()
-    found = sorted(Path(store_root).glob(f"{dataset_name(str(root))}-{split}-*/{SOURCES_DIR}/{SOURCES_FILE}"),
-                   key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    found = sorted(
+        Path(store_root).glob(f"{dataset_name(str(root))}-{split}-*/{SOURCES_DIR}/{SOURCES_FILE}"),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     for path in found:
         try:
             rec = json.loads(path.read_text())
@@ -117,6 +167,7 @@ class SplitPlan:
     """What one split of `make features` needs, found without torch or any network: its source
     (listed once, with the stat cache of the last run unless --rehash), the pairs member's key,
     the store's path, and the target and encoders its other members are computed with."""
+
     cfg: FeaturesConfig
     task: Task
     split: str
@@ -142,7 +193,11 @@ class SplitPlan:
 
     def _complete(self) -> bool:
         cfg, rec = self.cfg, self.source.records or {}
-        if cfg.rehash or is_user_target(self.target) or any(is_user_encoder(n) for n in self.encoders):
+        if (
+            cfg.rehash
+            or is_user_target(self.target)
+            or any(is_user_encoder(n) for n in self.encoders)
+        ):
             return False
         if (cfg.data != "demo" and not self.stat_cache) or rec.get("changed") or rec.get("touched"):
             return False  # the full path names the changed files and records the new stats
@@ -150,35 +205,71 @@ class SplitPlan:
             members = Store(self.path).manifest()["members"]
         except (StoreError, OSError, ValueError, KeyError):
             return False
-        done = [info for info in members.values() if info.get("status") == "complete" and _unchanged(info)]
-        return members.get("pairs", {}).get("status") == "complete" and self._target_done(done) and all(
-            self._encoder_done(name, done) for name in self.encoders)
+        done = [
+            info
+            for info in members.values()
+            if info.get("status") == "complete" and _unchanged(info)
+        ]
+        return (
+            members.get("pairs", {}).get("status") == "complete"
+            and self._target_done(done)
+            and all(self._encoder_done(name, done) for name in self.encoders)
+        )
 
     def _target_done(self, done: list) -> bool:
-        recipe = TARGET_RECIPE if is_network_target(self.target) else CLASSICAL_RECIPE  # tiling is a network's
+        recipe = (
+            TARGET_RECIPE if is_network_target(self.target) else CLASSICAL_RECIPE
+        )  # tiling is a network's
         want = {f: getattr(self.cfg, f) for f in recipe}
-        return any(i.get("target") == self.target.split(":")[0]  # what it computed, not what the default was then
-                   and local_path(i["config"].get("target") or self.task.target) == self.target
-                   and {f: local_path(i["config"].get(f)) for f in recipe} == want for i in done)
+        return any(
+            i.get("target")
+            == self.target.split(":")[0]  # what it computed, not what the default was then
+            and local_path(i["config"].get("target") or self.task.target) == self.target
+            and {f: local_path(i["config"].get(f)) for f in recipe} == want
+            for i in done
+        )
 
     def _encoder_done(self, name: str, done: list) -> bool:
         cfg = self.cfg
-        want = {**{f: getattr(cfg, f) for f in ENCODER_RECIPE}, "weights": weights_arg(name, cfg.clip_weights,
-                                                                                       cfg.sd_weights)}
-        return any(local_path(i.get("encoder")) == name and want == {
-            **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
-            "weights": local_path(weights_arg(name, i["config"].get("clip_weights"), i["config"].get("sd_weights")))}
-            for i in done)
+        want = {
+            **{f: getattr(cfg, f) for f in ENCODER_RECIPE},
+            "weights": weights_arg(name, cfg.clip_weights, cfg.sd_weights),
+        }
+        return any(
+            local_path(i.get("encoder")) == name
+            and want
+            == {
+                **{f: local_path(i["config"].get(f)) for f in ENCODER_RECIPE},
+                "weights": local_path(
+                    weights_arg(
+                        name, i["config"].get("clip_weights"), i["config"].get("sd_weights")
+                    )
+                ),
+            }
+            for i in done
+        )
 
 
 def plan_split(cfg: FeaturesConfig, task: Task, split: str) -> SplitPlan:
     """List one split's source (the only listing of the dataset folder) and work out its store."""
-    stat_cache = None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+    stat_cache = (
+        None if cfg.rehash or cfg.data == "demo" else known_sources(cfg.store_root, cfg.data, split)
+    )
     source = open_source(cfg.data, split, *task.demo_tiles, known=stat_cache)
     key, spec = pairs_key(source, task, cfg.seed)
     path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, key)
-    return SplitPlan(cfg, task, split, source, key, spec, path, cfg.target or task.target,
-                     tuple((cfg.encoder or task.encoder).split(",")), stat_cache is not None)
+    return SplitPlan(
+        cfg,
+        task,
+        split,
+        source,
+        key,
+        spec,
+        path,
+        cfg.target or task.target,
+        tuple((cfg.encoder or task.encoder).split(",")),
+        stat_cache is not None,
+    )
 
 
 def plan_features(cfg: FeaturesConfig) -> list[SplitPlan]:
@@ -200,14 +291,28 @@ def report_complete(plans: list[SplitPlan], wds: bool, log=print) -> list[Path]:
 def export_split(path: Path, target: str, encoders: list[str], log=print) -> Path:
     """A split's WebDataset export of these members, completed (the tars of shards not streamed
     by this run) and indexed."""
-    return export_wds(path, target=target, encoders=encoders, log=log,
-                      ranges=[[a, b] for _, a, b in Store(path).layout.shards()])
+    return export_wds(
+        path,
+        target=target,
+        encoders=encoders,
+        log=log,
+        ranges=[[a, b] for _, a, b in Store(path).layout.shards()],
+    )
 
 
 # -- "nothing to compute" without building a network --------------------------------------------
-TARGET_RECIPE = ("task", "target_weights", "target_tile", "target_overlap", "target_budget_mb", "init_seed",
-                 "allow_random_weights")
-CLASSICAL_RECIPE = tuple(f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget")))
+TARGET_RECIPE = (
+    "task",
+    "target_weights",
+    "target_tile",
+    "target_overlap",
+    "target_budget_mb",
+    "init_seed",
+    "allow_random_weights",
+)
+CLASSICAL_RECIPE = tuple(
+    f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget"))
+)
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
 
 
@@ -218,7 +323,9 @@ def _unchanged(info: dict) -> bool:
     if inputs is None:
         return info.get("weights") == "random"
     try:  # recorded paths are shareable (`~/...`): this user's home first
-        return all((st := os.stat(local_path(p))).st_size == size and st.st_mtime_ns == mtime
-                   for p, size, mtime in inputs)
+        return all(
+            (st := os.stat(local_path(p))).st_size == size and st.st_mtime_ns == mtime
+            for p, size, mtime in inputs
+        )
     except OSError:
         return False

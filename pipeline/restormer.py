@@ -9,6 +9,7 @@ basicsr/models/archs/restormer_arch.py), so the published checkpoints (`motion_d
 parameters with 'WithBias'. Input height and width must be multiples of 8 (three 2x
 downsamplings); the official test scripts reflect-pad to a multiple of 8 and crop back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,9 @@ class LayerNorm(nn.Module):
     def __init__(self, dim: int, layer_norm_type: str):
         super().__init__()
         if layer_norm_type not in ("WithBias", "BiasFree"):
-            raise ValueError(f"LayerNorm_type must be 'WithBias' or 'BiasFree', not {layer_norm_type!r}")
+            raise ValueError(
+                f"LayerNorm_type must be 'WithBias' or 'BiasFree', not {layer_norm_type!r}"
+            )
         self.body = _ChannelNorm(dim, with_bias=layer_norm_type == "WithBias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +80,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)  # 3 x (B, C, H, W)
-        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))  # (B, heads, C/heads, HW)
+        q, k, v = (
+            t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v)
+        )  # (B, heads, C/heads, HW)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)  # (B, heads, C/heads, C/heads)
+        attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(
+            dim=-1
+        )  # (B, heads, C/heads, C/heads)
         out = (attn @ v).reshape(b, c, h, w)
         return self.project_out(out)
 
@@ -111,7 +118,9 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -122,7 +131,9 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -132,15 +143,28 @@ class Restormer(nn.Module):
     """Four-level encoder-decoder of transformer blocks; output = input + predicted residual
     (dual-pixel defocus: 6 input channels, a skip convolution and no global residual)."""
 
-    def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
-                 num_blocks=(4, 6, 6, 8), num_refinement_blocks: int = 4, heads=(1, 2, 4, 8),
-                 ffn_expansion_factor: float = 2.66, bias: bool = False, LayerNorm_type: str = "WithBias",
-                 dual_pixel_task: bool = False):
+    def __init__(
+        self,
+        inp_channels: int = 3,
+        out_channels: int = 3,
+        dim: int = 48,
+        num_blocks=(4, 6, 6, 8),
+        num_refinement_blocks: int = 4,
+        heads=(1, 2, 4, 8),
+        ffn_expansion_factor: float = 2.66,
+        bias: bool = False,
+        LayerNorm_type: str = "WithBias",
+        dual_pixel_task: bool = False,
+    ):
         super().__init__()
 
         def stage(width: int, n: int, n_heads: int) -> nn.Sequential:
-            return nn.Sequential(*[TransformerBlock(width, n_heads, ffn_expansion_factor, bias, LayerNorm_type)
-                                   for _ in range(n)])
+            return nn.Sequential(
+                *[
+                    TransformerBlock(width, n_heads, ffn_expansion_factor, bias, LayerNorm_type)
+                    for _ in range(n)
+                ]
+            )
 
         d1, d2, d3, d4 = dim, dim * 2, dim * 4, dim * 8
         self.patch_embed = OverlapPatchEmbed(inp_channels, d1)

@@ -15,6 +15,7 @@ repeats one and the same block, so its weights appear under both `conv.` and `bl
 the output is `clamp(x / i, 0, 1)`, x RGB in [0, 1]. Published configuration: 1 layer, 3 channels.
 Every layer is a 3x3 convolution with zero padding: no size constraint, no padding by us.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,9 +26,11 @@ from torch import nn
 WEIGHTS_DIR = Path(__file__).resolve().parent / "third_party" / "sci"
 SCI_CONFIG = {"layers": 1, "channels": 3}
 # variant -> sha256 of the published file (NOTICE.md in WEIGHTS_DIR)
-SCI_WEIGHTS = {"easy": "b17326a26a93bf187ecbab217f9d3c57467a8b56020d4d9ff600ba257bbffb36",
-               "medium": "4ff1e7e66e8f18114f790e5085ca4c936f0858e329e7ad1cb65b8aa09a9c6916",
-               "difficult": "657fa1f280cae1035df0d5cbe628e91f2d0f28660df608a3fa3f7e9a71da5a13"}
+SCI_WEIGHTS = {
+    "easy": "b17326a26a93bf187ecbab217f9d3c57467a8b56020d4d9ff600ba257bbffb36",
+    "medium": "4ff1e7e66e8f18114f790e5085ca4c936f0858e329e7ad1cb65b8aa09a9c6916",
+    "difficult": "657fa1f280cae1035df0d5cbe628e91f2d0f28660df608a3fa3f7e9a71da5a13",
+}
 TRAINING_ONLY_PREFIX = "calibrate."
 
 
@@ -42,7 +45,9 @@ class Illumination(nn.Module):
         super().__init__()
         self.in_conv = nn.Sequential(_conv(3, channels), nn.ReLU())
         self.conv = nn.Sequential(_conv(channels, channels), nn.BatchNorm2d(channels), nn.ReLU())
-        self.blocks = nn.ModuleList([self.conv] * layers)  # one block applied `layers` times (shared weights)
+        self.blocks = nn.ModuleList(
+            [self.conv] * layers
+        )  # one block applied `layers` times (shared weights)
         self.out_conv = nn.Sequential(_conv(channels, 3), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

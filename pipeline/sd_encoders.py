@@ -25,6 +25,7 @@ repo=<hf repo id>`. Weights: `weights=DIR` (diffusers `save_pretrained` layout w
 `unet/`, or a VAE-only folder), else the Hugging Face cache (offline), else (demo only) SD 1.5's
 architecture with a seeded random initialisation, recorded as `weights: random`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,27 +46,54 @@ from .weights import WeightsNotFound, hf_home
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LEGACY_REPOS = ("runwayml/stable-diffusion-v1-5",)  # looked up too when repo= is not given
 COMMON = {"size": 256, "pool": "meanstd", "repo": DEFAULT_REPO, "dtype": "float32"}
-DEFAULTS = {"sd-vae": {**COMMON, "layer": "latent"},
-            "sd-unet": {**COMMON, "layer": "mid_block", "pool": "mean", "t": 50}}
+DEFAULTS = {
+    "sd-vae": {**COMMON, "layer": "latent"},
+    "sd-unet": {**COMMON, "layer": "mid_block", "pool": "mean", "t": 50},
+}
 POOLS = {"mean": "mean over space", "meanstd": "mean over space, then std over space (population)"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROMPT_LEN = 77  # CLIP's context length in SD 1.x/2.x
 # weight files in the order the libraries pick them (fp16 `variant` files are not used)
-DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                   "diffusion_pytorch_model.bin")
+DIFFUSERS_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
 TRANSFORMERS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 # stable-diffusion-v1-5 vae/config.json and unet/config.json (the random fallback's architecture)
-SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "norm_num_groups": 32,
-            "sample_size": 512, "scaling_factor": 0.18215}
-SD15_UNET = {"in_channels": 4, "out_channels": 4, "sample_size": 64, "layers_per_block": 2,
-             "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8, "cross_attention_dim": 768,
-             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "act_fn": "silu",
-             "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
-             "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 64,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+}
 
 
 def parse_sd_encoder(name: str) -> tuple[str, dict]:
@@ -78,13 +106,17 @@ def parse_sd_encoder(name: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(":")):
         key, eq, value = item.partition("=")
         if not eq or key not in opts:
-            raise ValueError(f"{name!r}: bad option {item!r}; options of {base}: "
-                             + ", ".join(f"{k}=<{v}>" for k, v in DEFAULTS[base].items()))
+            raise ValueError(
+                f"{name!r}: bad option {item!r}; options of {base}: "
+                + ", ".join(f"{k}=<{v}>" for k, v in DEFAULTS[base].items())
+            )
         opts[key] = type(DEFAULTS[base][key])(value)
     if opts["size"] <= 0 or opts["size"] % 8:
         raise ValueError(f"{name!r}: size must be a positive multiple of 8, got {opts['size']}")
     if opts["pool"] not in POOLS or opts["dtype"] not in DTYPES:
-        raise ValueError(f"{name!r}: pool must be one of {sorted(POOLS)}, dtype one of {sorted(DTYPES)}")
+        raise ValueError(
+            f"{name!r}: pool must be one of {sorted(POOLS)}, dtype one of {sorted(DTYPES)}"
+        )
     if not 0 <= opts.get("t", 0) < 1000:
         raise ValueError(f"{name!r}: t must be in [0, 1000), got {opts['t']}")
     return base, opts
@@ -168,7 +200,12 @@ class SDVaeEncoder:
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """images: uint8 (H, W, 3) of any sizes -> g (N, 4, D) float32."""
         views = torch.cat([self._views(img) for img in images]) * 2 - 1  # (4N, 3, S, S) in [-1, 1]
-        g = torch.cat([self._pooled(views[i:i + self.max_batch]) for i in range(0, len(views), self.max_batch)])
+        g = torch.cat(
+            [
+                self._pooled(views[i : i + self.max_batch])
+                for i in range(0, len(views), self.max_batch)
+            ]
+        )
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 
     def _views(self, img: np.ndarray) -> torch.Tensor:
@@ -176,17 +213,34 @@ class SDVaeEncoder:
 
     def spec(self) -> dict:
         w, size = self.weights, self.opts["size"]
-        return {"encoder": self.name.split(":")[0], "arch": self.arch, "library": "diffusers",
-                "weights": w["weights"], "weights_sha256": w.get("sha256"), "weights_files": w.get("files"),
-                "init_seed": w.get("init_seed"), "diffusers_version": w.get("diffusers_version"),
-                "model_config_sha256": w.get("config_sha256"),
-                "preprocess": {"resize": [size, size], "interpolation": "bicubic", "antialias": True,
-                               "crop": None, "range": [-1, 1]},
-                "latent": "(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor (mean, no sample)",
-                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
-                "layer": self._layer_desc(), "pool": POOLS[self.opts["pool"]], "output": "unnormalised (no L2)",
-                "dtype": self.opts["dtype"], "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
-                "dim": self.dim, "flips": list(FLIPS)}
+        return {
+            "encoder": self.name.split(":")[0],
+            "arch": self.arch,
+            "library": "diffusers",
+            "weights": w["weights"],
+            "weights_sha256": w.get("sha256"),
+            "weights_files": w.get("files"),
+            "init_seed": w.get("init_seed"),
+            "diffusers_version": w.get("diffusers_version"),
+            "model_config_sha256": w.get("config_sha256"),
+            "preprocess": {
+                "resize": [size, size],
+                "interpolation": "bicubic",
+                "antialias": True,
+                "crop": None,
+                "range": [-1, 1],
+            },
+            "latent": "(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor (mean, no sample)",
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "layer": self._layer_desc(),
+            "pool": POOLS[self.opts["pool"]],
+            "output": "unnormalised (no L2)",
+            "dtype": self.opts["dtype"],
+            "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
+            "dim": self.dim,
+            "flips": list(FLIPS),
+        }
 
     def _layer_desc(self) -> str:
         layer, channels = self.opts["layer"], self.vae.config.latent_channels
@@ -198,13 +252,23 @@ class SDUnetEncoder(SDVaeEncoder):
 
     arch = "diffusers AutoencoderKL + UNet2DConditionModel"
 
-    def __init__(self, name: str, vae, unet, weights: dict, prompt: tuple[torch.Tensor, str] | None = None,
-                 device="cpu", max_batch: int = 16):
+    def __init__(
+        self,
+        name: str,
+        vae,
+        unet,
+        weights: dict,
+        prompt: tuple[torch.Tensor, str] | None = None,
+        device="cpu",
+        max_batch: int = 16,
+    ):
         dtype = DTYPES[parse_sd_encoder(name)[1]["dtype"]]
         self.unet = _prepare(unet, device, dtype)
         ctx_dim = int(unet.config.cross_attention_dim)
-        self.context, self.prompt = prompt or (torch.zeros(1, PROMPT_LEN, ctx_dim),
-                                               f'"" (zeros (1, {PROMPT_LEN}, {ctx_dim}), no text encoder)')
+        self.context, self.prompt = prompt or (
+            torch.zeros(1, PROMPT_LEN, ctx_dim),
+            f'"" (zeros (1, {PROMPT_LEN}, {ctx_dim}), no text encoder)',
+        )
         self.context = self.context.to(device, dtype)
         super().__init__(name, vae, weights, device, max_batch)
 
@@ -212,14 +276,21 @@ class SDUnetEncoder(SDVaeEncoder):
         latent = self._latent(x)
         t = torch.full((len(latent),), self.opts["t"], dtype=torch.long, device=latent.device)
         ctx = self.context.expand(len(latent), -1, -1)
-        return _hooked(self.unet, self.opts["layer"], lambda: self.unet(latent, t, encoder_hidden_states=ctx))
+        return _hooked(
+            self.unet, self.opts["layer"], lambda: self.unet(latent, t, encoder_hidden_states=ctx)
+        )
 
     def _layer_desc(self) -> str:
         return f"unet.{self.opts['layer']} output"
 
     def spec(self) -> dict:
-        return {**super().spec(), "timestep": self.opts["t"], "num_train_timesteps": 1000,
-                "noise": "none: the clean latent is fed at timestep t", "prompt": self.prompt}
+        return {
+            **super().spec(),
+            "timestep": self.opts["t"],
+            "num_train_timesteps": 1000,
+            "noise": "none: the clean latent is fed at timestep t",
+            "prompt": self.prompt,
+        }
 
 
 # ---------------------------------------------------------------- loading
@@ -230,7 +301,11 @@ def _weight_files(folder: Path, candidates: tuple[str, ...]) -> list[Path]:
     for name in candidates:
         path = folder / name
         if path.is_file():
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values())) if name.endswith(".json") else []
+            shards = (
+                sorted(set(json.loads(path.read_text())["weight_map"].values()))
+                if name.endswith(".json")
+                else []
+            )
             return [folder / "config.json", path] + [folder / s for s in shards]
     present = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "nothing"
     raise WeightsNotFound(f"{folder}: none of {', '.join(candidates)} (found: {present})")
@@ -266,8 +341,10 @@ def _find_dirs(base: str, weights: str | None, repo: str) -> tuple[Path | None, 
         dirs = _from_folder(base, root)
         if dirs is None:
             need = "vae/ and unet/" if base == "sd-unet" else "vae/ (or a VAE folder's config.json)"
-            raise WeightsNotFound(f"--sd-weights {root}: no {need} with config.json in diffusers' "
-                                  f"save_pretrained layout")
+            raise WeightsNotFound(
+                f"--sd-weights {root}: no {need} with config.json in diffusers' "
+                f"save_pretrained layout"
+            )
         return root, dirs, str(root)
     from huggingface_hub import try_to_load_from_cache
 
@@ -279,19 +356,29 @@ def _find_dirs(base: str, weights: str | None, repo: str) -> tuple[Path | None, 
                 root = Path(found).parent.parent if "/" in probe else Path(found).parent
                 if (dirs := _from_folder(base, root)) is not None:
                     return root, dirs, f"the Hugging Face cache ({rid})"
-    return None, None, f"--sd-weights (not given), the Hugging Face cache ({hf_home()}) for {', '.join(repos)}"
+    return (
+        None,
+        None,
+        f"--sd-weights (not given), the Hugging Face cache ({hf_home()}) for {', '.join(repos)}",
+    )
 
 
 def _load_models(dirs: dict[str, Path]) -> tuple[dict, list[tuple[str, Path]]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     classes = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}
-    fast = importlib.util.find_spec("accelerate") is not None  # without it diffusers warns, then inits twice
+    fast = (
+        importlib.util.find_spec("accelerate") is not None
+    )  # without it diffusers warns, then inits twice
     models, files = {}, []
     for sub, folder in dirs.items():
         used = _weight_files(folder, DIFFUSERS_FILES)
-        models[sub] = classes[sub].from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=fast,
-                                                   use_safetensors=".safetensors" in used[1].name)
+        models[sub] = classes[sub].from_pretrained(
+            folder,
+            local_files_only=True,
+            low_cpu_mem_usage=fast,
+            use_safetensors=".safetensors" in used[1].name,
+        )
         files += [(f"{sub}/{p.name}", p) for p in used]
     return models, files
 
@@ -305,15 +392,24 @@ def _empty_prompt(root: Path) -> tuple[tuple[torch.Tensor, str] | None, list[tup
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError:
-        warnings.warn(f"{root} has text_encoder/ and tokenizer/ but transformers is not installed: the "
-                      f"empty prompt is a zero tensor (recorded in the spec)", stacklevel=3)
+        warnings.warn(
+            f"{root} has text_encoder/ and tokenizer/ but transformers is not installed: the "
+            f"empty prompt is a zero tensor (recorded in the spec)",
+            stacklevel=3,
+        )
         return None, []
     files = _weight_files(te, TRANSFORMERS_FILES)
     tokenizer = CLIPTokenizer.from_pretrained(tok, local_files_only=True)
-    model = CLIPTextModel.from_pretrained(te, local_files_only=True,
-                                          use_safetensors=".safetensors" in files[1].name).eval()
-    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    model = CLIPTextModel.from_pretrained(
+        te, local_files_only=True, use_safetensors=".safetensors" in files[1].name
+    ).eval()
+    ids = tokenizer(
+        [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         emb = model(ids)[0].float()
     desc = f'"" (CLIP text encoder last hidden state, {ids.shape[1]} tokens padded to max_length)'
@@ -335,12 +431,23 @@ def _random_models(base: str, init_seed: int, config: dict | None) -> tuple[dict
         if "unet" in cfgs:
             models["unet"] = UNet2DConditionModel(**cfgs["unet"])
     config_sha = hashlib.sha256(canonical_json(cfgs).encode()).hexdigest()
-    return models, {"weights": "random", "init_seed": init_seed, "diffusers_version": diffusers.__version__,
-                    "config_sha256": config_sha, "config": "SD 1.5 (in code)" if config is None else "override"}
+    return models, {
+        "weights": "random",
+        "init_seed": init_seed,
+        "diffusers_version": diffusers.__version__,
+        "config_sha256": config_sha,
+        "config": "SD 1.5 (in code)" if config is None else "override",
+    }
 
 
-def build_sd_encoder(name: str, weights: str | None = None, allow_random: bool = False, init_seed: int = 0,
-                     device: str = "cpu", random_config: dict | None = None):
+def build_sd_encoder(
+    name: str,
+    weights: str | None = None,
+    allow_random: bool = False,
+    init_seed: int = 0,
+    device: str = "cpu",
+    random_config: dict | None = None,
+):
     """`sd-vae[:opts]` or `sd-unet[:opts]` -> SDVaeEncoder / SDUnetEncoder (module docstring).
     `random_config` ({"vae": cfg, "unet": cfg}) replaces SD 1.5's architecture in the random
     fallback only (tests)."""
@@ -355,13 +462,18 @@ def build_sd_encoder(name: str, weights: str | None = None, allow_random: bool =
         sha, rels = _hash_files(files)
         info = {"weights": "pretrained", "sha256": sha, "path": str(root), "files": rels}
     elif not allow_random:
-        raise WeightsNotFound(f"no Stable Diffusion weights for {base}: looked in {where}. Pass --sd-weights DIR "
-                              f"(a diffusers folder with vae/{' and unet/' if base == 'sd-unet' else ''}), "
-                              f"or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random initialisation (weights: random)")
+        raise WeightsNotFound(
+            f"no Stable Diffusion weights for {base}: looked in {where}. Pass --sd-weights DIR "
+            f"(a diffusers folder with vae/{' and unet/' if base == 'sd-unet' else ''}), "
+            f"or --allow-random-weights (ALLOW_RANDOM_WEIGHTS=1) to use a random initialisation (weights: random)"
+        )
     else:
-        warnings.warn(f"no pre-trained weights for {base} (looked in {where}); using a RANDOM initialisation "
-                      f"(seed {init_seed}). The features are not Stable Diffusion's; the store key and every "
-                      f"report say 'weights: random'.", stacklevel=2)
+        warnings.warn(
+            f"no pre-trained weights for {base} (looked in {where}); using a RANDOM initialisation "
+            f"(seed {init_seed}). The features are not Stable Diffusion's; the store key and every "
+            f"report say 'weights: random'.",
+            stacklevel=2,
+        )
         models, info = _random_models(base, init_seed, random_config)
     if base == "sd-vae":
         return SDVaeEncoder(name, models["vae"], info, device)

@@ -17,6 +17,7 @@ the network is given (for SID that is BGR: see docs/networks.md). Height and wid
 multiples of 4; the transformer covers the largest multiple of 16 and, as in the authors' code, the
 feature rows and columns beyond it get the convolutional branch only.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,11 @@ def snr_map(img: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) SNR map, as the authors compute it (the blur with
     OpenCV on the CPU in float32, like their data loader, so the map matches theirs bit for bit)."""
     frames = img.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-    light = torch.from_numpy(np.stack([blurred_frame(f) for f in frames])).permute(0, 3, 1, 2).to(img.device)
+    light = (
+        torch.from_numpy(np.stack([blurred_frame(f) for f in frames]))
+        .permute(0, 3, 1, 2)
+        .to(img.device)
+    )
     luma = lambda t: t[:, 0:1] * LUMA[0] + t[:, 1:2] * LUMA[1] + t[:, 2:3] * LUMA[2]  # noqa: E731
     dark, light = luma(img.float()), luma(light)
     ratio = light / (torch.abs(dark - light) + 0.0001)
@@ -114,7 +119,9 @@ class EncoderLayer(nn.Module):
 class PatchTransformer(nn.Module):
     def __init__(self, d_model: int, d_inner: int, n_layers: int, heads: int, d_head: int):
         super().__init__()
-        self.layer_stack = nn.ModuleList([EncoderLayer(d_model, d_inner, heads, d_head) for _ in range(n_layers)])
+        self.layer_stack = nn.ModuleList(
+            [EncoderLayer(d_model, d_inner, heads, d_head) for _ in range(n_layers)]
+        )
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         for layer in self.layer_stack:
@@ -133,8 +140,17 @@ class SNRAware(nn.Module):
 
     pad_factor = PAD_FACTOR
 
-    def __init__(self, nf: int = 64, front_RBs: int = 1, back_RBs: int = 1, light_RBs: int = 6,
-                 n_layers: int = 6, heads: int = 8, d_head: int = 64, patch: int = 4):
+    def __init__(
+        self,
+        nf: int = 64,
+        front_RBs: int = 1,
+        back_RBs: int = 1,
+        light_RBs: int = 6,
+        n_layers: int = 6,
+        heads: int = 8,
+        d_head: int = 64,
+        patch: int = 4,
+    ):
         super().__init__()
         self.patch = patch
         self.conv_first_1 = nn.Conv2d(3, nf, 3, 1, 1, bias=True)
@@ -166,7 +182,9 @@ class SNRAware(nn.Module):
         keep = F.unfold(mask, kernel_size=p, stride=p).mean(dim=1)  # (B, L): mean SNR per patch
         keep = torch.where(keep <= 0.5, torch.zeros_like(keep), keep)
         tokens = self.transformer(tokens, keep)
-        long = F.fold(tokens.transpose(1, 2), output_size=(h, w), kernel_size=p, stride=p)  # zeros beyond the patches
+        long = F.fold(
+            tokens.transpose(1, 2), output_size=(h, w), kernel_size=p, stride=p
+        )  # zeros beyond the patches
         fea = long * (1 - mask) + short * mask
         out = self.recon_trunk(fea)
         out = act(F.pixel_shuffle(self.upconv1(torch.cat([out, f3], 1)), 2))  # (B, nf, H/2, W/2)

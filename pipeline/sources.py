@@ -3,6 +3,7 @@
 `open_source("demo", "train", patch=192)` lists samples without loading pixels; each sample's
 `load()` returns (gt, lq) as uint8 (H, W, 3) arrays, lq being None when the task degrades gt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,15 +19,28 @@ import numpy as np
 from stores import canonical_json, dataset_name, sha256_file
 from stores.keys import sha256_bytes
 
-from .layouts import (BLOCKS_EXPECTED, IMAGE_SUFFIXES, PROTOCOLS, LayoutError, MatBlock, ProtocolFrame, list_pairs,
-                      parse_data)
-
+from .layouts import (
+    BLOCKS_EXPECTED,
+    IMAGE_SUFFIXES,
+    PROTOCOLS,
+    LayoutError,
+    MatBlock,
+    ProtocolFrame,
+    list_pairs,
+    parse_data,
+)
 
 # Demo: real colour photos shipped inside the scikit-image wheel, split by image (the stereo
 # pair stays together so no scene is in both splits).
 DEMO_SPLITS = {
-    "train": ["astronaut", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
-              "immunohistochemistry", "retina"],
+    "train": [
+        "astronaut",
+        "motorcycle_left",
+        "motorcycle_right",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+    ],
     "test": ["chelsea", "coffee", "rocket"],
 }
 # The test photos are cut into 33 non-overlapping tiles of this size (6 + 12 + 15), so that the
@@ -43,7 +57,9 @@ class Sample:
     name: str
     load: Callable[[], tuple]  # () -> (gt uint8 (H,W,3), lq uint8 (H,W,3) or None, notes)
     hw: tuple  # (H, W) of the valid image
-    ref: dict | None = field(default=None, compare=False)  # where its pixels are (pipeline/descriptors.py)
+    ref: dict | None = field(
+        default=None, compare=False
+    )  # where its pixels are (pipeline/descriptors.py)
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,14 @@ class Source:
     records: dict | None = field(default=None, repr=False)  # folders: the stat cache (see _folder)
 
 
-def open_source(data: str, split: str, patch: int = 192, stride: int = 64, cap: int = 48,
-                known: dict | None = None) -> Source:
+def open_source(
+    data: str,
+    split: str,
+    patch: int = 192,
+    stride: int = 64,
+    cap: int = 48,
+    known: dict | None = None,
+) -> Source:
     """`data` is `demo` or a folder. Demo training photos are cut into patch x patch tiles every
     `stride` px (overlapping: more samples, each with its own degradation), at most `cap` evenly
     spread tiles per photo so that the large, mostly dark ones do not dominate. Demo test photos
@@ -92,17 +114,29 @@ def _demo(split: str, patch: int, stride: int, cap: int) -> Source:
         img = _demo_image(name)
         prints[name] = hashlib.sha256(img.tobytes()).hexdigest()
         h, w = img.shape[:2]
-        if split == "test":  # non-overlapping tiles of the held-out photos: enough samples for an interval
+        if (
+            split == "test"
+        ):  # non-overlapping tiles of the held-out photos: enough samples for an interval
             for y in range(0, h - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
                 for x in range(0, w - DEMO_TEST_TILE + 1, DEMO_TEST_TILE):
                     samples.append(_demo_tile(name, y, x, (DEMO_TEST_TILE, DEMO_TEST_TILE)))
             continue
-        corners = [(y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)]
-        keep = np.unique(np.linspace(0, len(corners) - 1, min(cap, len(corners))).round().astype(int))
+        corners = [
+            (y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)
+        ]
+        keep = np.unique(
+            np.linspace(0, len(corners) - 1, min(cap, len(corners))).round().astype(int)
+        )
         for y, x in (corners[k] for k in keep):
             samples.append(_demo_tile(name, y, x, (patch, patch)))
-    fingerprint = {"dataset": "demo", "images": prints, "split": split,
-                   "tiles": [patch, stride, cap] if split == "train" else [DEMO_TEST_TILE, DEMO_TEST_TILE, None]}
+    fingerprint = {
+        "dataset": "demo",
+        "images": prints,
+        "split": split,
+        "tiles": [patch, stride, cap]
+        if split == "train"
+        else [DEMO_TEST_TILE, DEMO_TEST_TILE, None],
+    }
     return Source("demo", split, samples, fingerprint, paired=False)
 
 
@@ -113,7 +147,8 @@ def _demo_photo(name: str) -> np.ndarray:
 
 def _demo_tile(photo: str, y: int, x: int, hw: tuple) -> Sample:
     def load():
-        return _demo_photo(photo)[y:y + hw[0], x:x + hw[1]].copy(), None, []
+        return _demo_photo(photo)[y : y + hw[0], x : x + hw[1]].copy(), None, []
+
     return Sample(f"{photo}@{y}_{x}", load, tuple(hw), {"demo": photo, "y": y, "x": x})
 
 
@@ -131,7 +166,9 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
     files, blocks, changed, touched = {}, {}, [], []
     for p in (p for pair in pairs for p in pair if p is not None):
         path = _utf8(p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p)
-        if (key := str(path.relative_to(root))) not in files:  # hashed once, however many samples use it
+        if (
+            key := str(path.relative_to(root))
+        ) not in files:  # hashed once, however many samples use it
             st = path.stat()
             was = old.get(key)
             if was is not None and was[:2] == [st.st_size, st.st_mtime_ns]:
@@ -144,20 +181,46 @@ def _folder(data: str, split: str, known: dict | None = None) -> Source:
             blocks.setdefault(f"{key}#{p.variable}", []).append(p.index)
     trusted = {k for k, v in files.items() if old.get(k) == v}
     old_hw = (known or {}).get("hw", {})
-    samples = [_sample(root, g, q, old_hw if all(str(f.relative_to(root)) in trusted for f in _files(g, q)) else {})
-               for g, q in pairs]
+    samples = [
+        _sample(
+            root,
+            g,
+            q,
+            old_hw if all(str(f.relative_to(root)) in trusted for f in _files(g, q)) else {},
+        )
+        for g, q in pairs
+    ]
     name = dataset_name(str(root))
-    fingerprint = {"dataset": name, "layout": layout, "split": split, "files": len(files),
-                   "sha256": sha256_bytes(canonical_json(sorted([k, v[2]] for k, v in files.items())).encode())}
-    if blocks:  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
+    fingerprint = {
+        "dataset": name,
+        "layout": layout,
+        "split": split,
+        "files": len(files),
+        "sha256": sha256_bytes(
+            canonical_json(sorted([k, v[2]] for k, v in files.items())).encode()
+        ),
+    }
+    if (
+        blocks
+    ):  # which blocks of which arrays (absent for image files: their fingerprints are unchanged)
         fingerprint["blocks"] = sha256_bytes(canonical_json(blocks).encode())
-    if all(g is q for g, q in pairs):  # inputs only (`unpaired` train split): the stored gt is the input
+    if all(
+        g is q for g, q in pairs
+    ):  # inputs only (`unpaired` train split): the stored gt is the input
         fingerprint["ground_truth"] = False
     if layout in PROTOCOLS:  # how frames are read (resize, channel order): part of the pairs key
         fingerprint["protocol"] = PROTOCOLS[layout]
-    records = {"root": str(root.resolve()), "split": split, "files": files,
-               "hw": {s.name: list(s.hw) for s in samples}, "changed": changed, "touched": touched}
-    return Source(name, split, samples, fingerprint, paired=pairs[0][1] is not None, records=records)
+    records = {
+        "root": str(root.resolve()),
+        "split": split,
+        "files": files,
+        "hw": {s.name: list(s.hw) for s in samples},
+        "changed": changed,
+        "touched": touched,
+    }
+    return Source(
+        name, split, samples, fingerprint, paired=pairs[0][1] is not None, records=records
+    )
 
 
 def _utf8(path: Path) -> Path:
@@ -166,21 +229,27 @@ def _utf8(path: Path) -> Path:
     try:
         str(path).encode()
     except UnicodeEncodeError:
-        raise SourceError(f"file name {os.fsencode(path)!r} is not valid UTF-8 (sample names are stored as UTF-8 "
-                          f"text); rename it, e.g. `convmv -f latin1 -t utf8 -r --notest <dataset folder>`, "
-                          f"and run again") from None
+        raise SourceError(
+            f"file name {os.fsencode(path)!r} is not valid UTF-8 (sample names are stored as UTF-8 "
+            f"text); rename it, e.g. `convmv -f latin1 -t utf8 -r --notest <dataset folder>`, "
+            f"and run again"
+        ) from None
     return path
 
 
 def _files(gt, lq) -> list[Path]:
-    return [p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p for p in (gt, lq) if p is not None]
+    return [
+        p.path if isinstance(p, (MatBlock, ProtocolFrame)) else p for p in (gt, lq) if p is not None
+    ]
 
 
 def _sample(root: Path, gt, lq, known_hw: dict) -> Sample:
     """A sample; its size from `known_hw` (by name) when its files are unchanged, else the header."""
     ref = {"gt": _ref(root, gt), "lq": None if lq is None else _ref(root, lq)}
     if isinstance(gt, MatBlock):  # named e.g. test/SIDD/ValidationGtBlocksSrgb.mat#0007
-        return Sample(f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw), ref)
+        return Sample(
+            f"{gt.path.relative_to(root)}#{gt.index:04d}", _block_loader(gt, lq), tuple(gt.hw), ref
+        )
     if isinstance(gt, ProtocolFrame):
         return Sample(str(gt.path.relative_to(root)), _frame_loader(gt, lq), gt.hw, ref)
     name = str(gt.relative_to(root))
@@ -202,8 +271,10 @@ def _inside(root: Path, rel) -> Path:
     dataset folder (`..`) is refused: a store never makes a task read files outside its data."""
     rel = Path(str(rel))
     if rel.is_absolute() or ".." in rel.parts:
-        raise SourceError(f"sample descriptor path {str(rel)!r} is not inside the dataset folder {root}; "
-                          f"the store's _sources/samples was altered")
+        raise SourceError(
+            f"sample descriptor path {str(rel)!r} is not inside the dataset folder {root}; "
+            f"the store's _sources/samples was altered"
+        )
     return root / rel
 
 
@@ -221,17 +292,28 @@ def sample_of(root: Path | None, name: str, hw, ref: dict) -> Sample:
     """The Sample a descriptor (name, size, `Sample.ref`) describes, read with the same loaders as
     open_source's; nothing is listed or opened until it is loaded. `root`: the dataset folder."""
     hw = tuple(int(v) for v in hw)
-    if ("demo" in ref) != (root is None):  # a demo store's rows name demo photos, a folder's name files
-        raise SourceError(f"sample descriptor {name!r}: {'a demo photo' if 'demo' in ref else 'a file'} in a "
-                          f"{'folder' if root is not None else 'demo'} store; the store's _sources/samples was altered")
+    if ("demo" in ref) != (
+        root is None
+    ):  # a demo store's rows name demo photos, a folder's name files
+        raise SourceError(
+            f"sample descriptor {name!r}: {'a demo photo' if 'demo' in ref else 'a file'} in a "
+            f"{'folder' if root is not None else 'demo'} store; the store's _sources/samples was altered"
+        )
     if "demo" in ref:
         if not any(ref["demo"] in names for names in DEMO_SPLITS.values()):
-            raise SourceError(f"sample descriptor {name!r}: {ref['demo']!r} is not a demo photo "
-                              f"({sorted(n for v in DEMO_SPLITS.values() for n in v)})")
+            raise SourceError(
+                f"sample descriptor {name!r}: {ref['demo']!r} is not a demo photo "
+                f"({sorted(n for v in DEMO_SPLITS.values() for n in v)})"
+            )
         return _demo_tile(ref["demo"], ref["y"], ref["x"], hw)
     gt, lq = _unref(root, ref["gt"], hw), _unref(root, ref["lq"], hw)
-    loader = _block_loader if isinstance(gt, MatBlock) else _frame_loader if isinstance(gt, ProtocolFrame) \
+    loader = (
+        _block_loader
+        if isinstance(gt, MatBlock)
+        else _frame_loader
+        if isinstance(gt, ProtocolFrame)
         else _file_loader
+    )
     return Sample(name, loader(gt, lq), hw, ref)
 
 
@@ -270,13 +352,20 @@ def _to_rgb8(im, rawmode: str, data: bytes) -> tuple[np.ndarray, list[str]]:
     ambiguous and raises ValueError."""
     mode = im.mode
     depth = colour = None
-    if mode in ("RGB", "RGBA", "LA") and ";16" in rawmode:  # 16-bit colour: Pillow keeps 8 bits, OpenCV 16
+    if (
+        mode in ("RGB", "RGBA", "LA") and ";16" in rawmode
+    ):  # 16-bit colour: Pillow keeps 8 bits, OpenCV 16
         import cv2
 
-        full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # ignores EXIF orientation too
+        full = cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED
+        )  # ignores EXIF orientation too
         if full is None or full.dtype != np.uint16 or full.shape[:2] != (im.height, im.width):
             raise ValueError(f"OpenCV cannot decode its 16-bit {mode} pixels")
-        depth, arr = DEEP, _from16(full[..., 2::-1] if full.ndim == 3 and full.shape[2] >= 3 else full)
+        depth, arr = (
+            DEEP,
+            _from16(full[..., 2::-1] if full.ndim == 3 and full.shape[2] >= 3 else full),
+        )
     elif mode == "1":
         depth, arr = "1-bit expanded to 8 bit", np.asarray(im).astype(np.uint8) * 255
     elif mode.startswith("I;16"):
@@ -284,14 +373,21 @@ def _to_rgb8(im, rawmode: str, data: bytes) -> tuple[np.ndarray, list[str]]:
     elif mode == "I":
         arr = np.asarray(im)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise ValueError(f"32-bit integer pixels in {arr.min()}..{arr.max()}; expected 16-bit values 0..65535")
+            raise ValueError(
+                f"32-bit integer pixels in {arr.min()}..{arr.max()}; expected 16-bit values 0..65535"
+            )
         depth, arr = "32-bit integers read as 16-bit, reduced to 8 bit", _from16(arr)
     elif mode == "F":
         arr = np.asarray(im)
         if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
-            raise ValueError(f"32-bit float pixels in {np.nanmin(arr)}..{np.nanmax(arr)} (or not finite); "
-                             f"expected values in [0, 1]")
-        depth, arr = "32-bit floats in [0, 1] scaled to 8 bit", np.round(arr.astype(np.float64) * 255).astype(np.uint8)
+            raise ValueError(
+                f"32-bit float pixels in {np.nanmin(arr)}..{np.nanmax(arr)} (or not finite); "
+                f"expected values in [0, 1]"
+            )
+        depth, arr = (
+            "32-bit floats in [0, 1] scaled to 8 bit",
+            np.round(arr.astype(np.float64) * 255).astype(np.uint8),
+        )
     elif mode in ("L", "LA", "RGB", "RGBA", "RGBX"):
         arr = np.asarray(im)
     else:  # palette, CMYK, YCbCr, ...: Pillow's own conversion
@@ -301,7 +397,12 @@ def _to_rgb8(im, rawmode: str, data: bytes) -> tuple[np.ndarray, list[str]]:
     if grey:
         arr = np.repeat((arr[..., 0] if arr.ndim == 3 else arr)[..., None], 3, axis=2)
     alpha = "A" in mode or "a" in mode or "transparency" in im.info
-    notes = [depth, colour, "grayscale converted to RGB" if grey else None, "alpha channel dropped" if alpha else None]
+    notes = [
+        depth,
+        colour,
+        "grayscale converted to RGB" if grey else None,
+        "alpha channel dropped" if alpha else None,
+    ]
     return arr[..., :3], [n for n in notes if n]
 
 
@@ -322,8 +423,10 @@ def read_image(path: Path) -> tuple[np.ndarray, list[str]]:
             arr, notes = _to_rgb8(im, rawmode, data)
             orientation = im.getexif().get(0x0112, 1)
     except Exception as e:
-        raise SourceError(f"cannot read image {path}: {e}; expected an RGB image file "
-                          f"({', '.join(IMAGE_SUFFIXES)})") from e
+        raise SourceError(
+            f"cannot read image {path}: {e}; expected an RGB image file "
+            f"({', '.join(IMAGE_SUFFIXES)})"
+        ) from e
     if orientation not in (1, None):
         notes.append(f"EXIF orientation {orientation} ignored: pixels read as stored")
     return np.ascontiguousarray(arr, dtype=np.uint8), notes
@@ -336,6 +439,7 @@ def _file_loader(gt: Path, lq: Path | None):
             return g, None, notes
         q, lq_notes = read_image(lq)
         return g, q, notes + [f"lq: {n}" for n in lq_notes]
+
     return load
 
 
@@ -348,25 +452,34 @@ def read_frame(frame: ProtocolFrame) -> np.ndarray:
         try:
             arr = np.load(frame.path, allow_pickle=False)  # never unpickles: no code runs
         except Exception as e:
-            raise SourceError(f"cannot read {frame.path}: {type(e).__name__}: {e}; expected a .npy array of "
-                              f"uint8 (H, W, 3)") from e
+            raise SourceError(
+                f"cannot read {frame.path}: {type(e).__name__}: {e}; expected a .npy array of "
+                f"uint8 (H, W, 3)"
+            ) from e
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
-            raise SourceError(f"{frame.path}: array of {arr.dtype} {arr.shape}; expected uint8 (H, W, 3), as "
-                              f"SNR-Aware's SID files hold")
+            raise SourceError(
+                f"{frame.path}: array of {arr.dtype} {arr.shape}; expected uint8 (H, W, 3), as "
+                f"SNR-Aware's SID files hold"
+            )
     else:
         arr, _ = read_image(frame.path)
-    arr = cv2.resize(np.ascontiguousarray(arr[..., :3]), tuple(frame.size))  # (W, H); bilinear by default
+    arr = cv2.resize(
+        np.ascontiguousarray(arr[..., :3]), tuple(frame.size)
+    )  # (W, H); bilinear by default
     return np.ascontiguousarray(arr[..., ::-1] if frame.reverse else arr)
 
 
 def _frame_loader(gt: ProtocolFrame, lq: ProtocolFrame):
     def load():
         return read_frame(gt), read_frame(lq), []
+
     return load
 
 
 # -- image blocks in MATLAB files (SIDD validation) -------------------------------------------
-@lru_cache(maxsize=2)  # SIDD's noisy and GT arrays (250 MB each): read once per process, not per block
+@lru_cache(
+    maxsize=2
+)  # SIDD's noisy and GT arrays (250 MB each): read once per process, not per block
 def _mat_blocks(path: Path, variable: str, stamp: tuple) -> np.ndarray | str:
     """All blocks of `variable` as one C-ordered (N, H, W, 3) uint8 array, or the reason it cannot
     be read (cached too, so that a broken file is read once and each of its blocks is excluded).
@@ -376,13 +489,17 @@ def _mat_blocks(path: Path, variable: str, stamp: tuple) -> np.ndarray | str:
     try:
         arr = loadmat(str(path), variable_names=[variable]).get(variable)
     except Exception as e:
-        return (f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected {variable} holding "
-                f"{BLOCKS_EXPECTED}")
+        return (
+            f"cannot read MATLAB file {path}: {type(e).__name__}: {e}; expected {variable} holding "
+            f"{BLOCKS_EXPECTED}"
+        )
     if arr is None:
         return f"{path}: no variable {variable!r}; expected {variable} holding {BLOCKS_EXPECTED}"
     if arr.dtype != np.uint8 or arr.ndim not in (4, 5) or arr.shape[-1] != 3:
         return f"{path}: {variable} is {arr.dtype} of shape {arr.shape}; expected {BLOCKS_EXPECTED}"
-    return np.ascontiguousarray(arr).reshape(-1, *arr.shape[-3:])  # MATLAB order: one copy here, not per block
+    return np.ascontiguousarray(arr).reshape(
+        -1, *arr.shape[-3:]
+    )  # MATLAB order: one copy here, not per block
 
 
 def in_order(samples: list, order) -> Callable[[int], tuple]:
@@ -406,11 +523,14 @@ def _read_block(block: MatBlock) -> np.ndarray:
     if isinstance(blocks, str):
         raise SourceError(blocks)
     if block.index >= len(blocks):
-        raise SourceError(f"{block.path}: {block.variable} has {len(blocks)} blocks; expected block {block.index}")
+        raise SourceError(
+            f"{block.path}: {block.variable} has {len(blocks)} blocks; expected block {block.index}"
+        )
     return blocks[block.index].copy()  # the cached array stays untouched
 
 
 def _block_loader(gt: MatBlock, lq: MatBlock | None):
     def load():
         return _read_block(gt), None if lq is None else _read_block(lq), []
+
     return load

@@ -13,6 +13,7 @@ export's (`WdsStreamWriter`). `prefetch` runs everything before it in one backgr
 next shard is read and degraded while the networks work on this one) and `write` writes in
 another, one shard in flight: at most three shards are in memory at once.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -25,12 +26,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .degrade import sample_rng
 from stores.leases import LeaseLost
 from stores.runtime import release_memory
 from stores.store import read_json
-from stores.wds import INDEX as WDS_INDEX, WdsWriter
+from stores.wds import INDEX as WDS_INDEX
+from stores.wds import WdsWriter
 
+from .degrade import sample_rng
 from .sources import SourceError
 
 PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
@@ -39,16 +41,23 @@ PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
 @dataclass
 class Shard:
     """One store shard [lo, hi) of the range `range` on its way through the stages."""
+
     range: tuple  # (start, stop) of the range it belongs to
     lo: int
     hi: int
     last: bool = True  # the range's last shard: its done markers follow it
     jobs: list = field(default_factory=list)  # [(member, range number)] still missing this range
     samples: list = field(default_factory=list)  # read: one dict per sample (see `read`)
-    data: dict = field(default_factory=dict)  # degraded: lq, gt, hw, names, meta, source_index, index
+    data: dict = field(
+        default_factory=dict
+    )  # degraded: lq, gt, hw, names, meta, source_index, index
     outputs: dict = field(default_factory=dict)  # member path -> {array name: values}
-    stats: dict = field(default_factory=dict)  # seconds per stage, samples, notes, excluded per member
-    wds_ready: bool = True  # every member's outputs are there (`stored`): a second writer may write it
+    stats: dict = field(
+        default_factory=dict
+    )  # seconds per stage, samples, notes, excluded per member
+    wds_ready: bool = (
+        True  # every member's outputs are there (`stored`): a second writer may write it
+    )
     fenced: bool = False  # the store's writer lost the range's lease: nothing of it counts
 
     def wants(self, member: str) -> bool:
@@ -71,7 +80,12 @@ def read(shards: Iterable[Shard], *, sample_at: Callable[[int], tuple]) -> Itera
         s.samples = []
         for i in range(s.lo, s.hi):
             src, sample = sample_at(i)
-            rec = {"index": i, "source_index": int(src), "name": sample.name, "hw": tuple(sample.hw)}
+            rec = {
+                "index": i,
+                "source_index": int(src),
+                "name": sample.name,
+                "hw": tuple(sample.hw),
+            }
             try:
                 rec["gt"], rec["lq"], rec["notes"] = sample.load()
             except SourceError as e:
@@ -90,9 +104,15 @@ def degrade(shards: Iterable[Shard], *, degradation, seed: int) -> Iterator[Shar
     for s in shards:
         t0 = time.perf_counter()
         n = len(s.samples)
-        data = {"lq": [None] * n, "gt": [None] * n, "hw": np.zeros((n, 2), np.int32), "names": [], "meta": [],
-                "source_index": np.array([r["source_index"] for r in s.samples], np.int64),
-                "index": np.arange(s.lo, s.hi)}
+        data = {
+            "lq": [None] * n,
+            "gt": [None] * n,
+            "hw": np.zeros((n, 2), np.int32),
+            "names": [],
+            "meta": [],
+            "source_index": np.array([r["source_index"] for r in s.samples], np.int64),
+            "index": np.arange(s.lo, s.hi),
+        }
         notes, excluded = [], s.excluded("pairs")
         for j, rec in enumerate(s.samples):
             data["names"].append(rec["name"])
@@ -125,9 +145,13 @@ def _pair(rec: dict, degradation, seed: int):
         del x
         lq = np.round(lq_f * 255).astype(np.uint8)
     if lq.shape != gt.shape:
-        raise SourceError(f"sample {rec['name']}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size")
+        raise SourceError(
+            f"sample {rec['name']}: lq {lq.shape[:2]} and gt {gt.shape[:2]} differ in size"
+        )
     if gt.shape[:2] != tuple(rec["hw"]):
-        raise SourceError(f"sample {rec['name']}: decoded size {gt.shape[:2]} differs from its header {rec['hw']}")
+        raise SourceError(
+            f"sample {rec['name']}: decoded size {gt.shape[:2]} differs from its header {rec['hw']}"
+        )
     return gt, lq, drawn
 
 
@@ -135,7 +159,7 @@ def read_stored(shards: Iterable[Shard], *, store) -> Iterator[Shard]:
     """read + degrade swapped for a store whose pairs member is complete: `data` read back."""
     for s in shards:
         t0 = time.perf_counter()
-        s.data = {k: store.array("pairs", k)[s.lo:s.hi] for k in PAIRS_ARRAYS}
+        s.data = {k: store.array("pairs", k)[s.lo : s.hi] for k in PAIRS_ARRAYS}
         for k in ("lq", "gt"):  # canvases -> valid size
             s.data[k] = [x[:h, :w] if h else None for x, (h, w) in zip(s.data[k], s.data["hw"])]
         s.data["index"] = np.arange(s.lo, s.hi)
@@ -147,7 +171,9 @@ def read_stored(shards: Iterable[Shard], *, store) -> Iterator[Shard]:
 
 
 # -- flow ------------------------------------------------------------------------------------------
-def chain(shards: Iterable[Shard], steps: list[Callable[[Iterable[Shard]], Iterator[Shard]]]) -> Iterator[Shard]:
+def chain(
+    shards: Iterable[Shard], steps: list[Callable[[Iterable[Shard]], Iterator[Shard]]]
+) -> Iterator[Shard]:
     """The stream through each step in turn (each a stage with its settings bound)."""
     for step in steps:
         shards = step(shards)
@@ -234,14 +260,23 @@ def run_target(net, data: dict, excluded: list) -> list:
         elif not np.isfinite(out).all():
             problem = f"{int((~np.isfinite(out)).sum())} non-finite values (NaN or inf)"
         else:
-            with np.errstate(over="ignore"):  # checked below: the stored float16, not the float32 output
+            with np.errstate(
+                over="ignore"
+            ):  # checked below: the stored float16, not the float32 output
                 half = out.astype(np.float16)
             if not np.isfinite(half).all():
-                problem = (f"{int((~np.isfinite(half)).sum())} values outside the float16 range (|x| > 65504) "
-                           f"that base is stored in")
+                problem = (
+                    f"{int((~np.isfinite(half)).sum())} values outside the float16 range (|x| > 65504) "
+                    f"that base is stored in"
+                )
         if problem:
-            excluded.append({"name": str(data["names"][j]), "index": int(data["index"][j]),
-                             "reason": f"target {net.id} gave a bad output: {problem}"})
+            excluded.append(
+                {
+                    "name": str(data["names"][j]),
+                    "index": int(data["index"][j]),
+                    "reason": f"target {net.id} gave a bad output: {problem}",
+                }
+            )
             continue
         base[j] = half
     return base
@@ -252,7 +287,7 @@ def run_encoder(encoder, data: dict, batch: int) -> np.ndarray:
     g = np.zeros((len(data["hw"]), 4, encoder.dim), np.float32)
     views = [data["lq"][j] for j in usable]
     for k in range(0, len(views), batch):
-        g[usable[k:k + batch]] = encoder(views[k:k + batch])
+        g[usable[k : k + batch]] = encoder(views[k : k + batch])
     return g
 
 
@@ -273,7 +308,9 @@ def stored(shards: Iterable[Shard], *, store, members: list[str]) -> Iterator[Sh
         t = bisect.bisect_right(starts[m], lo) - 1
         if (m, t) not in markers:
             path = store.done_path(m, t)
-            markers[(m, t)] = read_json(path)["stats"].get("excluded", []) if path.exists() else None
+            markers[(m, t)] = (
+                read_json(path)["stats"].get("excluded", []) if path.exists() else None
+            )
             if markers[(m, t)] is not None:
                 store.publish(m, t)  # its writer may not have moved the shards it vouches for yet
         return markers[(m, t)]
@@ -286,7 +323,7 @@ def stored(shards: Iterable[Shard], *, store, members: list[str]) -> Iterator[Sh
                     s.wds_ready = False
                     continue
                 arrays = store.member_info(m)["arrays"]
-                s.outputs[m] = {k: store._samples(m, k)[s.lo:s.hi] for k in arrays}
+                s.outputs[m] = {k: store._samples(m, k)[s.lo : s.hi] for k in arrays}
                 s.excluded(m).extend(e for e in excluded if s.lo <= e.get("index", -1) < s.hi)
         yield s
 
@@ -345,29 +382,49 @@ class StoreWriter:
         self.progress: dict = {}  # (member, range number) -> its stage folder, shard hashes and stats so far
 
     def __call__(self, shard: Shard) -> None:
-        r, lo, hi, last, stats, leases = shard.range, shard.lo, shard.hi, shard.last, shard.stats, self.leases
+        r, lo, hi, last, stats, leases = (
+            shard.range,
+            shard.lo,
+            shard.hi,
+            shard.last,
+            shard.stats,
+            self.leases,
+        )
         try:
             for m, ri in shard.jobs:
                 t0 = time.perf_counter()
                 acc = self.progress.setdefault((m.path, ri), {"hashes": {}, "stats": {}})
                 gen = leases.check(r, "shards")
                 acc["stage"] = self.store.staging(*r, gen, leases.token)
-                acc["hashes"][lo] = self.store.write_shard(m.path, lo, hi, shard.outputs[m.path], acc["stage"])
-                merge_stats(acc["stats"], {**stats, "excluded": stats["excluded"].get(m.path, []),
-                                           "notes": stats["notes"] if m.path == "pairs" else [],
-                                           "seconds_write": time.perf_counter() - t0})
+                acc["hashes"][lo] = self.store.write_shard(
+                    m.path, lo, hi, shard.outputs[m.path], acc["stage"]
+                )
+                merge_stats(
+                    acc["stats"],
+                    {
+                        **stats,
+                        "excluded": stats["excluded"].get(m.path, []),
+                        "notes": stats["notes"] if m.path == "pairs" else [],
+                        "seconds_write": time.perf_counter() - t0,
+                    },
+                )
                 if last:
                     leases.check(r, f"done marker of {m.path} range {ri}")
-                    if not self.store.mark_done(m.path, ri, acc["hashes"], acc["stats"], gen, acc["stage"],
-                                                self.made_by):
-                        self.log(f"{m.path} range {ri}: another writer wrote its done marker first; kept theirs")
+                    if not self.store.mark_done(
+                        m.path, ri, acc["hashes"], acc["stats"], gen, acc["stage"], self.made_by
+                    ):
+                        self.log(
+                            f"{m.path} range {ri}: another writer wrote its done marker first; kept theirs"
+                        )
                     self.store.settle(m.path, ri, self.progress.pop((m.path, ri))["stage"])
         except LeaseLost as e:
             for m, ri in shard.jobs:
                 acc = self.progress.pop((m.path, ri), None)
                 if acc and "stage" in acc:
                     self.store.settle(m.path, ri, acc["stage"])
-            shard.fenced = True  # the second writer (WebDataset) leaves this shard to the new holder
+            shard.fenced = (
+                True  # the second writer (WebDataset) leaves this shard to the new holder
+            )
             self.log(f"{self.store.path.name}: {e}")
             return
         if last:
@@ -387,17 +444,36 @@ class WdsStreamWriter:
 
     def __init__(self, store, target: str, encoders: list[str], keys: dict):
         self.target, self.encoders = target, encoders
-        self.writer = WdsWriter(store.path.parent / f"{store.path.name}-wds", store.path.name, keys["pairs"],
-                                store.manifest().get("task"), target, encoders, keys)
+        self.writer = WdsWriter(
+            store.path.parent / f"{store.path.name}-wds",
+            store.path.name,
+            keys["pairs"],
+            store.manifest().get("task"),
+            target,
+            encoders,
+            keys,
+        )
         self.number = {a: k for k, (_, a, _) in enumerate(store.layout.shards())}
         self.writer.out.mkdir(parents=True, exist_ok=True)
-        (self.writer.out / WDS_INDEX).unlink(missing_ok=True)  # tars change below: an older index no longer holds
+        (self.writer.out / WDS_INDEX).unlink(
+            missing_ok=True
+        )  # tars change below: an older index no longer holds
 
     def __call__(self, s: Shard) -> None:
         if not s.wds_ready or s.fenced:
             return  # a member not written for it yet, or this writer lost the range: the export's completion fills it in
         hw, d, out = usable_hw(s), s.data, s.outputs
-        rows = ({"index": i, "name": str(d["names"][j]), "hw": hw[j], "lq": d["lq"][j], "gt": d["gt"][j],
-                 "base": out[self.target]["base"][j], "g": {e: out[e]["g"][j] for e in self.encoders},
-                 "meta": str(d["meta"][j])} for j, i in enumerate(range(s.lo, s.hi)))
+        rows = (
+            {
+                "index": i,
+                "name": str(d["names"][j]),
+                "hw": hw[j],
+                "lq": d["lq"][j],
+                "gt": d["gt"][j],
+                "base": out[self.target]["base"][j],
+                "g": {e: out[e]["g"][j] for e in self.encoders},
+                "meta": str(d["meta"][j]),
+            }
+            for j, i in enumerate(range(s.lo, s.hi))
+        )
         self.writer.write_shard(self.number[s.lo], s.lo, s.hi, rows)

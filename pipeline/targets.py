@@ -3,6 +3,7 @@
 Each target has an `id` (its member name in the store) and a `spec()` that goes into the
 member key. Registry: TARGETS at the bottom; `build_target(name)`.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -55,8 +56,10 @@ class Wiener(Classical):
 
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         if "kernel" not in meta:
-            raise ValueError("target 'wiener' is non-blind: it needs the blur kernel recorded by the "
-                             "deblur degradation, and this sample has none")
+            raise ValueError(
+                "target 'wiener' is non-blind: it needs the blur kernel recorded by the "
+                "deblur degradation, and this sample has none"
+            )
         k = np.asarray(meta["kernel"], np.float64)
         r = self.pad
         h, w = lq.shape[0] + 2 * r, lq.shape[1] + 2 * r
@@ -68,7 +71,9 @@ class Wiener(Classical):
         np.conjugate(gain, out=gain)
         gain /= denom
         del denom
-        out = np.empty(lq.shape, np.float32)  # channel by channel: one float64 plane in memory at a time
+        out = np.empty(
+            lq.shape, np.float32
+        )  # channel by channel: one float64 plane in memory at a time
         for c in range(lq.shape[2]):
             f = np.fft.rfft2(np.pad(lq[..., c].astype(np.float64), r, mode="edge"))
             f *= gain
@@ -97,7 +102,9 @@ class GammaCorrection(Classical):
     def __call__(self, lq: np.ndarray, meta: dict) -> np.ndarray:
         mean = float(np.clip(lq.mean(), 1e-4, 0.99))
         power = np.log(self.level) / np.log(mean)
-        halo = int(4.0 * self.smooth + 0.5)  # gaussian_filter's radius (truncate=4): strips with it are exact
+        halo = int(
+            4.0 * self.smooth + 0.5
+        )  # gaussian_filter's radius (truncate=4): strips with it are exact
         smooth = (self.smooth, self.smooth, 0)
         return in_strips(lambda x: gaussian_filter(np.clip(x, 0, 1) ** power, smooth), lq, halo)
 
@@ -131,10 +138,22 @@ class NonLocalMeans(Classical):
         from skimage.restoration import denoise_nl_means
 
         sigma = noise_sigma(lq)
-        halo = 2 * (self.patch + self.window)  # a pixel depends on patches within window + patch // 2
-        return in_strips(lambda x: denoise_nl_means(x, h=self.strength * sigma, sigma=sigma, fast_mode=True,
-                                                    patch_size=self.patch, patch_distance=self.window,
-                                                    channel_axis=-1), lq, halo)  # large images strip by strip
+        halo = 2 * (
+            self.patch + self.window
+        )  # a pixel depends on patches within window + patch // 2
+        return in_strips(
+            lambda x: denoise_nl_means(
+                x,
+                h=self.strength * sigma,
+                sigma=sigma,
+                fast_mode=True,
+                patch_size=self.patch,
+                patch_distance=self.window,
+                channel_axis=-1,
+            ),
+            lq,
+            halo,
+        )  # large images strip by strip
 
 
 def noise_sigma(img: np.ndarray) -> float:
@@ -143,16 +162,27 @@ def noise_sigma(img: np.ndarray) -> float:
 
     m = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
     h, w = img.shape[:2]
-    per = [np.abs(convolve2d(img[..., c], m, mode="valid")).sum() * np.sqrt(np.pi / 2) / (6 * (w - 2) * (h - 2))
-           for c in range(img.shape[2])]
+    per = [
+        np.abs(convolve2d(img[..., c], m, mode="valid")).sum()
+        * np.sqrt(np.pi / 2)
+        / (6 * (w - 2) * (h - 2))
+        for c in range(img.shape[2])
+    ]
     return float(np.mean(per))
 
 
-TARGETS = {"identity": Identity, "wiener": Wiener, "gamma": GammaCorrection, "streaks": StreakFilter,
-           "nlmeans": NonLocalMeans}
+TARGETS = {
+    "identity": Identity,
+    "wiener": Wiener,
+    "gamma": GammaCorrection,
+    "streaks": StreakFilter,
+    "nlmeans": NonLocalMeans,
+}
 
 
-def build_target(name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0, **params):
+def build_target(
+    name: str, checkpoint=None, allow_random: bool = False, init_seed: int = 0, **params
+):
     """A target by registry name, a built-in network (`restormer-<task>`, `mprnet-<task>`,
     `uformer-b`, `snr-aware`) or `module.path:factory`; networks need `checkpoint` (built-in ones
     take seeded random weights instead when `allow_random`) and take `tile`, `overlap`, `device`;
@@ -161,13 +191,19 @@ def build_target(name: str, checkpoint=None, allow_random: bool = False, init_se
     from .networks import NETWORK_TARGETS, build_network_target
 
     if is_network_target(name):
-        return build_network_target(name, checkpoint, allow_random=allow_random, init_seed=init_seed, **params)
+        return build_network_target(
+            name, checkpoint, allow_random=allow_random, init_seed=init_seed, **params
+        )
     if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS) + list(NETWORK_TARGETS))}, "
-                         f"or module.path:factory")
+        raise ValueError(
+            f"unknown target {name!r}; known: {', '.join(sorted(TARGETS) + list(NETWORK_TARGETS))}, "
+            f"or module.path:factory"
+        )
     if checkpoint is not None:
         raise ValueError(f"target {name!r} is classical and takes no checkpoint")
     if params.keys() & {"tile", "overlap", "device"}:
-        raise ValueError(f"target {name!r} is classical: --target-tile, --target-overlap and --device apply to "
-                         f"network targets only (it runs on whole images on the CPU)")
+        raise ValueError(
+            f"target {name!r} is classical: --target-tile, --target-overlap and --device apply to "
+            f"network targets only (it runs on whole images on the CPU)"
+        )
     return TARGETS[name](**params)

@@ -2,6 +2,7 @@
 
 Registry: TASKS at the bottom; `get_task(name)`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ class Task:
 TASKS = {
     "deblur": Task("deblur", degradation="deblur", target="wiener"),
     "defocus": Task("defocus", degradation="defocus", target="wiener"),
-    "lowlight": Task("lowlight", degradation="lowlight", target="sci-medium"),  # TARGET=gamma: classical
+    "lowlight": Task(
+        "lowlight", degradation="lowlight", target="sci-medium"
+    ),  # TARGET=gamma: classical
     "derain": Task("derain", degradation="derain", target="streaks", metric_space="y"),
     "denoise": Task("denoise", degradation="denoise25", target="nlmeans"),
     "denoise15": Task("denoise15", degradation="denoise15", target="nlmeans"),

@@ -13,22 +13,34 @@ The official code reshapes tokens to square images; this one keeps height and wi
 is the same on square inputs (SIDD's 256x256 blocks) and also runs rectangular ones. Height and
 width must be multiples of 16 * window (128): four 2x downsamplings, then whole windows.
 """
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-UFORMER_B = {"img_size": 128, "in_chans": 3, "dd_in": 3, "embed_dim": 32, "depths": [1, 2, 8, 8, 2, 8, 8, 2, 1],
-             "num_heads": [1, 2, 4, 8, 16, 16, 8, 4, 2], "win_size": 8, "mlp_ratio": 4.0, "qkv_bias": True,
-             "modulator": True, "shift_flag": True}
+UFORMER_B = {
+    "img_size": 128,
+    "in_chans": 3,
+    "dd_in": 3,
+    "embed_dim": 32,
+    "depths": [1, 2, 8, 8, 2, 8, 8, 2, 1],
+    "num_heads": [1, 2, 4, 8, 16, 16, 8, 4, 2],
+    "win_size": 8,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "modulator": True,
+    "shift_flag": True,
+}
 
 
 def relative_position_index(win: int) -> torch.Tensor:
     """(win^2, win^2) index into the (2 win - 1)^2 table of relative offsets (Swin's layout)."""
     ys, xs = torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, win^2)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)  # (win^2, win^2, 2), >= 0
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (
+        win - 1
+    )  # (win^2, win^2, 2), >= 0
     return rel[..., 0] * (2 * win - 1) + rel[..., 1]
 
 
@@ -68,7 +80,9 @@ class LinearProjection(nn.Module):
 
     def forward(self, x: torch.Tensor):
         b, n, c = x.shape
-        q = self.to_q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # (B', heads, N, C/heads)
+        q = (
+            self.to_q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        )  # (B', heads, N, C/heads)
         kv = self.to_kv(x).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         return q, kv[0], kv[1]
 
@@ -79,7 +93,9 @@ class WindowAttention(nn.Module):
         self.heads, self.win = heads, win
         self.scale = (dim // heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * win - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", relative_position_index(win))  # in the checkpoints
+        self.register_buffer(
+            "relative_position_index", relative_position_index(win)
+        )  # in the checkpoints
         self.qkv = LinearProjection(dim, heads, qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -87,11 +103,15 @@ class WindowAttention(nn.Module):
         b, n, c = x.shape  # (B * nW, win^2, C)
         q, k, v = self.qkv(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B * nW, heads, N, N)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
+            n, n, -1
+        )
         attn = attn + bias.permute(2, 0, 1)[None]
         if mask is not None:
             nw = mask.shape[0]
-            attn = (attn.view(b // nw, nw, self.heads, n, n) + mask[None, :, None]).view(-1, self.heads, n, n)
+            attn = (attn.view(b // nw, nw, self.heads, n, n) + mask[None, :, None]).view(
+                -1, self.heads, n, n
+            )
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
         return self.proj(x)
 
@@ -115,8 +135,16 @@ class LeWinBlock(nn.Module):
     """Window attention (shifted by `shift` when > 0) plus LeFF, pre-norm, both residual; the
     modulator (a learned per-window-position bias) is added to the attention input."""
 
-    def __init__(self, dim: int, heads: int, win: int, shift: int, mlp_ratio: float, qkv_bias: bool,
-                 modulator: bool):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        win: int,
+        shift: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        modulator: bool,
+    ):
         super().__init__()
         self.win, self.shift = win, shift
         if modulator:
@@ -145,12 +173,32 @@ class LeWinBlock(nn.Module):
 
 
 class UformerLayer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, win: int, shifts: bool, mlp_ratio: float,
-                 qkv_bias: bool, modulator: bool):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        win: int,
+        shifts: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        modulator: bool,
+    ):
         super().__init__()
-        self.blocks = nn.ModuleList([
-            LeWinBlock(dim, heads, win, win // 2 if shifts and i % 2 else 0, mlp_ratio, qkv_bias, modulator)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                LeWinBlock(
+                    dim,
+                    heads,
+                    win,
+                    win // 2 if shifts and i % 2 else 0,
+                    mlp_ratio,
+                    qkv_bias,
+                    modulator,
+                )
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -174,28 +222,47 @@ class Uformer(nn.Module):
     """Encoder (4 levels, 4x4 stride-2 convolutions down), bottleneck, decoder (2x2 transposed
     convolutions up, skip concatenation); output = input + predicted residual (dd_in 3)."""
 
-    def __init__(self, img_size: int = 128, in_chans: int = 3, dd_in: int = 3, embed_dim: int = 32,
-                 depths=(1, 2, 8, 8, 2, 8, 8, 2, 1), num_heads=(1, 2, 4, 8, 16, 16, 8, 4, 2), win_size: int = 8,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, modulator: bool = True, shift_flag: bool = True):
+    def __init__(
+        self,
+        img_size: int = 128,
+        in_chans: int = 3,
+        dd_in: int = 3,
+        embed_dim: int = 32,
+        depths=(1, 2, 8, 8, 2, 8, 8, 2, 1),
+        num_heads=(1, 2, 4, 8, 16, 16, 8, 4, 2),
+        win_size: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        modulator: bool = True,
+        shift_flag: bool = True,
+    ):
         super().__init__()
         if img_size >> 4 < win_size:
-            raise ValueError(f"img_size {img_size} / 16 must be at least win_size {win_size} (the official code "
-                             f"then shrinks the windows, which this implementation does not)")
+            raise ValueError(
+                f"img_size {img_size} / 16 must be at least win_size {win_size} (the official code "
+                f"then shrinks the windows, which this implementation does not)"
+            )
         self.pad_factor = 16 * win_size
         self.dd_in = dd_in
         d = embed_dim
 
         def layer(level: int, dim: int, i: int, mod: bool = False) -> UformerLayer:
             shifts = shift_flag and (img_size >> level) > win_size
-            return UformerLayer(dim, depths[i], num_heads[i], win_size, shifts, mlp_ratio, qkv_bias, mod)
+            return UformerLayer(
+                dim, depths[i], num_heads[i], win_size, shifts, mlp_ratio, qkv_bias, mod
+            )
 
         self.input_proj = _Conv("proj", nn.Conv2d(dd_in, d, 3, 1, 1), nn.LeakyReLU())
         self.output_proj = _Conv("proj", nn.Conv2d(2 * d, in_chans, 3, 1, 1))
         for lv in range(4):
             setattr(self, f"encoderlayer_{lv}", layer(lv, d << lv, lv))
-            setattr(self, f"dowsample_{lv}", _Conv("conv", nn.Conv2d(d << lv, d << (lv + 1), 4, 2, 1)))
+            setattr(
+                self, f"dowsample_{lv}", _Conv("conv", nn.Conv2d(d << lv, d << (lv + 1), 4, 2, 1))
+            )
         self.conv = layer(4, d * 16, 4)
-        for i, lv in enumerate((3, 2, 1, 0)):  # decoder i works at level lv with twice its encoder width
+        for i, lv in enumerate(
+            (3, 2, 1, 0)
+        ):  # decoder i works at level lv with twice its encoder width
             cin = d * 16 if i == 0 else d << (lv + 2)
             setattr(self, f"upsample_{i}", _Conv("deconv", nn.ConvTranspose2d(cin, d << lv, 2, 2)))
             setattr(self, f"decoderlayer_{i}", layer(lv, d << (lv + 1), 5 + i, modulator))

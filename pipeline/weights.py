@@ -4,6 +4,7 @@ Shared by `pipeline/encoders.py` (OpenCLIP, backbones) and `pipeline/sd_encoders
 Diffusion), and the folder of downloaded target checkpoints (`pipeline/networks.py`); everything
 here is offline: a local path or a cache, never a download (`pipeline/download.py` downloads).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,8 @@ class WeightsNotFound(RuntimeError):
 def hf_home() -> str:
     """The Hugging Face hub cache folder (`HF_HUB_CACHE`, else `$HF_HOME/hub`)."""
     return os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
 
 
 def weights_home() -> Path:

@@ -4,6 +4,7 @@ A checkpoint never runs code: a file that needs pickled Python objects is refuse
 of every checkpoint: the network targets and effnet-lite0 (`pipeline.networks`), the VGG19
 perceptual loss and `python -m training import-official`.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -51,8 +52,19 @@ def _read(path: Path):
     except pickle.UnpicklingError as e:  # weights_only allows tensors and plain containers only
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: it holds pickled Python objects{what}, not only tensors, and "
-                              f"a checkpoint never runs code here. Save the state dict instead: "
-                              f"torch.save({{'params': model.state_dict()}}, ...) or safetensors") from None
-    except (RuntimeError, OSError, EOFError, IndexError, KeyError, ValueError) as e:  # bytes that are no checkpoint
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled Python objects{what}, not only tensors, and "
+            f"a checkpoint never runs code here. Save the state dict instead: "
+            f"torch.save({{'params': model.state_dict()}}, ...) or safetensors"
+        ) from None
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        IndexError,
+        KeyError,
+        ValueError,
+    ) as e:  # bytes that are no checkpoint
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
+        ) from None

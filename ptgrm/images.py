@@ -6,6 +6,7 @@ The flip encoding: g is stored for 4 flip variants of lq, `variant = h + 2 * v` 
 where `h` flips the width and `v` the height. Encoders compute g of each variant; the loaders crop
 and flip lq/base/gt the same way and take g of that variant.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,11 +38,15 @@ def image_tensor(img: np.ndarray, device=None) -> torch.Tensor:
     return x.permute(2, 0, 1)[None].float() / 255
 
 
-def flip_views(img: np.ndarray, size: tuple[int, int], device, interpolation: str = "bicubic") -> torch.Tensor:
+def flip_views(
+    img: np.ndarray, size: tuple[int, int], device, interpolation: str = "bicubic"
+) -> torch.Tensor:
     """uint8 (H, W, 3) -> (4, 3, *size) float in [0, 1]: the whole image resized (antialiased, no
     crop), then its flips in FLIPS order."""
     x = image_tensor(img, device)
-    x = F.interpolate(x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False).clamp(0, 1)
+    x = F.interpolate(
+        x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False
+    ).clamp(0, 1)
     # flipping after the resize equals resizing the flipped image (the resize is symmetric)
     return torch.cat([flip(x, v) for v in range(len(FLIPS))])
 

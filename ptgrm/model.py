@@ -11,6 +11,7 @@ Layout (latent resolution h = H/4, w = W/4, width c = 16):
   R_p/R_o) -> fusion R_f -> f_bar -> decoder R_d -> I_r.
 With all switches on and osf_dim=512 the module has exactly 671,735 parameters.
 """
+
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -217,11 +218,13 @@ class PTGRM(nn.Module):
         self.osf_c = osf_mlp(d) if (mlp and csa) else None
         if cfg.channel_attention:
             self.chan_att = nn.Sequential(
-                nn.Linear(c + g_ch, c, bias=False), lrelu(), nn.Linear(c, c, bias=False))
+                nn.Linear(c + g_ch, c, bias=False), lrelu(), nn.Linear(c, c, bias=False)
+            )
         if cfg.spatial_attention:
             self.pos_c = pos_embed(c) if cfg.position_embedding else None
             self.kernel_pred = nn.Sequential(
-                conv3(c + g_ch + s_ch, c * 9), lrelu(), conv3(c * 9, c * 9))
+                conv3(c + g_ch + s_ch, c * 9), lrelu(), conv3(c * 9, c * 9)
+            )
             self.spat_out = nn.Sequential(lrelu(), conv3(c, 1))  # R_o
         self.fuse = conv1(2 * c, c)  # R_f
 

@@ -2,6 +2,7 @@
 pre-trained model. Trained by `python -m training distill` (training/distill.py), read by
 `python -m pipeline restore --osf distilled`; stored in `runs/<run>/distill/`.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,19 @@ class OSFPredictor(nn.Module):
         chans = [3, width, width * 2, width * 4, width * 8, width * 8]
         layers = []
         for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.GELU(),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(chans[-1], dim)
         self.dim, self.width = dim, width
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(
+            lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False
+        )
         x = self.features(x).mean((2, 3))  # (B, 8w)
         return F.normalize(self.head(x), dim=-1)
 
@@ -49,13 +56,17 @@ def save_predictor(run_dir: Path, model: OSFPredictor, meta: dict) -> None:
     d = Path(run_dir) / "distill"
     with atomic_path(d / "predictor.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json_atomic(d / "predictor.json", {"dim": model.dim, "width": model.width, "size": SIZE, **meta})
+    write_json_atomic(
+        d / "predictor.json", {"dim": model.dim, "width": model.width, "size": SIZE, **meta}
+    )
 
 
 def load_predictor(run_dir: Path) -> OSFPredictor:
     d = Path(run_dir) / "distill"
     if not (d / "predictor.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no distilled OSF predictor; run `make distill RUN={Path(run_dir).name}`")
+        raise FileNotFoundError(
+            f"{run_dir}: no distilled OSF predictor; run `make distill RUN={Path(run_dir).name}`"
+        )
     meta = json.loads((d / "predictor.json").read_text())
     model = OSFPredictor(meta["dim"], meta["width"])
     model.load_state_dict(load_file(str(d / "predictor.safetensors")))

@@ -2,6 +2,7 @@
 
 Used by evaluation (`python -m training eval`) and inference (`python -m pipeline restore`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def load_model(run_dir: Path) -> tuple[PTGRM, dict]:
 
 
 @torch.no_grad()
-def refine(model, lq: np.ndarray, base: np.ndarray, g: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def refine(
+    model, lq: np.ndarray, base: np.ndarray, g: np.ndarray, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """PTG-RM on one full image: lq uint8 (h,w,3), base float (h,w,3), g (D,) -> float (h,w,3).
 
     Sides are replicate-padded to a multiple of 4 and cropped back. Images above `max_pixels`
@@ -39,9 +42,13 @@ def refine(model, lq: np.ndarray, base: np.ndarray, g: np.ndarray, max_pixels: i
     device = next(model.parameters()).device
     lq_t = image_tensor(lq, device)  # (1, 3, h, w)
     base_t = torch.from_numpy(np.ascontiguousarray(base)).permute(2, 0, 1)[None].float().to(device)
-    g_t = torch.tensor(np.asarray(g), dtype=torch.float32, device=device)[None]  # a copy: g may be read-only
+    g_t = torch.tensor(np.asarray(g), dtype=torch.float32, device=device)[
+        None
+    ]  # a copy: g may be read-only
     h, w = lq.shape[:2]
-    x = tuple(pad_to(t, FACTOR, "replicate") for t in (base_t, lq_t))  # (1, 3, H', W'), multiples of 4
+    x = tuple(
+        pad_to(t, FACTOR, "replicate") for t in (base_t, lq_t)
+    )  # (1, 3, H', W'), multiples of 4
 
     def run(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return model(b, q, g_t)

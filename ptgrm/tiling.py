@@ -5,6 +5,7 @@ Along each axis a length is cut into tiles of `tile` px that start on multiples 
 overlap by at least `overlap` px; each output pixel is kept from the tile where it lies furthest
 from a cut (cuts lie mid-overlap), so every kept pixel has at least `overlap // 2` px of context.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -46,7 +47,9 @@ def spans(length: int, tile: int, overlap: int, factor: int = 1) -> list[tuple[i
     return [(s, s + tile, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
 
 
-def tiled(fn: Callable[..., torch.Tensor], inputs: tuple, tile: int, overlap: int, factor: int = 1) -> torch.Tensor:
+def tiled(
+    fn: Callable[..., torch.Tensor], inputs: tuple, tile: int, overlap: int, factor: int = 1
+) -> torch.Tensor:
     """`fn(*crops)` on every tile of `inputs` (tensors (..., H, W) of one size), stitched into one
     (..., H, W) output from each tile's kept region (`spans`)."""
     h, w = inputs[0].shape[-2:]
@@ -56,5 +59,5 @@ def tiled(fn: Callable[..., torch.Tensor], inputs: tuple, tile: int, overlap: in
             y = fn(*(t[..., r0:r1, c0:c1] for t in inputs))  # (..., C, tile, tile)
             if out is None:
                 out = y.new_zeros((*y.shape[:-2], h, w))
-            out[..., k0:k1, j0:j1] = y[..., k0 - r0:k1 - r0, j0 - c0:j1 - c0]
+            out[..., k0:k1, j0:j1] = y[..., k0 - r0 : k1 - r0, j0 - c0 : j1 - c0]
     return out

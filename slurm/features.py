@@ -9,6 +9,7 @@ complete. An array task reads the store's manifest and the descriptor files of i
 store. Finished ranges keep their done markers, so rerunning the same command submits only what is
 missing; a complete store submits nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,9 +44,17 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
         if not job.run([(start, stop)], wds=wds):
             time.sleep(2.0)
     files = job.descriptors.read_files
-    print(f"{job.path.name}: [{start}, {stop}) done in {time.perf_counter() - t0:.1f} s "
-          f"(sample descriptor files read: {files})", flush=True)
-    return {"split": split, "range": [start, stop], "store": str(job.path), "descriptor_files": files}
+    print(
+        f"{job.path.name}: [{start}, {stop}) done in {time.perf_counter() - t0:.1f} s "
+        f"(sample descriptor files read: {files})",
+        flush=True,
+    )
+    return {
+        "split": split,
+        "range": [start, stop],
+        "store": str(job.path),
+        "descriptor_files": files,
+    }
 
 
 def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
@@ -70,15 +79,23 @@ def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
 
 def to_finalize(jobs: dict[str, SplitJob]) -> dict:
     """What the finalize job needs of each split: its store's path, the members to do, the export's."""
-    return {s: {"path": str(j.path), "members": [m.path for m in j.todo], "export": j.members.exported()}
-            for s, j in jobs.items()}
+    return {
+        s: {
+            "path": str(j.path),
+            "members": [m.path for m in j.todo],
+            "export": j.members.exported(),
+        }
+        for s, j in jobs.items()
+    }
 
 
 def submit_features(args, log=print) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
     cfg = config_from(FeaturesConfig, args)
     plans = plan_features(cfg)  # the dataset is listed here, once
-    if all(p.complete() for p in plans) and not cfg.wds:  # stat cache and manifests: no network built
+    if (
+        all(p.complete() for p in plans) and not cfg.wds
+    ):  # stat cache and manifests: no network built
         for p in plans:
             log(f"{p.path.name}: complete; nothing to submit")
         log("every member is complete: no job submitted")
@@ -86,7 +103,9 @@ def submit_features(args, log=print) -> int:
     jobs = open_jobs(cfg, plans)
     for j in jobs.values():
         if not j.todo:
-            log(f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit")
+            log(
+                f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit"
+            )
             if cfg.wds:  # the export of complete stores is written here (no job needed)
                 export_split(j.path, *j.members.exported(), log=log)
     if not any(j.todo for j in jobs.values()):
@@ -104,12 +123,21 @@ def submit_features(args, log=print) -> int:
     # DependencyNeverSatisfied (seen on SLURM 22-23 even with kill-on-invalid-dep) when nobody
     # waits; this one runs after the array whatever happened, and fails at once naming the tasks
     # not done, so it always leaves the queue by itself
-    dep = {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}} \
-        if ids and args.cluster == "slurm" else {}
-    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(finalize, cfg, cwd, to_finalize(jobs))
-    path = submit.write_record(args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd))
-    log(f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
-        f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}")
+    dep = (
+        {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(ids)}}
+        if ids and args.cluster == "slurm"
+        else {}
+    )
+    fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(
+        finalize, cfg, cwd, to_finalize(jobs)
+    )
+    path = submit.write_record(
+        args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd)
+    )
+    log(
+        f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
+        f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}"
+    )
     log(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
     if not (args.wait or args.cluster == "local"):
         return 0
@@ -118,10 +146,17 @@ def submit_features(args, log=print) -> int:
 
 def record_of(args, jobs: dict, tasks: list, arrays: list, fin, cwd: str) -> dict:
     """What `python -m slurm status` reads back: stores, members to do, each task's job and log."""
-    return {"cluster": args.cluster, "cwd": cwd, "stores": {s: str(j.path) for s, j in jobs.items()},
-            "members": {s: [m.path for m in j.todo] for s, j in jobs.items()}, "finalize": submit.log_paths(fin),
-            "tasks": [{"split": s, "range": [a, b], **submit.log_paths(j)}
-                      for (s, a, b), j in zip(tasks, arrays, strict=True)]}
+    return {
+        "cluster": args.cluster,
+        "cwd": cwd,
+        "stores": {s: str(j.path) for s, j in jobs.items()},
+        "members": {s: [m.path for m in j.todo] for s, j in jobs.items()},
+        "finalize": submit.log_paths(fin),
+        "tasks": [
+            {"split": s, "range": [a, b], **submit.log_paths(j)}
+            for (s, a, b), j in zip(tasks, arrays, strict=True)
+        ],
+    }
 
 
 def wait_and_report(arrays: list, fin, log=print) -> int:
@@ -130,7 +165,11 @@ def wait_and_report(arrays: list, fin, log=print) -> int:
         return report_failures(arrays, [fin], log)
     submit.wait_all([fin])
     problem = submit.failure(fin)
-    log(f"finalize job {fin.job_id}: " + (problem or "complete; stores verified") + f" (log {fin.paths.stdout})")
+    log(
+        f"finalize job {fin.job_id}: "
+        + (problem or "complete; stores verified")
+        + f" (log {fin.paths.stdout})"
+    )
     return 1 if problem else 0
 
 
@@ -142,8 +181,15 @@ def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str, stores: dict
     ex = submit.executor(args, "ptgrm-features", slurm_array_parallelism=args.max_parallel)
     out = []
     for part in submit.chunks(tasks, submit.max_array_size(args.cluster)):
-        out += ex.map_array(run_task, [cfg] * len(part), [s for s, _, _ in part], [a for _, a, _ in part],
-                            [b for _, _, b in part], [cwd] * len(part), [stores[s] for s, _, _ in part])
+        out += ex.map_array(
+            run_task,
+            [cfg] * len(part),
+            [s for s, _, _ in part],
+            [a for _, a, _ in part],
+            [b for _, _, b in part],
+            [cwd] * len(part),
+            [stores[s] for s, _, _ in part],
+        )
     return out
 
 

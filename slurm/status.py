@@ -4,6 +4,7 @@ Per extraction task: done (its done markers are in the store), or the job's SLUR
 (pending, running, failed, ...) from `sacct`, with the task's log; the finalize job; the
 training job with the run's last checkpointed step.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,30 @@ def features_lines(rec: dict) -> list[str]:
     fin = rec["finalize"]
     complete = all(member_complete(rec["stores"][s], ms) for s, ms in rec["members"].items())
     fin_state = "completed" if complete else states.get(fin["job"], "?").lower()
-    head = (f"features submitted {rec['time']} ({rec['record']}): {len(rec['tasks'])} task(s): "
-            + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    head = (
+        f"features submitted {rec['time']} ({rec['record']}): {len(rec['tasks'])} task(s): "
+        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    )
     if failed and not complete and fin_state in ("pending", "?"):
         fin_state = "cancelled"  # left the queue with its array (kill-on-invalid-dep)
-    advice = ([f"  failed: {', '.join(failed)}; see their logs above. Rerun the same `python -m slurm features` "
-               f"(or make slurm-features) command: it submits only these unfinished tasks, then a new finalize"]
-              if failed else [])
-    return [head, *rows, f"  {'finalize':24s} {fin_state:10s} job {fin['job']}  log {fin['stdout']}",
-            *(f"  store {p}: {'complete' if member_complete(p, rec['members'][s]) else 'incomplete'}"
-              for s, p in rec["stores"].items()), *advice]
+    advice = (
+        [
+            f"  failed: {', '.join(failed)}; see their logs above. Rerun the same `python -m slurm features` "
+            f"(or make slurm-features) command: it submits only these unfinished tasks, then a new finalize"
+        ]
+        if failed
+        else []
+    )
+    return [
+        head,
+        *rows,
+        f"  {'finalize':24s} {fin_state:10s} job {fin['job']}  log {fin['stdout']}",
+        *(
+            f"  store {p}: {'complete' if member_complete(p, rec['members'][s]) else 'incomplete'}"
+            for s, p in rec["stores"].items()
+        ),
+        *advice,
+    ]
 
 
 def member_complete(store_path: str, members: list[str]) -> bool:
@@ -65,13 +80,18 @@ def member_complete(store_path: str, members: list[str]) -> bool:
 
 
 def train_lines(rec: dict) -> list[str]:
-    state = submit.sacct_states([rec["job"]]).get(rec["job"], "?") if rec["cluster"] == "slurm" else "?"
+    state = (
+        submit.sacct_states([rec["job"]]).get(rec["job"], "?") if rec["cluster"] == "slurm" else "?"
+    )
     sidecar = Path(rec["run_dir"]) / "model.json"
     step = json.loads(sidecar.read_text()).get("step") if sidecar.is_file() else None
     finished = (Path(rec["run_dir"]) / "eval.json").is_file()
-    return [f"train submitted {rec['time']} ({rec['record']}): job {rec['job']} {state.lower()}, "
-            f"{rec['run_dir']}: " + ("finished (eval.json)" if finished else f"last checkpoint at step {step}"),
-            f"  log {rec['stdout']}"]
+    return [
+        f"train submitted {rec['time']} ({rec['record']}): job {rec['job']} {state.lower()}, "
+        f"{rec['run_dir']}: "
+        + ("finished (eval.json)" if finished else f"last checkpoint at step {step}"),
+        f"  log {rec['stdout']}",
+    ]
 
 
 def show_status(logs: str, log=print) -> int:

@@ -6,6 +6,7 @@ job continues from the run's last checkpoint (every --ckpt-every steps) to the s
 uninterrupted run. Several tasks (one per GPU, or --tasks-per-node on CPU) train with torch DDP
 (nccl on GPUs, gloo on CPUs): SLURM's task ids become RANK / WORLD_SIZE / LOCAL_RANK.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,9 @@ def distributed_env() -> None:
     (what training.train.setup_distributed reads); each task then uses cuda:LOCAL_RANK."""
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
 
 
 _saving = {"now": False, "term": False}
@@ -98,9 +101,20 @@ def submit_train(args, log=print) -> int:
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     ex = submit.executor(args, f"ptgrm-train-{run_dir.name}", tasks=tasks)
     job = ex.submit(TrainJob(cfg, os.getcwd()))
-    path = submit.write_record(args.logs, "train", {"cluster": args.cluster, "cwd": os.getcwd(),
-                                                    "run_dir": str(run_dir), "tasks": tasks, **submit.log_paths(job)})
-    log(f"submitted training job {job.job_id} ({tasks} task(s)) -> {run_dir}; log {job.paths.stdout}")
+    path = submit.write_record(
+        args.logs,
+        "train",
+        {
+            "cluster": args.cluster,
+            "cwd": os.getcwd(),
+            "run_dir": str(run_dir),
+            "tasks": tasks,
+            **submit.log_paths(job),
+        },
+    )
+    log(
+        f"submitted training job {job.job_id} ({tasks} task(s)) -> {run_dir}; log {job.paths.stdout}"
+    )
     log(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
     if not (args.wait or args.cluster == "local"):
         return 0

@@ -6,6 +6,7 @@ contents): no array data is read, so listing a team's root costs a few KB per st
 compared with the local store root (`--local`, default data/stores): whether a copy is there and
 which of its members are complete with the same keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ from pathlib import Path
 
 from .privacy import scrub, shareable
 from .remote import Location, open_location, plain_errors, read_manifest
-from .store import (DONE_DIR, FINGERPRINT_BYTES, MANIFEST, DamagedFile, Store, StoreError, check_member_name,
-                    check_schema, shard_file, task_of)
+from .store import (
+    DONE_DIR,
+    FINGERPRINT_BYTES,
+    MANIFEST,
+    DamagedFile,
+    Store,
+    StoreError,
+    check_member_name,
+    check_schema,
+    shard_file,
+    task_of,
+)
 
 
 def is_url(root) -> bool:
@@ -82,15 +93,30 @@ def local_copy(local_root, name: str, manifest: dict) -> dict:
     try:
         mine = read_store(path)["members"]
     except StoreError as e:
-        return {"path": str(path), "exists": True, "complete": False, "members": {}, "error": scrub(str(e))}
+        return {
+            "path": str(path),
+            "exists": True,
+            "complete": False,
+            "members": {},
+            "error": scrub(str(e)),
+        }
     members = {}
     for m, info in manifest["members"].items():
         got = mine.get(m)
-        members[m] = "missing" if got is None else "other key" if got.get("key") != info.get("key") \
+        members[m] = (
+            "missing"
+            if got is None
+            else "other key"
+            if got.get("key") != info.get("key")
             else got.get("status", "incomplete")
+        )
     wanted = [m for m, i in manifest["members"].items() if i.get("status") == "complete"]
-    return {"path": str(path), "exists": True, "complete": all(members[m] == "complete" for m in wanted),
-            "members": members}
+    return {
+        "path": str(path),
+        "exists": True,
+        "complete": all(members[m] == "complete" for m in wanted),
+        "members": members,
+    }
 
 
 def same_folder(a, b) -> bool:
@@ -100,13 +126,27 @@ def same_folder(a, b) -> bool:
 def summary(path: str, manifest: dict, local_root=None) -> dict:
     """One row of `ls`: the store, its members (status, short key, weights, bytes, provenance)."""
     name = posixpath.basename(str(path).rstrip("/"))
-    row = {"store": name, "path": str(path), "created": manifest.get("created"),
-           "members": {m: i.get("status", "incomplete") for m, i in manifest["members"].items()},
-           "details": {m: {"status": i.get("status", "incomplete"), "key": str(i.get("key", ""))[:12],
-                           "weights": i.get("weights"), "bytes": i.get("bytes"), "tasks_done": i.get("tasks_done"),
-                           "completed": i.get("completed"), "provenance": i.get("provenance")}
-                       for m, i in manifest["members"].items()}}
-    if local_root is not None and not same_folder(posixpath.dirname(str(path).rstrip("/")), local_root):
+    row = {
+        "store": name,
+        "path": str(path),
+        "created": manifest.get("created"),
+        "members": {m: i.get("status", "incomplete") for m, i in manifest["members"].items()},
+        "details": {
+            m: {
+                "status": i.get("status", "incomplete"),
+                "key": str(i.get("key", ""))[:12],
+                "weights": i.get("weights"),
+                "bytes": i.get("bytes"),
+                "tasks_done": i.get("tasks_done"),
+                "completed": i.get("completed"),
+                "provenance": i.get("provenance"),
+            }
+            for m, i in manifest["members"].items()
+        },
+    }
+    if local_root is not None and not same_folder(
+        posixpath.dirname(str(path).rstrip("/")), local_root
+    ):
         row["local"] = local_copy(local_root, name, manifest)
     return row
 
@@ -118,7 +158,14 @@ def list_root(root, local_root=None, endpoint_url: str | None = None) -> list[di
         try:
             rows.append(summary(path, read_store(path, endpoint_url), local_root))
         except StoreError as e:
-            rows.append({"store": posixpath.basename(path), "path": path, "members": {}, "error": scrub(str(e))})
+            rows.append(
+                {
+                    "store": posixpath.basename(path),
+                    "path": path,
+                    "members": {},
+                    "error": scrub(str(e)),
+                }
+            )
     return rows
 
 
@@ -134,9 +181,15 @@ def open_array(path: str, rel: str, endpoint_url: str | None = None):
         from zarr.storage import FsspecStore
 
         from .remote import storage_options
+
         url = f"{path.rstrip('/')}/{rel}"
-        return zarr.open_array(FsspecStore.from_url(url, storage_options=storage_options(url, endpoint_url),
-                                                    read_only=True), mode="r", zarr_format=3)
+        return zarr.open_array(
+            FsspecStore.from_url(
+                url, storage_options=storage_options(url, endpoint_url), read_only=True
+            ),
+            mode="r",
+            zarr_format=3,
+        )
     return zarr.open_array(str(Path(path) / rel), mode="r", zarr_format=3)
 
 
@@ -151,8 +204,11 @@ def first_sample(path: str, manifest: dict, target: str, endpoint_url: str | Non
     layout = Layout.from_json(manifest["layout"])
     bucket = layout.buckets[0].name
     if is_url(path):
+
         def read(member: str, name: str, row: int):
-            check_remote_shard(path, layout, manifest["members"][member], member, name, row, endpoint_url)
+            check_remote_shard(
+                path, layout, manifest["members"][member], member, name, row, endpoint_url
+            )
             return open_array(path, f"{member}/{bucket}/{name}", endpoint_url)[row]
     else:
         store = Store(path)
@@ -167,8 +223,9 @@ def first_sample(path: str, manifest: dict, target: str, endpoint_url: str | Non
     return {"lq": lq, "base": (np.clip(np.nan_to_num(base), 0, 1) * 255 + 0.5).astype(np.uint8)}
 
 
-def check_remote_shard(path: str, layout, info: dict, member: str, name: str, row: int,
-                       endpoint_url: str | None = None) -> None:
+def check_remote_shard(
+    path: str, layout, info: dict, member: str, name: str, row: int, endpoint_url: str | None = None
+) -> None:
     """The shard file holding `row` (of the first bucket) of a remote store is the one its done
     marker vouches for: its size and trailing crc32c (one ranged read of 4 bytes), as a local store's
     reads check it. Zarr would read a lost object as zeros and a swapped one as the wrong pixels."""
@@ -182,8 +239,10 @@ def check_remote_shard(path: str, layout, info: dict, member: str, name: str, ro
         try:
             marker = json.loads(loc.fs.cat_file(loc.path(marker_rel)))
         except FileNotFoundError:
-            raise StoreError(f"{loc.url}: done marker {marker_rel} of member {member} is missing: pull the "
-                             f"store again from a complete copy, or run `python -m stores repair` there") from None
+            raise StoreError(
+                f"{loc.url}: done marker {marker_rel} of member {member} is missing: pull the "
+                f"store again from a complete copy, or run `python -m stores repair` there"
+            ) from None
         want = ((marker.get("files") or {}).get(name) or {}).get(str(lo))
         if not isinstance(want, str):
             return  # a marker made before fingerprints were recorded: nothing to compare with
@@ -195,10 +254,12 @@ def check_remote_shard(path: str, layout, info: dict, member: str, name: str, ro
         except FileNotFoundError:
             pass
     if got != want:
-        raise DamagedFile(f"{loc.url}: shard file {rel} of member {member} is "
-                          f"{'missing' if got is None else 'not the file written'} (size:crc32c {got}; its done "
-                          f"marker {marker_rel} vouches for {size} bytes, {want}): run `python -m stores repair` "
-                          f"on the store that was pushed, then push it again, or pull it from a complete copy")
+        raise DamagedFile(
+            f"{loc.url}: shard file {rel} of member {member} is "
+            f"{'missing' if got is None else 'not the file written'} (size:crc32c {got}; its done "
+            f"marker {marker_rel} vouches for {size} bytes, {want}): run `python -m stores repair` "
+            f"on the store that was pushed, then push it again, or pull it from a complete copy"
+        )
 
 
 def png_data_uri(image) -> str:
@@ -220,9 +281,15 @@ def run_gains(runs) -> list[dict]:
     for f in sorted(Path(runs).glob("*/eval.json")) if runs else []:
         try:
             r = json.loads(f.read_text())
-            out.append({"run": f.parent.name, "stores": {r.get("store"), r.get("train_store")},
-                        "members": {r.get("target"), *(r.get("encoder") or [])}, "gain": float(r["gain_psnr"]),
-                        "ci95": r.get("gain_psnr_ci95")})
+            out.append(
+                {
+                    "run": f.parent.name,
+                    "stores": {r.get("store"), r.get("train_store")},
+                    "members": {r.get("target"), *(r.get("encoder") or [])},
+                    "gain": float(r["gain_psnr"]),
+                    "ci95": r.get("gain_psnr_ci95"),
+                }
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # an unfinished or foreign run folder: not listed
     return out
@@ -243,22 +310,42 @@ def store_html(row: dict, manifest: dict | None, runs: list, endpoint_url: str |
     name = html.escape(row["store"])
     if "error" in row:
         return f"<section><h2>{name}</h2><p class=damaged>DAMAGED: {html.escape(row['error'])}</p></section>"
-    parts = [f"<section><h2>{name}</h2>",
-             f"<p>{html.escape(shareable(str(row['path'])))} &middot; {html.escape(manifest.get('dataset', '?'))} / "
-             f"{html.escape(manifest.get('split', '?'))} / {html.escape(manifest.get('task', '?'))} &middot; "
-             f"created {html.escape(str(row.get('created')))}</p>"]
+    parts = [
+        f"<section><h2>{name}</h2>",
+        f"<p>{html.escape(shareable(str(row['path'])))} &middot; {html.escape(manifest.get('dataset', '?'))} / "
+        f"{html.escape(manifest.get('split', '?'))} / {html.escape(manifest.get('task', '?'))} &middot; "
+        f"created {html.escape(str(row.get('created')))}</p>",
+    ]
     if row.get("local"):
         local = row["local"]
         state = "none" if not local["exists"] else "complete" if local["complete"] else "incomplete"
         parts.append(f"<p>local copy: {state} ({html.escape(shareable(local['path']))})</p>")
-    parts.append("<table><tr><th>member</th><th>status</th><th>ranges</th><th>key</th><th>weights</th><th>MB</th>"
-                 "<th>made by</th><th>runs (PSNR gain)</th></tr>")
+    parts.append(
+        "<table><tr><th>member</th><th>status</th><th>ranges</th><th>key</th><th>weights</th><th>MB</th>"
+        "<th>made by</th><th>runs (PSNR gain)</th></tr>"
+    )
     for m, d in row["details"].items():
-        used = [r for r in runs if row["store"] in r["stores"] and (m in r["members"] or m == "pairs")]
+        used = [
+            r for r in runs if row["store"] in r["stores"] and (m in r["members"] or m == "pairs")
+        ]
         gains = ", ".join(f"{r['run']} {r['gain']:+.2f} dB" for r in used)
-        parts.append("<tr>" + "".join(_td(x) for x in (m, d["status"], d["tasks_done"], d["key"], d["weights"],
-                                                         f"{(d['bytes'] or 0) / 1e6:.2f}",
-                                                         describe_provenance(d["provenance"]), gains)) + "</tr>")
+        parts.append(
+            "<tr>"
+            + "".join(
+                _td(x)
+                for x in (
+                    m,
+                    d["status"],
+                    d["tasks_done"],
+                    d["key"],
+                    d["weights"],
+                    f"{(d['bytes'] or 0) / 1e6:.2f}",
+                    describe_provenance(d["provenance"]),
+                    gains,
+                )
+            )
+            + "</tr>"
+        )
     parts.append("</table>")
     complete = [m for m, s in row["members"].items() if s == "complete"]
     targets = [m for m in complete if m.startswith("targets/")]
@@ -266,18 +353,22 @@ def store_html(row: dict, manifest: dict | None, runs: list, endpoint_url: str |
         try:
             for t in targets:
                 imgs = first_sample(row["path"], manifest, t, endpoint_url)
-                parts.append(f"<figure><img src='{png_data_uri(imgs['lq'])}' alt='lq'>"
-                             f"<img src='{png_data_uri(imgs['base'])}' alt='base'>"
-                             f"<figcaption>first sample: lq, base of {html.escape(t)}</figcaption></figure>")
+                parts.append(
+                    f"<figure><img src='{png_data_uri(imgs['lq'])}' alt='lq'>"
+                    f"<img src='{png_data_uri(imgs['base'])}' alt='base'>"
+                    f"<figcaption>first sample: lq, base of {html.escape(t)}</figcaption></figure>"
+                )
         except Exception as e:  # a damaged array: said, no broken image
             why = html.escape(scrub(f"{type(e).__name__}: {e}"))
             parts.append(f"<p class=damaged>thumbnails unavailable: {why}</p>")
     return "\n".join(parts + ["</section>"])
 
 
-STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-         "padding:2px 6px;font-size:90%;text-align:left}.damaged{color:#b00}figure{display:inline-block}"
-         "img{height:96px;margin-right:4px;image-rendering:pixelated}")
+STYLE = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+    "padding:2px 6px;font-size:90%;text-align:left}.damaged{color:#b00}figure{display:inline-block}"
+    "img{height:96px;margin-right:4px;image-rendering:pixelated}"
+)
 
 
 def write_catalog(root, out, runs=None, local_root=None, endpoint_url: str | None = None) -> Path:
@@ -293,9 +384,12 @@ def write_catalog(root, out, runs=None, local_root=None, endpoint_url: str | Non
         manifest = None if "error" in row else read_store(row["path"], endpoint_url)
         sections.append(store_html(row, manifest, gains, endpoint_url))
     title = f"Feature stores under {shareable(scrub(str(root)))}"
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
-            + ("\n".join(sections) or "<p>no stores</p>") + "\n</body></html>\n")
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + ("\n".join(sections) or "<p>no stores</p>")
+        + "\n</body></html>\n"
+    )
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.write_text(page)

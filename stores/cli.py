@@ -3,6 +3,7 @@
 Each field of a `FeaturesConfig` or `TrainConfig` is one flag `--name-with-dashes`, typed from its
 annotation, with its help in `field(metadata={"help": ...})`: a new setting is written once.
 """
+
 from __future__ import annotations
 
 import argparse

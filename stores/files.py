@@ -6,6 +6,7 @@ O_NOFOLLOW and refuses anything but a regular file, truncating only after that c
 creates a file exclusively (temporary files of write-then-rename: a link planted at the final name
 is then replaced by the rename, never written through). Errors name the path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,19 +22,25 @@ class UnsafeFileError(StoreError):
     """A path the project would write is a symbolic link or not a regular file."""
 
 
-def open_regular(path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode: int = 0o644) -> int:
+def open_regular(
+    path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode: int = 0o644
+) -> int:
     """A file descriptor of `path` opened with `flags`, never through a symbolic link and only if
     it is a regular file: in a group-shared store or run folder anyone may plant a link to a file of
     yours (~/.bashrc) where we write. Truncates only after that check."""
     try:
-        fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(
+            path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode
+        )
     except OSError as e:  # a link (ELOOP, or EEXIST with O_EXCL), a folder, a FIFO without reader
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EEXIST) and _odd(path):
             raise UnsafeFileError(_odd(path)) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise UnsafeFileError(_odd(path) or f"{path}: is not a regular file; refusing to write to it")
+        raise UnsafeFileError(
+            _odd(path) or f"{path}: is not a regular file; refusing to write to it"
+        )
     if flags & os.O_TRUNC:
         os.ftruncate(fd, 0)
     return fd
@@ -48,8 +55,10 @@ def _odd(path) -> str | None:
     if stat.S_ISREG(mode):
         return None
     kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-    return (f"{path}: is {kind}; refusing to write through it (someone with write access to this "
-            f"folder may have planted it): remove it and rerun")
+    return (
+        f"{path}: is {kind}; refusing to write through it (someone with write access to this "
+        f"folder may have planted it): remove it and rerun"
+    )
 
 
 def new_file(path, mode: str = "w"):
@@ -66,12 +75,16 @@ def check_inside(root, path) -> None:
     if rel == "." or rel.startswith(".."):
         return
     here = root
-    for part in rel.split(os.sep)[:-1]:  # the last part: opened with O_NOFOLLOW, or replaced by a rename
+    for part in rel.split(os.sep)[
+        :-1
+    ]:  # the last part: opened with O_NOFOLLOW, or replaced by a rename
         here = os.path.join(here, part)
         try:
             mode = os.lstat(here).st_mode
         except FileNotFoundError:
             return
         if stat.S_ISLNK(mode):
-            raise UnsafeFileError(f"{here}: is a symbolic link inside {root}; refusing to write or remove through "
-                                  f"it (someone with write access may have planted it): remove it and rerun")
+            raise UnsafeFileError(
+                f"{here}: is a symbolic link inside {root}; refusing to write or remove through "
+                f"it (someone with write access may have planted it): remove it and rerun"
+            )

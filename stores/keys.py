@@ -2,6 +2,7 @@
 
 Used by `pipeline` to name what it asks for and by `stores` to refuse a member that differs.
 """
+
 import hashlib
 import json
 
@@ -10,7 +11,9 @@ SCHEMA_VERSION = 2
 
 def canonical_json(obj) -> str:
     """JSON with sorted keys and no whitespace: equal specs give equal strings."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def key_of(spec: dict) -> str:

@@ -17,6 +17,7 @@ one writer leases a range and writes one done marker for it (the manifest and th
 range a "task", field names kept for compatibility). Everything here is a pure function of the
 samples' sizes and the settings, so the ranges are never stored: the manifest keeps the bucket table (bounded by the number of distinct sizes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class Bucket:
 
     def shards(self) -> list[tuple[int, int]]:
         """[start, stop) sample ranges of this bucket's shards."""
-        return [(a, min(a + self.shard_len, self.start + self.count))
-                for a in range(self.start, self.start + self.count, self.shard_len)]
+        return [
+            (a, min(a + self.shard_len, self.start + self.count))
+            for a in range(self.start, self.start + self.count, self.shard_len)
+        ]
 
     def to_json(self) -> list:
         return [self.hw[0], self.hw[1], self.start, self.count, self.shard_len]
@@ -70,12 +73,17 @@ class Layout:
 
     def shards(self) -> list[tuple[int, int, int]]:
         """(bucket number, start, stop) of every shard, in storage order."""
-        return self._cached("_shards", lambda: [(k, a, b) for k, bk in enumerate(self.buckets) for a, b in bk.shards()])
+        return self._cached(
+            "_shards",
+            lambda: [(k, a, b) for k, bk in enumerate(self.buckets) for a, b in bk.shards()],
+        )
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """The shards inside [start, stop) (a binary search: a range costs O(log shards))."""
         shards = self.shards()
-        firsts = self._cached("_shard_starts", lambda: np.array([a for _, a, _ in shards], np.int64))
+        firsts = self._cached(
+            "_shard_starts", lambda: np.array([a for _, a, _ in shards], np.int64)
+        )
         lo, hi = np.searchsorted(firsts, [start, stop], side="left")
         return [s for s in shards[lo:hi] if s[2] <= stop]
 
@@ -88,7 +96,9 @@ class Layout:
         return k, i - self.buckets[k].start
 
     def _starts(self) -> np.ndarray:
-        return self._cached("_starts_cache", lambda: np.array([b.start for b in self.buckets], np.int64))
+        return self._cached(
+            "_starts_cache", lambda: np.array([b.start for b in self.buckets], np.int64)
+        )
 
     def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """[start, stop) cut at bucket edges: (bucket number, first row, last row + 1)."""
@@ -125,7 +135,9 @@ def bucket_hw(hw, tile: int) -> tuple:
     return tuple(max(tile, -(-int(v) // tile) * tile) for v in hw)
 
 
-def make_layout(hws, tile: int, shard_len: int = 16, shard_bytes: float = 64e6) -> tuple[Layout, np.ndarray]:
+def make_layout(
+    hws, tile: int, shard_len: int = 16, shard_bytes: float = 64e6
+) -> tuple[Layout, np.ndarray]:
     """The layout of samples with valid sizes `hws` (source order) and the storage order:
     `order[i]` is the source index of sample i."""
     canvases = [bucket_hw(hw, tile) for hw in hws]
@@ -148,9 +160,11 @@ def encode_text(values, width: int, where: str = "") -> np.ndarray:
     for j, v in enumerate(values):
         raw = str(v).encode()
         if len(raw) > width:
-            raise ValueError(f"{where}: value {j} is {len(raw)} bytes of UTF-8, more than the {width} "
-                             f"this array holds: {str(v)[:60]!r}...")
-        out[j, :len(raw)] = np.frombuffer(raw, np.uint8)
+            raise ValueError(
+                f"{where}: value {j} is {len(raw)} bytes of UTF-8, more than the {width} "
+                f"this array holds: {str(v)[:60]!r}..."
+            )
+        out[j, : len(raw)] = np.frombuffer(raw, np.uint8)
     return out
 
 

@@ -18,6 +18,7 @@ for the duration of a read-modify-write of manifest.json. The kernel (or the NFS
 it when its holder dies, so it is never taken from a live holder, however slow; the lock file is
 never deleted, so releasing it cannot remove another writer's lock.
 """
+
 from __future__ import annotations
 
 import errno
@@ -108,11 +109,16 @@ def file_lock(path, what: str, where, timeout: float = 300.0):
                     break
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise OSError(e.errno, f"{path}: cannot take the {what} ({e.strerror}); on "
-                                      f"NFS it needs lockd (v3) or v4, on Lustre the flock mount option") from e
+                        raise OSError(
+                            e.errno,
+                            f"{path}: cannot take the {what} ({e.strerror}); on "
+                            f"NFS it needs lockd (v3) or v4, on Lustre the flock mount option",
+                        ) from e
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{where}: {what} held for over {timeout:.0f} s by "
-                                           f"{_holder(fd)} (a live process: it is never taken away)") from None
+                        raise TimeoutError(
+                            f"{where}: {what} held for over {timeout:.0f} s by "
+                            f"{_holder(fd)} (a live process: it is never taken away)"
+                        ) from None
                     time.sleep(0.02)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{owner_id()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
@@ -130,7 +136,9 @@ def file_lock(path, what: str, where, timeout: float = 300.0):
 
 def _generations(folder: Path) -> list[int]:
     try:
-        return sorted(int(p.split(".")[0]) for p in os.listdir(folder) if p.endswith(".json") and p[0] != ".")
+        return sorted(
+            int(p.split(".")[0]) for p in os.listdir(folder) if p.endswith(".json") and p[0] != "."
+        )
     except FileNotFoundError:
         return []
 
@@ -175,7 +183,9 @@ class Leases:
 
     def _gen_path(self, r, gen: int) -> Path:
         path = self.folder(r) / f"{gen:08d}.json"
-        check_inside(self.dir.parent, path)  # no planted link on the way (_leases/, its range folder)
+        check_inside(
+            self.dir.parent, path
+        )  # no planted link on the way (_leases/, its range folder)
         return path
 
     def _expired(self, path: Path) -> bool:
@@ -209,8 +219,10 @@ class Leases:
             if not _read(path).get("released") and not self._expired(path):
                 return False
         gen = top + 1
-        if not create_exclusive(self._gen_path(r, gen), {"owner": self.owner, "gen": gen, "ttl": self.ttl,
-                                                         "since": time.time()}):
+        if not create_exclusive(
+            self._gen_path(r, gen),
+            {"owner": self.owner, "gen": gen, "ttl": self.ttl, "since": time.time()},
+        ):
             return False
         with self._mutex:
             self.held[r] = gen
@@ -231,7 +243,10 @@ class Leases:
             return gen
         newer = _generations(self.folder(r))
         who = _read(self._gen_path(r, newer[-1])).get("owner", "?") if newer else "?"
-        why = self.lost.get(r) or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"
+        why = (
+            self.lost.get(r)
+            or f"generation {gen} superseded by {newer[-1] if newer else '?'} ({who})"
+        )
         self._forget(r, why)
         raise LeaseLost(f"lease on range [{r[0]}, {r[1]}) lost ({why}); not writing its {what}")
 
@@ -247,21 +262,30 @@ class Leases:
         with self._mutex:
             gen = self.held.pop(r, None)
         if gen is not None:
-            create_exclusive(self._gen_path(r, gen + 1), {"released": True, "gen": gen + 1, "by": self.owner})
+            create_exclusive(
+                self._gen_path(r, gen + 1), {"released": True, "gen": gen + 1, "by": self.owner}
+            )
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             for r, gen in list(self.held.items()):
                 if not self.holds(r):
-                    self._forget(r, f"taken over after generation {gen} (this writer was paused or cut off "
-                                    f"past the {self.ttl:.0f} s lease)")
-                    self.log(f"lease on range [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that range")
+                    self._forget(
+                        r,
+                        f"taken over after generation {gen} (this writer was paused or cut off "
+                        f"past the {self.ttl:.0f} s lease)",
+                    )
+                    self.log(
+                        f"lease on range [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that range"
+                    )
                     continue
                 try:
                     os.utime(self._gen_path(r, gen), follow_symlinks=False)
                 except OSError as e:
                     self._forget(r, f"renewal failed: {e}")
-                    self.log(f"lease on range [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that range")
+                    self.log(
+                        f"lease on range [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that range"
+                    )
 
 
 def lease_folders(store_path) -> list[Path]:

@@ -6,6 +6,7 @@ extraction command, which recomputes exactly those ranges (it is deterministic) 
 again. `stores` never imports the pipeline: the rerun is a `python -m pipeline features`
 subprocess built from the configuration the member recorded.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,9 @@ def damaged_ranges(store: Store, jobs: int = 4) -> dict[str, list[int]]:
     out = {}
     for member, info in store.manifest()["members"].items():
         bad = set()
-        if info.get("status") == "complete":  # a lost done marker: its shards are vouched for by nothing
+        if (
+            info.get("status") == "complete"
+        ):  # a lost done marker: its shards are vouched for by nothing
             bad |= set(range(len(store.ranges(member)))) - store.done_ranges(member)
         for job in store.shard_checks(member, damaged=bad.add):
             if store.check_shard(member, job):
@@ -41,15 +44,22 @@ def damaged_ranges(store: Store, jobs: int = 4) -> dict[str, list[int]]:
 
 def lost_records(store: Store) -> list[str]:
     """Complete members whose `_records` file is missing."""
-    return [m for m, i in store.manifest()["members"].items()
-            if i.get("status") == "complete" and not (store.path / records_file(m)).is_file()]
+    return [
+        m
+        for m, i in store.manifest()["members"].items()
+        if i.get("status") == "complete" and not (store.path / records_file(m)).is_file()
+    ]
 
 
-NOT_REPLAYED = ("store_shared", "device")  # a repair recomputes, never copies; this machine picks where
+NOT_REPLAYED = (
+    "store_shared",
+    "device",
+)  # a repair recomputes, never copies; this machine picks where
 
 
-def features_command(config: dict, store_root: Path, split: str, allow_target: str | None = None,
-                     allow_encoders=()) -> list[str]:
+def features_command(
+    config: dict, store_root: Path, split: str, allow_target: str | None = None, allow_encoders=()
+) -> list[str]:
     """The `python -m pipeline features` call that made a member: every field of its recorded
     config (pipeline.plan.FeaturesConfig) as its flag, except NOT_REPLAYED, with this store's root
     and split. Paths were recorded portable (~, $USER) and are expanded for this user.
@@ -60,8 +70,10 @@ def features_command(config: dict, store_root: Path, split: str, allow_target: s
     argv = [sys.executable, "-m", "pipeline", "features"]
     for name, value in {**config, "store_root": str(store_root), "splits": split}.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(value, (dict, list)):
-            raise StoreError(f"the recorded configuration has a setting {name!r} = {value!r}, not one a "
-                             f"`python -m pipeline features` run records; rerun `make features` instead")
+            raise StoreError(
+                f"the recorded configuration has a setting {name!r} = {value!r}, not one a "
+                f"`python -m pipeline features` run records; rerun `make features` instead"
+            )
         if name not in NOT_REPLAYED and value is not None and value is not False:
             flag = "--" + name.replace("_", "-")  # `--flag=value`: a value is never read as a flag
             argv.append(flag if value is True else f"{flag}={local_path(value)}")
@@ -73,19 +85,36 @@ def refuse_user_code(config: dict, allow_target: str | None, allow_encoders) -> 
     key the features parser would take for --target or --encoder is read (argparse accepts `--enc`)."""
     for key, value in config.items():
         flag = str(key).replace("_", "-")
-        if not isinstance(value, str) or not flag or not ("target".startswith(flag) or "encoder".startswith(flag)):
+        if (
+            not isinstance(value, str)
+            or not flag
+            or not ("target".startswith(flag) or "encoder".startswith(flag))
+        ):
             continue
-        kind, allowed = ("target", {allow_target}) if "target".startswith(flag) else ("encoder", set(allow_encoders))
+        kind, allowed = (
+            ("target", {allow_target})
+            if "target".startswith(flag)
+            else ("encoder", set(allow_encoders))
+        )
         for name in value.split(",") if kind == "encoder" else [value]:
-            if (is_user_target if kind == "target" else is_user_encoder)(name) and name not in allowed:
+            if (is_user_target if kind == "target" else is_user_encoder)(
+                name
+            ) and name not in allowed:
                 named = ", ".join(sorted(repr(n) for n in allowed if n))
-                raise StoreError(f"the damaged member was made by the user {kind} {name!r}, which imports and runs "
-                                 f"code; rerun with `python -m stores repair STORE --{kind} {name}` if you trust it"
-                                 + (f" (you named {named})" if named else ""))
+                raise StoreError(
+                    f"the damaged member was made by the user {kind} {name!r}, which imports and runs "
+                    f"code; rerun with `python -m stores repair STORE --{kind} {name}` if you trust it"
+                    + (f" (you named {named})" if named else "")
+                )
 
 
-def repair(path: Path, recompute: bool = True, log=print, allow_target: str | None = None,
-           allow_encoders=()) -> int:
+def repair(
+    path: Path,
+    recompute: bool = True,
+    log=print,
+    allow_target: str | None = None,
+    allow_encoders=(),
+) -> int:
     """Withdraw damaged ranges and recompute them; returns the number of ranges withdrawn."""
     store = Store(path, mode="a")
     damaged = damaged_ranges(store)
@@ -95,10 +124,19 @@ def repair(path: Path, recompute: bool = True, log=print, allow_target: str | No
             log(f"{path}: {member}: records rewritten from its done markers")
     configs = [store.member_info(m).get("config") for m in damaged]
     if recompute and damaged and not all(configs):
-        raise StoreError(f"{path}: a damaged member has no recorded configuration; rerun `make features`")
-    argvs = {str(c): features_command(c, store.path.parent, store.manifest()["split"], allow_target,
-                                             allow_encoders)
-             for c in configs} if recompute else {}  # refused before anything is withdrawn
+        raise StoreError(
+            f"{path}: a damaged member has no recorded configuration; rerun `make features`"
+        )
+    argvs = (
+        {
+            str(c): features_command(
+                c, store.path.parent, store.manifest()["split"], allow_target, allow_encoders
+            )
+            for c in configs
+        }
+        if recompute
+        else {}
+    )  # refused before anything is withdrawn
     if not damaged:
         log(f"{path}: nothing damaged")
         return 0
@@ -125,8 +163,15 @@ def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
     for folder in lease_folders(path):
         gens = sorted(folder.glob("[0-9]*.json"))
         found += gens[:-1]
-    for p in [*path.rglob(".*"), *path.rglob("*.partial")]:  # ours, and zarr's `<chunk>.<uuid>.partial`
-        if p.is_file() and (".tmp-" in p.name or p.name.endswith(".partial")) and _age(p) > TMP_GRACE_SECONDS:
+    for p in [
+        *path.rglob(".*"),
+        *path.rglob("*.partial"),
+    ]:  # ours, and zarr's `<chunk>.<uuid>.partial`
+        if (
+            p.is_file()
+            and (".tmp-" in p.name or p.name.endswith(".partial"))
+            and _age(p) > TMP_GRACE_SECONDS
+        ):
             found.append(p)
     for p in found:
         log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
@@ -146,8 +191,20 @@ def stale_staging(path: Path) -> list[Path]:
     for marker in (path / DONE_DIR).rglob("*.json") if (path / DONE_DIR).is_dir() else []:
         try:
             m = read_json(marker)
-            named.add((int(m["samples"][0]), int(m["samples"][1]), m.get("stage", f"{int(m['generation']):08d}")))
-        except (OSError, ValueError, KeyError, TypeError, IndexError):  # older marker, or one being damaged
+            named.add(
+                (
+                    int(m["samples"][0]),
+                    int(m["samples"][1]),
+                    m.get("stage", f"{int(m['generation']):08d}"),
+                )
+            )
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+        ):  # older marker, or one being damaged
             continue
     found = []
     for stage in sorted((path / STAGING_DIR).glob("*-*/*")):
@@ -157,8 +214,14 @@ def stale_staging(path: Path) -> list[Path]:
             continue
         gens = _generations(path / LEASE_DIR / stage.parent.name)
         files = [p for p in stage.rglob("*") if p.is_file()]
-        if gens and gens[-1] > gen and (not files or ((a, b, stage.name) not in named
-                                                      and min(map(_age, files)) > TMP_GRACE_SECONDS)):
+        if (
+            gens
+            and gens[-1] > gen
+            and (
+                not files
+                or ((a, b, stage.name) not in named and min(map(_age, files)) > TMP_GRACE_SECONDS)
+            )
+        ):
             found.append(stage)
     return found
 

@@ -3,11 +3,18 @@
 Here, not in pipeline/names.py, because `stores repair` must refuse such a name recorded in a
 store without importing the pipeline (pipeline/names.py builds on these).
 """
+
 from __future__ import annotations
 
-BUILTIN_TARGETS = (*(f"restormer-{t}" for t in ("deblur", "defocus", "derain", "denoise", "denoise-gaussian")),
-                   *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")), "uformer-b", "snr-aware",
-                   "sci-easy", "sci-medium", "sci-difficult")
+BUILTIN_TARGETS = (
+    *(f"restormer-{t}" for t in ("deblur", "defocus", "derain", "denoise", "denoise-gaussian")),
+    *(f"mprnet-{t}" for t in ("deblur", "derain", "denoise")),
+    "uformer-b",
+    "snr-aware",
+    "sci-easy",
+    "sci-medium",
+    "sci-difficult",
+)
 SD_NAMES = ("sd-vae", "sd-unet")
 
 

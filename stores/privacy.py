@@ -7,6 +7,7 @@ side (a teammate's `~` is their own home). `scrub(text)`: any message with crede
 `***`: `user:password@` in URLs, the AWS variables of the environment and the secrets of
 `~/.aws/credentials` (or $AWS_SHARED_CREDENTIALS_FILE).
 """
+
 from __future__ import annotations
 
 import configparser
@@ -27,8 +28,13 @@ def _file_secrets(path: str, mtime: float) -> tuple:
         cp.read(path)
     except (configparser.Error, OSError, UnicodeDecodeError):
         return ()
-    return tuple(v for s in cp.sections() for k, v in cp.items(s)
-                 if k.lower() in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token") and len(v) >= 4)
+    return tuple(
+        v
+        for s in cp.sections()
+        for k, v in cp.items(s)
+        if k.lower() in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        and len(v) >= 4
+    )
 
 
 def secrets() -> list[str]:
@@ -71,7 +77,9 @@ def shareable(obj):
         return obj
     text = _URL_CREDENTIALS.sub(lambda m: m["scheme"], obj)
     home = os.path.expanduser("~").rstrip("/")
-    if home and home != "/":  # a path, one after a prefix such as `openclip:`, or one inside a message
+    if (
+        home and home != "/"
+    ):  # a path, one after a prefix such as `openclip:`, or one inside a message
         text = re.sub(rf"""(?<![^\s:'"(=,\[]){re.escape(home)}(?![^/\s'"):,\]])""", "~", text)
     user = _user()
     if user and "/" in text:

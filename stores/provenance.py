@@ -5,6 +5,7 @@ versions or devices with the same settings are the same member. Read with import
 git only (no heavy module is imported for it), and passed through `shareable` like everything a
 store records: no user name, host name or home path.
 """
+
 from __future__ import annotations
 
 import platform
@@ -17,8 +18,13 @@ from pathlib import Path
 from .privacy import shareable
 
 PROJECT = "ptgrm-pipeline"
-LIBRARIES = {"torch": "torch", "open_clip": "open_clip_torch", "diffusers": "diffusers", "zarr": "zarr",
-             "numpy": "numpy"}
+LIBRARIES = {
+    "torch": "torch",
+    "open_clip": "open_clip_torch",
+    "diffusers": "diffusers",
+    "zarr": "zarr",
+    "numpy": "numpy",
+}
 
 
 def _version(dist: str) -> str | None:
@@ -34,13 +40,23 @@ def git_commit(folder: Path) -> str | None:
     if not (folder / ".git").exists():
         return None
     try:
-        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
-        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return head.stdout.strip() + (
+            "+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -51,15 +67,19 @@ def _static() -> dict:
     commit = git_commit(Path(__file__).resolve().parents[1])
     if commit:
         project["commit"] = commit
-    return {"project": project, "libraries": {k: _version(d) for k, d in LIBRARIES.items()},
-            "arch": platform.machine() or None}
+    return {
+        "project": project,
+        "libraries": {k: _version(d) for k, d in LIBRARIES.items()},
+        "arch": platform.machine() or None,
+    }
 
 
 def provenance(device: str | None = None) -> dict:
     """This process's provenance: project version (and git commit from a checkout), library
     versions, `device` ('cpu' or the GPU's name; None: not known here), CPU architecture, UTC time."""
-    return shareable({**_static(), "device": device,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return shareable(
+        {**_static(), "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    )
 
 
 def describe(prov: dict | None) -> str:
@@ -69,7 +89,9 @@ def describe(prov: dict | None) -> str:
     project = prov.get("project") or {}
     version = f"ptgrm {project.get('version') or '?'}"
     if project.get("commit"):
-        version += f" ({project['commit'][:12]}{'+dirty' if project['commit'].endswith('+dirty') else ''})"
+        version += (
+            f" ({project['commit'][:12]}{'+dirty' if project['commit'].endswith('+dirty') else ''})"
+        )
     libs = " ".join(f"{k} {v}" for k, v in (prov.get("libraries") or {}).items() if v)
     where = f"device {prov.get('device') or '?'} ({prov.get('arch') or '?'})"
     return f"{version}; {libs}; {where}; {prov.get('time') or '?'}"

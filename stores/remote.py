@@ -27,6 +27,7 @@ the store's name: `push data/stores/X s3://team/stores` writes `s3://team/stores
   `endpoint_url`, S3_ENDPOINT_URL or AWS_ENDPOINT_URL. Error messages are scrubbed of them.
 On S3 (no locks) the manifest is re-read just before it is written: one copy at a time per S3 store.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,14 +46,26 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .files import new_file
+from .layout import Layout
 from .leases import file_lock, store_lock
 from .privacy import scrub, strip_url_credentials
-from .layout import Layout
-from .store import DONE_DIR, MANIFEST, RECORDS_DIR, SOURCES_DIR, StoreError, check_member_name, lost_shards, shard_file, records_file
+from .store import (
+    DONE_DIR,
+    MANIFEST,
+    RECORDS_DIR,
+    SOURCES_DIR,
+    StoreError,
+    check_member_name,
+    lost_shards,
+    records_file,
+    shard_file,
+)
 
 BLOCK = 8 << 20
-CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
-                    "endpoint (--endpoint-url, S3_ENDPOINT_URL or AWS_ENDPOINT_URL)")
+CREDENTIALS_HINT = (
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials) and the "
+    "endpoint (--endpoint-url, S3_ENDPOINT_URL or AWS_ENDPOINT_URL)"
+)
 
 
 class RemoteError(StoreError):
@@ -63,7 +76,9 @@ def storage_options(url: str, endpoint_url: str | None = None) -> dict:
     """fsspec options for `url`: for s3:// only the endpoint; credentials are left to botocore."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
-    endpoint = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        endpoint_url or os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    )
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
@@ -92,7 +107,9 @@ def open_location(url: str, endpoint_url: str | None = None) -> Location:
     fs, root = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
-    return Location(fs, root.rstrip("/"), strip_url_credentials(url.rstrip("/")))  # url: shown to people
+    return Location(
+        fs, root.rstrip("/"), strip_url_credentials(url.rstrip("/"))
+    )  # url: shown to people
 
 
 def list_files(loc: Location) -> dict[str, int]:
@@ -130,7 +147,9 @@ def write_file(dst: Location, rel: str, chunks) -> None:
     path = dst.path(rel)
     if dst.local:  # never on S3, where makedirs would create a missing bucket
         dst.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = posixpath.join(
+        posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+    )
     try:  # locally a new file, never written through a link planted by someone else
         with new_file(tmp, "wb") if dst.local else dst.fs.open(path, "wb", block_size=BLOCK) as f:
             for block in chunks:
@@ -171,7 +190,9 @@ class Copier:
             raise
 
     def copy(self, rel: str, size: int) -> None:
-        if self.present.get(rel) == size and file_sha256(self.dst, rel) == file_sha256(self.src, rel):
+        if self.present.get(rel) == size and file_sha256(self.dst, rel) == file_sha256(
+            self.src, rel
+        ):
             with self.lock:
                 self.skipped += 1
             return
@@ -190,18 +211,24 @@ class Copier:
 
     def check(self, rel: str, size: int, n: int, sha: str) -> None:
         if n != size:
-            raise RemoteError(f"{self.src.url}/{rel}: read {n} bytes, listed as {size}; the source "
-                              f"changed during the copy")
+            raise RemoteError(
+                f"{self.src.url}/{rel}: read {n} bytes, listed as {size}; the source "
+                f"changed during the copy"
+            )
         got = file_sha256(self.dst, rel)
         if got != (size, sha):
-            raise RemoteError(f"{self.dst.url}/{rel}: copy does not verify: expected {size} bytes with "
-                              f"sha256 {sha[:16]}, found {got[0]} bytes with sha256 {got[1][:16]}")
+            raise RemoteError(
+                f"{self.dst.url}/{rel}: copy does not verify: expected {size} bytes with "
+                f"sha256 {sha[:16]}, found {got[0]} bytes with sha256 {got[1][:16]}"
+            )
         with self.lock:
             self.copied += 1
             self.bytes += size
 
 
-def select(manifest: dict, files: dict[str, int], include_incomplete: bool) -> tuple[list, dict, dict]:
+def select(
+    manifest: dict, files: dict[str, int], include_incomplete: bool
+) -> tuple[list, dict, dict]:
     """(members to copy, {left-out member: status}, {file: size} to copy). The copied files are the
     Zarr group metadata above the members, the members' arrays, done markers and records, and the
     source records (`_sources/`); manifest.json is written separately, last."""
@@ -209,10 +236,17 @@ def select(manifest: dict, files: dict[str, int], include_incomplete: bool) -> t
     keep = [m for m, i in members.items() if include_incomplete or i.get("status") == "complete"]
     left_out = {m: i.get("status", "incomplete") for m, i in members.items() if m not in keep}
     groups = {"zarr.json"} | {f"{posixpath.dirname(m)}/zarr.json" for m in keep if "/" in m}
-    prefixes = tuple(f"{m}/" for m in keep) + tuple(f"{DONE_DIR}/{m}/" for m in keep) + (f"{SOURCES_DIR}/",)
+    prefixes = (
+        tuple(f"{m}/" for m in keep)
+        + tuple(f"{DONE_DIR}/{m}/" for m in keep)
+        + (f"{SOURCES_DIR}/",)
+    )
     records = {f"{RECORDS_DIR}/{m.replace('/', '__')}.json" for m in keep}
-    chosen = {rel: size for rel, size in files.items()
-              if rel in groups or rel in records or (rel.startswith(prefixes) and rel != MANIFEST)}
+    chosen = {
+        rel: size
+        for rel, size in files.items()
+        if rel in groups or rel in records or (rel.startswith(prefixes) and rel != MANIFEST)
+    }
     return keep, left_out, chosen
 
 
@@ -240,7 +274,9 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
         info = manifest["members"][m]
         if info.get("status") != "complete":
             continue
-        markers = [f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.ranges(info.get("n_tasks"))))]
+        markers = [
+            f"{DONE_DIR}/{m}/{t:05d}.json" for t in range(len(layout.ranges(info.get("n_tasks"))))
+        ]
         out += [rel for rel in (*markers, records_file(m)) if rel not in files]
 
         def marker(t, m=m, info=info):
@@ -249,12 +285,18 @@ def missing_files(loc: Location, files: dict, manifest: dict, keep: list) -> lis
                 return None
             try:
                 got = json.loads(loc.fs.cat_file(loc.path(rel)))
-                if not isinstance(got, dict) or got.get("task") != t \
-                        or not set((got.get("files") or {}) | (got.get("shards") or {})) <= set(info["arrays"]):
+                if (
+                    not isinstance(got, dict)
+                    or got.get("task") != t
+                    or not set((got.get("files") or {}) | (got.get("shards") or {}))
+                    <= set(info["arrays"])
+                ):
                     raise ValueError(f"not the done marker of range {t} of {m}")
             except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
-                raise RemoteError(f"{loc.url}/{rel}: damaged ({type(e).__name__}: {e}); nothing copied: repair the "
-                                  f"store where it was built (`python -m stores repair STORE`) and copy it again") from None
+                raise RemoteError(
+                    f"{loc.url}/{rel}: damaged ({type(e).__name__}: {e}); nothing copied: repair the "
+                    f"store where it was built (`python -m stores repair STORE`) and copy it again"
+                ) from None
             return got
 
         out += lost_shards(layout, info, m, files.__contains__, marker)
@@ -276,7 +318,9 @@ def resized_shards(layout: Layout, info: dict, member: str, files: dict, marker)
     return out
 
 
-def check_complete(loc: Location, files: dict, manifest: dict, keep: list, copied: dict | None = None) -> None:
+def check_complete(
+    loc: Location, files: dict, manifest: dict, keep: list, copied: dict | None = None
+) -> None:
     """Refuse (RemoteError naming the files) a source whose complete members lack files, or, given
     `copied` ({file: size} copied), a destination where one of them did not arrive whole."""
     missing = missing_files(loc, files, manifest, keep)
@@ -285,11 +329,15 @@ def check_complete(loc: Location, files: dict, manifest: dict, keep: list, copie
         return
     names = ", ".join(sorted(set(missing))[:5]) + (", ..." if len(set(missing)) > 5 else "")
     if copied is None:
-        raise RemoteError(f"{loc.url}: {len(set(missing))} file(s) of complete members missing ({names}): lost "
-                          f"by a partial copy or sync? Nothing copied; repair the store where it was built "
-                          f"(`python -m stores repair STORE`) and copy it again")
-    raise RemoteError(f"{loc.url}: copy incomplete, manifest not written: {len(set(missing))} file(s) missing "
-                      f"or of the wrong size ({names}); run the copy again")
+        raise RemoteError(
+            f"{loc.url}: {len(set(missing))} file(s) of complete members missing ({names}): lost "
+            f"by a partial copy or sync? Nothing copied; repair the store where it was built "
+            f"(`python -m stores repair STORE`) and copy it again"
+        )
+    raise RemoteError(
+        f"{loc.url}: copy incomplete, manifest not written: {len(set(missing))} file(s) missing "
+        f"or of the wrong size ({names}); run the copy again"
+    )
 
 
 def read_manifest(loc: Location, source: bool = True) -> bytes:
@@ -298,15 +346,25 @@ def read_manifest(loc: Location, source: bool = True) -> bytes:
     try:
         raw = loc.fs.cat_file(loc.path(MANIFEST))
     except FileNotFoundError:
-        raise RemoteError(f"{loc.url}: not a feature store (no {MANIFEST}; a store without it is "
-                          f"unfinished or not a store)") from None
+        raise RemoteError(
+            f"{loc.url}: not a feature store (no {MANIFEST}; a store without it is "
+            f"unfinished or not a store)"
+        ) from None
     try:
         m = json.loads(raw)
-        if not isinstance(m, dict) or not isinstance(m.get("members"), dict) or (source and "layout" not in m):
-            raise ValueError("not a manifest object with 'members'" + (" and 'layout'" if source else ""))
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("members"), dict)
+            or (source and "layout" not in m)
+        ):
+            raise ValueError(
+                "not a manifest object with 'members'" + (" and 'layout'" if source else "")
+            )
     except (ValueError, UnicodeDecodeError) as e:
-        raise RemoteError(f"{loc.url}/{MANIFEST}: damaged ({type(e).__name__}: {e}); nothing copied: copy the "
-                          f"store from an intact source") from None
+        raise RemoteError(
+            f"{loc.url}/{MANIFEST}: damaged ({type(e).__name__}: {e}); nothing copied: copy the "
+            f"store from an intact source"
+        ) from None
     return raw
 
 
@@ -324,10 +382,14 @@ def partial_location(final: Location) -> Location:
     """The `.partial-<name>-<uuid>` folder beside a new local store: an earlier one, or a new one."""
     parent, name = posixpath.split(final.root)
     final.fs.makedirs(parent, exist_ok=True)
-    old = sorted(final.fs.glob(posixpath.join(parent, f".partial-{name}-*")),
-                 key=lambda p: final.fs.info(p).get("mtime", 0))
+    old = sorted(
+        final.fs.glob(posixpath.join(parent, f".partial-{name}-*")),
+        key=lambda p: final.fs.info(p).get("mtime", 0),
+    )
     path = old[-1] if old else posixpath.join(parent, f".partial-{name}-{uuid.uuid4().hex[:12]}")
-    return Location(final.fs, path, posixpath.join(posixpath.dirname(final.url), posixpath.basename(path)))
+    return Location(
+        final.fs, path, posixpath.join(posixpath.dirname(final.url), posixpath.basename(path))
+    )
 
 
 def final_location(src: Location, dst: Location) -> Location:
@@ -349,8 +411,9 @@ def plain_errors(what: str):
         raise RemoteError(scrub(f"{what}: {type(e).__name__}: {e}{hint}")) from None
 
 
-def copy_files(src: Location, work: Location, manifest: dict, include_incomplete: bool,
-               jobs: int, log) -> tuple[list, dict, Copier]:
+def copy_files(
+    src: Location, work: Location, manifest: dict, include_incomplete: bool, jobs: int, log
+) -> tuple[list, dict, Copier]:
     """Copy the chosen members' files (largest first), then check their done markers at `work`."""
     src_files = list_files(src)
     keep, left_out, todo = select(manifest, src_files, include_incomplete)
@@ -367,10 +430,16 @@ def copy_files(src: Location, work: Location, manifest: dict, include_incomplete
 
 def destination_manifest(final: Location, manifest: dict) -> dict | None:
     """The destination's manifest as it is now (None: no store there yet); another store is refused."""
-    old = json.loads(read_manifest(final, source=False)) if final.fs.exists(final.path(MANIFEST)) else None
+    old = (
+        json.loads(read_manifest(final, source=False))
+        if final.fs.exists(final.path(MANIFEST))
+        else None
+    )
     if old and old.get("pairs_key") != manifest.get("pairs_key"):
-        raise RemoteError(f"{final.url}: holds another store (pairs key {str(old.get('pairs_key'))[:12]}, "
-                          f"source {str(manifest.get('pairs_key'))[:12]}); nothing copied")
+        raise RemoteError(
+            f"{final.url}: holds another store (pairs key {str(old.get('pairs_key'))[:12]}, "
+            f"source {str(manifest.get('pairs_key'))[:12]}); nothing copied"
+        )
     return old
 
 
@@ -383,8 +452,12 @@ def creating(final: Location):
         return
     parent, name = posixpath.split(final.root)
     os.makedirs(parent, exist_ok=True)
-    with file_lock(posixpath.join(parent, f".{name}.lock"), "lock on creating this store", final.url,
-                   timeout=86400):
+    with file_lock(
+        posixpath.join(parent, f".{name}.lock"),
+        "lock on creating this store",
+        final.url,
+        timeout=86400,
+    ):
         yield
 
 
@@ -409,8 +482,14 @@ def publish(work: Location, final: Location, manifest: dict, raw: bytes, keep: l
     return True
 
 
-def copy_store(src_url: str, dst_url: str, endpoint_url: str | None = None,
-               include_incomplete: bool = False, jobs: int = 8, log=print) -> dict:
+def copy_store(
+    src_url: str,
+    dst_url: str,
+    endpoint_url: str | None = None,
+    include_incomplete: bool = False,
+    jobs: int = 8,
+    log=print,
+) -> dict:
     """Copy the store at `src_url` into `dst_url` (see the module doc); returns a summary."""
     t0 = time.perf_counter()
     with plain_errors(f"{src_url} -> {dst_url}"):
@@ -418,18 +497,37 @@ def copy_store(src_url: str, dst_url: str, endpoint_url: str | None = None,
         final = final_location(src, open_location(dst_url, endpoint_url))
         raw = read_manifest(src)
         manifest = json.loads(raw)
-        for member in manifest["members"]:  # a hostile name never reaches a path or the destination's manifest
+        for member in manifest[
+            "members"
+        ]:  # a hostile name never reaches a path or the destination's manifest
             check_member_name(src.url, member)
         destination_manifest(final, manifest)  # refuse another store before copying anything
         with creating(final):
-            work = partial_location(final) if final.local and not final.fs.exists(final.root) else final
+            work = (
+                partial_location(final)
+                if final.local and not final.fs.exists(final.root)
+                else final
+            )
             keep, left_out, copier = copy_files(src, work, manifest, include_incomplete, jobs, log)
-            if not publish(work, final, manifest, raw, keep):  # a writer created the store meanwhile
-                keep, left_out, copier = copy_files(src, final, manifest, include_incomplete, jobs, log)
+            if not publish(
+                work, final, manifest, raw, keep
+            ):  # a writer created the store meanwhile
+                keep, left_out, copier = copy_files(
+                    src, final, manifest, include_incomplete, jobs, log
+                )
                 publish(final, final, manifest, raw, keep)
                 final.fs.rm(work.root, recursive=True)
-    log(f"{final.url}: {copier.copied} files copied ({copier.bytes / 1e6:.2f} MB), {copier.skipped} "
-        f"already present and skipped; members: {', '.join(keep) or 'none'}")
-    return {"src": src.url, "dst": final.url, "copied": copier.copied, "skipped": copier.skipped,
-            "bytes_copied": copier.bytes, "members": keep, "left_out": left_out,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    log(
+        f"{final.url}: {copier.copied} files copied ({copier.bytes / 1e6:.2f} MB), {copier.skipped} "
+        f"already present and skipped; members: {', '.join(keep) or 'none'}"
+    )
+    return {
+        "src": src.url,
+        "dst": final.url,
+        "copied": copier.copied,
+        "skipped": copier.skipped,
+        "bytes_copied": copier.bytes,
+        "members": keep,
+        "left_out": left_out,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

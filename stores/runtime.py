@@ -8,6 +8,7 @@ passes and training steps allocate and free the same large buffers over and over
 third of the wall time went to page faults (measured with getrusage: 8.7 s of system time per
 17 s of extraction). Keeping freed memory in the process removes that.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,9 +40,12 @@ def tune_allocator() -> bool:
     if _tuned is not None:
         return _tuned
     _tuned = False
-    if not sys.platform.startswith("linux") or os.environ.get("PTGRM_MALLOC_TUNE", "1") == "0" \
-            or any(k.startswith("MALLOC_") for k in os.environ) \
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if (
+        not sys.platform.startswith("linux")
+        or os.environ.get("PTGRM_MALLOC_TUNE", "1") == "0"
+        or any(k.startswith("MALLOC_") for k in os.environ)
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    ):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -49,9 +53,15 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = [mallopt(opt, value) == 1 for opt, value in
-               ((M_MMAP_THRESHOLD, _MMAP_MAX), (M_TRIM_THRESHOLD, _TRIM), (M_TOP_PAD, _TOP_PAD),
-                (M_ARENA_MAX, _ARENAS))]
+    applied = [
+        mallopt(opt, value) == 1
+        for opt, value in (
+            (M_MMAP_THRESHOLD, _MMAP_MAX),
+            (M_TRIM_THRESHOLD, _TRIM),
+            (M_TOP_PAD, _TOP_PAD),
+            (M_ARENA_MAX, _ARENAS),
+        )
+    ]
     _tuned = all(applied)
     return _tuned
 
@@ -112,7 +122,9 @@ def _cgroup_quota() -> float | None:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2: /sys/fs/cgroup/<path>/cpu.max holds "max 100000" or "<quota> <period>"
+        if (
+            controllers == ""
+        ):  # v2: /sys/fs/cgroup/<path>/cpu.max holds "max 100000" or "<quota> <period>"
             for d in _parents("/sys/fs/cgroup", path):
                 try:
                     quota, period = open(f"{d}/cpu.max").read().split()
@@ -159,7 +171,10 @@ class CpuShare:
         import json
         import secrets
 
-        self.folder, self.cpus = folder, sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.folder, self.cpus = (
+            folder,
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        )
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.lstat(folder)
         if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid():
@@ -201,7 +216,9 @@ class CpuShare:
         return count
 
     def close(self) -> None:
-        if os.getpid() != self.pid or self.fd < 0:  # a forked child (a loader worker) leaves it to its parent
+        if (
+            os.getpid() != self.pid or self.fd < 0
+        ):  # a forked child (a loader worker) leaves it to its parent
             return
         try:
             os.unlink(os.path.join(self.folder, self.name))

@@ -18,6 +18,7 @@ Buckets, shards and ranges: stores/layout.py. A member is complete when every pl
 done marker and the finaliser has re-read every shard against those hashes; only then does the
 manifest say `complete`, and readers refuse anything else. Inspect with `python -m stores info STORE`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -37,10 +38,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .files import StoreError, UnsafeFileError, check_inside, new_file, open_regular  # noqa: F401 (re-exported)
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
-from .files import StoreError, UnsafeFileError, check_inside, new_file, open_regular  # noqa: F401 (re-exported)
 from .privacy import shareable
 
 MANIFEST = "manifest.json"
@@ -63,8 +64,10 @@ def check_member_name(path, member: str) -> str:
     """A member name as the pipeline makes them (`pairs`, `targets/<id>`, `osf/<id>`); anything
     else (`..`, absolute paths, other folders) is refused before it goes into a path."""
     if not isinstance(member, str) or not MEMBER_NAME.fullmatch(member) or ".." in member:
-        raise StoreError(f"{path}: {MANIFEST} names a member {member!r}; expected 'pairs', 'targets/<id>' or "
-                         f"'osf/<id>' (letters, digits, . _ + -): the manifest is damaged or not from this tool")
+        raise StoreError(
+            f"{path}: {MANIFEST} names a member {member!r}; expected 'pairs', 'targets/<id>' or "
+            f"'osf/<id>' (letters, digits, . _ + -): the manifest is damaged or not from this tool"
+        )
     return member
 
 
@@ -87,9 +90,16 @@ class ArraySpec:
         """shape, chunks and shards of this array in one bucket."""
         if self.image:
             (h, w), c = bucket.hw, self.row[0]
-            return {"shape": (bucket.count, h, w, c), "chunks": (1, tile, tile, c),
-                    "shards": (bucket.shard_len, h, w, c)}
-        return {"shape": (bucket.count, *self.row), "chunks": (bucket.shard_len, *self.row), "shards": None}
+            return {
+                "shape": (bucket.count, h, w, c),
+                "chunks": (1, tile, tile, c),
+                "shards": (bucket.shard_len, h, w, c),
+            }
+        return {
+            "shape": (bucket.count, *self.row),
+            "chunks": (bucket.shard_len, *self.row),
+            "shards": None,
+        }
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype, "row": list(self.row), "image": self.image}
@@ -148,8 +158,10 @@ def read_json(path: Path):
         with open(path, "rb") as f:
             return json.loads(f.read())
     except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedFile(f"{path}: damaged ({type(e).__name__}: {e}); this file is only ever written whole: "
-                          f"run `python -m stores verify` / `repair` on its store, or pull the store again") from None
+        raise DamagedFile(
+            f"{path}: damaged ({type(e).__name__}: {e}); this file is only ever written whole: "
+            f"run `python -m stores verify` / `repair` on its store, or pull the store again"
+        ) from None
 
 
 def digest(values: np.ndarray) -> str:
@@ -172,7 +184,9 @@ def encoder_id(name: str) -> str:
         return "openclip-" + Path(name.split(":")[1]).name.replace("/", "_")
     if ":" in name:  # a user's backbone, module.path:factory
         mod, _, fn = name.partition(":")
-        return "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + re.sub(r"[^A-Za-z0-9_]", "_", fn)
+        return (
+            "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + re.sub(r"[^A-Za-z0-9_]", "_", fn)
+        )
     return name
 
 
@@ -182,16 +196,23 @@ def match_member(members: list, kind: str, name: str | None, where) -> str:
     in full (`osf/<id>-<key12>`); None: the only one. Anything else raises StoreError naming `where`."""
     if name and kind == "osf":
         name = encoder_id(name)
-    found = [m for m in members if name is None or m in (f"{kind}/{name}", name)
-             or m.rsplit("-", 1)[0] == f"{kind}/{name}"]
+    found = [
+        m
+        for m in members
+        if name is None or m in (f"{kind}/{name}", name) or m.rsplit("-", 1)[0] == f"{kind}/{name}"
+    ]
     if len(found) == 1:
         return found[0]
     flag = "--target" if kind == "targets" else "--encoder"
     if not found:
-        raise StoreError(f"{where}: no complete {kind} member matches {name or 'any'}; complete: "
-                         f"{members or 'none'}; name one with {flag}")
-    raise StoreError(f"{where}: several complete {kind} members match {name or 'any'}: {found}; "
-                     f"name one in full with {flag} (e.g. {found[0].split('/', 1)[1]})")
+        raise StoreError(
+            f"{where}: no complete {kind} member matches {name or 'any'}; complete: "
+            f"{members or 'none'}; name one with {flag}"
+        )
+    raise StoreError(
+        f"{where}: several complete {kind} members match {name or 'any'}: {found}; "
+        f"name one in full with {flag} (e.g. {found[0].split('/', 1)[1]})"
+    )
 
 
 def store_name(dataset: str, split: str, task: str, pairs_key: str) -> str:
@@ -203,8 +224,10 @@ def dir_bytes(path: Path) -> int:
 
 
 def rebuild_hint(path: Path) -> str:
-    return (f"remove it (rm -r {path}) and run `make features` with the same TASK/DATA (or "
-            f"`python -m pipeline features ...`) to rebuild it in the current layout")
+    return (
+        f"remove it (rm -r {path}) and run `make features` with the same TASK/DATA (or "
+        f"`python -m pipeline features ...`) to rebuild it in the current layout"
+    )
 
 
 def read_manifest(path: Path) -> dict:
@@ -216,10 +239,12 @@ def read_manifest(path: Path) -> dict:
         if not isinstance(m, dict) or not isinstance(m.get("members"), dict) or "layout" not in m:
             raise ValueError("not a manifest object with 'members' and 'layout'")
     except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{file}: damaged ({type(e).__name__}: {e}); it is only ever replaced whole, so this "
-                         f"is damage from outside (disk, copy, editor): restore it with `python -m stores pull` "
-                         f"from a shared copy, or remove the whole store (rm -r {path}; not only this file) and "
-                         f"rerun `make features`") from None
+        raise StoreError(
+            f"{file}: damaged ({type(e).__name__}: {e}); it is only ever replaced whole, so this "
+            f"is damage from outside (disk, copy, editor): restore it with `python -m stores pull` "
+            f"from a shared copy, or remove the whole store (rm -r {path}; not only this file) and "
+            f"rerun `make features`"
+        ) from None
     check_schema(path, m)
     for member in m["members"]:
         check_member_name(path, member)
@@ -230,9 +255,11 @@ def check_schema(path: Path, manifest: dict) -> None:
     """Refuse a store of another schema with what to do about it."""
     schema = manifest.get("schema")
     if schema != SCHEMA_VERSION:
-        raise StoreError(f"{path}: store schema {schema}, this version reads schema {SCHEMA_VERSION} "
-                         f"(size buckets, no padding to the split's largest image, text as bytes; see "
-                         f"docs/design.md); {rebuild_hint(path)}")
+        raise StoreError(
+            f"{path}: store schema {schema}, this version reads schema {SCHEMA_VERSION} "
+            f"(size buckets, no padding to the split's largest image, text as bytes; see "
+            f"docs/design.md); {rebuild_hint(path)}"
+        )
 
 
 def shard_file(layout: Layout, member: str, name: str, spec: dict, k: int, row: int) -> str:
@@ -243,7 +270,9 @@ def shard_file(layout: Layout, member: str, name: str, spec: dict, k: int, row: 
     return f"{member}/{b.name}/{name}/c/{row // b.shard_len}" + "/0" * (ndim - 1)
 
 
-FINGERPRINT_BYTES = 4  # every chunk and shard file ends with a crc32c: of its data, or of its shard index
+FINGERPRINT_BYTES = (
+    4  # every chunk and shard file ends with a crc32c: of its data, or of its shard index
+)
 
 
 def fingerprint(path: Path) -> str | None:
@@ -256,8 +285,10 @@ def fingerprint(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as e:  # ELOOP: a symlink, which a store never holds
-        raise DamagedFile(f"{path}: not a regular file ({e.strerror}); a store holds no symlinks: run "
-                          f"`python -m stores repair` or pull the store again") from None
+        raise DamagedFile(
+            f"{path}: not a regular file ({e.strerror}); a store holds no symlinks: run "
+            f"`python -m stores repair` or pull the store again"
+        ) from None
     try:
         size = os.fstat(fd).st_size
         return f"{size}:{os.pread(fd, FINGERPRINT_BYTES, max(0, size - FINGERPRINT_BYTES)).hex()}"
@@ -278,7 +309,9 @@ def zeros_digest(layout: Layout, spec: dict, k: int, lo: int, hi: int) -> str:
     """sha256 of a shard [lo, hi) of bucket k that holds only the fill value (0): zarr writes no
     file for such a shard, so its absence is what the done marker vouches for."""
     a = ArraySpec("", spec["dtype"], tuple(spec["row"]), spec["image"])
-    return _zeros_digest(a.zarr_dtype(), (hi - lo, *a.geometry(layout.buckets[k], layout.tile)["shape"][1:]))
+    return _zeros_digest(
+        a.zarr_dtype(), (hi - lo, *a.geometry(layout.buckets[k], layout.tile)["shape"][1:])
+    )
 
 
 def range_of(layout: Layout, info: dict, lo: int) -> int:
@@ -287,7 +320,9 @@ def range_of(layout: Layout, info: dict, lo: int) -> int:
     return bisect.bisect_right(starts, lo) - 1
 
 
-def absent_is_vouched(layout: Layout, info: dict, name: str, k: int, lo: int, hi: int, marker: dict | None) -> bool:
+def absent_is_vouched(
+    layout: Layout, info: dict, name: str, k: int, lo: int, hi: int, marker: dict | None
+) -> bool:
     """Whether a complete member's absent shard [lo, hi) of `name` is one zarr never wrote (its
     done marker `marker` records the hash of zeros), rather than a lost file."""
     want = ((marker or {}).get("shards", {}).get(name) or {}).get(str(lo))
@@ -302,21 +337,27 @@ def lost_shards(layout: Layout, info: dict, member: str, exists, marker) -> list
         row = lo - layout.buckets[k].start
         for name, spec in info["arrays"].items():
             rel = shard_file(layout, member, name, spec, k, row)
-            if not exists(rel) and not absent_is_vouched(layout, info, name, k, lo, hi,
-                                                         marker(range_of(layout, info, lo))):
+            if not exists(rel) and not absent_is_vouched(
+                layout, info, name, k, lo, hi, marker(range_of(layout, info, lo))
+            ):
                 lost.append(rel)
     return lost
 
 
 def _marker_shaped(m: dict) -> bool:
     """A done marker's fields have the types this tool writes (JSON that parses can still be wrong)."""
+
     def table(x, value):
-        return isinstance(x, dict) and all(isinstance(v, dict) and all(value(h) for h in v.values())
-                                           for v in x.values())
-    return table(m.get("shards"), lambda h: isinstance(h, str)) \
-        and ("files" not in m or table(m["files"], lambda h: h is None or isinstance(h, str))) \
-        and isinstance(m.get("stats", {}), dict) \
+        return isinstance(x, dict) and all(
+            isinstance(v, dict) and all(value(h) for h in v.values()) for v in x.values()
+        )
+
+    return (
+        table(m.get("shards"), lambda h: isinstance(h, str))
+        and ("files" not in m or table(m["files"], lambda h: h is None or isinstance(h, str)))
+        and isinstance(m.get("stats", {}), dict)
         and (m.get("generation") is None or type(m["generation"]) is int)
+    )
 
 
 class Samples:
@@ -332,7 +373,11 @@ class Samples:
         self.text, self.image = spec["dtype"] == TEXT, spec["image"]
         first = parts[0]
         self.dtype = first.dtype
-        self.shape = (layout.n, *first.shape[1:]) if not self.image else (layout.n, None, None, first.shape[3])
+        self.shape = (
+            (layout.n, *first.shape[1:])
+            if not self.image
+            else (layout.n, None, None, first.shape[3])
+        )
         self.nbytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in parts)
 
     def __len__(self) -> int:
@@ -364,8 +409,10 @@ class Samples:
         except (StoreError, IndexError):
             raise
         except Exception as e:
-            raise StoreError(f"{self.where}: samples {lo}-{hi - 1} unreadable ({type(e).__name__}: {e}); run "
-                             f"`python -m stores verify` and `repair`, or pull the store again") from None
+            raise StoreError(
+                f"{self.where}: samples {lo}-{hi - 1} unreadable ({type(e).__name__}: {e}); run "
+                f"`python -m stores verify` and `repair`, or pull the store again"
+            ) from None
 
     def rows(self, lo: int, hi: int):
         pieces = self.layout.pieces(lo, hi)
@@ -406,19 +453,27 @@ class Store:
     def group(self):
         if self._group is None:
             try:
-                group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3)
+                group = zarr.open_group(
+                    str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3
+                )
                 if group.attrs.get("pairs_key") != self._manifest.get("pairs_key"):
-                    raise ValueError(f"its pairs key {str(group.attrs.get('pairs_key'))[:12]} is not the "
-                                     f"manifest's {str(self._manifest.get('pairs_key'))[:12]}")
+                    raise ValueError(
+                        f"its pairs key {str(group.attrs.get('pairs_key'))[:12]} is not the "
+                        f"manifest's {str(self._manifest.get('pairs_key'))[:12]}"
+                    )
                 self._group = group
             except Exception as e:  # zarr: a damaged or missing zarr.json at the root
-                raise DamagedFile(f"{self.path}/zarr.json: cannot open the store's root ({type(e).__name__}: {e}); "
-                                  f"pull the store again, or rebuild it") from None
+                raise DamagedFile(
+                    f"{self.path}/zarr.json: cannot open the store's root ({type(e).__name__}: {e}); "
+                    f"pull the store again, or rebuild it"
+                ) from None
         return self._group
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, path, attrs: dict, layout: Layout | None = None, side_files: dict | None = None) -> "Store":
+    def open_or_create(
+        cls, path, attrs: dict, layout: Layout | None = None, side_files: dict | None = None
+    ) -> "Store":
         """Open the store at `path` for writing, creating it with root `attrs` and `layout` if
         absent; a new store gets `side_files` ({relative path: JSON object}) before its manifest."""
         path = Path(path)
@@ -432,12 +487,23 @@ class Store:
                 for rel, obj in (side_files or {}).items():
                     write_json_atomic(path / rel, obj)
                 attrs = shareable(attrs)
-                write_json_atomic(path / MANIFEST, {"schema": SCHEMA_VERSION, **attrs, "created": utc_now(),
-                                                    "n": layout.n, "layout": layout.to_json(), "members": {}})
+                write_json_atomic(
+                    path / MANIFEST,
+                    {
+                        "schema": SCHEMA_VERSION,
+                        **attrs,
+                        "created": utc_now(),
+                        "n": layout.n,
+                        "layout": layout.to_json(),
+                        "members": {},
+                    },
+                )
         store = cls(path, mode="a")
         if store.manifest()["pairs_key"] != attrs["pairs_key"]:
-            raise StoreError(f"{path}: holds pairs key {store.manifest()['pairs_key'][:12]}, "
-                             f"asked for {attrs['pairs_key'][:12]}")
+            raise StoreError(
+                f"{path}: holds pairs key {store.manifest()['pairs_key'][:12]}, "
+                f"asked for {attrs['pairs_key'][:12]}"
+            )
         return store
 
     # -- manifest ------------------------------------------------------------------------------
@@ -454,7 +520,9 @@ class Store:
             raise StoreError(f"{self.path}: opened read-only")
         with store_lock(self.path):  # another writer may update the manifest at the same time
             m = self.refresh()
-            m["members"].setdefault(check_member_name(self.path, member), {}).update(shareable(fields))
+            m["members"].setdefault(check_member_name(self.path, member), {}).update(
+                shareable(fields)
+            )
             write_json_atomic(self.path / MANIFEST, m)
 
     def member_info(self, member: str) -> dict | None:
@@ -466,8 +534,10 @@ class Store:
         if info is None:
             return "missing"
         if key is not None and info["key"] != key:
-            raise StoreError(f"{self.path}: member {member} has key {info['key'][:12]}, asked for "
-                             f"{key[:12]}; it was made with other settings")
+            raise StoreError(
+                f"{self.path}: member {member} has key {info['key'][:12]}, asked for "
+                f"{key[:12]}; it was made with other settings"
+            )
         return info.get("status", "incomplete")
 
     def ranges(self, member: str) -> list[list[int]]:
@@ -475,8 +545,15 @@ class Store:
         return self.layout.ranges(self.member_info(member).get("n_tasks"))
 
     # -- writing -------------------------------------------------------------------------------
-    def begin_member(self, member: str, key: str, spec: dict, arrays: list[ArraySpec],
-                     n_ranges: int | None = None, info: dict | None = None) -> None:
+    def begin_member(
+        self,
+        member: str,
+        key: str,
+        spec: dict,
+        arrays: list[ArraySpec],
+        n_ranges: int | None = None,
+        info: dict | None = None,
+    ) -> None:
         """Create a member's arrays in every bucket and record its key and range count (idempotent
         for the same key; a second writer finds the member begun and keeps its ranges)."""
         with store_lock(self.path):
@@ -488,15 +565,33 @@ class Store:
         for b in self.layout.buckets:
             for a in arrays:
                 g = a.geometry(b, self.layout.tile)
-                self.group.create_array(f"{member}/{b.name}/{a.name}", shape=g["shape"], dtype=a.zarr_dtype(),
-                                        chunks=g["chunks"], shards=g["shards"], overwrite=True, fill_value=0,
-                                        compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                                        attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None)
+                self.group.create_array(
+                    f"{member}/{b.name}/{a.name}",
+                    shape=g["shape"],
+                    dtype=a.zarr_dtype(),
+                    chunks=g["chunks"],
+                    shards=g["shards"],
+                    overwrite=True,
+                    fill_value=0,
+                    compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                    attributes={"encoding": "utf-8, NUL-padded"} if a.dtype == TEXT else None,
+                )
         zarr.open_group(str(self.path / member), mode="r+", zarr_format=3).attrs.update(
-            {"key": key, "spec": shareable(spec)})
-        ranges = self.layout.ranges(n_ranges)  # recorded as n_tasks and tasks (the names of schema 2)
-        self._update_member(member, key=key, spec=spec, status="incomplete", n_tasks=n_ranges, tasks=len(ranges),
-                            arrays={a.name: a.to_json() for a in arrays}, **(info or {}))
+            {"key": key, "spec": shareable(spec)}
+        )
+        ranges = self.layout.ranges(
+            n_ranges
+        )  # recorded as n_tasks and tasks (the names of schema 2)
+        self._update_member(
+            member,
+            key=key,
+            spec=spec,
+            status="incomplete",
+            n_tasks=n_ranges,
+            tasks=len(ranges),
+            arrays={a.name: a.to_json() for a in arrays},
+            **(info or {}),
+        )
 
     def done_ranges(self, member: str) -> set[int]:
         d = self.path / DONE_DIR / member
@@ -512,17 +607,26 @@ class Store:
             if spec is not None:
                 want = ArraySpec(name, spec["dtype"], tuple(spec["row"]), spec["image"])
                 shape = tuple(want.geometry(self.layout.buckets[k], self.layout.tile)["shape"])
-                if not isinstance(a, zarr.Array) or tuple(a.shape) != shape \
-                        or np.dtype(a.dtype) != np.dtype(want.zarr_dtype()):
-                    raise ValueError(f"expected an array of shape {shape} and dtype {want.zarr_dtype()}, found "
-                                     f"{type(a).__name__} {getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}")
+                if (
+                    not isinstance(a, zarr.Array)
+                    or tuple(a.shape) != shape
+                    or np.dtype(a.dtype) != np.dtype(want.zarr_dtype())
+                ):
+                    raise ValueError(
+                        f"expected an array of shape {shape} and dtype {want.zarr_dtype()}, found "
+                        f"{type(a).__name__} {getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}"
+                    )
             return a
         except Exception as e:  # zarr: a damaged, missing or misplaced zarr.json
-            raise DamagedFile(f"{self.path}: cannot open array {rel} ({type(e).__name__}: {e}); its zarr.json is "
-                              f"damaged, missing or another array's: run `python -m stores verify` / `repair`, or "
-                              f"pull the store again") from None
+            raise DamagedFile(
+                f"{self.path}: cannot open array {rel} ({type(e).__name__}: {e}); its zarr.json is "
+                f"damaged, missing or another array's: run `python -m stores verify` / `repair`, or "
+                f"pull the store again"
+            ) from None
 
-    def write_shard(self, member: str, start: int, stop: int, data: dict, stage: Path | None = None) -> dict[str, str]:
+    def write_shard(
+        self, member: str, start: int, stop: int, data: dict, stage: Path | None = None
+    ) -> dict[str, str]:
         """Write one whole shard [start, stop) of every array in `data`; returns their sha256.
 
         Image arrays take a list of (h, w, C) arrays at each sample's valid size (None or an
@@ -539,7 +643,9 @@ class Store:
         hashes = {}
         for name, values in data.items():
             if len(values) != stop - start:
-                raise StoreError(f"{member}/{name}: shard [{start}, {stop}) got {len(values)} samples")
+                raise StoreError(
+                    f"{member}/{name}: shard [{start}, {stop}) got {len(values)} samples"
+                )
             spec = specs[name]
             if spec["dtype"] == TEXT:
                 values = encode_text(values, spec["row"][0], f"{self.path.name}: {member}/{name}")
@@ -547,17 +653,28 @@ class Store:
                 canvas = np.zeros((r1 - r0, *bucket.hw, spec["row"][0]), spec["dtype"])
                 for j, v in enumerate(values):
                     if v is not None and v.size:
-                        canvas[j, :v.shape[0], :v.shape[1]] = v
+                        canvas[j, : v.shape[0], : v.shape[1]] = v
                 values = canvas
             values = np.ascontiguousarray(values)
-            out = self._bucket_array(member, k, name) if stage is None else self._staged_array(stage, member, k, name)
+            out = (
+                self._bucket_array(member, k, name)
+                if stage is None
+                else self._staged_array(stage, member, k, name)
+            )
             out[r0:r1] = values
             hashes[name] = digest(values)
         return hashes
 
-    def mark_done(self, member: str, ri: int, hashes: dict[int, dict], stats: dict,
-                  generation: int | None = None, stage: Path | None = None,
-                  made_by: dict | None = None) -> bool:
+    def mark_done(
+        self,
+        member: str,
+        ri: int,
+        hashes: dict[int, dict],
+        stats: dict,
+        generation: int | None = None,
+        stage: Path | None = None,
+        made_by: dict | None = None,
+    ) -> bool:
         """The done marker of a range, written last and only once: `hashes` {shard start: {array:
         sha256}}; `generation`: the lease generation whose staged shards it vouches for (None:
         written in place); `made_by`: the writer's device and arch (provenance, never checked).
@@ -567,20 +684,39 @@ class Store:
             for name, sha in h.items():
                 by_array.setdefault(name, {})[str(lo)] = sha
         start, stop = self.ranges(member)[ri]
-        base = self.path if generation is None else Path(stage or self.staging(start, stop, generation))
+        base = (
+            self.path
+            if generation is None
+            else Path(stage or self.staging(start, stop, generation))
+        )
         check_inside(self.path, self.done_path(member, ri))
-        files = {name: {lo: fingerprint(base / self.shard_file(member, name, int(lo))) for lo in shards}
-                 for name, shards in by_array.items()}
-        generation = {} if generation is None else {"generation": int(generation), "stage": base.name}
-        return write_json_once(self.done_path(member, ri),
-                               {"task": ri, "samples": [start, stop], "shards": by_array, "files": files,
-                                "finished": utc_now(), "stats": shareable(stats), **generation,
-                                **({"made_by": shareable(made_by)} if made_by else {})})  # reasons may name $HOME files
+        files = {
+            name: {lo: fingerprint(base / self.shard_file(member, name, int(lo))) for lo in shards}
+            for name, shards in by_array.items()
+        }
+        generation = (
+            {} if generation is None else {"generation": int(generation), "stage": base.name}
+        )
+        return write_json_once(
+            self.done_path(member, ri),
+            {
+                "task": ri,
+                "samples": [start, stop],
+                "shards": by_array,
+                "files": files,
+                "finished": utc_now(),
+                "stats": shareable(stats),
+                **generation,
+                **({"made_by": shareable(made_by)} if made_by else {}),
+            },
+        )  # reasons may name $HOME files
 
     def shard_file(self, member: str, name: str, lo: int) -> str:
         """The file (relative to the store) of array `name`'s shard that starts at sample `lo`."""
         k, row = self.layout.locate(lo)
-        return shard_file(self.layout, member, name, self.member_info(member)["arrays"][name], k, row)
+        return shard_file(
+            self.layout, member, name, self.member_info(member)["arrays"][name], k, row
+        )
 
     def marker(self, member: str, ri: int) -> dict | None:
         """Range `ri`'s done marker (None: none), checked to be that range's: a marker copied or
@@ -591,10 +727,16 @@ class Store:
         except FileNotFoundError:
             return None
         want = self.ranges(member)[ri]
-        if not isinstance(m, dict) or m.get("task") != ri or m.get("samples") != list(want) \
-                or not _marker_shaped(m):
-            raise DamagedFile(f"{path}: not the done marker of range {ri} (samples {want[0]}-{want[1] - 1}) of "
-                              f"{member}: damaged or moved; run `python -m stores repair {self.path}`")
+        if (
+            not isinstance(m, dict)
+            or m.get("task") != ri
+            or m.get("samples") != list(want)
+            or not _marker_shaped(m)
+        ):
+            raise DamagedFile(
+                f"{path}: not the done marker of range {ri} (samples {want[0]}-{want[1] - 1}) of "
+                f"{member}: damaged or moved; run `python -m stores repair {self.path}`"
+            )
         return m
 
     def done_path(self, member: str, ri: int) -> Path:
@@ -617,7 +759,9 @@ class Store:
             (stage / rel).mkdir(parents=True, exist_ok=True)
             with atomic_path(stage / rel / "zarr.json") as tmp:
                 shutil.copyfile(self.path / rel / "zarr.json", tmp)
-        return zarr.open_array(str(stage / rel), mode="r+", zarr_format=3, config={"write_empty_chunks": True})
+        return zarr.open_array(
+            str(stage / rel), mode="r+", zarr_format=3, config={"write_empty_chunks": True}
+        )
 
     def publish(self, member: str, ri: int) -> None:
         """Move the staged shards of the generation that range's done marker names into the
@@ -632,15 +776,22 @@ class Store:
         check_inside(self.path, src)
         for f in sorted(src.rglob("*")) if src.is_dir() else []:
             rel = f.relative_to(src)
-            if len(rel.parts) > 3 and rel.parts[2] == "c" and all(p.isdigit() for p in rel.parts[3:]) \
-                    and f.is_file() and not f.is_symlink():
+            if (
+                len(rel.parts) > 3
+                and rel.parts[2] == "c"
+                and all(p.isdigit() for p in rel.parts[3:])
+                and f.is_file()
+                and not f.is_symlink()
+            ):
                 check_inside(self.path, self.path / member / rel)
                 (self.path / member / rel).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.replace(f, self.path / member / rel)
                 except FileNotFoundError:  # another process moved it first
                     pass
-        if src.is_dir():  # a shard the marker vouches for as never written (all fill): no older file may stay
+        if (
+            src.is_dir()
+        ):  # a shard the marker vouches for as never written (all fill): no older file may stay
             for name, shards in marker.get("files", {}).items():
                 for lo, want in shards.items():
                     if want is None:
@@ -655,8 +806,10 @@ class Store:
         a, b = marker["samples"]
         stage = marker.get("stage", f"{marker['generation']:08d}")
         if not re.fullmatch(r"[0-9]{8}(-[0-9a-f]{1,64})?", str(stage)):
-            raise DamagedFile(f"{self.path}: a done marker of samples {a}-{b - 1} names staging folder {stage!r}, "
-                              f"not one this tool writes: damaged; run `python -m stores repair {self.path}`")
+            raise DamagedFile(
+                f"{self.path}: a done marker of samples {a}-{b - 1} names staging folder {stage!r}, "
+                f"not one this tool writes: damaged; run `python -m stores repair {self.path}`"
+            )
         return self.path / STAGING_DIR / f"{int(a)}-{int(b)}" / stage
 
     def settle(self, member: str, ri: int, stage: Path) -> None:
@@ -672,7 +825,9 @@ class Store:
         start, stop = self.ranges(member)[ri]
         t0, hashes = time.perf_counter(), {}
         for _, lo, hi in self.shards_of(start, stop):
-            hashes[lo] = self.write_shard(member, lo, hi, {k: v[lo - start:hi - start] for k, v in data.items()})
+            hashes[lo] = self.write_shard(
+                member, lo, hi, {k: v[lo - start : hi - start] for k, v in data.items()}
+            )
         self.mark_done(member, ri, hashes, {**stats, "seconds_write": time.perf_counter() - t0})
 
     def shards_of(self, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -690,16 +845,26 @@ class Store:
             self.publish(member, ri)
         problems = self.verify(member)
         if problems:
-            raise StoreError(f"{self.path}: member {member} failed verification: " + "; ".join(problems))
+            raise StoreError(
+                f"{self.path}: member {member} failed verification: " + "; ".join(problems)
+            )
         nbytes = dir_bytes(self.path / member)
-        records = shareable({"member": member, **{f: self.range_records(member, f) for f in ("excluded", "notes")}})
+        records = shareable(
+            {"member": member, **{f: self.range_records(member, f) for f in ("excluded", "notes")}}
+        )
         with store_lock(self.path):
             if self.refresh()["members"][member].get("status") == "complete":
                 return self.member_info(member)  # another writer finalised it: never written again
             check_inside(self.path, self.path / records_file(member))
             write_json_atomic(self.path / records_file(member), records)
-            self._update_member(member, status="complete", bytes=nbytes, completed=utc_now(),
-                                **{f"n_{f}": len(v) for f, v in records.items()}, **self.range_provenance(member))
+            self._update_member(
+                member,
+                status="complete",
+                bytes=nbytes,
+                completed=utc_now(),
+                **{f"n_{f}": len(v) for f, v in records.items()},
+                **self.range_provenance(member),
+            )
         return self.member_info(member)
 
     def records(self, member: str) -> dict:
@@ -709,25 +874,41 @@ class Store:
         path = self.path / records_file(member)
         if path.is_file():
             rec = read_json(path)
-            if not isinstance(rec, dict) or not all(isinstance(rec.get(f), list) for f in ("excluded", "notes")) \
-                    or rec.get("member", member) != member:
-                raise DamagedFile(f"{path}: not the records of member {member} (damaged or another file's); run "
-                                  f"`python -m stores repair {self.path}` to rewrite them from its done markers")
+            if (
+                not isinstance(rec, dict)
+                or not all(isinstance(rec.get(f), list) for f in ("excluded", "notes"))
+                or rec.get("member", member) != member
+            ):
+                raise DamagedFile(
+                    f"{path}: not the records of member {member} (damaged or another file's); run "
+                    f"`python -m stores repair {self.path}` to rewrite them from its done markers"
+                )
             return rec
         if self.status(member) == "complete":
-            raise StoreError(f"{path}: records of complete member {member} missing (lost by a partial copy or "
-                             f"sync?); run `python -m stores repair {self.path}` to rewrite them from its done "
-                             f"markers, or pull the store again")
+            raise StoreError(
+                f"{path}: records of complete member {member} missing (lost by a partial copy or "
+                f"sync?); run `python -m stores repair {self.path}` to rewrite them from its done "
+                f"markers, or pull the store again"
+            )
         return {"excluded": [], "notes": []}
 
     def rewrite_records(self, member: str) -> None:
         """Write a complete member's records again from its done markers (as `finalize` made them)."""
         missing = sorted(set(range(len(self.ranges(member)))) - self.done_ranges(member))
         if missing:
-            raise StoreError(f"{self.path}: member {member} is missing the done markers of ranges {missing}")
+            raise StoreError(
+                f"{self.path}: member {member} is missing the done markers of ranges {missing}"
+            )
         check_inside(self.path, self.path / records_file(member))
-        write_json_atomic(self.path / records_file(member),
-                          shareable({"member": member, **{f: self.range_records(member, f) for f in ("excluded", "notes")}}))
+        write_json_atomic(
+            self.path / records_file(member),
+            shareable(
+                {
+                    "member": member,
+                    **{f: self.range_records(member, f) for f in ("excluded", "notes")},
+                }
+            ),
+        )
 
     def usable_hw(self, members: list) -> np.ndarray:
         """Valid sizes with (0, 0) for every sample a member excluded (e.g. a non-finite target
@@ -775,7 +956,10 @@ class Store:
                 continue
             stops = {a: b for _, a, b in self.shards_of(*marker["samples"])}
             for name, shards in marker["shards"].items():
-                out += [(name, want, int(lo), stops.get(int(lo), int(lo)), ri) for lo, want in shards.items()]
+                out += [
+                    (name, want, int(lo), stops.get(int(lo), int(lo)), ri)
+                    for lo, want in shards.items()
+                ]
         return out
 
     def check_shard(self, member: str, job: tuple) -> str | None:
@@ -783,15 +967,22 @@ class Store:
         name, want, lo, hi, *ri = job
         try:
             k, r0 = self.layout.locate(lo)
-            got = digest(self._bucket_array(member, k, name)[r0:r0 + hi - lo])
+            got = digest(self._bucket_array(member, k, name)[r0 : r0 + hi - lo])
         except Exception as e:  # a damaged chunk fails its checksum on decode
-            return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}, file "
-                    f"{self.shard_file(member, name, lo)}) is unreadable: {type(e).__name__}: {e}")
+            return (
+                f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}, file "
+                f"{self.shard_file(member, name, lo)}) is unreadable: {type(e).__name__}: {e}"
+            )
         if got != want:
-            marker = f", or its done marker {self.done_path(member, ri[0]).relative_to(self.path)} is damaged" \
-                if ri else ""
-            return (f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash: "
-                    f"its file {self.shard_file(member, name, lo)} was damaged or replaced{marker}")
+            marker = (
+                f", or its done marker {self.done_path(member, ri[0]).relative_to(self.path)} is damaged"
+                if ri
+                else ""
+            )
+            return (
+                f"{member}/{name} shard [{lo}, {hi}) (samples {lo}-{hi - 1}) does not match its recorded hash: "
+                f"its file {self.shard_file(member, name, lo)} was damaged or replaced{marker}"
+            )
         return None
 
     def verify(self, member: str, jobs: int = 4) -> list[str]:
@@ -806,8 +997,10 @@ class Store:
         `key`, other settings."""
         status = self.status(member, key)
         if status != "complete":
-            raise StoreError(f"{self.path}: member {member} is {status}; run `make features` "
-                             f"to build or complete it")
+            raise StoreError(
+                f"{self.path}: member {member} is {status}; run `make features` "
+                f"to build or complete it"
+            )
         return self._samples(member, name, check=True)
 
     def _samples(self, member: str, name: str, check: bool = False) -> Samples:
@@ -815,8 +1008,13 @@ class Store:
         if spec is None:
             raise StoreError(f"{self.path}: member {member} has no array {name!r}")
         parts = [self._bucket_array(member, k, name) for k in range(len(self.layout.buckets))]
-        return Samples(self.layout, spec, parts, self.presence_check(member, name) if check else None,
-                       f"{self.path}: {member}/{name}")
+        return Samples(
+            self.layout,
+            spec,
+            parts,
+            self.presence_check(member, name) if check else None,
+            f"{self.path}: {member}/{name}",
+        )
 
     def presence_check(self, member: str, name: str):
         """`check(k, row)` for Samples: the shard file of that row exists, or its done marker
@@ -844,19 +1042,27 @@ class Store:
                         f"is {'missing' if got is None else 'not the file written'} (size:crc32c {got}, its done "
                         f"marker {self.done_path(member, ri).relative_to(self.path)} vouches for {want}): lost, "
                         f"replaced or swapped; run `python -m stores repair {self.path}` to recompute it, or pull "
-                        f"the store again")
-            elif not (self.path / rel).is_file() and not absent_is_vouched(self.layout, info, name, k, lo, hi, marker):
-                raise StoreError(f"{self.path}: member {member} is complete but its shard file {rel} (samples "
-                                 f"{lo}-{hi - 1}) is missing (lost by a partial copy or sync?); run `python -m "
-                                 f"stores repair {self.path}` to recompute it, or pull the store again")
+                        f"the store again"
+                    )
+            elif not (self.path / rel).is_file() and not absent_is_vouched(
+                self.layout, info, name, k, lo, hi, marker
+            ):
+                raise StoreError(
+                    f"{self.path}: member {member} is complete but its shard file {rel} (samples "
+                    f"{lo}-{hi - 1}) is missing (lost by a partial copy or sync?); run `python -m "
+                    f"stores repair {self.path}` to recompute it, or pull the store again"
+                )
             seen.add((k, lo))
 
         return check
 
     def members(self, prefix: str) -> list[str]:
         """Complete members under `targets` or `osf`, sorted."""
-        return sorted(m for m, i in self.manifest()["members"].items()
-                      if m.startswith(prefix + "/") and i.get("status") == "complete")
+        return sorted(
+            m
+            for m, i in self.manifest()["members"].items()
+            if m.startswith(prefix + "/") and i.get("status") == "complete"
+        )
 
     def pick(self, kind: str, name: str | None) -> str:
         """The complete member of `kind` that `name` means (`match_member`)."""

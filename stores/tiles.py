@@ -10,6 +10,7 @@ It handles exactly the layout `Store.begin_member` writes (sharding_indexed, ind
 inner codecs bytes, zstd, crc32c) on a local filesystem; anything else is read through zarr.
 Reads are byte-identical to zarr's (tests/test_tiles.py). Nothing is ever written.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,14 +44,25 @@ def _codec_layout(meta: dict) -> dict | None:
     conf = codecs[0]["configuration"]
     inner = [c["name"] for c in conf["codecs"]]
     index = [c["name"] for c in conf["index_codecs"]]
-    endian = [c.get("configuration", {}).get("endian", "little") for c in conf["codecs"] + conf["index_codecs"]
-              if c["name"] == "bytes"]
+    endian = [
+        c.get("configuration", {}).get("endian", "little")
+        for c in conf["codecs"] + conf["index_codecs"]
+        if c["name"] == "bytes"
+    ]
     sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
-    if inner != ["bytes", "zstd", "crc32c"] or index != ["bytes", "crc32c"] or set(endian) != {"little"} \
-            or conf.get("index_location", "end") != "end" or sep != "/" \
-            or meta.get("chunk_key_encoding", {}).get("name") != "default":
+    if (
+        inner != ["bytes", "zstd", "crc32c"]
+        or index != ["bytes", "crc32c"]
+        or set(endian) != {"little"}
+        or conf.get("index_location", "end") != "end"
+        or sep != "/"
+        or meta.get("chunk_key_encoding", {}).get("name") != "default"
+    ):
         return None
-    return {"inner": tuple(conf["chunk_shape"]), "shard": tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])}
+    return {
+        "inner": tuple(conf["chunk_shape"]),
+        "shard": tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+    }
 
 
 class TileReader:
@@ -76,8 +88,13 @@ class TileReader:
             return array
         path = Path(root) / array.path
         layout = _codec_layout(array.metadata.to_dict())
-        if layout is None or layout["inner"][0] != 1 or layout["inner"][3] != array.shape[3] \
-                or layout["shard"][3] != array.shape[3] or not (path / "zarr.json").is_file():
+        if (
+            layout is None
+            or layout["inner"][0] != 1
+            or layout["inner"][3] != array.shape[3]
+            or layout["shard"][3] != array.shape[3]
+            or not (path / "zarr.json").is_file()
+        ):
             return array
         return cls(array, path, layout)
 
@@ -87,36 +104,57 @@ class TileReader:
         return getattr(self.array, name)
 
     def __getitem__(self, key):
-        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], (int, np.integer))
-                and all(isinstance(k, slice) and k.step in (None, 1) for k in key[1:])):
+        if not (
+            isinstance(key, tuple)
+            and len(key) == 3
+            and isinstance(key[0], (int, np.integer))
+            and all(isinstance(k, slice) and k.step in (None, 1) for k in key[1:])
+        ):
             return self.array[key]
         i = int(key[0]) + (self.shape[0] if key[0] < 0 else 0)
         (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key[1:], self.shape[1:3]))
         if not 0 <= i < self.shape[0]:
-            raise IndexError(f"index {int(key[0])} is out of bounds for {self.shape[0]} samples ({self.root})")
+            raise IndexError(
+                f"index {int(key[0])} is out of bounds for {self.shape[0]} samples ({self.root})"
+            )
         return self.crop(i, y0, max(y0, y1), x0, max(x0, x1))
 
     def crop(self, i: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         ch, cw = self.inner[1:3]
         out = np.empty((y1 - y0, x1 - x0, self.shape[3]), self.dtype)
-        tiles = [(ty, tx) for ty in range(y0 // ch, -(-y1 // ch)) for tx in range(x0 // cw, -(-x1 // cw))]
+        tiles = [
+            (ty, tx) for ty in range(y0 // ch, -(-y1 // ch)) for tx in range(x0 // cw, -(-x1 // cw))
+        ]
         by_shard: dict[tuple, list] = {}
         for ty, tx in tiles:
-            by_shard.setdefault((i // self.shard[0], ty // self.per_shard[1], tx // self.per_shard[2]), []).append((ty, tx))
+            by_shard.setdefault(
+                (i // self.shard[0], ty // self.per_shard[1], tx // self.per_shard[2]), []
+            ).append((ty, tx))
         for (si, sy, sx), group in by_shard.items():
             path = self.root / "c" / str(si) / str(sy) / str(sx) / "0"
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # never written (all fill), as the store checked; or lost since
+            except (
+                FileNotFoundError
+            ):  # never written (all fill), as the store checked; or lost since
                 fd = None
             try:
                 index = self._shard_index(fd, path, (si, sy, sx))
                 for ty, tx in group:
-                    tile = self._tile(fd, path, index, i % self.shard[0], ty % self.per_shard[1], tx % self.per_shard[2])
+                    tile = self._tile(
+                        fd,
+                        path,
+                        index,
+                        i % self.shard[0],
+                        ty % self.per_shard[1],
+                        tx % self.per_shard[2],
+                    )
                     ay, ax = ty * ch, tx * cw  # tile origin in the image
                     sy0, sy1 = max(y0, ay), min(y1, ay + ch)
                     sx0, sx1 = max(x0, ax), min(x1, ax + cw)
-                    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - ay:sy1 - ay, sx0 - ax:sx1 - ax]
+                    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                        sy0 - ay : sy1 - ay, sx0 - ax : sx1 - ax
+                    ]
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -136,7 +174,9 @@ class TileReader:
             return cached[1]
         if fd is None:
             if cached is not None and cached[0] is not None:
-                raise DamagedShard(f"{path}: shard file removed while being read; run `python -m stores verify`")
+                raise DamagedShard(
+                    f"{path}: shard file removed while being read; run `python -m stores verify`"
+                )
             self._remember(where, None, None)
             return None
         size = self.n_inner * 16 + 4
@@ -145,7 +185,9 @@ class TileReader:
         except OSError as e:
             raise DamagedShard(f"{path}: cannot read its shard index ({e})") from e
         if len(raw) != size or not _crc_ok(raw):
-            raise DamagedShard(f"{path}: shard index checksum mismatch; run `python -m stores verify`")
+            raise DamagedShard(
+                f"{path}: shard index checksum mismatch; run `python -m stores verify`"
+            )
         self._remember(where, ident, np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard + (2,)))
         return self._index[where][1]
 
@@ -166,5 +208,7 @@ class TileReader:
         offset, nbytes = int(entry[0]), int(entry[1])
         raw = os.pread(fd, nbytes, offset)
         if len(raw) != nbytes or not _crc_ok(raw):
-            raise DamagedShard(f"{path}: tile ({n}, {ty}, {tx}) checksum mismatch; run `python -m stores verify`")
+            raise DamagedShard(
+                f"{path}: tile ({n}, {ty}, {tx}) checksum mismatch; run `python -m stores verify`"
+            )
         return np.frombuffer(self._zstd.decode(raw[:-4]), self.dtype).reshape(shape)

@@ -34,6 +34,7 @@ can each get whole shards) and none above `samples_per_shard` samples or about `
 entries carry fixed owners and times: the same samples give the same bytes. Streamed back by
 `training/wds_data.py`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,16 +48,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from numcodecs.zstd import Zstd
 
-from .keys import sha256_file
 from .files import open_regular
+from .keys import sha256_file
 from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
-VERSION = 4  # 4: the lq/gt codec recorded (zstd by default); 3: PNG tiles, per-entry sha256 in meta.json
+VERSION = (
+    4  # 4: the lq/gt codec recorded (zstd by default); 3: PNG tiles, per-entry sha256 in meta.json
+)
 READS = (3, 4)  # versions the reader takes (2: no per-entry sha256, 1: whole samples: export again)
 TILE = 512  # default tile side, px
 CODECS = {"zstd": "npy.zst", "png": "png"}  # lq/gt codec -> entry extension (see the module doc)
@@ -83,8 +85,11 @@ def axis_tiles(length: int, tile: int, overlap: int = 0) -> list[tuple[int, int]
 
 def tile_grid(h: int, w: int, tile: int, overlap: int = 0) -> list[tuple[int, int, int, int]]:
     """(y, x, h, w) of each tile of an h x w sample, row by row (see the module doc)."""
-    return [(y, x, th, tw) for y, th in axis_tiles(h, tile, overlap) for x, tw in axis_tiles(w, tile, overlap)]
-
+    return [
+        (y, x, th, tw)
+        for y, th in axis_tiles(h, tile, overlap)
+        for x, tw in axis_tiles(w, tile, overlap)
+    ]
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -98,8 +103,12 @@ def png_bytes(img: np.ndarray) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def npy_bytes(x: np.ndarray) -> bytes:
@@ -117,12 +126,17 @@ def image_bytes(img: np.ndarray, codec: str) -> bytes:
     return ZSTD.encode(npy_bytes(img))
 
 
-def shard_ranges(hw: np.ndarray, d: int, samples_per_shard: int, shard_mb: float, min_shards: int) -> list:
+def shard_ranges(
+    hw: np.ndarray, d: int, samples_per_shard: int, shard_mb: float, min_shards: int
+) -> list:
     """Contiguous, balanced [start, stop) ranges: at least `min_shards` (at most one per sample)."""
     n = len(hw)
     per_sample = hw[:, 0].astype(np.int64) * hw[:, 1] * 3 * 4 + 16 * d + 1024  # lq+gt+base(f16), g
-    count = max(min_shards, math.ceil(n / max(1, samples_per_shard)),
-                math.ceil(per_sample.sum() / (shard_mb * 1e6)))
+    count = max(
+        min_shards,
+        math.ceil(n / max(1, samples_per_shard)),
+        math.ceil(per_sample.sum() / (shard_mb * 1e6)),
+    )
     bounds = np.linspace(0, n, min(count, n) + 1).round().astype(int)
     return [[int(a), int(b)] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -135,13 +149,26 @@ class WdsWriter:
     A row is one sample's fields: index, name, hw (usable size; (0, 0): excluded, never written),
     lq, gt (uint8), base (float16), g {osf member: (4, D)}, meta (the degradation's JSON)."""
 
-    def __init__(self, out: Path, store: str, pairs_key: str, task, target: str, encoders: list[str], keys: dict,
-                 tile: int = TILE, overlap: int = 0, codec: str = CODEC):
+    def __init__(
+        self,
+        out: Path,
+        store: str,
+        pairs_key: str,
+        task,
+        target: str,
+        encoders: list[str],
+        keys: dict,
+        tile: int = TILE,
+        overlap: int = 0,
+        codec: str = CODEC,
+    ):
         self.out, self.store, self.pairs_key, self.task = Path(out), store, pairs_key, task
         self.target, self.encoders, self.keys = target, encoders, keys
         if tile < 0 or (tile and not 0 <= overlap < tile):
-            raise ValueError(f"--tile must be 0 (whole samples) or positive, and --tile-overlap in [0, tile); "
-                             f"got {tile} and {overlap}")
+            raise ValueError(
+                f"--tile must be 0 (whole samples) or positive, and --tile-overlap in [0, tile); "
+                f"got {tile} and {overlap}"
+            )
         if codec not in CODECS:
             raise ValueError(f"--codec must be one of {', '.join(CODECS)}, got {codec!r}")
         self.tiling, self.codec = {"tile": int(tile), "overlap": int(overlap)}, codec
@@ -151,11 +178,20 @@ class WdsWriter:
         try:
             drawn = json.loads(meta) if meta else {}
         except json.JSONDecodeError as e:
-            raise StoreError(f"{self.store}: pairs/meta of sample {row['index']} is not JSON: {e}") from None
-        return {"name": row["name"], "index": row["index"], "hw": [int(v) for v in row["hw"]],
-                "store": self.store, "pairs_key": self.pairs_key, "task": self.task,
-                "target": {"member": self.target, "key": self.keys[self.target]},
-                "encoders": [{"member": e, "key": self.keys[e]} for e in self.encoders], "meta": drawn}
+            raise StoreError(
+                f"{self.store}: pairs/meta of sample {row['index']} is not JSON: {e}"
+            ) from None
+        return {
+            "name": row["name"],
+            "index": row["index"],
+            "hw": [int(v) for v in row["hw"]],
+            "store": self.store,
+            "pairs_key": self.pairs_key,
+            "task": self.task,
+            "target": {"member": self.target, "key": self.keys[self.target]},
+            "encoders": [{"member": e, "key": self.keys[e]} for e in self.encoders],
+            "meta": drawn,
+        }
 
     def samples(self, row: dict):
         """The WebDataset samples ({"__key__": "<index:08d>_<tile:04d>", entry: bytes}) of a row's
@@ -164,15 +200,27 @@ class WdsWriter:
         if h == 0:  # excluded at extraction: never written, so it can never reach a batch
             return
         meta = self.sample_meta(row)
-        g = {f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32)) for e in self.encoders}
+        g = {
+            f"osf.{e.split('/', 1)[1]}.npy": npy_bytes(np.asarray(row["g"][e], np.float32))
+            for e in self.encoders
+        }
         for t, (y, x, th, tw) in enumerate(tile_grid(h, w, **self.tiling)):
             box = (slice(y, y + th), slice(x, x + tw))
             lq, gt = image_entries(self.codec)
-            entries = {lq: image_bytes(row["lq"][box], self.codec), gt: image_bytes(row["gt"][box], self.codec),
-                       "base.npy": npy_bytes(row["base"][box]), **g}
+            entries = {
+                lq: image_bytes(row["lq"][box], self.codec),
+                gt: image_bytes(row["gt"][box], self.codec),
+                "base.npy": npy_bytes(row["base"][box]),
+                **g,
+            }
             sha = {e: hashlib.sha256(data).hexdigest() for e, data in entries.items()}
-            yield {"__key__": f"{row['index']:08d}_{t:04d}", **entries,
-                   "meta.json": json.dumps({**meta, "tile": [y, x, th, tw], "sha256": sha}, sort_keys=True).encode()}
+            yield {
+                "__key__": f"{row['index']:08d}_{t:04d}",
+                **entries,
+                "meta.json": json.dumps(
+                    {**meta, "tile": [y, x, th, tw], "sha256": sha}, sort_keys=True
+                ).encode(),
+            }
 
     def write_shard(self, k: int, lo: int, hi: int, rows) -> dict:
         """Write shard k (the rows of samples [lo, hi), in order) with webdataset's TarWriter to a
@@ -181,19 +229,37 @@ class WdsWriter:
         from webdataset.writer import TarWriter  # imports torch: only when exporting
 
         name, names, hw, tiles = f"shard-{k:06d}.tar", [], [], 0
-        with atomic_path(self.out / name) as tmp, os.fdopen(open_regular(tmp), "wb") as f, \
-                TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar:
+        with (
+            atomic_path(self.out / name) as tmp,
+            os.fdopen(open_regular(tmp), "wb") as f,
+            TarWriter(f, encoder=False, mtime=0, user="ptgrm", group="ptgrm", mode=0o644) as tar,
+        ):
             for row in rows:
                 names.append(row["name"])
                 hw.append([int(v) for v in row["hw"]])
                 for sample in self.samples(row):
                     tar.write(sample)
                     tiles += 1
-        rec = {"name": name, "first": lo, "samples": hi - lo, "tiles": tiles, "names": names, "hw": hw,
-               "bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
-        write_json_atomic(self.out / f"shard-{k:06d}.json",
-                          {"version": VERSION, "keys": self.keys, "tiling": self.tiling, "codec": self.codec,
-                           "record": rec})
+        rec = {
+            "name": name,
+            "first": lo,
+            "samples": hi - lo,
+            "tiles": tiles,
+            "names": names,
+            "hw": hw,
+            "bytes": (self.out / name).stat().st_size,
+            "sha256": sha256_file(self.out / name),
+        }
+        write_json_atomic(
+            self.out / f"shard-{k:06d}.json",
+            {
+                "version": VERSION,
+                "keys": self.keys,
+                "tiling": self.tiling,
+                "codec": self.codec,
+                "record": rec,
+            },
+        )
         return rec
 
     def reuse(self, k: int, lo: int, hi: int) -> dict | None:
@@ -202,9 +268,14 @@ class WdsWriter:
         try:
             side = json.loads((self.out / f"shard-{k:06d}.json").read_text())
             rec = side["record"]
-            ok = side.get("version") == VERSION and side["keys"] == self.keys and \
-                side.get("tiling") == self.tiling and side.get("codec") == self.codec and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi] and \
-                intact(self.out / rec["name"], rec)
+            ok = (
+                side.get("version") == VERSION
+                and side["keys"] == self.keys
+                and side.get("tiling") == self.tiling
+                and side.get("codec") == self.codec
+                and [rec["first"], rec["first"] + rec["samples"]] == [lo, hi]
+                and intact(self.out / rec["name"], rec)
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return rec if ok else None
@@ -222,7 +293,9 @@ def intact(path: Path, rec: dict) -> bool:
     return h.hexdigest() == rec["sha256"]
 
 
-def export_members(store: Store, target: str | None, encoders: list | None) -> tuple[str, list[str]]:
+def export_members(
+    store: Store, target: str | None, encoders: list | None
+) -> tuple[str, list[str]]:
     """(target member, osf members) an export holds: the named ones, or the only target and every osf."""
     tgt = store.pick("targets", target)
     encs = [store.pick("osf", e) for e in encoders] if encoders else store.members("osf")
@@ -231,30 +304,61 @@ def export_members(store: Store, target: str | None, encoders: list | None) -> t
     return tgt, encs
 
 
-def writer_of(store: Store, target: str, encoders: list[str], folder: Path, tile: int = TILE,
-              overlap: int = 0, codec: str = CODEC) -> WdsWriter:
+def writer_of(
+    store: Store,
+    target: str,
+    encoders: list[str],
+    folder: Path,
+    tile: int = TILE,
+    overlap: int = 0,
+    codec: str = CODEC,
+) -> WdsWriter:
     m = store.manifest()
     keys = {k: m["members"][k]["key"] for k in ["pairs", target, *encoders]}
-    return WdsWriter(folder, store.path.name, m["pairs_key"], m.get("task"), target, encoders, keys, tile, overlap,
-                     codec)
+    return WdsWriter(
+        folder,
+        store.path.name,
+        m["pairs_key"],
+        m.get("task"),
+        target,
+        encoders,
+        keys,
+        tile,
+        overlap,
+        codec,
+    )
 
 
 def stored_rows(store: Store, target: str, encoders: list[str], hw: np.ndarray, lo: int, hi: int):
     """The rows (WdsWriter) of samples [lo, hi) read back from a complete store, one sample at a
     time (a shard of 12 MP photos is never in memory at once); `hw`: usable sizes."""
     names, meta = store.array("pairs", "names")[lo:hi], store.array("pairs", "meta")[lo:hi]
-    a = {"lq": store.array("pairs", "lq"), "gt": store.array("pairs", "gt"), "base": store.array(target, "base"),
-         **{e: store.array(e, "g") for e in encoders}}
+    a = {
+        "lq": store.array("pairs", "lq"),
+        "gt": store.array("pairs", "gt"),
+        "base": store.array(target, "base"),
+        **{e: store.array(e, "g") for e in encoders},
+    }
     for j, i in enumerate(range(lo, hi)):
-        yield {"index": i, "name": str(names[j]), "hw": hw[i], "lq": a["lq"][i], "gt": a["gt"][i],
-               "base": a["base"][i], "g": {e: a[e][i] for e in encoders}, "meta": str(meta[j])}
+        yield {
+            "index": i,
+            "name": str(names[j]),
+            "hw": hw[i],
+            "lq": a["lq"][i],
+            "gt": a["gt"][i],
+            "base": a["base"][i],
+            "g": {e: a[e][i] for e in encoders},
+            "meta": str(meta[j]),
+        }
 
 
 def index_digest(index: dict) -> str:
     """sha256 of an export index without its own `sha256` field (canonical JSON): a flipped digit
     in a size, a range or a shard's hash is caught before anything is read by it."""
     body = {k: v for k, v in index.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
@@ -264,25 +368,59 @@ def export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: 
 
 def _export_index(store: Store, writer: WdsWriter, shards: list[dict], settings: dict) -> dict:
     m = store.manifest()
-    source = {k: m.get(k) for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space", "schema")}
+    source = {
+        k: m.get(k)
+        for k in ("dataset", "split", "task", "pairs_key", "n", "metric_space", "schema")
+    }
     members = {k: dict(m["members"][k]) for k in writer.keys}
-    return {"format": FORMAT, "version": VERSION, "codec": writer.codec, "store": store.path.name, "source": source,
-            "target": writer.target, "encoders": writer.encoders, "keys": writer.keys, "members": members,
-            "tiling": writer.tiling, "settings": settings, "samples": sum(s["samples"] for s in shards), "shards": shards,
-            "created": utc_now(), "complete": True}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "codec": writer.codec,
+        "store": store.path.name,
+        "source": source,
+        "target": writer.target,
+        "encoders": writer.encoders,
+        "keys": writer.keys,
+        "members": members,
+        "tiling": writer.tiling,
+        "settings": settings,
+        "samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "created": utc_now(),
+        "complete": True,
+    }
 
 
 def up_to_date(folder: Path, index: dict, settings: dict) -> bool:
     """A complete export made with these settings whose shard files are all there, at their size."""
-    return bool(index.get("complete")) and index.get("version") == VERSION and index.get("settings") == settings \
-        and index.get("sha256") == index_digest(index) \
-        and all((folder / s["name"]).is_file() and intact(folder / s["name"], s) for s in index["shards"])
+    return (
+        bool(index.get("complete"))
+        and index.get("version") == VERSION
+        and index.get("settings") == settings
+        and index.get("sha256") == index_digest(index)
+        and all(
+            (folder / s["name"]).is_file() and intact(folder / s["name"], s)
+            for s in index["shards"]
+        )
+    )
 
 
-def export_wds(store_path, out=None, target: str | None = None, encoders: list | None = None,
-               samples_per_shard: int = 1000, shard_mb: float = 256, min_shards: int = 8,
-               jobs: int = 4, log=print, ranges: list | None = None, tile: int = TILE, overlap: int = 0,
-               codec: str = CODEC) -> Path:
+def export_wds(
+    store_path,
+    out=None,
+    target: str | None = None,
+    encoders: list | None = None,
+    samples_per_shard: int = 1000,
+    shard_mb: float = 256,
+    min_shards: int = 8,
+    jobs: int = 4,
+    log=print,
+    ranges: list | None = None,
+    tile: int = TILE,
+    overlap: int = 0,
+    codec: str = CODEC,
+) -> Path:
     """Export the store at `store_path` (see the module doc); returns the export folder. `tile`,
     `overlap`: the tiling (px; tile 0: whole samples); `codec`: of the lq/gt tiles (CODECS). `ranges`
     (default: balanced, see shard_ranges) are the shards' sample ranges; a shard already written
@@ -296,14 +434,27 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
         d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
         ranges = shard_ranges(hw, d, samples_per_shard, shard_mb, min_shards)
         if len(ranges) < min_shards:
-            log(f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
-                f"fewer than --min-shards {min_shards}")
+            log(
+                f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
+                f"fewer than --min-shards {min_shards}"
+            )
     ranges = [[int(a), int(b)] for a, b in ranges]
-    settings = {"ranges": ranges, "keys": writer.keys, "tiling": writer.tiling, "codec": writer.codec}
+    settings = {
+        "ranges": ranges,
+        "keys": writer.keys,
+        "tiling": writer.tiling,
+        "codec": writer.codec,
+    }
     old = folder / INDEX
     try:
         done = old.is_file() and up_to_date(folder, json.loads(old.read_bytes()), settings)
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):  # a damaged index: export again
+    except (
+        ValueError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ):  # a damaged index: export again
         done = False
     if done:
         log(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
@@ -312,7 +463,9 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
     old.unlink(missing_ok=True)  # readers see no finished export while shards change
 
     def one(k: int, lo: int, hi: int) -> dict:
-        return writer.reuse(k, lo, hi) or writer.write_shard(k, lo, hi, stored_rows(store, tgt, encs, hw, lo, hi))
+        return writer.reuse(k, lo, hi) or writer.write_shard(
+            k, lo, hi, stored_rows(store, tgt, encs, hw, lo, hi)
+        )
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         shards = list(pool.map(lambda kr: one(kr[0], *kr[1]), enumerate(ranges)))
@@ -320,7 +473,9 @@ def export_wds(store_path, out=None, target: str | None = None, encoders: list |
     for stale in (p for p in folder.glob("shard-*") if p.name not in keep):
         stale.unlink()
     write_json_atomic(old, export_index(store, writer, shards, settings))
-    log(f"{folder}: {len(shards)} shards, {len(hw)} samples in {sum(s['tiles'] for s in shards)} tiles "
+    log(
+        f"{folder}: {len(shards)} shards, {len(hw)} samples in {sum(s['tiles'] for s in shards)} tiles "
         f"of at most {tile or 'any'} px (lq/gt {codec}), "
-        f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB; target {tgt}, osf {', '.join(encs)}")
+        f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB; target {tgt}, osf {', '.join(encs)}"
+    )
     return folder

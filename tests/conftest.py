@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random OpenCLIP model saved as a real OpenCLIP folder."""
+
 import json
 import os
 import tempfile
@@ -11,9 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # keeps other sessions' trainings on this machine from changing the threads of the runs a test compares.
 os.environ.setdefault("PTGRM_CPU_SHARE_DIR", tempfile.mkdtemp(prefix="ptgrm-test-cpus-"))
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +39,21 @@ def make_tiny_clip(folder, seed):
 
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                                    "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
+    (folder / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": TINY_CLIP,
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            }
+        )
+    )
     return folder
 
 

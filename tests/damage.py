@@ -11,6 +11,7 @@ batches and evaluation images (`Split` / `WdsSplit` + their batch loaders), `sto
 After each damage the touched files are put back from the pristine copy. The targets: 0 silent, 0
 unnamed. Used by tests/test_damage_fuzz.py and `make stress` (bench/stress.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ CROP, BATCH, STEPS = 8, 4, 3
 
 def files_of(root: Path) -> list[str]:
     """Relative paths of the regular files under `root` (lock files are not data)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and not p.is_symlink() and "_locks" not in p.parts)
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and "_locks" not in p.parts
+    )
 
 
 def damage(root: Path, rng: random.Random, outside: Path) -> tuple[str, list[str]]:
@@ -89,8 +93,16 @@ def names_file(message: str, rels: list[str]) -> bool:
     for rel in rels:
         parts = Path(rel).parts
         hints = {rel, Path(rel).name if rel.endswith(".json") or "." in Path(rel).name else rel}
-        arr = parts[:parts.index("c")] if "c" in parts else parts[:-1] if rel.endswith("zarr.json") else ()
-        if len(arr) >= 3:  # a zarr chunk or array: <member>/<bucket>/<array>/...; "<member>/<array>" names it too
+        arr = (
+            parts[: parts.index("c")]
+            if "c" in parts
+            else parts[:-1]
+            if rel.endswith("zarr.json")
+            else ()
+        )
+        if (
+            len(arr) >= 3
+        ):  # a zarr chunk or array: <member>/<bucket>/<array>/...; "<member>/<array>" names it too
             hints |= {"/".join(arr), f"{'/'.join(arr[:-2])}/{arr[-1]}"}
         elif arr:
             hints.add("/".join(arr))
@@ -114,7 +126,11 @@ def equal(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(equal(x, y) for x, y in zip(a, b))
+        )
     if hasattr(a, "numpy"):
         a = a.numpy()
     if hasattr(b, "numpy"):
@@ -140,8 +156,11 @@ def read_store(path: Path) -> dict:
 
     split = Split.open(path, None, None)
     hw = split.hw
-    return {"hw": hw.copy(), "names": split.names,
-            "images": {i: split.image(i) for i in range(len(hw)) if hw[i][0] > 0}}
+    return {
+        "hw": hw.copy(),
+        "names": split.names,
+        "images": {i: split.image(i) for i in range(len(hw)) if hw[i][0] > 0},
+    }
 
 
 def verify_store(path: Path) -> dict:
@@ -180,8 +199,11 @@ def read_wds(folder: Path) -> dict:
     from training.wds_data import WdsSplit
 
     split = WdsSplit.open(folder)
-    return {"hw": split.hw.copy(), "names": split.names,
-            "images": {i: split.image(i) for i in range(len(split.hw)) if split.hw[i][0] > 0}}
+    return {
+        "hw": split.hw.copy(),
+        "names": split.names,
+        "images": {i: split.image(i) for i in range(len(split.hw)) if split.hw[i][0] > 0},
+    }
 
 
 STORE_OPS = {"train": train_store, "eval": read_store, "verify": verify_store, "pull": pull_store}
@@ -196,7 +218,11 @@ def fuzz(original: Path, ops: dict, rounds: int, seed: int, log=None) -> dict:
     counts = {name: Counter() for name in ops}
     bad = []
     with tempfile.TemporaryDirectory() as tmp:
-        pristine, work, outside = Path(tmp) / "pristine", Path(tmp) / original.name, Path(tmp) / "outside"
+        pristine, work, outside = (
+            Path(tmp) / "pristine",
+            Path(tmp) / original.name,
+            Path(tmp) / "outside",
+        )
         shutil.copytree(original, pristine, symlinks=True)
         shutil.copytree(original, work, symlinks=True)
         outside.mkdir()
@@ -206,12 +232,22 @@ def fuzz(original: Path, ops: dict, rounds: int, seed: int, log=None) -> dict:
                 got = outcome(lambda: fn(work), reference[name], rels)
                 counts[name][got] += 1
                 if got in ("silent", "unnamed"):
-                    bad.append({"round": r, "damage": kind, "files": rels, "op": name, "outcome": got,
-                                "error": last_error(fn, work)})
+                    bad.append(
+                        {
+                            "round": r,
+                            "damage": kind,
+                            "files": rels,
+                            "op": name,
+                            "outcome": got,
+                            "error": last_error(fn, work),
+                        }
+                    )
                     if log:
                         log(json.dumps(bad[-1]))
             restore(work, pristine, rels)
-            for leftover in set(files_of(work)) - set(files_of(pristine)):  # e.g. a swap's temporary
+            for leftover in set(files_of(work)) - set(
+                files_of(pristine)
+            ):  # e.g. a swap's temporary
                 (work / leftover).unlink()
     return {"counts": {k: dict(v) for k, v in counts.items()}, "bad": bad}
 

@@ -3,6 +3,7 @@
 In-process, a fixture monkeypatches the function that should fail (`cut_copies_after`); for
 processes the tests start (SLURM array tasks), `env` puts tests/fault_injection/sitecustomize.py
 on PYTHONPATH, which patches the function at interpreter start-up."""
+
 import os
 from pathlib import Path
 
@@ -27,4 +28,5 @@ def cut_copies_after(monkeypatch, n: int) -> None:
         check(self, *args)
         if self.copied >= n:
             raise RemoteError(f"stopping after {self.copied} files (test fault)")
+
     monkeypatch.setattr(Copier, "check", failing)

@@ -1,7 +1,6 @@
 """Bad input never loses the rest of the run: each case gets a message naming the sample."""
-import json
+
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,19 +32,31 @@ def dataset(tmp_path):
     write_pair(root, "test", "mismatch.png", rgb(7), rgb(8, (40, 40)))
     write_pair(root, "test", "truncated.png", rgb(9), rgb(10))
     data = (root / "test" / "lq" / "truncated.png").read_bytes()
-    (root / "test" / "lq" / "truncated.png").write_bytes(data[:len(data) // 2])
+    (root / "test" / "lq" / "truncated.png").write_bytes(data[: len(data) // 2])
     write_pair(root, "test", "gray.png", rgb(11), rgb(12))
     Image.fromarray(rgb(12)[..., 0]).save(root / "test" / "lq" / "gray.png")
     write_pair(root, "test", "rgba.png", rgb(13), rgb(14))
-    Image.fromarray(np.dstack([rgb(14), np.full((40, 48), 255, np.uint8)])).save(root / "test" / "lq" / "rgba.png")
+    Image.fromarray(np.dstack([rgb(14), np.full((40, 48), 255, np.uint8)])).save(
+        root / "test" / "lq" / "rgba.png"
+    )
     write_pair(root, "test", "deep.png", rgb(15), rgb(16))
-    cv2.imwrite(str(root / "test" / "gt" / "deep.png"), (rgb(15)[..., ::-1].astype(np.uint16) * 257))
+    cv2.imwrite(
+        str(root / "test" / "gt" / "deep.png"), (rgb(15)[..., ::-1].astype(np.uint16) * 257)
+    )
     return root
 
 
 def features(root, tiny_clip, stores, **kw):
-    cfg = FeaturesConfig(task="deblur", data=str(root), target="identity", encoder=f"openclip:{tiny_clip}",
-                         store_root=str(stores), shard_len=4, splits=("test",), **kw)
+    cfg = FeaturesConfig(
+        task="deblur",
+        data=str(root),
+        target="identity",
+        encoder=f"openclip:{tiny_clip}",
+        store_root=str(stores),
+        shard_len=4,
+        splits=("test",),
+        **kw,
+    )
     return build_features(cfg, log=lambda *a: None)[0]
 
 
@@ -77,7 +88,9 @@ def test_bad_samples_are_excluded_and_named_and_the_rest_is_kept(dataset, tiny_c
     assert np.array_equal(lq[..., 0], lq[..., 2])
 
 
-def test_too_many_bad_samples_stop_the_run_with_nothing_marked_complete(dataset, tiny_clip, tmp_path):
+def test_too_many_bad_samples_stop_the_run_with_nothing_marked_complete(
+    dataset, tiny_clip, tmp_path
+):
     with pytest.raises(SourceError, match="excluded"):
         features(dataset, tiny_clip, tmp_path / "stores")  # 2 of 11 > 5 %
     store = Store(next((tmp_path / "stores").glob("*")))
@@ -96,6 +109,7 @@ class NaNOnSecond(Identity):
 
 class HugeOnSecond(NaNOnSecond):
     """Finite in float32, but beyond float16's range (65504): inf once stored as float16."""
+
     id = "huge-second"
 
     def __call__(self, lq, meta):
@@ -104,12 +118,23 @@ class HugeOnSecond(NaNOnSecond):
         return out
 
 
-@pytest.mark.parametrize("target,reason", [(NaNOnSecond, "non-finite"), (HugeOnSecond, "float16 range")])
-def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, tmp_path, monkeypatch, target,
-                                                            reason):
+@pytest.mark.parametrize(
+    "target,reason", [(NaNOnSecond, "non-finite"), (HugeOnSecond, "float16 range")]
+)
+def test_non_finite_target_output_excludes_only_that_sample(
+    dataset, tiny_clip, tmp_path, monkeypatch, target, reason
+):
     monkeypatch.setitem(TARGETS, target.id, target)
-    cfg = FeaturesConfig(task="deblur", data=str(dataset), target=target.id, encoder=f"openclip:{tiny_clip}",
-                         store_root=str(tmp_path / "stores"), shard_len=4, splits=("train",), max_bad=0.5)
+    cfg = FeaturesConfig(
+        task="deblur",
+        data=str(dataset),
+        target=target.id,
+        encoder=f"openclip:{tiny_clip}",
+        store_root=str(tmp_path / "stores"),
+        shard_len=4,
+        splits=("train",),
+        max_bad=0.5,
+    )
     store = Store(build_features(cfg, log=lambda *a: None)[0])
     member = next(m for m in store.manifest()["members"] if m.startswith("targets/"))
     info = store.member_info(member)
@@ -127,6 +152,7 @@ def test_non_finite_target_output_excludes_only_that_sample(dataset, tiny_clip, 
 
 def test_samples_smaller_than_the_crop_are_skipped_with_a_warning(tmp_path):
     from toys import make_store
+
     from training.data import CropBatches, Split
 
     path = make_store(tmp_path, "train", 4, (40, 40))
@@ -146,7 +172,9 @@ def test_a_file_name_that_is_not_utf8_stops_the_split_naming_the_file(dataset, t
     bytes and the fix in the message, instead of a UnicodeEncodeError deep in planning."""
     name = b"img_\xff.png"
     for side, seed in (("gt", 20), ("lq", 21)):
-        Image.fromarray(rgb(seed)).save(os.fsdecode(os.fsencode(dataset / "test" / side) + b"/" + name), format="PNG")
+        Image.fromarray(rgb(seed)).save(
+            os.fsdecode(os.fsencode(dataset / "test" / side) + b"/" + name), format="PNG"
+        )
     with pytest.raises(SourceError) as e:
         features(dataset, tiny_clip, tmp_path / "stores", max_bad=0.5)
     message = str(e.value)

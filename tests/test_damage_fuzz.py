@@ -1,11 +1,12 @@
 """Damage fuzzing (tests/damage.py): 200 random damages to a complete store and to a WebDataset
 export; training, evaluation, verify and pull either read exactly the original data or fail naming
 the damaged file. Never a silent wrong read."""
-import pytest
 
+import pytest
 from damage import STORE_OPS, WDS_OPS, fuzz
-from stores.wds import export_wds
 from test_wds import build_store
+
+from stores.wds import export_wds
 
 ROUNDS = 200
 
@@ -27,7 +28,9 @@ def test_damaged_store_never_reads_wrong(store):
     result = fuzz(store, STORE_OPS, ROUNDS, seed=1)
     for op, counts in result["counts"].items():
         assert sum(counts.values()) == ROUNDS
-    assert result["counts"]["eval"].get("loud", 0) > ROUNDS // 4  # the damage does reach the readers
+    assert (
+        result["counts"]["eval"].get("loud", 0) > ROUNDS // 4
+    )  # the damage does reach the readers
     check(result)
 
 

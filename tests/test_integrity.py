@@ -1,18 +1,18 @@
 """Damage from outside (a partial rsync or S3 sync, a repair under a running reader, leftovers of
 killed writers, a garbled manifest) is either harmless or named: never silently read as zeros."""
+
 import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from toys import fill_member, make_store, make_task_stores, same
 
 from stores import Store, StoreError
 from stores.maintain import gc, repair
 from stores.remote import RemoteError, copy_store
-from toys import fill_member, make_store, make_task_stores, same
 from training.data import Split, find_store
 
 
@@ -29,9 +29,14 @@ def test_a_missing_lq_shard_is_named_with_repair_not_read_as_zeros(store):
     (store / "pairs/h48w48/lq/c/1/0/0/0").unlink()  # samples 4-7: a partial sync lost it
     split = Split.open(store, None, None)
     assert Store(store).status("pairs") == "complete"  # nothing on disk says otherwise
-    for read in (lambda: split.image(5), lambda: Store(store).array("pairs", "lq")[5],
-                 lambda: Store(store).array("pairs", "lq")[0:10]):
-        with pytest.raises(StoreError, match=r"pairs.*lq/c/1/0/0/0.*missing.*python -m stores repair"):
+    for read in (
+        lambda: split.image(5),
+        lambda: Store(store).array("pairs", "lq")[5],
+        lambda: Store(store).array("pairs", "lq")[0:10],
+    ):
+        with pytest.raises(
+            StoreError, match=r"pairs.*lq/c/1/0/0/0.*missing.*python -m stores repair"
+        ):
             read()
     assert split.image(1)["lq"].shape == (48, 48, 3)  # shards that are there still read
 
@@ -60,8 +65,11 @@ def test_a_shard_of_zeros_that_zarr_never_wrote_still_reads(tmp_path):
     """zarr writes no chunk equal to the fill value: such a shard is absent and vouched for."""
     from stores import make_layout
 
-    s = Store.open_or_create(tmp_path / "s", {"dataset": "t", "split": "train", "task": "deblur",
-                                              "pairs_key": "0" * 64}, make_layout([(16, 16)] * 8, 8, 4)[0])
+    s = Store.open_or_create(
+        tmp_path / "s",
+        {"dataset": "t", "split": "train", "task": "deblur", "pairs_key": "0" * 64},
+        make_layout([(16, 16)] * 8, 8, 4)[0],
+    )
     base = np.zeros((8, 16, 16, 3), np.float16)
     base[:4] = 1
     fill_member(s, "pairs", "k" * 64, {"base": base, "hw": np.zeros((8, 2), np.int32)})
@@ -71,8 +79,15 @@ def test_a_shard_of_zeros_that_zarr_never_wrote_still_reads(tmp_path):
     assert np.array_equal(r.array("pairs", "hw")[:], np.zeros((8, 2), np.int32))
 
 
-@pytest.mark.parametrize("lost", ["pairs/h48w48/gt/c/0/0/0/0", "pairs/h48w48/names/c/1/0", "_records/pairs.json",
-                                  "_done/pairs/00001.json"])
+@pytest.mark.parametrize(
+    "lost",
+    [
+        "pairs/h48w48/gt/c/0/0/0/0",
+        "pairs/h48w48/names/c/1/0",
+        "_records/pairs.json",
+        "_done/pairs/00001.json",
+    ],
+)
 def test_copy_refuses_a_source_store_with_missing_files(store, tmp_path, lost):
     (store / lost).unlink()
     dst = tmp_path / "shared"
@@ -108,7 +123,9 @@ def test_tile_reader_rereads_a_shard_rewritten_under_it(store):
 
 
 def test_gc_removes_zarr_partial_leftovers_and_copies_skip_them(store, tmp_path):
-    left = store / "pairs/h48w48/lq/c/1/0/0/0.3f2a9c.partial"  # what zarr leaves when killed mid-write
+    left = (
+        store / "pairs/h48w48/lq/c/1/0/0/0.3f2a9c.partial"
+    )  # what zarr leaves when killed mid-write
     left.write_bytes(b"half a shard")
     copy_store(str(store), str(tmp_path / "shared"), log=lambda *a: None)
     assert not (tmp_path / "shared" / store.name / left.relative_to(store)).exists()
@@ -130,7 +147,10 @@ def test_a_garbled_manifest_affects_only_its_own_store(tmp_path, capsys):
         find_store(str(tmp_path / "root"), str(tmp_path / "toy"), "deblur", "test")
     assert main(["ls", str(tmp_path / "root"), "--json"]) == 0
     rows = {r["store"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows[train.name]["members"]["pairs"] == "complete" and "manifest.json: damaged" in rows[test.name]["error"]
+    assert (
+        rows[train.name]["members"]["pairs"] == "complete"
+        and "manifest.json: damaged" in rows[test.name]["error"]
+    )
 
 
 def test_reads_of_an_intact_store_are_unchanged(store):
@@ -166,9 +186,15 @@ def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(t
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(victim, target_is_directory=True)
     r = tuple(store.ranges(member)[0])
-    shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)],
-                         outputs={member: {"base": [np.zeros((16, 16, 3), np.float16)] * 4}},
-                         stats={"excluded": {}, "notes": [], "samples": 4})
+    shard = stages.Shard(
+        r,
+        0,
+        4,
+        True,
+        [(SimpleNamespace(path=member), 0)],
+        outputs={member: {"base": [np.zeros((16, 16, 3), np.float16)] * 4}},
+        stats={"excluded": {}, "notes": [], "samples": 4},
+    )
     with pytest.raises(UnsafeFileError, match=str(link)):
         leases = Leases(path, ttl=30)
         assert leases.claim(r)
@@ -188,8 +214,11 @@ def test_pull_refuses_a_source_manifest_naming_a_member_outside_the_store_layout
     m = json.loads((src / "manifest.json").read_text())
     m["members"]["_leases"] = dict(m["members"]["pairs"])
     (src / "manifest.json").write_text(json.dumps(m))
-    for rel, obj in {"_leases/0-4/00000099.json": {"ttl": 1e12}, "_done/_leases/00000.json": {"task": 0},
-                     "_records/_leases.json": {"excluded": [], "notes": []}}.items():
+    for rel, obj in {
+        "_leases/0-4/00000099.json": {"ttl": 1e12},
+        "_done/_leases/00000.json": {"task": 0},
+        "_records/_leases.json": {"excluded": [], "notes": []},
+    }.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(json.dumps(obj))
     with pytest.raises(StoreError, match="_leases"):

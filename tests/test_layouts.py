@@ -1,4 +1,5 @@
 """Dataset layouts: each published layout is detected, paired and counted on a tiny folder."""
+
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ pair_value = PairIds()
 
 def img(path: Path, hw=(24, 32), value=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((*hw, 3), pair_value() if value is None else value, np.uint8)).save(path)
+    Image.fromarray(np.full((*hw, 3), pair_value() if value is None else value, np.uint8)).save(
+        path
+    )
 
 
 def content(path: Path) -> float:
@@ -38,7 +41,10 @@ def content(path: Path) -> float:
 
 
 def make_gopro(root):
-    for split, seqs in (("train", ["GOPR0372_07_00", "GOPR0374_11_00"]), ("test", ["GOPR0384_11_00"])):
+    for split, seqs in (
+        ("train", ["GOPR0372_07_00", "GOPR0374_11_00"]),
+        ("test", ["GOPR0384_11_00"]),
+    ):
         for seq in seqs:
             for k in range(2):
                 img(root / split / seq / "blur" / f"{k:06d}.png")
@@ -124,9 +130,18 @@ def make_clean(root):
     return {"test": 4}
 
 
-MAKERS = {"gopro": make_gopro, "restormer": make_restormer, "lol": make_lol, "lolv2": make_lolv2,
-          "sidd": make_sidd, "sid": make_sid, "dpdd": make_dpdd, "realblur": make_realblur,
-          "generic": make_generic, "clean": make_clean}
+MAKERS = {
+    "gopro": make_gopro,
+    "restormer": make_restormer,
+    "lol": make_lol,
+    "lolv2": make_lolv2,
+    "sidd": make_sidd,
+    "sid": make_sid,
+    "dpdd": make_dpdd,
+    "realblur": make_realblur,
+    "generic": make_generic,
+    "clean": make_clean,
+}
 
 
 def test_every_layout_has_a_test_folder():
@@ -142,10 +157,16 @@ def test_layout_is_detected_paired_and_counted(layout, tmp_path):
         name, pairs = list_pairs(str(tmp_path), split)
         assert name == layout and len(pairs) == n
         for gt, lq in pairs:
-            gt, lq = getattr(gt, "path", gt), getattr(lq, "path", lq)  # a ProtocolFrame (sid) names its file
+            gt, lq = (
+                getattr(gt, "path", gt),
+                getattr(lq, "path", lq),
+            )  # a ProtocolFrame (sid) names its file
             assert gt.is_file() and (lq is None or lq.is_file())
             assert lq is None or lq != gt
-            assert lq is None or abs(content(lq) - content(gt)) < 3, (lq, gt)  # lq of this gt, not another's
+            assert lq is None or abs(content(lq) - content(gt)) < 3, (
+                lq,
+                gt,
+            )  # lq of this gt, not another's
         if any(lq is not None for _, lq in pairs):  # every pair differs in content from the others
             gts = {getattr(gt, "path", gt) for gt, _ in pairs}
             values = {round(content(gt) / 9) for gt in gts}
@@ -206,7 +227,11 @@ def test_sidd_validation_mat_files_give_one_sample_per_block(place, tmp_path):
     gt, noisy = make_sidd_mat(tmp_path / place)
     assert detect(tmp_path) == "sidd"
     name, pairs = list_pairs(str(tmp_path), "test")
-    assert name == "sidd" and len(pairs) == 6 and all(isinstance(b, MatBlock) for pair in pairs for b in pair)
+    assert (
+        name == "sidd"
+        and len(pairs) == 6
+        and all(isinstance(b, MatBlock) for pair in pairs for b in pair)
+    )
     src = open_source(str(tmp_path), "test")
     prefix = f"{place}/" if place else ""
     assert [s.name for s in src.samples] == [f"{prefix}{GT_MAT}.mat#{k:04d}" for k in range(6)]
@@ -221,7 +246,9 @@ def test_sidd_validation_mat_files_give_one_sample_per_block(place, tmp_path):
 
 def test_sidd_val_images_come_before_mat_files_and_the_first_place_with_both_wins(tmp_path):
     make_sidd_mat(tmp_path / "test" / "SIDD")
-    make_sidd_mat(tmp_path / "val", blocks(2, (4, 32, 32, 3)), blocks(3, (4, 32, 32, 3)))  # (B, H, W, 3)
+    make_sidd_mat(
+        tmp_path / "val", blocks(2, (4, 32, 32, 3)), blocks(3, (4, 32, 32, 3))
+    )  # (B, H, W, 3)
     src = open_source(str(tmp_path), "test")
     assert len(src.samples) == 4 and src.samples[3].name == f"val/{GT_MAT}.mat#0003"
     assert np.array_equal(src.samples[3].load()[0], blocks(2, (4, 32, 32, 3))[3])
@@ -268,14 +295,23 @@ def unreadable(root):
     (root / f"{NOISY_MAT}.mat").write_bytes(b"not a MATLAB file" * 20)
 
 
-@pytest.mark.parametrize("make, message", [
-    (only_gt, f"{GT_MAT}.mat: {NOISY_MAT}.mat is missing next to it; expected both"),
-    (variable_missing, f"{GT_MAT}.mat: no variable '{GT_MAT}'"),
-    (shapes_differ, rf"{NOISY_MAT}.mat: {NOISY_MAT} has shape \(2, 2, 32, 32, 3\) but {GT_MAT} in .* has \(2, 3,"),
-    (not_uint8, rf"{GT_MAT}.mat: {GT_MAT} is double of shape .*; expected uint8 image blocks"),
-    (not_rgb, rf"{GT_MAT}.mat: {GT_MAT} is uint8 of shape \(6, 32, 32\); expected uint8 image blocks"),
-    (unreadable, f"cannot read MATLAB file .*{NOISY_MAT}.mat"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (only_gt, f"{GT_MAT}.mat: {NOISY_MAT}.mat is missing next to it; expected both"),
+        (variable_missing, f"{GT_MAT}.mat: no variable '{GT_MAT}'"),
+        (
+            shapes_differ,
+            rf"{NOISY_MAT}.mat: {NOISY_MAT} has shape \(2, 2, 32, 32, 3\) but {GT_MAT} in .* has \(2, 3,",
+        ),
+        (not_uint8, rf"{GT_MAT}.mat: {GT_MAT} is double of shape .*; expected uint8 image blocks"),
+        (
+            not_rgb,
+            rf"{GT_MAT}.mat: {GT_MAT} is uint8 of shape \(6, 32, 32\); expected uint8 image blocks",
+        ),
+        (unreadable, f"cannot read MATLAB file .*{NOISY_MAT}.mat"),
+    ],
+)
 def test_bad_sidd_mat_files_are_named_with_what_was_expected(make, message, tmp_path):
     make(tmp_path)
     assert detect(tmp_path) == "sidd"  # it matched far enough to report the problem
@@ -292,8 +328,11 @@ def test_truncated_sidd_mat_excludes_its_blocks_with_its_name(tmp_path):
     src = open_source(str(tmp_path), "test")  # listed from the header
     with pytest.raises(SourceError, match=f"cannot read MATLAB file {path}"):
         src.samples[0].load()
-    (shard,) = stages.degrade(stages.read([stages.Shard((0, 6), 0, 6)], sample_at=lambda i: (i, src.samples[i])),
-                              degradation=None, seed=0)
+    (shard,) = stages.degrade(
+        stages.read([stages.Shard((0, 6), 0, 6)], sample_at=lambda i: (i, src.samples[i])),
+        degradation=None,
+        seed=0,
+    )
     excluded = shard.stats["excluded"]["pairs"]
     assert [e["name"] for e in excluded] == [s.name for s in src.samples]
     assert all(str(path) in e["reason"] for e in excluded) and not shard.data["hw"].any()
@@ -301,20 +340,36 @@ def test_truncated_sidd_mat_excludes_its_blocks_with_its_name(tmp_path):
 
 def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
     gt, noisy = make_sidd_mat(tmp_path / "SIDD" / "test" / "SIDD")
-    cfg = FeaturesConfig(task="denoise", data=str(tmp_path / "SIDD"), target="identity",
-                         encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path / "stores"), shard_len=4,
-                         splits=("test",))
+    cfg = FeaturesConfig(
+        task="denoise",
+        data=str(tmp_path / "SIDD"),
+        target="identity",
+        encoder=f"openclip:{tiny_clip}",
+        store_root=str(tmp_path / "stores"),
+        shard_len=4,
+        splits=("test",),
+    )
     lines = []
     store = Store(build_features(cfg, log=lines.append)[0])
-    assert f"{tmp_path / 'SIDD'} (test): sidd layout, 6 pairs" in lines  # the detected layout is reported
+    assert (
+        f"{tmp_path / 'SIDD'} (test): sidd layout, 6 pairs" in lines
+    )  # the detected layout is reported
     assert store.manifest()["members"]["pairs"]["status"] == "complete"
-    assert list(store.array("pairs", "names")[:]) == [f"test/SIDD/{GT_MAT}.mat#{k:04d}" for k in range(6)]
+    assert list(store.array("pairs", "names")[:]) == [
+        f"test/SIDD/{GT_MAT}.mat#{k:04d}" for k in range(6)
+    ]
     assert (store.array("pairs", "hw")[:] == 32).all()
-    assert np.array_equal(np.stack([x[:32, :32] for x in store.array("pairs", "gt")[:]]), gt.reshape(6, 32, 32, 3))
-    assert np.array_equal(np.stack([x[:32, :32] for x in store.array("pairs", "lq")[:]]), noisy.reshape(6, 32, 32, 3))
+    assert np.array_equal(
+        np.stack([x[:32, :32] for x in store.array("pairs", "gt")[:]]), gt.reshape(6, 32, 32, 3)
+    )
+    assert np.array_equal(
+        np.stack([x[:32, :32] for x in store.array("pairs", "lq")[:]]), noisy.reshape(6, 32, 32, 3)
+    )
     from pipeline.sources import _mat_blocks
 
-    assert _mat_blocks.cache_info().currsize == 0  # the arrays (500 MB for SIDD) are released after the split
+    assert (
+        _mat_blocks.cache_info().currsize == 0
+    )  # the arrays (500 MB for SIDD) are released after the split
 
 
 def test_sid_frames_follow_the_authors_protocol(tmp_path):
@@ -322,7 +377,9 @@ def test_sid_frames_follow_the_authors_protocol(tmp_path):
     from pipeline.layouts import SID_PROTOCOL
     from pipeline.sources import read_frame
 
-    frame = np.array([[[0, 100, 200], [240, 100, 0]]] * 2, np.uint8)  # 2x2 RGB: left and right columns
+    frame = np.array(
+        [[[0, 100, 200], [240, 100, 0]]] * 2, np.uint8
+    )  # 2x2 RGB: left and right columns
     for scene, name in (("10003", "10003_00_0.1s.npy"), ("00001", "00001_00_0.1s.npy")):
         (tmp_path / "short_sid2" / scene).mkdir(parents=True)
         (tmp_path / "long_sid2" / scene).mkdir(parents=True)
@@ -330,8 +387,11 @@ def test_sid_frames_follow_the_authors_protocol(tmp_path):
         np.save(tmp_path / "long_sid2" / scene / f"{scene}_00_10s.npy", frame[:, ::-1])
     assert detect(tmp_path) == "sid"
     source = open_source(str(tmp_path), "test")
-    assert source.fingerprint["protocol"] == SID_PROTOCOL and [s.name for s in source.samples] == \
-        ["long_sid2/10003/10003_00_10s.npy"] and source.samples[0].hw == (512, 960)
+    assert (
+        source.fingerprint["protocol"] == SID_PROTOCOL
+        and [s.name for s in source.samples] == ["long_sid2/10003/10003_00_10s.npy"]
+        and source.samples[0].hw == (512, 960)
+    )
     gt, lq, _ = source.samples[0].load()
     assert lq.shape == gt.shape == (512, 960, 3) and lq.dtype == np.uint8
     # x = 0 and 959 clamp to the source columns; x = 480 samples source x = 480.5 / 480 - 0.5 = 0.501:
@@ -340,7 +400,9 @@ def test_sid_frames_follow_the_authors_protocol(tmp_path):
         assert tuple(lq[0, x]) == tuple(lq[511, x]) == bgr
     assert tuple(gt[0, 0]) == (0, 100, 240)  # the scene's long exposure, mirrored above
     np.save(tmp_path / "short_sid2" / "10003" / "bad.npy", np.zeros((4, 4), np.float32))
-    with pytest.raises(SourceError, match=r"bad.npy: array of float32 \(4, 4\); expected uint8 \(H, W, 3\)"):
+    with pytest.raises(
+        SourceError, match=r"bad.npy: array of float32 \(4, 4\); expected uint8 \(H, W, 3\)"
+    ):
         read_frame(list_pairs(str(tmp_path), "test")[1][1][1])  # (layout, pairs): 2nd pair, lq
     other = open_source(str(tmp_path), "train")
     assert [s.name for s in other.samples] == ["long_sid2/00001/00001_00_10s.npy"]
@@ -353,7 +415,9 @@ def test_a_descriptor_that_leaves_the_dataset_folder_is_refused(tmp_path, bad):
 
     with pytest.raises(SourceError, match="not inside the dataset folder"):
         sample_of(tmp_path, "x", (4, 4), {"gt": {"file": bad}, "lq": None})
-    assert sample_of(tmp_path, "x", (4, 4), {"gt": {"file": "train/gt/a.png"}, "lq": None}).name == "x"
+    assert (
+        sample_of(tmp_path, "x", (4, 4), {"gt": {"file": "train/gt/a.png"}, "lq": None}).name == "x"
+    )
 
 
 def test_a_descriptor_cannot_name_another_kind_of_sample(tmp_path):

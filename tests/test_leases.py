@@ -1,5 +1,5 @@
 """Writers of one store with real processes: fenced leases, the manifest lock, no rework."""
-import json
+
 import os
 import signal
 import subprocess
@@ -9,25 +9,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toys import make_store
 
 from stores import Leases, Store, store_lock
 from stores.leases import LeaseLost
-from toys import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def python(code: str, *args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        **kw,
+    )
 
 
 def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced(tmp_path):
     old = Leases(tmp_path, ttl=0.3)  # never entered: no heartbeat, like a paused holder
     assert old.claim((0, 4))
-    assert not Leases(tmp_path, ttl=0.3).claim((0, 4))  # live (just renewed, as far as this observer knows)
+    assert not Leases(tmp_path, ttl=0.3).claim(
+        (0, 4)
+    )  # live (just renewed, as far as this observer knows)
     time.sleep(0.4)
-    new = Leases(tmp_path, ttl=0.3)  # a writer's next attempt: observations outlive one Leases object
+    new = Leases(
+        tmp_path, ttl=0.3
+    )  # a writer's next attempt: observations outlive one Leases object
     assert new.claim((0, 4))  # unchanged for ttl: taken over as generation 1
     with pytest.raises(LeaseLost, match=r"\[0, 4\).*superseded by 1.*not writing its done marker"):
         old.check((0, 4), "done marker")
@@ -70,7 +81,10 @@ def test_takeover_has_one_winner_among_many(tmp_path):
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sorted(o[0].strip() for o in outs) == ["lost"] * 5 + ["won"], outs
-    assert sorted(os.listdir(tmp_path / "_leases" / "0-4"))[:2] == ["00000000.json", "00000001.json"]
+    assert sorted(os.listdir(tmp_path / "_leases" / "0-4"))[:2] == [
+        "00000000.json",
+        "00000001.json",
+    ]
 
 
 HOLD = """
@@ -174,7 +188,9 @@ class PausedLeases(Leases):
 
 
 @pytest.mark.parametrize("at,winner", [("shards", "new"), ("release", "late")])
-def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouches_for(tmp_path, at, winner):
+def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouches_for(
+    tmp_path, at, winner
+):
     """Two writers of one task compute different bytes (a network target on a GPU and on a CPU).
     The first is paused past its lease right after a check passed (before its shard write, or
     after its done marker), the second takes over and writes the task; then the first resumes.
@@ -186,19 +202,31 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     path = make_store(tmp_path, "train", 8, (16, 16))
     store = Store(path, mode="a")
     member = store.pick("targets", None)
-    store.done_path(member, 0).unlink()  # task 0 to be computed again (as `stores repair` withdraws it)
+    store.done_path(
+        member, 0
+    ).unlink()  # task 0 to be computed again (as `stores repair` withdraws it)
     store._update_member(member, status="incomplete")
     r = tuple(store.ranges(member)[0])
     assert r == (0, 4) and len(store.shards_of(*r)) == 1
-    values = {"late": [np.full((16, 16, 3), 0.5, np.float16)] * 4, "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4}
+    values = {
+        "late": [np.full((16, 16, 3), 0.5, np.float16)] * 4,
+        "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4,
+    }
     lines = []
 
     def writer(leases):
         return stages.StoreWriter(Store(path, mode="a"), leases, log=lines.append)
 
     def shard(who):
-        return stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": values[who]}},
-                            stats={"excluded": {}, "notes": [], "samples": 4})
+        return stages.Shard(
+            r,
+            0,
+            4,
+            True,
+            [(SimpleNamespace(path=member), 0)],
+            outputs={member: {"base": values[who]}},
+            stats={"excluded": {}, "notes": [], "samples": 4},
+        )
 
     def new_owner_takes_over():
         time.sleep(0.4)  # the late writer's lease expires meanwhile
@@ -217,10 +245,14 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     assert store.verify(member) == []
     got = Store(path).array(member, "base")[0:4]
     assert all(np.array_equal(x, values[winner][0]) for x in got)
-    assert not [p for p in (path / "_staging").rglob("*") if p.is_file()]  # nothing staged is left behind
+    assert not [
+        p for p in (path / "_staging").rglob("*") if p.is_file()
+    ]  # nothing staged is left behind
 
 
-def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_this_writers_bytes(tmp_path):
+def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_this_writers_bytes(
+    tmp_path,
+):
     """Lease generations are numbered per store: a done marker pulled from a teammate's store may
     name generation 0 while a local writer stages its own generation 0. The marker's stage (the
     generation and its writer's token) decides what is published, so the local writer's bytes are
@@ -241,19 +273,32 @@ def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_th
     assert leases.claim(r)
 
     job = stages.StoreWriter(Store(path, mode="a"), leases, log=lambda *_: None)
-    real_mark = job.store.mark_done  # a pulled copy lands between this writer's shard write and its marker
+    real_mark = (
+        job.store.mark_done
+    )  # a pulled copy lands between this writer's shard write and its marker
 
     def pulled_first(member_, task, *args, **kw):
         other = Store(path, mode="a")
         hashes = {0: other.write_shard(member_, 0, 4, {"base": [theirs] * 4})}
-        other.mark_done(member_, task, hashes, {})  # in place, then named like another store's generation 0
+        other.mark_done(
+            member_, task, hashes, {}
+        )  # in place, then named like another store's generation 0
         marker = json.loads(other.done_path(member_, task).read_text())
-        other.done_path(member_, task).write_text(json.dumps({**marker, "generation": 0, "stage": "00000000-feedface"}))
+        other.done_path(member_, task).write_text(
+            json.dumps({**marker, "generation": 0, "stage": "00000000-feedface"})
+        )
         return real_mark(member_, task, *args, **kw)
 
     job.store.mark_done = pulled_first
-    shard = stages.Shard(r, 0, 4, True, [(SimpleNamespace(path=member), 0)], outputs={member: {"base": [mine] * 4}},
-                         stats={"excluded": {}, "notes": [], "samples": 4})
+    shard = stages.Shard(
+        r,
+        0,
+        4,
+        True,
+        [(SimpleNamespace(path=member), 0)],
+        outputs={member: {"base": [mine] * 4}},
+        stats={"excluded": {}, "notes": [], "samples": 4},
+    )
     job(shard)
     store = Store(path, mode="a")
     store.finalize(member)

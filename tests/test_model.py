@@ -69,7 +69,8 @@ def direct_filter(x, k):
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
     out = torch.zeros_like(x)
     for bi, ci, y, xx, i, j in itertools.product(
-            range(b), range(c), range(h), range(w), range(3), range(3)):
+        range(b), range(c), range(h), range(w), range(3), range(3)
+    ):
         out[bi, ci, y, xx] += xp[bi, ci, y + i, xx + j] * k[bi, ci * 9 + i * 3 + j, y, xx]
     return out
 
@@ -88,8 +89,14 @@ def test_bad_size_raises(hw):
         PTGRM()(base, lq, g)
 
 
-ABLATIONS = ["sve", "channel_attention", "spatial_attention",
-             "position_embedding", "osf_mapping", "use_g"]
+ABLATIONS = [
+    "sve",
+    "channel_attention",
+    "spatial_attention",
+    "position_embedding",
+    "osf_mapping",
+    "use_g",
+]
 
 
 @pytest.mark.parametrize("switch", ABLATIONS)

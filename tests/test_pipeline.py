@@ -1,4 +1,5 @@
 """Stage 1 pieces: degradation, classical target, encoders and sources."""
+
 import argparse
 import json
 from dataclasses import asdict, fields
@@ -61,24 +62,53 @@ def test_repair_replays_every_features_setting(tmp_path):
     """Each FeaturesConfig field, recorded as a store records it, comes back through the repair
     command and the features parser; a new field fails here until it is given a value below."""
     home = Path.home()
-    values = {"task": "denoise", "data": f"generic:{home / 'data' / 'SIDD'}", "target": "mprnet-deblur:n_feat=8",
-              "target_weights": str(home / "w" / "mprnet.pth"), "target_tile": 256, "target_overlap": 48,
-              "target_budget_mb": float("inf"), "encoder": f"openclip:{home / 'clip'},sd-vae", "store_root": "else",
-              "store_shared": "s3://bucket/stores", "shards": 3, "shard_len": 4, "shard_mb": 8.5, "tile": 32, "seed": 7,
-              "clip_weights": str(home / "clip.pt"), "sd_weights": str(home / "sd"), "allow_random_weights": True,
-              "init_seed": 5, "splits": ("train",), "batch": 2, "max_bad": 0.2, "lease_seconds": 30.5,
-              "device": "cpu", "rehash": True, "wds": True}
-    assert set(values) == {f.name for f in fields(FeaturesConfig)}, "give the new field a value here"
+    values = {
+        "task": "denoise",
+        "data": f"generic:{home / 'data' / 'SIDD'}",
+        "target": "mprnet-deblur:n_feat=8",
+        "target_weights": str(home / "w" / "mprnet.pth"),
+        "target_tile": 256,
+        "target_overlap": 48,
+        "target_budget_mb": float("inf"),
+        "encoder": f"openclip:{home / 'clip'},sd-vae",
+        "store_root": "else",
+        "store_shared": "s3://bucket/stores",
+        "shards": 3,
+        "shard_len": 4,
+        "shard_mb": 8.5,
+        "tile": 32,
+        "seed": 7,
+        "clip_weights": str(home / "clip.pt"),
+        "sd_weights": str(home / "sd"),
+        "allow_random_weights": True,
+        "init_seed": 5,
+        "splits": ("train",),
+        "batch": 2,
+        "max_bad": 0.2,
+        "lease_seconds": 30.5,
+        "device": "cpu",
+        "rehash": True,
+        "wds": True,
+    }
+    assert set(values) == {f.name for f in fields(FeaturesConfig)}, (
+        "give the new field a value here"
+    )
     default = FeaturesConfig()
     assert [k for k, v in values.items() if v == getattr(default, k)] == []
-    recorded = json.loads(json.dumps(shareable(asdict(FeaturesConfig(**values)))))  # as the manifest holds it
+    recorded = json.loads(
+        json.dumps(shareable(asdict(FeaturesConfig(**values))))
+    )  # as the manifest holds it
     argv = features_command(recorded, tmp_path, "test")
     assert argv[1:4] == ["-m", "pipeline", "features"]
     parser = argparse.ArgumentParser()
     features_parser(parser.add_subparsers(dest="cmd"))
     again = features_config(parser.parse_args(argv[3:]))
-    expected = {**values, "store_root": str(tmp_path), "splits": ("test",),  # the store repaired, its split
-                **{k: getattr(default, k) for k in NOT_REPLAYED}}
+    expected = {
+        **values,
+        "store_root": str(tmp_path),
+        "splits": ("test",),  # the store repaired, its split
+        **{k: getattr(default, k) for k in NOT_REPLAYED},
+    }
     for f in fields(FeaturesConfig):
         assert getattr(again, f.name) == expected[f.name], f.name
 
@@ -88,8 +118,12 @@ def test_demo_splits_are_disjoint_by_photo():
     photos = lambda src: {s.name.split("@")[0] for s in src.samples}  # noqa: E731
     assert len(test.samples) >= 24 and not photos(train) & photos(test)
     assert photos(test) == {"chelsea", "coffee", "rocket"}
-    assert all(s.hw == (192, 192) for s in train.samples) and all(s.hw == (128, 128) for s in test.samples)
-    tiles = {s.name: s.load()[0] for s in test.samples}  # non-overlapping: every tile is its own crop
+    assert all(s.hw == (192, 192) for s in train.samples) and all(
+        s.hw == (128, 128) for s in test.samples
+    )
+    tiles = {
+        s.name: s.load()[0] for s in test.samples
+    }  # non-overlapping: every tile is its own crop
     coffee = _demo_image("coffee")
     assert np.array_equal(tiles["coffee@128_256"], coffee[128:256, 256:384])
     assert set(train.fingerprint["images"]) == photos(train)
@@ -103,7 +137,9 @@ def test_tiny_clip_folder_loads_and_gives_normalised_flip_features(tiny_clip):
     assert not np.allclose(g[0, 0], g[0, 1])  # a flipped image has its own g
     variants = [img[:, ::-1], img[::-1], img[::-1, ::-1]]  # width flip, height flip, both
     g_flip = enc([np.ascontiguousarray(v) for v in variants])
-    for k in range(3):  # variant k + 1 of an image is variant 0 of that flip of it (as distill and training use them)
+    for k in range(
+        3
+    ):  # variant k + 1 of an image is variant 0 of that flip of it (as distill and training use them)
         assert np.allclose(g_flip[k, 0], g[0, k + 1], atol=1e-5), k
     assert not np.allclose(g[0, 2], g[0, 1]) and not np.allclose(g[0, 3], g[0, 2])
     spec = enc.spec()

@@ -1,13 +1,13 @@
 """`make prior-study`: four OSF rows over seeds, paired differences with bootstrap intervals."""
+
 import json
 from dataclasses import replace
 
 import numpy as np
+from toys import add_osf_member, make_task_stores
 
 from training.prior_study import ROWS, paired_bootstrap, prior_study
 from training.train import TrainConfig
-
-from toys import add_osf_member, make_task_stores
 
 
 def test_paired_bootstrap_brackets_the_mean_and_narrows_with_samples():
@@ -23,21 +23,40 @@ def test_paired_bootstrap_brackets_the_mean_and_narrows_with_samples():
 
 def study_config(tmp_path, clip_dim: int, effnet_dim: int, **kw) -> TrainConfig:
     """Toy train/test stores with a 'clip-vit-b32' and an 'effnet-lite0' member, and a small run config."""
-    train_store, test_store = make_task_stores(tmp_path / "stores", n_train=8, n_test=3, dim=clip_dim)
+    train_store, test_store = make_task_stores(
+        tmp_path / "stores", n_train=8, n_test=3, dim=clip_dim
+    )
     for path in (train_store, test_store):
         add_osf_member(path, "effnet-lite0", effnet_dim)
-    return TrainConfig(train_store=str(train_store), test_store=str(test_store), run="toy", batch=2, crop=32,
-                       workers=0, eval_every=0, **kw)
+    return TrainConfig(
+        train_store=str(train_store),
+        test_store=str(test_store),
+        run="toy",
+        batch=2,
+        crop=32,
+        workers=0,
+        eval_every=0,
+        **kw,
+    )
 
 
 def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
     cfg = study_config(tmp_path, 32, 24, runs_dir=str(tmp_path / "runs"), steps=3, log_every=1)
     out = prior_study(cfg, [0, 1], log=lambda *a: None)
     report = json.loads((out / "prior.json").read_text())
-    assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report["n_samples"] == 3
-    dims = {r: json.loads((tmp_path / "runs" / f"toy-prior-{slug}-s0" / "model.json").read_text())["model"]["osf_dim"]
-            for r, slug in (("clip", "clip-vit-b-32"), ("effnet", "efficientnet-lite0"),
-                            ("both", "both-concatenated"))}
+    assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report[
+        "n_samples"
+    ] == 3
+    dims = {
+        r: json.loads((tmp_path / "runs" / f"toy-prior-{slug}-s0" / "model.json").read_text())[
+            "model"
+        ]["osf_dim"]
+        for r, slug in (
+            ("clip", "clip-vit-b-32"),
+            ("effnet", "efficientnet-lite0"),
+            ("both", "both-concatenated"),
+        )
+    }
     assert dims == {"clip": 32, "effnet": 24, "both": 56}
     assert all(len(r["psnr_refined_per_seed"]) == 2 for r in report["rows"])
     for d in report["differences"]:
@@ -52,6 +71,14 @@ def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
 def test_prior_study_in_parallel_processes_gives_the_same_table(tmp_path):
     cfg = study_config(tmp_path, 16, 8, runs_dir=str(tmp_path / "a"), steps=2, threads=1)
     serial = json.loads((prior_study(cfg, [0], log=lambda *a: None) / "prior.json").read_text())
-    parallel = json.loads((prior_study(replace(cfg, runs_dir=str(tmp_path / "b")), [0], log=lambda *a: None,
-                                       jobs=2) / "prior.json").read_text())
-    assert parallel["rows"] == serial["rows"]  # same seed, same settings: CPU runs are bit-identical
+    parallel = json.loads(
+        (
+            prior_study(
+                replace(cfg, runs_dir=str(tmp_path / "b")), [0], log=lambda *a: None, jobs=2
+            )
+            / "prior.json"
+        ).read_text()
+    )
+    assert (
+        parallel["rows"] == serial["rows"]
+    )  # same seed, same settings: CPU runs are bit-identical

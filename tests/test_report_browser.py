@@ -1,4 +1,5 @@
 """report.html in a real headless browser: every image loads, no console error; the curves show learning."""
+
 import base64
 import io
 import json
@@ -7,16 +8,13 @@ import re
 import shutil
 
 import numpy as np
-
 import pytest
 from PIL import Image
+from toys import make_task_stores
 
 from stores import Store
 from stores.__main__ import main as stores_main
-
 from training.train import TrainConfig, train
-
-from toys import make_task_stores
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 REQUIRED = os.environ.get("PTGRM_REQUIRE_CHROMIUM") == "1"  # .ci/run installs both and sets this
@@ -26,8 +24,17 @@ REQUIRED = os.environ.get("PTGRM_REQUIRE_CHROMIUM") == "1"  # .ci/run installs b
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     train_store, test_store = make_task_stores(tmp / "stores", n_train=12, n_test=4)
-    cfg = TrainConfig(train_store=str(train_store), test_store=str(test_store), runs_dir=str(tmp / "runs"),
-                      run="r", steps=20, batch=2, crop=32, workers=0, log_every=2)
+    cfg = TrainConfig(
+        train_store=str(train_store),
+        test_store=str(test_store),
+        runs_dir=str(tmp / "runs"),
+        run="r",
+        steps=20,
+        batch=2,
+        crop=32,
+        workers=0,
+        log_every=2,
+    )
     train(cfg, log=lambda *a: None)
     return tmp / "runs" / "r"
 
@@ -47,24 +54,37 @@ def chromium():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-sync", "--allow-file-access-from-files"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--allow-file-access-from-files",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(DRIVER), options=opts)  # explicit driver: nothing is downloaded
+    return webdriver.Chrome(
+        service=Service(DRIVER), options=opts
+    )  # explicit driver: nothing is downloaded
 
 
 def loaded(driver, page):
     """(src, loaded, natural width) of every image of `page`, and the console's errors."""
     driver.get(page.as_uri())
     images = driver.execute_script(
-        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+    )
     return images, [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
 
 
-needs_chromium = pytest.mark.skipif(not (CHROMIUM and DRIVER) and not REQUIRED, reason="needs Debian's chromium "
-                                    "and chromium-driver (apt-get install chromium chromium-driver)")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER) and not REQUIRED,
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
 
 
 @needs_chromium
@@ -84,8 +104,19 @@ def test_report_html_loads_every_image_without_console_errors(run_dir):
 def catalog(run_dir):
     """`python -m stores catalog` of the run's store root, with its runs."""
     out = run_dir.parent.parent / "catalog.html"
-    assert stores_main(["catalog", str(run_dir.parent.parent / "stores"), "--html", str(out),
-                        "--runs", str(run_dir.parent)]) == 0
+    assert (
+        stores_main(
+            [
+                "catalog",
+                str(run_dir.parent.parent / "stores"),
+                "--html",
+                str(out),
+                "--runs",
+                str(run_dir.parent),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -98,12 +129,16 @@ def test_catalog_lists_every_store_member_and_run_gain_with_thumbnails(run_dir, 
         m = Store(path).manifest()
         assert f"<h2>{path.name}</h2>" in page
         for member, info in m["members"].items():
-            assert (f"<td>{member}</td><td>complete</td><td>{info['tasks']}/{info['tasks']}</td>"
-                    f"<td>{info['key'][:12]}</td>") in page
+            assert (
+                f"<td>{member}</td><td>complete</td><td>{info['tasks']}/{info['tasks']}</td>"
+                f"<td>{info['key'][:12]}</td>"
+            ) in page
     assert f"r {result['gain_psnr']:+.2f} dB" in page  # the run's gain beside the members it read
     thumbs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(thumbs) == 4  # lq and base of each store's first sample
-    lq = Store(sorted(stores)[0]).array("pairs", "lq")[0]  # the first sample of the first store listed
+    lq = Store(sorted(stores)[0]).array("pairs", "lq")[
+        0
+    ]  # the first sample of the first store listed
     first = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbs[0]))))
     h, w = Store(sorted(stores)[0]).array("pairs", "hw")[0]
     assert first.shape == (h, w, 3) and (first == lq[:h, :w]).all()

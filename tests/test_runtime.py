@@ -1,5 +1,6 @@
 """The allocator setting both stages apply: on by default on glibc, off when the user chose; memory
 kept for reuse is handed back once per shard."""
+
 import os
 import subprocess
 import sys
@@ -12,15 +13,28 @@ CHECK = "from stores.runtime import tune_allocator as t; print(t(), t())"
 
 
 def run(env: dict) -> str:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PTGRM_MALLOC", "GLIBC_TUN"))}
-    return subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env={**clean, **env}, check=True,
-                          capture_output=True, text=True).stdout.split()
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "PTGRM_MALLOC", "GLIBC_TUN"))
+    }
+    return subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=ROOT,
+        env={**clean, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_tuned_once_unless_the_user_chose():
     assert run({}) == ["True", "True"]
-    assert run({"MALLOC_ARENA_MAX": "2"}) == ["False", "False"]  # the user's own MALLOC_* settings win
+    assert run({"MALLOC_ARENA_MAX": "2"}) == [
+        "False",
+        "False",
+    ]  # the user's own MALLOC_* settings win
     assert run({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) == ["False", "False"]
     assert run({"PTGRM_MALLOC_TUNE": "0"}) == ["False", "False"]
 
@@ -42,11 +56,22 @@ print(before, rss())
 def test_memory_kept_for_reuse_goes_back_to_the_kernel_after_a_shard():
     """The tuned allocator keeps freed buffers (no page faults on reuse); extraction hands them back
     once per written shard, so its peak does not creep up with the number of shards."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PTGRM_", "GLIBC_TUN"))}
-    out = subprocess.run([sys.executable, "-c", RELEASE], cwd=ROOT, env=clean, check=True, capture_output=True,
-                         text=True).stdout.split()
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PTGRM_", "GLIBC_TUN"))
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE],
+        cwd=ROOT,
+        env=clean,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     before, after = map(float, out)
-    assert before - after > 200, (before, after)  # MB: the 29 freed buffers were still held, now returned
+    assert before - after > 200, (
+        before,
+        after,
+    )  # MB: the 29 freed buffers were still held, now returned
 
 
 SHARE = """
@@ -71,8 +96,14 @@ def test_trainings_sharing_the_cpus_split_them_and_a_lone_one_takes_them_back(tm
     env = {**os.environ, "PTGRM_CPU_SHARE_DIR": str(tmp_path / "share")}
 
     def start(threads: int = 0):
-        return subprocess.Popen([sys.executable, "-c", SHARE, str(threads)], cwd=ROOT, env=env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-c", SHARE, str(threads)],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
 
     def step(p) -> list[int]:
         p.stdin.write("\n")
@@ -95,4 +126,6 @@ def test_trainings_sharing_the_cpus_split_them_and_a_lone_one_takes_them_back(tm
     finally:
         first.stdin.close()
         first.wait(timeout=60)
-    assert first.returncode == 0 and list((tmp_path / "share").iterdir()) == []  # nothing left behind
+    assert (
+        first.returncode == 0 and list((tmp_path / "share").iterdir()) == []
+    )  # nothing left behind

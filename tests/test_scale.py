@@ -1,5 +1,6 @@
 """Stores at real sizes: mixed sizes and orientations extracted without padding, and re-runs that
 cost a stat per source file instead of a read."""
+
 import os
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pipeline.sources as sources
 from pipeline.extract import FeaturesConfig, build_features
 from stores import Store
 
-SIZES = [(40, 48), (96, 64), (40, 48), (64, 96), (300, 200), (40, 48), (17, 33)]  # both orientations
+SIZES = [
+    (40, 48),
+    (96, 64),
+    (40, 48),
+    (64, 96),
+    (300, 200),
+    (40, 48),
+    (17, 33),
+]  # both orientations
 
 
 def write_dataset(root, sizes=SIZES):
@@ -19,22 +28,38 @@ def write_dataset(root, sizes=SIZES):
         rng = np.random.default_rng(k)
         for kind in ("gt", "lq"):
             (root / "test" / kind).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / kind / f"im{k}.png")
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                root / "test" / kind / f"im{k}.png"
+            )
     return root
 
 
 def features(data, stores, tiny_clip, **kw):
     lines = []
     kw = {"target": "identity", **kw}
-    cfg = FeaturesConfig(task="deblur", data=f"generic:{data}", encoder=f"openclip:{tiny_clip}",
-                         store_root=str(stores), shard_len=2, tile=32, splits=("test",), **kw)
+    cfg = FeaturesConfig(
+        task="deblur",
+        data=f"generic:{data}",
+        encoder=f"openclip:{tiny_clip}",
+        store_root=str(stores),
+        shard_len=2,
+        tile=32,
+        splits=("test",),
+        **kw,
+    )
     return build_features(cfg, log=lines.append)[0], "\n".join(lines)
 
 
 def test_mixed_sizes_are_stored_at_their_own_size_and_read_back(tmp_path, tiny_clip):
     data = write_dataset(tmp_path / "data")
     store = Store(features(data, tmp_path / "stores", tiny_clip)[0])
-    assert {b.hw for b in store.layout.buckets} == {(64, 64), (96, 64), (64, 96), (320, 224), (32, 64)}
+    assert {b.hw for b in store.layout.buckets} == {
+        (64, 64),
+        (96, 64),
+        (64, 96),
+        (320, 224),
+        (32, 64),
+    }
     names, hw = store.array("pairs", "names")[:], store.array("pairs", "hw")[:]
     lq = store.array("pairs", "lq")
     for i, name in enumerate(names):
@@ -42,7 +67,7 @@ def test_mixed_sizes_are_stored_at_their_own_size_and_read_back(tmp_path, tiny_c
         k, row = store.layout.locate(i)
         canvas = lq[i, :, :]
         assert tuple(hw[i]) == want.shape[:2] and canvas.shape[:2] == store.layout.buckets[k].hw
-        assert np.array_equal(canvas[:hw[i][0], :hw[i][1]], want) and not canvas[hw[i][0]:].any()
+        assert np.array_equal(canvas[: hw[i][0], : hw[i][1]], want) and not canvas[hw[i][0] :].any()
     assert sorted(store.array("pairs", "source_index")[:].tolist()) == list(range(len(SIZES)))
 
 
@@ -141,13 +166,20 @@ def test_the_no_op_command_imports_no_torch_and_no_network_code(tmp_path, tiny_c
 
     data = write_dataset(tmp_path / "data")
     features(data, tmp_path / "stores", tiny_clip)
-    code = ("import sys; from pipeline.__main__ import main; "
-            f"rc = main(['features', '--task', 'deblur', '--data', 'generic:{data}', '--target', 'identity', "
-            f"'--encoder', 'openclip:{tiny_clip}', '--store-root', '{tmp_path / 'stores'}', '--splits', 'test', "
-            "'--shard-len', '2', '--tile', '32']); "
-            "print('loaded', [m for m in ('torch', 'scipy.signal', 'open_clip') if m in sys.modules], rc)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
+    code = (
+        "import sys; from pipeline.__main__ import main; "
+        f"rc = main(['features', '--task', 'deblur', '--data', 'generic:{data}', '--target', 'identity', "
+        f"'--encoder', 'openclip:{tiny_clip}', '--store-root', '{tmp_path / 'stores'}', '--splits', 'test', "
+        "'--shard-len', '2', '--tile', '32']); "
+        "print('loaded', [m for m in ('torch', 'scipy.signal', 'open_clip') if m in sys.modules], rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert "nothing to compute" in out and out.strip().endswith("loaded [] 0"), out
 
 

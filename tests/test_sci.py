@@ -6,6 +6,7 @@ tests/fixtures/sci_official.json was computed once, outside this project, with t
 test.py) and the same three weight files, on four scikit-image photos darkened by the lowlight
 demo's degradation; only numbers are stored (per image: mean, channel means, five pixels).
 """
+
 import dataclasses
 import json
 import subprocess
@@ -35,12 +36,13 @@ def darkened(k: int, name: str) -> np.ndarray:
 
     img = getattr(skd, name)()[:300, :400, :3].astype(np.float32) / 255.0
     lq, _ = lowlight(img, sample_rng(OFFICIAL["seed"], k))
-    return (np.round(lq * 255.0).astype(np.uint8).astype(np.float32) / 255.0)
+    return np.round(lq * 255.0).astype(np.uint8).astype(np.float32) / 255.0
 
 
 def test_the_shipped_files_are_the_published_ones_with_their_license():
     for v, sha in SCI_WEIGHTS.items():
         import hashlib
+
         assert hashlib.sha256((WEIGHTS_DIR / f"{v}.pt").read_bytes()).hexdigest() == sha
     assert "MIT License" in (WEIGHTS_DIR / "LICENSE").read_text()
     assert "vis-opt-group/SCI" in (WEIGHTS_DIR / "NOTICE.md").read_text()
@@ -49,7 +51,9 @@ def test_the_shipped_files_are_the_published_ones_with_their_license():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_published_state_dict_loads_strictly_under_the_official_names(variant):
     state = load_checkpoint(WEIGHTS_DIR / f"{variant}.pt")
-    assert len(state) == 83 and any(k.startswith("calibrate.") for k in state)  # training-only module
+    assert len(state) == 83 and any(
+        k.startswith("calibrate.") for k in state
+    )  # training-only module
     enhance = {k: v for k, v in state.items() if k.startswith("enhance.")}
     net = SCI()
     load_state(net, enhance, variant)  # strict: every enhance.* key, nothing else
@@ -68,11 +72,15 @@ def test_output_equals_the_official_test_procedure_on_darkened_photos(variant):
     for k, name in enumerate(OFFICIAL["photos"]):
         want = OFFICIAL["weights"][variant][name]
         lq = darkened(k, name)
-        assert abs(lq.mean() - want["input_mean"]) < 1e-6, "the darkened input differs from the fixture's"
+        assert abs(lq.mean() - want["input_mean"]) < 1e-6, (
+            "the darkened input differs from the fixture's"
+        )
         out = target(lq, {}).astype(np.float64)
         assert abs(out.mean() - want["mean"]) < 1e-5, (name, out.mean(), want["mean"])
         np.testing.assert_allclose(out.mean((0, 1)), want["channel_means"], atol=1e-5)
-        np.testing.assert_allclose([out[y, x] for y, x in OFFICIAL["pixels"]], want["pixels"], atol=1e-5)
+        np.testing.assert_allclose(
+            [out[y, x] for y, x in OFFICIAL["pixels"]], want["pixels"], atol=1e-5
+        )
         assert out.mean() > 2 * lq.mean()  # it brightens
 
 
@@ -81,9 +89,14 @@ def test_a_damaged_shipped_copy_is_refused(tmp_path, monkeypatch):
     state["enhance.out_conv.0.bias"] = state["enhance.out_conv.0.bias"] + 0.01
     torch.save(state, tmp_path / "medium.pt")
     spec = BUILTINS["sci-medium"]
-    monkeypatch.setitem(BUILTINS, "sci-medium",
-                        dataclasses.replace(spec, packaged=(tmp_path / "medium.pt", spec.packaged[1])))
-    with pytest.raises(CheckpointError, match=r"medium\.pt: sha256 .* not the published file's .*damaged"):
+    monkeypatch.setitem(
+        BUILTINS,
+        "sci-medium",
+        dataclasses.replace(spec, packaged=(tmp_path / "medium.pt", spec.packaged[1])),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"medium\.pt: sha256 .* not the published file's .*damaged"
+    ):
         build_target("sci-medium", device="cpu")
     # another SCI checkpoint given explicitly is the user's choice: loaded, its sha256 in the key
     monkeypatch.setitem(BUILTINS, "sci-medium", spec)
@@ -92,8 +105,20 @@ def test_a_damaged_shipped_copy_is_refused(tmp_path, monkeypatch):
 
 
 def test_lowlight_demo_defaults_to_sci_pretrained_and_restore_rebuilds_it(tmp_path, tiny_clip):
-    out = subprocess.run(["make", "-s", "features", "TASK=lowlight", f"ENCODER=openclip:{tiny_clip}",
-                          f"STORE_ROOT={tmp_path}", "SPLITS=test"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            "make",
+            "-s",
+            "features",
+            "TASK=lowlight",
+            f"ENCODER=openclip:{tiny_clip}",
+            f"STORE_ROOT={tmp_path}",
+            "SPLITS=test",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     [store] = tmp_path.glob("demo-test-lowlight-*")
     members = Store(store).manifest()["members"]
@@ -110,7 +135,9 @@ def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, 
     from pipeline.plan import plan_features
     from pipeline.tasks import TASKS
 
-    cfg = dict(task="lowlight", encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path), splits=("test",))
+    cfg = dict(
+        task="lowlight", encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path), splits=("test",)
+    )
     gamma = dataclasses.replace(TASKS["lowlight"], target="gamma")  # the default before SCI
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TASKS, "lowlight", gamma)
@@ -118,5 +145,6 @@ def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, 
         assert all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # complete for gamma
     assert not all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # not for sci-medium
     [store] = build_features(FeaturesConfig(**cfg), log=lambda *_: None)
-    assert sorted(p.split("-")[0] for p in Store(store).manifest()["members"] if p.startswith("targets/")) == \
-        ["targets/gamma", "targets/sci"]
+    assert sorted(
+        p.split("-")[0] for p in Store(store).manifest()["members"] if p.startswith("targets/")
+    ) == ["targets/gamma", "targets/sci"]

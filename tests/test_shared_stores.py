@@ -1,5 +1,6 @@
 """Stores shared between people and processes: manifest updates under the lock, racing creators,
 no writes through planted symlinks, nothing private in what is pushed or logged."""
+
 import json
 import os
 import threading
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toys import add_osf_member, fill_member, make_store, same
 
 from stores import Store, key_of
 from stores.remote import Copier, copy_store
-from toys import add_osf_member, fill_member, make_store, same
 
 MINE = "osf/mine-000000000000"
 
@@ -26,6 +27,7 @@ def pause_copies(monkeypatch):
             started.release()
             assert go.wait(60), "test: the copy was never released"
         return copy(self, *args)
+
     monkeypatch.setattr(Copier, "copy", paused)
     return go, started
 
@@ -38,6 +40,7 @@ def in_thread(fn, *args, **kw):
             out["value"] = fn(*args, **kw)
         except BaseException as e:  # reported by the test
             out["error"] = e
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
@@ -52,16 +55,27 @@ def joined(t, out):
 
 
 @pytest.mark.parametrize("finalize_before_copy_lands", [False, True])
-def test_shared_copy_landing_during_a_live_writer_keeps_its_member(tmp_path, monkeypatch, finalize_before_copy_lands):
+def test_shared_copy_landing_during_a_live_writer_keeps_its_member(
+    tmp_path, monkeypatch, finalize_before_copy_lands
+):
     shared = make_store(tmp_path / "shared", "train", n=8, hw=(24, 28), dim=8)
     extra = add_osf_member(shared, "extra", 8)  # what the teammates have and we do not
-    local = make_store(tmp_path / "local", "train", n=8, hw=(24, 28), dim=8)  # same pairs: same store name
+    local = make_store(
+        tmp_path / "local", "train", n=8, hw=(24, 28), dim=8
+    )  # same pairs: same store name
     go, started = pause_copies(monkeypatch)
     copy = in_thread(copy_store, str(shared), str(tmp_path / "local"), log=lambda *a: None)
     assert started.acquire(timeout=60)  # the copy read the manifest and is copying files
     writer = Store(local, mode="a")
     g = np.random.default_rng(3).normal(size=(8, 4, 8)).astype(np.float32)
-    fill_member(writer, MINE, key_of({"mine": 1}), {"g": g}, {"encoder": "mine"}, complete=finalize_before_copy_lands)
+    fill_member(
+        writer,
+        MINE,
+        key_of({"mine": 1}),
+        {"g": g},
+        {"encoder": "mine"},
+        complete=finalize_before_copy_lands,
+    )
     go.set()
     joined(*copy)
     writer.finalize(MINE)  # on a manifest rewritten from a stale read: the member is gone
@@ -114,7 +128,9 @@ def test_symlinks_planted_where_we_write_never_write_through(tmp_path):
     with pytest.raises(RuntimeError, match=f"{lock}: is a symbolic link"):
         fill_member(store, MINE, key_of({"mine": 1}), {"g": np.zeros((4, 4, 8), np.float32)})
     lock.unlink()
-    fill_member(store, MINE, key_of({"mine": 1}), {"g": np.zeros((4, 4, 8), np.float32)}, complete=False)
+    fill_member(
+        store, MINE, key_of({"mine": 1}), {"g": np.zeros((4, 4, 8), np.float32)}, complete=False
+    )
     records = path / "_records" / f"{MINE.replace('/', '__')}.json"
     plant(records, victim)  # replaced by the new file, never written through
     store.finalize(MINE)
@@ -146,16 +162,27 @@ def test_nothing_private_in_pushed_files_or_logs(tmp_path, monkeypatch, tiny_cli
     for k in range(5):
         for kind in ("gt", "lq"):
             (data / "test" / kind).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(data / "test" / kind / f"{k}.png")
+            Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(
+                data / "test" / kind / f"{k}.png"
+            )
     raw = (data / "test" / "lq" / "4.png").read_bytes()  # excluded, with a reason naming the file
-    (data / "test" / "lq" / "4.png").write_bytes(raw[:len(raw) // 2])
+    (data / "test" / "lq" / "4.png").write_bytes(raw[: len(raw) // 2])
     secret = "s3cretTOKEN9f2"
     shared = f"memory://alice:{secret}@team/shared"
     lines = []
 
     def features(root, **kw):
-        cfg = FeaturesConfig(task="deblur", data=str(data), target="identity", encoder=f"openclip:{tiny_clip}",
-                             store_root=str(root), shard_len=4, splits=("test",), max_bad=0.5, **kw)
+        cfg = FeaturesConfig(
+            task="deblur",
+            data=str(data),
+            target="identity",
+            encoder=f"openclip:{tiny_clip}",
+            store_root=str(root),
+            shard_len=4,
+            splits=("test",),
+            max_bad=0.5,
+            **kw,
+        )
         return build_features(cfg, log=lines.append)[0]
 
     first = features(home / "stores")
@@ -164,13 +191,21 @@ def test_nothing_private_in_pushed_files_or_logs(tmp_path, monkeypatch, tiny_cli
     second = features(home / "stores2", store_shared=shared)  # found complete in the shared root
     copy_store(str(second), str(tmp_path / "pushed"), log=lines.append)
     fs = fsspec.filesystem("memory")
-    texts = [p.read_bytes().decode(errors="replace") for p in (tmp_path / "pushed").rglob("*") if p.is_file()]
+    texts = [
+        p.read_bytes().decode(errors="replace")
+        for p in (tmp_path / "pushed").rglob("*")
+        if p.is_file()
+    ]
     texts += [fs.cat_file(p).decode(errors="replace") for p in fs.find("/")]
     out = capsys.readouterr()
     logs = "\n".join(map(str, lines)) + out.out + out.err
     assert "found complete in" in logs
-    assert len(texts) > 20 and any("4.png" in t for t in texts)  # the exclusion is recorded, by name
-    for t in texts:  # what teammates get: no home path (the user's own terminal may show it), no secret
+    assert len(texts) > 20 and any(
+        "4.png" in t for t in texts
+    )  # the exclusion is recorded, by name
+    for (
+        t
+    ) in texts:  # what teammates get: no home path (the user's own terminal may show it), no secret
         assert str(home) not in t, t[:2000]
     for t in texts + [logs]:
         assert secret not in t, t[:2000]

@@ -6,6 +6,7 @@ Extraction: a job array over the unfinished tasks and a finalize job give the sa
 it; a complete store submits nothing. Training: a job requeued mid-run resumes from its checkpoint
 to the bytes of an uninterrupted run.
 """
+
 import json
 import os
 import re
@@ -16,17 +17,50 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
-
-import faults
-from stores import Store
 from toys import make_task_stores, same
 
+from stores import Store
+
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = ["--task", "deblur", "--data", "demo", "--splits", "test", "--shard-len", "1", "--shards", "3"]
-TRAIN = ["--task", "deblur", "--data", "toy", "--store-root", "toy", "--runs-dir", "runs", "--steps", "150",
-         "--batch", "4", "--crop", "32", "--log-every", "10", "--ckpt-every", "5", "--workers", "0", "--threads", "1"]
+SPLIT = [
+    "--task",
+    "deblur",
+    "--data",
+    "demo",
+    "--splits",
+    "test",
+    "--shard-len",
+    "1",
+    "--shards",
+    "3",
+]
+TRAIN = [
+    "--task",
+    "deblur",
+    "--data",
+    "toy",
+    "--store-root",
+    "toy",
+    "--runs-dir",
+    "runs",
+    "--steps",
+    "150",
+    "--batch",
+    "4",
+    "--crop",
+    "32",
+    "--log-every",
+    "10",
+    "--ckpt-every",
+    "5",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def cluster_problem() -> str | None:
@@ -34,12 +68,18 @@ def cluster_problem() -> str | None:
     if not shutil.which("sinfo") or not shutil.which("sacct"):
         return "SLURM client commands not found; start the local cluster with `make slurm-up` (root, Debian)"
     try:
-        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
-        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=10)
+        nodes = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10
+        )
+        acct = subprocess.run(
+            ["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=10
+        )
     except subprocess.TimeoutExpired:
         return "slurmctld does not answer; `make slurm-up`"
     if nodes.returncode or not re.search(r"^(idle|mixed|allocated)", nodes.stdout, re.M):
-        return f"no idle node (sinfo: {(nodes.stdout + nodes.stderr).strip()[:200]}); `make slurm-up`"
+        return (
+            f"no idle node (sinfo: {(nodes.stdout + nodes.stderr).strip()[:200]}); `make slurm-up`"
+        )
     if acct.returncode:
         return f"sacct fails (no accounting): {acct.stderr.strip()[:200]}; `make slurm-up`"
     return None
@@ -57,18 +97,40 @@ def cluster():
 def run(cwd, *args, env=None, timeout=240):
     """`python *args` in `cwd`, importing this checkout (and what `env` adds, e.g. faults.env())."""
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": path, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
+    )
     return out.returncode, out.stdout + out.stderr
 
 
 def features(cwd, clip, *extra, env=None):
-    return run(cwd, "-m", "slurm", "features", *SPLIT, "--encoder", f"openclip:{clip}", "--store-root", "st",
-               "--cpus", "1", *extra, env=env)
+    return run(
+        cwd,
+        "-m",
+        "slurm",
+        "features",
+        *SPLIT,
+        "--encoder",
+        f"openclip:{clip}",
+        "--store-root",
+        "st",
+        "--cpus",
+        "1",
+        *extra,
+        env=env,
+    )
 
 
 def records(cwd) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(cwd) / "slurm_logs" / "submissions").glob("*.json"))]
+    return [
+        json.loads(p.read_text())
+        for p in sorted((Path(cwd) / "slurm_logs" / "submissions").glob("*.json"))
+    ]
 
 
 def the_store(root) -> Path:
@@ -94,8 +156,17 @@ def verify(store: Path) -> None:
 def reference(tmp_path_factory, tiny_clip):
     """The same settings built locally by `python -m pipeline features`."""
     root = tmp_path_factory.mktemp("reference")
-    rc, out = run(root, "-m", "pipeline", "features", *SPLIT, "--encoder", f"openclip:{tiny_clip}",
-                  "--store-root", "st")
+    rc, out = run(
+        root,
+        "-m",
+        "pipeline",
+        "features",
+        *SPLIT,
+        "--encoder",
+        f"openclip:{tiny_clip}",
+        "--store-root",
+        "st",
+    )
     assert rc == 0, out[-3000:]
     return the_store(root / "st")
 
@@ -104,9 +175,19 @@ def test_parsers_reuse_the_stages_flags_and_helpers():
     from slurm.__main__ import build_parser
     from slurm.submit import _expand, chunks
 
-    a = build_parser().parse_args(["features", "--shards", "4", "--partition", "gpu", "--max-parallel", "8"])
-    assert (a.shards, a.partition, a.max_parallel, a.cluster, a.shard_len) == (4, "gpu", 8, "slurm", 16)
-    b = build_parser().parse_args(["train", "--ckpt-every", "50", "--gpus", "4", "--account", "lab"])
+    a = build_parser().parse_args(
+        ["features", "--shards", "4", "--partition", "gpu", "--max-parallel", "8"]
+    )
+    assert (a.shards, a.partition, a.max_parallel, a.cluster, a.shard_len) == (
+        4,
+        "gpu",
+        8,
+        "slurm",
+        16,
+    )
+    b = build_parser().parse_args(
+        ["train", "--ckpt-every", "50", "--gpus", "4", "--account", "lab"]
+    )
     assert (b.ckpt_every, b.gpus, b.account, b.resume) == (50, 4, "lab", False)
     assert chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     assert _expand("2-4,7%2") == [2, 3, 4, 7]
@@ -119,14 +200,15 @@ def test_local_executor_builds_the_same_store_without_slurm(tmp_path, tiny_clip,
     verify(the_store(tmp_path / "st"))
 
 
-def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_folder(tmp_path, tiny_clip,
-                                                                                   monkeypatch):
+def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_folder(
+    tmp_path, tiny_clip, monkeypatch
+):
     """Files of other ranges deleted from the dataset folder, and the descriptor files of other
     ranges too: the task of [2, 4) and the finalize job still do their work."""
     from PIL import Image
 
-    import pipeline.plan
     import pipeline.layouts
+    import pipeline.plan
     import pipeline.sources
     from pipeline import descriptors
     from pipeline.extract import FeaturesConfig, build_features
@@ -137,10 +219,20 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     data = tmp_path / "photos"
     (data / "test").mkdir(parents=True)
     for k in range(6):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "test" / f"im{k}.png")
-    cfg = FeaturesConfig(task="deblur", data=str(data), encoder=f"openclip:{tiny_clip}", splits=("test",),
-                         store_root=str(tmp_path / "st"), shard_len=2)
-    (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            data / "test" / f"im{k}.png"
+        )
+    cfg = FeaturesConfig(
+        task="deblur",
+        data=str(data),
+        encoder=f"openclip:{tiny_clip}",
+        splits=("test",),
+        store_root=str(tmp_path / "st"),
+        shard_len=2,
+    )
+    (reference,) = build_features(
+        replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
     (plan,) = plan_features(cfg)
@@ -159,8 +251,13 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
 
     def no_listing(*args, **kwargs):
         raise AssertionError("an array task or the finalize job listed the dataset folder")
-    for module, name in ((pipeline.layouts, "list_pairs"), (pipeline.sources, "list_pairs"),
-                         (pipeline.sources, "open_source"), (pipeline.plan, "open_source")):
+
+    for module, name in (
+        (pipeline.layouts, "list_pairs"),
+        (pipeline.sources, "list_pairs"),
+        (pipeline.sources, "open_source"),
+        (pipeline.plan, "open_source"),
+    ):
         monkeypatch.setattr(module, name, no_listing)
     assert sf.run_task(cfg, "test", 2, 4, str(tmp_path), store)["descriptor_files"] == [1]
     sf.finalize(cfg, str(tmp_path), todo)
@@ -168,17 +265,27 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
     assert_same_arrays(Path(store), reference)
 
 
-def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_path, tiny_clip, reference):
-    rc, out = features(tmp_path, tiny_clip, "--wait", env=faults.env(PTGRM_TEST_FAIL_TASK="test:11"))
+def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(
+    cluster, tmp_path, tiny_clip, reference
+):
+    rc, out = features(
+        tmp_path, tiny_clip, "--wait", env=faults.env(PTGRM_TEST_FAIL_TASK="test:11")
+    )
     assert rc == 1 and "failed" in out, out[-3000:]
     (first,) = records(tmp_path)
-    assert [t["range"] for t in first["tasks"]] == [[0, 11], [11, 22], [22, 33]]  # the demo's 33 test tiles
+    assert [t["range"] for t in first["tasks"]] == [
+        [0, 11],
+        [11, 22],
+        [22, 33],
+    ]  # the demo's 33 test tiles
     store = Store(the_store(tmp_path / "st"))
     for member in first["members"]["test"]:  # the other tasks' shards are kept
         assert store.done_ranges(member) == {0, 2} and store.status(member) == "incomplete"
     rc, status = run(tmp_path, "-m", "slurm", "status")
     assert rc == 0 and re.search(r"\[11, 22\)\s+failed", status) and "2 done" in status, status
-    assert re.search(r"failed: test \[11, 22\) \(failed\).*submits only these unfinished tasks", status), status
+    assert re.search(
+        r"failed: test \[11, 22\) \(failed\).*submits only these unfinished tasks", status
+    ), status
 
     rc, out = features(tmp_path, tiny_clip, "--wait")
     assert rc == 0, out[-3000:]
@@ -193,13 +300,19 @@ def test_failed_task_is_the_only_one_resubmitted_then_nothing_is(cluster, tmp_pa
     assert time.time() - t0 < 30 and len(records(tmp_path)) == 2
 
 
-def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster, tmp_path, tiny_clip):
-    rc, out = features(tmp_path, tiny_clip, env=faults.env(PTGRM_TEST_FAIL_TASK="test:0"))  # no --wait
+def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(
+    cluster, tmp_path, tiny_clip
+):
+    rc, out = features(
+        tmp_path, tiny_clip, env=faults.env(PTGRM_TEST_FAIL_TASK="test:0")
+    )  # no --wait
     assert rc == 0, out[-3000:]
     fin = records(tmp_path)[-1]["finalize"]["job"]
     deadline = time.time() + 300
     while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", fin, "-o", "%T %r"], capture_output=True, text=True).stdout
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", fin, "-o", "%T %r"], capture_output=True, text=True
+        ).stdout
         if not queued.strip():
             break
         time.sleep(2)
@@ -208,11 +321,15 @@ def test_finalize_leaves_the_queue_when_its_array_fails_and_nobody_waits(cluster
     log = Path(tmp_path, records(tmp_path)[-1]["finalize"]["stderr"]).read_text()
     assert re.search(r"missing ranges \[0\]", log), log[-2000:]
     rc, status = run(tmp_path, "-m", "slurm", "status")
-    assert re.search(r"finalize\s+failed", status) and re.search(r"failed: test \[0, \d+\) \(failed\)", status), status
+    assert re.search(r"finalize\s+failed", status) and re.search(
+        r"failed: test \[0, \d+\) \(failed\)", status
+    ), status
 
 
 def job_state(job: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True, text=True)
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True, text=True
+    )
     return (out.stdout.split() or ["?"])[0]
 
 
@@ -234,7 +351,9 @@ def test_training_requeued_mid_run_resumes_to_the_uninterrupted_weights(cluster,
         time.sleep(0.05)
     at = checkpoint_step(run_dir)
     assert 5 <= at < 150, f"no checkpoint mid-run (step {at})"
-    subprocess.run(["scontrol", "requeue", job], check=True)  # restarts after cred_expire (10 s here)
+    subprocess.run(
+        ["scontrol", "requeue", job], check=True
+    )  # restarts after cred_expire (10 s here)
     deadline = time.time() + 150
     while job_state(job) != "COMPLETED" and time.time() < deadline:
         assert job_state(job) not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), job_state(job)
@@ -243,7 +362,12 @@ def test_training_requeued_mid_run_resumes_to_the_uninterrupted_weights(cluster,
     assert job_state(job) == "COMPLETED", log[-3000:]
     resumed = [int(s) for s in re.findall(r"resuming at (\d+)", log)]
     assert len(resumed) == 1 and 5 <= resumed[0] < 150, log[-3000:]
-    assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert (
+        "Restarts=1"
+        in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    )
     rc, out = run(tmp_path, "-m", "training", "train", *TRAIN, "--run", "straight")
     assert rc == 0, out[-3000:]
-    assert (run_dir / "model.safetensors").read_bytes() == (tmp_path / "runs/straight/model.safetensors").read_bytes()
+    assert (run_dir / "model.safetensors").read_bytes() == (
+        tmp_path / "runs/straight/model.safetensors"
+    ).read_bytes()

@@ -8,10 +8,11 @@ ZhendongWang6/Uformer model.py as `Uformer_B`, the restorer of
 pretrain_model_boost_restoration's low_light_transformer2), whose outputs on random weights ours
 equal (docs/networks.md gives the measured differences). The official code is not in this project.
 """
+
 import json
 import math
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,17 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from pipeline.extract import FeaturesConfig, build_features
-from ptgrm import tiling
-from pipeline.networks import (BUILTINS, CheckpointError, build_builtin_target, build_network_target,
-                               load_state, parse_options, target_from_spec)
+from pipeline.networks import (
+    BUILTINS,
+    CheckpointError,
+    build_builtin_target,
+    build_network_target,
+    load_state,
+    parse_options,
+    target_from_spec,
+)
 from pipeline.snr_aware import SNRAware, blurred_frame, snr_map
+from ptgrm import tiling
 from stores import Store, key_of
 from stores.stats import psnr, to_uint8
 from training.data import Split
@@ -32,18 +40,32 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_names.json").read_text())
 NEW = ("snr-aware", "mprnet-deblur", "mprnet-derain", "mprnet-denoise", "uformer-b")
 # small configurations with every kind of layer (Uformer: shifted windows above the bottleneck)
-TINY = {"snr-aware": {"nf": 8, "light_RBs": 1, "n_layers": 1, "heads": 2, "d_head": 8},
-        "mprnet-deblur": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
-        "mprnet-derain": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
-        "mprnet-denoise": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
-        "uformer-b": {"embed_dim": 8, "depths": [2, 1, 1, 1, 1, 1, 1, 1, 2], "win_size": 2, "img_size": 32}}
-PUBLISHED_PARAMS = {"snr-aware": 39_124_099, "mprnet-deblur": 20_127_073, "mprnet-derain": 3_637_249,
-                    "mprnet-denoise": 15_741_025, "uformer-b": 50_880_946}  # MPRNet 20.1 M, Uformer-B 50.88 M
+TINY = {
+    "snr-aware": {"nf": 8, "light_RBs": 1, "n_layers": 1, "heads": 2, "d_head": 8},
+    "mprnet-deblur": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
+    "mprnet-derain": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
+    "mprnet-denoise": {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1},
+    "uformer-b": {
+        "embed_dim": 8,
+        "depths": [2, 1, 1, 1, 1, 1, 1, 1, 2],
+        "win_size": 2,
+        "img_size": 32,
+    },
+}
+PUBLISHED_PARAMS = {
+    "snr-aware": 39_124_099,
+    "mprnet-deblur": 20_127_073,
+    "mprnet-derain": 3_637_249,
+    "mprnet-denoise": 15_741_025,
+    "uformer-b": 50_880_946,
+}  # MPRNet 20.1 M, Uformer-B 50.88 M
 
 
 def tiny_name(name: str) -> str:
     """The CLI form: `mprnet-deblur:n_feat=8:...`."""
-    opts = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY[name].items()]
+    opts = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in TINY[name].items()
+    ]
     return ":".join([name, *opts])
 
 
@@ -90,16 +112,23 @@ def test_official_names_and_shapes_load_strictly(name):
 @pytest.mark.parametrize("name", NEW)
 def test_a_checkpoint_file_loads_and_a_wrong_one_is_refused_naming_the_keys(name, tmp_path):
     state = tiny_state(name)
-    target = build_builtin_target(name, save(tmp_path / "ok.pth", state), config=TINY[name], device="cpu")
+    target = build_builtin_target(
+        name, save(tmp_path / "ok.pth", state), config=TINY[name], device="cpu"
+    )
     assert target.weights == "pretrained" and len(target.spec()["checkpoint_sha256"]) == 64
     assert target.spec()["network"] == BUILTINS[name].network
     assert target.spec()["config"] == BUILTINS[name].config(**TINY[name])
     key = next(k for k, v in state.items() if v.ndim == 4)
     bad = {**state, key: torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 2)}
-    with pytest.raises(CheckpointError, match=rf"bad.pth does not fit .*1 mis-shaped key\(s\).*'{key}: checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=rf"bad.pth does not fit .*1 mis-shaped key\(s\).*'{key}: checkpoint"
+    ):
         build_builtin_target(name, save(tmp_path / "bad.pth", bad), config=TINY[name])
     renamed = {("x." + k if k == key else k): v for k, v in state.items()}
-    with pytest.raises(CheckpointError, match=rf"1 missing key\(s\) \['{key}'\]; 1 unexpected key\(s\) \['x.{key}'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"1 missing key\(s\) \['{key}'\]; 1 unexpected key\(s\) \['x.{key}'\]",
+    ):
         build_builtin_target(name, save(tmp_path / "renamed.pth", renamed), config=TINY[name])
 
 
@@ -115,7 +144,9 @@ def test_tiled_and_untiled_agree_away_from_the_seams(name):
     lq = image(96, 160)
     state = tiny_state(name)
     whole = build_builtin_target(name, None, config=TINY[name], allow_random=True, device="cpu")
-    tiled = build_builtin_target(name, None, config=TINY[name], allow_random=True, device="cpu", tile=64, overlap=32)
+    tiled = build_builtin_target(
+        name, None, config=TINY[name], allow_random=True, device="cpu", tile=64, overlap=32
+    )
     for t in (whole, tiled):
         t.net.load_state_dict(state)
     a, b = whole(lq, {}), tiled(lq, {})
@@ -134,10 +165,20 @@ def test_tiled_and_untiled_agree_away_from_the_seams(name):
 
 
 def test_random_weights_are_seeded_labelled_and_refused_without_permission(tmp_path):
-    a = build_network_target(tiny_name("mprnet-derain"), None, allow_random=True, init_seed=3, device="cpu")
-    b = build_network_target(tiny_name("mprnet-derain"), None, allow_random=True, init_seed=3, device="cpu")
-    c = build_network_target(tiny_name("mprnet-derain"), None, allow_random=True, init_seed=4, device="cpu")
-    assert a.weights == "random" and a.spec()["init"]["seed"] == 3 and a.spec()["checkpoint_sha256"] is None
+    a = build_network_target(
+        tiny_name("mprnet-derain"), None, allow_random=True, init_seed=3, device="cpu"
+    )
+    b = build_network_target(
+        tiny_name("mprnet-derain"), None, allow_random=True, init_seed=3, device="cpu"
+    )
+    c = build_network_target(
+        tiny_name("mprnet-derain"), None, allow_random=True, init_seed=4, device="cpu"
+    )
+    assert (
+        a.weights == "random"
+        and a.spec()["init"]["seed"] == 3
+        and a.spec()["checkpoint_sha256"] is None
+    )
     np.testing.assert_array_equal(a(image(), {}), b(image(), {}))
     assert key_of(a.spec()) == key_of(b.spec()) != key_of(c.spec())
     again = target_from_spec(json.loads(json.dumps(a.spec())), None, device="cpu")
@@ -148,7 +189,9 @@ def test_random_weights_are_seeded_labelled_and_refused_without_permission(tmp_p
 
 def test_configuration_options_in_the_name():
     assert parse_options("uformer-b:depths=1,2:win_size=4:mlp_ratio=2.5:modulator=false") == (
-        "uformer-b", {"depths": [1, 2], "win_size": 4, "mlp_ratio": 2.5, "modulator": False})
+        "uformer-b",
+        {"depths": [1, 2], "win_size": 4, "mlp_ratio": 2.5, "modulator": False},
+    )
     with pytest.raises(ValueError, match=r"unknown MPRNet argument\(s\) \['width'\]"):
         build_network_target("mprnet-deblur:width=3", None, allow_random=True)
     with pytest.raises(ValueError, match="must be name=value"):
@@ -161,14 +204,23 @@ def test_snr_aware_takes_the_restorer_part_of_the_joint_sid_checkpoint(tmp_path)
     state = tiny_state("snr-aware")
     joint = save(tmp_path / "SID.pth", {**state, **official_sd()}, wrapper=None)
     target = build_builtin_target("snr-aware", joint, config=TINY["snr-aware"], device="cpu")
-    assert target.spec()["ignored_prefix"] == "refinement11." and "cv2.blur" in target.spec()["snr_map"]
+    assert (
+        target.spec()["ignored_prefix"] == "refinement11."
+        and "cv2.blur" in target.spec()["snr_map"]
+    )
     net = SNRAware(**{**BUILTINS["snr-aware"].config(**TINY["snr-aware"])}).eval()
     net.load_state_dict(state)
     lq = image(64, 96)
     with torch.no_grad():
         direct = net(torch.from_numpy(lq).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
-    np.testing.assert_array_equal(target(lq, {}), direct)  # the map comes from the input, inside the target
-    stray = save(tmp_path / "stray.pth", {**state, "conv_first.weight": torch.zeros(8, 3, 3, 3)}, wrapper=None)
+    np.testing.assert_array_equal(
+        target(lq, {}), direct
+    )  # the map comes from the input, inside the target
+    stray = save(
+        tmp_path / "stray.pth",
+        {**state, "conv_first.weight": torch.zeros(8, 3, 3, 3)},
+        wrapper=None,
+    )
     with pytest.raises(CheckpointError, match=r"unexpected key\(s\) \['conv_first.weight'\]"):
         build_builtin_target("snr-aware", stray, config=TINY["snr-aware"])
 
@@ -185,8 +237,12 @@ def test_blurred_frame_and_snr_map_by_hand():
     np.testing.assert_allclose(snr_map(flat).numpy(), 5000 / (5000 + 1e-4), rtol=1e-6)
     x = torch.from_numpy(frame).permute(2, 0, 1)[None] * 0.5 + 0.25
     light = 0.25 + 0.5 * torch.from_numpy(blur).permute(2, 0, 1)[None]  # blur of x, by linearity
-    ratio = light[:, :1] / ((x[:, :1] - light[:, :1]).abs() + 1e-4)  # luma of a grey frame is any channel
-    np.testing.assert_allclose(snr_map(x).numpy(), (ratio / (ratio.max() + 1e-4)).numpy(), rtol=1e-5)
+    ratio = light[:, :1] / (
+        (x[:, :1] - light[:, :1]).abs() + 1e-4
+    )  # luma of a grey frame is any channel
+    np.testing.assert_allclose(
+        snr_map(x).numpy(), (ratio / (ratio.max() + 1e-4)).numpy(), rtol=1e-5
+    )
 
 
 def small_folder(root: Path) -> Path:
@@ -197,40 +253,75 @@ def small_folder(root: Path) -> Path:
         for kind, value in (("lq", 0.3), ("gt", 0.6)):
             path = root / "test" / kind / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((image(40, 56, seed=k) * value / 0.65 * 255).astype(np.uint8)).save(path)
+            Image.fromarray((image(40, 56, seed=k) * value / 0.65 * 255).astype(np.uint8)).save(
+                path
+            )
     return root
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_features_with_random_weights_and_with_a_tiny_checkpoint(name, tmp_path, tiny_clip):
-    common = {"data": str(small_folder(tmp_path / "data")), "splits": ("test",), "encoder": f"openclip:{tiny_clip}",
-              "store_root": str(tmp_path), "task": "lowlight" if name == "snr-aware" else "deblur",
-              "target": tiny_name(name)}
-    with pytest.raises(ValueError, match="give its checkpoint"):  # real data: no random target unless asked
+    common = {
+        "data": str(small_folder(tmp_path / "data")),
+        "splits": ("test",),
+        "encoder": f"openclip:{tiny_clip}",
+        "store_root": str(tmp_path),
+        "task": "lowlight" if name == "snr-aware" else "deblur",
+        "target": tiny_name(name),
+    }
+    with pytest.raises(
+        ValueError, match="give its checkpoint"
+    ):  # real data: no random target unless asked
         build_features(FeaturesConfig(**common), log=lambda *_: None)
-    [store] = build_features(FeaturesConfig(**common, allow_random_weights=True), log=lambda *_: None)
+    [store] = build_features(
+        FeaturesConfig(**common, allow_random_weights=True), log=lambda *_: None
+    )
     ckpt = save(tmp_path / "tiny.pth", tiny_state(name))
     build_features(FeaturesConfig(**common, target_weights=str(ckpt)), log=lambda *_: None)
     members = Store(store).manifest()["members"]
     targets = {m["weights"]: (p, m) for p, m in members.items() if p.startswith(f"targets/{name}-")}
-    assert set(targets) == {"random", "pretrained"} and all(m["status"] == "complete" for _, m in targets.values())
-    assert targets["random"][1]["spec"]["init"]["seed"] == 0 and targets["random"][1]["spec"]["config"] == \
-        BUILTINS[name].config(**TINY[name])
-    assert targets["pretrained"][1]["spec"]["checkpoint_sha256"] and "init" not in targets["pretrained"][1]["spec"]
-    bases = [np.stack(Store(store).array(targets[w][0], "base")[:]).astype(np.float32) for w in ("random", "pretrained")]
+    assert set(targets) == {"random", "pretrained"} and all(
+        m["status"] == "complete" for _, m in targets.values()
+    )
+    assert targets["random"][1]["spec"]["init"]["seed"] == 0 and targets["random"][1]["spec"][
+        "config"
+    ] == BUILTINS[name].config(**TINY[name])
+    assert (
+        targets["pretrained"][1]["spec"]["checkpoint_sha256"]
+        and "init" not in targets["pretrained"][1]["spec"]
+    )
+    bases = [
+        np.stack(Store(store).array(targets[w][0], "base")[:]).astype(np.float32)
+        for w in ("random", "pretrained")
+    ]
     assert all(np.isfinite(b).all() for b in bases) and not np.array_equal(*bases)
 
 
 def test_make_features_on_the_demo_with_a_tiny_checkpoint(tmp_path, tiny_clip):
     ckpt = save(tmp_path / "tiny.pth", tiny_state("snr-aware"), wrapper=None)
-    out = subprocess.run(["make", "-s", "features", "TASK=lowlight", f"TARGET={tiny_name('snr-aware')}",
-                          f"TARGET_WEIGHTS={ckpt}", f"ENCODER=openclip:{tiny_clip}", f"STORE_ROOT={tmp_path}",
-                          "SPLITS=test"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            "make",
+            "-s",
+            "features",
+            "TASK=lowlight",
+            f"TARGET={tiny_name('snr-aware')}",
+            f"TARGET_WEIGHTS={ckpt}",
+            f"ENCODER=openclip:{tiny_clip}",
+            f"STORE_ROOT={tmp_path}",
+            "SPLITS=test",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "target snr-aware" in out.stdout
     [store] = tmp_path.glob("demo-test-lowlight-*")
     members = Store(store).manifest()["members"]
-    assert [m["weights"] for p, m in members.items() if p.startswith("targets/snr-aware-")] == ["pretrained"]
+    assert [m["weights"] for p, m in members.items() if p.startswith("targets/snr-aware-")] == [
+        "pretrained"
+    ]
 
 
 def test_sid_row_end_to_end_features_import_official_eval(tmp_path, tiny_clip):
@@ -242,31 +333,68 @@ def test_sid_row_end_to_end_features_import_official_eval(tmp_path, tiny_clip):
     for k in range(2):
         short = tmp_path / "SID" / "short_sid2" / "10003" / f"10003_0{k}_0.1s.npy"
         short.parent.mkdir(parents=True, exist_ok=True)
-        np.save(short, (rng.random((64, 96, 3)) * 40).astype(np.uint8))  # resized to 960x512 when read
+        np.save(
+            short, (rng.random((64, 96, 3)) * 40).astype(np.uint8)
+        )  # resized to 960x512 when read
     (tmp_path / "SID" / "long_sid2" / "10003").mkdir(parents=True)
-    np.save(tmp_path / "SID" / "long_sid2" / "10003" / "10003_00_10s.npy", (rng.random((64, 96, 3)) * 255).astype(np.uint8))
+    np.save(
+        tmp_path / "SID" / "long_sid2" / "10003" / "10003_00_10s.npy",
+        (rng.random((64, 96, 3)) * 255).astype(np.uint8),
+    )
     g = torch.Generator().manual_seed(0)
     clip_dim = 32  # the tiny CLIP's width (the published SID.pth has 512)
-    ptgrm = {"refinement11." + k: torch.randn((s[0], clip_dim) if s[1:] == (512,) else s, generator=g) * 0.05
-             for k, s in official_shapes().items()}
+    ptgrm = {
+        "refinement11." + k: torch.randn((s[0], clip_dim) if s[1:] == (512,) else s, generator=g)
+        * 0.05
+        for k, s in official_shapes().items()
+    }
     ckpt = save(tmp_path / "SID.pth", {**tiny_state("snr-aware"), **ptgrm}, wrapper=None)
 
-    [store] = build_features(FeaturesConfig(task="lowlight", data=f"sid:{tmp_path / 'SID'}", splits=("test",),
-                                            target=tiny_name("snr-aware"), target_weights=str(ckpt),
-                                            encoder=f"openclip:{tiny_clip}", store_root=str(tmp_path / "stores")),
-                             log=lambda *_: None)
+    [store] = build_features(
+        FeaturesConfig(
+            task="lowlight",
+            data=f"sid:{tmp_path / 'SID'}",
+            splits=("test",),
+            target=tiny_name("snr-aware"),
+            target_weights=str(ckpt),
+            encoder=f"openclip:{tiny_clip}",
+            store_root=str(tmp_path / "stores"),
+        ),
+        log=lambda *_: None,
+    )
     manifest = Store(store).manifest()
     assert manifest["members"]["pairs"]["spec"]["source"]["protocol"]["resize"] == [960, 512]
     assert Store(store).array("pairs", "hw")[:].tolist() == [[512, 960]] * 2
     runs = tmp_path / "runs"
-    for args in (["import-official", ckpt, "--run", "sid", "--runs-dir", runs],
-                 ["eval", "--task", "lowlight", "--test-store", store, "--run", "sid", "--runs-dir", runs,
-                  "--encoder", f"openclip:{tiny_clip}"]):
-        out = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, capture_output=True,
-                             text=True)
+    for args in (
+        ["import-official", ckpt, "--run", "sid", "--runs-dir", runs],
+        [
+            "eval",
+            "--task",
+            "lowlight",
+            "--test-store",
+            store,
+            "--run",
+            "sid",
+            "--runs-dir",
+            runs,
+            "--encoder",
+            f"openclip:{tiny_clip}",
+        ],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "training", *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((runs / "sid" / "eval.json").read_text())
-    assert result["n_images"] == 2 and result["weights"] == "pretrained" and np.isfinite(result["psnr_refined"])
+    assert (
+        result["n_images"] == 2
+        and result["weights"] == "pretrained"
+        and np.isfinite(result["psnr_refined"])
+    )
     assert result["psnr_base"] != result["psnr_refined"]  # PTG-RM changed the target's output
 
 
@@ -279,30 +407,41 @@ def official_uformer_test(net, x: torch.Tensor) -> torch.Tensor:
     side = math.ceil(max(h, w) / 128) * 128
     top, left = (side - h) // 2, (side - w) // 2
     square = torch.zeros(1, 3, side, side)
-    square[..., top:top + h, left:left + w] = x
+    square[..., top : top + h, left : left + w] = x
     with torch.no_grad():
-        return net(square)[..., top:top + h, left:left + w]
+        return net(square)[..., top : top + h, left : left + w]
 
 
 def test_uformer_pads_as_the_official_test_does():
     """Centred zero padding to a square (side a multiple of 128), output cropped back: equal to the
     official procedure on sizes that are not multiples of 128, square or not (a narrow Uformer with
     the published 8x8 windows, so the same multiple of 128, in a fraction of the time)."""
-    target = build_builtin_target("uformer-b", None, config={"depths": [1] * 9, "embed_dim": 8}, allow_random=True,
-                                  device="cpu")
+    target = build_builtin_target(
+        "uformer-b",
+        None,
+        config={"depths": [1] * 9, "embed_dim": 8},
+        allow_random=True,
+        device="cpu",
+    )
     with torch.no_grad():  # off the initialisation, so that every weight matters
         for k, v in target.net.state_dict().items():
             if v.is_floating_point():
                 v.add_(torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k))) * 0.02)
-    assert "expand2square" in target.spec()["padding"]  # in the key: stores made before are not reused
+    assert (
+        "expand2square" in target.spec()["padding"]
+    )  # in the key: stores made before are not reused
     for h, w in ((70, 94), (130, 200), (96, 128), (100, 100)):
         lq = image(h, w, seed=h)
         ours = target(lq, {})
         official = official_uformer_test(target.net, torch.from_numpy(lq).permute(2, 0, 1)[None])
         diff = float(np.abs(ours - official[0].permute(1, 2, 0).numpy()).max())
         assert ours.shape == (h, w, 3) and diff <= 1e-5, f"{h}x{w}: max |diff| {diff}"
-    before = {k: v for k, v in target.spec().items() if k != "padding"}  # a store made reflect-padding
-    with pytest.raises(ValueError, match=r"made padding its inputs by reflection.*expand2square.*make its features"):
+    before = {
+        k: v for k, v in target.spec().items() if k != "padding"
+    }  # a store made reflect-padding
+    with pytest.raises(
+        ValueError, match=r"made padding its inputs by reflection.*expand2square.*make its features"
+    ):
         target_from_spec(before, None, device="cpu")
 
 
@@ -310,8 +449,16 @@ def test_the_stored_float16_base_scores_as_the_official_float32_output(tmp_path,
     """The official scripts convert the network's float32 output to uint8; the store keeps base in
     float16, which moves some uint8 values by one. On the lowlight demo with SCI's published weights
     the mean base PSNR stays within 0.005 dB of the official conversion's (docs/networks.md)."""
-    [store] = build_features(FeaturesConfig(task="lowlight", data="demo", splits=("test",), store_root=str(tmp_path),
-                                            encoder=f"openclip:{tiny_clip}"), log=lambda *_: None)
+    [store] = build_features(
+        FeaturesConfig(
+            task="lowlight",
+            data="demo",
+            splits=("test",),
+            store_root=str(tmp_path),
+            encoder=f"openclip:{tiny_clip}",
+        ),
+        log=lambda *_: None,
+    )
     split = Split.open(store, None, None)
     target = build_network_target("sci-medium", device="cpu")
     stored, official = [], []

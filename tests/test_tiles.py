@@ -1,14 +1,14 @@
 """The training loader's fast tile reader returns exactly what zarr returns, and names damage."""
+
 import numpy as np
 import pytest
 import zarr
+from toys import make_store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from stores import Store
 from stores.tiles import DamagedShard, TileReader
-from toys import make_store
 from training.data import CropBatches, Split
-
 
 MIXED = [(50, 70), (70, 50), (30, 30), (50, 70), (16, 16), (70, 50), (50, 70), (33, 17), (50, 70)]
 
@@ -18,7 +18,10 @@ def test_crops_equal_zarr_for_uint8_and_float16(tmp_path):
     crops across tile, shard and bucket edges equal a direct zarr read of the bucket array."""
     path = make_store(tmp_path, "train", len(MIXED), MIXED)
     store = Store(path)
-    assert len(store.layout.buckets) == 5 and {b.hw for b in store.layout.buckets} >= {(64, 80), (80, 64)}
+    assert len(store.layout.buckets) == 5 and {b.hw for b in store.layout.buckets} >= {
+        (64, 80),
+        (80, 64),
+    }
     hw = store.array("pairs", "hw")[:]
     assert sorted(map(tuple, hw.tolist())) == sorted(MIXED)
     rng = np.random.default_rng(0)
@@ -33,12 +36,16 @@ def test_crops_equal_zarr_for_uint8_and_float16(tmp_path):
             (H, W), (h, w) = store.layout.buckets[k].hw, hw[i]
             y, x = int(rng.integers(0, H)), int(rng.integers(0, W))
             dy, dx = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
-            want, got = direct[row, y:y + dy, x:x + dx], reader[i, y:y + dy, x:x + dx]
+            want, got = direct[row, y : y + dy, x : x + dx], reader[i, y : y + dy, x : x + dx]
             assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
-            assert not got[h - y:].any() and not got[:, w - x:].any()  # only the rounding to the tile pads
+            assert (
+                not got[h - y :].any() and not got[:, w - x :].any()
+            )  # only the rounding to the tile pads
         last = reader.parts[-1]
         assert np.array_equal(last[0], last.array[0])  # other selections go through zarr
-        assert np.array_equal(last[-1, :, 3:], last.array[-1, :, 3:])  # negative index and open slices
+        assert np.array_equal(
+            last[-1, :, 3:], last.array[-1, :, 3:]
+        )  # negative index and open slices
         with pytest.raises(IndexError):
             reader[len(MIXED), 0:4, 0:4]
 
@@ -56,8 +63,15 @@ def test_stored_bytes_follow_each_samples_own_size(tmp_path):
 
 def test_unwritten_tiles_read_as_fill_value(tmp_path):
     path = tmp_path / "z"
-    a = zarr.create_array(path, shape=(4, 40, 40, 3), dtype="uint8", chunks=(1, 16, 16, 3),
-                          shards=(2, 48, 48, 3), compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)
+    a = zarr.create_array(
+        path,
+        shape=(4, 40, 40, 3),
+        dtype="uint8",
+        chunks=(1, 16, 16, 3),
+        shards=(2, 48, 48, 3),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        fill_value=0,
+    )
     a[1, 20:30, 5:9] = 7  # one written tile region; shard 1 (samples 2, 3) is never written
     a = zarr.open_array(path, mode="r")
     reader = TileReader.wrap(a)
@@ -67,7 +81,9 @@ def test_unwritten_tiles_read_as_fill_value(tmp_path):
 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path):
-    a = zarr.create_array(tmp_path / "plain", shape=(2, 8, 8, 3), dtype="uint8", chunks=(1, 8, 8, 3))
+    a = zarr.create_array(
+        tmp_path / "plain", shape=(2, 8, 8, 3), dtype="uint8", chunks=(1, 8, 8, 3)
+    )
     assert TileReader.wrap(a) is a
 
 
@@ -92,12 +108,16 @@ def test_loader_batches_unchanged_by_fast_reads(tmp_path):
     lq, base = store.array("pairs", "lq"), store.array(split.target, "base")
     g = store.array(split.encoders[0], "g")
     for k, (i, y, x, fh, fv) in enumerate(draw):
+
         def flipped(a):  # the crop at (y, x), flipped as the batch's sample k
-            a = a[i, y:y + 16, x:x + 16]
+            a = a[i, y : y + 16, x : x + 16]
             a = a[:, ::-1] if fh else a
             return a[::-1] if fv else a
+
         assert np.allclose(batch["lq"][k].permute(1, 2, 0).numpy() * 255, flipped(lq))
-        assert np.array_equal(batch["base"][k].permute(1, 2, 0).numpy(), flipped(base).astype(np.float32))
+        assert np.array_equal(
+            batch["base"][k].permute(1, 2, 0).numpy(), flipped(base).astype(np.float32)
+        )
         assert np.array_equal(batch["g"][k].numpy(), g[i, fh + 2 * fv])
     assert len(draw) == 6
 
@@ -113,8 +133,14 @@ def test_spawned_loader_workers_open_their_own_readers(tmp_path):
     split.arrays()
     assert pickle.loads(pickle.dumps(split))._arrays is None
     batches = CropBatches(split, 16, 4, seed=0, steps=2)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
     for step, batch in enumerate(loader):
-        assert torch.equal(batch["lq"], batches[step]["lq"]) and torch.equal(batch["g"], batches[step]["g"])
-    with pytest.raises(ValueError):  # g handed out by the split is a read-only view of the shared copy
+        assert torch.equal(batch["lq"], batches[step]["lq"]) and torch.equal(
+            batch["g"], batches[step]["g"]
+        )
+    with pytest.raises(
+        ValueError
+    ):  # g handed out by the split is a read-only view of the shared copy
         split.g(0)[0] = 1

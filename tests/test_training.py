@@ -1,23 +1,23 @@
 """The trainer researchers trust: repeatable, resumable, DDP, paper-style evaluation, reports."""
+
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
-
-from dataclasses import replace
+from toys import make_store, make_task_stores
 
 from ptgrm.model import PTGRM
 from ptgrm.refine import load_model
 from stores import StoreError
-from toys import make_store, make_task_stores
 from training.__main__ import main
 from training.metrics import rgb_to_y, ssim
 
@@ -32,9 +32,32 @@ def stores(tmp_path_factory):
 
 
 def train_args(stores, runs, run, *extra):
-    return ["train", "--task", "deblur", "--data", "toy", "--store-root", str(stores), "--runs-dir", str(runs),
-            "--run", run, "--steps", "10", "--batch", "4", "--crop", "32", "--log-every", "2",
-            "--ckpt-every", "100", "--workers", "0", *extra]
+    return [
+        "train",
+        "--task",
+        "deblur",
+        "--data",
+        "toy",
+        "--store-root",
+        str(stores),
+        "--runs-dir",
+        str(runs),
+        "--run",
+        run,
+        "--steps",
+        "10",
+        "--batch",
+        "4",
+        "--crop",
+        "32",
+        "--log-every",
+        "2",
+        "--ckpt-every",
+        "100",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def weights(run_dir):
@@ -49,8 +72,13 @@ def test_stopped_and_resumed_run_ends_where_the_uninterrupted_run_ends(stores, t
     assert main(train_args(stores, tmp_path, "parts", "--resume")) == 0
     assert weights(tmp_path / "parts") == weights(tmp_path / "full")
     full, parts = ((tmp_path / r / "metrics.jsonl").read_text() for r in ("full", "parts"))
-    strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
-                          for x in text.splitlines()]
+
+    def strip(text):
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
+            for x in text.splitlines()
+        ]
+
     assert strip(parts) == strip(full)
 
 
@@ -82,11 +110,17 @@ def test_cuda_graph_path_trains_like_eager_and_resumes_across_modes(stores, tmp_
     capsys.readouterr()
     assert main(train_args(stores, tmp_path, "graph", "--cuda-graph")) == 0
     assert "--cuda-graph: capture skipped (not on a GPU)" in capsys.readouterr().out
-    eager, graph = (json.loads((tmp_path / r / "eval.json").read_text()) for r in ("eager", "graph"))
+    eager, graph = (
+        json.loads((tmp_path / r / "eval.json").read_text()) for r in ("eager", "graph")
+    )
     assert abs(eager["psnr_refined"] - graph["psnr_refined"]) < 0.01
     rows = [json.loads(x) for x in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
-    eager_rows = [json.loads(x) for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
-    losses = [(r["loss_mean"], e["loss_mean"]) for r, e in zip(rows, eager_rows) if "loss_mean" in r]
+    eager_rows = [
+        json.loads(x) for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [
+        (r["loss_mean"], e["loss_mean"]) for r, e in zip(rows, eager_rows) if "loss_mean" in r
+    ]
     assert len(losses) == 5 and all(abs(a - b) <= 1e-3 * abs(b) for a, b in losses)
     state = torch.load(tmp_path / "graph" / "state.pt", weights_only=True)
     assert all(type(g["lr"]) is float for g in state["optimizer"]["param_groups"])
@@ -98,8 +132,13 @@ def test_cuda_graph_path_trains_like_eager_and_resumes_across_modes(stores, tmp_
     assert abs(mixed["psnr_refined"] - eager["psnr_refined"]) < 0.01
     assert main(train_args(stores, tmp_path, "back", "--stop-at", "6")) == 0
     assert main(train_args(stores, tmp_path, "back", "--resume", "--cuda-graph")) == 0
-    assert abs(json.loads((tmp_path / "back" / "eval.json").read_text())["psnr_refined"]
-               - eager["psnr_refined"]) < 0.01
+    assert (
+        abs(
+            json.loads((tmp_path / "back" / "eval.json").read_text())["psnr_refined"]
+            - eager["psnr_refined"]
+        )
+        < 0.01
+    )
 
 
 def test_cuda_graph_refuses_compile(stores, tmp_path, capsys):
@@ -114,28 +153,52 @@ def test_resume_past_a_partial_metrics_line_and_a_damaged_checkpoint(stores, tmp
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss"')  # killed while writing a line
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped its partial last line"):
-        assert main(train_args(stores, tmp_path, "cut", "--stop-at", "6", "--resume", "--ckpt-every", "2")) == 0
+        assert (
+            main(
+                train_args(
+                    stores, tmp_path, "cut", "--stop-at", "6", "--resume", "--ckpt-every", "2"
+                )
+            )
+            == 0
+        )
     state = (run / "state.pt").read_bytes()
     (run / "state.pt").write_bytes(state[: len(state) // 2])  # a damaged copy
-    with pytest.warns(UserWarning, match=r"state.pt cannot be read .*resuming from .*state.prev.pt \(step 4\)"):
+    with pytest.warns(
+        UserWarning, match=r"state.pt cannot be read .*resuming from .*state.prev.pt \(step 4\)"
+    ):
         assert main(train_args(stores, tmp_path, "cut", "--resume", "--ckpt-every", "2")) == 0
-    assert weights(run) == weights(tmp_path / "full")  # steps 5 and 6 again, from the checkpoint of step 4
-    assert (run / "state.damaged.pt").read_bytes() == state[: len(state) // 2]  # kept aside, not resumed again
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
-                       for x in p.read_text().splitlines()]
+    assert weights(run) == weights(
+        tmp_path / "full"
+    )  # steps 5 and 6 again, from the checkpoint of step 4
+    assert (run / "state.damaged.pt").read_bytes() == state[
+        : len(state) // 2
+    ]  # kept aside, not resumed again
+
+    def strip(p):
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "data_wait_frac"}  # noqa: E731
+            for x in p.read_text().splitlines()
+        ]
+
     assert strip(run / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
     for name in ("state.pt", "state.prev.pt"):
         (run / name).write_bytes(b"garbage")
     capsys.readouterr()
     assert main(train_args(stores, tmp_path, "cut", "--resume", "--ckpt-every", "2")) == 1
     err = capsys.readouterr().err
-    assert "state.pt cannot be read" in err and "state.prev.pt cannot be read" in err and "without --resume" in err
+    assert (
+        "state.pt cannot be read" in err
+        and "state.prev.pt cannot be read" in err
+        and "without --resume" in err
+    )
 
 
 def test_saved_images_of_two_sets_with_the_same_file_name_both_stay(tmp_path):
     root = tmp_path / "stores"
     make_store(root, "train", 8, (48, 48))
-    make_store(root, "test", 3, (44, 52), names=["setA/0001.png", "setB/0001.png", "../../escape.png"])
+    make_store(
+        root, "test", 3, (44, 52), names=["setA/0001.png", "setB/0001.png", "../../escape.png"]
+    )
     assert main(train_args(root, tmp_path, "img", "--steps", "2", "--save-images")) == 0
     images = tmp_path / "img" / "images"
     saved = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
@@ -165,7 +228,9 @@ def test_resume_eval_and_ablation_refuse_a_rebuilt_store_naming_both_keys(stores
     assert main(train_args(other, tmp_path, "k", "--resume")) == 1
     err = capsys.readouterr().err
     assert recorded["train_store"]["pairs_key"] in err and "with key" in err and "rebuilt" in err
-    new_key = json.loads(next(other.glob("*-train-*/manifest.json")).read_text())["members"]["pairs"]["key"]
+    new_key = json.loads(next(other.glob("*-train-*/manifest.json")).read_text())["members"][
+        "pairs"
+    ]["key"]
     assert new_key in err
     assert main(train_args(stores, tmp_path, "k", "--resume")) == 0  # the same stores: resumes
     eval_args = ["eval", *train_args(other, tmp_path, "k")[1:]]
@@ -173,8 +238,19 @@ def test_resume_eval_and_ablation_refuse_a_rebuilt_store_naming_both_keys(stores
     from training.ablate import finished
     from training.train import TrainConfig, open_splits
 
-    cfg = TrainConfig(task="deblur", data="toy", store_root=str(stores), runs_dir=str(tmp_path), run="k",
-                      steps=10, batch=4, crop=32, log_every=2, ckpt_every=100, workers=0)
+    cfg = TrainConfig(
+        task="deblur",
+        data="toy",
+        store_root=str(stores),
+        runs_dir=str(tmp_path),
+        run="k",
+        steps=10,
+        batch=4,
+        crop=32,
+        log_every=2,
+        ckpt_every=100,
+        workers=0,
+    )
     assert finished(tmp_path / "k", cfg, open_splits(cfg)) is not None
     with pytest.raises(StoreError, match="with key"):
         finished(tmp_path / "k", cfg, open_splits(replace(cfg, store_root=str(other))))
@@ -195,12 +271,19 @@ def test_eval_files_and_report(stores, tmp_path):
     assert f"{result['psnr_base']:.2f} -&gt; {result['psnr_refined']:.2f}" in page
     assert (run / "report.md").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
-    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_psnr" in x]
+    evals = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_psnr" in x
+    ]
     assert [e["step"] for e in evals] == [4, 8, 10]
 
 
 def test_ablation_switch_and_bad_switch(stores, tmp_path):
-    assert main(train_args(stores, tmp_path, "abl", "--ablate", "sve,channel_attention", "--steps", "2")) == 0
+    assert (
+        main(
+            train_args(stores, tmp_path, "abl", "--ablate", "sve,channel_attention", "--steps", "2")
+        )
+        == 0
+    )
     model, sidecar = load_model(tmp_path / "abl")
     assert sidecar["model"]["sve"] is False and sidecar["model"]["channel_attention"] is False
     assert main(train_args(stores, tmp_path, "bad", "--ablate", "no_such_part")) == 1
@@ -209,7 +292,12 @@ def test_ablation_switch_and_bad_switch(stores, tmp_path):
 def test_perceptual_loss_without_weights_is_a_clear_error(stores, tmp_path, capsys):
     assert main(train_args(stores, tmp_path, "p", "--perceptual", "0.1")) == 1
     assert "--vgg-weights" in capsys.readouterr().err
-    assert main(train_args(stores, tmp_path, "p", "--perceptual", "0.1", "--vgg-weights", "/no/vgg.pth")) == 1
+    assert (
+        main(
+            train_args(stores, tmp_path, "p", "--perceptual", "0.1", "--vgg-weights", "/no/vgg.pth")
+        )
+        == 1
+    )
     assert "/no/vgg.pth" in capsys.readouterr().err
 
 
@@ -227,8 +315,22 @@ def test_perceptual_loss_with_vgg19_weights_trains(stores, tmp_path):
     loss = VGGPerceptual(str(tmp_path / "vgg19.safetensors"))
     x = torch.rand(2, 3, 32, 32)
     assert loss(x, x).item() == 0 and loss(x, x.flip(-1)).item() > 0
-    assert main(train_args(stores, tmp_path, "vgg", "--steps", "3", "--perceptual", "0.1",
-                           "--vgg-weights", str(tmp_path / "vgg19.safetensors"))) == 0
+    assert (
+        main(
+            train_args(
+                stores,
+                tmp_path,
+                "vgg",
+                "--steps",
+                "3",
+                "--perceptual",
+                "0.1",
+                "--vgg-weights",
+                str(tmp_path / "vgg19.safetensors"),
+            )
+        )
+        == 0
+    )
     assert load_model(tmp_path / "vgg")[1]["step"] == 3
     save_file({"conv.weight": torch.zeros(1)}, tmp_path / "other.safetensors")  # not VGG19
     with pytest.raises(ValueError, match="not a torchvision VGG19 state dict"):
@@ -237,7 +339,12 @@ def test_perceptual_loss_with_vgg19_weights_trains(stores, tmp_path):
 
 def test_two_process_gloo_ddp_trains_and_rank0_checkpoint_loads(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "training", *train_args(stores, tmp_path, "ddp", "--device", "cpu", "--nproc", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        *train_args(stores, tmp_path, "ddp", "--device", "cpu", "--nproc", "2"),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     model, sidecar = load_model(tmp_path / "ddp")
@@ -255,11 +362,24 @@ def test_ssim_matches_scikit_image(name):
 
     gt = getattr(skd, name)()
     noisy = np.clip(gt + np.random.default_rng(0).normal(0, 12, gt.shape), 0, 255).astype(np.uint8)
-    ref = structural_similarity(gt, noisy, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                data_range=255, channel_axis=-1)
+    ref = structural_similarity(
+        gt,
+        noisy,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+        channel_axis=-1,
+    )
     assert abs(ssim(gt, noisy) - ref) < 1e-4
-    y_ref = structural_similarity(rgb_to_y(gt), rgb_to_y(noisy), gaussian_weights=True, sigma=1.5,
-                                  use_sample_covariance=False, data_range=255)
+    y_ref = structural_similarity(
+        rgb_to_y(gt),
+        rgb_to_y(noisy),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+    )
     assert abs(ssim(rgb_to_y(gt), rgb_to_y(noisy)) - y_ref) < 1e-4
 
 
@@ -267,13 +387,16 @@ def test_y_channel_is_matlab_rgb2ycbcr_on_uint8_rounded():
     from stores.stats import psnr
     from training.metrics import quality
 
-    px = np.array([[[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [0, 0, 0]]], np.uint8)
+    px = np.array(
+        [[[255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [0, 0, 0]]],
+        np.uint8,
+    )
     # 16 + (65.481 R + 128.553 G + 24.966 B) / 255, rounded: 235, 81.481, 144.553, 40.966, 125.929, 16
     assert rgb_to_y(px).tolist() == [[235, 81, 145, 41, 126, 16]]
     red, blue = np.full((8, 8, 3), (255, 0, 0), np.uint8), np.full((8, 8, 3), (0, 0, 255), np.uint8)
     # Y 81 vs 41: MSE 1600, PSNR 10 log10(255^2 / 1600) = 16.0896 (unrounded Y would give 15.9769)
     assert quality(red, blue, "y")["psnr"] == pytest.approx(16.08963, abs=1e-4)
-    assert psnr(rgb_to_y(red), rgb_to_y(blue)) == pytest.approx(10 * np.log10(255 ** 2 / 1600))
+    assert psnr(rgb_to_y(red), rgb_to_y(blue)) == pytest.approx(10 * np.log10(255**2 / 1600))
 
 
 def test_deraining_style_store_is_evaluated_on_y(tmp_path):
@@ -292,7 +415,10 @@ def test_ablate_writes_one_table_with_every_row(stores, tmp_path):
     table = json.loads((tmp_path / "abl-ablation" / "ablation.json").read_text())
     assert [r["row"] for r in table["rows"]] == [row for row, _ in ROWS]
     params = {r["row"]: r["params"] for r in table["rows"]}
-    assert params["w/o SVE"] < params["full PTG-RM"] and params["w/o g (no pre-trained prior)"] < params["full PTG-RM"]
+    assert (
+        params["w/o SVE"] < params["full PTG-RM"]
+        and params["w/o g (no pre-trained prior)"] < params["full PTG-RM"]
+    )
     md = (tmp_path / "abl-ablation" / "ablation.md").read_text()
     assert all(row in md for row, _ in ROWS)
     mtime = (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns
@@ -317,11 +443,15 @@ def test_distill_skips_samples_excluded_at_extraction(tmp_path):
     paths = make_task_stores(root)
     for path in paths:  # as a non-finite target output leaves it: sample 1 excluded
         target = next((path / "_records").glob("targets__*.json")).name
-        write_json_atomic(path / RECORDS_DIR / target, {"excluded": [{"index": 1, "name": "x", "reason": "nan"}],
-                                                        "notes": []})
+        write_json_atomic(
+            path / RECORDS_DIR / target,
+            {"excluded": [{"index": 1, "name": "x", "reason": "nan"}], "notes": []},
+        )
     assert main(train_args(root, tmp_path, "dx", "--steps", "2")) == 0
     assert main(["distill", *train_args(root, tmp_path, "dx")[1:], "--distill-steps", "40"]) == 0
-    assert np.isfinite(json.loads((tmp_path / "dx" / "eval.json").read_text())["distill_test_cosine"])
+    assert np.isfinite(
+        json.loads((tmp_path / "dx" / "eval.json").read_text())["distill_test_cosine"]
+    )
 
 
 def test_training_never_writes_to_its_stores(stores, tmp_path):
@@ -329,7 +459,9 @@ def test_training_never_writes_to_its_stores(stores, tmp_path):
         return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(stores).rglob("*")}
 
     before = snapshot()
-    for p in Path(stores).rglob("*"):  # a read-only directory (root ignores it; the snapshot does not)
+    for p in Path(stores).rglob(
+        "*"
+    ):  # a read-only directory (root ignores it; the snapshot does not)
         p.chmod(p.stat().st_mode & ~0o222)
     try:
         assert main(train_args(stores, tmp_path, "ro", "--steps", "3", "--workers", "1")) == 0

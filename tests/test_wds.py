@@ -1,5 +1,6 @@
 """WebDataset export and streaming reader: round trip, disjoint shards per rank and stream, deterministic
 and resumable batches, bounded memory, S3 streaming, damaged shards, excluded samples, stats."""
+
 import io
 import json
 import re
@@ -13,17 +14,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_remote import BUCKET, s3  # noqa: F401  the real SeaweedFS S3 server of the session
+from toys import fill_member, pipeline_members
 
 from stores import Store, key_of, make_layout, store_name
 from stores.wds import VERSION, export_wds, index_digest, png_bytes
-from test_remote import BUCKET, s3  # noqa: F401  the real SeaweedFS S3 server of the session
-from toys import fill_member, pipeline_members
 from training.data import CropBatches, Split, to_tensor
 from training.wds_data import WdsBatches, WdsError, WdsSplit, decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 N, H, W, D = 11, 44, 52, 8
-SOURCE_HW = [(44 - 4 * (i % 3), 52 - 4 * (i % 4)) for i in range(N)]  # valid sizes differ per sample
+SOURCE_HW = [
+    (44 - 4 * (i % 3), 52 - 4 * (i % 4)) for i in range(N)
+]  # valid sizes differ per sample
 LAYOUT, ORDER = make_layout(SOURCE_HW, 16, shard_len=4)  # two size buckets
 HW = [SOURCE_HW[j] for j in ORDER]  # in storage order, which is the sample index
 
@@ -37,15 +40,26 @@ def build_store(root) -> Path:
     for i, (h, w) in enumerate(HW):
         gt[i, :h, :w] = rng.integers(0, 256, (h, w, 3))
         lq[i, :h, :w] = np.clip(gt[i, :h, :w] + rng.normal(0, 20, (h, w, 3)), 0, 255)
-        base[i, :h, :w] = gt[i, :h, :w] / 255 + rng.normal(0, 0.05, (h, w, 3))  # some outside [0, 1]
+        base[i, :h, :w] = gt[i, :h, :w] / 255 + rng.normal(
+            0, 0.05, (h, w, 3)
+        )  # some outside [0, 1]
     g = rng.normal(size=(N, 4, D)).astype(np.float32)
     pairs_key = key_of({"wds": "toy"})
     path = Path(root) / store_name("toy", "train", "deblur", pairs_key)
-    store = Store.open_or_create(path, {"dataset": "toy", "split": "train", "task": "deblur",
-                                        "pairs_key": pairs_key}, LAYOUT)
+    store = Store.open_or_create(
+        path, {"dataset": "toy", "split": "train", "task": "deblur", "pairs_key": pairs_key}, LAYOUT
+    )
     crop = lambda a: [x[:h, :w] for x, (h, w) in zip(a, HW)]  # noqa: E731  each sample at its own size
-    members = pipeline_members(pairs_key, crop(lq), crop(gt), HW, crop(base), g, [f"im{i}.png" for i in range(N)],
-                               [json.dumps({"sigma": i / 10}) for i in range(N)])
+    members = pipeline_members(
+        pairs_key,
+        crop(lq),
+        crop(gt),
+        HW,
+        crop(base),
+        g,
+        [f"im{i}.png" for i in range(N)],
+        [json.dumps({"sigma": i / 10}) for i in range(N)],
+    )
     for member, (arrays, info) in members.items():
         fill_member(store, member, key_of({"m": member}), arrays, info)
     return path
@@ -60,7 +74,9 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported_png(exported, tmp_path_factory):
     store, _ = exported
-    return store, export_wds(store, tmp_path_factory.mktemp("wds-png"), min_shards=4, codec="png", log=lambda *_: None)
+    return store, export_wds(
+        store, tmp_path_factory.mktemp("wds-png"), min_shards=4, codec="png", log=lambda *_: None
+    )
 
 
 def unzstd(data: bytes) -> np.ndarray:
@@ -83,7 +99,9 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
     path, folder = exported
     index = json.loads((folder / "index.json").read_text())
     assert index["complete"] and len(index["shards"]) >= 4 and index["samples"] == N
-    assert index["version"] == 4 and index["codec"] == "zstd"  # lq/gt: uint8 .npy compressed with zstd
+    assert (
+        index["version"] == 4 and index["codec"] == "zstd"
+    )  # lq/gt: uint8 .npy compressed with zstd
     store = Store(path)
     target, osf = store.members("targets")[0], store.members("osf")[0]
     assert index["keys"][target] == store.member_info(target)["key"]
@@ -96,13 +114,25 @@ def test_every_sample_round_trips_at_its_valid_size(exported):
             k = f"{i:08d}_0000"  # smaller than the tile: one tile each
             for f in ("lq", "gt"):
                 img = unzstd(files[f"{k}.{f}.npy.zst"])
-                assert img.dtype == np.uint8 and np.array_equal(img, store.array("pairs", f)[i, :h, :w])
+                assert img.dtype == np.uint8 and np.array_equal(
+                    img, store.array("pairs", f)[i, :h, :w]
+                )
             base = np.load(io.BytesIO(files[f"{k}.base.npy"]))
-            assert base.dtype == np.float16 and np.array_equal(base, store.array(target, "base")[i, :h, :w])
+            assert base.dtype == np.float16 and np.array_equal(
+                base, store.array(target, "base")[i, :h, :w]
+            )
             g = np.load(io.BytesIO(files[f"{k}.osf.{osf.split('/')[1]}.npy"]))
-            assert g.shape == (4, D) and g.dtype == np.float32 and np.array_equal(g, store.array(osf, "g")[i])
+            assert (
+                g.shape == (4, D)
+                and g.dtype == np.float32
+                and np.array_equal(g, store.array(osf, "g")[i])
+            )
             meta = json.loads(files[f"{k}.meta.json"])
-            assert meta["hw"] == [h, w] and meta["meta"] == {"sigma": i / 10} and meta["name"] == f"im{i}.png"
+            assert (
+                meta["hw"] == [h, w]
+                and meta["meta"] == {"sigma": i / 10}
+                and meta["name"] == f"im{i}.png"
+            )
             assert meta["tile"] == [0, 0, h, w]
             assert meta["target"]["member"] == target and meta["store"] == path.name
             seen.append(i)
@@ -124,10 +154,16 @@ def test_ranks_and_streams_read_disjoint_shards_every_epoch(exported):
     _, folder = exported
     split = WdsSplit.open(folder)
     for epoch in (0, 1, 5):
-        seen = [s["name"] for r in (0, 1) for k in (0, 1)
-                for s in WdsBatches(split, 32, 4, 0, 0, 1, r, 2, streams=2).shards_of(k, epoch)]
+        seen = [
+            s["name"]
+            for r in (0, 1)
+            for k in (0, 1)
+            for s in WdsBatches(split, 32, 4, 0, 0, 1, r, 2, streams=2).shards_of(k, epoch)
+        ]
         assert len(seen) == len(set(seen)) == len(split.shards)
-    with pytest.raises(WdsError, match="shards for 99 processes x 2 streams; export with --min-shards 198"):
+    with pytest.raises(
+        WdsError, match="shards for 99 processes x 2 streams; export with --min-shards 198"
+    ):
         WdsBatches(split, 32, 99, 0, 0, 1, 0, 99, streams=2)
 
 
@@ -146,7 +182,7 @@ def test_batches_are_crops_of_the_stored_samples_and_deterministic(exported):
             h, w = HW[i]
             y, x = rng.integers(0, h - 32 + 1), rng.integers(0, w - 32 + 1)
             fh, fv = rng.integers(0, 2, 2)
-            want = store.image(i)["lq"][y:y + 32, x:x + 32]
+            want = store.image(i)["lq"][y : y + 32, x : x + 32]
             want = want[:, ::-1] if fh else want
             want = want[::-1] if fv else want
             assert torch.equal(b["lq"][j], to_tensor(want[None].copy())[0])
@@ -211,13 +247,30 @@ def test_two_ranks_stream_from_s3_without_a_local_copy(exported, s3, monkeypatch
 
 def test_cli_export_min_shards_and_rerun_is_a_no_op(exported, tmp_path):
     path, _ = exported
-    args = [sys.executable, "-m", "stores", "export-wds", str(path), "--out", str(tmp_path), "--min-shards", "6"]
+    args = [
+        sys.executable,
+        "-m",
+        "stores",
+        "export-wds",
+        str(path),
+        "--out",
+        str(tmp_path),
+        "--min-shards",
+        "6",
+    ]
     first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True)
     index = json.loads((tmp_path / f"{path.name}-wds" / "index.json").read_text())
     assert len(index["shards"]) == 6 and "6 shards" in first.stdout
-    assert "up to date" in subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    png = subprocess.run([*args, "--codec", "png"], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert "up to date" not in png.stdout and "lq/gt png" in png.stdout  # another codec: every shard rewritten
+    assert (
+        "up to date"
+        in subprocess.run(args, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    )
+    png = subprocess.run(
+        [*args, "--codec", "png"], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert (
+        "up to date" not in png.stdout and "lq/gt png" in png.stdout
+    )  # another codec: every shard rewritten
     index = json.loads((tmp_path / f"{path.name}-wds" / "index.json").read_text())
     with tarfile.open(tmp_path / f"{path.name}-wds" / index["shards"][0]["name"]) as tar:
         assert index["codec"] == "png" and any(m.name.endswith(".lq.png") for m in tar)
@@ -255,17 +308,26 @@ def test_zstd_tiles_of_photos_stay_within_1_5x_their_png_and_round_trip():
     from training.wds_data import decode_image
 
     rng = np.random.default_rng(0)
-    tiles = [np.ascontiguousarray(getattr(skd, n)()[:512, :512, :3]) for n in ("astronaut", "hubble_deep_field")]
+    tiles = [
+        np.ascontiguousarray(getattr(skd, n)()[:512, :512, :3])
+        for n in ("astronaut", "hubble_deep_field")
+    ]
     tiles += [np.clip(t + rng.normal(0, 15, t.shape), 0, 255).astype(np.uint8) for t in tiles]
     for t in tiles:
         data = image_bytes(t, "zstd")
         assert len(data) <= 1.5 * len(png_bytes(t)), (len(data), len(png_bytes(t)))
-        assert np.array_equal(decode_image(data, "zstd", "x"), t) and np.array_equal(unzstd(data), t)
+        assert np.array_equal(decode_image(data, "zstd", "x"), t) and np.array_equal(
+            unzstd(data), t
+        )
     with pytest.raises(WdsError, match="bad.npy.zst: not a zstd-compressed"):
         decode_image(image_bytes(tiles[0], "zstd")[:100], "zstd", "bad.npy.zst")
-    with pytest.raises(WdsError, match=r"f.npy.zst: expected an \(H, W, 3\) uint8 image, got \(4, 3\) float32"):
+    with pytest.raises(
+        WdsError, match=r"f.npy.zst: expected an \(H, W, 3\) uint8 image, got \(4, 3\) float32"
+    ):
         from numcodecs import Zstd
+
         from stores.wds import npy_bytes
+
         decode_image(Zstd().encode(npy_bytes(np.zeros((4, 3), np.float32))), "zstd", "f.npy.zst")
 
 
@@ -304,8 +366,9 @@ def damaged_copy(folder, dest, entry):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("entry", ["base.npy", "lq.npy.zst", "gt.png"])
-def test_a_flipped_byte_is_caught_before_its_sample_reaches_a_batch(exported, tmp_path, entry, where, request,
-                                                                   monkeypatch):
+def test_a_flipped_byte_is_caught_before_its_sample_reaches_a_batch(
+    exported, tmp_path, entry, where, request, monkeypatch
+):
     _, folder = request.getfixturevalue("exported_png" if entry.endswith(".png") else "exported")
     name, bad = damaged_copy(folder, tmp_path / folder.name, entry)
     url = tmp_path / folder.name
@@ -321,31 +384,42 @@ def test_a_flipped_byte_is_caught_before_its_sample_reaches_a_batch(exported, tm
         for b in WdsBatches(split, 32, 1, 0, 0, 40, streams=1, buffer=1):
             received.append(b["index"].item())
     assert bad not in received and len(received) >= 2, received
-    assert re.search(rf"{name}: sample {bad:08d}_0000 {entry}: sha256 differs.*export-wds", str(err.value))
+    assert re.search(
+        rf"{name}: sample {bad:08d}_0000 {entry}: sha256 differs.*export-wds", str(err.value)
+    )
     with pytest.raises(WdsError, match=rf"{name}: sample {bad:08d}_0000 {entry}: sha256 differs"):
         split.image(bad)
 
 
 def test_wds_reader_imports_no_frozen_networks():
-    code = ("import sys, training.wds_data; bad = {'pipeline', 'open_clip', 'diffusers'}"
-            " & set(sys.modules); assert not bad, bad")
+    code = (
+        "import sys, training.wds_data; bad = {'pipeline', 'open_clip', 'diffusers'}"
+        " & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_info_stats_json_gives_psnr_and_norms_per_sample(exported):
     path, _ = exported
-    out = subprocess.run([sys.executable, "-m", "stores", "info", str(path), "--stats", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "stores", "info", str(path), "--stats", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     members = json.loads(out.stdout)["members"]
     store = Store(path)
     target, osf = store.members("targets")[0], store.members("osf")[0]
     want, want_in = [], []
     for i, (h, w) in enumerate(HW):
         gt = store.array("pairs", "gt")[i, :h, :w].astype(np.float64)
-        base = np.clip(np.round(store.array(target, "base")[i, :h, :w].astype(np.float64) * 255), 0, 255)
+        base = np.clip(
+            np.round(store.array(target, "base")[i, :h, :w].astype(np.float64) * 255), 0, 255
+        )
         lq = store.array("pairs", "lq")[i, :h, :w].astype(np.float64)
-        want.append(10 * np.log10(255 ** 2 / np.mean((base.astype(np.uint8) - gt) ** 2)))
-        want_in.append(10 * np.log10(255 ** 2 / np.mean((lq - gt) ** 2)))
+        want.append(10 * np.log10(255**2 / np.mean((base.astype(np.uint8) - gt) ** 2)))
+        want_in.append(10 * np.log10(255**2 / np.mean((lq - gt) ** 2)))
     stats = members[target]["stats"]
     assert np.allclose(stats["psnr_base"]["per_sample"], want, rtol=0, atol=1e-9)
     assert np.isclose(stats["psnr_base"]["mean"], np.mean(want))
@@ -361,8 +435,12 @@ def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp
 
     path = build_store(tmp_path)
     target = Store(path).members("targets")[0]
-    write_json_atomic(path / RECORDS_DIR / f"{target.replace('/', '__')}.json",  # as a non-finite output leaves it
-                      {"excluded": [{"index": 2, "name": "im2.png", "reason": "non-finite"}], "notes": []})
+    write_json_atomic(
+        path
+        / RECORDS_DIR
+        / f"{target.replace('/', '__')}.json",  # as a non-finite output leaves it
+        {"excluded": [{"index": 2, "name": "im2.png", "reason": "non-finite"}], "notes": []},
+    )
     folder = export_wds(path, out=tmp_path / "wds", min_shards=2, log=lambda *_: None)
     index = json.loads((folder / "index.json").read_text())
     assert [hw for s in index["shards"] for hw in s["hw"]][2] == [0, 0]
@@ -384,11 +462,14 @@ def test_the_shuffle_buffers_are_bounded_in_bytes_not_only_in_samples():
 
     from training.wds_data import buffer_samples
 
-    big = SimpleNamespace(shards=[{"bytes": 100 * 2 ** 20, "tiles": 10}] * 4)  # 10 MB per sample
+    big = SimpleNamespace(shards=[{"bytes": 100 * 2**20, "tiles": 10}] * 4)  # 10 MB per sample
     assert buffer_samples(big, 4, 256, 256.0) == 6  # 256 MB / (4 streams x 10 MB)
     assert buffer_samples(big, 4, 3, 256.0) == 3
     assert buffer_samples(big, 4, 256, 1.0) == 1  # a 12 MP sample: one per stream (read, then used)
-    assert buffer_samples(SimpleNamespace(shards=[{"bytes": 2 ** 20, "tiles": 100}]), 4, 256, 256.0) == 256
+    assert (
+        buffer_samples(SimpleNamespace(shards=[{"bytes": 2**20, "tiles": 100}]), 4, 256, 256.0)
+        == 256
+    )
 
 
 def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
@@ -399,8 +480,15 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
 
     assert axis_tiles(720, 512) == [(0, 360), (360, 360)] and len(tile_grid(3000, 4000, 512)) == 48
     spans = axis_tiles(1280, 512, 96)
-    assert len(spans) == 3 and spans[0][0] == 0 and sum(spans[-1]) == 1280 and all(n <= 512 for _, n in spans)
-    assert all(a + n - b >= 96 for (a, n), (b, _) in zip(spans, spans[1:]))  # neighbours overlap by >= 96
+    assert (
+        len(spans) == 3
+        and spans[0][0] == 0
+        and sum(spans[-1]) == 1280
+        and all(n <= 512 for _, n in spans)
+    )
+    assert all(
+        a + n - b >= 96 for (a, n), (b, _) in zip(spans, spans[1:])
+    )  # neighbours overlap by >= 96
     assert axis_tiles(300, 512) == [(0, 300)] and axis_tiles(300, 0) == [(0, 300)]
     path, _ = exported
     folder = export_wds(path, out=tmp_path, min_shards=4, tile=20, log=lambda *_: None)
@@ -412,27 +500,51 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
         cover = np.zeros((h, w), int)
         for y, x, th, tw in split.tiles(i):
             assert th <= 20 and tw <= 20 and min(th, tw) >= 12
-            cover[y:y + th, x:x + tw] += 1
-        assert cover.min() == 1 and cover.sum() <= 1.1 * h * w  # covered; equal sizes overlap by a px at most
+            cover[y : y + th, x : x + tw] += 1
+        assert (
+            cover.min() == 1 and cover.sum() <= 1.1 * h * w
+        )  # covered; equal sizes overlap by a px at most
         a, b = store.image(i), split.image(i)
         assert all(np.array_equal(a[k], b[k]) for k in ("lq", "gt", "base", "g"))
     crop = 12
-    run = lambda steps, workers=0: list(torch.utils.data.DataLoader(  # noqa: E731
-        WdsBatches(split, crop, 4, 3, steps.start, steps.stop, streams=2, buffer=5), batch_size=None, num_workers=workers))
+
+    def run(steps, workers=0):
+        return list(
+            torch.utils.data.DataLoader(  # noqa: E731
+                WdsBatches(split, crop, 4, 3, steps.start, steps.stop, streams=2, buffer=5),
+                batch_size=None,
+                num_workers=workers,
+            )
+        )
+
     first = run(range(0, 30))
-    assert same_batches(first, run(range(0, 30), workers=2)) and same_batches(run(range(11, 30)), first[11:])
+    assert same_batches(first, run(range(0, 30), workers=2)) and same_batches(
+        run(range(11, 30)), first[11:]
+    )
     for b in first:  # every crop is a window of its stored sample inside one of its tiles
         for j, i in enumerate(b["index"].tolist()):
             lq = store.image(i)["lq"]
-            found = [(y, x) for ty, tx, th, tw in split.tiles(i) for y in range(ty, ty + th - crop + 1)
-                     for x in range(tx, tx + tw - crop + 1)
-                     if any(torch.equal(b["lq"][j], to_tensor(v[None].copy())[0]) for v in
-                            (lq[y:y + crop, x:x + crop], lq[y:y + crop, x:x + crop][:, ::-1],
-                             lq[y:y + crop, x:x + crop][::-1], lq[y:y + crop, x:x + crop][::-1, ::-1]))]
+            found = [
+                (y, x)
+                for ty, tx, th, tw in split.tiles(i)
+                for y in range(ty, ty + th - crop + 1)
+                for x in range(tx, tx + tw - crop + 1)
+                if any(
+                    torch.equal(b["lq"][j], to_tensor(v[None].copy())[0])
+                    for v in (
+                        lq[y : y + crop, x : x + crop],
+                        lq[y : y + crop, x : x + crop][:, ::-1],
+                        lq[y : y + crop, x : x + crop][::-1],
+                        lq[y : y + crop, x : x + crop][::-1, ::-1],
+                    )
+                )
+            ]
             assert found, (i, j)
     assert set(torch.cat([b["index"] for b in first]).tolist()) == set(range(N))
-    with pytest.warns(UserWarning, match="tiles .at most 20 px. are smaller than the 16px crop in [1-9]+ samples.*"
-                                         "--tile 32"):
+    with pytest.warns(
+        UserWarning,
+        match="tiles .at most 20 px. are smaller than the 16px crop in [1-9]+ samples.*--tile 32",
+    ):
         WdsBatches(split, 16, 4, 0, 0, 1, streams=1)
     with pytest.raises(ValueError, match="or tile of at most 20 px.*larger --tile"):
         WdsBatches(split, 24, 4, 0, 0, 1, streams=1)
@@ -447,17 +559,25 @@ def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported
     index = json.loads((folder / "index.json").read_text())
     for version in (1, 2):
         (old / "index.json").write_text(json.dumps({**index, "version": version}))
-        with pytest.raises(WdsError, match=f"format version {version}.*reads versions 3 and 4.*export-wds STORE"):
+        with pytest.raises(
+            WdsError, match=f"format version {version}.*reads versions 3 and 4.*export-wds STORE"
+        ):
             WdsSplit.open(old)
     again = export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
     side = json.loads((again / "shard-000000.json").read_text())
-    (again / "shard-000000.json").write_text(json.dumps({k: v for k, v in side.items() if k != "version"}))
-    (again / "index.json").unlink()  # as version 2 left an interrupted export: its tars are not reused
+    (again / "shard-000000.json").write_text(
+        json.dumps({k: v for k, v in side.items() if k != "version"})
+    )
+    (
+        again / "index.json"
+    ).unlink()  # as version 2 left an interrupted export: its tars are not reused
     export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
     assert json.loads((again / "shard-000000.json").read_text())["version"] == VERSION
 
 
-def test_renamed_tile_keys_and_damaged_shards_are_caught_and_export_rewrites_them(exported, tmp_path):
+def test_renamed_tile_keys_and_damaged_shards_are_caught_and_export_rewrites_them(
+    exported, tmp_path
+):
     """Two tiles' keys swapped inside a shard (their entries still match their own digests) are
     refused before either reaches a batch; `export-wds`, which the errors name, rewrites a damaged
     shard and a damaged index instead of calling the export up to date."""

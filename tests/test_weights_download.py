@@ -1,6 +1,7 @@
 """`python -m pipeline weights get NAME`: published checkpoints downloaded when online into the
 caches `make features` searches. A local HTTP server stands in for the Hugging Face hub
 (`HF_ENDPOINT`) and for GitHub's release files (`PTGRM_GITHUB_MIRROR`); never the internet."""
+
 import hashlib
 import os
 import subprocess
@@ -18,7 +19,9 @@ from pipeline.weights import cached_target_checkpoint
 from ptgrm.checkpoints import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"  # OpenCLIP's hub entry of ViT-B-32-quickgelu:openai
+CLIP_REPO = (
+    "timm/vit_base_patch32_clip_224.openai"  # OpenCLIP's hub entry of ViT-B-32-quickgelu:openai
+)
 RELEASE = "/swz30/Restormer/releases/download/v1.0/"
 
 
@@ -51,7 +54,7 @@ class Server:
                 self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
                 self.end_headers()
                 if body:
-                    self.wfile.write(data[:len(data) // 2] if self.path in cut else data)
+                    self.wfile.write(data[: len(data) // 2] if self.path in cut else data)
 
             def log_message(self, *args):
                 pass
@@ -67,9 +70,11 @@ class Server:
 
 @pytest.fixture
 def server():
-    files = {f"/{CLIP_REPO}/resolve/main/open_clip_model.safetensors": b"clip weights " * 1000,
-             RELEASE + "motion_deblurring.pth": b"restormer weights " * 1000,
-             RELEASE + "deraining.pth": b"cut short " * 1000}
+    files = {
+        f"/{CLIP_REPO}/resolve/main/open_clip_model.safetensors": b"clip weights " * 1000,
+        RELEASE + "motion_deblurring.pth": b"restormer weights " * 1000,
+        RELEASE + "deraining.pth": b"cut short " * 1000,
+    }
     s = Server(files, cut={RELEASE + "deraining.pth"})
     s.files = files
     yield s
@@ -77,9 +82,17 @@ def server():
 
 
 def weights_get(name: str, env: dict) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PTGRM_WEIGHTS"}
-    return subprocess.run([sys.executable, "-m", "pipeline", "weights", "get", name], cwd=ROOT, text=True,
-                          capture_output=True, env={**clean, **env}, timeout=120)
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PTGRM_WEIGHTS"
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "weights", "get", name],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        env={**clean, **env},
+        timeout=120,
+    )
 
 
 def test_clip_comes_from_the_hub_into_the_cache_features_searches(server, tmp_path, monkeypatch):
@@ -89,7 +102,9 @@ def test_clip_comes_from_the_hub_into_the_cache_features_searches(server, tmp_pa
     assert f"sha256 {hashlib.sha256(data).hexdigest()}" in out.stdout
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    found = _hf_cached_checkpoint("ViT-B-32-quickgelu", "openai")  # what make features loads, offline
+    found = _hf_cached_checkpoint(
+        "ViT-B-32-quickgelu", "openai"
+    )  # what make features loads, offline
     assert found is not None and found.read_bytes() == data
 
 
@@ -97,29 +112,47 @@ def test_a_hub_file_that_is_not_what_the_hub_says_is_not_kept(tmp_path, monkeypa
     path = f"/{CLIP_REPO}/resolve/main/open_clip_model.safetensors"
     wrong = Server({path: b"damaged " * 100}, etag="ab" * 32)
     try:
-        out = weights_get("clip-vit-b32", {"HF_ENDPOINT": wrong.url, "HF_HOME": str(tmp_path / "hf")})
+        out = weights_get(
+            "clip-vit-b32", {"HF_ENDPOINT": wrong.url, "HF_HOME": str(tmp_path / "hf")}
+        )
     finally:
         wrong.close()
-    assert out.returncode == 1 and f"differs from the hub's {'ab' * 32}" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 1 and f"differs from the hub's {'ab' * 32}" in out.stderr, out.stderr[
+        -2000:
+    ]
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    assert _hf_cached_checkpoint("ViT-B-32-quickgelu", "openai") is None  # make features does not find it
+    assert (
+        _hf_cached_checkpoint("ViT-B-32-quickgelu", "openai") is None
+    )  # make features does not find it
 
 
-def test_a_target_comes_from_its_release_url_into_the_cache_features_searches(server, tmp_path, monkeypatch):
+def test_a_target_comes_from_its_release_url_into_the_cache_features_searches(
+    server, tmp_path, monkeypatch
+):
     env = {"PTGRM_GITHUB_MIRROR": server.url, "PTGRM_WEIGHTS": str(tmp_path / "w")}
     out = weights_get("restormer-deblur", env)
     assert out.returncode == 0, out.stderr[-2000:]
     data = server.files[RELEASE + "motion_deblurring.pth"]
     dest = tmp_path / "w" / "motion_deblurring.pth"
-    assert dest.read_bytes() == data and f"{dest}\nsha256 {hashlib.sha256(data).hexdigest()}" in out.stdout
-    assert "already in the cache" in weights_get("restormer-deblur", env).stdout  # not downloaded twice
+    assert (
+        dest.read_bytes() == data
+        and f"{dest}\nsha256 {hashlib.sha256(data).hexdigest()}" in out.stdout
+    )
+    assert (
+        "already in the cache" in weights_get("restormer-deblur", env).stdout
+    )  # not downloaded twice
     monkeypatch.setenv("PTGRM_WEIGHTS", str(tmp_path / "w"))
     assert cached_target_checkpoint("restormer-deblur") == dest
-    with pytest.raises(CheckpointError, match="motion_deblurring.pth: not a readable torch checkpoint"):  # loaded
+    with pytest.raises(
+        CheckpointError, match="motion_deblurring.pth: not a readable torch checkpoint"
+    ):  # loaded
         build_network_target("restormer-deblur", device="cpu")
-    build_network_target("restormer-deblur:dim=8:num_blocks=1,1,1,1:num_refinement_blocks=1", allow_random=True,
-                         device="cpu")  # another configuration: random weights, not the published file
+    build_network_target(
+        "restormer-deblur:dim=8:num_blocks=1,1,1,1:num_refinement_blocks=1",
+        allow_random=True,
+        device="cpu",
+    )  # another configuration: random weights, not the published file
 
 
 def test_a_dropped_connection_or_a_wrong_sha256_leaves_no_file(server, tmp_path):
@@ -130,19 +163,34 @@ def test_a_dropped_connection_or_a_wrong_sha256_leaves_no_file(server, tmp_path)
         download(server.url + RELEASE + "motion_deblurring.pth", dest, sha256="0" * 64)
     assert list((tmp_path / "w").iterdir()) == []  # no file under the final name, no temporary one
     data = server.files[RELEASE + "motion_deblurring.pth"]
-    assert download(server.url + RELEASE + "motion_deblurring.pth", dest, hashlib.sha256(data).hexdigest()) == \
-        hashlib.sha256(data).hexdigest() and dest.read_bytes() == data
+    assert (
+        download(
+            server.url + RELEASE + "motion_deblurring.pth", dest, hashlib.sha256(data).hexdigest()
+        )
+        == hashlib.sha256(data).hexdigest()
+        and dest.read_bytes() == data
+    )
 
 
-def test_a_checkpoint_behind_a_web_page_is_explained_and_offline_names_the_command(tmp_path, monkeypatch):
+def test_a_checkpoint_behind_a_web_page_is_explained_and_offline_names_the_command(
+    tmp_path, monkeypatch
+):
     out = weights_get("uformer-b", {"PTGRM_WEIGHTS": str(tmp_path / "w")})
     assert out.returncode == 1 and "sharepoint" in out.stdout.lower()
-    assert f"put it at {tmp_path / 'w' / 'Uformer_B.pth'}" in out.stdout and not (tmp_path / "w").exists()
-    out = weights_get("restormer-deblur", {"PTGRM_GITHUB_MIRROR": "http://127.0.0.1:9", "PTGRM_WEIGHTS": str(tmp_path)})
+    assert (
+        f"put it at {tmp_path / 'w' / 'Uformer_B.pth'}" in out.stdout
+        and not (tmp_path / "w").exists()
+    )
+    out = weights_get(
+        "restormer-deblur",
+        {"PTGRM_GITHUB_MIRROR": "http://127.0.0.1:9", "PTGRM_WEIGHTS": str(tmp_path)},
+    )
     assert out.returncode == 1 and "offline?" in out.stderr and "Traceback" not in out.stderr
     monkeypatch.setenv("PTGRM_WEIGHTS", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"python -m pipeline weights get restormer-deblur"):
         build_network_target("restormer-deblur")  # offline, as before: refused, naming the command
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    with pytest.raises(WeightsNotFound, match=r"python -m pipeline weights get clip-vit-b32` .*--clip-weights"):
+    with pytest.raises(
+        WeightsNotFound, match=r"python -m pipeline weights get clip-vit-b32` .*--clip-weights"
+    ):
         build_encoder("clip-vit-b32")

@@ -1,4 +1,5 @@
 """Small, fast stores with the pipeline's layout (pairs, one target, one encoder) for trainer tests."""
+
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,13 @@ def smooth_images(rng, n, h, w):
     """Natural-ish uint8 images: blurred noise with edges."""
     x = gaussian_filter(rng.random((n, h, w, 3)), sigma=(0, 3, 3, 0))
     x = (x - x.min()) / (x.max() - x.min())
-    x[:, h // 3:h // 2] += 0.3
+    x[:, h // 3 : h // 2] += 0.3
     return (np.clip(x, 0, 1) * 255).astype(np.uint8)
 
 
-def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy", space="rgb", names=None):
+def make_store(
+    root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy", space="rgb", names=None
+):
     """A complete store: gt smooth images, lq = gt + noise, base = a half-way restoration.
     `hw` is every sample's size, or a list of n sizes (samples are then stored in size buckets,
     in storage order: see stores/layout.py; names keep the source index, or are `names[j]`)."""
@@ -31,12 +34,28 @@ def make_store(root, split, n, hw, dim=32, seed=0, task="deblur", dataset="toy",
     names = names or [f"{split}{j:03d}.png" for j in range(n)]
     layout, order = make_layout(hws, 16, shard_len=4)
     path = Path(root) / store_name(dataset, split, task, pairs_key)
-    store = Store.open_or_create(path, {"dataset": dataset, "split": split, "task": task,
-                                        "pairs_key": pairs_key, "metric_space": space},
-                                 layout)
-    crop = lambda a: [a[j, :hws[j][0], :hws[j][1]] for j in order]  # noqa: E731
-    for member, (data, info) in pipeline_members(pairs_key, crop(lq), crop(gt), [hws[j] for j in order], crop(base),
-                                                 g[order], [names[j] for j in order], ["{}"] * n).items():
+    store = Store.open_or_create(
+        path,
+        {
+            "dataset": dataset,
+            "split": split,
+            "task": task,
+            "pairs_key": pairs_key,
+            "metric_space": space,
+        },
+        layout,
+    )
+    crop = lambda a: [a[j, : hws[j][0], : hws[j][1]] for j in order]  # noqa: E731
+    for member, (data, info) in pipeline_members(
+        pairs_key,
+        crop(lq),
+        crop(gt),
+        [hws[j] for j in order],
+        crop(base),
+        g[order],
+        [names[j] for j in order],
+        ["{}"] * n,
+    ).items():
         fill_member(store, member, key_of({"member": member, "pairs": pairs_key}), data, info)
     return path
 
@@ -53,10 +72,17 @@ def same(a, b) -> bool:
 def pipeline_members(pairs_key, lq, gt, hw, base, g, names, meta) -> dict:
     """member -> (arrays, info) of the members the pipeline writes; images may be lists of
     arrays of different sizes."""
-    return {"pairs": ({"lq": lq, "gt": gt, "hw": np.asarray(hw, np.int32), "names": names, "meta": meta}, {}),
-            f"targets/toy-{pairs_key[:12]}": ({"base": base}, {"target": "toy", "weights": "none"}),
-            f"osf/clip-vit-b32-{pairs_key[:12]}": ({"g": g}, {"encoder": "clip-vit-b32", "weights": "random",
-                                                            "dim": g.shape[-1]})}
+    return {
+        "pairs": (
+            {"lq": lq, "gt": gt, "hw": np.asarray(hw, np.int32), "names": names, "meta": meta},
+            {},
+        ),
+        f"targets/toy-{pairs_key[:12]}": ({"base": base}, {"target": "toy", "weights": "none"}),
+        f"osf/clip-vit-b32-{pairs_key[:12]}": (
+            {"g": g},
+            {"encoder": "clip-vit-b32", "weights": "random", "dim": g.shape[-1]},
+        ),
+    }
 
 
 def spec_of(name, values) -> ArraySpec:
@@ -70,7 +96,9 @@ def spec_of(name, values) -> ArraySpec:
 
 def fill_member(store, member, key, data: dict, info=None, complete=True, n_tasks=None) -> None:
     """Create a member with `data` (all samples, storage order) and write all its tasks."""
-    store.begin_member(member, key, {"member": member}, [spec_of(k, v) for k, v in data.items()], n_tasks, info)
+    store.begin_member(
+        member, key, {"member": member}, [spec_of(k, v) for k, v in data.items()], n_tasks, info
+    )
     for t, (a, b) in enumerate(store.ranges(member)):
         store.write_range(member, t, {k: v[a:b] for k, v in data.items()}, {})
     if complete:
@@ -79,8 +107,10 @@ def fill_member(store, member, key, data: dict, info=None, complete=True, n_task
 
 def make_task_stores(root, n_train=12, n_test=3, dim=32, space="rgb"):
     """Train and test stores of the toy dataset under `root`; returns (train path, test path)."""
-    return (make_store(root, "train", n_train, (48, 48), dim, space=space),
-            make_store(root, "test", n_test, (44, 52), dim, space=space))
+    return (
+        make_store(root, "train", n_train, (48, 48), dim, space=space),
+        make_store(root, "test", n_test, (44, 52), dim, space=space),
+    )
 
 
 def add_osf_member(path, encoder: str, dim: int, seed: int = 1, weights: str = "pretrained"):
@@ -92,6 +122,11 @@ def add_osf_member(path, encoder: str, dim: int, seed: int = 1, weights: str = "
     g = rng.normal(size=(n, 4, dim)).astype(np.float32)
     g /= np.linalg.norm(g, axis=-1, keepdims=True)
     member = f"osf/{encoder}-{pairs_key[:12]}"
-    fill_member(store, member, key_of({"member": member, "pairs": pairs_key}), {"g": g},
-                {"encoder": encoder, "weights": weights, "dim": dim})
+    fill_member(
+        store,
+        member,
+        key_of({"member": member, "pairs": pairs_key}),
+        {"g": g},
+        {"encoder": encoder, "weights": weights, "dim": dim},
+    )
     return member

@@ -3,17 +3,19 @@
 Also `import-official CKPT --run NAME` and `export-official --run NAME OUT.pth`: the authors'
 released PTG-RM weights in and out of a run folder.
 """
+
 import argparse
 import os
 import sys
 from pathlib import Path
 
 from stores import StoreError
-from stores.cli import add_config_args as add_settings, config_from
+from stores.cli import add_config_args as add_settings
+from stores.cli import config_from
 from stores.privacy import scrub
 
 from .data import Split, check_same_members, find_store
-from .official import PREFIX, import_run, export_run
+from .official import PREFIX, export_run, import_run
 from .train import TrainConfig, summary, train, write_eval
 
 
@@ -25,33 +27,63 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    train_parser = sub.add_parser("train", help="train PTG-RM, then evaluate it; writes runs/<run>/",
-                                  description="Fit PTG-RM on the task's train store and evaluate on "
-                                  "its test store. Outputs: model.safetensors + model.json, state.pt, "
-                                  "metrics.jsonl, eval.json, eval.csv, report.html/.md, tb/ in runs/<run>/.")
+    train_parser = sub.add_parser(
+        "train",
+        help="train PTG-RM, then evaluate it; writes runs/<run>/",
+        description="Fit PTG-RM on the task's train store and evaluate on "
+        "its test store. Outputs: model.safetensors + model.json, state.pt, "
+        "metrics.jsonl, eval.json, eval.csv, report.html/.md, tb/ in runs/<run>/.",
+    )
     add_config_args(train_parser)
-    train_parser.add_argument("--nproc", type=int, default=1, help="processes on this machine: DDP through "
-                              "torch.distributed.run (one per GPU; gloo on CPU) (default: 1)")
-    add_config_args(sub.add_parser("eval", help="evaluate a trained or imported run on the test store"))
-    add_config_args(sub.add_parser("ablate", help="train every ablation of the paper's Table 3, write one table",
-                                   description="One run per variant (full, w/o SVE, w/o channel or "
-                                   "spatial attention, w/o position embeddings, g by concatenation, "
-                                   "w/o g, Eq. 1 output), then runs/<run>-ablation/ablation.{md,json}. "
-                                   "Finished rows are reused."))
-    study_parser = sub.add_parser("prior-study", help="does the pre-trained prior matter? no OSF, random CLIP, "
-                                  "pre-trained EfficientNet-Lite0 and both, over seeds; one table",
-                                  description="Needs the task's stores with the clip-vit-b32 and effnet-lite0 "
-                                  "members (`make prior-study` builds them). Writes runs/<run>-prior/prior.{md,json}: "
-                                  "mean PSNR/SSIM per row and paired differences with 95%% bootstrap intervals "
-                                  "over test samples and seeds. Finished runs are reused.")
+    train_parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine: DDP through "
+        "torch.distributed.run (one per GPU; gloo on CPU) (default: 1)",
+    )
+    add_config_args(
+        sub.add_parser("eval", help="evaluate a trained or imported run on the test store")
+    )
+    add_config_args(
+        sub.add_parser(
+            "ablate",
+            help="train every ablation of the paper's Table 3, write one table",
+            description="One run per variant (full, w/o SVE, w/o channel or "
+            "spatial attention, w/o position embeddings, g by concatenation, "
+            "w/o g, Eq. 1 output), then runs/<run>-ablation/ablation.{md,json}. "
+            "Finished rows are reused.",
+        )
+    )
+    study_parser = sub.add_parser(
+        "prior-study",
+        help="does the pre-trained prior matter? no OSF, random CLIP, "
+        "pre-trained EfficientNet-Lite0 and both, over seeds; one table",
+        description="Needs the task's stores with the clip-vit-b32 and effnet-lite0 "
+        "members (`make prior-study` builds them). Writes runs/<run>-prior/prior.{md,json}: "
+        "mean PSNR/SSIM per row and paired differences with 95%% bootstrap intervals "
+        "over test samples and seeds. Finished runs are reused.",
+    )
     add_config_args(study_parser)
-    study_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
-    study_parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process "
-                              "(several small runs share one GPU well) (default: %(default)s)")
-    distill_parser = sub.add_parser("distill", help="train a small OSF predictor so inference needs no "
-                                    "pre-trained model; adds predicted-g results to eval.json")
+    study_parser.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)"
+    )
+    study_parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process "
+        "(several small runs share one GPU well) (default: %(default)s)",
+    )
+    distill_parser = sub.add_parser(
+        "distill",
+        help="train a small OSF predictor so inference needs no "
+        "pre-trained model; adds predicted-g results to eval.json",
+    )
     add_config_args(distill_parser)
-    distill_parser.add_argument("--distill-steps", type=int, default=600, help="predictor steps (default: 600)")
+    distill_parser.add_argument(
+        "--distill-steps", type=int, default=600, help="predictor steps (default: 600)"
+    )
     add_official_parsers(sub)
     args = parser.parse_args(argv)
     try:
@@ -72,7 +104,9 @@ def main(argv=None) -> int:
             elif args.cmd == "prior-study":
                 from .prior_study import prior_study
 
-                prior_study(cfg, [int(x) for x in args.seeds.split(",") if x.strip()], jobs=args.jobs)
+                prior_study(
+                    cfg, [int(x) for x in args.seeds.split(",") if x.strip()], jobs=args.jobs
+                )
             elif args.cmd == "distill":
                 run_distill(cfg, args.distill_steps)
             else:
@@ -90,26 +124,37 @@ def launch_ddp(nproc: int, argv: list[str]) -> int:
     `--run` for an abbreviation of its `--run-path`)."""
     from torch.distributed import run as torchrun
 
-    launcher = torchrun.parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "training"])
-    launcher.training_script_args = [a for i, a in enumerate(argv) if a != "--nproc" and
-                                     (i == 0 or argv[i - 1] != "--nproc") and not a.startswith("--nproc=")]
+    launcher = torchrun.parse_args(
+        ["--standalone", "--nproc_per_node", str(nproc), "-m", "training"]
+    )
+    launcher.training_script_args = [
+        a
+        for i, a in enumerate(argv)
+        if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc") and not a.startswith("--nproc=")
+    ]
     torchrun.run(launcher)
     return 0
 
 
 def add_official_parsers(sub) -> None:
-    p = sub.add_parser("import-official", help="make a run from the authors' released PTG-RM weights",
-                       description="Read an official checkpoint (.pth state dict of the joint network, "
-                       f"refinement module under {PREFIX!r}, or the module alone) with "
-                       "torch.load(weights_only=True), rename it to this PTG-RM and write "
-                       "runs/<run>/model.safetensors + model.json (refuses an existing run); "
-                       "then `eval --run NAME`.")
+    p = sub.add_parser(
+        "import-official",
+        help="make a run from the authors' released PTG-RM weights",
+        description="Read an official checkpoint (.pth state dict of the joint network, "
+        f"refinement module under {PREFIX!r}, or the module alone) with "
+        "torch.load(weights_only=True), rename it to this PTG-RM and write "
+        "runs/<run>/model.safetensors + model.json (refuses an existing run); "
+        "then `eval --run NAME`.",
+    )
     p.add_argument("ckpt", help="official .pth checkpoint")
     p.add_argument("--run", required=True, help="run name to write")
     p.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
-    p = sub.add_parser("export-official", help="write a run's weights with the official names",
-                       description="Write runs/<run>'s PTG-RM weights as a .pth state dict (plain dict "
-                       "of tensors) with the authors' parameter names, atomically.")
+    p = sub.add_parser(
+        "export-official",
+        help="write a run's weights with the official names",
+        description="Write runs/<run>'s PTG-RM weights as a .pth state dict (plain dict "
+        "of tensors) with the authors' parameter names, atomically.",
+    )
     p.add_argument("out", help="output .pth file")
     p.add_argument("--run", required=True, help="run name to read")
     p.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
@@ -128,14 +173,23 @@ def run_eval(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"{run_dir}: no trained run here (model.json missing)")
     model, sidecar = load_model(run_dir)
     encoders = cfg.encoder.split(",") if cfg.encoder else None  # only the test store is read
-    test_split = Split.open(cfg.test_store or find_store(cfg.store_root, cfg.data, cfg.task, "test"),
-                            cfg.target, encoders)
+    test_split = Split.open(
+        cfg.test_store or find_store(cfg.store_root, cfg.data, cfg.task, "test"),
+        cfg.target,
+        encoders,
+    )
     check_same_members(run_dir, "test", sidecar.get("test_store"), test_split.info())
     result = evaluate(model, test_split, save_dir=run_dir / "images" if cfg.save_images else None)
-    previous = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    previous = (
+        json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    )
     fallback = {"task": cfg.task, "run": run_dir.name}  # an imported run has no training record
-    result.update({k: previous.get(k, sidecar.get(k, fallback.get(k)))
-                   for k in ("task", "run", "train_store", "params", "steps")})
+    result.update(
+        {
+            k: previous.get(k, sidecar.get(k, fallback.get(k)))
+            for k in ("task", "run", "train_store", "params", "steps")
+        }
+    )
     if "source" in sidecar:
         result["source"] = sidecar["source"]
     write_eval(run_dir, result)
@@ -148,8 +202,12 @@ def run_distill(cfg: TrainConfig, steps: int) -> None:
     from .distill import DistillConfig, distill
     from .train import open_splits
 
-    if cfg.format == "wds":  # distillation reads samples by index, which a streamed export does not serve
-        raise ValueError("distill reads the Zarr train store (samples by index); drop --format wds (FORMAT=wds)")
+    if (
+        cfg.format == "wds"
+    ):  # distillation reads samples by index, which a streamed export does not serve
+        raise ValueError(
+            "distill reads the Zarr train store (samples by index); drop --format wds (FORMAT=wds)"
+        )
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     if not (run_dir / "model.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no trained run here; `make train` first")

@@ -4,6 +4,7 @@ Run: `python -m training ablate --task deblur` (what `make ablate` calls). Each 
 its own (`runs/<run>-ablate-<row>/`); rows already finished with the same settings are reused,
 so an interrupted ablation continues where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def finished(run_dir: Path, cfg: TrainConfig, splits) -> dict | None:
     if not (run_dir / "eval.json").is_file() or not (run_dir / "model.json").is_file():
         return None
     sidecar = json.loads((run_dir / "model.json").read_text())
-    same = all(sidecar["train"].get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
+    same = all(
+        sidecar["train"].get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY
+    )
     if not same:
         return None
     for role, split in zip(("train", "test"), splits):
@@ -57,17 +60,31 @@ def ablate(cfg: TrainConfig, log=print) -> Path:
             result = train(run_cfg, log=log)
         else:
             log(f"== {row}: finished before, reused")
-        rows.append({"row": row, "run": run_cfg.run, "params": result["params"],
-                     "psnr_base": result["psnr_base"], "psnr_refined": result["psnr_refined"],
-                     "ssim_refined": result["ssim_refined"], "gain_psnr": result["gain_psnr"],
-                     "gain_psnr_ci95": result["gain_psnr_ci95"]})
+        rows.append(
+            {
+                "row": row,
+                "run": run_cfg.run,
+                "params": result["params"],
+                "psnr_base": result["psnr_base"],
+                "psnr_refined": result["psnr_refined"],
+                "ssim_refined": result["ssim_refined"],
+                "gain_psnr": result["gain_psnr"],
+                "gain_psnr_ci95": result["gain_psnr_ci95"],
+            }
+        )
     out = Path(cfg.runs_dir) / f"{name}-ablation"
     write_json_atomic(out / "ablation.json", {"task": cfg.task, "steps": cfg.steps, "rows": rows})
-    lines = [f"# Ablation of PTG-RM ({cfg.task}, {cfg.steps} steps, seed {cfg.seed})", "",
-             "| variant | params | PSNR base -> refined | SSIM refined | gain (95% CI) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['params']:,} | {r['psnr_base']:.2f} -> {r['psnr_refined']:.2f} | "
-              f"{r['ssim_refined']:.4f} | {r['gain_psnr']:+.2f} ({r['gain_psnr_ci95'][0]:+.2f}..{r['gain_psnr_ci95'][1]:+.2f}) |"
-              for r in rows]
+    lines = [
+        f"# Ablation of PTG-RM ({cfg.task}, {cfg.steps} steps, seed {cfg.seed})",
+        "",
+        "| variant | params | PSNR base -> refined | SSIM refined | gain (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['row']} | {r['params']:,} | {r['psnr_base']:.2f} -> {r['psnr_refined']:.2f} | "
+        f"{r['ssim_refined']:.4f} | {r['gain_psnr']:+.2f} ({r['gain_psnr_ci95'][0]:+.2f}..{r['gain_psnr_ci95'][1]:+.2f}) |"
+        for r in rows
+    ]
     with atomic_path(out / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     log("\n".join(lines))

@@ -3,6 +3,7 @@
 Batch `step` is a pure function of (seed, step), so runs repeat exactly, resume mid-way, and give
 the same batches with any number of loader workers.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,12 +51,16 @@ def find_store(root: str, data: str, task: str, split: str) -> Path:
     if not found and old:
         raise StoreError(old[0])
     if not found:
-        raise StoreError(f"no complete {split} store for dataset {name!r}, task {task!r} under {root}; "
-                         f"run `make features TASK={task} DATA={data}` first")
+        raise StoreError(
+            f"no complete {split} store for dataset {name!r}, task {task!r} under {root}; "
+            f"run `make features TASK={task} DATA={data}` first"
+        )
     if len(found) > 1:
-        raise StoreError(f"several {split} stores for {name!r}/{task} under {root} (other degradation "
-                         f"settings): {', '.join(p.name for p in found)}; choose one with "
-                         f"--{split}-store PATH")
+        raise StoreError(
+            f"several {split} stores for {name!r}/{task} under {root} (other degradation "
+            f"settings): {', '.join(p.name for p in found)}; choose one with "
+            f"--{split}-store PATH"
+        )
     return found[0]
 
 
@@ -63,25 +68,42 @@ def members_info(m: dict, store: str, target: str, encoders: list) -> dict:
     """Names, keys and specs of the members a split reads, from a manifest's `members`: for
     checkpoints, reports and for rebuilding the same target and encoders at inference."""
     weights = sorted({m[e]["weights"] for e in encoders})
-    build = [{"name": m[e].get("encoder"), "spec": m[e].get("spec", {}),
-              "clip_weights": m[e].get("config", {}).get("clip_weights"),
-              "sd_weights": m[e].get("config", {}).get("sd_weights"),
-              "init_seed": m[e].get("config", {}).get("init_seed", 0)} for e in encoders]
-    return {"store": store, "pairs_key": m["pairs"]["key"], "target": target,
-            "ground_truth": m["pairs"].get("spec", {}).get("source", {}).get("ground_truth", True),
-            "target_key": m[target]["key"], "target_spec": m[target].get("spec", {}),
-            "target_weights": m[target].get("config", {}).get("target_weights"),
-            "target_weights_kind": m[target].get("weights", "none"),  # pretrained, random, none (classical)
-            "encoders": encoders, "encoder_keys": [m[e]["key"] for e in encoders],
-            "encoder_build": build, "weights": "random" if "random" in weights else weights[0],
-            "osf_dim": sum(m[e]["dim"] for e in encoders)}
+    build = [
+        {
+            "name": m[e].get("encoder"),
+            "spec": m[e].get("spec", {}),
+            "clip_weights": m[e].get("config", {}).get("clip_weights"),
+            "sd_weights": m[e].get("config", {}).get("sd_weights"),
+            "init_seed": m[e].get("config", {}).get("init_seed", 0),
+        }
+        for e in encoders
+    ]
+    return {
+        "store": store,
+        "pairs_key": m["pairs"]["key"],
+        "target": target,
+        "ground_truth": m["pairs"].get("spec", {}).get("source", {}).get("ground_truth", True),
+        "target_key": m[target]["key"],
+        "target_spec": m[target].get("spec", {}),
+        "target_weights": m[target].get("config", {}).get("target_weights"),
+        "target_weights_kind": m[target].get(
+            "weights", "none"
+        ),  # pretrained, random, none (classical)
+        "encoders": encoders,
+        "encoder_keys": [m[e]["key"] for e in encoders],
+        "encoder_build": build,
+        "weights": "random" if "random" in weights else weights[0],
+        "osf_dim": sum(m[e]["dim"] for e in encoders),
+    }
 
 
 def member_keys(info: dict) -> dict[str, tuple]:
     """role -> (member, key) of every store member a split reads, from its `info()` (what
     model.json records as `train_store` / `test_store`)."""
     out = {"pairs": ("pairs", info["pairs_key"]), "target": (info["target"], info["target_key"])}
-    out.update({f"encoder {i}": m for i, m in enumerate(zip(info["encoders"], info["encoder_keys"]))})
+    out.update(
+        {f"encoder {i}": m for i, m in enumerate(zip(info["encoders"], info["encoder_keys"]))}
+    )
     return out
 
 
@@ -94,9 +116,11 @@ def check_same_members(run_dir, role: str, recorded: dict | None, current: dict)
     for part in [*old, *(p for p in new if p not in old)]:  # pairs first: the root of the others
         (m0, k0), (m1, k1) = old.get(part, ("none", "-")), new.get(part, ("none", "-"))
         if k0 != k1:
-            raise StoreError(f"{run_dir}: made with {role}-store member {m0} (its {part}) with key {k0} "
-                             f"from {recorded.get('store')}; {current.get('store')} has {m1} with key {k1}: "
-                             f"a rebuilt or other store. Use the store the run was made with, or another RUN")
+            raise StoreError(
+                f"{run_dir}: made with {role}-store member {m0} (its {part}) with key {k0} "
+                f"from {recorded.get('store')}; {current.get('store')} has {m1} with key {k1}: "
+                f"a rebuilt or other store. Use the store the run was made with, or another RUN"
+            )
 
 
 @runtime_checkable
@@ -119,7 +143,9 @@ class SplitLike(Protocol):
 
     def info(self) -> dict: ...  # names, keys and specs of the members read (`members_info`)
 
-    def image(self, i: int) -> dict: ...  # full sample i: lq, gt uint8 (h,w,3); base float32; g (D,)
+    def image(
+        self, i: int
+    ) -> dict: ...  # full sample i: lq, gt uint8 (h,w,3); base float32; g (D,)
 
 
 @dataclass
@@ -146,10 +172,12 @@ class Split:
         8 KB per sample for one CLIP encoder; forked workers share the parent's copy)."""
         if self._pid != os.getpid():
             store = Store(self.path)
-            self._arrays = {"lq": store.array("pairs", "lq").wrap(TileReader.wrap),
-                            "gt": store.array("pairs", "gt").wrap(TileReader.wrap),
-                            "base": store.array(self.target, "base").wrap(TileReader.wrap),
-                            "g": [store.array(e, "g") for e in self.encoders]}
+            self._arrays = {
+                "lq": store.array("pairs", "lq").wrap(TileReader.wrap),
+                "gt": store.array("pairs", "gt").wrap(TileReader.wrap),
+                "base": store.array(self.target, "base").wrap(TileReader.wrap),
+                "g": [store.array(e, "g") for e in self.encoders],
+            }
             if self._g is None and sum(g.nbytes for g in self._arrays["g"]) <= G_IN_MEMORY:
                 self._g = np.concatenate([g[:] for g in self._arrays["g"]], -1)
                 self._g.flags.writeable = False  # Split.g hands out views of it
@@ -167,7 +195,9 @@ class Split:
 
     def info(self) -> dict:
         """Names, keys and specs of what this split reads (see `members_info`)."""
-        return members_info(Store(self.path).manifest()["members"], self.path.name, self.target, self.encoders)
+        return members_info(
+            Store(self.path).manifest()["members"], self.path.name, self.target, self.encoders
+        )
 
     @property
     def names(self) -> list[str]:
@@ -189,8 +219,12 @@ class Split:
         """Full valid-size sample i: lq, gt uint8 (h,w,3); base float32 (h,w,3); g (D,)."""
         a = self.arrays()
         h, w = self.hw[i]
-        return {"lq": a["lq"][i, :h, :w], "gt": a["gt"][i, :h, :w],
-                "base": a["base"][i, :h, :w].astype(np.float32), "g": self.g(i)}
+        return {
+            "lq": a["lq"][i, :h, :w],
+            "gt": a["gt"][i, :h, :w],
+            "base": a["base"][i, :h, :w].astype(np.float32),
+            "g": self.g(i),
+        }
 
 
 class CropBatches(torch.utils.data.Dataset):
@@ -200,16 +234,30 @@ class CropBatches(torch.utils.data.Dataset):
     rank r reads its contiguous slice of it, so DDP sees exactly the single-process batches.
     """
 
-    def __init__(self, split: "Split", crop: int, batch: int, seed: int, steps: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        split: "Split",
+        crop: int,
+        batch: int,
+        seed: int,
+        steps: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         check_crop_batch(crop, batch, world)
         usable = [i for i, (h, w) in enumerate(split.hw) if h > 0]
         self.pool = np.array([i for i in usable if min(split.hw[i]) >= crop])
         small = sorted(set(usable) - set(self.pool.tolist()))
         if small:
-            warnings.warn(f"{split.path.name}: {len(small)} samples are smaller than the {crop}px crop and are "
-                          f"not trained on (e.g. sample {small[0]}, {tuple(int(v) for v in split.hw[small[0]])})", stacklevel=2)
+            warnings.warn(
+                f"{split.path.name}: {len(small)} samples are smaller than the {crop}px crop and are "
+                f"not trained on (e.g. sample {small[0]}, {tuple(int(v) for v in split.hw[small[0]])})",
+                stacklevel=2,
+            )
         if not len(self.pool):
-            raise ValueError(f"{split.path.name}: no sample is at least {crop}px on both sides; lower --crop")
+            raise ValueError(
+                f"{split.path.name}: no sample is at least {crop}px on both sides; lower --crop"
+            )
         self.split, self.crop, self.batch, self.seed, self.steps = split, crop, batch, seed, steps
         self.rank, self.world = rank, world
 
@@ -228,8 +276,18 @@ class CropBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict:
         a, c = self.split.arrays(), self.crop
         per_rank = self.batch // self.world
-        return crop_batch([({k: a[k][i, y:y + c, x:x + c] for k in IMAGES}, fh + 2 * fv, self.split.g(i, fh + 2 * fv))
-                           for i, y, x, fh, fv in self.draw(step)[self.rank * per_rank:(self.rank + 1) * per_rank]])
+        return crop_batch(
+            [
+                (
+                    {k: a[k][i, y : y + c, x : x + c] for k in IMAGES},
+                    fh + 2 * fv,
+                    self.split.g(i, fh + 2 * fv),
+                )
+                for i, y, x, fh, fv in self.draw(step)[
+                    self.rank * per_rank : (self.rank + 1) * per_rank
+                ]
+            ]
+        )
 
 
 IMAGES = ("lq", "base", "gt")  # the image fields of a batch (g is per sample)

@@ -5,6 +5,7 @@ paper claims the pre-trained model is not needed at inference but its module tak
 call; this predictor makes the claim true. It writes `runs/<run>/distill/` and adds the refined
 PSNR/SSIM with predicted g beside the ones with true g in `eval.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,11 @@ def whole_images(split: SplitLike, idx: np.ndarray, flips: np.ndarray) -> torch.
     out = []
     for i, f in zip(idx, flips):
         lq = flip(image_tensor(split.image(int(i))["lq"]), int(f))
-        out.append(F.interpolate(lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False))
+        out.append(
+            F.interpolate(
+                lq, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False
+            )
+        )
     return torch.cat(out)
 
 
@@ -61,7 +66,12 @@ def train_predictor(split, dim: int, cfg: DistillConfig) -> tuple[OSFPredictor, 
     for step in tqdm(range(cfg.steps), unit="step", desc="distill", dynamic_ncols=True):
         rng = np.random.default_rng([cfg.seed, step])
         idx, flips = usable[rng.integers(0, len(usable), cfg.batch)], rng.integers(0, 4, cfg.batch)
-        x = torch.cat([cache.setdefault((int(i), int(f)), whole_images(split, [i], [f])) for i, f in zip(idx, flips)])
+        x = torch.cat(
+            [
+                cache.setdefault((int(i), int(f)), whole_images(split, [i], [f]))
+                for i, f in zip(idx, flips)
+            ]
+        )
         g = torch.from_numpy(np.stack([split.g(int(i), int(f)) for i, f in zip(idx, flips)]))
         loss = (1 - F.cosine_similarity(model(x), g, dim=-1)).mean()
         opt.zero_grad(set_to_none=True)
@@ -107,19 +117,41 @@ def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig, l
     """Train the predictor, then evaluate the run with predicted g beside true g in eval.json."""
     dim = train_split.info()["osf_dim"]
     predictor, losses = train_predictor(train_split, dim, cfg)
-    cos = float(np.mean([np.dot(PredictedG(test_split, predictor).image(i)["g"], test_split.g(i))
-                         for i in usable_samples(test_split)]))
-    save_predictor(run_dir, predictor, {"steps": cfg.steps, "final_loss": float(np.mean(losses[-20:])),
-                                        "test_cosine": cos, "train_store": train_split.info()["store"]})
+    cos = float(
+        np.mean(
+            [
+                np.dot(PredictedG(test_split, predictor).image(i)["g"], test_split.g(i))
+                for i in usable_samples(test_split)
+            ]
+        )
+    )
+    save_predictor(
+        run_dir,
+        predictor,
+        {
+            "steps": cfg.steps,
+            "final_loss": float(np.mean(losses[-20:])),
+            "test_cosine": cos,
+            "train_store": train_split.info()["store"],
+        },
+    )
     true_g = evaluate(model, test_split)
     predicted = evaluate(model, PredictedG(test_split, predictor))
     eval_path = Path(run_dir) / "eval.json"
     result = json.loads(eval_path.read_text()) if eval_path.is_file() else true_g
-    result.update({"psnr_refined_true_g": true_g["psnr_refined"], "ssim_refined_true_g": true_g["ssim_refined"],
-                   "psnr_refined_predicted_g": predicted["psnr_refined"],
-                   "ssim_refined_predicted_g": predicted["ssim_refined"], "distill_test_cosine": cos})
+    result.update(
+        {
+            "psnr_refined_true_g": true_g["psnr_refined"],
+            "ssim_refined_true_g": true_g["ssim_refined"],
+            "psnr_refined_predicted_g": predicted["psnr_refined"],
+            "ssim_refined_predicted_g": predicted["ssim_refined"],
+            "distill_test_cosine": cos,
+        }
+    )
     write_json_atomic(eval_path, result)
-    log(f"distilled OSF predictor: test cosine to true g {cos:.3f}; refined PSNR with true g "
+    log(
+        f"distilled OSF predictor: test cosine to true g {cos:.3f}; refined PSNR with true g "
         f"{true_g['psnr_refined']:.2f} dB, with predicted g {predicted['psnr_refined']:.2f} dB "
-        f"(base {true_g['psnr_base']:.2f})")
+        f"(base {true_g['psnr_base']:.2f})"
+    )
     return result

@@ -3,6 +3,7 @@
 Run: `python -m training eval --task deblur --run deblur` (what `make eval` calls).
 Writes `eval.json` (means, gain with a bootstrap 95% interval) and `eval.csv` (per image).
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,12 +38,16 @@ def saved_image_path(save_dir: Path, name: str) -> Path:
     return Path(save_dir, *(parts or ["unnamed"])).with_suffix(".png")
 
 
-def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path | None = None) -> dict:
+def evaluate(
+    model, split: SplitLike, space: str | None = None, save_dir: Path | None = None
+) -> dict:
     """Mean and per-image metrics of input, base and refined; `space` 'rgb' or 'y' (default:
     what the store's task asks for). With `save_dir`, refined images are saved there as PNG."""
     info = split.info()
     if not info.get("ground_truth", True):
-        raise ValueError(f"{info['store']} has no ground truth (unpaired layout): evaluate on a paired test split")
+        raise ValueError(
+            f"{info['store']} has no ground truth (unpaired layout): evaluate on a paired test split"
+        )
     space = space or split.metric_space
     model.eval()
     rows = []
@@ -59,19 +64,32 @@ def evaluate(model, split: SplitLike, space: str | None = None, save_dir: Path |
             row[f"psnr_{what}"], row[f"ssim_{what}"] = q["psnr"], q["ssim"]
         row["gain_psnr"] = row["psnr_refined"] - row["psnr_base"]
         rows.append(row)
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith(("psnr", "ssim"))}
-    return {"store": info["store"], "target": info["target"], "encoder": info["encoders"],
-            "weights": info["weights"], "target_weights": info.get("target_weights_kind", "none"),
-            "space": space, "n_images": len(rows), **mean,
-            "gain_psnr": mean["psnr_refined"] - mean["psnr_base"],
-            "gain_psnr_ci95": bootstrap_ci([r["gain_psnr"] for r in rows]), "images": rows}
+    mean = {
+        k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith(("psnr", "ssim"))
+    }
+    return {
+        "store": info["store"],
+        "target": info["target"],
+        "encoder": info["encoders"],
+        "weights": info["weights"],
+        "target_weights": info.get("target_weights_kind", "none"),
+        "space": space,
+        "n_images": len(rows),
+        **mean,
+        "gain_psnr": mean["psnr_refined"] - mean["psnr_base"],
+        "gain_psnr_ci95": bootstrap_ci([r["gain_psnr"] for r in rows]),
+        "images": rows,
+    }
 
 
 def write_eval(run_dir: Path, result: dict) -> None:
     """eval.json (everything) and eval.csv (one row per image)."""
     write_json_atomic(Path(run_dir) / "eval.json", result)
     rows = result["images"]
-    with atomic_path(Path(run_dir) / "eval.csv") as tmp, os.fdopen(open_regular(tmp), "w", newline="") as f:
+    with (
+        atomic_path(Path(run_dir) / "eval.csv") as tmp,
+        os.fdopen(open_regular(tmp), "w", newline="") as f,
+    ):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -3,6 +3,7 @@
 The perceptual term needs ImageNet VGG19 weights given by path (`--vgg-weights`); nothing is
 downloaded.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,13 @@ import torch.nn.functional as F
 
 from ptgrm.images import IMAGENET_MEAN, IMAGENET_STD
 
-VGG_LAYERS = {1: 1 / 32, 6: 1 / 16, 11: 1 / 8, 20: 1 / 4, 29: 1.0}  # relu1_1 .. relu5_1 of vgg19.features
+VGG_LAYERS = {
+    1: 1 / 32,
+    6: 1 / 16,
+    11: 1 / 8,
+    20: 1 / 4,
+    29: 1.0,
+}  # relu1_1 .. relu5_1 of vgg19.features
 
 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -37,20 +44,26 @@ class VGGPerceptual(nn.Module):
 
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"--vgg-weights {path}: no such file; the perceptual loss needs "
-                                    f"torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth) given by path")
-        features = make_layers(cfgs["E"])[:max(VGG_LAYERS) + 1]  # VGG19's conv part up to relu5_1
+            raise FileNotFoundError(
+                f"--vgg-weights {path}: no such file; the perceptual loss needs "
+                f"torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth) given by path"
+            )
+        features = make_layers(cfgs["E"])[: max(VGG_LAYERS) + 1]  # VGG19's conv part up to relu5_1
         try:
             state = load_checkpoint(path)
         except CheckpointError as e:
             raise ValueError(f"--vgg-weights: {e}") from e
-        wanted = {k: v for k, v in state.items() if k.startswith("features.")
-                  and int(k.split(".")[1]) <= max(VGG_LAYERS)}
+        wanted = {
+            k: v
+            for k, v in state.items()
+            if k.startswith("features.") and int(k.split(".")[1]) <= max(VGG_LAYERS)
+        }
         try:
             features.load_state_dict({k.removeprefix("features."): v for k, v in wanted.items()})
         except RuntimeError as e:
-            raise ValueError(f"--vgg-weights {path}: not a torchvision VGG19 state dict "
-                             f"({str(e)[:200]})") from e
+            raise ValueError(
+                f"--vgg-weights {path}: not a torchvision VGG19 state dict ({str(e)[:200]})"
+            ) from e
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -65,23 +78,26 @@ class VGGPerceptual(nn.Module):
         return loss
 
 
-
 # -- no-reference low-light losses: training without ground truth (--loss) ----------------------------------
 SCI_FIDELITY = 1.5  # alpha of SCI's total loss (beta = 1 for the smoothness term)
 SCI_SIGMA = 10.0  # sigma of SCI's smoothness weights
 # BT.601 RGB -> YCbCr on [0, 1] values (the 16/255 and 128/255 offsets cancel in differences)
 YCBCR = ((0.257, 0.504, 0.098), (-0.148, -0.291, 0.439), (0.439, -0.368, -0.071))
-NEIGHBOURS = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0))  # 5x5 window
+NEIGHBOURS = tuple(
+    (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)
+)  # 5x5 window
 
 
 def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(t at p, t at p + (dy, dx)) over every p where both lie inside the image."""
     h, w = t.shape[-2:]
     y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
-    return t[..., y0:y1, x0:x1], t[..., y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+    return t[..., y0:y1, x0:x1], t[..., y0 + dy : y1 + dy, x0 + dx : x1 + dx]
 
 
-def sci_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+def sci_loss(
+    refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """SCI's unsupervised loss (Ma et al., CVPR 2022, Sec. 3.3) on the illumination that PTG-RM's
     output implies, per pixel and summed (as `charbonnier`): needs no ground truth.
 
@@ -102,7 +118,7 @@ def sci_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor | None 
     smooth = x.new_zeros(())
     for dy, dx in NEIGHBOURS:
         (a, b), (ua, ub) = _pairs(ycc, dy, dx), _pairs(u, dy, dx)
-        weight = torch.exp(-((a - b) ** 2).sum(1) / (2 * SCI_SIGMA ** 2))
+        weight = torch.exp(-((a - b) ** 2).sum(1) / (2 * SCI_SIGMA**2))
         smooth = smooth + torch.mean(weight * (ua - ub).abs().sum(1))
     return (SCI_FIDELITY * fidelity + smooth) * refined.numel()
 
@@ -152,16 +168,24 @@ def illumination_smoothness(a: torch.Tensor) -> torch.Tensor:
     return 2 * (dh + dw) / a.shape[0]
 
 
-def zerodce_terms(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E) -> dict:
+def zerodce_terms(
+    refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E
+) -> dict:
     """The four ZeroDCE terms of PTG-RM's refined output (unclamped, so that an output beyond
     [0, 1] is pulled back), its smoothness term on PTG-RM's correction refined - clamp(base, 0, 1),
     which plays the role of ZeroDCE's curve maps A (the correction, not the image, is smooth)."""
     y = refined.float()
-    return {"spatial": spatial_consistency(y, lq.float()), "exposure": exposure_control(y, e),
-            "colour": colour_constancy(y), "smoothness": illumination_smoothness(y - base.float().clamp(0, 1))}
+    return {
+        "spatial": spatial_consistency(y, lq.float()),
+        "exposure": exposure_control(y, e),
+        "colour": colour_constancy(y),
+        "smoothness": illumination_smoothness(y - base.float().clamp(0, 1)),
+    }
 
 
-def zerodce_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E) -> torch.Tensor:
+def zerodce_loss(
+    refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e: float = ZERODCE_E
+) -> torch.Tensor:
     """ZeroDCE's no-reference loss, 1 L_spa + 10 L_exp + 5 L_col + 200 L_tvA (weights of the
     authors' training code; exposure target `e`), times the number of output values (summed, as
     `charbonnier`)."""
@@ -169,5 +193,12 @@ def zerodce_loss(refined: torch.Tensor, lq: torch.Tensor, base: torch.Tensor, e:
     return sum(ZERODCE_WEIGHTS[k] * v for k, v in terms.items()) * refined.numel()
 
 
-LOSSES = {"charbonnier": None, "sci": sci_loss, "zerodce": zerodce_loss}  # None: supervised Charbonnier on ground truth
-NO_REFERENCE = ("zerodce", "sci")  # losses that read the input (and the base), never the ground truth
+LOSSES = {
+    "charbonnier": None,
+    "sci": sci_loss,
+    "zerodce": zerodce_loss,
+}  # None: supervised Charbonnier on ground truth
+NO_REFERENCE = (
+    "zerodce",
+    "sci",
+)  # losses that read the input (and the base), never the ground truth

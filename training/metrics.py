@@ -6,6 +6,7 @@ covariance, per channel then averaged, borders excluded: scikit-image's
 PSNR and the float -> uint8 conversion are `stores.stats.psnr` / `to_uint8` (one implementation,
 shared with `python -m stores info --stats`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     if a.ndim == 2:
         a, b = a[..., None], b[..., None]
-    return float(np.mean([_ssim_channel(a[..., c], b[..., c], data_range) for c in range(a.shape[2])]))
+    return float(
+        np.mean([_ssim_channel(a[..., c], b[..., c], data_range) for c in range(a.shape[2])])
+    )
 
 
 def _ssim_channel(x: np.ndarray, y: np.ndarray, data_range: float) -> float:

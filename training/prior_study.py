@@ -8,6 +8,7 @@ own (`runs/<run>-prior-<row>-s<seed>/`), reused when finished with the same sett
 pretrained - random and pretrained - none with 95% bootstrap intervals that resample both the
 test samples and the seeds (paired: the same sample and seed on both sides).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -65,8 +66,17 @@ def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
             c = pending.pop(0)
             (Path(c.runs_dir) / c.run).mkdir(parents=True, exist_ok=True)
             out = open(Path(c.runs_dir) / c.run / "train.log", "w")
-            running.append((c, out, subprocess.Popen([sys.executable, "-m", "training", "train", *cli_args(c)],
-                                                     stdout=out, stderr=subprocess.STDOUT)))
+            running.append(
+                (
+                    c,
+                    out,
+                    subprocess.Popen(
+                        [sys.executable, "-m", "training", "train", *cli_args(c)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    ),
+                )
+            )
             log(f"== started {c.run}")
         for item in list(running):
             c, out, proc = item
@@ -76,15 +86,22 @@ def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
                 (failed.append(c.run) if proc.returncode else log(f"== finished {c.run}"))
         time.sleep(0.5)
     if failed:
-        raise RuntimeError(f"prior study: {len(failed)} run(s) failed: " + ", ".join(
-            f"{r} (see {Path(configs[0].runs_dir) / r / 'train.log'})" for r in failed))
+        raise RuntimeError(
+            f"prior study: {len(failed)} run(s) failed: "
+            + ", ".join(f"{r} (see {Path(configs[0].runs_dir) / r / 'train.log'})" for r in failed)
+        )
 
 
 def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) -> Path:
     name = cfg.run or cfg.task
-    plan = [(row, replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes))
-            for row, changes in ROWS for seed in seeds]
-    opened: dict[str, tuple] = {}  # encoder(s) -> (train, test) splits: a finished run must match their keys
+    plan = [
+        (row, replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes))
+        for row, changes in ROWS
+        for seed in seeds
+    ]
+    opened: dict[
+        str, tuple
+    ] = {}  # encoder(s) -> (train, test) splits: a finished run must match their keys
 
     def done(c: TrainConfig) -> dict | None:
         if c.encoder not in opened:
@@ -114,30 +131,62 @@ def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) ->
             out.append([by_name[n] for n in names])
         return np.array(out)
 
-    rows = [{"row": row, "encoder": changes["encoder"] if "use_g" not in changes.get("ablate", "") else "none",
-             "weights": sorted({r["weights"] for r in results[row]}),
-             "psnr_base": float(np.mean([r["psnr_base"] for r in results[row]])),
-             "psnr_refined": float(per_sample(row).mean()),
-             "psnr_refined_per_seed": [r["psnr_refined"] for r in results[row]],
-             "ssim_refined": float(per_sample(row, "ssim_refined").mean())} for row, changes in ROWS]
+    rows = [
+        {
+            "row": row,
+            "encoder": changes["encoder"] if "use_g" not in changes.get("ablate", "") else "none",
+            "weights": sorted({r["weights"] for r in results[row]}),
+            "psnr_base": float(np.mean([r["psnr_base"] for r in results[row]])),
+            "psnr_refined": float(per_sample(row).mean()),
+            "psnr_refined_per_seed": [r["psnr_refined"] for r in results[row]],
+            "ssim_refined": float(per_sample(row, "ssim_refined").mean()),
+        }
+        for row, changes in ROWS
+    ]
     diffs = []
     for a, b in COMPARE:
         d = per_sample(a) - per_sample(b)
-        diffs.append({"a": a, "b": b, "psnr_diff": float(d.mean()), "ci95": paired_bootstrap(d),
-                      "ssim_diff": float((per_sample(a, "ssim_refined") - per_sample(b, "ssim_refined")).mean())})
+        diffs.append(
+            {
+                "a": a,
+                "b": b,
+                "psnr_diff": float(d.mean()),
+                "ci95": paired_bootstrap(d),
+                "ssim_diff": float(
+                    (per_sample(a, "ssim_refined") - per_sample(b, "ssim_refined")).mean()
+                ),
+            }
+        )
     out = Path(cfg.runs_dir) / f"{name}-prior"
-    report = {"task": cfg.task, "steps": cfg.steps, "seeds": seeds, "n_samples": len(names),
-              "space": results[ROWS[0][0]][0]["space"], "rows": rows, "differences": diffs}
+    report = {
+        "task": cfg.task,
+        "steps": cfg.steps,
+        "seeds": seeds,
+        "n_samples": len(names),
+        "space": results[ROWS[0][0]][0]["space"],
+        "rows": rows,
+        "differences": diffs,
+    }
     write_json_atomic(out / "prior.json", report)
-    lines = [f"# Does the prior matter? ({cfg.task}, {len(names)} test samples, seeds {seeds}, {cfg.steps} steps, "
-             f"PSNR in {report['space'].upper()})", "",
-             "| OSF | weights | PSNR base -> refined (mean) | per seed | SSIM refined |", "|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {', '.join(r['weights']) if r['encoder'] != 'none' else '-'} | "
-              f"{r['psnr_base']:.2f} -> {r['psnr_refined']:.3f} | "
-              f"{', '.join(f'{v:.3f}' for v in r['psnr_refined_per_seed'])} | {r['ssim_refined']:.4f} |" for r in rows]
+    lines = [
+        f"# Does the prior matter? ({cfg.task}, {len(names)} test samples, seeds {seeds}, {cfg.steps} steps, "
+        f"PSNR in {report['space'].upper()})",
+        "",
+        "| OSF | weights | PSNR base -> refined (mean) | per seed | SSIM refined |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['row']} | {', '.join(r['weights']) if r['encoder'] != 'none' else '-'} | "
+        f"{r['psnr_base']:.2f} -> {r['psnr_refined']:.3f} | "
+        f"{', '.join(f'{v:.3f}' for v in r['psnr_refined_per_seed'])} | {r['ssim_refined']:.4f} |"
+        for r in rows
+    ]
     lines += ["", "| difference | PSNR (95% CI over samples and seeds) | SSIM |", "|---|---|---|"]
-    lines += [f"| {d['a']} - {d['b']} | {d['psnr_diff']:+.3f} dB ({d['ci95'][0]:+.3f}..{d['ci95'][1]:+.3f}) | "
-              f"{d['ssim_diff']:+.4f} |" for d in diffs]
+    lines += [
+        f"| {d['a']} - {d['b']} | {d['psnr_diff']:+.3f} dB ({d['ci95'][0]:+.3f}..{d['ci95'][1]:+.3f}) | "
+        f"{d['ssim_diff']:+.4f} |"
+        for d in diffs
+    ]
     with atomic_path(out / "prior.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     log("\n".join(lines))

@@ -18,6 +18,7 @@ On a CPU (and under DDP, or for a batch whose shape differs from the captured on
 runs eagerly, with the same static buffers and fused Adam: the capture path is exercised
 everywhere, and only the capture itself is skipped, with the reason said once.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -37,8 +38,13 @@ def make_optimizer(params, lr: float, device: torch.device, graph: bool) -> torc
     if not graph:
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
     capturable = device.type == "cuda"
-    return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), betas=(0.9, 0.99), fused=True,
-                            capturable=capturable)
+    return torch.optim.Adam(
+        params,
+        lr=torch.tensor(lr, device=device),
+        betas=(0.9, 0.99),
+        fused=True,
+        capturable=capturable,
+    )
 
 
 def float_lrs(state: dict) -> dict:
@@ -64,16 +70,20 @@ def tensor_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
                 group[k] = torch.tensor(float(group[k]), device=device)
 
 
-def train_step(net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None,
-               cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None, cache: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, base's loss) of one (local) batch, summed over pixels (moved to `device` first: a
     no-op for the static buffers). Scaled by
     the world size so DDP's gradient average equals the gradient of the single-process summed loss.
     `no_ref(refined, lq, base)`: a no-reference loss, which never reads the ground truth (the base's
     loss is then the same loss of the clamped base)."""
     lq, base, gt, g = (to_device(batch, device)[k] for k in KEYS)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if device.type == "cuda" \
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+        if device.type == "cuda"
         else nullcontext()
+    )
     with amp:
         refined = net(base, lq, g)
     refined = refined.float()
@@ -84,7 +94,9 @@ def train_step(net, batch: dict, device, perceptual, weight: float, world: int, 
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)
-    with torch.no_grad():  # the unrefined base's loss on the same crops: the reference a run must beat
+    with (
+        torch.no_grad()
+    ):  # the unrefined base's loss on the same crops: the reference a run must beat
         base_loss = charbonnier(base.float().clamp(0, 1), gt)
     return loss * world, base_loss * world
 
@@ -101,23 +113,43 @@ class Step:
     """`step(batch)` trains on one batch and returns its loss tensor (on the device, not read);
     `loss_sum` holds (refined, base) loss per pixel summed over the steps since it was zeroed."""
 
-    def __init__(self, net, opt, device, world: int, perceptual=None, weight: float = 0.0, no_ref=None,
-                 graph: bool = False, log=print):
+    def __init__(
+        self,
+        net,
+        opt,
+        device,
+        world: int,
+        perceptual=None,
+        weight: float = 0.0,
+        no_ref=None,
+        graph: bool = False,
+        log=print,
+    ):
         self.net, self.opt, self.device, self.world = net, opt, device, world
         self.args = (perceptual, weight, world, no_ref)
         self.loss_sum = torch.zeros(2, device=device)
         self.graph, self.static, self.captured, self.loss = graph, None, None, None
         self.steps = 0
         if graph:
-            why = ("not on a GPU" if device.type != "cuda" else "DDP (several processes)" if world > 1 else None)
+            why = (
+                "not on a GPU"
+                if device.type != "cuda"
+                else "DDP (several processes)"
+                if world > 1
+                else None
+            )
             if why:
-                log(f"--cuda-graph: capture skipped ({why}); the step runs eagerly with static buffers and fused Adam")
+                log(
+                    f"--cuda-graph: capture skipped ({why}); the step runs eagerly with static buffers and fused Adam"
+                )
                 self.graph = False
             self.static = {}
 
     def _eager(self, batch: dict, cache: bool = True) -> torch.Tensor:
         perceptual, weight, world, no_ref = self.args
-        loss, base_loss = train_step(self.net, batch, self.device, perceptual, weight, world, no_ref, cache)
+        loss, base_loss = train_step(
+            self.net, batch, self.device, perceptual, weight, world, no_ref, cache
+        )
         self.loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,8 +173,10 @@ class Step:
             return self._eager(batch)
         if not self._stage(batch):
             if self.captured is not None or self.graph:
-                warnings.warn("--cuda-graph: a batch of another shape runs eagerly (the graph was captured "
-                              f"for {tuple(self.static['lq'].shape)})")
+                warnings.warn(
+                    "--cuda-graph: a batch of another shape runs eagerly (the graph was captured "
+                    f"for {tuple(self.static['lq'].shape)})"
+                )
             return self._eager(batch)
         if not self.graph:
             return self._eager(self.static)
@@ -163,8 +197,12 @@ class Step:
 
     def _capture_body(self) -> torch.Tensor:
         perceptual, weight, world, no_ref = self.args
-        loss, base_loss = train_step(self.net, self.static, self.device, perceptual, weight, world, no_ref, False)
-        self.loss_sum += torch.stack([loss.detach(), base_loss]) / (self.static["gt"].numel() * world)
+        loss, base_loss = train_step(
+            self.net, self.static, self.device, perceptual, weight, world, no_ref, False
+        )
+        self.loss_sum += torch.stack([loss.detach(), base_loss]) / (
+            self.static["gt"].numel() * world
+        )
         loss.backward()
         self.opt.step()
         return loss

@@ -4,6 +4,7 @@ Run: `python -m training train --task deblur --data demo` (what `make train` cal
 several processes: `torchrun --nproc_per_node N -m training train ...` (DDP; gloo on CPU).
 Reads only the stores: no frozen network is loaded here.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,27 +34,47 @@ from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, zerodce_loss
 from .step import Step, float_lrs, make_optimizer, tensor_lrs
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
-SWITCHES = ("sve", "channel_attention", "spatial_attention", "position_embedding", "osf_mapping", "use_g")
+SWITCHES = (
+    "sve",
+    "channel_attention",
+    "spatial_attention",
+    "position_embedding",
+    "osf_mapping",
+    "use_g",
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The settings of `python -m training train|eval|...`, each one flag (stores/cli.py) with its help."""
+
     task: str = setting("deblur", "restoration task")
     data: str = setting("demo", "'demo' or the dataset folder given to `make features`")
     store_root: str = setting("data/stores", "where stores live")
     train_store: str | None = setting(None, "train store path (default: search --store-root)")
     test_store: str | None = setting(None, "test store path (default: search --store-root)")
-    target: str | None = setting(None, "target member name (default: the store's only complete one)")
+    target: str | None = setting(
+        None, "target member name (default: the store's only complete one)"
+    )
     encoder: str = setting("clip-vit-b32", "OSF member name(s), comma-separated to concatenate")
-    format: str = setting("zarr", "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; "
-                          "--train-store may then be an export folder or URL (s3://bucket/prefix/<store>-wds)")
-    wds_streams: int = setting(4, "wds: shuffled shard streams per process; batches depend on it; --workers must "
-                               "divide it")
-    wds_buffer: int = setting(256, "wds: shuffle buffer per stream, in tiles (bounds the loader's memory: streams "
-                              "x buffer x tile)")
-    wds_buffer_mb: float = setting(128.0, "wds: MB of encoded tiles the shuffle buffers may hold in all (fewer "
-                                   "tiles per buffer when tiles are large, at least 1)")
+    format: str = setting(
+        "zarr",
+        "read the train store as 'zarr' or as its 'wds' (WebDataset) export, streamed; "
+        "--train-store may then be an export folder or URL (s3://bucket/prefix/<store>-wds)",
+    )
+    wds_streams: int = setting(
+        4, "wds: shuffled shard streams per process; batches depend on it; --workers must divide it"
+    )
+    wds_buffer: int = setting(
+        256,
+        "wds: shuffle buffer per stream, in tiles (bounds the loader's memory: streams "
+        "x buffer x tile)",
+    )
+    wds_buffer_mb: float = setting(
+        128.0,
+        "wds: MB of encoded tiles the shuffle buffers may hold in all (fewer "
+        "tiles per buffer when tiles are large, at least 1)",
+    )
     run: str | None = setting(None, "run name (default: the task)")
     runs_dir: str = setting("runs", "where runs are written")
     steps: int = setting(1500, "training iterations")
@@ -62,45 +83,87 @@ class TrainConfig:
     lr: float = setting(1e-4, "Adam learning rate")
     lr_min: float = setting(1e-7, "cosine floor")
     seed: int = setting(0, "seed of initialisation and data order")
-    ablate: str = setting("", "comma-separated model parts to turn off (the paper's Table 3): sve, "
-                          "channel_attention, spatial_attention, position_embedding, osf_mapping, use_g")
+    ablate: str = setting(
+        "",
+        "comma-separated model parts to turn off (the paper's Table 3): sve, "
+        "channel_attention, spatial_attention, position_embedding, osf_mapping, use_g",
+    )
     output: str = setting("code", "'code' (clamp(base)+I_r) or 'eq1' (paper's Eq. 1)")
-    loss: str = setting("charbonnier", "'charbonnier' (on the ground truth) or a no-reference loss that needs "
-                        "none: 'zerodce' (ZeroDCE's spatial consistency, exposure, colour constancy, and smoothness "
-                        "of PTG-RM's correction) or 'sci' (SCI's fidelity + smoothness on the illumination lq / "
-                        "refined; its minimum is a white image); docs/training.md")
-    exposure: float = setting(0.6, "--loss zerodce: the exposure level E, the mean intensity asked of each 16x16 "
-                              "patch (ZeroDCE's authors use 0.6)")
-    perceptual: float = setting(0.0, "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)")
-    vgg_weights: str | None = setting(None, "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a "
-                                      ".safetensors of its features.* tensors)")
+    loss: str = setting(
+        "charbonnier",
+        "'charbonnier' (on the ground truth) or a no-reference loss that needs "
+        "none: 'zerodce' (ZeroDCE's spatial consistency, exposure, colour constancy, and smoothness "
+        "of PTG-RM's correction) or 'sci' (SCI's fidelity + smoothness on the illumination lq / "
+        "refined; its minimum is a white image); docs/training.md",
+    )
+    exposure: float = setting(
+        0.6,
+        "--loss zerodce: the exposure level E, the mean intensity asked of each 16x16 "
+        "patch (ZeroDCE's authors use 0.6)",
+    )
+    perceptual: float = setting(
+        0.0, "weight of the VGG19 perceptual loss (paper: 0.1; needs --vgg-weights)"
+    )
+    vgg_weights: str | None = setting(
+        None,
+        "torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth, or a "
+        ".safetensors of its features.* tensors)",
+    )
     device: str = setting("auto", "'auto' (a CUDA GPU when visible), 'cpu' or 'cuda[:i]'")
     compile: bool = setting(False, "torch.compile the model")
-    compile_mode: str = setting("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA "
-                                "graphs) or max-autotune")
-    cuda_graph: bool = setting(False, "GPU: capture the whole training step (forward, backward, fused Adam) as "
-                               "one CUDA graph and replay it (training/step.py); on a CPU the step runs eagerly "
-                               "and says why")
+    compile_mode: str = setting(
+        "default",
+        "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) or max-autotune",
+    )
+    cuda_graph: bool = setting(
+        False,
+        "GPU: capture the whole training step (forward, backward, fused Adam) as "
+        "one CUDA graph and replay it (training/step.py); on a CPU the step runs eagerly "
+        "and says why",
+    )
     workers: int = setting(1, "loader processes (0: load in the training process)")
     threads: int = setting(0, "torch CPU threads (0: default)")
     log_every: int = setting(25, "steps between metrics.jsonl lines")
     ckpt_every: int = setting(250, "steps between checkpoints")
-    eval_every: int = setting(-1, "steps between test evaluations (PSNR curve; -1: 5 over the run, 0: at the end "
-                              "only)")
-    stop_at: int = setting(0, "stop with a checkpoint after this step; continue later with --resume")
+    eval_every: int = setting(
+        -1, "steps between test evaluations (PSNR curve; -1: 5 over the run, 0: at the end only)"
+    )
+    stop_at: int = setting(
+        0, "stop with a checkpoint after this step; continue later with --resume"
+    )
     resume: bool = setting(False, "continue an interrupted run from its checkpoint")
-    save_images: bool = setting(False, "save the refined test images as PNG in runs/<run>/images/, in the folders "
-                                "of their sample names (two sets' 0001.png stay two files)")
+    save_images: bool = setting(
+        False,
+        "save the refined test images as PNG in runs/<run>/images/, in the folders "
+        "of their sample names (two sets' 0001.png stay two files)",
+    )
 
 
 # settings that may differ between a run and its resumption without changing the result (where
 # the stores are is one: the keys of the members read are compared instead, check_same_members)
-RUNTIME_ONLY = ("resume", "workers", "threads", "stop_at", "device", "compile", "compile_mode", "cuda_graph",
-                "log_every", "eval_every",
-                "save_images", "store_root", "train_store", "test_store")
+RUNTIME_ONLY = (
+    "resume",
+    "workers",
+    "threads",
+    "stop_at",
+    "device",
+    "compile",
+    "compile_mode",
+    "cuda_graph",
+    "log_every",
+    "eval_every",
+    "save_images",
+    "store_root",
+    "train_store",
+    "test_store",
+)
 
 
-STATE, PREVIOUS_STATE, DAMAGED_STATE = "state.pt", "state.prev.pt", "state.damaged.pt"  # last, one before
+STATE, PREVIOUS_STATE, DAMAGED_STATE = (
+    "state.pt",
+    "state.prev.pt",
+    "state.damaged.pt",
+)  # last, one before
 
 
 def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
@@ -111,32 +174,46 @@ def model_config(cfg: TrainConfig, osf_dim: int) -> PTGRMConfig:
     return PTGRMConfig(osf_dim=osf_dim, output=cfg.output, **{s: False for s in off})
 
 
-def save_checkpoint(run_dir: Path, model, opt, sched, step: int, sidecar: dict, keep_previous: bool = True) -> None:
+def save_checkpoint(
+    run_dir: Path, model, opt, sched, step: int, sidecar: dict, keep_previous: bool = True
+) -> None:
     """Weights (safetensors) + JSON sidecar + optimizer state, each written atomically (read back by
     `ptgrm.refine.load_model`). The state.pt it replaces becomes state.prev.pt, for a resume when
     state.pt cannot be read; not when it is another run's (`keep_previous=False`: a new run)."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp)
+        )
     if not keep_previous:
         (run_dir / PREVIOUS_STATE).unlink(missing_ok=True)
     elif (run_dir / STATE).is_file():
         with atomic_path(run_dir / PREVIOUS_STATE) as tmp:
             shutil.copyfile(run_dir / STATE, tmp)
     with atomic_path(run_dir / STATE) as tmp:  # one file holds everything a resume needs
-        torch.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": float_lrs(opt.state_dict()), "scheduler": float_lrs(sched.state_dict())}, tmp)
+        torch.save(
+            {
+                "step": step,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": float_lrs(opt.state_dict()),
+                "scheduler": float_lrs(sched.state_dict()),
+            },
+            tmp,
+        )
     write_json_atomic(run_dir / "model.json", {**sidecar, "step": step})
 
 
 def open_splits(cfg: TrainConfig, rank: int = 0, world: int = 1) -> tuple:
     encoders = cfg.encoder.split(",") if cfg.encoder else None
-    paths = [getattr(cfg, f"{s}_store") or find_store(cfg.store_root, cfg.data, cfg.task, s)
-             for s in ("train", "test")]
+    paths = [
+        getattr(cfg, f"{s}_store") or find_store(cfg.store_root, cfg.data, cfg.task, s)
+        for s in ("train", "test")
+    ]
     if cfg.format == "wds":
         from .wds_data import WdsSplit
 
-        return WdsSplit.open(paths[0], cfg.target, encoders), \
-            Split.open(paths[1], cfg.target, encoders)
+        return WdsSplit.open(paths[0], cfg.target, encoders), Split.open(
+            paths[1], cfg.target, encoders
+        )
     if cfg.format != "zarr":
         raise ValueError(f"--format must be 'zarr' or 'wds', got {cfg.format!r}")
     return tuple(Split.open(p, cfg.target, encoders) for p in paths)
@@ -149,12 +226,25 @@ def make_loader(cfg: TrainConfig, train_split, start: int, stop: int, rank: int,
     if cfg.format == "wds":
         from .wds_data import WdsBatches
 
-        batches = WdsBatches(train_split, cfg.crop, cfg.batch, cfg.seed, start, stop, rank, world,
-                             cfg.wds_streams, cfg.wds_buffer, cfg.wds_buffer_mb)
+        batches = WdsBatches(
+            train_split,
+            cfg.crop,
+            cfg.batch,
+            cfg.seed,
+            start,
+            stop,
+            rank,
+            world,
+            cfg.wds_streams,
+            cfg.wds_buffer,
+            cfg.wds_buffer_mb,
+        )
         return torch.utils.data.DataLoader(batches, batch_size=None, **prefetch)
     train_split.arrays()  # load once before the loader forks
     batches = CropBatches(train_split, cfg.crop, cfg.batch, cfg.seed, cfg.steps, rank, world)
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop), **prefetch)
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, stop), **prefetch
+    )
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -170,7 +260,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device) -> int:
+def resume_state(
+    run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device
+) -> int:
     """Load the last checkpoint of an interrupted run with the same settings and store members
     (same keys) onto `device`, where the model already is (the optimizer state is placed beside
     the parameters it finds); returns its step."""
@@ -180,14 +272,17 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
     for role, split in (("train", train_split), ("test", test_split)):
         check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())
     recorded = {**asdict(TrainConfig()), **sidecar["train"]}  # settings added since: their defaults
-    if {k: v for k, v in recorded.items() if k not in RUNTIME_ONLY} != \
-            {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}:
+    if {k: v for k, v in recorded.items() if k not in RUNTIME_ONLY} != {
+        k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY
+    }:
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
     problems = []
     for path in (p for p in (run_dir / STATE, run_dir / PREVIOUS_STATE) if p.is_file()):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])  # weights, optimizer and scheduler of one and the same step
+            model.load_state_dict(
+                state["model"]
+            )  # weights, optimizer and scheduler of one and the same step
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if cfg.cuda_graph:
@@ -196,14 +291,20 @@ def resume_state(run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; the next one is tried
             problems.append(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})")
             continue
-        if problems:  # state.pt is damaged: set aside, so that the next checkpoint keeps this one as previous
+        if (
+            problems
+        ):  # state.pt is damaged: set aside, so that the next checkpoint keeps this one as previous
             with suppress(FileNotFoundError):  # another DDP rank set it aside first
                 os.replace(run_dir / STATE, run_dir / DAMAGED_STATE)
-            warnings.warn(f"{problems[0]}; resuming from {path} (step {step}); the damaged file is now "
-                          f"{DAMAGED_STATE}")
+            warnings.warn(
+                f"{problems[0]}; resuming from {path} (step {step}); the damaged file is now "
+                f"{DAMAGED_STATE}"
+            )
         return step
-    raise ValueError("; ".join(problems) + ": no checkpoint to resume from; train again without --resume "
-                     "to start over (or restore state.pt from a copy)")
+    raise ValueError(
+        "; ".join(problems) + ": no checkpoint to resume from; train again without --resume "
+        "to start over (or restore state.pt from a copy)"
+    )
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -216,9 +317,13 @@ def keep_metrics_until(path: Path, step: int) -> None:
             rows.append((int(json.loads(line)["step"]), line))
         except (ValueError, KeyError, TypeError) as e:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}, line {i + 1}: not a metrics line ({e}); remove that line and resume "
-                                 f"again") from None
-            warnings.warn(f"{path}: dropped its partial last line {line[:80]!r} (written when the run was stopped)")
+                raise ValueError(
+                    f"{path}, line {i + 1}: not a metrics line ({e}); remove that line and resume "
+                    f"again"
+                ) from None
+            warnings.warn(
+                f"{path}: dropped its partial last line {line[:80]!r} (written when the run was stopped)"
+            )
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for s, line in rows if s <= step))
 
@@ -226,7 +331,9 @@ def keep_metrics_until(path: Path, step: int) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
     tune_allocator()
-    with cpu_share(cfg.threads):  # torch's threads: the CPUs this process may use, shared with other trainings
+    with cpu_share(
+        cfg.threads
+    ):  # torch's threads: the CPUs this process may use, shared with other trainings
         return _train(cfg, log)
 
 
@@ -241,25 +348,44 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model = PTGRM(model_config(cfg, info["osf_dim"]))
     if cfg.cuda_graph and cfg.compile:
-        raise ValueError("--cuda-graph captures the step itself; use it without --compile (or use --compile "
-                         "--compile-mode reduce-overhead, torch.compile's own CUDA graphs)")
+        raise ValueError(
+            "--cuda-graph captures the step itself; use it without --compile (or use --compile "
+            "--compile-mode reduce-overhead, torch.compile's own CUDA graphs)"
+        )
     model.to(device)  # before the optimizer: a graph run's fused Adam keeps its state on the device
     opt = make_optimizer(model.parameters(), cfg.lr, device, cfg.cuda_graph)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
-    sidecar = {"model": model.cfg.to_dict(), "train": asdict(cfg), "params": count_parameters(model),
-               "train_store": info, "test_store": test_split.info(), "weights": info["weights"]}
+    sidecar = {
+        "model": model.cfg.to_dict(),
+        "train": asdict(cfg),
+        "params": count_parameters(model),
+        "train_store": info,
+        "test_store": test_split.info(),
+        "weights": info["weights"],
+    }
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    start = resume_state(run_dir, model, opt, sched, cfg, train_split, test_split, device) if cfg.resume else 0
-    own_state = start > 0  # a state.pt left by an earlier run in this folder never becomes the previous one
+    start = (
+        resume_state(run_dir, model, opt, sched, cfg, train_split, test_split, device)
+        if cfg.resume
+        else 0
+    )
+    own_state = (
+        start > 0
+    )  # a state.pt left by an earlier run in this folder never becomes the previous one
     if main:
         keep_metrics_until(run_dir / "metrics.jsonl", start)
-        log(f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
+        log(
+            f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
             f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
             f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device}"
-            + (f" x{world} processes" if world > 1 else "") + (f", resuming at {start}" if start else ""))
+            + (f" x{world} processes" if world > 1 else "")
+            + (f", resuming at {start}" if start else "")
+        )
     if cfg.perceptual and not cfg.vgg_weights:
-        raise ValueError("--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)")
+        raise ValueError(
+            "--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)"
+        )
     perceptual = VGGPerceptual(cfg.vgg_weights).to(device) if cfg.perceptual else None
     no_ref = no_reference_loss(cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -268,10 +394,19 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world)
     tb = _tensorboard(run_dir, start) if main else None
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", disable=not main, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        unit="step",
+        desc="train",
+        disable=not main,
+        dynamic_ncols=True,
+    )
     wait = compute = 0.0
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(cfg.steps // AUTO_EVALS, 1)
-    loss_sum = step_fn.loss_sum  # (refined, base) loss per pixel, summed on the device since the last log
+    loss_sum = (
+        step_fn.loss_sum
+    )  # (refined, base) loss per pixel, summed on the device since the last log
     model.train()
     t_last = time.perf_counter()
     metrics = run_dir / "metrics.jsonl"
@@ -292,15 +427,28 @@ def _train(cfg: TrainConfig, log=print) -> dict:
             loss_sum.zero_()
             last_log = done
             if main:
-                row = {"step": done, "loss": loss.item() / (batch["gt"].numel() * world),
-                       "loss_sum": loss.item(), "loss_mean": mean_loss, "loss_base_mean": mean_base,
-                       "lr": float(sched.get_last_lr()[0]), "data_wait_frac": wait / max(wait + compute, 1e-9)}
+                row = {
+                    "step": done,
+                    "loss": loss.item() / (batch["gt"].numel() * world),
+                    "loss_sum": loss.item(),
+                    "loss_mean": mean_loss,
+                    "loss_base_mean": mean_base,
+                    "lr": float(sched.get_last_lr()[0]),
+                    "data_wait_frac": wait / max(wait + compute, 1e-9),
+                }
                 _log(metrics, tb, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
         if main and eval_every and done % eval_every == 0 and done < cfg.steps:
             r = evaluate(model, test_split)
-            _log(metrics, tb, {"step": done, "eval_psnr_refined": r["psnr_refined"],
-                               "eval_psnr_base": r["psnr_base"]})
+            _log(
+                metrics,
+                tb,
+                {
+                    "step": done,
+                    "eval_psnr_refined": r["psnr_refined"],
+                    "eval_psnr_base": r["psnr_base"],
+                },
+            )
             model.train()
         if main and ((done % cfg.ckpt_every == 0 and done < cfg.steps) or done == stop):
             save_checkpoint(run_dir, model, opt, sched, done, sidecar, keep_previous=own_state)
@@ -310,14 +458,31 @@ def _train(cfg: TrainConfig, log=print) -> dict:
         dist.barrier()
     if not main or stop < cfg.steps:
         if main:
-            log(f"stopped at step {stop} of {cfg.steps}; continue with --resume (make train RESUME=1)")
+            log(
+                f"stopped at step {stop} of {cfg.steps}; continue with --resume (make train RESUME=1)"
+            )
         return {"stopped_at": stop}
     result = evaluate(model, test_split, save_dir=run_dir / "images" if cfg.save_images else None)
-    result.update({"task": cfg.task, "run": run_dir.name, "train_store": info["store"],
-                   "params": sidecar["params"], "steps": cfg.steps, "model": model.cfg.to_dict(),
-                   "data_wait_frac": wait / max(wait + compute, 1e-9)})
-    _log(metrics, tb, {"step": cfg.steps, "eval_psnr_refined": result["psnr_refined"],
-                                     "eval_psnr_base": result["psnr_base"]})
+    result.update(
+        {
+            "task": cfg.task,
+            "run": run_dir.name,
+            "train_store": info["store"],
+            "params": sidecar["params"],
+            "steps": cfg.steps,
+            "model": model.cfg.to_dict(),
+            "data_wait_frac": wait / max(wait + compute, 1e-9),
+        }
+    )
+    _log(
+        metrics,
+        tb,
+        {
+            "step": cfg.steps,
+            "eval_psnr_refined": result["psnr_refined"],
+            "eval_psnr_base": result["psnr_base"],
+        },
+    )
     write_eval(run_dir, result)
     from .report import write_report
 
@@ -334,14 +499,20 @@ def check_loss(cfg: TrainConfig, train_info: dict, test_info: dict) -> None:
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown --loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
     if not train_info.get("ground_truth", True) and cfg.loss not in NO_REFERENCE:
-        raise ValueError(f"train store {train_info['store']} has no ground truth (unpaired layout): train it with "
-                         f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=zerodce)")
+        raise ValueError(
+            f"train store {train_info['store']} has no ground truth (unpaired layout): train it with "
+            f"a no-reference loss, --loss {' or '.join(NO_REFERENCE)} (make train LOSS=zerodce)"
+        )
     if not 0 < cfg.exposure < 1:
         raise ValueError(f"--exposure is a mean intensity in (0, 1), got {cfg.exposure}")
     if cfg.loss in NO_REFERENCE and cfg.perceptual:
-        raise ValueError(f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}")
+        raise ValueError(
+            f"--perceptual compares with the ground truth; it does not combine with --loss {cfg.loss}"
+        )
     if not test_info.get("ground_truth", True):
-        raise ValueError(f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split")
+        raise ValueError(
+            f"test store {test_info['store']} has no ground truth: evaluation needs a paired test split"
+        )
 
 
 def no_reference_loss(cfg: TrainConfig):
@@ -353,7 +524,9 @@ def no_reference_loss(cfg: TrainConfig):
 
 def _log(path: Path, tb, row: dict) -> None:
     """One line of metrics.jsonl, and the same scalars to TensorBoard."""
-    with os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as f:  # never via a link
+    with os.fdopen(
+        open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a"
+    ) as f:  # never via a link
         f.write(json.dumps(row) + "\n")
     for k, v in row.items():
         if tb is not None and k != "step":
@@ -368,7 +541,9 @@ def _tensorboard(run_dir: Path, start: int):
 
 def summary(r: dict) -> str:
     lo, hi = r["gain_psnr_ci95"]
-    return (f"{r['store']} ({r['n_images']} images, {r['space'].upper()}, weights: {r['weights']}): "
-            f"input {r['psnr_input']:.2f} dB / {r['ssim_input']:.4f} | base {r['psnr_base']:.2f} / "
-            f"{r['ssim_base']:.4f} -> refined {r['psnr_refined']:.2f} / {r['ssim_refined']:.4f} "
-            f"(gain {r['gain_psnr']:+.2f} dB, 95% CI {lo:+.2f}..{hi:+.2f})")
+    return (
+        f"{r['store']} ({r['n_images']} images, {r['space'].upper()}, weights: {r['weights']}): "
+        f"input {r['psnr_input']:.2f} dB / {r['ssim_input']:.4f} | base {r['psnr_base']:.2f} / "
+        f"{r['ssim_base']:.4f} -> refined {r['psnr_refined']:.2f} / {r['ssim_refined']:.4f} "
+        f"(gain {r['gain_psnr']:+.2f} dB, 95% CI {lo:+.2f}..{hi:+.2f})"
+    )

@@ -3,6 +3,7 @@ tasks run in other processes, on other nodes in a real cluster). Put this folder
 (`faults.env`) with PTGRM_TEST_FAIL_TASK=<split>:<start>: Python imports this module at start-up,
 and `slurm.features.run_task` then raises for that one array task. Production code has no switch.
 """
+
 import os
 
 _spec = os.environ.get("PTGRM_TEST_FAIL_TASK")
@@ -33,7 +34,9 @@ if _delta:
 
     @functools.wraps(_real_target)
     def run_target(net, data, excluded):
-        return [None if b is None else (b.astype("float32") + float(_delta)).astype(b.dtype)
-                for b in _real_target(net, data, excluded)]
+        return [
+            None if b is None else (b.astype("float32") + float(_delta)).astype(b.dtype)
+            for b in _real_target(net, data, excluded)
+        ]
 
     _stages.run_target = run_target
