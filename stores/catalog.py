@@ -24,8 +24,8 @@ from .store import (
     StoreError,
     check_member_name,
     check_schema,
+    range_of,
     shard_file,
-    task_of,
 )
 
 
@@ -233,8 +233,8 @@ def check_remote_shard(
     rel = shard_file(layout, member, name, info["arrays"][name], 0, row)
     b = layout.buckets[0]
     lo = b.start + row // b.shard_len * b.shard_len
-    task = task_of(layout, info, lo)
-    marker_rel = f"{DONE_DIR}/{member}/{task:05d}.json"
+    r = range_of(layout, info, lo)
+    marker_rel = f"{DONE_DIR}/{member}/{r:05d}.json"
     with plain_errors(path):
         try:
             marker = json.loads(loc.fs.cat_file(loc.path(marker_rel)))

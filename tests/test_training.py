@@ -424,6 +424,14 @@ def test_ablate_writes_one_table_with_every_row(stores, tmp_path):
     mtime = (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # a second call reuses the finished rows
     assert (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns == mtime
+    # a row finished by an earlier version, which did not record a setting added since (its
+    # default then applies, as on --resume), is still reused
+    sidecar_path = tmp_path / "abl-ablate-full-ptg-rm" / "model.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    del sidecar["train"]["exposure"]
+    sidecar_path.write_text(json.dumps(sidecar))
+    assert main(args) == 0
+    assert (tmp_path / "abl-ablate-full-ptg-rm" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_distill_reports_true_and_predicted_g(stores, tmp_path):

@@ -8,13 +8,13 @@ so an interrupted ablation continues where it stopped.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from stores import atomic_path, write_json_atomic
 
 from .data import check_same_members
-from .train import RUNTIME_ONLY, TrainConfig, open_splits, train
+from .train import TrainConfig, open_splits, same_settings, train
 
 ROWS = [  # (row, changes to the training config)
     ("full PTG-RM", {}),
@@ -38,10 +38,7 @@ def finished(run_dir: Path, cfg: TrainConfig, splits) -> dict | None:
     if not (run_dir / "eval.json").is_file() or not (run_dir / "model.json").is_file():
         return None
     sidecar = json.loads((run_dir / "model.json").read_text())
-    same = all(
-        sidecar["train"].get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY
-    )
-    if not same:
+    if not same_settings(sidecar["train"], cfg):
         return None
     for role, split in zip(("train", "test"), splits):
         check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())

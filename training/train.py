@@ -260,6 +260,13 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
+    """Whether a run recorded with the settings `recorded` (model.json's "train") gives the results
+    of `cfg`: settings added since it was made count as their defaults, runtime ones not at all."""
+    recorded = {**asdict(TrainConfig()), **recorded}
+    return all(recorded.get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
+
+
 def resume_state(
     run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device
 ) -> int:
@@ -271,10 +278,7 @@ def resume_state(
     sidecar = json.loads((run_dir / "model.json").read_text())
     for role, split in (("train", train_split), ("test", test_split)):
         check_same_members(run_dir, role, sidecar.get(f"{role}_store"), split.info())
-    recorded = {**asdict(TrainConfig()), **sidecar["train"]}  # settings added since: their defaults
-    if {k: v for k, v in recorded.items() if k not in RUNTIME_ONLY} != {
-        k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY
-    }:
+    if not same_settings(sidecar["train"], cfg):
         raise ValueError(f"{run_dir}: its checkpoint was made with other settings; use another RUN")
     problems = []
     for path in (p for p in (run_dir / STATE, run_dir / PREVIOUS_STATE) if p.is_file()):
