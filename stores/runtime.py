@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
 _MMAP_MAX = 32 << 20  # glibc's largest accepted mmap threshold on 64-bit
@@ -179,12 +179,20 @@ class CpuShare:
         st = os.lstat(folder)
         if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.getuid():
             raise OSError(f"{folder}: not a folder of this user")
+        if st.st_mode & 0o022:  # others could plant registrations and take this user's threads
+            raise OSError(f"{folder}: writable by other users")
         self.pid, self.name = os.getpid(), f"{os.getpid()}-{secrets.token_hex(4)}.cpus"
-        tmp = os.path.join(folder, f".{self.name}")
-        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(self.fd, json.dumps({"pid": os.getpid(), "cpus": self.cpus}).encode())
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.rename(tmp, os.path.join(folder, self.name))  # visible only once written and locked
+        tmp = os.path.join(folder, f".{self.name}")  # hidden: never counted, never removed as stale
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            os.write(self.fd, json.dumps({"pid": os.getpid(), "cpus": self.cpus}).encode())
+            os.rename(tmp, os.path.join(folder, self.name))  # visible only once locked and written
+        except BaseException:
+            os.close(self.fd)
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def sharing(self) -> int:
         """Registered live processes whose CPUs overlap this one's, this one included."""
@@ -193,8 +201,8 @@ class CpuShare:
 
         count, mine = 1, set(self.cpus)
         for name in os.listdir(self.folder):
-            if name == self.name or not name.endswith(".cpus"):
-                continue
+            if name == self.name or name.startswith(".") or not name.endswith(".cpus"):
+                continue  # this one, another still being registered, or not a registration
             path = os.path.join(self.folder, name)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -242,7 +250,13 @@ def _join_share() -> bool:
 
     try:
         _share = CpuShare(folder)
-    except OSError:
+    except OSError as e:
+        import warnings
+
+        warnings.warn(
+            f"CPU threads not shared with other trainings ({e}); set {SHARE_ENV} to a "
+            f"folder of yours, or to 'off'"
+        )
         return False
     atexit.register(_share.close)
     return True

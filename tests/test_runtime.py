@@ -129,3 +129,25 @@ def test_trainings_sharing_the_cpus_split_them_and_a_lone_one_takes_them_back(tm
     assert (
         first.returncode == 0 and list((tmp_path / "share").iterdir()) == []
     )  # nothing left behind
+
+
+def test_a_registration_in_progress_is_never_removed_and_an_open_folder_is_refused(tmp_path):
+    """A registration is written under a hidden name and renamed once locked: another process's
+    look must not take the hidden file (unlocked for a moment) for a dead process's and remove it.
+    A share folder others may write to is refused: they could plant registrations."""
+    from stores.runtime import CpuShare
+
+    share = tmp_path / "share"
+    mine = CpuShare(str(share))
+    in_progress = share / ".999-deadbeef.cpus"
+    in_progress.write_text('{"pid": 999, "cpus": [0]}')
+    dead = share / "998-deadbeef.cpus"
+    dead.write_text('{"pid": 998, "cpus": [0]}')  # unlocked: its process was killed
+    assert mine.sharing() == 1
+    assert in_progress.exists() and not dead.exists()
+    mine.close()
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    with pytest.raises(OSError, match="writable by other users"):
+        CpuShare(str(open_folder))

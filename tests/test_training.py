@@ -141,6 +141,50 @@ def test_cuda_graph_path_trains_like_eager_and_resumes_across_modes(stores, tmp_
     )
 
 
+def test_a_checkpoint_loads_into_the_optimizer_each_mode_builds():
+    """An eager checkpoint resumed with --cuda-graph keeps the graph run's fused (capturable on a GPU)
+    Adam and its tensor rate, set to the checkpoint's value; a graph checkpoint resumed eagerly
+    keeps plain Adam. (load_state_dict alone takes the checkpoint's flags: on a GPU the graph run
+    then failed at its first step, "lr as a Tensor is not supported for capturable=False".)"""
+    from training.step import float_lrs, load_optimizer, make_optimizer
+
+    def trained(graph: bool):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = make_optimizer([p], 1e-3, torch.device("cpu"), graph)
+        p.sum().backward()
+        opt.step()
+        opt.param_groups[0]["lr"] = torch.tensor(5e-4) if graph else 5e-4
+        return float_lrs(opt.state_dict())
+
+    for saved_graph, graph in ((False, True), (True, False)):
+        state = trained(saved_graph)
+        opt = make_optimizer([torch.nn.Parameter(torch.ones(4))], 1e-3, torch.device("cpu"), graph)
+        rate = opt.param_groups[0]["lr"]
+        load_optimizer(opt, state)
+        group = opt.param_groups[0]
+        assert bool(group.get("fused")) == graph
+        assert (
+            (group["lr"] is rate and float(rate) == pytest.approx(5e-4))
+            if graph
+            else group["lr"] == pytest.approx(5e-4)
+        )
+        assert torch.allclose(opt.state[group["params"][0]]["exp_avg"], torch.full((4,), 0.1))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["training", "train", "--ste", "5"],
+        ["pipeline", "features", "--enc", "x"],
+        ["stores", "ls", "--js"],
+        ["slurm", "train", "--ste", "5"],
+    ],
+)
+def test_no_entry_point_takes_an_abbreviated_flag(argv):
+    out = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr, out.stderr[-300:]
+
+
 def test_cuda_graph_refuses_compile(stores, tmp_path, capsys):
     assert main(train_args(stores, tmp_path, "both", "--cuda-graph", "--compile")) == 1
     assert "--compile-mode reduce-overhead" in capsys.readouterr().err

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from stores import StoreError
+from stores.cli import Parser, config_from
 from stores.cli import add_config_args as add_settings
-from stores.cli import config_from
 from stores.privacy import scrub
 
 from .data import Split, check_same_members, find_store
@@ -25,7 +25,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser = Parser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     train_parser = sub.add_parser(
         "train",

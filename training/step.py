@@ -61,13 +61,32 @@ def float_lrs(state: dict) -> dict:
     return state
 
 
-def tensor_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    """After loading a checkpoint into a graph run's optimizer: learning rates back to device
-    tensors (load_state_dict puts the checkpoint's floats in)."""
-    for group in opt.param_groups:
+IMPLEMENTATION = (
+    "fused",
+    "capturable",
+    "foreach",
+    "differentiable",
+)  # how, not what, Adam computes
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state into `opt` as this run built it. load_state_dict alone
+    would take the checkpoint's implementation flags (an eager run's `capturable=False` into a
+    graph run, whose tensor rate then fails and whose capture is refused; a graph run's `fused`
+    into an eager one) and its float rates (which a captured step would bake in). Here the flags
+    stay this run's (they also place the loaded per-parameter state) and the rates their form."""
+    mine = [
+        {k: g[k] for k in (*IMPLEMENTATION, "lr", "initial_lr") if k in g} for g in opt.param_groups
+    ]
+    groups = [
+        {**saved, **{k: m[k] for k in IMPLEMENTATION if k in m}}
+        for saved, m in zip(state["param_groups"], mine)
+    ]
+    opt.load_state_dict({**state, "param_groups": groups})
+    for group, m in zip(opt.param_groups, mine):
         for k in ("lr", "initial_lr"):
-            if k in group and not isinstance(group[k], torch.Tensor):
-                group[k] = torch.tensor(float(group[k]), device=device)
+            if isinstance(m.get(k), torch.Tensor):  # the checkpoint's rate in this run's tensor
+                group[k] = m[k].fill_(float(group[k]))
 
 
 def train_step(

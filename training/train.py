@@ -31,7 +31,7 @@ from stores.runtime import cpu_share, follow_cpu_share, tune_allocator
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
 from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, zerodce_loss
-from .step import Step, float_lrs, make_optimizer, tensor_lrs
+from .step import Step, float_lrs, load_optimizer, make_optimizer
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = (
@@ -287,10 +287,8 @@ def resume_state(
             model.load_state_dict(
                 state["model"]
             )  # weights, optimizer and scheduler of one and the same step
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer(opt, state["optimizer"])  # as this run built it (eager or graph)
             sched.load_state_dict(state["scheduler"])
-            if cfg.cuda_graph:
-                tensor_lrs(opt, device)
             step = int(state["step"])
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; the next one is tried
             problems.append(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})")
