@@ -21,7 +21,7 @@ WAITS = {
 
 
 def train_rates(
-    store_root: Path, runs: Path, count: int, steps: int, env: dict | None = None
+    store_root: Path, runs: Path, count: int, steps: int, env: dict | None = None, extra=()
 ) -> list[float]:
     """Steps/s of `count` demo trainings started together, each over the window in which all of
     them were training (from metrics.jsonl as it grows: start-up and the last steps excluded)."""
@@ -54,6 +54,7 @@ def train_rates(
                 "0",
                 "--ckpt-every",
                 "100000",
+                *extra,
             ],
             cwd=ROOT,
             env={**os.environ, **(env or {})},

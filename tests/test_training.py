@@ -185,6 +185,20 @@ def test_no_entry_point_takes_an_abbreviated_flag(argv):
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr, out.stderr[-300:]
 
 
+def test_loader_workers_default_to_none_on_a_small_cpu_machine(monkeypatch):
+    """On at most 2 CPUs without a GPU a Zarr store's crops load in the training process (a loader
+    process would take a core from the compute threads); elsewhere, and for a stream, one."""
+    from training import train as t
+
+    cfg, cpu, gpu = t.TrainConfig(), torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(t, "cpu_count", lambda: 2)
+    assert t.loader_workers(cfg, cpu) == 0
+    assert t.loader_workers(replace(cfg, format="wds"), cpu) == 1 and t.loader_workers(cfg, gpu) == 1
+    assert t.loader_workers(replace(cfg, workers=3), cpu) == 3
+    monkeypatch.setattr(t, "cpu_count", lambda: 16)
+    assert t.loader_workers(cfg, cpu) == 1
+
+
 def test_cuda_graph_refuses_compile(stores, tmp_path, capsys):
     assert main(train_args(stores, tmp_path, "both", "--cuda-graph", "--compile")) == 1
     assert "--compile-mode reduce-overhead" in capsys.readouterr().err
