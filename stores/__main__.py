@@ -204,6 +204,20 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def remote_args(s: Parser) -> None:
+    """--local and --endpoint-url of the commands that read a local, shared or s3:// root."""
+    s.add_argument(
+        "--local",
+        default="data/stores",
+        help="local store root a remote store's copy is looked for in (default: data/stores)",
+    )
+    s.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)",
+    )
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python -m stores", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -220,16 +234,7 @@ def main(argv=None) -> int:
         "root", nargs="?", default="data/stores", help="store root (default: data/stores)"
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument(
-        "--local",
-        default="data/stores",
-        help="local store root a remote store's copy is looked for in (default: data/stores)",
-    )
-    s.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)",
-    )
+    remote_args(s)
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser(
         "info",
@@ -238,16 +243,7 @@ def main(argv=None) -> int:
     )
     s.add_argument("store")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument(
-        "--local",
-        default="data/stores",
-        help="local store root a remote store's copy is looked for in (default: data/stores)",
-    )
-    s.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)",
-    )
+    remote_args(s)
     s.add_argument(
         "--stats",
         action="store_true",
@@ -275,16 +271,7 @@ def main(argv=None) -> int:
         help="runs folder (e.g. runs): each member shows the PSNR gain of "
         "the runs that read it (their eval.json)",
     )
-    s.add_argument(
-        "--local",
-        default="data/stores",
-        help="local store root a remote store's copy is looked for in (default: data/stores)",
-    )
-    s.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="S3 endpoint (default: $S3_ENDPOINT_URL, $AWS_ENDPOINT_URL)",
-    )
+    remote_args(s)
     s.set_defaults(fn=cmd_catalog)
     s = sub.add_parser(
         "verify", help="re-read every shard; exit 1 naming member, shard and samples on damage"
