@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.metrics import psnr, to_uint8  # noqa: E402
 from pipeline.degrade import DEGRADATIONS, sample_rng  # noqa: E402
 from pipeline.networks import build_network_target  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
-from stores.stats import psnr, to_uint8  # noqa: E402
 
 
 def demo(task_deg, seed=0):

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # OpenMP wait settings the CPU rows can compare (name -> environment of the trainings)
 WAITS = {
-    "default": {},  # stores.runtime.WAIT_ENV: a bounded spin, threads shared among registered trainings
+    "default": {},  # common.runtime.WAIT_ENV: a bounded spin, threads shared among registered trainings
     "short-spin": {"GOMP_SPINCOUNT": "10000"},
     "sleeping": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},  # the default before
     "spinning": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"},

@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu import WAITS, train_rates  # noqa: E402
+from common.runtime import cpu_count, tune_allocator  # noqa: E402
 from pipeline.encoders import build_encoder  # noqa: E402
 from pipeline.extract import FeaturesConfig, build_features  # noqa: E402
 from pipeline.sources import _demo_image, read_image  # noqa: E402
 from pipeline.targets import build_target  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
 from stores import Store  # noqa: E402
-from stores.runtime import cpu_count, tune_allocator  # noqa: E402
 from training.data import CropBatches, Split  # noqa: E402
 from training.losses import charbonnier  # noqa: E402
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu import WAITS, train_rates  # noqa: E402
-from stores.runtime import cpu_count  # noqa: E402
+from common.runtime import cpu_count  # noqa: E402
 
 SETS = {  # name: (sizes drawn from, N)
     "gopro": ([(720, 1280)], 12),  # N of at least 3 shards: 3 are in flight (load, compute, write)

@@ -7,8 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import common.startup  # noqa: F401 (first: OpenMP settings before numpy and torch load)
+from common.privacy import scrub
 from stores.cli import Parser, add_config_args, config_from
-from stores.privacy import scrub
 
 from .download import weights_main, weights_parser
 from .plan import FeaturesConfig, plan_features, report_complete

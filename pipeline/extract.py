@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from common.privacy import shareable
+from common.runtime import set_torch_threads, tune_allocator
 from stores import (
     TEXT,
     ArraySpec,
@@ -29,9 +31,7 @@ from stores import (
     make_layout,
     write_json_atomic,
 )
-from stores.privacy import shareable
 from stores.provenance import provenance
-from stores.runtime import set_torch_threads, tune_allocator
 from stores.store import SOURCES_DIR, StoreError
 
 from . import stages
@@ -388,7 +388,7 @@ def encoder_inputs(enc) -> list:
 def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
     """Copy the members we need that a shared root already holds complete, with the same keys,
     into the local store (verified, file by file); the shared root is only read."""
-    from stores.privacy import scrub
+    from common.privacy import scrub
     from stores.remote import RemoteError, copy_store, open_location, read_manifest
 
     src = shared_root.rstrip("/") + "/" + local.name

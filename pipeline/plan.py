@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.privacy import local_path
 from stores import Store, dataset_name, key_of, store_name
 from stores.cli import setting
-from stores.privacy import local_path
 from stores.store import SOURCES_DIR, StoreError
 from stores.wds import export_wds
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.metrics import to_uint8
+from common.privacy import local_path
 from ptgrm.images import save_png
 from ptgrm.predictor import load_predictor, predict_g
 from ptgrm.refine import load_model, refine
-from stores.privacy import local_path
-from stores.stats import to_uint8
 
 from .encoders import build_encoder
 from .names import is_user_encoder, weights_arg

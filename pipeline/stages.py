@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from common.runtime import release_memory
 from stores.leases import LeaseLost
-from stores.runtime import release_memory
 from stores.store import read_json
 from stores.wds import INDEX as WDS_INDEX
 from stores.wds import WdsWriter

@@ -9,9 +9,10 @@ import argparse
 import logging
 import sys
 
+import common.startup  # noqa: F401 (first: OpenMP settings before numpy and torch load)
+from common.privacy import scrub
 from pipeline.__main__ import features_parser
 from stores.cli import Parser
-from stores.privacy import scrub
 from training.__main__ import add_config_args
 
 from .submit import add_cluster_args

@@ -4,15 +4,11 @@ Depends on numpy, zarr, numcodecs and the standard library; `remote` adds fsspec
 `python -m stores info --stats` dask, `python -m stores catalog` Pillow. `python -m stores --help`.
 """
 
-from .runtime import quiet_threads
-
-quiet_threads()  # every entry point imports stores first: before numpy and torch start their thread pools
-
-from .keys import SCHEMA_VERSION, canonical_json, key_of, sha256_file  # noqa: E402
-from .layout import Bucket, Layout, decode_text, encode_text, make_layout  # noqa: E402
-from .leases import Leases, store_lock  # noqa: E402
-from .remote import RemoteError, copy_store  # noqa: E402
-from .store import (  # noqa: E402
+from .keys import SCHEMA_VERSION, canonical_json, key_of, sha256_file
+from .layout import Bucket, Layout, decode_text, encode_text, make_layout
+from .leases import Leases, store_lock
+from .remote import RemoteError, copy_store
+from .store import (
     TEXT,
     ArraySpec,
     Samples,
@@ -25,7 +21,7 @@ from .store import (  # noqa: E402
     store_name,
     write_json_atomic,
 )
-from .wds import export_wds  # noqa: E402
+from .wds import export_wds
 
 __all__ = [
     "SCHEMA_VERSION",

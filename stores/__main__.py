@@ -8,10 +8,11 @@ import json
 import sys
 from pathlib import Path
 
+from common.privacy import scrub
+
 from .catalog import is_url, list_root, local_copy, read_store, same_folder
 from .cli import Parser
 from .maintain import lost_records
-from .privacy import scrub
 from .provenance import describe as describe_provenance
 from .stats import member_stats
 from .store import Store, StoreError, records_file

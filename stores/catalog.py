@@ -13,7 +13,8 @@ import json
 import posixpath
 from pathlib import Path
 
-from .privacy import scrub, shareable
+from common.privacy import scrub, shareable
+
 from .remote import Location, open_location, plain_errors, read_manifest
 from .store import (
     DONE_DIR,

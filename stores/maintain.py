@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from common.privacy import local_path
+
 from .leases import LEASE_DIR, _generations, lease_folders
 from .names import is_user_encoder, is_user_target
-from .privacy import local_path
 from .store import DONE_DIR, STAGING_DIR, Store, StoreError, read_json, records_file
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer

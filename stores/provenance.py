@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from .privacy import shareable
+from common.privacy import shareable
 
 PROJECT = "ptgrm-pipeline"
 LIBRARIES = {

@@ -45,10 +45,11 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from common.privacy import scrub, strip_url_credentials
+
 from .files import new_file
 from .layout import Layout
 from .leases import file_lock, store_lock
-from .privacy import scrub, strip_url_credentials
 from .store import (
     DONE_DIR,
     MANIFEST,

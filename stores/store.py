@@ -38,11 +38,12 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from common.privacy import shareable
+
 from .files import StoreError, UnsafeFileError, check_inside, new_file, open_regular  # noqa: F401 (re-exported)
 from .keys import SCHEMA_VERSION, sha256_bytes
 from .layout import Layout, decode_text, encode_text
 from .leases import store_lock
-from .privacy import shareable
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"

@@ -6,9 +6,11 @@ import tempfile
 
 import pytest
 
+import common.startup  # noqa: F401 (OpenMP settings as the entry points have them)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A training runs as many threads as its share of the CPUs among the registered processes
-# (stores.runtime.CpuShare), and CPU results follow the thread count: the session's own folder
+# (common.runtime.CpuShare), and CPU results follow the thread count: the session's own folder
 # keeps other sessions' trainings on this machine from changing the threads of the runs a test compares.
 os.environ.setdefault("PTGRM_CPU_SHARE_DIR", tempfile.mkdtemp(prefix="ptgrm-test-cpus-"))
 

@@ -370,9 +370,9 @@ def test_train_writes_run_with_eval(built, tmp_path, tiny_clip):
         "distilled",
     )
     assert "distilled predictor" in out.stdout + out.stderr
+    from common.metrics import to_uint8
     from ptgrm.predictor import load_predictor
     from ptgrm.refine import load_model, refine
-    from stores.stats import to_uint8
     from training.data import Split
     from training.distill import PredictedG
 

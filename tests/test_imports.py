@@ -11,18 +11,20 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("stores", "ptgrm", "pipeline", "training", "slurm")
+PACKAGES = ("common", "stores", "ptgrm", "pipeline", "training", "slurm")
 # folder -> the project folders its modules may import (itself included)
 MAY_IMPORT = {
-    "stores": {"stores"},
-    "ptgrm": {"ptgrm", "stores"},
-    "pipeline": {"pipeline", "ptgrm", "stores"},
-    "training": {"training", "ptgrm", "stores"},
-    "slurm": {"slurm", "pipeline", "training", "ptgrm", "stores"},
-    "bench": {"bench", "slurm", "pipeline", "training", "ptgrm", "stores"},
+    "common": {"common"},
+    "stores": {"stores", "common"},
+    "ptgrm": {"ptgrm", "stores", "common"},
+    "pipeline": {"pipeline", "ptgrm", "stores", "common"},
+    "training": {"training", "ptgrm", "stores", "common"},
+    "slurm": {"slurm", "pipeline", "training", "ptgrm", "stores", "common"},
+    "bench": {"bench", "slurm", "pipeline", "training", "ptgrm", "stores", "common"},
 }
 # folder -> third-party modules it must never import (frozen networks stay in stage 1)
 NEVER = {
+    "common": {"open_clip", "diffusers", "transformers", "zarr"},
     "training": {"open_clip", "diffusers", "transformers"},
     "ptgrm": {"open_clip", "diffusers", "transformers"},
     "stores": {"open_clip", "diffusers", "transformers"},
@@ -86,15 +88,15 @@ def test_each_folder_imports_only_what_its_rules_allow():
                 )
             if head in NEVER.get(folder, ()):
                 bad.setdefault((path, line), f"{where} (a frozen network's library)")
-            if folder == "stores" and head == "torch" and top:
-                bad.setdefault((path, line), f"{where} at module level (stores is torch-free)")
+            if folder in ("stores", "common") and head == "torch" and top:
+                bad.setdefault((path, line), f"{where} at module level ({folder} is torch-free)")
     assert not bad, "\n".join(bad.values())
 
 
 def test_the_rules_see_the_imports_they_judge():
     """The parser resolves relative, lazy and `from . import x` imports (else the rules prove nothing)."""
     found = {t for t, _, _ in imports("pipeline.restore", ROOT / "pipeline" / "restore.py")}
-    assert {"ptgrm.refine", "pipeline.encoders", "pipeline.networks", "stores.privacy"} <= found
+    assert {"ptgrm.refine", "pipeline.encoders", "pipeline.networks", "common.privacy"} <= found
     assert "slurm.submit" in {
         t for t, _, _ in imports("slurm.features", ROOT / "slurm" / "features.py")
     }
@@ -162,3 +164,21 @@ def test_pyproject_declares_every_third_party_import():
                     f"{', '.join(sorted(providers)) or 'unknown'}), not declared in pyproject.toml"
                 )
     assert not missing, "\n".join(sorted(set(missing)))
+
+
+def test_importing_the_libraries_changes_no_environment_variable():
+    """`common`, `stores` and `ptgrm` may be imported by anyone (a notebook, another tool): their
+    import sets nothing. Only `common.startup`, imported first by the entry points, sets the
+    OpenMP variables."""
+    import subprocess
+
+    check = (
+        "import os, sys; before = dict(os.environ); import {mods}; "
+        "sys.exit(sorted(set(os.environ.items()) ^ set(before.items())) != [])"
+    )
+    libs = "common, common.runtime, common.privacy, common.metrics, stores, stores.stats, ptgrm"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    run = [sys.executable, "-c", check.format(mods=libs)]
+    assert subprocess.run(run, cwd=ROOT, env=env).returncode == 0
+    startup = [sys.executable, "-c", check.format(mods="common.startup")]
+    assert subprocess.run(startup, cwd=ROOT, env=env).returncode == 1  # the one that does

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.metrics import psnr, to_uint8
+from common.privacy import shareable
 from pipeline.__main__ import features_config, features_parser
 from pipeline.degrade import deblur, motion_kernel, sample_rng
 from pipeline.encoders import WeightsNotFound, build_encoder
@@ -15,8 +17,6 @@ from pipeline.plan import FeaturesConfig
 from pipeline.sources import SourceError, _demo_image, open_source, read_image
 from pipeline.targets import Wiener, build_target
 from stores.maintain import NOT_REPLAYED, features_command
-from stores.privacy import shareable
-from stores.stats import psnr, to_uint8
 
 
 def test_degradation_is_seeded_per_sample():

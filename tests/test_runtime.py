@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = "from stores.runtime import tune_allocator as t; print(t(), t())"
+CHECK = "from common.runtime import tune_allocator as t; print(t(), t())"
 
 
 def run(env: dict) -> str:
@@ -41,7 +41,7 @@ def test_allocator_tuned_once_unless_the_user_chose():
 
 RELEASE = """
 import os, numpy as np
-from stores.runtime import release_memory, tune_allocator
+from common.runtime import release_memory, tune_allocator
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 tune_allocator()
 keep = [np.ones(10 << 20, np.uint8) for _ in range(30)]  # 300 MB of 10 MB buffers: kept for reuse when freed
@@ -76,7 +76,7 @@ def test_memory_kept_for_reuse_goes_back_to_the_kernel_after_a_shard():
 
 SHARE = """
 import sys
-from stores.runtime import follow_cpu_share, set_torch_threads
+from common.runtime import follow_cpu_share, set_torch_threads
 import torch
 print(set_torch_threads(int(sys.argv[1])), flush=True)
 for line in sys.stdin:  # a training step: follow the processes that share the CPUs
@@ -88,7 +88,7 @@ def test_trainings_sharing_the_cpus_split_them_and_a_lone_one_takes_them_back(tm
     """Two processes on the same CPUs run cpu_count() // 2 threads each (one on 2 cores: no
     spinning OpenMP waits taking the other's time slices), follow each other while they run, and a
     killed one stops counting; an explicit --threads is kept."""
-    from stores.runtime import cpu_count
+    from common.runtime import cpu_count
 
     n = cpu_count()
     if n < 2:
@@ -135,7 +135,7 @@ def test_a_registration_in_progress_is_never_removed_and_an_open_folder_is_refus
     """A registration is written under a hidden name and renamed once locked: another process's
     look must not take the hidden file (unlocked for a moment) for a dead process's and remove it.
     A share folder others may write to is refused: they could plant registrations."""
-    from stores.runtime import CpuShare
+    from common.runtime import CpuShare
 
     share = tmp_path / "share"
     mine = CpuShare(str(share))

@@ -448,7 +448,7 @@ def test_a_damaged_manifest_is_named_with_its_recovery(tmp_path, damage):
 
 
 def test_manifests_hold_no_home_paths_or_url_credentials(tmp_path):
-    from stores.privacy import scrub, shareable
+    from common.privacy import scrub, shareable
 
     home = str(Path.home())
     path = tmp_path / "s"
@@ -469,7 +469,7 @@ def test_manifests_hold_no_home_paths_or_url_credentials(tmp_path):
         and config["store_shared"] == "s3://minio.lab:9000/team"
     )
     assert shareable({"u": "https://bob:pw@x.org/a"}) == {"u": "https://x.org/a"}
-    from stores.privacy import local_path
+    from common.privacy import local_path
 
     name = f"openclip:{home}/models/clip"  # a path after a prefix, as encoder names hold them
     assert shareable(name) == "openclip:~/models/clip" and local_path(shareable(name)) == name
@@ -480,7 +480,7 @@ def test_manifests_hold_no_home_paths_or_url_credentials(tmp_path):
 def test_messages_scrub_aws_secrets_from_the_environment_and_the_credentials_file(
     tmp_path, monkeypatch
 ):
-    from stores.privacy import scrub
+    from common.privacy import scrub
 
     creds = tmp_path / "credentials"
     creds.write_text(

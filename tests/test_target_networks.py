@@ -20,6 +20,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from common.metrics import psnr, to_uint8
 from pipeline.extract import FeaturesConfig, build_features
 from pipeline.networks import (
     BUILTINS,
@@ -33,7 +34,6 @@ from pipeline.networks import (
 from pipeline.snr_aware import SNRAware, blurred_frame, snr_map
 from ptgrm import tiling
 from stores import Store, key_of
-from stores.stats import psnr, to_uint8
 from training.data import Split
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -193,7 +193,9 @@ def test_loader_workers_default_to_none_on_a_small_cpu_machine(monkeypatch):
     cfg, cpu, gpu = t.TrainConfig(), torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(t, "cpu_count", lambda: 2)
     assert t.loader_workers(cfg, cpu) == 0
-    assert t.loader_workers(replace(cfg, format="wds"), cpu) == 1 and t.loader_workers(cfg, gpu) == 1
+    assert (
+        t.loader_workers(replace(cfg, format="wds"), cpu) == 1 and t.loader_workers(cfg, gpu) == 1
+    )
     assert t.loader_workers(replace(cfg, workers=3), cpu) == 3
     monkeypatch.setattr(t, "cpu_count", lambda: 16)
     assert t.loader_workers(cfg, cpu) == 1
@@ -442,7 +444,7 @@ def test_ssim_matches_scikit_image(name):
 
 
 def test_y_channel_is_matlab_rgb2ycbcr_on_uint8_rounded():
-    from stores.stats import psnr
+    from common.metrics import psnr
     from training.metrics import quality
 
     px = np.array(

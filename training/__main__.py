@@ -9,10 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+import common.startup  # noqa: F401 (first: OpenMP settings before numpy and torch load)
+from common.privacy import scrub
 from stores import StoreError
 from stores.cli import Parser, config_from
 from stores.cli import add_config_args as add_settings
-from stores.privacy import scrub
 
 from .data import Split, check_same_members, find_store
 from .official import PREFIX, export_run, import_run

@@ -12,11 +12,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from common.metrics import to_uint8
 from ptgrm.images import save_png
 from ptgrm.refine import refine
 from stores import atomic_path, write_json_atomic
 from stores.files import open_regular
-from stores.stats import to_uint8
 
 from .data import SplitLike
 from .metrics import quality

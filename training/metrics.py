@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from stores.stats import psnr
+from common.metrics import psnr
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.metrics import to_uint8
 from ptgrm.images import save_png
 from ptgrm.refine import refine
 from stores import atomic_path
-from stores.stats import to_uint8
 
 CROP = 160
 SMOOTHING = 0.6  # EMA factor of the loss curve, per logged point (25 steps by default)

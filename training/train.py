@@ -22,11 +22,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from common.runtime import cpu_count, cpu_share, follow_cpu_share, tune_allocator
 from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
 from stores.cli import setting
 from stores.files import open_regular
-from stores.runtime import cpu_count, cpu_share, follow_cpu_share, tune_allocator
 
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
