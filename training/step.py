@@ -97,7 +97,7 @@ def train_step(
     the world size so DDP's gradient average equals the gradient of the single-process summed loss.
     `no_ref(refined, lq, base)`: a no-reference loss, which never reads the ground truth (the base's
     loss is then the same loss of the clamped base)."""
-    lq, base, gt, g = (to_device(batch, device)[k] for k in KEYS)
+    lq, base, gt, g = to_device(batch, device).values()
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         if device.type == "cuda"
@@ -113,9 +113,8 @@ def train_step(
     loss = charbonnier(refined, gt)
     if perceptual is not None:
         loss = loss + weight * perceptual(refined, gt)
-    with (
-        torch.no_grad()
-    ):  # the unrefined base's loss on the same crops: the reference a run must beat
+    # the unrefined base's loss on the same crops: the reference a run must beat
+    with torch.no_grad():
         base_loss = charbonnier(base.float().clamp(0, 1), gt)
     return loss * world, base_loss * world
 
