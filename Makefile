@@ -36,9 +36,10 @@ SRC ?=
 DST ?=
 NAME ?=
 CODEC ?=
+V ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
-COMMON := --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
+COMMON := $(V) --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $(STORE_ROOT) \
 	$(call flag,--target,$(TARGET))
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
 	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
@@ -53,6 +54,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
+	@echo "any target: V=-v (details) | V=-q (warnings only, no progress bars) | V=-qq (errors only)"
 	@echo "make weights NAME=clip-vit-b32|restormer-deblur|...   (download a published checkpoint when online)"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|zerodce|sci] [EXPOSURE=0.6] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"
 	@echo "make eval     TASK=deblur RUN=deblur"

@@ -39,6 +39,7 @@ from pipeline.networks import restormer_config  # noqa: E402
 from pipeline.restormer import Restormer  # noqa: E402
 from ptgrm.images import FLIPS, flip  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
+from stores.cli import Parser  # noqa: E402
 
 
 def sync(device) -> None:
@@ -334,7 +335,7 @@ def resume(common: list[str], runs: Path, log: Path, record) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python bench/gpu.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

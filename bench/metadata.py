@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stores import TEXT, ArraySpec, Store, make_layout  # noqa: E402
+from stores.cli import Parser  # noqa: E402
 from stores.store import DONE_DIR, write_json_atomic  # noqa: E402
 
 RAIN_SIZES = [(h, w) for h in (320, 400, 481, 512, 640) for w in (360, 480, 500, 640)]
@@ -159,7 +160,7 @@ def simulate(root: Path, n: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python bench/metadata.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

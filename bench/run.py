@@ -10,7 +10,6 @@ side by side (steps/s). `--only codec,cpu` runs just the last two.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu import WAITS, train_rates  # noqa: E402
+from common.log import quiet  # noqa: E402
 from common.runtime import cpu_count, tune_allocator  # noqa: E402
 from pipeline.encoders import build_encoder  # noqa: E402
 from pipeline.extract import FeaturesConfig, build_features  # noqa: E402
@@ -36,10 +36,9 @@ from pipeline.sources import _demo_image, read_image  # noqa: E402
 from pipeline.targets import build_target  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
 from stores import Store  # noqa: E402
+from stores.cli import Parser  # noqa: E402
 from training.data import CropBatches, Split  # noqa: E402
 from training.losses import charbonnier  # noqa: E402
-
-QUIET = lambda *a, **k: None  # noqa: E731
 
 
 def median_time(fn, repeats: int = 3) -> float:
@@ -132,7 +131,8 @@ def bench_extraction(tmp: Path, n: int, size: int) -> dict:
 
     def end_to_end():
         root = tmp / f"stores-{time.monotonic_ns()}"
-        build_features(FeaturesConfig(store_root=str(root), **cfg), log=QUIET)
+        with quiet():
+            build_features(FeaturesConfig(store_root=str(root), **cfg))
         shutil.rmtree(root)
 
     end_to_end()  # warm-up (first-call caches of the libraries)
@@ -208,7 +208,8 @@ def bench_loader(train_store: Path, tmp: Path, crop: int, batch: int) -> list[di
     from training.wds_data import WdsBatches, WdsSplit
 
     zarr_split = Split.open(train_store, None, None)
-    wds_split = WdsSplit.open(export_wds(train_store, out=tmp, min_shards=4, log=QUIET), None, None)
+    with quiet():
+        wds_split = WdsSplit.open(export_wds(train_store, out=tmp, min_shards=4), None, None)
     t_step = train_step_time(zarr_split, crop, batch)
     rows = []
     for name, split in (("zarr", zarr_split), ("wds", wds_split)):
@@ -503,7 +504,7 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__)
+    p = Parser(prog="python bench/run.py", description=__doc__)
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--seeds", default="0,1,2", help="demo seeds for the quality row")
     p.add_argument(

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cpu import WAITS, train_rates  # noqa: E402
 from common.runtime import cpu_count  # noqa: E402
+from stores.cli import Parser  # noqa: E402
 
 SETS = {  # name: (sizes drawn from, N)
     "gopro": ([(720, 1280)], 12),  # N of at least 3 shards: 3 are in flight (load, compute, write)
@@ -426,7 +427,7 @@ def bench_sharing(store_root: str, steps: int, out: dict, save, policies: dict =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python bench/scale.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

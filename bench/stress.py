@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -51,15 +52,18 @@ from conftest import make_tiny_clip  # noqa: E402
 from damage import names_file  # noqa: E402
 
 from stores import Store  # noqa: E402
+from stores.cli import Parser  # noqa: E402
 from stores.store import StoreError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 class Stress:
-    def __init__(self, work: Path, seed: int, log=print):
-        self.work, self.rng, self.log = work, random.Random(seed), log
+    def __init__(self, work: Path, seed: int):
+        self.work, self.rng = work, random.Random(seed)
         self.clip = work / "clip"
         self.clip.mkdir(parents=True, exist_ok=True)
         make_tiny_clip(self.clip, 0)
@@ -153,7 +157,7 @@ class Stress:
                 **extra,
             }
         )
-        self.log(
+        log.info(
             f"{scenario}: {runs} runs, {kills} kills, {len(problems)} corruptions"
             + "".join(f"\n    {p}" for p in problems[:10])
         )
@@ -547,7 +551,7 @@ class Stress:
         from stores.wds import export_wds
 
         store = build_store(self.work / "fuzz")
-        folder = export_wds(store, self.work / "fuzz-export", min_shards=4, log=lambda *_: None)
+        folder = export_wds(store, self.work / "fuzz-export", min_shards=4)
         for what, path, ops in (
             ("store", store, STORE_OPS),
             ("WebDataset export", folder, WDS_OPS),
@@ -632,9 +636,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--rounds", type=int, default=20, help="kill rounds of the 4 writers (default: 20)"
     )

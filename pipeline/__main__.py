@@ -2,7 +2,6 @@
 
 import argparse
 import errno
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -88,11 +87,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "weights":
         return weights_main(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    # our own warning about random encoder weights says more than open_clip's
-    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
     warnings.simplefilter("always", UserWarning)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
     try:
         if args.cmd == "restore":
             from .restore import restore_folder

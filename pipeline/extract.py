@@ -10,6 +10,7 @@ on I/O, and memory follows the shard's bytes, not the split's size or its larges
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from common.log import bars
 from common.privacy import shareable
 from common.runtime import set_torch_threads, tune_allocator
 from stores import (
@@ -51,6 +53,8 @@ from .plan import (
 from .sources import Source, SourceError, in_order, release_caches
 from .targets import build_target
 from .tasks import get_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,6 +172,7 @@ def begin_members(
     started with); a member complete by key keeps its weight files' stats for the next no-op check."""
     todo = [m for m in members if store.status(m.path, m.key) != "complete"]
     for m in members:
+        log.debug(f"{store.path.name}: member {m.path} key {m.key}: {store.status(m.path, m.key)}")
         if (
             m not in todo
             and "inputs" in m.info
@@ -203,19 +208,18 @@ class SplitJob:
         seed: int,
         lease_seconds: float,
         made_by: dict | None = None,
-        log=print,
     ):
         self.store, self.path, self.members, self.todo = store, store.path, members, todo
         self.sample_at, self.degradation, self.seed = sample_at, degradation, seed
-        self.lease_seconds, self.made_by, self.log = lease_seconds, made_by, log
+        self.lease_seconds, self.made_by = lease_seconds, made_by
 
     @classmethod
-    def open(cls, plan: SplitPlan, target, encoders: list, log=print) -> "SplitJob":
+    def open(cls, plan: SplitPlan, target, encoders: list) -> "SplitJob":
         """Create or open the planned store, write its sample descriptors and members' ranges."""
         cfg, source, path = plan.cfg, plan.source, plan.path
         members = network_members(pairs_member(plan), target, encoders, cfg.batch)
         if cfg.store_shared:
-            fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members}, log)
+            fetch_shared(cfg.store_shared, path, {m.path: m.key for m in members})
         hws = [s.hw for s in source.samples]
         layout, _ = make_layout(hws, cfg.tile, cfg.shard_len, cfg.shard_mb * 1e6)
         records = source_records(source)
@@ -245,13 +249,10 @@ class SplitJob:
             cfg.seed,
             cfg.lease_seconds,
             made_by,
-            log,
         )
 
     @classmethod
-    def of_store(
-        cls, cfg: FeaturesConfig, task, path, target, encoders: list, log=print
-    ) -> "SplitJob":
+    def of_store(cls, cfg: FeaturesConfig, task, path, target, encoders: list) -> "SplitJob":
         """A store opened before (`SplitJob.open`), without its dataset folder: the manifest gives
         the members, the sample descriptors (read one file at a time, as the range needs them) the
         samples."""
@@ -269,7 +270,6 @@ class SplitJob:
             cfg.seed,
             cfg.lease_seconds,
             made_by,
-            log,
         )
         job.descriptors = descriptors  # the sample descriptor files read so far
         return job
@@ -315,10 +315,10 @@ class SplitJob:
         also gets every shard (with all members' outputs)."""
         work = self.work()
         ranges = sorted(work) if ranges is None else [r for r in map(tuple, ranges) if r in work]
-        with Leases(self.store.path, self.lease_seconds, log=self.log) as leases:
+        with Leases(self.store.path, self.lease_seconds) as leases:
             units = stages.units(ranges, store=self.store, leases=leases, work=work)
             shards = stages.chain(units, self.stages(leases, bar, wds is not None))
-            writers = [stages.StoreWriter(self.store, leases, self.made_by, self.log)] + (
+            writers = [stages.StoreWriter(self.store, leases, self.made_by)] + (
                 [wds] if wds else []
             )
             return stages.write(shards, *writers)
@@ -331,16 +331,16 @@ def wds_stream(job: SplitJob) -> stages.WdsStreamWriter:
     )
 
 
-def finalize_members(store: Store, members: list[str], max_bad: float, log=print) -> None:
+def finalize_members(store: Store, members: list[str], max_bad: float) -> None:
     """Check exclusions, verify each member's shards and mark it complete (the store alone: no
     dataset folder, no network)."""
     store.refresh()
-    check_exclusions(store, members, store.layout.n, max_bad, log)
+    check_exclusions(store, members, store.layout.n, max_bad)
     for m in members:
         if store.status(m) == "complete":  # another writer finished it
             continue
         info = store.finalize(m)
-        log(
+        log.info(
             f"  {m}: complete, {info['bytes'] / 1e6:.1f} MB"
             + (f", weights: {info['weights']}" if "weights" in info else "")
         )
@@ -385,7 +385,7 @@ def encoder_inputs(enc) -> list:
     return [enc.weights.get("path"), arch if arch and Path(arch).is_dir() else None]
 
 
-def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None:
+def fetch_shared(shared_root: str, local: Path, wanted: dict) -> None:
     """Copy the members we need that a shared root already holds complete, with the same keys,
     into the local store (verified, file by file); the shared root is only read."""
     from common.privacy import scrub
@@ -405,41 +405,43 @@ def fetch_shared(shared_root: str, local: Path, wanted: dict, log=print) -> None
         and have.get(p, {}).get("status") != "complete"
     ]
     if hits:
-        log(
+        log.info(
             f"{local.name}: {', '.join(hits)} found complete in {scrub(shared_root)}; copying instead of computing"
         )
-        copy_store(src, str(local.parent), log=log)
+        copy_store(src, str(local.parent))
 
 
-def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
+def build_split(plan: SplitPlan, target, encoders: list) -> Path:
     """Build or complete one split's store; returns its path. Finished ranges are skipped; ranges
     another writer holds a live lease on are waited for (or taken over when the lease expires)."""
     cfg, source = plan.cfg, plan.source
-    job = SplitJob.open(plan, target, encoders, log)
+    job = SplitJob.open(plan, target, encoders)
     layout = source.fingerprint.get("layout")
     if layout:  # detected or named: say which, so a wrong guess shows at once
-        log(
+        log.info(
             f"{cfg.data} ({plan.split}): {layout} layout, {len(source.samples)} "
             f"{'pairs' if source.paired else 'clean images'}"
         )
     rec = source.records or {}
     if rec.get("changed"):
-        log(
+        log.info(
             f"source files changed since the last run (content differs, so this is a new store): "
             f"{', '.join(rec['changed'][:10])}"
             + (f" and {len(rec['changed']) - 10} more" if len(rec["changed"]) > 10 else "")
         )
     if rec.get("touched"):
-        log(
+        log.info(
             f"{len(rec['touched'])} source file(s) touched (mtime changed) but unchanged in content, e.g. {rec['touched'][0]}"
         )
     if job.todo:
         work = job.work()
         total = sum(b - a for a, b in work)
-        log(
+        log.info(
             f"{job.path.name}: computing {', '.join(m.path for m in job.todo)} ({total} samples, {len(work)} ranges)"
         )
-        bar = tqdm(total=total, unit="img", desc=f"{plan.split}", dynamic_ncols=True)
+        bar = tqdm(
+            total=total, unit="img", desc=f"{plan.split}", dynamic_ncols=True, disable=not bars()
+        )
         wds = wds_stream(job) if cfg.wds else None
         while work:
             if not job.run(sorted(work), bar, wds):  # everything left is leased by another writer
@@ -449,23 +451,23 @@ def build_split(plan: SplitPlan, target, encoders: list, log=print) -> Path:
             bar.refresh()
         bar.close()
         release_caches()
-        finalize_members(job.store, [m.path for m in job.todo], cfg.max_bad, log)
+        finalize_members(job.store, [m.path for m in job.todo], cfg.max_bad)
     else:
-        log(
+        log.info(
             f"{job.path.name}: complete ({', '.join(m.path for m in job.members)}); nothing to compute"
         )
     if cfg.wds:
-        export_split(job.path, *job.members.exported(), log=log)
+        export_split(job.path, *job.members.exported())
     return job.path
 
 
-def check_exclusions(store: Store, members: list, n: int, max_bad: float, log=print) -> None:
+def check_exclusions(store: Store, members: list, n: int, max_bad: float) -> None:
     """Report excluded samples and conversions; stop when too many samples were lost."""
     excluded = {e["name"]: e["reason"] for m in members for e in store.range_records(m, "excluded")}
     for note in store.range_records("pairs", "notes") if "pairs" in members else []:
-        log(f"  note: {note['name']}: {note['note']}")
+        log.info(f"  note: {note['name']}: {note['note']}")
     for name, reason in excluded.items():
-        log(f"  excluded: {name}: {reason}")
+        log.info(f"  excluded: {name}: {reason}")
     if len(excluded) > max_bad * n:
         raise SourceError(
             f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "
@@ -516,9 +518,7 @@ def build_models(cfg: FeaturesConfig):
     return task, target, encoders
 
 
-def build_features(
-    cfg: FeaturesConfig, log=print, plans: list[SplitPlan] | None = None
-) -> list[Path]:
+def build_features(cfg: FeaturesConfig, plans: list[SplitPlan] | None = None) -> list[Path]:
     """`make features`: every split of the task, with the target and encoders built once.
 
     `cfg.encoder` may name several encoders (comma-separated): each is a member of its own, and
@@ -528,13 +528,13 @@ def build_features(
     if plans is None:
         plans = plan_features(cfg)
         if all(p.complete() for p in plans):  # a re-run of a complete store: no network is built
-            return report_complete(plans, cfg.wds, log)
+            return report_complete(plans, cfg.wds)
     task, target, encoders = build_models(cfg)
-    log(
+    log.info(
         f"task {task.name}: target {target.id}; "
         + "; ".join(
             f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})"
             for e in encoders
         )
     )
-    return [build_split(p, target, encoders, log) for p in plans]
+    return [build_split(p, target, encoders) for p in plans]

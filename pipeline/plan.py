@@ -9,6 +9,7 @@ networks, is imported only when something has to be computed).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from .layouts import LAYOUTS, parse_data
 from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
 from .tasks import TASKS, Task, get_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,11 @@ def plan_split(cfg: FeaturesConfig, task: Task, split: str) -> SplitPlan:
     source = open_source(cfg.data, split, *task.demo_tiles, known=stat_cache)
     key, spec = pairs_key(source, task, cfg.seed)
     path = Path(cfg.store_root) / store_name(source.dataset, split, task.name, key)
+    log.debug(
+        f"{split}: {len(source.samples)} samples from {source.dataset} "
+        f"({'stat cache of an earlier store' if stat_cache is not None else 'every file hashed'}); "
+        f"pairs key {key}; store {path}"
+    )
     return SplitPlan(
         cfg,
         task,
@@ -278,24 +286,23 @@ def plan_features(cfg: FeaturesConfig) -> list[SplitPlan]:
     return [plan_split(cfg, task, split) for split in cfg.splits]
 
 
-def report_complete(plans: list[SplitPlan], wds: bool, log=print) -> list[Path]:
+def report_complete(plans: list[SplitPlan], wds: bool) -> list[Path]:
     """Every split is complete: say so and, with --wds, write the export of the members this
     command names (no network is built)."""
     for p in plans:
-        log(f"{p.path.name}: complete; nothing to compute")
+        log.info(f"{p.path.name}: complete; nothing to compute")
         if wds:
-            export_split(p.path, p.target.split(":")[0], list(p.encoders), log)
+            export_split(p.path, p.target.split(":")[0], list(p.encoders))
     return [p.path for p in plans]
 
 
-def export_split(path: Path, target: str, encoders: list[str], log=print) -> Path:
+def export_split(path: Path, target: str, encoders: list[str]) -> Path:
     """A split's WebDataset export of these members, completed (the tars of shards not streamed
     by this run) and indexed."""
     return export_wds(
         path,
         target=target,
         encoders=encoders,
-        log=log,
         ranges=[[a, b] for _, a, b in Store(path).layout.shards()],
     )
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from common.log import bars
 from common.metrics import to_uint8
 from common.privacy import local_path
 from ptgrm.images import save_png
@@ -25,6 +27,8 @@ from .encoders import build_encoder
 from .names import is_user_encoder, weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
+
+log = logging.getLogger(__name__)
 
 
 def require_named(name: str, kind: str, allow_code) -> None:
@@ -111,7 +115,6 @@ def restore_folder(
     clip_weights: str | None = None,
     osf: str = "encoder",
     target_weights: str | None = None,
-    log=print,
     allow_code=(),
 ) -> list[Path]:
     """`osf='encoder'` runs the pre-trained encoder(s); `'distilled'` predicts g with the run's
@@ -130,13 +133,13 @@ def restore_folder(
     images = sorted(p for p in Path(src).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
-    log(
+    log.info(
         f"restoring {len(images)} images from {src} with target {target.id}, g from "
         f"{'the distilled predictor' if osf == 'distilled' else ', '.join(e.name for e in encoders)} "
         f"(weights: {sidecar['weights']}) and run {run_dir}"
     )
     written = []
-    for path in tqdm(images, unit="img", desc="restore", dynamic_ncols=True):
+    for path in tqdm(images, unit="img", desc="restore", dynamic_ncols=True, disable=not bars()):
         lq, _ = read_image(path)
         meta_file = path.with_suffix(".json")
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from stores.wds import WdsWriter
 
 from .degrade import sample_rng
 from .sources import SourceError
+
+log = logging.getLogger(__name__)
 
 PAIRS_ARRAYS = ("lq", "gt", "hw", "names", "meta", "source_index")
 
@@ -377,8 +380,8 @@ class StoreWriter:
     check writes only into its own generation's folder, which no marker names: its bytes, even
     different ones (a network target on another GPU), never reach the arrays."""
 
-    def __init__(self, store, leases, made_by: dict | None = None, log=print):
-        self.store, self.leases, self.made_by, self.log = store, leases, made_by, log
+    def __init__(self, store, leases, made_by: dict | None = None):
+        self.store, self.leases, self.made_by = store, leases, made_by
         self.progress: dict = {}  # (member, range number) -> its stage folder, shard hashes and stats so far
 
     def __call__(self, shard: Shard) -> None:
@@ -413,7 +416,7 @@ class StoreWriter:
                     if not self.store.mark_done(
                         m.path, ri, acc["hashes"], acc["stats"], gen, acc["stage"], self.made_by
                     ):
-                        self.log(
+                        log.info(
                             f"{m.path} range {ri}: another writer wrote its done marker first; kept theirs"
                         )
                     self.store.settle(m.path, ri, self.progress.pop((m.path, ri))["stage"])
@@ -425,7 +428,7 @@ class StoreWriter:
             shard.fenced = (
                 True  # the second writer (WebDataset) leaves this shard to the new holder
             )
-            self.log(f"{self.store.path.name}: {e}")
+            log.warning(f"{self.store.path.name}: {e}")
             return
         if last:
             leases.release(r)

@@ -6,7 +6,6 @@
 """
 
 import argparse
-import logging
 import sys
 
 import common.startup  # noqa: F401 (first: OpenMP settings before numpy and torch load)
@@ -59,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.cmd == "features":
             from .features import submit_features

@@ -12,16 +12,21 @@ missing; a complete store submits nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
 
+from common.log import configure as configure_logging
+from common.log import verbosity
 from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members, wds_stream
 from pipeline.plan import SplitPlan, export_split, plan_features
 from stores import Store
 from stores.cli import config_from
 
 from . import submit
+
+log = logging.getLogger(__name__)
 
 
 def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob]:
@@ -31,11 +36,14 @@ def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob
     return {p.split: SplitJob.open(p, target, encoders) for p in plans}
 
 
-def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str) -> dict:
+def run_task(
+    cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str, verbosity=(0, 0)
+) -> dict:
     """One array task: compute range [start, stop) of one split's `store` (opened by `open_jobs`) for every member
     that lacks it, reading only the manifest and the sample descriptors of the range. A range
     another live writer holds is waited for (or taken over when its lease expires)."""
     os.chdir(cwd)
+    configure_logging(*verbosity)
     t0 = time.perf_counter()
     task, target, encoders = build_models(replace(cfg, splits=(split,)))
     job = SplitJob.of_store(cfg, task, store, target, encoders)
@@ -44,10 +52,9 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
         if not job.run([(start, stop)], wds=wds):
             time.sleep(2.0)
     files = job.descriptors.read_files
-    print(
+    log.info(
         f"{job.path.name}: [{start}, {stop}) done in {time.perf_counter() - t0:.1f} s "
-        f"(sample descriptor files read: {files})",
-        flush=True,
+        f"(sample descriptor files read: {files})"
     )
     return {
         "split": split,
@@ -57,17 +64,18 @@ def run_task(cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, s
     }
 
 
-def finalize(cfg: FeaturesConfig, cwd: str, stores: dict) -> list[str]:
+def finalize(cfg: FeaturesConfig, cwd: str, stores: dict, verbosity=(0, 0)) -> list[str]:
     """The job after the arrays: for each store opened (`{split: {"path", "members", "export"}}`),
     verify the members' shards and mark them complete, `python -m stores verify` it, and with
     --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
 
     os.chdir(cwd)
+    configure_logging(*verbosity)
     paths = []
     for todo in stores.values():
         store = Store(todo["path"], mode="a")
-        print(f"{store.path.name}:", flush=True)
+        log.info(f"{store.path.name}:")
         finalize_members(store, todo["members"], cfg.max_bad)
         if stores_main(["verify", str(store.path)]) != 0:
             raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
@@ -89,7 +97,7 @@ def to_finalize(jobs: dict[str, SplitJob]) -> dict:
     }
 
 
-def submit_features(args, log=print) -> int:
+def submit_features(args) -> int:
     """Plan, submit the arrays and the finalize job, record them; with --wait, wait for them."""
     cfg = config_from(FeaturesConfig, args)
     plans = plan_features(cfg)  # the dataset is listed here, once
@@ -97,19 +105,19 @@ def submit_features(args, log=print) -> int:
         all(p.complete() for p in plans) and not cfg.wds
     ):  # stat cache and manifests: no network built
         for p in plans:
-            log(f"{p.path.name}: complete; nothing to submit")
-        log("every member is complete: no job submitted")
+            log.info(f"{p.path.name}: complete; nothing to submit")
+        log.info("every member is complete: no job submitted")
         return 0
     jobs = open_jobs(cfg, plans)
     for j in jobs.values():
         if not j.todo:
-            log(
+            log.info(
                 f"{j.path.name}: complete ({', '.join(m.path for m in j.members)}); nothing to submit"
             )
             if cfg.wds:  # the export of complete stores is written here (no job needed)
-                export_split(j.path, *j.members.exported(), log=log)
+                export_split(j.path, *j.members.exported())
     if not any(j.todo for j in jobs.values()):
-        log("every member is complete: no job submitted")
+        log.info("every member is complete: no job submitted")
         return 0
     tasks = [(s, a, b) for s, j in jobs.items() for a, b in sorted(j.work())]
     cwd = os.getcwd()
@@ -118,7 +126,7 @@ def submit_features(args, log=print) -> int:
     if args.cluster == "local":  # the local executor has no dependencies: wait here
         submit.wait_all(arrays)
         if any(submit.failure(j) for j in arrays):
-            return report_failures(arrays, [], log)
+            return report_failures(arrays, [])
     # afterany, not afterok: when an array task fails, an afterok job stays queued forever as
     # DependencyNeverSatisfied (seen on SLURM 22-23 even with kill-on-invalid-dep) when nobody
     # waits; this one runs after the array whatever happened, and fails at once naming the tasks
@@ -129,19 +137,19 @@ def submit_features(args, log=print) -> int:
         else {}
     )
     fin = submit.executor(args, "ptgrm-finalize", gpus=0, **dep).submit(
-        finalize, cfg, cwd, to_finalize(jobs)
+        finalize, cfg, cwd, to_finalize(jobs), verbosity()
     )
     path = submit.write_record(
         args.logs, "features", record_of(args, jobs, tasks, arrays, fin, cwd)
     )
-    log(
+    log.info(
         f"submitted {len(tasks)} task(s) in array job(s) {', '.join(ids) or '-'} "
         f"({', '.join(f'{s}[{a}:{b}]' for s, a, b in tasks) or 'all computed'}); finalize job {fin.job_id}"
     )
-    log(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
+    log.info(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
     if not (args.wait or args.cluster == "local"):
         return 0
-    return wait_and_report(arrays, fin, log)
+    return wait_and_report(arrays, fin)
 
 
 def record_of(args, jobs: dict, tasks: list, arrays: list, fin, cwd: str) -> dict:
@@ -159,13 +167,13 @@ def record_of(args, jobs: dict, tasks: list, arrays: list, fin, cwd: str) -> dic
     }
 
 
-def wait_and_report(arrays: list, fin, log=print) -> int:
+def wait_and_report(arrays: list, fin) -> int:
     submit.wait_all(arrays)
     if any(submit.failure(j) for j in arrays):
-        return report_failures(arrays, [fin], log)
+        return report_failures(arrays, [fin])
     submit.wait_all([fin])
     problem = submit.failure(fin)
-    log(
+    log.info(
         f"finalize job {fin.job_id}: "
         + (problem or "complete; stores verified")
         + f" (log {fin.paths.stdout})"
@@ -189,16 +197,19 @@ def submit_arrays(args, cfg: FeaturesConfig, tasks: list, cwd: str, stores: dict
             [b for _, _, b in part],
             [cwd] * len(part),
             [stores[s] for s, _, _ in part],
+            [verbosity()] * len(part),
         )
     return out
 
 
-def report_failures(arrays: list, dependents: list, log=print) -> int:
+def report_failures(arrays: list, dependents: list) -> int:
     """Name each failed task and its log; cancel the jobs that waited on them."""
     for j in arrays:
         problem = submit.failure(j)
         if problem:
-            log(f"task {j.job_id} failed: {problem} (log {j.paths.stderr})")
+            log.error(f"task {j.job_id} failed: {problem} (log {j.paths.stderr})")
     submit.cancel([str(d.job_id) for d in dependents])
-    log("the finished tasks are kept; run the same command again to submit only the missing ones")
+    log.info(
+        "the finished tasks are kept; run the same command again to submit only the missing ones"
+    )
     return 1

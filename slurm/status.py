@@ -94,15 +94,16 @@ def train_lines(rec: dict) -> list[str]:
     ]
 
 
-def show_status(logs: str, log=print) -> int:
+def show_status(logs: str) -> int:
+    """The command's output (stdout, whatever -q says): one line per job and range."""
     records = submit.latest_records(logs)
     if not records:
-        log(f"no submissions recorded under {logs}/submissions")
+        print(f"no submissions recorded under {logs}/submissions")
         return 1
     if "features" in records:
         for line in features_lines(records["features"]):
-            log(line)
+            print(line)
     if "train" in records:
         for line in train_lines(records["train"]):
-            log(line)
+            print(line)
     return 0

@@ -9,6 +9,7 @@ uninterrupted run. Several tasks (one per GPU, or --tasks-per-node on CPU) train
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -17,9 +18,13 @@ from pathlib import Path
 
 import submitit
 
+from common.log import configure as configure_logging
+from common.log import verbosity
 from stores.cli import config_from
 
 from . import submit
+
+log = logging.getLogger(__name__)
 
 
 def config_from_args(args):
@@ -32,19 +37,20 @@ class TrainJob(submitit.helpers.Checkpointable):
     """The training job. submitit calls `checkpoint()` on timeout or preemption and requeues the
     same job; the run folder holds the state to continue from, so the job needs no other state."""
 
-    def __init__(self, cfg, cwd: str):
-        self.cfg, self.cwd = cfg, cwd
+    def __init__(self, cfg, cwd: str, verbosity=(0, 0)):
+        self.cfg, self.cwd, self.verbosity = cfg, cwd, verbosity
 
     def __call__(self) -> dict:
         from training.train import train
 
         os.chdir(self.cwd)
+        configure_logging(*getattr(self, "verbosity", (0, 0)))
         distributed_env()
         exit_on_sigterm()
         return train(replace(self.cfg, resume=True))
 
     def checkpoint(self, *args, **kwargs):
-        print("checkpoint: requeued; the job resumes from the run's last saved step", flush=True)
+        log.info("checkpoint: requeued; the job resumes from the run's last saved step")
         return super().checkpoint(*args, **kwargs)
 
 
@@ -95,12 +101,12 @@ def _stop() -> None:
     os._exit(143)
 
 
-def submit_train(args, log=print) -> int:
+def submit_train(args) -> int:
     cfg = config_from_args(args)
     tasks = args.tasks_per_node or max(args.gpus, 1)
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     ex = submit.executor(args, f"ptgrm-train-{run_dir.name}", tasks=tasks)
-    job = ex.submit(TrainJob(cfg, os.getcwd()))
+    job = ex.submit(TrainJob(cfg, os.getcwd(), verbosity()))
     path = submit.write_record(
         args.logs,
         "train",
@@ -112,13 +118,13 @@ def submit_train(args, log=print) -> int:
             **submit.log_paths(job),
         },
     )
-    log(
+    log.info(
         f"submitted training job {job.job_id} ({tasks} task(s)) -> {run_dir}; log {job.paths.stdout}"
     )
-    log(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
+    log.info(f"record {path}\nstatus: python -m slurm status --logs {args.logs}")
     if not (args.wait or args.cluster == "local"):
         return 0
     submit.wait_all([job])
     problem = submit.failure(job)
-    log(f"training job {job.job_id}: " + (problem or f"done, {run_dir}/eval.json written"))
+    log.info(f"training job {job.job_id}: " + (problem or f"done, {run_dir}/eval.json written"))
     return 1 if problem else 0

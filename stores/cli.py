@@ -11,15 +11,25 @@ import types
 import typing
 from dataclasses import MISSING, field, fields
 
+from common.log import add_verbosity
+from common.log import from_args as configure_logging
+
 
 class Parser(argparse.ArgumentParser):
     """The parser of every entry point: no abbreviated flags (`--ste 5` is refused, not taken as
-    `--steps 5`), so a typo or a replayed flag never passes for another one. Its subcommands'
-    parsers are of this class too (argparse's add_subparsers default)."""
+    `--steps 5`), so a typo or a replayed flag never passes for another one; `-v`/`-q` on it and on
+    each subcommand (argparse's add_subparsers makes them of this class too), and `parse_args`
+    configures the project's logging from them (`common.log`)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        add_verbosity(self)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        configure_logging(parsed)
+        return parsed
 
 
 def add_config_args(p: argparse.ArgumentParser, cls) -> None:

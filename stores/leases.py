@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .files import check_inside, open_regular
+
+log = logging.getLogger(__name__)
 
 LEASE_DIR, LOCK_DIR, LOCK_FILE = "_leases", "_locks", "manifest.lock"
 _held = threading.local()
@@ -151,18 +154,16 @@ def _read(path: Path) -> dict:
 
 
 class Leases:
-    """Task leases of one writer on one store, renewed by a heartbeat thread while held.
+    """Task leases of one writer on one store, renewed by a heartbeat thread while held; a lost
+    lease is said as a warning."""
 
-    `log` receives one line when a lease is lost."""
-
-    def __init__(self, store_path, ttl: float = 120.0, log=print):
+    def __init__(self, store_path, ttl: float = 120.0):
         self.dir = Path(store_path) / LEASE_DIR
         self.ttl = ttl
         self.token = uuid.uuid4().hex[:12]  # this writer's staging folders (Store.staging)
         self.owner = f"{owner_id()}:{self.token[:8]}"
         self.held: dict[tuple, int] = {}  # range -> generation
         self.lost: dict[tuple, str] = {}  # range -> why
-        self.log = log
         self._seen = _SEEN  # shared by every Leases of this process: a writer retrying keeps its observations
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -227,6 +228,9 @@ class Leases:
         with self._mutex:
             self.held[r] = gen
             self.lost.pop(r, None)
+        log.debug(
+            f"{self.dir.parent.name}: lease on [{r[0]}, {r[1]}) generation {gen} taken ({self.owner})"
+        )
         return True
 
     def holds(self, r) -> bool:
@@ -265,6 +269,7 @@ class Leases:
             create_exclusive(
                 self._gen_path(r, gen + 1), {"released": True, "gen": gen + 1, "by": self.owner}
             )
+            log.debug(f"{self.dir.parent.name}: lease on [{r[0]}, {r[1]}) released")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -275,7 +280,7 @@ class Leases:
                         f"taken over after generation {gen} (this writer was paused or cut off "
                         f"past the {self.ttl:.0f} s lease)",
                     )
-                    self.log(
+                    log.warning(
                         f"lease on range [{r[0]}, {r[1]}) lost: {self.lost.get(r)}; stopping that range"
                     )
                     continue
@@ -283,7 +288,7 @@ class Leases:
                     os.utime(self._gen_path(r, gen), follow_symlinks=False)
                 except OSError as e:
                     self._forget(r, f"renewal failed: {e}")
-                    self.log(
+                    log.warning(
                         f"lease on range [{r[0]}, {r[1]}) could not be renewed ({e}); stopping that range"
                     )
 

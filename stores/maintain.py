@@ -9,6 +9,7 @@ subprocess built from the configuration the member recorded.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from common.privacy import local_path
 from .leases import LEASE_DIR, _generations, lease_folders
 from .names import is_user_encoder, is_user_target
 from .store import DONE_DIR, STAGING_DIR, Store, StoreError, read_json, records_file
+
+log = logging.getLogger(__name__)
 
 TMP_GRACE_SECONDS = 600.0  # a temporary file younger than this may belong to a live writer
 
@@ -112,7 +115,6 @@ def refuse_user_code(config: dict, allow_target: str | None, allow_encoders) -> 
 def repair(
     path: Path,
     recompute: bool = True,
-    log=print,
     allow_target: str | None = None,
     allow_encoders=(),
 ) -> int:
@@ -122,7 +124,7 @@ def repair(
     for member in lost_records(store):
         if member not in damaged:  # a recomputed member gets new ones when it completes
             store.rewrite_records(member)
-            log(f"{path}: {member}: records rewritten from its done markers")
+            log.info(f"{path}: {member}: records rewritten from its done markers")
     configs = [store.member_info(m).get("config") for m in damaged]
     if recompute and damaged and not all(configs):
         raise StoreError(
@@ -139,21 +141,21 @@ def repair(
         else {}
     )  # refused before anything is withdrawn
     if not damaged:
-        log(f"{path}: nothing damaged")
+        log.info(f"{path}: nothing damaged")
         return 0
     for member, ranges in damaged.items():
         for ri in ranges:
             store.done_path(member, ri).unlink(missing_ok=True)
         store._update_member(member, status="incomplete")
-        log(f"{path}: {member}: ranges {ranges} withdrawn for recomputation")
+        log.info(f"{path}: {member}: ranges {ranges} withdrawn for recomputation")
     n = sum(map(len, damaged.values()))
     for argv in argvs.values():
-        log("recomputing: " + " ".join(argv[1:]))
+        log.info("recomputing: " + " ".join(argv[1:]))
         subprocess.run(argv, check=True)
     return n
 
 
-def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
+def gc(path: Path, dry_run: bool = False) -> list[Path]:
     """Remove what killed runs leave behind, and nothing else: superseded lease generations (the
     newest of each range is kept: it fences late writers), the staged shards of superseded
     generations that no done marker names (`stale_staging`) and temporary files (ours, and zarr's
@@ -175,11 +177,11 @@ def gc(path: Path, dry_run: bool = False, log=print) -> list[Path]:
         ):
             found.append(p)
     for p in found:
-        log(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
+        log.info(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
         if not dry_run:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if not found:
-        log(f"{path}: nothing to collect")
+        log.info(f"{path}: nothing to collect")
     return found
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import threading
@@ -61,6 +62,8 @@ from .store import (
     records_file,
     shard_file,
 )
+
+log = logging.getLogger(__name__)
 
 BLOCK = 8 << 20
 CREDENTIALS_HINT = (
@@ -413,13 +416,13 @@ def plain_errors(what: str):
 
 
 def copy_files(
-    src: Location, work: Location, manifest: dict, include_incomplete: bool, jobs: int, log
+    src: Location, work: Location, manifest: dict, include_incomplete: bool, jobs: int
 ) -> tuple[list, dict, Copier]:
     """Copy the chosen members' files (largest first), then check their done markers at `work`."""
     src_files = list_files(src)
     keep, left_out, todo = select(manifest, src_files, include_incomplete)
     for m, status in left_out.items():
-        log(f"  leaving out member {m} ({status}); --include-incomplete copies it too")
+        log.info(f"  leaving out member {m} ({status}); --include-incomplete copies it too")
     check_complete(src, src_files, manifest, keep)
     copier = Copier(src, work, list_files(work))
     copier.run(sorted(todo.items(), key=lambda kv: (-kv[1], kv[0])), jobs)
@@ -489,7 +492,6 @@ def copy_store(
     endpoint_url: str | None = None,
     include_incomplete: bool = False,
     jobs: int = 8,
-    log=print,
 ) -> dict:
     """Copy the store at `src_url` into `dst_url` (see the module doc); returns a summary."""
     t0 = time.perf_counter()
@@ -509,16 +511,14 @@ def copy_store(
                 if final.local and not final.fs.exists(final.root)
                 else final
             )
-            keep, left_out, copier = copy_files(src, work, manifest, include_incomplete, jobs, log)
+            keep, left_out, copier = copy_files(src, work, manifest, include_incomplete, jobs)
             if not publish(
                 work, final, manifest, raw, keep
             ):  # a writer created the store meanwhile
-                keep, left_out, copier = copy_files(
-                    src, final, manifest, include_incomplete, jobs, log
-                )
+                keep, left_out, copier = copy_files(src, final, manifest, include_incomplete, jobs)
                 publish(final, final, manifest, raw, keep)
                 final.fs.rm(work.root, recursive=True)
-    log(
+    log.info(
         f"{final.url}: {copier.copied} files copied ({copier.bytes / 1e6:.2f} MB), {copier.skipped} "
         f"already present and skipped; members: {', '.join(keep) or 'none'}"
     )

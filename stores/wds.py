@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import struct
@@ -53,6 +54,8 @@ from numcodecs.zstd import Zstd
 from .files import open_regular
 from .keys import sha256_file
 from .store import Store, StoreError, atomic_path, utc_now, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 INDEX = "index.json"
 FORMAT = "ptgrm-wds"
@@ -415,7 +418,6 @@ def export_wds(
     shard_mb: float = 256,
     min_shards: int = 8,
     jobs: int = 4,
-    log=print,
     ranges: list | None = None,
     tile: int = TILE,
     overlap: int = 0,
@@ -434,7 +436,7 @@ def export_wds(
         d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
         ranges = shard_ranges(hw, d, samples_per_shard, shard_mb, min_shards)
         if len(ranges) < min_shards:
-            log(
+            log.info(
                 f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
                 f"fewer than --min-shards {min_shards}"
             )
@@ -457,7 +459,7 @@ def export_wds(
     ):  # a damaged index: export again
         done = False
     if done:
-        log(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
+        log.info(f"{folder}: up to date ({len(ranges)} shards); nothing to export")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)  # readers see no finished export while shards change
@@ -473,7 +475,7 @@ def export_wds(
     for stale in (p for p in folder.glob("shard-*") if p.name not in keep):
         stale.unlink()
     write_json_atomic(old, export_index(store, writer, shards, settings))
-    log(
+    log.info(
         f"{folder}: {len(shards)} shards, {len(hw)} samples in {sum(s['tiles'] for s in shards)} tiles "
         f"of at most {tile or 'any'} px (lq/gt {codec}), "
         f"{sum(s['bytes'] for s in shards) / 1e6:.1f} MB; target {tgt}, osf {', '.join(encs)}"

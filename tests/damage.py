@@ -179,7 +179,7 @@ def pull_store(path: Path) -> dict:
     from stores.remote import copy_store
 
     with tempfile.TemporaryDirectory() as dst:
-        copy_store(str(path), dst, jobs=2, log=lambda *a, **k: None)
+        copy_store(str(path), dst, jobs=2)
         return read_store(Path(dst) / path.name)
 
 

@@ -57,7 +57,7 @@ def features(root, tiny_clip, stores, **kw):
         splits=("test",),
         **kw,
     )
-    return build_features(cfg, log=lambda *a: None)[0]
+    return build_features(cfg)[0]
 
 
 def test_bad_samples_are_excluded_and_named_and_the_rest_is_kept(dataset, tiny_clip, tmp_path):
@@ -135,7 +135,7 @@ def test_non_finite_target_output_excludes_only_that_sample(
         splits=("train",),
         max_bad=0.5,
     )
-    store = Store(build_features(cfg, log=lambda *a: None)[0])
+    store = Store(build_features(cfg)[0])
     member = next(m for m in store.manifest()["members"] if m.startswith("targets/"))
     info = store.member_info(member)
     assert info["status"] == "complete"

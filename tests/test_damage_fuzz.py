@@ -35,7 +35,7 @@ def test_damaged_store_never_reads_wrong(store):
 
 
 def test_damaged_export_never_reads_wrong(store, tmp_path):
-    folder = export_wds(store, tmp_path / "export", min_shards=4, log=lambda *_: None)
+    folder = export_wds(store, tmp_path / "export", min_shards=4)
     result = fuzz(folder, WDS_OPS, ROUNDS, seed=2)
     assert result["counts"]["eval"].get("loud", 0) > ROUNDS // 4
     check(result)

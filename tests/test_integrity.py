@@ -56,7 +56,7 @@ def test_a_missing_records_file_is_named_and_repair_rewrites_it(store):
     records.unlink()
     with pytest.raises(StoreError, match=rf"{records.name}.*missing.*python -m stores repair"):
         Store(store).usable_hw([target])
-    repair(store, recompute=False, log=lambda *a: None)
+    repair(store, recompute=False)
     assert json.loads(records.read_text()) == before
     assert Store(store).status(target) == "complete"
 
@@ -92,7 +92,7 @@ def test_copy_refuses_a_source_store_with_missing_files(store, tmp_path, lost):
     (store / lost).unlink()
     dst = tmp_path / "shared"
     with pytest.raises(RemoteError, match=lost.replace("/", ".")):
-        copy_store(str(store), str(dst), log=lambda *a: None)
+        copy_store(str(store), str(dst))
     assert not (dst / store.name / "manifest.json").exists()  # no store published
 
 
@@ -107,7 +107,7 @@ def test_copy_checks_every_listed_file_arrived(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(remote.Copier, "copy", lossy)
     with pytest.raises(RemoteError, match=r"lq/c/2/0/0/0"):
-        copy_store(str(store), str(tmp_path / "local"), log=lambda *a: None)
+        copy_store(str(store), str(tmp_path / "local"))
     assert not (tmp_path / "local" / store.name / "manifest.json").exists()
 
 
@@ -127,13 +127,13 @@ def test_gc_removes_zarr_partial_leftovers_and_copies_skip_them(store, tmp_path)
         store / "pairs/h48w48/lq/c/1/0/0/0.3f2a9c.partial"
     )  # what zarr leaves when killed mid-write
     left.write_bytes(b"half a shard")
-    copy_store(str(store), str(tmp_path / "shared"), log=lambda *a: None)
+    copy_store(str(store), str(tmp_path / "shared"))
     assert not (tmp_path / "shared" / store.name / left.relative_to(store)).exists()
-    gc(store, log=lambda *a: None)
+    gc(store)
     assert left.exists()  # young: may belong to a live writer
     old = time.time() - 3600
     os.utime(left, (old, old))
-    gc(store, log=lambda *a: None)
+    gc(store)
     assert not left.exists()
 
 
@@ -198,7 +198,7 @@ def test_a_symlinked_folder_inside_a_store_is_never_written_or_removed_through(t
     with pytest.raises(UnsafeFileError, match=str(link)):
         leases = Leases(path, ttl=30)
         assert leases.claim(r)
-        stages.StoreWriter(Store(path, mode="a"), leases, log=lambda *_: None)(shard)
+        stages.StoreWriter(Store(path, mode="a"), leases)(shard)
         Store(path, mode="a").finalize(member)
         Store(path, mode="a").rewrite_records("pairs")
     assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
+from common.log import collect
 from pipeline import stages
 from pipeline.extract import FeaturesConfig, build_features
 from pipeline.layouts import LAYOUTS, NAMED_ONLY, LayoutError, MatBlock, detect, list_pairs
@@ -349,8 +350,8 @@ def test_features_of_sidd_mat_blocks_hold_the_blocks(tiny_clip, tmp_path):
         shard_len=4,
         splits=("test",),
     )
-    lines = []
-    store = Store(build_features(cfg, log=lines.append)[0])
+    with collect() as lines:
+        store = Store(build_features(cfg)[0])
     assert (
         f"{tmp_path / 'SIDD'} (test): sidd layout, 6 pairs" in lines
     )  # the detected layout is reported

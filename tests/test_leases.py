@@ -1,5 +1,6 @@
 """Writers of one store with real processes: fenced leases, the manifest lock, no rework."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from toys import make_store
 
+from common.log import collect
 from stores import Leases, Store, store_lock
 from stores.leases import LeaseLost
 
@@ -212,10 +214,9 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
         "late": [np.full((16, 16, 3), 0.5, np.float16)] * 4,
         "new": [np.full((16, 16, 3), 0.25, np.float16)] * 4,
     }
-    lines = []
 
     def writer(leases):
-        return stages.StoreWriter(Store(path, mode="a"), leases, log=lines.append)
+        return stages.StoreWriter(Store(path, mode="a"), leases)
 
     def shard(who):
         return stages.Shard(
@@ -236,7 +237,8 @@ def test_a_late_writer_with_other_bytes_never_replaces_what_the_done_marker_vouc
     late = PausedLeases(path, ttl=0.3, at=at, pause=new_owner_takes_over)  # no heartbeat: paused
     new = Leases(path, ttl=0.3)
     assert late.claim(r) and not new.claim(r)
-    writer(late)(shard("late"))
+    with collect(logging.WARNING) as lines:
+        writer(late)(shard("late"))
     if winner == "new":
         assert any("lease on range [0, 4) lost" in line for line in lines), lines
 
@@ -272,7 +274,7 @@ def test_a_marker_of_another_store_naming_the_same_generation_never_publishes_th
     leases = Leases(path, ttl=30)
     assert leases.claim(r)
 
-    job = stages.StoreWriter(Store(path, mode="a"), leases, log=lambda *_: None)
+    job = stages.StoreWriter(Store(path, mode="a"), leases)
     real_mark = (
         job.store.mark_done
     )  # a pulled copy lands between this writer's shard write and its marker

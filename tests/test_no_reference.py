@@ -207,7 +207,6 @@ def test_unpaired_layout_caches_inputs_only_and_trains_with_a_no_reference_loss(
             encoder=f"openclip:{tiny_clip}",
             store_root=str(tmp_path / "stores"),
         ),
-        log=lambda *_: None,
     )
     train_store, test_store = sorted(stores, key=lambda p: "-test-" in p.name)
     source = Store(train_store).manifest()["members"]["pairs"]["spec"]["source"]
@@ -227,15 +226,11 @@ def test_unpaired_layout_caches_inputs_only_and_trains_with_a_no_reference_loss(
         log_every=1,
     )
     with pytest.raises(ValueError, match=r"no ground truth .*--loss zerodce or sci"):
-        train(cfg, log=lambda *_: None)
+        train(cfg)
     with pytest.raises(ValueError, match=r"--exposure is a mean intensity in \(0, 1\), got 60"):
-        train(
-            TrainConfig(**{**cfg.__dict__, "loss": "zerodce", "exposure": 60}), log=lambda *_: None
-        )
+        train(TrainConfig(**{**cfg.__dict__, "loss": "zerodce", "exposure": 60}))
     for loss in ("sci", "zerodce"):
-        result = train(
-            TrainConfig(**{**cfg.__dict__, "loss": loss, "exposure": 0.5}), log=lambda *_: None
-        )
+        result = train(TrainConfig(**{**cfg.__dict__, "loss": loss, "exposure": 0.5}))
         assert (
             result["n_images"] == 2
             and np.isfinite(result["psnr_refined"])
@@ -251,7 +246,6 @@ def test_unpaired_layout_caches_inputs_only_and_trains_with_a_no_reference_loss(
     with pytest.raises(ValueError, match="evaluation needs a paired test split"):
         train(
             TrainConfig(**{**cfg.__dict__, "loss": "sci", "test_store": str(train_store)}),
-            log=lambda *_: None,
         )
     from ptgrm.refine import load_model
     from training.data import Split
@@ -272,7 +266,6 @@ def test_unpaired_layout_caches_inputs_only_and_trains_with_a_no_reference_loss(
                 store_root=str(tmp_path / "stores2"),
                 splits=("test",),
             ),
-            log=lambda *_: None,
         )
 
 

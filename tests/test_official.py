@@ -191,7 +191,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 def test_imported_run_loads_and_matches_a_ptgrm_with_the_mapped_weights(tmp_path):
     sd = {**official_sd(seed=1), **joint_network_extras()}
     torch.save(sd, tmp_path / "SID.pth")
-    run_dir = import_run(tmp_path / "SID.pth", "sid", tmp_path / "runs", log=lambda *_: None)
+    run_dir = import_run(tmp_path / "SID.pth", "sid", tmp_path / "runs")
     model, sidecar = load_model(run_dir)
     assert sidecar["params"] == 671_735 and sidecar["weights"] == "pretrained"
     assert sidecar["source"]["official_checkpoint"] == str(tmp_path / "SID.pth")
@@ -204,7 +204,7 @@ def test_imported_run_loads_and_matches_a_ptgrm_with_the_mapped_weights(tmp_path
     with torch.no_grad():
         assert torch.equal(model(base, lq, clip), ref(base, lq, clip))
     with pytest.raises(ValueError, match="already holds a run"):
-        import_run(tmp_path / "SID.pth", "sid", tmp_path / "runs", log=lambda *_: None)
+        import_run(tmp_path / "SID.pth", "sid", tmp_path / "runs")
 
 
 def tiny_test_store(root: Path, n=2, h=20, w=28) -> Path:

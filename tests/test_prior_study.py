@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 from toys import add_osf_member, make_task_stores
 
+from common.log import collect
 from training.prior_study import ROWS, paired_bootstrap, prior_study
 from training.train import TrainConfig
 
@@ -42,7 +43,7 @@ def study_config(tmp_path, clip_dim: int, effnet_dim: int, **kw) -> TrainConfig:
 
 def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
     cfg = study_config(tmp_path, 32, 24, runs_dir=str(tmp_path / "runs"), steps=3, log_every=1)
-    out = prior_study(cfg, [0, 1], log=lambda *a: None)
+    out = prior_study(cfg, [0, 1])
     report = json.loads((out / "prior.json").read_text())
     assert [r["row"] for r in report["rows"]] == [row for row, _ in ROWS] and report[
         "n_samples"
@@ -63,20 +64,17 @@ def test_prior_study_trains_every_row_and_seed_and_reuses_them(tmp_path):
         assert d["ci95"][0] <= d["psnr_diff"] <= d["ci95"][1]
     md = (out / "prior.md").read_text()
     assert "EfficientNet-Lite0 - CLIP ViT-B/32" in md and "| CLIP ViT-B/32 | random |" in md
-    logs = []
-    prior_study(cfg, [0, 1], log=logs.append)  # all finished: nothing trains again
+    with collect() as logs:
+        prior_study(cfg, [0, 1])  # all finished: nothing trains again
     assert "8 finished before and reused" in logs[0] and not any(x.startswith("==") for x in logs)
 
 
 def test_prior_study_in_parallel_processes_gives_the_same_table(tmp_path):
     cfg = study_config(tmp_path, 16, 8, runs_dir=str(tmp_path / "a"), steps=2, threads=1)
-    serial = json.loads((prior_study(cfg, [0], log=lambda *a: None) / "prior.json").read_text())
+    serial = json.loads((prior_study(cfg, [0]) / "prior.json").read_text())
     parallel = json.loads(
         (
-            prior_study(
-                replace(cfg, runs_dir=str(tmp_path / "b")), [0], log=lambda *a: None, jobs=2
-            )
-            / "prior.json"
+            prior_study(replace(cfg, runs_dir=str(tmp_path / "b")), [0], jobs=2) / "prior.json"
         ).read_text()
     )
     assert (

@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
         workers=0,
         log_every=2,
     )
-    train(cfg, log=lambda *a: None)
+    train(cfg)
     return tmp / "runs" / "r"
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import pipeline.sources as sources
+from common.log import collect
 from pipeline.extract import FeaturesConfig, build_features
 from stores import Store
 
@@ -47,7 +48,8 @@ def features(data, stores, tiny_clip, **kw):
         splits=("test",),
         **kw,
     )
-    return build_features(cfg, log=lines.append)[0], "\n".join(lines)
+    with collect() as lines:
+        return build_features(cfg)[0], "\n".join(lines)
 
 
 def test_mixed_sizes_are_stored_at_their_own_size_and_read_back(tmp_path, tiny_clip):

@@ -141,10 +141,10 @@ def test_a_store_made_with_the_old_default_gamma_is_not_taken_for_sci(tmp_path, 
     gamma = dataclasses.replace(TASKS["lowlight"], target="gamma")  # the default before SCI
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TASKS, "lowlight", gamma)
-        build_features(FeaturesConfig(**cfg), log=lambda *_: None)
+        build_features(FeaturesConfig(**cfg))
         assert all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # complete for gamma
     assert not all(p.complete() for p in plan_features(FeaturesConfig(**cfg)))  # not for sci-medium
-    [store] = build_features(FeaturesConfig(**cfg), log=lambda *_: None)
+    [store] = build_features(FeaturesConfig(**cfg))
     assert sorted(
         p.split("-")[0] for p in Store(store).manifest()["members"] if p.startswith("targets/")
     ) == ["targets/gamma", "targets/sci"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from toys import add_osf_member, fill_member, make_store, same
 
+from common.log import collect
 from stores import Store, key_of
 from stores.remote import Copier, copy_store
 
@@ -64,7 +65,7 @@ def test_shared_copy_landing_during_a_live_writer_keeps_its_member(
         tmp_path / "local", "train", n=8, hw=(24, 28), dim=8
     )  # same pairs: same store name
     go, started = pause_copies(monkeypatch)
-    copy = in_thread(copy_store, str(shared), str(tmp_path / "local"), log=lambda *a: None)
+    copy = in_thread(copy_store, str(shared), str(tmp_path / "local"))
     assert started.acquire(timeout=60)  # the copy read the manifest and is copying files
     writer = Store(local, mode="a")
     g = np.random.default_rng(3).normal(size=(8, 4, 8)).astype(np.float32)
@@ -89,10 +90,10 @@ def test_shared_copy_landing_during_a_live_writer_keeps_its_member(
 def test_two_creators_of_one_new_store_both_succeed(tmp_path, monkeypatch, other):
     shared = make_store(tmp_path / "shared", "train", n=8, hw=(24, 28), dim=8)
     go, started = pause_copies(monkeypatch)
-    first = in_thread(copy_store, str(shared), str(tmp_path / "mine"), log=lambda *a: None)
+    first = in_thread(copy_store, str(shared), str(tmp_path / "mine"))
     assert started.acquire(timeout=60)
     if other == "copy":  # a second pull (or `--store-shared` run) of the same store
-        second = in_thread(copy_store, str(shared), str(tmp_path / "mine"), log=lambda *a: None)
+        second = in_thread(copy_store, str(shared), str(tmp_path / "mine"))
         started.acquire(timeout=2)  # the second one either waits for the first or copies beside it
     else:  # `make features` creating the same store meanwhile
         make_store(tmp_path / "mine", "train", n=8, hw=(24, 28), dim=8)
@@ -183,13 +184,19 @@ def test_nothing_private_in_pushed_files_or_logs(tmp_path, monkeypatch, tiny_cli
             max_bad=0.5,
             **kw,
         )
-        return build_features(cfg, log=lines.append)[0]
+        with collect() as said:
+            path = build_features(cfg)[0]
+        lines.extend(said)
+        return path
 
     first = features(home / "stores")
     assert Store(first).manifest()["members"]["pairs"]["n_excluded"] == 1
-    copy_store(str(first), shared, log=lines.append)  # a push
+    with collect() as said:
+        copy_store(str(first), shared)  # a push
     second = features(home / "stores2", store_shared=shared)  # found complete in the shared root
-    copy_store(str(second), str(tmp_path / "pushed"), log=lines.append)
+    with collect() as said_too:
+        copy_store(str(second), str(tmp_path / "pushed"))
+    lines.extend(said + said_too)
     fs = fsspec.filesystem("memory")
     texts = [
         p.read_bytes().decode(errors="replace")

@@ -230,9 +230,7 @@ def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_fol
         store_root=str(tmp_path / "st"),
         shard_len=2,
     )
-    (reference,) = build_features(
-        replace(cfg, store_root=str(tmp_path / "reference")), log=lambda *_: None
-    )
+    (reference,) = build_features(replace(cfg, store_root=str(tmp_path / "reference")))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(descriptors, "PER_FILE", 2)  # one descriptor file per task here
     (plan,) = plan_features(cfg)

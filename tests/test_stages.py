@@ -138,7 +138,6 @@ def test_features_wds_writes_the_export_as_it_extracts_like_export_wds(tmp_path,
         ranges=index["settings"]["ranges"],
         target=index["target"],
         encoders=index["encoders"],
-        log=lambda *_: None,
     )
     for shard in index[
         "shards"

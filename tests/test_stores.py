@@ -267,7 +267,7 @@ def test_gc_removes_leftovers_of_killed_runs_and_nothing_else(tmp_path):
     for p in (superseded, newest, lock, tmp_old):
         os.utime(p, (old, old))
     before = {p for p in s.rglob("*") if p.is_file()}
-    removed = set(gc(s, log=lambda *a: None))
+    removed = set(gc(s))
     assert removed == {
         superseded,
         tmp_old,
@@ -546,7 +546,7 @@ def test_gc_removes_staged_shards_of_lost_leases_and_keeps_what_a_marker_or_the_
         f.write_bytes(b"x")
         os.utime(f, (old, old))
     (s / "_staging" / "0-4" / "00000009").mkdir()  # empty, and no lease generation 9 yet
-    removed = set(gc(s, log=lambda *a: None))
+    removed = set(gc(s))
     assert s / "_staging" / "0-4" / "00000000" in removed  # a lost writer's: nothing will read it
     assert not (s / "_staging" / "0-4" / "00000000").exists()
     assert staged[1].is_file() and staged[2].is_file()  # to be published; the live holder's

@@ -272,12 +272,10 @@ def test_features_with_random_weights_and_with_a_tiny_checkpoint(name, tmp_path,
     with pytest.raises(
         ValueError, match="give its checkpoint"
     ):  # real data: no random target unless asked
-        build_features(FeaturesConfig(**common), log=lambda *_: None)
-    [store] = build_features(
-        FeaturesConfig(**common, allow_random_weights=True), log=lambda *_: None
-    )
+        build_features(FeaturesConfig(**common))
+    [store] = build_features(FeaturesConfig(**common, allow_random_weights=True))
     ckpt = save(tmp_path / "tiny.pth", tiny_state(name))
-    build_features(FeaturesConfig(**common, target_weights=str(ckpt)), log=lambda *_: None)
+    build_features(FeaturesConfig(**common, target_weights=str(ckpt)))
     members = Store(store).manifest()["members"]
     targets = {m["weights"]: (p, m) for p, m in members.items() if p.startswith(f"targets/{name}-")}
     assert set(targets) == {"random", "pretrained"} and all(
@@ -360,7 +358,6 @@ def test_sid_row_end_to_end_features_import_official_eval(tmp_path, tiny_clip):
             encoder=f"openclip:{tiny_clip}",
             store_root=str(tmp_path / "stores"),
         ),
-        log=lambda *_: None,
     )
     manifest = Store(store).manifest()
     assert manifest["members"]["pairs"]["spec"]["source"]["protocol"]["resize"] == [960, 512]
@@ -457,7 +454,6 @@ def test_the_stored_float16_base_scores_as_the_official_float32_output(tmp_path,
             store_root=str(tmp_path),
             encoder=f"openclip:{tiny_clip}",
         ),
-        log=lambda *_: None,
     )
     split = Split.open(store, None, None)
     target = build_network_target("sci-medium", device="cpu")

@@ -68,15 +68,13 @@ def build_store(root) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     store = build_store(tmp_path_factory.mktemp("wds"))
-    return store, export_wds(store, min_shards=4, log=lambda *_: None)
+    return store, export_wds(store, min_shards=4)
 
 
 @pytest.fixture(scope="module")
 def exported_png(exported, tmp_path_factory):
     store, _ = exported
-    return store, export_wds(
-        store, tmp_path_factory.mktemp("wds-png"), min_shards=4, codec="png", log=lambda *_: None
-    )
+    return store, export_wds(store, tmp_path_factory.mktemp("wds-png"), min_shards=4, codec="png")
 
 
 def unzstd(data: bytes) -> np.ndarray:
@@ -441,7 +439,7 @@ def test_samples_excluded_at_extraction_never_reach_a_batch_in_either_format(tmp
         / f"{target.replace('/', '__')}.json",  # as a non-finite output leaves it
         {"excluded": [{"index": 2, "name": "im2.png", "reason": "non-finite"}], "notes": []},
     )
-    folder = export_wds(path, out=tmp_path / "wds", min_shards=2, log=lambda *_: None)
+    folder = export_wds(path, out=tmp_path / "wds", min_shards=2)
     index = json.loads((folder / "index.json").read_text())
     assert [hw for s in index["shards"] for hw in s["hw"]][2] == [0, 0]
     zarr_split, wds_split = Split.open(path, None, None), WdsSplit.open(folder)
@@ -491,7 +489,7 @@ def test_tiles_cut_large_samples_and_put_them_back_together(exported, tmp_path):
     )  # neighbours overlap by >= 96
     assert axis_tiles(300, 512) == [(0, 300)] and axis_tiles(300, 0) == [(0, 300)]
     path, _ = exported
-    folder = export_wds(path, out=tmp_path, min_shards=4, tile=20, log=lambda *_: None)
+    folder = export_wds(path, out=tmp_path, min_shards=4, tile=20)
     index = json.loads((folder / "index.json").read_text())
     assert index["tiling"] == {"tile": 20, "overlap": 0} and index["version"] == VERSION
     assert sum(s["tiles"] for s in index["shards"]) == sum(len(tile_grid(h, w, 20)) for h, w in HW)
@@ -563,7 +561,7 @@ def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported
             WdsError, match=f"format version {version}.*reads versions 3 and 4.*export-wds STORE"
         ):
             WdsSplit.open(old)
-    again = export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
+    again = export_wds(path, out=tmp_path / "again", min_shards=4)
     side = json.loads((again / "shard-000000.json").read_text())
     (again / "shard-000000.json").write_text(
         json.dumps({k: v for k, v in side.items() if k != "version"})
@@ -571,7 +569,7 @@ def test_an_export_of_an_older_format_is_refused_with_how_to_rebuild_it(exported
     (
         again / "index.json"
     ).unlink()  # as version 2 left an interrupted export: its tars are not reused
-    export_wds(path, out=tmp_path / "again", min_shards=4, log=lambda *_: None)
+    export_wds(path, out=tmp_path / "again", min_shards=4)
     assert json.loads((again / "shard-000000.json").read_text())["version"] == VERSION
 
 
@@ -603,9 +601,9 @@ def test_renamed_tile_keys_and_damaged_shards_are_caught_and_export_rewrites_the
         for raw in split.samples(shard, {(i, 0) for i in range(N)}):
             got.append(raw["index"])
     assert got == []
-    out = export_wds(path, tmp_path, min_shards=4, log=lambda *_: None)
+    out = export_wds(path, tmp_path, min_shards=4)
     assert out == copy and split.image(shard["first"])["gt"].shape[:2] == tuple(HW[shard["first"]])
     WdsSplit.open(copy).image(shard["first"])  # rewritten: reads again
     (copy / "index.json").write_text((copy / "index.json").read_text()[:100])
-    export_wds(path, tmp_path, min_shards=4, log=lambda *_: None)
+    export_wds(path, tmp_path, min_shards=4)
     assert WdsSplit.open(copy).image(shard["first"])["gt"].shape[:2] == tuple(HW[shard["first"]])

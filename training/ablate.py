@@ -8,6 +8,7 @@ so an interrupted ablation continues where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from stores import atomic_path, write_json_atomic
 
 from .data import check_same_members
 from .train import TrainConfig, open_splits, same_settings, train
+
+log = logging.getLogger(__name__)
 
 ROWS = [  # (row, changes to the training config)
     ("full PTG-RM", {}),
@@ -45,7 +48,7 @@ def finished(run_dir: Path, cfg: TrainConfig, splits) -> dict | None:
     return json.loads((run_dir / "eval.json").read_text())
 
 
-def ablate(cfg: TrainConfig, log=print) -> Path:
+def ablate(cfg: TrainConfig) -> Path:
     name = cfg.run or cfg.task
     rows, splits = [], open_splits(cfg)
     for row, changes in ROWS:
@@ -53,10 +56,10 @@ def ablate(cfg: TrainConfig, log=print) -> Path:
         run_dir = Path(cfg.runs_dir) / run_cfg.run
         result = finished(run_dir, run_cfg, splits)
         if result is None:
-            log(f"== {row}")
-            result = train(run_cfg, log=log)
+            log.info(f"== {row}")
+            result = train(run_cfg)
         else:
-            log(f"== {row}: finished before, reused")
+            log.info(f"== {row}: finished before, reused")
         rows.append(
             {
                 "row": row,
@@ -84,5 +87,5 @@ def ablate(cfg: TrainConfig, log=print) -> Path:
     ]
     with atomic_path(out / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    log("\n".join(lines))
+    log.info("\n".join(lines))
     return out

@@ -9,6 +9,7 @@ PSNR/SSIM with predicted g beside the ones with true g in `eval.json`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.log import bars
 from ptgrm.images import flip, image_tensor
 from ptgrm.predictor import SIZE, OSFPredictor, predict_g, save_predictor
 from stores import write_json_atomic
 
 from .data import SplitLike
 from .evaluate import evaluate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ def train_predictor(split, dim: int, cfg: DistillConfig) -> tuple[OSFPredictor, 
     usable = usable_samples(split)
     cache = {}  # resized inputs are tiny: keep them
     losses = []
-    for step in tqdm(range(cfg.steps), unit="step", desc="distill", dynamic_ncols=True):
+    for step in tqdm(
+        range(cfg.steps), unit="step", desc="distill", dynamic_ncols=True, disable=not bars()
+    ):
         rng = np.random.default_rng([cfg.seed, step])
         idx, flips = usable[rng.integers(0, len(usable), cfg.batch)], rng.integers(0, 4, cfg.batch)
         x = torch.cat(
@@ -113,7 +119,7 @@ class PredictedG:
         return s
 
 
-def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig, log=print) -> dict:
+def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig) -> dict:
     """Train the predictor, then evaluate the run with predicted g beside true g in eval.json."""
     dim = train_split.info()["osf_dim"]
     predictor, losses = train_predictor(train_split, dim, cfg)
@@ -149,7 +155,7 @@ def distill(run_dir: Path, model, train_split, test_split, cfg: DistillConfig, l
         }
     )
     write_json_atomic(eval_path, result)
-    log(
+    log.info(
         f"distilled OSF predictor: test cosine to true g {cos:.3f}; refined PSNR with true g "
         f"{true_g['psnr_refined']:.2f} dB, with predicted g {predicted['psnr_refined']:.2f} dB "
         f"(base {true_g['psnr_base']:.2f})"

@@ -10,6 +10,7 @@ A checkpoint is read with `torch.load(weights_only=True)`, so loading one never 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from ptgrm.checkpoints import CheckpointError, load_checkpoint
 from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from ptgrm.refine import load_model
 from stores import atomic_path, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 PREFIX = "refinement11."
 N_BLOCKS = 4  # the official module has num_blocks[0] = 4 Restormer blocks
@@ -176,7 +179,7 @@ def load_official(path) -> dict:
         raise OfficialMismatch(str(e)) from None
 
 
-def import_run(ckpt, run: str, runs_dir: str = "runs", log=print) -> Path:
+def import_run(ckpt, run: str, runs_dir: str = "runs") -> Path:
     """Write `runs_dir/run/` (model.safetensors + model.json) from an official checkpoint."""
     ckpt = Path(ckpt)
     run_dir = Path(runs_dir) / run
@@ -201,14 +204,14 @@ def import_run(ckpt, run: str, runs_dir: str = "runs", log=print) -> Path:
         },
     }
     write_json_atomic(run_dir / "model.json", sidecar)
-    log(
+    log.info(
         f"run {run_dir}: {len(sd)} tensors ({sidecar['params']:,} parameters) from {ckpt}"
         + (f", {ignored} tensors of the joint network ignored" if ignored else "")
     )
     return run_dir
 
 
-def export_run(run: str, out, runs_dir: str = "runs", prefix: str = PREFIX, log=print) -> Path:
+def export_run(run: str, out, runs_dir: str = "runs", prefix: str = PREFIX) -> Path:
     """Write a run's weights as a .pth state dict with the official names (atomically)."""
     run_dir = Path(runs_dir) / run
     if not (run_dir / "model.json").is_file():
@@ -218,5 +221,7 @@ def export_run(run: str, out, runs_dir: str = "runs", prefix: str = PREFIX, log=
     out = Path(out)
     with atomic_path(out) as tmp:
         torch.save(sd, tmp)
-    log(f"{out}: {len(sd)} tensors with official names" + (f" under {prefix!r}" if prefix else ""))
+    log.info(
+        f"{out}: {len(sd)} tensors with official names" + (f" under {prefix!r}" if prefix else "")
+    )
     return out

@@ -11,6 +11,7 @@ test samples and the seeds (paired: the same sample and seed on both sides).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from stores import atomic_path, write_json_atomic
 
 from .ablate import _slug, finished
 from .train import TrainConfig, open_splits, train
+
+log = logging.getLogger(__name__)
 
 # Without CLIP weights on the machine the CLIP row is a random CLIP (its weights column says so);
 # EfficientNet-Lite0's ImageNet weights ship in a package, so that row is always pre-trained.
@@ -57,7 +60,7 @@ def cli_args(cfg: TrainConfig) -> list[str]:
     return out
 
 
-def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
+def run_parallel(configs: list[TrainConfig], jobs: int) -> None:
     """Train configs in `jobs` processes at a time (several small runs share one GPU well);
     each run's output goes to runs/<run>/train.log. Raises naming the runs that failed."""
     pending, running, failed = list(configs), [], []
@@ -77,13 +80,13 @@ def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
                     ),
                 )
             )
-            log(f"== started {c.run}")
+            log.info(f"== started {c.run}")
         for item in list(running):
             c, out, proc = item
             if proc.poll() is not None:
                 out.close()
                 running.remove(item)
-                (failed.append(c.run) if proc.returncode else log(f"== finished {c.run}"))
+                (failed.append(c.run) if proc.returncode else log.info(f"== finished {c.run}"))
         time.sleep(0.5)
     if failed:
         raise RuntimeError(
@@ -92,7 +95,7 @@ def run_parallel(configs: list[TrainConfig], jobs: int, log) -> None:
         )
 
 
-def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) -> Path:
+def prior_study(cfg: TrainConfig, seeds: list[int], jobs: int = 1) -> Path:
     name = cfg.run or cfg.task
     plan = [
         (row, replace(cfg, run=f"{name}-prior-{_slug(row)}-s{seed}", seed=seed, **changes))
@@ -109,13 +112,13 @@ def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) ->
         return finished(Path(cfg.runs_dir) / c.run, c, opened[c.encoder])
 
     todo = [c for _, c in plan if done(c) is None]
-    log(f"prior study: {len(plan)} runs, {len(plan) - len(todo)} finished before and reused")
+    log.info(f"prior study: {len(plan)} runs, {len(plan) - len(todo)} finished before and reused")
     if jobs > 1:
-        run_parallel(todo, jobs, log)
+        run_parallel(todo, jobs)
     else:
         for c in todo:
-            log(f"== {c.run}")
-            train(c, log=log)
+            log.info(f"== {c.run}")
+            train(c)
     results: dict[str, list[dict]] = {row: [] for row, _ in ROWS}
     for row, c in plan:
         result = done(c)
@@ -189,5 +192,5 @@ def prior_study(cfg: TrainConfig, seeds: list[int], log=print, jobs: int = 1) ->
     ]
     with atomic_path(out / "prior.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    log("\n".join(lines))
+    log.info("\n".join(lines))
     return out

@@ -21,12 +21,15 @@ everywhere, and only the capture itself is skipped, with the reason said once.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import nullcontext
 
 import torch
 
 from .losses import charbonnier
+
+log = logging.getLogger(__name__)
 
 WARMUP = 3  # eager steps on a side stream before the capture
 KEYS = ("lq", "base", "gt", "g")
@@ -141,7 +144,6 @@ class Step:
         weight: float = 0.0,
         no_ref=None,
         graph: bool = False,
-        log=print,
     ):
         self.net, self.opt, self.device, self.world = net, opt, device, world
         self.args = (perceptual, weight, world, no_ref)
@@ -157,7 +159,7 @@ class Step:
                 else None
             )
             if why:
-                log(
+                log.info(
                     f"--cuda-graph: capture skipped ({why}); the step runs eagerly with static buffers and fused Adam"
                 )
                 self.graph = False

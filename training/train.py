@@ -8,6 +8,7 @@ Reads only the stores: no frozen network is loaded here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from common.log import bars
 from common.runtime import cpu_count, cpu_share, follow_cpu_share, tune_allocator
 from ptgrm.model import PTGRM, PTGRMConfig, count_parameters
 from stores import atomic_path, write_json_atomic
@@ -32,6 +34,8 @@ from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
 from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, zerodce_loss
 from .step import Step, float_lrs, load_optimizer, make_optimizer
+
+log = logging.getLogger(__name__)
 
 AUTO_EVALS = 5  # test evaluations over a run when --eval-every is -1 (the PSNR curve)
 SWITCHES = (
@@ -346,16 +350,16 @@ def keep_metrics_until(path: Path, step: int) -> None:
         tmp.write_text("".join(line + "\n" for s, line in rows if s <= step))
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Train, checkpoint, evaluate and report; returns eval.json's content (rank 0)."""
     tune_allocator()
     with cpu_share(
         cfg.threads
     ):  # torch's threads: the CPUs this process may use, shared with other trainings
-        return _train(cfg, log)
+        return _train(cfg)
 
 
-def _train(cfg: TrainConfig, log=print) -> dict:
+def _train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
@@ -393,13 +397,14 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     )  # a state.pt left by an earlier run in this folder never becomes the previous one
     if main:
         keep_metrics_until(run_dir / "metrics.jsonl", start)
-        log(
+        log.info(
             f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
             f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
             f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device}"
             + (f" x{world} processes" if world > 1 else "")
             + (f", resuming at {start}" if start else "")
         )
+        log.debug(f"settings: {json.dumps(asdict(cfg), sort_keys=True, default=str)}")
     if cfg.perceptual and not cfg.vgg_weights:
         raise ValueError(
             "--perceptual needs --vgg-weights PATH (torchvision VGG19 ImageNet weights)"
@@ -408,7 +413,7 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     no_ref = no_reference_loss(cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
-    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, no_ref, cfg.cuda_graph, log)
+    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, no_ref, cfg.cuda_graph)
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world, loader_workers(cfg, device))
     tb = _tensorboard(run_dir, start) if main else None
@@ -417,7 +422,7 @@ def _train(cfg: TrainConfig, log=print) -> dict:
         initial=start,
         unit="step",
         desc="train",
-        disable=not main,
+        disable=not (main and bars()),
         dynamic_ncols=True,
     )
     wait = compute = 0.0
@@ -476,7 +481,7 @@ def _train(cfg: TrainConfig, log=print) -> dict:
         dist.barrier()
     if not main or stop < cfg.steps:
         if main:
-            log(
+            log.info(
                 f"stopped at step {stop} of {cfg.steps}; continue with --resume (make train RESUME=1)"
             )
         return {"stopped_at": stop}
@@ -507,7 +512,7 @@ def _train(cfg: TrainConfig, log=print) -> dict:
     write_report(run_dir, model, test_split)
     if tb:
         tb.close()
-    log(summary(result))
+    log.info(summary(result))
     return result
 
 
