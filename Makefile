@@ -36,6 +36,7 @@ SRC ?=
 DST ?=
 NAME ?=
 CODEC ?=
+PRECISION ?=
 V ?=
 
 flag = $(if $(strip $(2)),$(1) $(2))
@@ -46,7 +47,7 @@ FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-w
 	$(call flag,--target-budget-mb,$(TARGET_BUDGET_MB)) \
 	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
 	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights) $(if $(filter wds,$(FORMAT)),--wds)
-TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(call flag,--loss,$(LOSS)) $(call flag,--exposure,$(EXPOSURE)) \
+TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(call flag,--loss,$(LOSS)) $(call flag,--exposure,$(EXPOSURE)) $(call flag,--precision,$(PRECISION)) \
 	$(if $(strip $(RESUME)),--resume) $(call flag,--format,$(FORMAT)) \
 	$(call flag,--train-store,$(TRAIN_STORE)) $(call flag,--test-store,$(TEST_STORE))
 

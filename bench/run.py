@@ -404,16 +404,21 @@ def bench_codec(repeats: int = 5) -> list[dict]:
 
 
 # -- 4c. demo training on the CPU, alone and two side by side (bench/cpu.py) ------------------
-def bench_cpu(store_root: Path, tmp: Path, steps: int, waits: dict) -> list[dict]:
+def bench_cpu(
+    store_root: Path, tmp: Path, steps: int, waits: dict, precisions=("auto",)
+) -> list[dict]:
     """The demo training's steps/s alone and, side by side, two at once (together over alone),
-    for each OpenMP wait setting in `waits` (name -> environment)."""
+    for each OpenMP wait setting in `waits` (name -> environment) and each --precision."""
     rows = []
-    for name, env in waits.items():
-        alone = train_rates(store_root, tmp / "cpu-runs", 1, steps, env)[0]
-        pair = train_rates(store_root, tmp / "cpu-runs", 2, steps, env)
+    for (wait, env), precision in ((w, p) for w in waits.items() for p in precisions):
+        extra = ["--precision", precision]
+        alone = train_rates(store_root, tmp / "cpu-runs", 1, steps, env, extra)[0]
+        pair = train_rates(store_root, tmp / "cpu-runs", 2, steps, env, extra)
+        name = wait if precision == "auto" else f"{wait},{precision}"
         settings = {
             "steps": steps,
-            "waits": name,
+            "waits": wait,
+            "precision": precision,
             "env": env,
             "cpus": cpu_count(),
             "batch": 8,
@@ -533,6 +538,12 @@ def main(argv=None) -> int:
         help=f"OpenMP wait settings to compare in the CPU rows "
         f"({', '.join(WAITS)}; comma-separated)",
     )
+    p.add_argument(
+        "--cpu-precisions",
+        default="auto",
+        help="training --precision values to compare in the CPU rows (auto, bf16, fp32; "
+        "comma-separated)",
+    )
     args = p.parse_args(argv)
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
@@ -570,6 +581,7 @@ def main(argv=None) -> int:
             ],
         }
     waits = {w: WAITS[w] for w in args.cpu_waits.split(",")}
+    precisions = tuple(args.cpu_precisions.split(","))
 
     def record(
         rows: list,
@@ -590,7 +602,7 @@ def main(argv=None) -> int:
         elif "cpu" in only:
             make("features", {"TASK": "deblur", "STORE_ROOT": str(tmp / "demo-stores")})
         if not only or "cpu" in only:
-            record(bench_cpu(tmp / "demo-stores", tmp, args.cpu_steps, waits))
+            record(bench_cpu(tmp / "demo-stores", tmp, args.cpu_steps, waits, precisions))
         if not only:
             record(bench_loader(train_store, tmp / "wds", 96, 8) + [bench_stall(first_run)])
             record([bench_size(train_store)])

@@ -539,3 +539,28 @@ def test_training_never_writes_to_its_stores(stores, tmp_path):
     after = snapshot()
     assert after.keys() == before.keys() and all(after[p][0] == before[p][0] for p in before)
     assert all(after[p][1] == before[p][1] for p in before if p.is_file())
+
+
+def test_bf16_precision_on_the_cpu_trains_repeatably_and_says_so(stores, tmp_path, capsys):
+    """--precision bf16 runs the forward pass under bfloat16 autocast on the CPU too (the default
+    there is fp32): another result than fp32's, the same one twice, recorded in eval.json; resumed
+    mid-run it ends where the uninterrupted run ends."""
+    assert main(train_args(stores, tmp_path, "fp32")) == 0
+    assert main(train_args(stores, tmp_path, "bf16", "--precision", "bf16")) == 0
+    assert main(train_args(stores, tmp_path, "bf16-again", "--precision", "bf16")) == 0
+    assert (
+        main(train_args(stores, tmp_path, "bf16-parts", "--precision", "bf16", "--stop-at", "6"))
+        == 0
+    )
+    assert main(train_args(stores, tmp_path, "bf16-parts", "--precision", "bf16", "--resume")) == 0
+    assert weights(tmp_path / "bf16") == weights(tmp_path / "bf16-again")
+    assert weights(tmp_path / "bf16-parts") == weights(tmp_path / "bf16")
+    assert weights(tmp_path / "bf16") != weights(tmp_path / "fp32")
+    precision = {
+        r: json.loads((tmp_path / r / "eval.json").read_text())["precision"]
+        for r in ("fp32", "bf16")
+    }
+    assert precision == {"fp32": "fp32", "bf16": "bf16"}  # auto on a CPU: fp32
+    capsys.readouterr()
+    assert main(train_args(stores, tmp_path, "bad", "--precision", "fp16")) == 1
+    assert "--precision 'fp16': expected auto, bf16 or fp32" in capsys.readouterr().err

@@ -93,17 +93,28 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
 
 
 def train_step(
-    net, batch: dict, device, perceptual, weight: float, world: int, no_ref=None, cache: bool = True
+    net,
+    batch: dict,
+    device,
+    perceptual,
+    weight: float,
+    world: int,
+    no_ref=None,
+    cache: bool = True,
+    bf16: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, base's loss) of one (local) batch, summed over pixels (moved to `device` first: a
     no-op for the static buffers). Scaled by
     the world size so DDP's gradient average equals the gradient of the single-process summed loss.
     `no_ref(refined, lq, base)`: a no-reference loss, which never reads the ground truth (the base's
-    loss is then the same loss of the clamped base)."""
+    loss is then the same loss of the clamped base). `bf16`: the forward pass under bfloat16
+    autocast (None: on a GPU only)."""
     lq, base, gt, g = to_device(batch, device).values()
+    if bf16 is None:
+        bf16 = device.type == "cuda"
     amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-        if device.type == "cuda"
+        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+        if bf16
         else nullcontext()
     )
     with amp:
@@ -144,9 +155,11 @@ class Step:
         weight: float = 0.0,
         no_ref=None,
         graph: bool = False,
+        bf16: bool | None = None,
     ):
         self.net, self.opt, self.device, self.world = net, opt, device, world
         self.args = (perceptual, weight, world, no_ref)
+        self.bf16 = bf16
         self.loss_sum = torch.zeros(2, device=device)
         self.graph, self.static, self.captured, self.loss = graph, None, None, None
         self.steps = 0
@@ -168,7 +181,7 @@ class Step:
     def _eager(self, batch: dict, cache: bool = True) -> torch.Tensor:
         perceptual, weight, world, no_ref = self.args
         loss, base_loss = train_step(
-            self.net, batch, self.device, perceptual, weight, world, no_ref, cache
+            self.net, batch, self.device, perceptual, weight, world, no_ref, cache, self.bf16
         )
         self.loss_sum += torch.stack([loss.detach(), base_loss]) / (batch["gt"].numel() * world)
         self.opt.zero_grad(set_to_none=True)
@@ -218,7 +231,7 @@ class Step:
     def _capture_body(self) -> torch.Tensor:
         perceptual, weight, world, no_ref = self.args
         loss, base_loss = train_step(
-            self.net, self.static, self.device, perceptual, weight, world, no_ref, False
+            self.net, self.static, self.device, perceptual, weight, world, no_ref, False, self.bf16
         )
         self.loss_sum += torch.stack([loss.detach(), base_loss]) / (
             self.static["gt"].numel() * world

@@ -125,6 +125,12 @@ class TrainConfig:
         "one CUDA graph and replay it (training/step.py); on a CPU the step runs eagerly "
         "and says why",
     )
+    precision: str = setting(
+        "auto",
+        "the forward pass: 'bf16' (bfloat16 autocast, the loss and the weights in float32), "
+        "'fp32', or 'auto' (bf16 on a CUDA GPU, fp32 on a CPU). On a CPU with native bfloat16 "
+        "(AVX512-BF16 or AMX) bf16 trains faster; docs/training.md has the measurements",
+    )
     workers: int = setting(
         -1,
         "loader processes (0: load in the training process; -1: 0 when a Zarr store trains on a "
@@ -287,6 +293,13 @@ def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
     return all(recorded.get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
 
 
+def bf16(cfg: TrainConfig, device) -> bool:
+    """Whether the training's forward pass runs under bfloat16 autocast (--precision)."""
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def resume_state(
     run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device
 ) -> int:
@@ -413,7 +426,17 @@ def _train(cfg: TrainConfig) -> dict:
     no_ref = no_reference_loss(cfg)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
-    step_fn = Step(net, opt, device, world, perceptual, cfg.perceptual, no_ref, cfg.cuda_graph)
+    step_fn = Step(
+        net,
+        opt,
+        device,
+        world,
+        perceptual,
+        cfg.perceptual,
+        no_ref,
+        cfg.cuda_graph,
+        bf16(cfg, device),
+    )
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world, loader_workers(cfg, device))
     tb = _tensorboard(run_dir, start) if main else None
@@ -493,6 +516,7 @@ def _train(cfg: TrainConfig) -> dict:
             "train_store": info["store"],
             "params": sidecar["params"],
             "steps": cfg.steps,
+            "precision": "bf16" if bf16(cfg, device) else "fp32",
             "model": model.cfg.to_dict(),
             "data_wait_frac": wait / max(wait + compute, 1e-9),
         }
