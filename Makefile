@@ -55,7 +55,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 
 help:
 	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ALLOW_RANDOM_WEIGHTS=1]"
-	@echo "any target: V=-v (details) | V=-q (warnings only, no progress bars) | V=-qq (errors only)"
+	@echo "features, train, eval, distill, ablate, prior-study: V=-v (details) | V=-q (warnings only, no progress bars) | V=-qq (errors only)"
 	@echo "make weights NAME=clip-vit-b32|restormer-deblur|...   (download a published checkpoint when online)"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|zerodce|sci] [EXPOSURE=0.6] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"
 	@echo "make eval     TASK=deblur RUN=deblur"

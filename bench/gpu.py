@@ -124,7 +124,7 @@ def training(
         else model
     )
     opt = make_optimizer(model.parameters(), 1e-4, device, graph=mode == "cuda-graph")
-    step = Step(net, opt, device, 1, graph=mode == "cuda-graph", log=lambda *_: None)
+    step = Step(net, opt, device, 1, graph=mode == "cuda-graph")
     batch_ = {
         "lq": torch.rand(batch, 3, crop, crop),
         "base": torch.rand(batch, 3, crop, crop),

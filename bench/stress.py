@@ -55,7 +55,7 @@ from stores import Store  # noqa: E402
 from stores.cli import Parser  # noqa: E402
 from stores.store import StoreError  # noqa: E402
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.stress")  # __main__ when run as a script
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -106,6 +106,12 @@ def configure(verbose: int = 0, quiet: int = 0) -> None:
     _state["verbosity"] = (verbose, quiet)
 
 
+def flags() -> list[str]:
+    """The -v/-q flags of the last configure(), for a command this one starts."""
+    verbose, quiet = _state["verbosity"]
+    return ["-v"] * verbose + ["-q"] * quiet
+
+
 def verbosity() -> tuple[int, int]:
     """(-v count, -q count) of the last configure(): what a SLURM job passes to its workers, which
     configure() with it (a worker is another process, on another node)."""

@@ -467,7 +467,7 @@ def check_exclusions(store: Store, members: list, n: int, max_bad: float) -> Non
     for note in store.range_records("pairs", "notes") if "pairs" in members else []:
         log.info(f"  note: {note['name']}: {note['note']}")
     for name, reason in excluded.items():
-        log.info(f"  excluded: {name}: {reason}")
+        log.warning(f"excluded: {name}: {reason}")
     if len(excluded) > max_bad * n:
         raise SourceError(
             f"{store.path.name}: {len(excluded)} of {n} samples excluded (more than "

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 
 from common.log import configure as configure_logging
+from common.log import flags as log_flags
 from common.log import verbosity
 from pipeline.extract import FeaturesConfig, SplitJob, build_models, finalize_members, wds_stream
 from pipeline.plan import SplitPlan, export_split, plan_features
@@ -77,7 +78,7 @@ def finalize(cfg: FeaturesConfig, cwd: str, stores: dict, verbosity=(0, 0)) -> l
         store = Store(todo["path"], mode="a")
         log.info(f"{store.path.name}:")
         finalize_members(store, todo["members"], cfg.max_bad)
-        if stores_main(["verify", str(store.path)]) != 0:
+        if stores_main(["verify", *log_flags(), str(store.path)]) != 0:
             raise RuntimeError(f"{store.path}: `python -m stores verify` found damage (see above)")
         if cfg.wds:
             export_split(store.path, *todo["export"])

@@ -201,7 +201,9 @@ def cmd_repair(args) -> int:
 def cmd_gc(args) -> int:
     from .maintain import gc
 
-    gc(args.store, dry_run=args.dry_run)
+    found = gc(args.store, dry_run=args.dry_run)
+    for p in found if args.dry_run else []:
+        print(f"would remove {p.relative_to(args.store)}")
     return 0
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.log import flags as log_flags
 from common.privacy import local_path
 
 from .leases import LEASE_DIR, _generations, lease_folders
@@ -71,7 +72,7 @@ def features_command(
     A store never decides what code runs: a `module:factory` target or encoder (imported and
     called) is used only when the user names the same one (`stores repair --target/--encoder`)."""
     refuse_user_code(config, allow_target, allow_encoders)
-    argv = [sys.executable, "-m", "pipeline", "features"]
+    argv = [sys.executable, "-m", "pipeline", "features", *log_flags()]
     for name, value in {**config, "store_root": str(store_root), "splits": split}.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(value, (dict, list)):
             raise StoreError(
@@ -177,8 +178,8 @@ def gc(path: Path, dry_run: bool = False) -> list[Path]:
         ):
             found.append(p)
     for p in found:
-        log.info(("would remove " if dry_run else "removed ") + str(p.relative_to(path)))
-        if not dry_run:
+        if not dry_run:  # a dry run's list is the command's output (stores/__main__.py)
+            log.info(f"removed {p.relative_to(path)}")
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if not found:
         log.info(f"{path}: nothing to collect")

@@ -436,8 +436,8 @@ def export_wds(
         d = sum(store.member_info(e)["arrays"]["g"]["row"][-1] for e in encs)
         ranges = shard_ranges(hw, d, samples_per_shard, shard_mb, min_shards)
         if len(ranges) < min_shards:
-            log.info(
-                f"warning: {store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
+            log.warning(
+                f"{store.path.name} has only {len(ranges)} samples: {len(ranges)} shards, "
                 f"fewer than --min-shards {min_shards}"
             )
     ranges = [[int(a), int(b)] for a, b in ranges]

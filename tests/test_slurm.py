@@ -198,6 +198,8 @@ def test_local_executor_builds_the_same_store_without_slurm(tmp_path, tiny_clip,
     assert rc == 0, out[-3000:]
     assert_same_arrays(the_store(tmp_path / "st"), reference)
     verify(the_store(tmp_path / "st"))
+    said = "".join(p.read_text() for p in (tmp_path / "slurm_logs").rglob("*.out"))
+    assert "done in" in said  # the tasks say what they did, at the submitter's level
 
 
 def test_an_array_task_reads_only_its_range_of_descriptors_never_the_dataset_folder(

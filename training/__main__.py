@@ -188,7 +188,7 @@ def run_eval(cfg: TrainConfig) -> None:
     result.update(
         {
             k: previous.get(k, sidecar.get(k, fallback.get(k)))
-            for k in ("task", "run", "train_store", "params", "steps")
+            for k in ("task", "run", "train_store", "params", "steps", "precision")
         }
     )
     if "source" in sidecar:

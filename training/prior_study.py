@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.log import flags as log_flags
 from stores import atomic_path, write_json_atomic
 
 from .ablate import _slug, finished
@@ -74,7 +75,7 @@ def run_parallel(configs: list[TrainConfig], jobs: int) -> None:
                     c,
                     out,
                     subprocess.Popen(
-                        [sys.executable, "-m", "training", "train", *cli_args(c)],
+                        [sys.executable, "-m", "training", "train", *log_flags(), *cli_args(c)],
                         stdout=out,
                         stderr=subprocess.STDOUT,
                     ),

@@ -295,8 +295,6 @@ def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
 
 def bf16(cfg: TrainConfig, device) -> bool:
     """Whether the training's forward pass runs under bfloat16 autocast (--precision)."""
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
@@ -373,6 +371,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    if cfg.precision not in ("auto", "bf16", "fp32"):  # before anything is opened or written
+        raise ValueError(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
