@@ -578,6 +578,7 @@ def main(argv=None) -> int:
                     "cpu_training_alone",
                     "cpu_training_two_at_once",
                 }
+                | ({"demo_wall_time_features"} if "cpu" in only else set())
             ],
         }
     waits = {w: WAITS[w] for w in args.cpu_waits.split(",")}
@@ -600,7 +601,18 @@ def main(argv=None) -> int:
             )
             record(demo_rows)
         elif "cpu" in only:
-            make("features", {"TASK": "deblur", "STORE_ROOT": str(tmp / "demo-stores")})
+            t = make("features", {"TASK": "deblur", "STORE_ROOT": str(tmp / "demo-stores")})
+            record(
+                [
+                    row(
+                        "demo_wall_time_features",
+                        t,
+                        None,
+                        "s",
+                        {"command": "make features TASK=deblur"},
+                    )
+                ]
+            )
         if not only or "cpu" in only:
             record(bench_cpu(tmp / "demo-stores", tmp, args.cpu_steps, waits, precisions))
         if not only:
