@@ -397,20 +397,24 @@ def test_perceptual_loss_with_vgg19_weights_trains(stores, tmp_path):
         VGGPerceptual(str(tmp_path / "other.safetensors"))
 
 
+FP32 = ("--precision", "fp32")
+
+
 def test_two_process_gloo_ddp_trains_and_rank0_checkpoint_loads(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "training",
-        *train_args(stores, tmp_path, "ddp", "--device", "cpu", "--nproc", "2"),
+        *train_args(stores, tmp_path, "ddp", "--device", "cpu", "--nproc", "2", *FP32),
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     model, sidecar = load_model(tmp_path / "ddp")
     assert sidecar["step"] == 10 and (tmp_path / "ddp" / "eval.json").is_file()
     # the same global batches as one process: the weights agree up to float summation order
-    assert main(train_args(stores, tmp_path, "single")) == 0
+    # (in fp32: bf16 autocast rounds each process's half-batch activations on their own)
+    assert main(train_args(stores, tmp_path, "single", *FP32)) == 0
     single, _ = load_model(tmp_path / "single")
     for (name, a), b in zip(model.state_dict().items(), single.state_dict().values()):
         assert np.allclose(a.numpy(), b.numpy(), atol=1e-4), name
@@ -542,25 +546,30 @@ def test_training_never_writes_to_its_stores(stores, tmp_path):
 
 
 def test_bf16_precision_on_the_cpu_trains_repeatably_and_says_so(stores, tmp_path, capsys):
-    """--precision bf16 runs the forward pass under bfloat16 autocast on the CPU too (the default
-    there is fp32): another result than fp32's, the same one twice, recorded in eval.json; resumed
-    mid-run it ends where the uninterrupted run ends."""
-    assert main(train_args(stores, tmp_path, "fp32")) == 0
-    assert main(train_args(stores, tmp_path, "bf16", "--precision", "bf16")) == 0
-    assert main(train_args(stores, tmp_path, "bf16-again", "--precision", "bf16")) == 0
-    assert (
-        main(train_args(stores, tmp_path, "bf16-parts", "--precision", "bf16", "--stop-at", "6"))
-        == 0
-    )
-    assert main(train_args(stores, tmp_path, "bf16-parts", "--precision", "bf16", "--resume")) == 0
+    """--precision bf16 runs the forward pass under bfloat16 autocast on the CPU too (the default,
+    auto, does so where the CPU has native bfloat16): another result than fp32's, the same one
+    twice, recorded in eval.json; resumed mid-run it ends where the uninterrupted run ends."""
+    from training.train import cpu_has_bf16
+
+    def run(name, *extra):
+        assert main(train_args(stores, tmp_path, name, *extra)) == 0
+
+    run("fp32", "--precision", "fp32")
+    run("bf16", "--precision", "bf16")
+    run("bf16-again", "--precision", "bf16")
+    run("bf16-parts", "--precision", "bf16", "--stop-at", "6")
+    run("bf16-parts", "--precision", "bf16", "--resume")
+    run("auto")
     assert weights(tmp_path / "bf16") == weights(tmp_path / "bf16-again")
     assert weights(tmp_path / "bf16-parts") == weights(tmp_path / "bf16")
     assert weights(tmp_path / "bf16") != weights(tmp_path / "fp32")
     precision = {
         r: json.loads((tmp_path / r / "eval.json").read_text())["precision"]
-        for r in ("fp32", "bf16")
+        for r in ("fp32", "bf16", "auto")
     }
-    assert precision == {"fp32": "fp32", "bf16": "bf16"}  # auto on a CPU: fp32
+    auto = "bf16" if cpu_has_bf16() else "fp32"
+    assert precision == {"fp32": "fp32", "bf16": "bf16", "auto": auto}
+    assert weights(tmp_path / "auto") == weights(tmp_path / auto)
     capsys.readouterr()
     assert main(train_args(stores, tmp_path, "bad", "--precision", "fp16")) == 1
     assert "--precision 'fp16': expected auto, bf16 or fp32" in capsys.readouterr().err
