@@ -22,7 +22,7 @@ from contextlib import contextmanager
 PACKAGES = ("common", "pipeline", "training", "stores", "slurm", "ptgrm", "bench")
 # other libraries' messages that the project says better itself (not shown)
 SAID_BETTER = ("No pretrained weights loaded",)  # open_clip; pipeline/encoders.py names the weights
-_state = {"bars": True, "verbosity": (0, 0)}
+_state = {"verbosity": (0, 0)}  # of the last configure()
 
 
 def add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -71,8 +71,6 @@ class _Format(logging.Formatter):
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        if record.name == "py.warnings":  # warnings.warn: formatted below, keep it one line
-            text = text.rstrip("\n")
         if record.levelno >= logging.WARNING:
             text = f"{record.levelname}: {text}"
         elif self.detailed and record.levelno < logging.INFO:
@@ -102,7 +100,6 @@ def configure(verbose: int = 0, quiet: int = 0) -> None:
     # warnings.warn goes through the same handler, as one line: "WARNING: <message>"
     warnings.formatwarning = lambda msg, cat, *a, **k: f"{msg}"
     logging.captureWarnings(True)
-    _state["bars"] = level <= logging.INFO
     _state["verbosity"] = (verbose, quiet)
 
 
@@ -158,4 +155,4 @@ def collect(level: int = logging.INFO):
 
 def bars() -> bool:
     """Whether progress bars are shown (not under -q)."""
-    return _state["bars"]
+    return level_of(*_state["verbosity"]) <= logging.INFO

@@ -170,9 +170,10 @@ def begin_members(
     """(the members still to compute, this writer's device and arch) after recording, in the
     manifest, each missing member with its ranges (a member that exists keeps the ranges it was
     started with); a member complete by key keeps its weight files' stats for the next no-op check."""
-    todo = [m for m in members if store.status(m.path, m.key) != "complete"]
+    status = {m.path: store.status(m.path, m.key) for m in members}
+    todo = [m for m in members if status[m.path] != "complete"]
     for m in members:
-        log.debug(f"{store.path.name}: member {m.path} key {m.key}: {store.status(m.path, m.key)}")
+        log.debug(f"{store.path.name}: member {m.path} key {m.key}: {status[m.path]}")
         if (
             m not in todo
             and "inputs" in m.info

@@ -549,7 +549,7 @@ def test_bf16_precision_on_the_cpu_trains_repeatably_and_says_so(stores, tmp_pat
     """--precision bf16 runs the forward pass under bfloat16 autocast on the CPU too (the default,
     auto, does so where the CPU has native bfloat16): another result than fp32's, the same one
     twice, recorded in eval.json; resumed mid-run it ends where the uninterrupted run ends."""
-    from training.train import cpu_has_bf16
+    from training.step import cpu_has_bf16
 
     def run(name, *extra):
         assert main(train_args(stores, tmp_path, name, *extra)) == 0

@@ -92,6 +92,23 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
                 group[k] = m[k].fill_(float(group[k]))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_bf16(precision: str, device) -> bool:
+    """Whether a training's forward pass runs under bfloat16 autocast (--precision): 'bf16', or
+    'auto' on a CUDA GPU and on a CPU with native bfloat16."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision {precision!r}: expected auto, bf16 or fp32")
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return precision == "bf16" or (precision == "auto" and native)
+
+
 def train_step(
     net,
     batch: dict,
@@ -101,17 +118,15 @@ def train_step(
     world: int,
     no_ref=None,
     cache: bool = True,
-    bf16: bool | None = None,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, base's loss) of one (local) batch, summed over pixels (moved to `device` first: a
     no-op for the static buffers). Scaled by
     the world size so DDP's gradient average equals the gradient of the single-process summed loss.
     `no_ref(refined, lq, base)`: a no-reference loss, which never reads the ground truth (the base's
     loss is then the same loss of the clamped base). `bf16`: the forward pass under bfloat16
-    autocast (None: on a GPU only)."""
+    autocast (`autocast_bf16` decides it for a training)."""
     lq, base, gt, g = to_device(batch, device).values()
-    if bf16 is None:
-        bf16 = device.type == "cuda"
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
         if bf16
@@ -159,7 +174,7 @@ class Step:
     ):
         self.net, self.opt, self.device, self.world = net, opt, device, world
         self.args = (perceptual, weight, world, no_ref)
-        self.bf16 = bf16
+        self.bf16 = autocast_bf16("auto", device) if bf16 is None else bf16
         self.loss_sum = torch.zeros(2, device=device)
         self.graph, self.static, self.captured, self.loss = graph, None, None, None
         self.steps = 0

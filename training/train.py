@@ -33,7 +33,7 @@ from stores.files import open_regular
 from .data import CropBatches, Split, check_same_members, find_store
 from .evaluate import evaluate, write_eval
 from .losses import LOSSES, NO_REFERENCE, VGGPerceptual, zerodce_loss
-from .step import Step, float_lrs, load_optimizer, make_optimizer
+from .step import Step, autocast_bf16, float_lrs, load_optimizer, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -294,20 +294,6 @@ def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
     return all(recorded.get(k) == v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY)
 
 
-def bf16(cfg: TrainConfig, device) -> bool:
-    """Whether the training's forward pass runs under bfloat16 autocast (--precision)."""
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and native)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resume_state(
     run_dir: Path, model, opt, sched, cfg: TrainConfig, train_split, test_split, device
 ) -> int:
@@ -381,9 +367,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    if cfg.precision not in ("auto", "bf16", "fp32"):  # before anything is opened or written
-        raise ValueError(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
     rank, world, device = setup_distributed(cfg)
+    use_bf16 = autocast_bf16(cfg.precision, device)  # checked before anything is opened or written
     main = rank == 0
     run_dir = Path(cfg.runs_dir) / (cfg.run or cfg.task)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -445,7 +430,7 @@ def _train(cfg: TrainConfig) -> dict:
         cfg.perceptual,
         no_ref,
         cfg.cuda_graph,
-        bf16(cfg, device),
+        use_bf16,
     )
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
     loader = make_loader(cfg, train_split, start, stop, rank, world, loader_workers(cfg, device))
@@ -526,7 +511,7 @@ def _train(cfg: TrainConfig) -> dict:
             "train_store": info["store"],
             "params": sidecar["params"],
             "steps": cfg.steps,
-            "precision": "bf16" if bf16(cfg, device) else "fp32",
+            "precision": "bf16" if use_bf16 else "fp32",
             "model": model.cfg.to_dict(),
             "data_wait_frac": wait / max(wait + compute, 1e-9),
         }
