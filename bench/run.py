@@ -5,7 +5,8 @@ machines), with medians over repeats, its target and the settings used. Rows:
 extraction efficiency, loader headroom (Zarr and WebDataset) and stall, cached vs online
 training, store size, demo wall time, the demo's PSNR gain over seeds, the WebDataset tile
 codecs (decode rate per process, bytes over PNG) and demo training on the CPU alone and two
-side by side (steps/s). `--only codec,cpu` runs just the last two.
+side by side (steps/s), and CLIP extraction in fp32 against `--encoder-dtype bf16`.
+`--only codec,cpu,encoders` runs just the last three.
 """
 
 from __future__ import annotations
@@ -177,6 +178,35 @@ def bench_encoders(size: int, batch: int = 8) -> list[dict]:
             )
         )
     return out
+
+
+def bench_encoder_dtypes(size: int, batch: int = 8, repeats: int = 3) -> list[dict]:
+    """CLIP ViT-B/32 (random weights) as extraction calls it in fp32 and in `--encoder-dtype bf16`,
+    run alternately; with bf16's speed-up and its g's least cosine similarity to fp32's."""
+    encs = {d: build_encoder("clip-vit-b32", allow_random=True, dtype=d) for d in ("fp32", "bf16")}
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    g = {d: e(images) for d, e in encs.items()}  # warm-up, and the values compared
+    t32, t16 = interleaved(lambda: encs["fp32"](images), lambda: encs["bf16"](images), repeats)
+    settings = {
+        "batch": batch,
+        "size": size,
+        "weights": "random",
+        "threads": torch.get_num_threads(),
+    }
+    cos = float((g["fp32"] * g["bf16"]).sum(-1).min())  # both L2-normalised
+    return [
+        row("extraction_encoder_dtype[clip-vit-b32,fp32]", batch / t32, None, "images/s", settings),
+        row(
+            "extraction_encoder_dtype[clip-vit-b32,bf16]",
+            batch / t16,
+            None,
+            "images/s",
+            settings,
+            speedup_over_fp32=t32 / t16,
+            min_cosine_to_fp32=cos,
+        ),
+    ]
 
 
 # -- 2. loader headroom and stall ---------------------------------------------------------------
@@ -508,6 +538,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
 
 
+SECTIONS = {  # --only: a section's rows (by name before any "[")
+    "codec": {"wds_tile_decode", "wds_tile_bytes_over_png"},
+    "cpu": {"cpu_training_alone", "cpu_training_two_at_once", "demo_wall_time_features"},
+    "encoders": {"extraction_encoder_dtype"},
+}
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python bench/run.py", description=__doc__)
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
@@ -526,7 +563,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated: run only these sections (codec, cpu; cpu makes "
+        help="comma-separated: run only these sections (codec, cpu, encoders; cpu makes "
         "the demo stores first); their rows replace their namesakes in --out, the others stay",
     )
     p.add_argument(
@@ -560,26 +597,18 @@ def main(argv=None) -> int:
     }
 
     only = {x for x in args.only.split(",") if x}
-    if only - {"codec", "cpu"}:
-        p.error(f"--only takes codec and cpu, not {', '.join(sorted(only - {'codec', 'cpu'}))}")
+    if only - set(SECTIONS):
+        p.error(
+            f"--only takes {', '.join(SECTIONS)}, not {', '.join(sorted(only - set(SECTIONS)))}"
+        )
     if (
         only and Path(args.out).is_file()
     ):  # the other rows of --out stay; these replace their namesakes
         old = json.loads(Path(args.out).read_text())
+        replaced = set().union(*(SECTIONS[s] for s in only))
         result = {
             **old,
-            "rows": [
-                r
-                for r in old["rows"]
-                if r["row"].split("[")[0]
-                not in {
-                    "wds_tile_decode",
-                    "wds_tile_bytes_over_png",
-                    "cpu_training_alone",
-                    "cpu_training_two_at_once",
-                }
-                | ({"demo_wall_time_features"} if "cpu" in only else set())
-            ],
+            "rows": [r for r in old["rows"] if r["row"].split("[")[0] not in replaced],
         }
     waits = {w: WAITS[w] for w in args.cpu_waits.split(",")}
     precisions = tuple(args.cpu_precisions.split(","))
@@ -621,6 +650,8 @@ def main(argv=None) -> int:
             record(bench_online(Split.open(train_store, None, None), tmp, 96, 8))
             record([bench_extraction(tmp / "x", args.extract_images, args.extract_size)])
             record(bench_encoders(args.extract_size))
+        if not only or "encoders" in only:
+            record(bench_encoder_dtypes(args.extract_size))
     result["complete"] = True
     record([])
     print(table(result))

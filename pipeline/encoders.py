@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, flip_views
+from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, batch_views
 from stores import encoder_id, sha256_file
 
 from .names import is_module_encoder, is_sd_encoder
@@ -33,23 +33,45 @@ CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"
 ALIASES = {"clip-vit-b32": ("ViT-B-32-quickgelu", "openai")}
 
 
+ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --encoder-dtype
+
+
+def spec_dtype(spec: dict) -> str:
+    """The --encoder-dtype a recorded CLIP or module encoder spec was computed with (an SD
+    encoder's dtype is part of its name)."""
+    return (
+        "bf16" if spec.get("library") != "diffusers" and spec.get("dtype") == "bfloat16" else "fp32"
+    )
+
+
 class ImageEncoder:
     """The part every image encoder shares: the whole image resized to the network's input (no
     crop), its 4 flips (FLIPS order), a frozen network, and g per flip.
 
     Subclasses set `size`, `mean`, `std`, `interpolation` and implement `features(x)` on a
-    normalised (B, 3, H, W) batch, returning (B, D).
+    normalised (B, 3, H, W) batch, returning (B, D). `dtype` ('fp32' or 'bf16', --encoder-dtype)
+    is the network's: resizing and normalising stay in float32, the network's weights and input
+    are cast to it, and g is normalised and stored in float32. A bf16 encoder's spec says so
+    (`dtype: bfloat16`), so its member has a key of its own; fp32's spec is as it always was.
     """
 
     interpolation = "bicubic"
     normalise_g = True  # L2-normalise g (CLIP's convention)
     output = ""
+    dtype = "fp32"
 
-    def _finish_init(self, model: torch.nn.Module, device) -> None:
-        self.model = model.eval().requires_grad_(False).to(device)
+    def _finish_init(self, model: torch.nn.Module, device, dtype: str = "fp32") -> None:
+        if dtype not in ENCODER_DTYPES:
+            raise ValueError(
+                f"encoder dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}"
+            )
+        self.dtype = dtype
+        self.torch_dtype = ENCODER_DTYPES[dtype]
+        self.model = model.eval().requires_grad_(False).to(device, self.torch_dtype)
         self.device = device
-        with torch.no_grad():
-            self.dim = int(self.features(torch.zeros(1, 3, *self.size, device=device)).shape[-1])
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, *self.size, device=device, dtype=self.torch_dtype)
+            self.dim = int(self.features(x).shape[-1])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -64,18 +86,28 @@ class ImageEncoder:
             "std": list(self.std),
         }
 
-    @torch.no_grad()
+    def dtype_spec(self) -> dict:
+        """The spec's record of the network's dtype: nothing for float32 (the keys of every
+        member computed before --encoder-dtype stay valid), `dtype: bfloat16` otherwise."""
+        return (
+            {} if self.dtype == "fp32" else {"dtype": str(self.torch_dtype).removeprefix("torch.")}
+        )
+
+    @property
+    def id_suffix(self) -> str:
+        """What the member's name adds to the encoder's: '' for fp32, '-bf16' for bf16 (so that
+        `--encoder clip-vit-b32` and `--encoder clip-vit-b32-bf16` each pick their own)."""
+        return "" if self.dtype == "fp32" else f"-{self.dtype}"
+
+    @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """images: uint8 (H, W, 3) of any sizes -> g (N, 4, D) float32."""
-        batch = torch.cat([self._views(img) for img in images])  # (4N, 3, S, S)
+        batch = batch_views(images, self.size, self.device, self.interpolation)  # (4N, 3, S, S)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        g = self.features((batch - mean) / std).float()
+        g = self.features(((batch - mean) / std).to(self.torch_dtype)).float()
         g = F.normalize(g, dim=-1) if self.normalise_g else g
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
-
-    def _views(self, img: np.ndarray) -> torch.Tensor:
-        return flip_views(img, self.size, self.device, self.interpolation)
 
 
 def image_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,14 +131,22 @@ class ClipEncoder(ImageEncoder):
 
     output = "encode_image, L2-normalised"
 
-    def __init__(self, name: str, arch: str, model: torch.nn.Module, weights: dict, device="cpu"):
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        model: torch.nn.Module,
+        weights: dict,
+        device="cpu",
+        dtype: str = "fp32",
+    ):
         self.name, self.arch, self.weights = name, arch, weights
         size = model.visual.image_size
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         pp = getattr(model.visual, "preprocess_cfg", {}) or {}
         self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
-        self._finish_init(image_tower(model), device)
+        self._finish_init(image_tower(model), device, dtype)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
@@ -126,6 +166,7 @@ class ClipEncoder(ImageEncoder):
             "output": self.output,
             "dim": self.dim,
             "flips": list(FLIPS),
+            **self.dtype_spec(),
         }
 
 
@@ -145,6 +186,7 @@ class ModuleEncoder(ImageEncoder):
         weights: dict,
         spec_extra: dict | None = None,
         device="cpu",
+        dtype: str = "fp32",
     ):
         self.name, self.arch, self.weights, self.spec_extra = name, arch, weights, spec_extra or {}
         size = preprocess.get("size", 224)
@@ -165,7 +207,7 @@ class ModuleEncoder(ImageEncoder):
                 f"encoder {name}: preprocessing needs 3 mean and 3 std values and interpolation "
                 f"'bicubic' or 'bilinear'; got {preprocess}"
             )
-        self._finish_init(model, device)
+        self._finish_init(model, device, dtype)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -192,6 +234,7 @@ class ModuleEncoder(ImageEncoder):
             "output": self.output,
             "dim": self.dim,
             "flips": list(FLIPS),
+            **self.dtype_spec(),
         }
 
 
@@ -232,7 +275,7 @@ def effnet_lite0_path() -> Path:
     return path
 
 
-def build_effnet_lite0(name: str, device="cpu") -> ModuleEncoder:
+def build_effnet_lite0(name: str, device="cpu", dtype: str = "fp32") -> ModuleEncoder:
     """`effnet-lite0`: pre-trained EfficientNet-Lite0, whose weights must hash to EFFNET_LITE0."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -265,11 +308,12 @@ def build_effnet_lite0(name: str, device="cpu") -> ModuleEncoder:
         preprocess,
         {"weights": "pretrained", "sha256": sha, "path": EFFNET_LITE0["file"]},
         device=device,
+        dtype=dtype,
     )
 
 
 def build_user_encoder(
-    factory: str, device="cpu", module_sha256: str | None = None
+    factory: str, device="cpu", module_sha256: str | None = None, dtype: str = "fp32"
 ) -> ModuleEncoder:
     """`module.path:factory`: `factory()` returns `(module, preprocess)`, preprocess being a dict
     with `size`, `mean`, `std` (and optionally `interpolation`), or the module alone (224 px,
@@ -300,6 +344,7 @@ def build_user_encoder(
         {"weights": kind, "sha256": sha},
         {"factory": factory, "module_sha256": code_sha},
         device,
+        dtype,
     )
 
 
@@ -419,21 +464,32 @@ def build_encoder(
     init_seed: int = 0,
     device: str = "cpu",
     module_sha256: str | None = None,
+    dtype: str = "fp32",
 ):
     """An encoder by name; `weights` is an OpenCLIP checkpoint, or for `sd-vae`/`sd-unet` a
     diffusers folder; `module_sha256`: the file a user `module:factory` must have (checked before
-    it is imported)."""
+    it is imported); `dtype`: the network's, 'fp32' or 'bf16' (--encoder-dtype; `sd-vae`/`sd-unet`
+    take theirs in the name, `:dtype=`)."""
+    if dtype not in ENCODER_DTYPES:
+        raise ValueError(
+            f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}"
+        )
     if is_sd_encoder(name):  # diffusers is imported only then
+        if dtype != "fp32":
+            raise ValueError(
+                f"encoder {name}: --encoder-dtype is for CLIP and module encoders; an SD encoder "
+                f"takes its dtype in its name, e.g. {name.split(':')[0]}:dtype=bfloat16"
+            )
         return build_sd_encoder(name, weights, allow_random, init_seed, device)
     if name in MODULE_ENCODERS:
-        return MODULE_ENCODERS[name](name, device)
+        return MODULE_ENCODERS[name](name, device, dtype)
     if is_module_encoder(name):
-        return build_user_encoder(name, device, module_sha256)
+        return build_user_encoder(name, device, module_sha256, dtype)
     arch, tag = parse_encoder(name)
     model, info = _load_openclip(arch, tag, weights, allow_random, init_seed)
     if Path(arch).is_dir():  # the key holds the folder's content, not where it lies
         arch = f"open_clip_config.json sha256 {info['config_sha256']}"
-    return ClipEncoder(name, arch, model, info, device)
+    return ClipEncoder(name, arch, model, info, device, dtype)
 
 
 MODULE_ENCODERS = {

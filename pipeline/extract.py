@@ -123,7 +123,13 @@ class Members:
         return self.target.path, sorted(m.path for m in self.encoders)
 
 
-def network_members(pairs: Member, target, encoders: list, batch: int) -> Members:
+def default_batch(encoder) -> int:
+    """Images per encoder call when --batch is not given: 8 on a CPU (the stored features were
+    always computed so), 256 on a GPU (1,024 views per call keep it busy)."""
+    return 256 if str(encoder.device).startswith("cuda") else 8
+
+
+def network_members(pairs: Member, target, encoders: list, batch: int | None) -> Members:
     """The members of a split's store (pairs, the target, one per encoder), each keyed by what
     determines it; each network member carries its stage."""
     tspec = {"pairs": pairs.key, **target.spec()}
@@ -145,7 +151,7 @@ def network_members(pairs: Member, target, encoders: list, batch: int) -> Member
     for enc in encoders:
         espec = {"pairs": pairs.key, **enc.spec()}
         ekey = key_of(espec)
-        path = f"osf/{encoder_id(enc.name)}-{ekey[:12]}"
+        path = f"osf/{encoder_id(enc.name)}{getattr(enc, 'id_suffix', '')}-{ekey[:12]}"
         osf.append(
             Member(
                 path,
@@ -158,7 +164,7 @@ def network_members(pairs: Member, target, encoders: list, batch: int) -> Member
                     "dim": enc.dim,
                     "inputs": file_stats(encoder_inputs(enc)),
                 },
-                partial(stages.encode, member=path, encoder=enc, batch=batch),
+                partial(stages.encode, member=path, encoder=enc, batch=batch or default_batch(enc)),
             )
         )
     return Members(pairs, base, osf)
@@ -502,6 +508,8 @@ def build_models(cfg: FeaturesConfig):
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
     device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels, found once
     name = cfg.target or task.target
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
     network = (
@@ -512,7 +520,12 @@ def build_models(cfg: FeaturesConfig):
     )
     encoders = [
         build_encoder(
-            n, weights_arg(n, cfg.clip_weights, cfg.sd_weights), allow_random, cfg.init_seed, device
+            n,
+            weights_arg(n, cfg.clip_weights, cfg.sd_weights),
+            allow_random,
+            cfg.init_seed,
+            device,
+            dtype=cfg.encoder_dtype,
         )
         for n in (cfg.encoder or task.encoder).split(",")
     ]
@@ -534,7 +547,8 @@ def build_features(cfg: FeaturesConfig, plans: list[SplitPlan] | None = None) ->
     log.info(
         f"task {task.name}: target {target.id}; "
         + "; ".join(
-            f"encoder {e.name} ({e.arch}, weights: {e.weights['weights']}, dim {e.dim})"
+            f"encoder {e.name}{getattr(e, 'id_suffix', '')} ({e.arch}, weights: "
+            f"{e.weights['weights']}, dim {e.dim})"
             for e in encoders
         )
     )

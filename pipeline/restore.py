@@ -23,7 +23,7 @@ from ptgrm.images import save_png
 from ptgrm.predictor import load_predictor, predict_g
 from ptgrm.refine import load_model, refine
 
-from .encoders import build_encoder
+from .encoders import build_encoder, spec_dtype
 from .names import is_user_encoder, weights_arg
 from .sources import IMAGE_SUFFIXES, SourceError, read_image
 from .targets import TARGETS, build_target
@@ -89,6 +89,7 @@ def encoders_from_run(build: list[dict], clip_weights: str | None = None, allow_
             allow_random=random,
             init_seed=b.get("init_seed") or 0,
             module_sha256=spec.get("module_sha256"),
+            dtype=spec_dtype(spec),
         )
         if enc.weights.get("sha256") != spec.get("weights_sha256") or enc.weights[
             "weights"

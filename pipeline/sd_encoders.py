@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptgrm.images import FLIPS, flip_views
+from ptgrm.images import FLIPS, batch_views
 from stores import canonical_json, sha256_file
 
 from .names import SD_NAMES
@@ -199,7 +199,8 @@ class SDVaeEncoder:
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """images: uint8 (H, W, 3) of any sizes -> g (N, 4, D) float32."""
-        views = torch.cat([self._views(img) for img in images]) * 2 - 1  # (4N, 3, S, S) in [-1, 1]
+        size = (self.opts["size"],) * 2
+        views = batch_views(images, size, self.device) * 2 - 1  # (4N, 3, S, S) in [-1, 1]
         g = torch.cat(
             [
                 self._pooled(views[i : i + self.max_batch])
@@ -207,9 +208,6 @@ class SDVaeEncoder:
             ]
         )
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
-
-    def _views(self, img: np.ndarray) -> torch.Tensor:
-        return flip_views(img, (self.opts["size"],) * 2, self.device)
 
     def spec(self) -> dict:
         w, size = self.weights, self.opts["size"]

@@ -43,12 +43,36 @@ def flip_views(
 ) -> torch.Tensor:
     """uint8 (H, W, 3) -> (4, 3, *size) float in [0, 1]: the whole image resized (antialiased, no
     crop), then its flips in FLIPS order."""
-    x = image_tensor(img, device)
-    x = F.interpolate(
-        x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False
-    ).clamp(0, 1)
-    # flipping after the resize equals resizing the flipped image (the resize is symmetric)
-    return torch.cat([flip(x, v) for v in range(len(FLIPS))])
+    return batch_views([img], size, device, interpolation)
+
+
+UPLOAD_PIXELS = 1 << 25  # at most this many source pixels go up and are resized in one call
+
+
+def batch_views(
+    images: list[np.ndarray], size: tuple[int, int], device, interpolation: str = "bicubic"
+) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> (4N, 3, *size) float in [0, 1], the 4 flips of each image in turn
+    (image-major, FLIPS order): `flip_views` of every image, computed per size bucket. The images
+    of one size go to the device as one uint8 upload, are resized in one call and flipped as one
+    batch (at most UPLOAD_PIXELS source pixels at a time); every view equals the one image's
+    `flip_views` bit for bit (tests/test_encoders.py)."""
+    out = torch.empty(len(images), len(FLIPS), 3, *size, device=device)
+    buckets: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        buckets.setdefault(img.shape, []).append(i)
+    for shape, idx in buckets.items():
+        step = max(1, UPLOAD_PIXELS // max(1, shape[0] * shape[1]))
+        for k in range(0, len(idx), step):
+            part = idx[k : k + step]
+            stack = np.stack([np.require(images[i], requirements="C") for i in part])
+            x = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).float() / 255
+            x = F.interpolate(
+                x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False
+            ).clamp(0, 1)
+            # flipping after the resize equals resizing the flipped image (the resize is symmetric)
+            out[part] = torch.stack([flip(x, v) for v in range(len(FLIPS))], dim=1)
+    return out.flatten(0, 1)
 
 
 def save_png(path: Path, img: np.ndarray) -> Path:

@@ -14,6 +14,7 @@ from PIL import Image
 import pipeline.encoders as encoders
 from pipeline.encoders import WeightsNotFound, build_encoder
 from pipeline.sources import _demo_image
+from ptgrm.images import FLIPS, batch_views, flip, flip_views
 
 ROOT = Path(__file__).resolve().parents[1]
 # ImageNet-1k classes a correct network puts in its top 5
@@ -28,7 +29,7 @@ def effnet():
 
 def top5(enc, img: np.ndarray) -> set[int]:
     """ImageNet top-5 of the encoder's network on the image, preprocessed exactly as for g."""
-    x = enc._views(img)[:1]
+    x = flip_views(img, enc.size, enc.device, enc.interpolation)[:1]
     mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
     std = torch.tensor(enc.std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -204,3 +205,97 @@ def test_clip_encoder_keeps_only_the_image_tower(tiny_clip):
         np.testing.assert_allclose(
             enc.features(x).numpy(), full.eval().encode_image(x).numpy(), rtol=1e-5, atol=1e-6
         )
+
+
+def one_image_views(img: np.ndarray, size) -> torch.Tensor:
+    """The views of one image as extraction made them before size buckets (per image: upload,
+    resize, 4 flips), written out here independently of ptgrm.images."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.interpolate(
+        x, size=size, mode="bicubic", antialias=True, align_corners=False
+    ).clamp(0, 1)
+    return torch.cat([flip(x, v) for v in range(len(FLIPS))])
+
+
+@pytest.mark.parametrize("upload_pixels", [1 << 25, 3000])  # one upload per size, or chunks
+def test_size_buckets_give_each_images_views_bit_for_bit(upload_pixels, monkeypatch):
+    """Batched preprocessing (one upload, one resize and one flip batch per image size) changes
+    no stored bit: every image's 4 views, in image-major FLIPS order, equal the per-image ones,
+    whatever the order and mix of sizes (a non-contiguous view among them)."""
+    import ptgrm.images
+
+    monkeypatch.setattr(ptgrm.images, "UPLOAD_PIXELS", upload_pixels)
+    rng = np.random.default_rng(0)
+    shapes = [(37, 50), (64, 64), (37, 50), (90, 41), (64, 64), (37, 50)]
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in shapes]
+    images[2] = rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)[:, ::2]  # strided
+    got = batch_views(images, (24, 24), "cpu")
+    want = torch.cat([one_image_views(img, (24, 24)) for img in images])
+    assert got.shape == (4 * len(images), 3, 24, 24)
+    assert torch.equal(got, want)
+
+
+def test_bf16_encoder_is_its_own_member_close_to_fp32(tiny_clip, tmp_path):
+    """--encoder-dtype bf16: a member of its own (name <id>-bf16, key from a spec that says
+    bfloat16) beside the fp32 one, whose key and values stay those of a run without the
+    setting; g close to fp32's; a re-run computes nothing; training picks either by name, and
+    the bf16 run's encoder is rebuilt in bf16 for inference."""
+    from pipeline.restore import encoders_from_run
+    from stores import Store
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("test", 3)):
+        for k in range(n):
+            gt = rng.integers(0, 256, (40 + 8 * k, 56, 3), dtype=np.uint8)  # mixed sizes
+            lq = np.clip(gt + rng.normal(0, 20, gt.shape), 0, 255).astype(np.uint8)
+            for kind, arr in (("gt", gt), ("lq", lq)):
+                (tmp_path / "data" / split / kind).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(tmp_path / "data" / split / kind / f"{k}.png")
+    common = ["--task", "denoise", "--data", f"generic:{tmp_path / 'data'}"]
+    common += ["--store-root", str(tmp_path / "s"), "--encoder", f"openclip:{tiny_clip}"]
+
+    def run(*args):
+        out = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    features = ("pipeline", "features", *common, "--target", "identity")
+    run(*features)
+    run(*features, "--encoder-dtype", "bf16")
+    assert "nothing to compute" in run(*features, "--encoder-dtype", "bf16")
+    [store] = [p for p in (tmp_path / "s").iterdir() if "-train-" in p.name]
+    members = Store(store).manifest()["members"]
+    osf = sorted(m for m in members if m.startswith("osf/"))
+    cid = "openclip-" + Path(tiny_clip).name
+    assert [m.rsplit("-", 1)[0] for m in osf] == [f"osf/{cid}", f"osf/{cid}-bf16"], osf
+    fp32, bf16 = (members[m] for m in osf)
+    assert "dtype" not in fp32["spec"] and bf16["spec"]["dtype"] == "bfloat16"
+    assert {k: v for k, v in bf16["spec"].items() if k != "dtype"} == fp32["spec"]
+    assert fp32["key"] != bf16["key"]
+    ref = build_encoder(f"openclip:{tiny_clip}")
+    assert fp32["key"].startswith(osf[0].rsplit("-", 1)[1])  # the key of a run without the setting
+    g32, g16 = (np.asarray(Store(store).array(m, "g")[:]) for m in osf)
+    assert g32.dtype == g16.dtype == np.float32 and not np.array_equal(g32, g16)
+    cos = (g32 * g16).sum(-1)  # both L2-normalised per flip
+    assert cos.min() > 0.99, cos.min()
+    lq0 = np.asarray(Image.open(tmp_path / "data" / "train" / "lq" / "0.png"))
+    np.testing.assert_array_equal(ref([lq0])[0], g32[0])  # fp32: the unchanged encoder's g
+
+    train = ("training", "train", *common[:-2], "--runs-dir", str(tmp_path / "runs"))
+    train += ("--steps", "2", "--batch", "2", "--crop", "32")
+    run(*train, "--run", "b", "--encoder", f"{cid}-bf16")
+    run(*train, "--run", "f", "--encoder", f"openclip:{tiny_clip}")
+    model = {r: json.loads((tmp_path / "runs" / r / "model.json").read_text()) for r in "bf"}
+    assert model["b"]["train_store"]["encoders"] == [osf[1]]
+    assert model["f"]["train_store"]["encoders"] == [osf[0]]
+    [enc] = encoders_from_run(model["b"]["train_store"]["encoder_build"])
+    assert enc.dtype == "bf16" and enc.model.visual.conv1.weight.dtype == torch.bfloat16
+
+
+def test_encoder_dtype_is_checked_and_sd_encoders_take_theirs_in_the_name():
+    with pytest.raises(ValueError, match="--encoder-dtype must be one of fp32, bf16, got 'fp16'"):
+        build_encoder("clip-vit-b32", allow_random=True, dtype="fp16")
+    with pytest.raises(ValueError, match="sd-vae:dtype=bfloat16"):
+        build_encoder("sd-vae", allow_random=True, dtype="bf16")

@@ -84,6 +84,7 @@ def test_repair_replays_every_features_setting(tmp_path):
         "init_seed": 5,
         "splits": ("train",),
         "batch": 2,
+        "encoder_dtype": "bf16",
         "max_bad": 0.2,
         "lease_seconds": 30.5,
         "device": "cpu",
