@@ -96,7 +96,7 @@ def release_memory() -> None:
 #   nothing spins) and a lone one takes both back when the other ends.
 WAIT_ENV = {"GOMP_SPINCOUNT": "300000"}
 SHARE_ENV = "PTGRM_CPU_SHARE_DIR"  # the registration folder; "off": each process on its own
-FOLLOW_S = 1.0  # seconds between two looks at the registrations during training
+FOLLOW_S = 1.0  # seconds between two looks at the registrations (training, extraction)
 
 
 def cpu_count() -> int:
@@ -284,8 +284,8 @@ def fair_threads() -> int:
 
 
 def set_torch_threads(n: int = 0) -> int:
-    """torch's intra-op threads: `n`, or fair_threads() when 0 (then kept fair during training by
-    follow_cpu_share); returns the number set. Registers this process, until it ends, among those
+    """torch's intra-op threads: `n`, or fair_threads() when 0 (then kept fair by follow_cpu_share,
+    during training and extraction); returns the number set. Registers this process, until it ends, among those
     sharing the CPUs (see cpu_share for a registration that ends with a block)."""
     global _auto, _next_look
     import time

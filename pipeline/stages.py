@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from common.runtime import release_memory
+from common.runtime import follow_cpu_share, release_memory
 from stores.leases import LeaseLost
 from stores.store import read_json
 from stores.wds import INDEX as WDS_INDEX
@@ -231,6 +231,7 @@ def target(shards: Iterable[Shard], *, member: str, net) -> Iterator[Shard]:
     misshapen output, or one beyond float16's range, excludes that sample."""
     for s in shards:
         if s.wants(member):
+            follow_cpu_share()  # threads: shared with the extractions and trainings beside this one
             t0 = time.perf_counter()
             s.outputs[member] = {"base": run_target(net, s.data, s.excluded(member))}
             _timed(s, "seconds_targets", t0)
@@ -241,6 +242,7 @@ def encode(shards: Iterable[Shard], *, member: str, encoder, batch: int) -> Iter
     """`g` ((n, 4 flips, D) float32) of member `member` for the shards that need it."""
     for s in shards:
         if s.wants(member):
+            follow_cpu_share()
             t0 = time.perf_counter()
             s.excluded(member)
             s.outputs[member] = {"g": run_encoder(encoder, s.data, batch)}

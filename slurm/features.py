@@ -38,13 +38,13 @@ def open_jobs(cfg: FeaturesConfig, plans: list[SplitPlan]) -> dict[str, SplitJob
 
 
 def run_task(
-    cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str, verbosity=(0, 0)
+    cfg: FeaturesConfig, split: str, start: int, stop: int, cwd: str, store: str, levels=(0, 0)
 ) -> dict:
     """One array task: compute range [start, stop) of one split's `store` (opened by `open_jobs`) for every member
     that lacks it, reading only the manifest and the sample descriptors of the range. A range
     another live writer holds is waited for (or taken over when its lease expires)."""
     os.chdir(cwd)
-    configure_logging(*verbosity)
+    configure_logging(*levels)
     t0 = time.perf_counter()
     task, target, encoders = build_models(replace(cfg, splits=(split,)))
     job = SplitJob.of_store(cfg, task, store, target, encoders)
@@ -65,14 +65,14 @@ def run_task(
     }
 
 
-def finalize(cfg: FeaturesConfig, cwd: str, stores: dict, verbosity=(0, 0)) -> list[str]:
+def finalize(cfg: FeaturesConfig, cwd: str, stores: dict, levels=(0, 0)) -> list[str]:
     """The job after the arrays: for each store opened (`{split: {"path", "members", "export"}}`),
     verify the members' shards and mark them complete, `python -m stores verify` it, and with
     --wds complete its WebDataset export; reads the stores only, never the dataset folder."""
     from stores.__main__ import main as stores_main
 
     os.chdir(cwd)
-    configure_logging(*verbosity)
+    configure_logging(*levels)
     paths = []
     for todo in stores.values():
         store = Store(todo["path"], mode="a")

@@ -37,8 +37,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     """The training job. submitit calls `checkpoint()` on timeout or preemption and requeues the
     same job; the run folder holds the state to continue from, so the job needs no other state."""
 
-    def __init__(self, cfg, cwd: str, verbosity=(0, 0)):
-        self.cfg, self.cwd, self.verbosity = cfg, cwd, verbosity
+    def __init__(self, cfg, cwd: str, levels=(0, 0)):
+        self.cfg, self.cwd, self.verbosity = cfg, cwd, levels
 
     def __call__(self) -> dict:
         from training.train import train

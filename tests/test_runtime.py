@@ -151,3 +151,63 @@ def test_a_registration_in_progress_is_never_removed_and_an_open_folder_is_refus
     open_folder.chmod(0o777)
     with pytest.raises(OSError, match="writable by other users"):
         CpuShare(str(open_folder))
+
+
+EXTRACT = """
+import os, sys
+import numpy as np
+import torch
+import common.runtime as runtime
+from pipeline import stages
+
+runtime.FOLLOW_S = 0.0  # look at every shard
+print(runtime.set_torch_threads(), flush=True)  # as build_models does
+
+
+class Encoder:  # what the network sees: the threads torch runs it on
+    dim = 1
+    def __call__(self, images):
+        print(torch.get_num_threads(), flush=True)
+        return np.zeros((len(images), 4, 1), np.float32)
+
+
+class Target:
+    id = "t"
+    def __call__(self, lq, meta):
+        print(torch.get_num_threads(), flush=True)
+        return lq
+
+
+def shards():
+    for k in range(2):
+        if k == 1:  # another extraction or training starts on these CPUs meanwhile
+            other = runtime.CpuShare(os.environ["PTGRM_CPU_SHARE_DIR"])
+        s = stages.Shard((0, 2), k, k + 1)
+        s.jobs = [(type("M", (), {"path": p}), 0) for p in ("targets/t", "osf/e")]
+        s.data = {"hw": [(2, 2)], "lq": [np.zeros((2, 2, 3), np.uint8)], "meta": ["{}"]}
+        yield s
+
+
+it = stages.encode(stages.target(shards(), member="targets/t", net=Target()), member="osf/e",
+                   encoder=Encoder(), batch=8)
+for _ in it:
+    pass
+"""
+
+
+def test_an_extraction_follows_the_cpu_share_from_shard_to_shard(tmp_path):
+    """Extraction registers like a training and looks again before each shard's networks run: a
+    training started beside it halves its threads from the next shard on (it set them once and
+    kept them before: 2 extractions, or one beside a training, took all the cores each)."""
+    from common.runtime import cpu_count
+
+    n = cpu_count()
+    if n < 2:
+        pytest.skip("one usable CPU: every process runs one thread anyway")
+    env = {**os.environ, "PTGRM_CPU_SHARE_DIR": str(tmp_path / "share")}
+    out = subprocess.run(
+        [sys.executable, "-c", EXTRACT], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    # set at start; shard 0: target, encoder alone; shard 1: target, encoder shared
+    assert [int(v) for v in out.stdout.split()] == [n, n, n, n // 2, n // 2]

@@ -408,7 +408,8 @@ def _train(cfg: TrainConfig) -> dict:
         log.info(
             f"run {run_dir}: PTG-RM {sidecar['params']:,} params, g {info['osf_dim']}-d from "
             f"{', '.join(info['encoders'])} (weights: {info['weights']}), target {info['target']}, "
-            f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device}"
+            f"{cfg.steps} steps of {cfg.batch}x{cfg.crop}px on {device} "
+            f"({'bf16 autocast' if use_bf16 else 'fp32'})"
             + (f" x{world} processes" if world > 1 else "")
             + (f", resuming at {start}" if start else "")
         )
