@@ -67,6 +67,13 @@ class FeaturesConfig:
         "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
         "versions before the budget did)",
     )
+    target_compile: bool = setting(
+        False,
+        "run a network target in channels_last under torch.compile (faster on a GPU after a "
+        "compilation of a minute or more; recompiled once when image sizes vary). Outputs differ "
+        "from eager ones in the last bits, so the member key records it (backend, torch "
+        "version): another member, computed again",
+    )
     encoder: str | None = setting(
         None,
         "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
@@ -228,7 +235,7 @@ class SplitPlan:
             i.get("target")
             == self.target.split(":")[0]  # what it computed, not what the default was then
             and local_path(i["config"].get("target") or self.task.target) == self.target
-            and {f: local_path(i["config"].get(f)) for f in recipe} == want
+            and {f: local_path(i["config"].get(f, RECIPE_SINCE.get(f))) for f in recipe} == want
             for i in done
         )
 
@@ -314,12 +321,16 @@ TARGET_RECIPE = (
     "target_tile",
     "target_overlap",
     "target_budget_mb",
+    "target_compile",
     "init_seed",
     "allow_random_weights",
 )
 CLASSICAL_RECIPE = tuple(
-    f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget"))
+    f
+    for f in TARGET_RECIPE
+    if not f.startswith(("target_tile", "target_overlap", "target_budget", "target_compile"))
 )
+RECIPE_SINCE = {"target_compile": False}  # settings added later: members made before ran so
 ENCODER_RECIPE = ("init_seed", "allow_random_weights")
 
 
