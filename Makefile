@@ -28,6 +28,7 @@ TRAIN_STORE ?=
 TEST_STORE ?=
 TARGET_WEIGHTS ?=
 TARGET_BUDGET_MB ?=
+TARGET_COMPILE ?=
 SD_WEIGHTS ?=
 ALLOW_RANDOM_WEIGHTS ?=
 SPLITS ?=
@@ -44,8 +45,8 @@ COMMON := $(V) --task $(TASK) --data $(DATA) --encoder $(ENCODER) --store-root $
 	$(call flag,--target,$(TARGET))
 FEATURES_FLAGS := $(COMMON) $(call flag,--shards,$(SHARDS)) $(call flag,--clip-weights,$(CLIP_WEIGHTS)) \
 	$(call flag,--target-weights,$(TARGET_WEIGHTS)) $(call flag,--sd-weights,$(SD_WEIGHTS)) \
-	$(call flag,--target-budget-mb,$(TARGET_BUDGET_MB)) $(call flag,--encoder-dtype,$(ENCODER_DTYPE)) \
-	$(call flag,--batch,$(BATCH)) \
+	$(call flag,--target-budget-mb,$(TARGET_BUDGET_MB)) $(if $(strip $(TARGET_COMPILE)),--target-compile) \
+	$(call flag,--encoder-dtype,$(ENCODER_DTYPE)) $(call flag,--batch,$(BATCH)) \
 	$(call flag,--store-shared,$(STORE_SHARED)) $(call flag,--splits,$(SPLITS)) \
 	$(if $(strip $(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights) $(if $(filter wds,$(FORMAT)),--wds)
 TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,--seed,$(SEED)) $(call flag,--loss,$(LOSS)) $(call flag,--exposure,$(EXPOSURE)) $(call flag,--precision,$(PRECISION)) \
@@ -55,7 +56,7 @@ TRAIN_FLAGS := $(COMMON) --run $(RUN) $(call flag,--steps,$(STEPS)) $(call flag,
 .PHONY: features weights train eval restore distill ablate prior-study push pull export-wds bench bench-scale stress test lint install clean-runs help
 
 help:
-	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [ENCODER_DTYPE=fp32|bf16] [BATCH=] [ALLOW_RANDOM_WEIGHTS=1]"
+	@echo "make features TASK=deblur [DATA=demo|folder] [TARGET=] [ENCODER=clip-vit-b32] [STORE_ROOT=data/stores] [SHARDS=] [CLIP_WEIGHTS=] [SPLITS=train,test] [TARGET_BUDGET_MB=1024] [TARGET_COMPILE=1] [ENCODER_DTYPE=fp32|bf16] [BATCH=] [ALLOW_RANDOM_WEIGHTS=1]"
 	@echo "features, train, eval, distill, ablate, prior-study: V=-v (details) | V=-q (warnings only, no progress bars) | V=-qq (errors only)"
 	@echo "make weights NAME=clip-vit-b32|restormer-deblur|...   (download a published checkpoint when online)"
 	@echo "make train    TASK=deblur [RUN=deblur] [STEPS=] [SEED=] [RESUME=1] [LOSS=charbonnier|zerodce|sci] [EXPOSURE=0.6] [FORMAT=wds] [TRAIN_STORE=] [TEST_STORE=]"

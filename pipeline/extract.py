@@ -515,6 +515,8 @@ def build_models(cfg: FeaturesConfig):
     network = (
         {"device": device, "budget_mb": cfg.target_budget_mb} if is_network_target(name) else {}
     )
+    if cfg.target_compile:  # a classical target refuses it, naming the flag
+        network["compile"] = True
     target = build_target(
         name, cfg.target_weights, allow_random, cfg.init_seed, **tiling, **network
     )

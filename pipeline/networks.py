@@ -247,6 +247,20 @@ LIVE_FACTOR = 6  # peak activation memory over the largest single module output 
 PROBE = 128  # px: edge of the probe that measures a network's activation bytes per pixel
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for --target-compile
+
+
+class _ChannelsLast(nn.Module):
+    """`net` on its input in channels_last memory format (a compiled target's layout)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
 SQUARE_PADDING = (
     "expand2square: zeros around the centred image to a square whose side is a multiple of the "
     "factor, output cropped back (Uformer's test scripts)"
@@ -263,7 +277,12 @@ class NetworkTarget:
     px (memory follows the tile, not the photo), and smaller images run whole. Both numbers
     follow from `budget_mb` and the network's activation bytes per pixel, measured once on a
     small probe (`activation_bytes_per_pixel`): they depend on the architecture and the budget,
-    not on the machine, and the spec (member key) records them."""
+    not on the machine, and the spec (member key) records them.
+
+    With `compile`, the network runs in channels_last under `torch.compile` (inductor; recompiled
+    once with dynamic shapes when the input size changes). Its outputs are close to eager ones but
+    not the same bits, so the spec records `compile` (backend, memory format, torch version) and
+    a compiled target is another member; without it the spec is what it was."""
 
     def __init__(
         self,
@@ -280,6 +299,7 @@ class NetworkTarget:
         init_seed: int | None = None,
         budget_mb: float | None = None,
         square: bool = False,
+        compile: bool = False,
     ):
         if tile is not None and (tile % factor or tile - overlap < factor or overlap < 0):
             raise ValueError(
@@ -322,6 +342,16 @@ class NetworkTarget:
             }
         if sha256 is None and init_seed is not None:  # random weights: how to draw them again
             self._spec["init"] = {"seed": init_seed, "torch": torch.__version__.split("+")[0]}
+        self.compiled = compile
+        self._run = self.net
+        if compile:  # other kernels, other bits: another member
+            self.net = self.net.to(memory_format=torch.channels_last)
+            self._run = torch.compile(_ChannelsLast(self.net), backend=COMPILE_BACKEND)
+            self._spec["compile"] = {
+                "backend": COMPILE_BACKEND,
+                "memory_format": "channels_last",
+                "torch": torch.__version__.split("+")[0],
+            }
 
     def spec(self) -> dict:
         return dict(self._spec)
@@ -342,9 +372,9 @@ class NetworkTarget:
         tile = self.tile_for(*x.shape[-2:])
         with torch.no_grad():
             y = (
-                self.net(x)
+                self._run(x)
                 if tile is None
-                else tiled(self.net, (x,), tile, self.overlap, self.factor)
+                else tiled(self._run, (x,), tile, self.overlap, self.factor)
             )
         return (
             y[0, :, top : top + h, left : left + w].permute(1, 2, 0).float().cpu().numpy()
@@ -424,10 +454,11 @@ def build_builtin_target(
     allow_random: bool = False,
     init_seed: int = 0,
     budget_mb: float | None = None,
+    compile: bool = False,
 ) -> NetworkTarget:
     """A built-in network (`BUILTINS`) with its published configuration (`config` overrides it)
     and the checkpoint; without one, seeded random weights when `allow_random` (the demo), which
-    the spec and manifest record as `weights: random`."""
+    the spec and manifest record as `weights: random`. `compile`: see NetworkTarget."""
     spec = BUILTINS.get(name)
     if spec is None:
         raise ValueError(f"unknown network target {name!r}; known: {', '.join(NETWORK_TARGETS)}")
@@ -479,6 +510,7 @@ def build_builtin_target(
         None if sha else init_seed,
         budget_mb,
         spec.square,
+        compile,
     )
 
 
@@ -505,6 +537,7 @@ def build_user_target(
     factor: int | None = None,
     budget_mb: float | None = None,
     module_sha256: str | None = None,
+    compile: bool = False,
 ) -> NetworkTarget:
     """`module.path:factory`: the module is imported (from the PYTHONPATH; with `module_sha256`,
     only a file of that hash), `factory()` must return an nn.Module, and the checkpoint is loaded
@@ -516,7 +549,17 @@ def build_user_target(
     tid = "user-" + re.sub(r"[^A-Za-z0-9_.]", "_", mod) + "-" + fn
     spec = {"network": "user", "factory": factory, "module_sha256": code_sha}
     return NetworkTarget(
-        net, tid, spec, sha, factor, tile, overlap, device, checkpoint, budget_mb=budget_mb
+        net,
+        tid,
+        spec,
+        sha,
+        factor,
+        tile,
+        overlap,
+        device,
+        checkpoint,
+        budget_mb=budget_mb,
+        compile=compile,
     )
 
 
@@ -620,6 +663,7 @@ def target_from_spec(spec: dict, checkpoint, device: str | None = None) -> Netwo
         "overlap": spec.get("overlap") or auto.get("overlap") or 32,
         "device": device,
         "budget_mb": auto.get("budget_mb", None if spec.get("tile") else float("inf")),
+        "compile": "compile" in spec,
     }  # older specs: whole
     if spec.get("target") in BUILTINS and spec.get("network") == BUILTINS[spec["target"]].network:
         random = spec.get("weights") == "random"

@@ -67,6 +67,13 @@ class FeaturesConfig:
         "member key; raise it on a GPU to run whole images; 'inf': never tile, as "
         "versions before the budget did)",
     )
+    target_compile: bool = setting(
+        False,
+        "run a network target in channels_last under torch.compile (faster on a GPU after a "
+        "compilation of a minute or more; recompiled once when image sizes vary). Outputs differ "
+        "from eager ones in the last bits, so the member key records it (backend, torch "
+        "version): another member, computed again",
+    )
     encoder: str | None = setting(
         None,
         "'clip-vit-b32' (default), 'effnet-lite0' (ImageNet EfficientNet-Lite0, "
@@ -236,7 +243,7 @@ class SplitPlan:
             i.get("target")
             == self.target.split(":")[0]  # what it computed, not what the default was then
             and local_path(i["config"].get("target") or self.task.target) == self.target
-            and {f: local_path(i["config"].get(f)) for f in recipe} == want
+            and {f: local_path(i["config"].get(f, RECIPE_SINCE.get(f))) for f in recipe} == want
             for i in done
         )
 
@@ -250,10 +257,7 @@ class SplitPlan:
             local_path(i.get("encoder")) == name
             and want
             == {
-                **{
-                    f: local_path(i["config"].get(f, RECIPE_DEFAULTS.get(f)))
-                    for f in ENCODER_RECIPE
-                },
+                **{f: local_path(i["config"].get(f, RECIPE_SINCE.get(f))) for f in ENCODER_RECIPE},
                 "weights": local_path(
                     weights_arg(
                         name, i["config"].get("clip_weights"), i["config"].get("sd_weights")
@@ -325,14 +329,20 @@ TARGET_RECIPE = (
     "target_tile",
     "target_overlap",
     "target_budget_mb",
+    "target_compile",
     "init_seed",
     "allow_random_weights",
 )
 CLASSICAL_RECIPE = tuple(
-    f for f in TARGET_RECIPE if not f.startswith(("target_tile", "target_overlap", "target_budget"))
+    f
+    for f in TARGET_RECIPE
+    if not f.startswith(("target_tile", "target_overlap", "target_budget", "target_compile"))
 )
+RECIPE_SINCE = {  # settings added later: what members made before them ran with
+    "target_compile": False,
+    "encoder_dtype": "fp32",
+}
 ENCODER_RECIPE = ("init_seed", "allow_random_weights", "encoder_dtype")
-RECIPE_DEFAULTS = {"encoder_dtype": "fp32"}  # what a member recorded before the setting existed
 
 
 def _unchanged(info: dict) -> bool:

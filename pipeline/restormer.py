@@ -28,14 +28,14 @@ class _ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if with_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, H, W) -> (B, H, W, C) so the statistics run over C, as the official to_3d does
-        t = x.permute(0, 2, 3, 1)
-        var = t.var(-1, keepdim=True, unbiased=False)
+        # x: (B, C, H, W); statistics over C in place, no permute or copy (the official to_3d
+        # permutes to (B, HW, C)): the same bits as the permuting form that made stored bases
+        var = x.var(1, keepdim=True, unbiased=False)  # (B, 1, H, W)
+        weight = self.weight[:, None, None]  # (C, 1, 1)
         if self.bias is None:
-            t = t / torch.sqrt(var + 1e-5) * self.weight
-        else:
-            t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(var + 1e-5) * self.weight + self.bias
-        return t.permute(0, 3, 1, 2)
+            return x / torch.sqrt(var + 1e-5) * weight
+        bias = self.bias[:, None, None]
+        return (x - x.mean(1, keepdim=True)) / torch.sqrt(var + 1e-5) * weight + bias
 
 
 class LayerNorm(nn.Module):

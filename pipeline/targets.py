@@ -185,7 +185,8 @@ def build_target(
 ):
     """A target by registry name, a built-in network (`restormer-<task>`, `mprnet-<task>`,
     `uformer-b`, `snr-aware`) or `module.path:factory`; networks need `checkpoint` (built-in ones
-    take seeded random weights instead when `allow_random`) and take `tile`, `overlap`, `device`;
+    take seeded random weights instead when `allow_random`) and take `tile`, `overlap`, `device`,
+    `compile`;
     `params` override defaults."""
     from .names import is_network_target
     from .networks import NETWORK_TARGETS, build_network_target
@@ -201,9 +202,9 @@ def build_target(
         )
     if checkpoint is not None:
         raise ValueError(f"target {name!r} is classical and takes no checkpoint")
-    if params.keys() & {"tile", "overlap", "device"}:
+    if params.keys() & {"tile", "overlap", "device", "compile"}:
         raise ValueError(
-            f"target {name!r} is classical: --target-tile, --target-overlap and --device apply to "
-            f"network targets only (it runs on whole images on the CPU)"
+            f"target {name!r} is classical: --target-tile, --target-overlap, --target-compile and "
+            f"--device apply to network targets only (it runs on whole images on the CPU)"
         )
     return TARGETS[name](**params)

@@ -70,6 +70,7 @@ def test_repair_replays_every_features_setting(tmp_path):
         "target_tile": 256,
         "target_overlap": 48,
         "target_budget_mb": float("inf"),
+        "target_compile": True,
         "encoder": f"openclip:{home / 'clip'},sd-vae",
         "store_root": "else",
         "store_shared": "s3://bucket/stores",
