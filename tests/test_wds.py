@@ -243,6 +243,35 @@ def test_two_ranks_stream_from_s3_without_a_local_copy(exported, s3, monkeypatch
     assert not same_batches(got[0], got[1])
 
 
+WORKER_READS = """
+import sys, torch
+from training.wds_data import WdsBatches, WdsSplit
+data = WdsBatches(WdsSplit.open(sys.argv[1]), 32, 4, 3, 0, 12, streams=2, buffer=3)
+for b in torch.utils.data.DataLoader(data, batch_size=None, num_workers=1):
+    print(float(b["gt"].double().sum()))
+"""
+
+
+def test_a_loader_worker_streams_from_s3_as_the_trainer_reads_it(exported, s3):
+    """The trainer opens the export in its own process and streams it in a forked loader worker
+    (`--workers`, 1 by default for wds): the worker gets an S3 client of its own (fsspec's is not
+    fork-safe), quietly (the parent's is left alone), and reads the batches read in one process."""
+    _, folder = exported
+    url = f"s3://{BUCKET}/wds-worker/{folder.name}"
+    s3.filesystem().put(str(folder), f"{BUCKET}/wds-worker/{folder.name}", recursive=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER_READS, url],
+        cwd=ROOT,
+        env=s3.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and not out.stderr, out.stderr[-3000:]
+    local = batches(WdsSplit.open(folder), seed=3)
+    assert out.stdout.split() == [str(float(b["gt"].double().sum())) for b in local]
+
+
 def test_cli_export_min_shards_and_rerun_is_a_no_op(exported, tmp_path):
     path, _ = exported
     args = [

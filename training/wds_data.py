@@ -40,9 +40,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -254,12 +255,24 @@ class WdsSplit:
         h, w = (int(v) for v in self._hw[i])
         return tile_grid(h, w, **self.tiling) if h else []
 
+    def filesystem(self):
+        """The export's filesystem in this process: made anew in a forked loader worker, since an
+        fsspec async filesystem (s3fs) works only in the process that made it."""
+        fs = self.loc.fs
+        if getattr(fs, "_pid", os.getpid()) != os.getpid():
+            # the parent's instance is kept: freed here, it would close the parent's connections
+            self.inherited = fs
+            fs = type(fs)(*fs.storage_args, **fs.storage_options)
+            self.loc = replace(self.loc, fs=fs)
+        return fs
+
     def samples(self, shard: dict, usable: set):
         """The raw (undecoded) tiles of one shard whose (sample index, tile) is in `usable`,
         streamed; the shard's sha256 and each tile's entries are checked."""
         name = f"{self.loc.url}/{shard['name']}"
         try:
-            with self.loc.fs.open(self.loc.path(shard["name"]), "rb", block_size=READ_BLOCK) as f:
+            fs = self.filesystem()
+            with fs.open(self.loc.path(shard["name"]), "rb", block_size=READ_BLOCK) as f:
                 reader = HashingReader(f)
                 files = tar_file_expander([{"url": name, "stream": reader}], eof_value=None)
                 for sample in group_by_keys(files):
