@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-timeout 480 "$PY" bench/gpu.py "$@"
+# 560 s: inside the 600 s of one call on a lent GPU machine; rows written before a stop are kept
+timeout 560 "$PY" bench/gpu.py "$@"
