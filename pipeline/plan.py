@@ -113,8 +113,9 @@ class FeaturesConfig:
     encoder_dtype: str = setting(
         "fp32",
         "the encoders' dtype: fp32 (the stored features as always) or bf16 (about 2x faster on "
-        "a CPU with native bfloat16, more on a GPU; features within about 1e-3 of fp32's). A bf16 "
-        "member has its own key and name, <encoder>-bf16 (train with --encoder clip-vit-b32-bf16)",
+        "a CPU with native bfloat16, more on a GPU; features close to fp32's, a cosine above 0.99, "
+        "not equal). A bf16 member has its own key and name, <encoder>-bf16 (train with "
+        "--encoder clip-vit-b32-bf16)",
     )
     max_bad: float = setting(
         0.05,
