@@ -67,7 +67,8 @@ class ImageEncoder:
             )
         self.dtype = dtype
         self.torch_dtype = ENCODER_DTYPES[dtype]
-        self.model = model.eval().requires_grad_(False).to(device, self.torch_dtype)
+        model = model.eval().requires_grad_(False).to(device)  # fp32: the module as it was made
+        self.model = model if dtype == "fp32" else model.to(self.torch_dtype)
         self.device = device
         with torch.inference_mode():
             x = torch.zeros(1, 3, *self.size, device=device, dtype=self.torch_dtype)

@@ -325,3 +325,39 @@ def test_bf16_wds_export_of_a_complete_store_is_the_bf16_member(tiny_clip, tmp_p
     [bf16] = [m for m in Store(store).manifest()["members"] if "-bf16-" in m]
     index = json.loads((store.parent / f"{store.name}-wds" / INDEX).read_text())
     assert [k for k in index["keys"] if k.startswith("osf/")] == [bf16], index["keys"]
+
+
+PROJECTED = """
+import torch
+from torch import nn
+
+
+class Projected(nn.Module):  # a float32 backbone and a float64 projection (e.g. a PCA whitening)
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.register_buffer("proj", torch.randn(8, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x).double() @ self.proj
+
+
+def make():
+    return Projected(), {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+"""
+
+
+def test_fp32_user_encoder_runs_its_module_as_given(tmp_path, monkeypatch):
+    """--encoder-dtype fp32 (the default) leaves the module's dtypes as the factory made them, as
+    before the setting: a float64 part stays float64 (casting it broke the forward pass)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "projected.py").write_text(PROJECTED)
+    enc = build_encoder("projected:make")
+    img = _demo_image("coffee")
+    module = __import__("projected").make()[0].eval()
+    with torch.no_grad():
+        views = flip_views(img, (32, 32), "cpu", "bicubic")
+        want = torch.nn.functional.normalize(module((views - 0.5) / 0.25).float(), dim=-1)
+    np.testing.assert_array_equal(enc([img])[0], want.numpy())
+    assert enc.model.proj.dtype == torch.float64
