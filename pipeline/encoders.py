@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, batch_views
 from stores import encoder_id, sha256_file
 
-from .names import is_module_encoder, is_sd_encoder
+from .names import dtype_suffix, is_module_encoder, is_sd_encoder
 from .sd_encoders import build_sd_encoder, parse_sd_encoder
 from .weights import WeightsNotFound, hf_home
 
@@ -67,7 +67,8 @@ class ImageEncoder:
             )
         self.dtype = dtype
         self.torch_dtype = ENCODER_DTYPES[dtype]
-        self.model = model.eval().requires_grad_(False).to(device, self.torch_dtype)
+        model = model.eval().requires_grad_(False).to(device)  # fp32: the module as it was made
+        self.model = model if dtype == "fp32" else model.to(self.torch_dtype)
         self.device = device
         with torch.inference_mode():
             x = torch.zeros(1, 3, *self.size, device=device, dtype=self.torch_dtype)
@@ -97,7 +98,7 @@ class ImageEncoder:
     def id_suffix(self) -> str:
         """What the member's name adds to the encoder's: '' for fp32, '-bf16' for bf16 (so that
         `--encoder clip-vit-b32` and `--encoder clip-vit-b32-bf16` each pick their own)."""
-        return "" if self.dtype == "fp32" else f"-{self.dtype}"
+        return dtype_suffix(self.dtype)
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:

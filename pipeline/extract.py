@@ -503,6 +503,8 @@ def device_kind(device: str) -> str:
 def build_models(cfg: FeaturesConfig):
     """(task, target, encoders) of a features config: `make features` and SLURM array tasks build them
     here, once per process."""
+    if cfg.batch is not None and cfg.batch < 1:  # else no encoder call, and g stored all zero
+        raise ValueError(f"--batch must be at least 1 image, got {cfg.batch}")
     tune_allocator()  # before the networks are built: their buffers are reused, not page-faulted
     set_torch_threads()  # the CPUs this process may use (affinity, cgroup quota, SLURM), not the machine's
     task = get_task(cfg.task)

@@ -20,6 +20,12 @@ def is_network_target(name: str) -> bool:
     return name.split(":")[0] in BUILTIN_TARGETS or ":" in name
 
 
+def dtype_suffix(dtype: str) -> str:
+    """What an --encoder-dtype adds to the encoder's member name: '' for fp32, '-bf16' for bf16
+    (`osf/clip-vit-b32-<key>` and `osf/clip-vit-b32-bf16-<key>` side by side)."""
+    return "" if dtype == "fp32" else f"-{dtype}"
+
+
 def is_sd_encoder(name: str) -> bool:
     return name.split(":")[0] in SD_NAMES
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.privacy import local_path
-from stores import Store, dataset_name, key_of, store_name
+from stores import Store, dataset_name, encoder_id, key_of, store_name
 from stores.cli import setting
 from stores.store import SOURCES_DIR, StoreError
 from stores.wds import export_wds
 
 from .degrade import DEGRADATIONS
 from .layouts import LAYOUTS, parse_data
-from .names import is_network_target, is_user_encoder, is_user_target, weights_arg
+from .names import dtype_suffix, is_network_target, is_user_encoder, is_user_target, weights_arg
 from .sources import Source, open_source
 from .tasks import TASKS, Task, get_task
 
@@ -120,8 +120,9 @@ class FeaturesConfig:
     encoder_dtype: str = setting(
         "fp32",
         "the encoders' dtype: fp32 (the stored features as always) or bf16 (about 2x faster on "
-        "a CPU with native bfloat16, more on a GPU; features within about 1e-3 of fp32's). A bf16 "
-        "member has its own key and name, <encoder>-bf16 (train with --encoder clip-vit-b32-bf16)",
+        "a CPU with native bfloat16, more on a GPU; features close to fp32's, a cosine above 0.99, "
+        "not equal). A bf16 member has its own key and name, <encoder>-bf16 (train with "
+        "--encoder clip-vit-b32-bf16)",
     )
     max_bad: float = setting(
         0.05,
@@ -307,7 +308,10 @@ def report_complete(plans: list[SplitPlan], wds: bool) -> list[Path]:
     for p in plans:
         log.info(f"{p.path.name}: complete; nothing to compute")
         if wds:
-            export_split(p.path, p.target.split(":")[0], list(p.encoders))
+            suffix = dtype_suffix(p.cfg.encoder_dtype)  # the members this command asked for
+            export_split(
+                p.path, p.target.split(":")[0], [encoder_id(n) + suffix for n in p.encoders]
+            )
     return [p.path for p in plans]
 
 

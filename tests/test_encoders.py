@@ -299,3 +299,65 @@ def test_encoder_dtype_is_checked_and_sd_encoders_take_theirs_in_the_name():
         build_encoder("clip-vit-b32", allow_random=True, dtype="fp16")
     with pytest.raises(ValueError, match="sd-vae:dtype=bfloat16"):
         build_encoder("sd-vae", allow_random=True, dtype="bf16")
+
+
+def test_bf16_wds_export_of_a_complete_store_is_the_bf16_member(tiny_clip, tmp_path):
+    """`features --encoder-dtype bf16 --wds` when nothing is left to compute exports the bf16
+    member it was asked for (not the fp32 one beside it, and no 'no member matches' error)."""
+    from stores import Store
+    from stores.wds import INDEX
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 3), ("test", 2)):
+        for k in range(n):
+            gt = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            for kind in ("gt", "lq"):
+                (tmp_path / "data" / split / kind).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(gt).save(tmp_path / "data" / split / kind / f"{k}.png")
+    features = [sys.executable, "-m", "pipeline", "features", "--task", "denoise", "--target"]
+    features += ["identity", "--data", f"generic:{tmp_path / 'data'}", "--splits", "train"]
+    features += ["--store-root", str(tmp_path / "s"), "--encoder", f"openclip:{tiny_clip}"]
+    for extra in ([], ["--encoder-dtype", "bf16", "--wds"], ["--encoder-dtype", "bf16", "--wds"]):
+        out = subprocess.run(features + extra, cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert "nothing to compute" in out.stdout + out.stderr
+    [store] = [p for p in (tmp_path / "s").iterdir() if p.is_dir() and "-wds" not in p.name]
+    [bf16] = [m for m in Store(store).manifest()["members"] if "-bf16-" in m]
+    index = json.loads((store.parent / f"{store.name}-wds" / INDEX).read_text())
+    assert [k for k in index["keys"] if k.startswith("osf/")] == [bf16], index["keys"]
+
+
+PROJECTED = """
+import torch
+from torch import nn
+
+
+class Projected(nn.Module):  # a float32 backbone and a float64 projection (e.g. a PCA whitening)
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.register_buffer("proj", torch.randn(8, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x).double() @ self.proj
+
+
+def make():
+    return Projected(), {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+"""
+
+
+def test_fp32_user_encoder_runs_its_module_as_given(tmp_path, monkeypatch):
+    """--encoder-dtype fp32 (the default) leaves the module's dtypes as the factory made them, as
+    before the setting: a float64 part stays float64 (casting it broke the forward pass)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "projected.py").write_text(PROJECTED)
+    enc = build_encoder("projected:make")
+    img = _demo_image("coffee")
+    module = __import__("projected").make()[0].eval()
+    with torch.no_grad():
+        views = flip_views(img, (32, 32), "cpu", "bicubic")
+        want = torch.nn.functional.normalize(module((views - 0.5) / 0.25).float(), dim=-1)
+    np.testing.assert_array_equal(enc([img])[0], want.numpy())
+    assert enc.model.proj.dtype == torch.float64

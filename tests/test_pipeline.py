@@ -162,3 +162,13 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(SourceError, match="broken.png"):
         read_image(bad)
+
+
+@pytest.mark.parametrize("batch", [-2, 0])
+def test_features_refuses_a_batch_below_one(batch):
+    """--batch -2 stored all-zero g (the encoder loop never ran) under the member's usual key,
+    marked complete; it is refused before any network is built."""
+    from pipeline.extract import build_models
+
+    with pytest.raises(ValueError, match=f"--batch must be at least 1 image, got {batch}"):
+        build_models(FeaturesConfig(task="denoise", data="demo", batch=batch))
