@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,19 @@ ALIASES = {"clip-vit-b32": ("ViT-B-32-quickgelu", "openai")}
 
 
 ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --encoder-dtype
+
+
+@contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN picks its fastest kernels (timed once per input shape) inside the block: for the
+    encoders, whose input is always the network's size; network targets, which see every image
+    size, keep the default."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def spec_dtype(spec: dict) -> str:
@@ -106,7 +120,8 @@ class ImageEncoder:
         batch = batch_views(images, self.size, self.device, self.interpolation)  # (4N, 3, S, S)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        g = self.features(((batch - mean) / std).to(self.torch_dtype)).float()
+        with cudnn_benchmark(str(self.device).startswith("cuda")):
+            g = self.features(((batch - mean) / std).to(self.torch_dtype)).float()
         g = F.normalize(g, dim=-1) if self.normalise_g else g
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 

@@ -510,8 +510,6 @@ def build_models(cfg: FeaturesConfig):
     task = get_task(cfg.task)
     tiling = {"tile": cfg.target_tile, "overlap": cfg.target_overlap} if cfg.target_tile else {}
     device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels, found once
     name = cfg.target or task.target
     allow_random = cfg.allow_random_weights or cfg.data == "demo"
     network = (

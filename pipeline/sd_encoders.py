@@ -199,14 +199,13 @@ class SDVaeEncoder:
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """images: uint8 (H, W, 3) of any sizes -> g (N, 4, D) float32."""
-        size = (self.opts["size"],) * 2
-        views = batch_views(images, size, self.device) * 2 - 1  # (4N, 3, S, S) in [-1, 1]
-        g = torch.cat(
+        size, step = (self.opts["size"],) * 2, max(1, self.max_batch // len(FLIPS))
+        g = torch.cat(  # views made per network call: at most max_batch of them live at once
             [
-                self._pooled(views[i : i + self.max_batch])
-                for i in range(0, len(views), self.max_batch)
+                self._pooled(batch_views(images[i : i + step], size, self.device) * 2 - 1)
+                for i in range(0, len(images), step)
             ]
-        )
+        )  # (4N, D); views in [-1, 1]
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 
     def spec(self) -> dict:
