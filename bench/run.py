@@ -328,9 +328,16 @@ def bench_size(store_path: Path) -> dict:
     m = store.manifest()["members"]
     n = store.manifest()["n"]
     tgt, osf = store.members("targets")[0], store.members("osf")[0]
+    def array_bytes(member: str, name: str) -> int:  # <member>/<size bucket>/<name>/... files
+        root = store.path / member
+        return sum(
+            p.stat().st_size
+            for p in root.rglob("*")
+            if p.is_file() and name in p.relative_to(root).parts[:-1]
+        )
+
     per = {
-        name: sum(p.stat().st_size for p in (store.path / member / name).rglob("*") if p.is_file())
-        / n
+        name: array_bytes(member, name) / n
         for member, name in (("pairs", "lq"), ("pairs", "gt"), (tgt, "base"), (osf, "g"))
     }
     hw = store.array("pairs", "hw")[:]

@@ -330,3 +330,18 @@ def follow_cpu_share(force: bool = False) -> int:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def ahead(items):
+    """`items`, each one made in a background thread while the caller works on the one before
+    (extraction's read stages, a training's in-process loader). The order and the items are those
+    of `items`; an error in making one is raised where it would have been."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    end = object()
+    it = iter(items)
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(next, it, end)
+        while (item := nxt.result()) is not end:
+            nxt = pool.submit(next, it, end)
+            yield item

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from common.runtime import follow_cpu_share, release_memory
+from common.runtime import ahead, follow_cpu_share, release_memory
 from stores.leases import LeaseLost
 from stores.store import read_json
 from stores.wds import INDEX as WDS_INDEX
@@ -205,12 +205,7 @@ def claim(r: tuple, store, leases, work: dict) -> bool:
 
 def prefetch(shards: Iterable[Shard]) -> Iterator[Shard]:
     """Run the stages before this one in a background thread, one shard ahead."""
-    it = iter(shards)
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(next, it, None)
-        while (s := nxt.result()) is not None:
-            nxt = pool.submit(next, it, None)
-            yield s
+    return ahead(shards)
 
 
 def held(shards: Iterable[Shard], *, leases) -> Iterator[Shard]:
