@@ -25,6 +25,8 @@ from .store import StoreError
 
 EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written (fill value)
 INDEX_CACHE_BYTES = 32 << 20  # shard indexes kept per reader (least recently used dropped first)
+TILE_CACHE_BYTES = 64 << 20  # decoded tiles kept per reader: a small store's whole array (the
+# demo's lq is 29 MB), so its epochs after the first decode nothing; on large stores it only bounds
 
 
 class DamagedShard(StoreError):
@@ -78,6 +80,8 @@ class TileReader:
         self.n_inner = int(np.prod(self.per_shard))
         self._index: OrderedDict[tuple, tuple] = OrderedDict()  # shard -> (file identity, index)
         self._index_bytes = 0
+        self._tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (shard, file, tile) -> pixels
+        self._tile_bytes = 0
         self._zstd = Zstd()
 
     @classmethod
@@ -140,14 +144,14 @@ class TileReader:
                 fd = None
             try:
                 index = self._shard_index(fd, path, (si, sy, sx))
+                ident = self._index[(si, sy, sx)][0]  # the file the index was read from
                 for ty, tx in group:
-                    tile = self._tile(
+                    tile = self._cached_tile(
                         fd,
                         path,
                         index,
-                        i % self.shard[0],
-                        ty % self.per_shard[1],
-                        tx % self.per_shard[2],
+                        ((si, sy, sx), ident),
+                        (i % self.shard[0], ty % self.per_shard[1], tx % self.per_shard[2]),
                     )
                     ay, ax = ty * ch, tx * cw  # tile origin in the image
                     sy0, sy1 = max(y0, ay), min(y1, ay + ch)
@@ -199,6 +203,22 @@ class TileReader:
         while self._index_bytes > INDEX_CACHE_BYTES and len(self._index) > 1:
             _, (_, old) = self._index.popitem(last=False)
             self._index_bytes -= 0 if old is None else old.nbytes
+
+    def _cached_tile(self, fd, path: Path, index, shard: tuple, at: tuple) -> np.ndarray:
+        """`_tile`, decoded once while it stays in the bounded cache: keyed by the shard file's
+        identity (device, inode, size, mtime), so a shard replaced since is read and checked again."""
+        key = (shard, at)
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+            return tile
+        tile = self._tile(fd, path, index, *at)
+        self._tiles[key] = tile
+        self._tile_bytes += tile.nbytes
+        while self._tile_bytes > TILE_CACHE_BYTES and len(self._tiles) > 1:
+            _, old = self._tiles.popitem(last=False)
+            self._tile_bytes -= old.nbytes
+        return tile
 
     def _tile(self, fd, path: Path, index, n: int, ty: int, tx: int) -> np.ndarray:
         shape = self.inner[1:]

@@ -144,3 +144,25 @@ def test_spawned_loader_workers_open_their_own_readers(tmp_path):
         ValueError
     ):  # g handed out by the split is a read-only view of the shared copy
         split.g(0)[0] = 1
+
+
+@pytest.mark.parametrize("budget", [64 << 20, 2000])  # every tile kept, or evicted all along
+def test_decoded_tiles_are_reused_but_a_replaced_shard_is_read_again(tmp_path, monkeypatch, budget):
+    """A reader keeps decoded tiles (a small store's epochs after the first decode nothing), but
+    a shard file written anew since (a repair, another writer) is read and checked again: the
+    cache is keyed by the file's identity, never serving the old pixels."""
+    import stores.tiles
+
+    monkeypatch.setattr(stores.tiles, "TILE_CACHE_BYTES", budget)
+    path = make_store(tmp_path, "train", 4, (32, 32))
+    store = Store(path)
+    reader = store.array("pairs", "gt").wrap(TileReader.wrap)
+    direct = zarr.open_array(path / "pairs" / store.layout.buckets[0].name / "gt", mode="r+")
+    before = [reader[i, 0:32, 0:32] for i in range(4)]
+    assert all(np.array_equal(b, direct[i]) for i, b in enumerate(before))
+    assert all(np.array_equal(reader[i, 3:29, 5:30], direct[i, 3:29, 5:30]) for i in range(4))
+    part = reader.parts[0]
+    assert (part._tile_bytes <= budget) or len(part._tiles) == 1
+    direct[1] = 255 - direct[1]  # the shard holding sample 1, rewritten with other pixels
+    assert np.array_equal(reader[1, 0:32, 0:32], 255 - before[1])
+    assert np.array_equal(reader[0, 0:32, 0:32], direct[0])
