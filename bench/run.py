@@ -271,7 +271,7 @@ def bench_stall(run_dir: Path) -> dict:
         "data_stall_fraction",
         rows[-1]["data_wait_frac"],
         ("<=", 0.05),
-        "fraction of training wall time",
+        "fraction of the training loop's time (evaluations, checkpoints excluded)",
         {"run": str(run_dir), "steps": rows[-1]["step"], "workers": 1},
     )
 
@@ -328,6 +328,7 @@ def bench_size(store_path: Path) -> dict:
     m = store.manifest()["members"]
     n = store.manifest()["n"]
     tgt, osf = store.members("targets")[0], store.members("osf")[0]
+
     def array_bytes(member: str, name: str) -> int:  # <member>/<size bucket>/<name>/... files
         root = store.path / member
         return sum(

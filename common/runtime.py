@@ -332,9 +332,24 @@ def follow_cpu_share(force: bool = False) -> int:
     return torch.get_num_threads()
 
 
+@contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN picks its fastest kernels (timed once per input shape) inside the block: for the
+    encoders, whose input is always the network's size; network targets, which see every image
+    size, keep the default."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def ahead(items):
     """`items`, each one made in a background thread while the caller works on the one before
-    (extraction's read stages, a training's in-process loader). The order and the items are those
+    (extraction's read and degrade stages). The order and the items are those
     of `items`; an error in making one is raised where it would have been."""
     from concurrent.futures import ThreadPoolExecutor
 

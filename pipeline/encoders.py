@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.runtime import cudnn_benchmark
 from ptgrm.images import FLIPS, IMAGENET_MEAN, IMAGENET_STD, batch_views
 from stores import encoder_id, sha256_file
 
@@ -35,19 +35,6 @@ ALIASES = {"clip-vit-b32": ("ViT-B-32-quickgelu", "openai")}
 
 
 ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --encoder-dtype
-
-
-@contextmanager
-def cudnn_benchmark(on: bool):
-    """cuDNN picks its fastest kernels (timed once per input shape) inside the block: for the
-    encoders, whose input is always the network's size; network targets, which see every image
-    size, keep the default."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def spec_dtype(spec: dict) -> str:

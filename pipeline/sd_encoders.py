@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.runtime import cudnn_benchmark
 from ptgrm.images import FLIPS, batch_views
 from stores import canonical_json, sha256_file
 
@@ -200,12 +201,13 @@ class SDVaeEncoder:
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """images: uint8 (H, W, 3) of any sizes -> g (N, 4, D) float32."""
         size, step = (self.opts["size"],) * 2, max(1, self.max_batch // len(FLIPS))
-        g = torch.cat(  # views made per network call: at most max_batch of them live at once
-            [
-                self._pooled(batch_views(images[i : i + step], size, self.device) * 2 - 1)
-                for i in range(0, len(images), step)
-            ]
-        )  # (4N, D); views in [-1, 1]
+        with cudnn_benchmark(str(self.device).startswith("cuda")):  # one input size
+            g = torch.cat(  # views made per network call: at most max_batch of them live at once
+                [
+                    self._pooled(batch_views(images[i : i + step], size, self.device) * 2 - 1)
+                    for i in range(0, len(images), step)
+                ]
+            )  # (4N, D); views in [-1, 1]
         return g.view(len(images), len(FLIPS), -1).cpu().numpy()
 
     def spec(self) -> dict:

@@ -25,8 +25,35 @@ from .store import StoreError
 
 EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written (fill value)
 INDEX_CACHE_BYTES = 32 << 20  # shard indexes kept per reader (least recently used dropped first)
-TILE_CACHE_BYTES = 64 << 20  # decoded tiles kept per reader: a small store's whole array (the
-# demo's lq is 29 MB), so its epochs after the first decode nothing; on large stores it only bounds
+TILE_CACHE_BYTES = 192 << 20  # decoded tiles kept per process, all readers together: a small
+# store's train arrays whole (the demo's lq, gt and base take 115 MB), so its epochs after the
+# first decode nothing; on a large store, whose random crops rarely meet again, it only bounds
+
+
+class TileCache:
+    """Decoded tiles of every TileReader in this process, least recently used dropped first once
+    they pass TILE_CACHE_BYTES. Keys hold the array's folder and its shard file's identity, so a
+    shard replaced since (a repair) is read and checked again. A forked loader worker starts with
+    a copy of its parent's."""
+
+    def __init__(self):
+        self.tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: tuple, make) -> np.ndarray:
+        tile = self.tiles.get(key)
+        if tile is not None:
+            self.tiles.move_to_end(key)
+            return tile
+        tile = self.tiles[key] = make()
+        self.bytes += tile.nbytes
+        while self.bytes > TILE_CACHE_BYTES and len(self.tiles) > 1:
+            _, old = self.tiles.popitem(last=False)
+            self.bytes -= old.nbytes
+        return tile
+
+
+TILES = TileCache()
 
 
 class DamagedShard(StoreError):
@@ -80,8 +107,6 @@ class TileReader:
         self.n_inner = int(np.prod(self.per_shard))
         self._index: OrderedDict[tuple, tuple] = OrderedDict()  # shard -> (file identity, index)
         self._index_bytes = 0
-        self._tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (shard, file, tile) -> pixels
-        self._tile_bytes = 0
         self._zstd = Zstd()
 
     @classmethod
@@ -205,20 +230,8 @@ class TileReader:
             self._index_bytes -= 0 if old is None else old.nbytes
 
     def _cached_tile(self, fd, path: Path, index, shard: tuple, at: tuple) -> np.ndarray:
-        """`_tile`, decoded once while it stays in the bounded cache: keyed by the shard file's
-        identity (device, inode, size, mtime), so a shard replaced since is read and checked again."""
-        key = (shard, at)
-        tile = self._tiles.get(key)
-        if tile is not None:
-            self._tiles.move_to_end(key)
-            return tile
-        tile = self._tile(fd, path, index, *at)
-        self._tiles[key] = tile
-        self._tile_bytes += tile.nbytes
-        while self._tile_bytes > TILE_CACHE_BYTES and len(self._tiles) > 1:
-            _, old = self._tiles.popitem(last=False)
-            self._tile_bytes -= old.nbytes
-        return tile
+        """`_tile`, decoded once while it stays in the process's TileCache."""
+        return TILES.get((self.root, shard, at), lambda: self._tile(fd, path, index, *at))
 
     def _tile(self, fd, path: Path, index, n: int, ty: int, tx: int) -> np.ndarray:
         shape = self.inner[1:]

@@ -148,7 +148,7 @@ def test_spawned_loader_workers_open_their_own_readers(tmp_path):
 
 @pytest.mark.parametrize("budget", [64 << 20, 2000])  # every tile kept, or evicted all along
 def test_decoded_tiles_are_reused_but_a_replaced_shard_is_read_again(tmp_path, monkeypatch, budget):
-    """A reader keeps decoded tiles (a small store's epochs after the first decode nothing), but
+    """Readers keep decoded tiles (a small store's epochs after the first decode nothing), but
     a shard file written anew since (a repair, another writer) is read and checked again: the
     cache is keyed by the file's identity, never serving the old pixels."""
     import stores.tiles
@@ -161,8 +161,8 @@ def test_decoded_tiles_are_reused_but_a_replaced_shard_is_read_again(tmp_path, m
     before = [reader[i, 0:32, 0:32] for i in range(4)]
     assert all(np.array_equal(b, direct[i]) for i, b in enumerate(before))
     assert all(np.array_equal(reader[i, 3:29, 5:30], direct[i, 3:29, 5:30]) for i in range(4))
-    part = reader.parts[0]
-    assert (part._tile_bytes <= budget) or len(part._tiles) == 1
+    cache = stores.tiles.TILES
+    assert cache.bytes <= budget or len(cache.tiles) == 1
     direct[1] = 255 - direct[1]  # the shard holding sample 1, rewritten with other pixels
     assert np.array_equal(reader[1, 0:32, 0:32], 255 - before[1])
     assert np.array_equal(reader[0, 0:32, 0:32], direct[0])

@@ -465,7 +465,9 @@ def _train(cfg: TrainConfig) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             n = done - max(last_log, start)
-            mean_loss, mean_base = (loss_sum / max(n, 1)).tolist()
+            mean_loss, mean_base = (loss_sum / max(n, 1)).tolist()  # waits for the device
+            now = time.perf_counter()
+            compute, t0 = compute + now - t0, now  # this step counts in the row it logs
             loss_sum.zero_()
             last_log = done
             if main:
@@ -480,7 +482,7 @@ def _train(cfg: TrainConfig) -> dict:
                 }
                 _log(metrics, tb, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-        compute += time.perf_counter() - t0  # the step, and its log's wait for the device
+        compute += time.perf_counter() - t0  # the step (and its log line)
         if main and eval_every and done % eval_every == 0 and done < cfg.steps:
             r = evaluate(model, test_split)
             _log(
