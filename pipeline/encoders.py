@@ -37,6 +37,15 @@ ALIASES = {"clip-vit-b32": ("ViT-B-32-quickgelu", "openai")}
 ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --encoder-dtype
 
 
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an --encoder-dtype, which must be one of ENCODER_DTYPES."""
+    if dtype not in ENCODER_DTYPES:
+        raise ValueError(
+            f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}"
+        )
+    return ENCODER_DTYPES[dtype]
+
+
 def spec_dtype(spec: dict) -> str:
     """The --encoder-dtype a recorded CLIP or module encoder spec was computed with (an SD
     encoder's dtype is part of its name)."""
@@ -62,12 +71,7 @@ class ImageEncoder:
     dtype = "fp32"
 
     def _finish_init(self, model: torch.nn.Module, device, dtype: str = "fp32") -> None:
-        if dtype not in ENCODER_DTYPES:
-            raise ValueError(
-                f"encoder dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}"
-            )
-        self.dtype = dtype
-        self.torch_dtype = ENCODER_DTYPES[dtype]
+        self.dtype, self.torch_dtype = dtype, torch_dtype(dtype)
         model = model.eval().requires_grad_(False).to(device)  # fp32: the module as it was made
         self.model = model if dtype == "fp32" else model.to(self.torch_dtype)
         self.device = device
@@ -473,10 +477,7 @@ def build_encoder(
     diffusers folder; `module_sha256`: the file a user `module:factory` must have (checked before
     it is imported); `dtype`: the network's, 'fp32' or 'bf16' (--encoder-dtype; `sd-vae`/`sd-unet`
     take theirs in the name, `:dtype=`)."""
-    if dtype not in ENCODER_DTYPES:
-        raise ValueError(
-            f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}"
-        )
+    torch_dtype(dtype)  # checked before any model is loaded
     if is_sd_encoder(name):  # diffusers is imported only then
         if dtype != "fp32":
             raise ValueError(
